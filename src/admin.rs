@@ -1,0 +1,129 @@
+//! The admin listener: health, readiness, status, and the planned switch-over
+//! controls, on a socket separate from S3 traffic (loopback by default).
+//!
+//! - `GET /healthz`: the process runs.
+//! - `GET /readyz`: the S3 listener accepts and can hold. It stays ready while
+//!   the backend is down: a proxy that went unready during an outage would be
+//!   taken out of its own Service, the very failure it exists to prevent.
+//! - `GET /admin/status`: JSON (state, reason, since, held, in flight, paused).
+//! - `POST /admin/pause[?wait=10s]`: hold new requests, wait for in-flight ones
+//!   (up to `wait`, default `admin.drain_timeout`) and say what is left.
+//! - `POST /admin/resume`: end a pause. Both are idempotent.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::proxy::Proxy;
+
+/// What the admin endpoints need from the running proxy.
+pub struct Admin {
+    pub proxy: Arc<Proxy>,
+    pub ready: Arc<AtomicBool>,
+    pub drain_timeout: Duration,
+}
+
+impl Admin {
+    pub async fn handle<B>(&self, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let path = request.uri().path();
+        let response = match (request.method(), path) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.readiness(),
+            (&Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
+            (&Method::POST, "/admin/pause") => match wait_parameter(request.uri().query()) {
+                Ok(wait) => self.pause(wait.unwrap_or(self.drain_timeout)).await,
+                Err(message) => text(StatusCode::BAD_REQUEST, &message),
+            },
+            (&Method::POST, "/admin/resume") => {
+                self.proxy.gate().resume();
+                tracing::info!("admin: resume");
+                json_response(StatusCode::OK, self.status())
+            }
+            (_, "/healthz" | "/readyz" | "/admin/status" | "/admin/pause" | "/admin/resume") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        Ok(response)
+    }
+
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        if self.ready.load(Ordering::SeqCst) {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+    }
+
+    async fn pause(&self, wait: Duration) -> Response<Full<Bytes>> {
+        self.proxy.gate().pause();
+        tracing::info!(wait = ?wait, "admin: pause; draining in-flight requests");
+        let left = self.proxy.in_flight().drained_within(wait).await;
+        let mut status = self.status();
+        status["drained"] = json!(left == 0);
+        json_response(StatusCode::OK, status)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let gate = self.proxy.gate().status();
+        json!({
+            "state": gate.phase.as_str(),
+            "reason": gate.reason.map(|r| r.as_str()),
+            "since_seconds": gate.since.as_secs_f64(),
+            "held": gate.held,
+            "in_flight": self.proxy.in_flight().current(),
+            "paused": gate.paused,
+            "backend_connects": self.proxy.upstream_connects(),
+        })
+    }
+}
+
+/// Reads `wait=<duration>` from a query string.
+fn wait_parameter(query: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("wait="))
+    else {
+        return Ok(None);
+    };
+    humantime::parse_duration(value)
+        .map(Some)
+        .map_err(|e| format!("invalid wait `{value}`: {e}\n"))
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().unwrap());
+    response
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wait_parameter_is_a_duration() {
+        assert_eq!(wait_parameter(None), Ok(None));
+        assert_eq!(wait_parameter(Some("wait=250ms")), Ok(Some(Duration::from_millis(250))));
+        assert!(wait_parameter(Some("wait=soon")).is_err());
+    }
+}

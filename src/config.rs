@@ -1,0 +1,445 @@
+//! Configuration: the TOML file an operator writes, read in two layers.
+//!
+//! [`RawConfig`] mirrors the file (serde, `deny_unknown_fields`, humantime
+//! durations, every key optional with a default); [`Config::from_raw`] turns it
+//! into a validated [`Config`] whose errors name the offending key. `main` and
+//! the reload path both go through [`Config::load`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that could not be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub backend: BackendConfig,
+    pub hold: HoldConfig,
+    pub probe: ProbeConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Where S3 clients connect.
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    /// The one S3 backend (static discovery).
+    pub address: SocketAddr,
+    /// A connect that takes longer counts as the backend being down.
+    pub connect_timeout: Duration,
+    /// A request that makes no progress (no body byte sent, no response head)
+    /// for this long marks the backend as hung.
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept to the backend.
+    pub max_idle_connections: usize,
+    /// Idle connections older than this are closed rather than reused.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldConfig {
+    /// Longest time one request may spend held, summed over its holds.
+    pub timeout: Duration,
+    /// Requests held at once; beyond this new ones get `SlowDown`.
+    pub max_requests: usize,
+    /// Outage length after which new requests fail at once.
+    pub fail_fast_after: Duration,
+    /// Request body bytes kept so a request that reached the backend can be replayed.
+    pub replay_buffer: usize,
+    /// How often one request that reached the backend may be sent again.
+    pub max_replays: u32,
+    /// Held requests sent to a freshly recovered backend at once.
+    pub release_concurrency: usize,
+    /// Longest admin pause; a forgotten pause ends by itself after this.
+    pub max_pause: Duration,
+    /// `Retry-After` seconds sent with 503 answers.
+    pub retry_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeConfig {
+    /// Time between probes while the backend is down.
+    pub interval: Duration,
+    /// Deadline for one probe (connect plus HTTP answer).
+    pub timeout: Duration,
+    /// Path of the cheap HTTP request (`HEAD`) a probe sends.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    /// How long `POST /admin/pause` waits for in-flight requests by default.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long in-flight and held requests may take.
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive, e.g. `info` or `s3_failover_proxy=debug`.
+    pub level: String,
+}
+
+/// The file as written: every section and key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    listener: RawListener,
+    #[serde(default)]
+    backend: RawBackend,
+    #[serde(default)]
+    hold: RawHold,
+    #[serde(default)]
+    probe: RawProbe,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    shutdown: RawShutdown,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    response_timeout: Option<Duration>,
+    max_idle_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHold {
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    max_requests: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    fail_fast_after: Option<Duration>,
+    replay_buffer: Option<ByteSize>,
+    max_replays: Option<u32>,
+    release_concurrency: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    max_pause: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    #[serde(default, with = "humantime_serde")]
+    grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+/// A byte count written as an integer (`1048576`) or with a unit (`"1MiB"`).
+#[derive(Debug, Clone, Copy)]
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Number(n) => Ok(ByteSize(n)),
+            Either::Text(s) => parse_byte_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"512"`, `"64KiB"`, `"1MiB"`, `"1MB"`, `"2GiB"` (spaces allowed).
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte size such as 1048576 or \"1MiB\""))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown byte unit `{other}` in `{text}`")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+fn parse_address(key: &'static str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    text.parse()
+        .map_err(|_| invalid(key, format!("`{text}` is not an IP address with a port, such as 127.0.0.1:8080")))
+}
+
+fn positive_duration(key: &'static str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+fn positive_count<T: Default + PartialEq>(key: &'static str, value: Option<T>, default: T) -> Result<T, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value == T::default() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|error| match error {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })?;
+        Config::from_raw(raw)
+    }
+
+    /// The validation layer: defaults filled in, every rule checked.
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let hold = HoldConfig {
+            timeout: positive_duration("hold.timeout", raw.hold.timeout, Duration::from_secs(30))?,
+            max_requests: positive_count("hold.max_requests", raw.hold.max_requests, 10_000)?,
+            fail_fast_after: positive_duration(
+                "hold.fail_fast_after",
+                raw.hold.fail_fast_after,
+                Duration::from_secs(120),
+            )?,
+            replay_buffer: usize::try_from(raw.hold.replay_buffer.map_or(1 << 20, |b| b.0))
+                .map_err(|_| invalid("hold.replay_buffer", "too large"))?,
+            max_replays: raw.hold.max_replays.unwrap_or(1),
+            release_concurrency: positive_count(
+                "hold.release_concurrency",
+                raw.hold.release_concurrency,
+                64,
+            )?,
+            max_pause: positive_duration("hold.max_pause", raw.hold.max_pause, Duration::from_secs(60))?,
+            retry_after: positive_duration("hold.retry_after", raw.hold.retry_after, Duration::from_secs(1))?,
+        };
+        let probe = ProbeConfig {
+            interval: positive_duration("probe.interval", raw.probe.interval, Duration::from_millis(25))?,
+            timeout: positive_duration("probe.timeout", raw.probe.timeout, Duration::from_millis(500))?,
+            path: raw.probe.path.unwrap_or_else(|| "/".into()),
+        };
+        if !probe.path.starts_with('/') || probe.path.contains(char::is_whitespace) {
+            return Err(invalid("probe.path", "must start with `/` and contain no spaces"));
+        }
+        let backend = BackendConfig {
+            address: parse_address("backend.address", raw.backend.address, "127.0.0.1:7480")?,
+            connect_timeout: positive_duration(
+                "backend.connect_timeout",
+                raw.backend.connect_timeout,
+                Duration::from_secs(1),
+            )?,
+            response_timeout: positive_duration(
+                "backend.response_timeout",
+                raw.backend.response_timeout,
+                Duration::from_secs(30),
+            )?,
+            max_idle_connections: raw.backend.max_idle_connections.unwrap_or(64),
+            idle_timeout: positive_duration(
+                "backend.idle_timeout",
+                raw.backend.idle_timeout,
+                Duration::from_secs(30),
+            )?,
+        };
+        let log = LogConfig {
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+        tracing_subscriber::EnvFilter::try_new(&log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(Config {
+            listener: ListenerConfig {
+                address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
+            },
+            backend,
+            hold,
+            probe,
+            admin: AdminConfig {
+                address: parse_address("admin.address", raw.admin.address, "127.0.0.1:9090")?,
+                drain_timeout: positive_duration(
+                    "admin.drain_timeout",
+                    raw.admin.drain_timeout,
+                    Duration::from_secs(30),
+                )?,
+            },
+            shutdown: ShutdownConfig {
+                grace: positive_duration("shutdown.grace", raw.shutdown.grace, Duration::from_secs(30))?,
+            },
+            log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.listener.address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.backend.address, "127.0.0.1:7480".parse().unwrap());
+        assert_eq!(config.hold.timeout, Duration::from_secs(30));
+        assert_eq!(config.hold.max_requests, 10_000);
+        assert_eq!(config.hold.fail_fast_after, Duration::from_secs(120));
+        assert_eq!(config.hold.replay_buffer, 1 << 20);
+        assert!(config.probe.interval < Duration::from_millis(100));
+        assert_eq!(config.admin.address, "127.0.0.1:9090".parse().unwrap());
+    }
+
+    #[test]
+    fn durations_and_sizes_are_read_with_units() {
+        let config = Config::parse(
+            "[hold]\ntimeout = \"250ms\"\nreplay_buffer = \"64KiB\"\n[probe]\ninterval = \"10ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.hold.timeout, Duration::from_millis(250));
+        assert_eq!(config.hold.replay_buffer, 64 * 1024);
+        assert_eq!(config.probe.interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let message = error_of("[hold]\ntimeoot = \"1s\"\n");
+        assert!(message.contains("timeoot"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_duration_is_named() {
+        let message = error_of("[hold]\ntimeout = \"thirty seconds\"\n");
+        assert!(message.contains("timeout"), "{message}");
+    }
+
+    #[test]
+    fn an_unparsable_address_is_named() {
+        let message = error_of("[backend]\naddress = \"localhost\"\n");
+        assert!(message.contains("backend.address"), "{message}");
+    }
+
+    #[test]
+    fn limits_of_zero_are_refused() {
+        assert!(error_of("[hold]\nmax_requests = 0\n").contains("hold.max_requests"));
+        assert!(error_of("[hold]\ntimeout = \"0s\"\n").contains("hold.timeout"));
+        assert!(error_of("[hold]\nrelease_concurrency = 0\n").contains("hold.release_concurrency"));
+    }
+
+    #[test]
+    fn byte_sizes_parse_with_and_without_units() {
+        assert_eq!(parse_byte_size("512").unwrap(), 512);
+        assert_eq!(parse_byte_size("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_byte_size("1 MB").unwrap(), 1_000_000);
+        assert!(parse_byte_size("1 parsec").is_err());
+    }
+}

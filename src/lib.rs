@@ -1,0 +1,40 @@
+//! s3-failover-proxy: an S3 ingress that makes a restart of its one backend
+//! invisible to clients.
+//!
+//! A request arrives on the S3 listener ([`server`]) and is handled by the
+//! [`proxy`]: it asks the [`gate`] for admission. While the backend is Up the
+//! gate admits at once and the request streams to the backend through the
+//! [`upstream`] connection pool, its body wrapped by [`replay`] so a second
+//! attempt stays possible. When an attempt fails, the upstream error says
+//! whether any byte reached the backend; a refused or reset connection takes
+//! the gate Down at once, and the request is held (nothing sent) or replayed
+//! (idempotent, body still kept) or answered with an S3 error from
+//! [`s3_error`]. While Down, new requests wait in the gate's bounded FIFO queue;
+//! the [`probe`] asks the backend at a short interval whether it serves again,
+//! and on its first yes the gate resumes and releases the queue in arrival
+//! order, a few at a time. The [`admin`] listener pauses and resumes the gate
+//! for planned switch-overs and reports status; [`drain`] counts what is in
+//! flight; [`peer`] notices clients that leave while held; [`headers`] does the
+//! RFC 9110 hop-by-hop work; [`response`] streams answers back and
+//! [`access_log`] writes one line per request. [`config`] reads the TOML file.
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod config;
+pub mod drain;
+pub mod gate;
+pub mod headers;
+pub mod logging;
+pub mod peer;
+pub mod probe;
+pub mod proxy;
+pub mod replay;
+pub mod response;
+pub mod s3_error;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Listeners, run};

@@ -1,0 +1,134 @@
+//! The active probe: while the gate is not Up, one task asks the backend at a
+//! short interval whether it is frontend-up again, and tells the gate.
+//!
+//! A probe is a TCP connect followed by a cheap `HEAD` request; any HTTP answer
+//! but a gateway error (502/503/504) counts as serving, since an S3 server
+//! answers an unsigned request with 403 long before anything else works. There
+//! is one probe loop per backend, so probe traffic does not grow with the number
+//! of held requests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::gate::{Gate, Phase};
+
+/// How and how often to probe; shared with the reload path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub path: String,
+}
+
+/// Why one probe did not see the backend serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("request failed: {0}")]
+    Io(std::io::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("not an HTTP answer")]
+    NotHttp,
+    #[error("answered {0}, a gateway error")]
+    GatewayError(u16),
+}
+
+/// Probes `address` whenever the gate is not Up, until the gate is dropped.
+pub async fn run(gate: Arc<Gate>, address: SocketAddr, settings: Arc<RwLock<ProbeSettings>>) {
+    let mut phase = gate.phase();
+    loop {
+        if phase.wait_for(|p| *p != Phase::Up).await.is_err() {
+            return;
+        }
+        let current = settings.read().unwrap().clone();
+        let result = probe_once(address, &current).await;
+        match &result {
+            Ok(status) => tracing::debug!(status, "probe: backend serving"),
+            Err(error) => tracing::debug!(%error, "probe: backend not serving"),
+        }
+        gate.probe_result(result.is_ok());
+        if *phase.borrow_and_update() != Phase::Up {
+            tokio::time::sleep(current.interval).await;
+        }
+    }
+}
+
+/// One probe: the HTTP status the backend answered, or why it did not.
+pub async fn probe_once(address: SocketAddr, settings: &ProbeSettings) -> Result<u16, ProbeError> {
+    match tokio::time::timeout(settings.timeout, ask(address, &settings.path)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Timeout(settings.timeout)),
+    }
+}
+
+async fn ask(address: SocketAddr, path: &str) -> Result<u16, ProbeError> {
+    let mut stream = TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
+    let request = format!(
+        "HEAD {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: s3-failover-proxy-probe\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.map_err(ProbeError::Io)?;
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    while head.len() < 12 {
+        let n = stream.read(&mut buf).await.map_err(ProbeError::Io)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let status = parse_status(&head).ok_or(ProbeError::NotHttp)?;
+    if matches!(status, 502..=504) {
+        return Err(ProbeError::GatewayError(status));
+    }
+    Ok(status)
+}
+
+/// The status code of an `HTTP/1.x NNN` status line.
+fn parse_status(head: &[u8]) -> Option<u16> {
+    let line = head.strip_prefix(b"HTTP/1.")?;
+    let code = line.get(2..5)?;
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_are_read() {
+        assert_eq!(parse_status(b"HTTP/1.1 403 Forbidden\r\n"), Some(403));
+        assert_eq!(parse_status(b"HTTP/1.0 200 OK\r\n"), Some(200));
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH"), None);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_not_serving() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let settings = ProbeSettings {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+            path: "/".into(),
+        };
+        assert!(matches!(probe_once(address, &settings).await, Err(ProbeError::Connect(_))));
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = ProbeSettings {
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_millis(100),
+            path: "/".into(),
+        };
+        let result = probe_once(listener.local_addr().unwrap(), &settings).await;
+        assert!(matches!(result, Err(ProbeError::Timeout(_))));
+    }
+}

@@ -1,0 +1,282 @@
+//! The request path: hold, forward, and decide what a failure means.
+//!
+//! For each client request [`Proxy::handle`] loops: ask the gate for admission
+//! (which may hold the request), send one attempt upstream with a hang
+//! watchdog, and then either stream the response back or classify the failure:
+//! a failure that sent nothing takes the gate down and holds the request again;
+//! a failure after bytes reached the backend replays only an idempotent request
+//! whose body is still fully kept, at most `hold.max_replays` times; anything
+//! else becomes an S3 error via [`ProxyError`].
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::access_log::{RequestRecord, next_request_id};
+use crate::drain::InFlight;
+use crate::gate::{Admission, Gate, Ticket};
+use crate::headers;
+use crate::peer::Peer;
+use crate::replay::{self, AttemptBody, ReplayableBody};
+use crate::response::ProxyBody;
+use crate::s3_error::ProxyError;
+use crate::upstream::{PooledBody, Upstream, UpstreamError};
+
+/// Request-path settings; replaced as a whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxySettings {
+    pub hold_timeout: Duration,
+    pub replay_buffer: usize,
+    pub max_replays: u32,
+    pub response_timeout: Duration,
+    pub retry_after: Duration,
+}
+
+type ClientBody = ReplayableBody<Incoming>;
+type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
+
+/// The shared state of the S3 listener.
+pub struct Proxy {
+    gate: Arc<Gate>,
+    upstream: Upstream<AttemptBody<Incoming>>,
+    settings: RwLock<Arc<ProxySettings>>,
+    in_flight: InFlight,
+}
+
+/// What is sent upstream, minus the body: rebuilt for every attempt.
+struct Outbound {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Outbound {
+    fn request(&self, body: AttemptBody<Incoming>) -> Request<AttemptBody<Incoming>> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// How one request went, for its log line.
+struct Progress {
+    started: Instant,
+    held: Duration,
+    replays: u32,
+}
+
+impl Proxy {
+    pub fn new(gate: Arc<Gate>, upstream: Upstream<AttemptBody<Incoming>>, settings: ProxySettings) -> Proxy {
+        Proxy {
+            gate,
+            upstream,
+            settings: RwLock::new(Arc::new(settings)),
+            in_flight: InFlight::default(),
+        }
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
+    pub fn upstream_connects(&self) -> u64 {
+        self.upstream.connects()
+    }
+
+    pub fn settings(&self) -> Arc<ProxySettings> {
+        Arc::clone(&self.settings.read().unwrap())
+    }
+
+    pub fn update_settings(&self, settings: ProxySettings) {
+        *self.settings.write().unwrap() = Arc::new(settings);
+    }
+
+    /// Serves one client request.
+    pub async fn handle(&self, request: Request<Incoming>, peer: &Peer, scheme: &'static str) -> Response<ProxyBody> {
+        let settings = self.settings();
+        let progress = Progress {
+            started: Instant::now(),
+            held: Duration::ZERO,
+            replays: 0,
+        };
+        let (parts, body) = request.into_parts();
+        let outbound = outbound(parts.method, &parts.uri, parts.headers, peer.address, scheme);
+        let body = ReplayableBody::new(body, settings.replay_buffer);
+        self.forward(outbound, body, peer, &settings, progress).await
+    }
+
+    async fn forward(
+        &self,
+        outbound: Outbound,
+        body: ClientBody,
+        peer: &Peer,
+        settings: &ProxySettings,
+        mut progress: Progress,
+    ) -> Response<ProxyBody> {
+        let ticket = self.gate.ticket();
+        let deadline = progress.started + settings.hold_timeout;
+        let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
+        loop {
+            let mut admission = match self.admit(ticket, deadline, peer).await {
+                Ok(admission) => admission,
+                Err(error) => return self.answer(error, &outbound, &body, &progress, settings),
+            };
+            progress.held += admission.held_for;
+            let Ok(attempt) = body.attempt() else {
+                return self.answer(ProxyError::NotReplayable, &outbound, &body, &progress, settings);
+            };
+            let in_flight = self.in_flight.enter();
+            let result = self.send_watched(outbound.request(attempt), &body, settings.response_timeout).await;
+            admission.settle();
+            let error = match result {
+                Ok(response) => {
+                    body.commit();
+                    self.gate.backend_answered();
+                    return self.stream(response, in_flight, &outbound, body, progress);
+                }
+                Err(error) => error,
+            };
+            drop(in_flight);
+            if body.client_failed() {
+                return self.answer(ProxyError::ClientBody, &outbound, &body, &progress, settings);
+            }
+            let reason = error.down_reason();
+            if let Some(reason) = reason {
+                self.gate.mark_down(reason);
+                self.upstream.clear_idle();
+            }
+            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, reached_backend = error.reached_backend(), "backend attempt failed");
+            if !error.reached_backend() {
+                continue;
+            }
+            if reason.is_none() {
+                return self.answer(ProxyError::BadGateway, &outbound, &body, &progress, settings);
+            }
+            if idempotent && body.can_replay() && progress.replays < settings.max_replays {
+                progress.replays += 1;
+                continue;
+            }
+            return self.answer(ProxyError::NotReplayable, &outbound, &body, &progress, settings);
+        }
+    }
+
+    /// Admission, abandoned as soon as the client leaves.
+    async fn admit(&self, ticket: Ticket, deadline: Instant, peer: &Peer) -> Result<Admission, ProxyError> {
+        tokio::select! {
+            biased;
+            admitted = self.gate.admit(ticket, deadline) => admitted.map_err(ProxyError::Held),
+            () = peer.gone() => Err(ProxyError::ClientGone),
+        }
+    }
+
+    /// Sends one attempt; fails with `Hang` when neither a body byte nor the
+    /// response head moves for `timeout`.
+    async fn send_watched(
+        &self,
+        request: Request<AttemptBody<Incoming>>,
+        body: &ClientBody,
+        timeout: Duration,
+    ) -> Result<BackendResponse, UpstreamError> {
+        let send = self.upstream.send(request);
+        tokio::pin!(send);
+        loop {
+            let stalled_at = body.last_progress() + timeout;
+            tokio::select! {
+                result = &mut send => return result,
+                () = tokio::time::sleep_until(stalled_at) => {
+                    if body.last_progress() + timeout <= Instant::now() {
+                        return Err(UpstreamError::Hang(timeout));
+                    }
+                }
+            }
+        }
+    }
+
+    fn stream(
+        &self,
+        response: BackendResponse,
+        in_flight: crate::drain::InFlightGuard,
+        outbound: &Outbound,
+        body: ClientBody,
+        progress: Progress,
+    ) -> Response<ProxyBody> {
+        let (mut parts, backend_body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let request_id = parts
+            .headers
+            .get("x-amz-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(next_request_id, str::to_owned);
+        let record = record(outbound, parts.status.as_u16(), request_id, body, &progress, "ok");
+        let proxied = ProxyBody::streamed(backend_body, Arc::clone(&self.gate), in_flight, record);
+        Response::from_parts(parts, proxied)
+    }
+
+    fn answer(
+        &self,
+        error: ProxyError,
+        outbound: &Outbound,
+        body: &ClientBody,
+        progress: &Progress,
+        settings: &ProxySettings,
+    ) -> Response<ProxyBody> {
+        let request_id = next_request_id();
+        let response = error.to_response(&outbound.method, outbound.uri.path(), &request_id, settings.retry_after);
+        let status = response.status().as_u16();
+        let record = record(outbound, status, request_id, body.clone(), progress, error.label());
+        response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
+    }
+}
+
+fn record(
+    outbound: &Outbound,
+    status: u16,
+    request_id: String,
+    body: ClientBody,
+    progress: &Progress,
+    outcome: &'static str,
+) -> RequestRecord {
+    RequestRecord {
+        method: outbound.method.clone(),
+        path: outbound.uri.path().to_owned(),
+        status,
+        request_id,
+        held: progress.held,
+        replays: progress.replays,
+        bytes_out: 0,
+        bytes_in: Box::new(move || body.bytes_in()),
+        started: progress.started,
+        outcome,
+    }
+}
+
+/// The request as the backend should see it: origin-form target, hop-by-hop
+/// headers gone, forwarding headers added, everything signed untouched.
+fn outbound(method: Method, uri: &Uri, mut headers: HeaderMap, client: SocketAddr, scheme: &'static str) -> Outbound {
+    headers::strip_hop_by_hop(&mut headers);
+    headers::add_forwarded(&mut headers, client.ip(), scheme);
+    if !headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
+        if let Some(value) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, value);
+        }
+    }
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Outbound {
+        method,
+        uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
+        headers,
+    }
+}

@@ -1,0 +1,341 @@
+//! Replay: which requests may be sent to the backend a second time, and the
+//! request body wrapper that makes a second send possible.
+//!
+//! The proxy never owns a client's body outright. [`ReplayableBody`] keeps the
+//! client's stream and hands the upstream one [`AttemptBody`] per attempt. An
+//! attempt that never reached the backend leaves the stream untouched, so the
+//! request can be held and sent again whatever its size. While an attempt pulls
+//! from the client, the frames are also kept, up to `hold.replay_buffer` bytes;
+//! past that the copy is dropped (memory stays bounded) and the request can no
+//! longer be replayed once it has reached the backend. The wrapper also records
+//! when the body last moved, which the hang detector reads.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether sending this request twice can change its outcome, judged from the
+/// method and headers alone (S3 semantics). Bodies are judged separately.
+pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    let conditional_write = headers.contains_key(header::IF_NONE_MATCH)
+        || headers.contains_key(header::IF_MATCH)
+        || headers.contains_key("x-amz-write-offset-bytes");
+    match *method {
+        Method::GET | Method::HEAD | Method::OPTIONS => true,
+        Method::PUT | Method::DELETE => !conditional_write,
+        _ => false,
+    }
+}
+
+/// Why no further attempt can be made with this body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error("the request body outgrew the replay buffer")]
+    Overflowed,
+    #[error("the client's request body failed")]
+    ClientFailed,
+}
+
+/// A client's request body, shareable across attempts.
+pub struct ReplayableBody<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+}
+
+struct Shared<B> {
+    source: B,
+    hint: SizeHint,
+    /// Frames pulled so far, kept while they fit in `limit`.
+    kept: Vec<Frame<Bytes>>,
+    kept_len: usize,
+    limit: usize,
+    overflowed: bool,
+    /// The backend answered: nothing more will be replayed, keep nothing.
+    committed: bool,
+    source_done: bool,
+    client_failed: bool,
+    bytes_pulled: u64,
+    last_progress: Instant,
+    generation: u64,
+}
+
+impl<B> Clone for ReplayableBody<B> {
+    fn clone(&self) -> Self {
+        ReplayableBody {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B> ReplayableBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    pub fn new(source: B, limit: usize) -> Self {
+        let hint = source.size_hint();
+        let source_done = source.is_end_stream();
+        ReplayableBody {
+            shared: Arc::new(Mutex::new(Shared {
+                source,
+                hint,
+                kept: Vec::new(),
+                kept_len: 0,
+                limit,
+                overflowed: false,
+                committed: false,
+                source_done,
+                client_failed: false,
+                bytes_pulled: 0,
+                last_progress: Instant::now(),
+                generation: 0,
+            })),
+        }
+    }
+
+    /// A body for the next attempt: what was kept, then the rest of the stream.
+    /// Fails when part of the stream was consumed and not kept.
+    pub fn attempt(&self) -> Result<AttemptBody<B>, ReplayError> {
+        let mut shared = lock(&self.shared);
+        if shared.client_failed {
+            return Err(ReplayError::ClientFailed);
+        }
+        if shared.overflowed || (shared.committed && shared.bytes_pulled > 0) {
+            return Err(ReplayError::Overflowed);
+        }
+        shared.generation += 1;
+        shared.last_progress = Instant::now();
+        Ok(AttemptBody {
+            shared: Arc::clone(&self.shared),
+            generation: shared.generation,
+            position: 0,
+        })
+    }
+
+    /// True when no byte of the body has been read from the client yet.
+    pub fn untouched(&self) -> bool {
+        lock(&self.shared).bytes_pulled == 0
+    }
+
+    /// True when another attempt could send the whole body again.
+    pub fn can_replay(&self) -> bool {
+        let shared = lock(&self.shared);
+        !shared.client_failed && !shared.overflowed && !shared.committed
+    }
+
+    pub fn client_failed(&self) -> bool {
+        lock(&self.shared).client_failed
+    }
+
+    /// The backend answered: stop keeping frames and free the copy.
+    pub fn commit(&self) {
+        let mut shared = lock(&self.shared);
+        shared.committed = true;
+        shared.kept = Vec::new();
+        shared.kept_len = 0;
+    }
+
+    /// When a body byte last moved (or the attempt began).
+    pub fn last_progress(&self) -> Instant {
+        lock(&self.shared).last_progress
+    }
+
+    /// Bytes read from the client so far.
+    pub fn bytes_in(&self) -> u64 {
+        lock(&self.shared).bytes_pulled
+    }
+}
+
+fn lock<B>(shared: &Mutex<Shared<B>>) -> MutexGuard<'_, Shared<B>> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The body of one attempt, as the upstream connection sees it.
+pub struct AttemptBody<B> {
+    shared: Arc<Mutex<Shared<B>>>,
+    generation: u64,
+    /// Kept frames this attempt has already sent again.
+    position: usize,
+}
+
+/// Error of an attempt body: the client's own body failed, or the attempt was
+/// superseded by a newer one.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptBodyError {
+    #[error("client request body failed: {0}")]
+    Client(BoxError),
+    #[error("attempt superseded by a replay")]
+    Superseded,
+}
+
+impl<B> Body for AttemptBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = AttemptBodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let mut shared = lock(&this.shared);
+        if shared.generation != this.generation {
+            return Poll::Ready(Some(Err(AttemptBodyError::Superseded)));
+        }
+        if let Some(frame) = shared.kept.get(this.position) {
+            let frame = clone_frame(frame);
+            this.position += 1;
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if shared.source_done {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut shared.source).poll_frame(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                shared.source_done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                shared.client_failed = true;
+                Poll::Ready(Some(Err(AttemptBodyError::Client(error.into()))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let kept = shared.keep(&frame);
+                if kept {
+                    this.position += 1;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = lock(&self.shared);
+        shared.source_done && self.position >= shared.kept.len()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        lock(&self.shared).hint.clone()
+    }
+}
+
+impl<B> Shared<B> {
+    /// Records a frame pulled from the client; returns whether it was kept.
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        let len = frame.data_ref().map_or(0, Bytes::len);
+        self.bytes_pulled += len as u64;
+        self.last_progress = Instant::now();
+        if self.overflowed || self.committed {
+            return false;
+        }
+        if self.kept_len + len > self.limit {
+            self.overflowed = true;
+            self.kept = Vec::new();
+            self.kept_len = 0;
+            return false;
+        }
+        self.kept_len += len;
+        self.kept.push(clone_frame(frame));
+        true
+    }
+}
+
+fn clone_frame(frame: &Frame<Bytes>) -> Frame<Bytes> {
+    match frame.data_ref() {
+        Some(data) => Frame::data(data.clone()),
+        None => Frame::trailers(frame.trailers_ref().cloned().unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::collections::VecDeque;
+
+    /// A client body that hands out one chunk per poll.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+    }
+
+    fn chunks(parts: &[&'static str]) -> Chunks {
+        Chunks(parts.iter().map(|p| Bytes::from_static(p.as_bytes())).collect())
+    }
+
+    async fn collect<B>(body: AttemptBody<B>) -> Result<Bytes, AttemptBodyError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        Ok(body.collect().await?.to_bytes())
+    }
+
+    #[tokio::test]
+    async fn an_untouched_body_can_be_sent_whatever_its_size() {
+        let body = ReplayableBody::new(Full::new(Bytes::from(vec![7u8; 4096])), 16);
+        let first = body.attempt().unwrap();
+        drop(first);
+        assert!(body.untouched());
+        let second = collect(body.attempt().unwrap()).await.unwrap();
+        assert_eq!(second.len(), 4096);
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_replayed_byte_for_byte() {
+        let body = ReplayableBody::new(chunks(&["hello ", "world"]), 1024);
+        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "hello world");
+        assert!(body.can_replay());
+        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "hello world");
+    }
+
+    #[tokio::test]
+    async fn a_partly_sent_body_is_replayed_from_the_start() {
+        let body = ReplayableBody::new(chunks(&["abc", "def", "ghi"]), 1024);
+        let mut first = body.attempt().unwrap();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        drop(first);
+        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "abcdefghi");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_buffer_cannot_be_replayed() {
+        let body = ReplayableBody::new(chunks(&["0123456789", "0123456789"]), 15);
+        assert_eq!(collect(body.attempt().unwrap()).await.unwrap().len(), 20);
+        assert!(!body.can_replay());
+        assert_eq!(body.attempt().err(), Some(ReplayError::Overflowed));
+    }
+
+    #[tokio::test]
+    async fn a_superseded_attempt_fails() {
+        let body = ReplayableBody::new(chunks(&["abc"]), 1024);
+        let mut old = body.attempt().unwrap();
+        let _new = body.attempt().unwrap();
+        assert!(matches!(old.frame().await, Some(Err(AttemptBodyError::Superseded))));
+    }
+
+    #[test]
+    fn s3_idempotency_follows_method_and_conditions() {
+        let plain = HeaderMap::new();
+        let mut conditional = HeaderMap::new();
+        conditional.insert(header::IF_NONE_MATCH, "*".parse().unwrap());
+        assert!(is_idempotent(&Method::GET, &plain));
+        assert!(is_idempotent(&Method::PUT, &plain));
+        assert!(is_idempotent(&Method::DELETE, &plain));
+        assert!(!is_idempotent(&Method::POST, &plain));
+        assert!(!is_idempotent(&Method::PUT, &conditional));
+    }
+}

@@ -1,0 +1,108 @@
+//! Response bodies going back to clients: a backend body streamed through, or
+//! an answer the proxy made itself.
+//!
+//! A streamed body counts bytes, keeps the request counted as in flight until
+//! it ends, and if the backend fails mid-stream passes the error on, so hyper
+//! aborts the client connection instead of ending the response cleanly (a
+//! truncated object must never look complete); the failure also takes the
+//! gate down at once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::access_log::RequestRecord;
+use crate::drain::InFlightGuard;
+use crate::gate::{DownReason, Gate};
+use crate::replay::BoxError;
+
+/// The body type of every response the S3 listener sends.
+pub struct ProxyBody {
+    kind: Kind,
+    record: Option<RequestRecord>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Streamed(Streamed),
+}
+
+struct Streamed {
+    inner: Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>,
+    gate: Arc<Gate>,
+    _in_flight: InFlightGuard,
+}
+
+impl ProxyBody {
+    /// A body the proxy made itself.
+    pub fn full(bytes: Bytes, record: RequestRecord) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Full(Some(bytes).filter(|b| !b.is_empty())),
+            record: Some(record),
+        }
+    }
+
+    /// A backend body streamed to the client.
+    pub fn streamed(
+        inner: impl Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+        gate: Arc<Gate>,
+        in_flight: InFlightGuard,
+        record: RequestRecord,
+    ) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Streamed(Streamed {
+                inner: Box::pin(inner),
+                gate,
+                _in_flight: in_flight,
+            }),
+            record: Some(record),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Streamed(streamed) => match streamed.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Err(error))) => {
+                    tracing::warn!(%error, "backend failed while streaming a response; aborting the client connection");
+                    streamed.gate.mark_down(DownReason::Reset);
+                    if let Some(record) = this.record.as_mut() {
+                        record.outcome = "response_aborted";
+                    }
+                    Poll::Ready(Some(Err(error.into())))
+                }
+                other => other.map(|frame| frame.map(|result| result.map_err(BoxError::from))),
+            },
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, this.record.as_mut()) {
+            if let Some(data) = frame.data_ref() {
+                record.bytes_out += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Streamed(streamed) => streamed.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Streamed(streamed) => streamed.inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The one place where a request the proxy could not complete becomes an S3
+//! XML error response (status, `Code`, `Retry-After`), and the one place it
+//! becomes a bounded label for logs and metrics.
+//!
+//! S3 SDKs retry 503 `SlowDown` and `ServiceUnavailable` on their own and honour
+//! `Retry-After`, so every "try again" answer of the proxy uses one of them.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+
+use crate::gate::Rejection;
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Held(#[from] Rejection),
+    /// The request reached the backend, which failed, and it may not be replayed.
+    #[error("the backend failed after receiving a request that cannot be replayed safely")]
+    NotReplayable,
+    /// The backend answered with something that is not HTTP.
+    #[error("the backend sent an invalid response")]
+    BadGateway,
+    /// The proxy is shutting down and no longer holds requests.
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+    /// The client closed its connection while the request was held.
+    #[error("the client went away while its request was held")]
+    ClientGone,
+    /// The client's request body ended early or broke.
+    #[error("the client's request body was incomplete")]
+    ClientBody,
+}
+
+impl ProxyError {
+    /// A bounded label naming the outcome (logs, metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            ProxyError::Held(Rejection::QueueFull) => "queue_full",
+            ProxyError::Held(Rejection::HoldTimeout) => "hold_timeout",
+            ProxyError::Held(Rejection::FailFast) => "fail_fast",
+            ProxyError::NotReplayable => "not_replayable",
+            ProxyError::BadGateway => "bad_gateway",
+            ProxyError::ShuttingDown => "shutting_down",
+            ProxyError::ClientGone => "client_gone",
+            ProxyError::ClientBody => "client_body",
+        }
+    }
+
+    fn status_and_code(self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::Held(Rejection::QueueFull) => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
+            ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
+            ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
+            // Nobody reads this answer; 499 marks it in the request log.
+            ProxyError::ClientGone => (StatusCode::from_u16(499).expect("valid status"), "RequestTimeout"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            ProxyError::Held(Rejection::QueueFull) => "Please reduce your request rate: too many requests are waiting for the backend.",
+            ProxyError::Held(Rejection::HoldTimeout) => "The storage backend did not come back in time. Please retry.",
+            ProxyError::Held(Rejection::FailFast) => "The storage backend is unavailable. Please retry later.",
+            ProxyError::NotReplayable => "The storage backend failed during the request. Please retry.",
+            ProxyError::BadGateway => "The storage backend sent an invalid response.",
+            ProxyError::ShuttingDown => "The proxy is shutting down. Please retry.",
+            ProxyError::ClientGone => "The client closed the connection.",
+            ProxyError::ClientBody => "The request body ended before its declared length.",
+        }
+    }
+
+    /// The S3 error response; `HEAD` answers carry no body.
+    pub fn to_response(self, method: &Method, resource: &str, request_id: &str, retry_after: Duration) -> Response<Bytes> {
+        let (status, code) = self.status_and_code();
+        let body = if method == Method::HEAD {
+            Bytes::new()
+        } else {
+            Bytes::from(error_xml(code, self.message(), resource, request_id))
+        };
+        let seconds = retry_after.as_secs().max(1);
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        if let Ok(id) = HeaderValue::from_str(request_id) {
+            headers.insert("x-amz-request-id", id);
+        }
+        response
+    }
+}
+
+fn error_xml(code: &str, message: &str, resource: &str, request_id: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{}</Message><Resource>{}</Resource><RequestId>{}</RequestId></Error>",
+        xml_escape(message),
+        xml_escape(resource),
+        xml_escape(request_id),
+    )
+}
+
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(error: ProxyError, method: Method) -> Response<Bytes> {
+        error.to_response(&method, "/bucket/a&b", "req-1", Duration::from_secs(2))
+    }
+
+    #[test]
+    fn a_full_queue_answers_slow_down_with_retry_after() {
+        let response = response(ProxyError::Held(Rejection::QueueFull), Method::PUT);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let body = String::from_utf8(response.body().to_vec()).unwrap();
+        assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
+        assert!(body.contains("<Resource>/bucket/a&amp;b</Resource>"), "{body}");
+        assert!(body.contains("<RequestId>req-1</RequestId>"), "{body}");
+    }
+
+    #[test]
+    fn a_hold_timeout_answers_service_unavailable() {
+        let response = response(ProxyError::Held(Rejection::HoldTimeout), Method::GET);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = String::from_utf8(response.body().to_vec()).unwrap();
+        assert!(body.contains("<Code>ServiceUnavailable</Code>"), "{body}");
+    }
+
+    #[test]
+    fn head_answers_have_no_body() {
+        let response = response(ProxyError::NotReplayable, Method::HEAD);
+        assert!(response.body().is_empty());
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/xml");
+    }
+}

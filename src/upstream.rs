@@ -1,0 +1,239 @@
+//! The upstream: HTTP/1.1 connections to the one backend, kept alive in a
+//! small pool, and the errors of sending a request on them.
+//!
+//! The contract the rest of the proxy relies on is in [`UpstreamError`]: every
+//! failure says whether any byte of the request reached the backend. A refused
+//! connect, or a pooled connection that hyper hands the request back from
+//! (`TrySendError::take_message`), guarantees nothing was sent; anything after
+//! hyper took the request counts as sent. A stale pooled connection is retried
+//! on another one, since nothing was sent on it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::gate::DownReason;
+use crate::replay::BoxError;
+
+/// Why a request could not be sent, or got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the backend at {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("the backend connection closed before the request was sent: {0}")]
+    ClosedBeforeSend(hyper::Error),
+    #[error("the backend failed after the request was sent: {0}")]
+    Failed(hyper::Error),
+    #[error("the backend made no progress for {0:?}")]
+    Hang(Duration),
+}
+
+impl UpstreamError {
+    /// True when some byte of the request may have reached the backend.
+    pub fn reached_backend(&self) -> bool {
+        matches!(self, UpstreamError::Failed(_) | UpstreamError::Hang(_))
+    }
+
+    /// What this failure says about the backend; `None` when it says nothing
+    /// about availability (an invalid response, a client body that failed).
+    pub fn down_reason(&self) -> Option<DownReason> {
+        match self {
+            UpstreamError::Connect { source, .. } if source.kind() == io::ErrorKind::TimedOut => {
+                Some(DownReason::HangTimeout)
+            }
+            UpstreamError::Connect { .. } => Some(DownReason::Refused),
+            UpstreamError::ClosedBeforeSend(_) => Some(DownReason::Reset),
+            UpstreamError::Failed(error) if error.is_parse() || error.is_user() => None,
+            UpstreamError::Failed(_) => Some(DownReason::Reset),
+            UpstreamError::Hang(_) => Some(DownReason::HangTimeout),
+        }
+    }
+}
+
+/// Connection settings for the backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSettings {
+    pub address: SocketAddr,
+    pub connect_timeout: Duration,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+/// A pool of keep-alive connections to the backend.
+pub struct Upstream<B> {
+    settings: UpstreamSettings,
+    idle: Arc<Mutex<Vec<Idle<B>>>>,
+    connects: AtomicU64,
+}
+
+struct Idle<B> {
+    sender: SendRequest<B>,
+    since: Instant,
+}
+
+type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
+
+impl<B> Upstream<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(settings: UpstreamSettings) -> Self {
+        Upstream {
+            settings,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.settings.address
+    }
+
+    /// Connections opened to the backend so far.
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Sends `request` (origin-form URI) and waits for the response head.
+    pub async fn send(&self, mut request: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
+        while let Some(mut sender) = self.checkout().await {
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, sender)),
+                Err(mut error) => match error.take_message() {
+                    // The pooled connection was already closing: nothing sent.
+                    Some(unsent) => request = unsent,
+                    None => return Err(UpstreamError::Failed(error.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok(self.pooled(response, sender)),
+            Err(mut error) => match error.take_message() {
+                Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
+                None => Err(UpstreamError::Failed(error.into_error())),
+            },
+        }
+    }
+
+    /// Drops every idle connection (after the backend went away).
+    pub fn clear_idle(&self) {
+        self.idle.lock().unwrap().clear();
+    }
+
+    async fn checkout(&self) -> Option<SendRequest<B>> {
+        loop {
+            let idle = self.idle.lock().unwrap().pop()?;
+            if idle.sender.is_closed() || idle.since.elapsed() > self.settings.idle_timeout {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // Returned at the end of a response body; the connection task
+            // needs one turn to accept the next request.
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), sender.ready()).await {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
+        let addr = self.settings.address;
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+            Err(_) => {
+                let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                return Err(UpstreamError::Connect { addr, source });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::ClosedBeforeSend)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "backend connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn pooled(&self, response: Response<Incoming>, sender: SendRequest<B>) -> Response<PooledBody<B>> {
+        let (parts, body) = response.into_parts();
+        let keep_alive = !parts
+            .headers
+            .get(http::header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let mut pooled = PooledBody {
+            inner: body,
+            give_back: keep_alive.then(|| (sender, Arc::clone(&self.idle), self.settings.max_idle)),
+        };
+        if pooled.inner.is_end_stream() {
+            pooled.give_back();
+        }
+        Response::from_parts(parts, pooled)
+    }
+}
+
+/// A response body that returns its connection to the pool once read to the end.
+pub struct PooledBody<B> {
+    inner: Incoming,
+    give_back: Option<(SendRequest<B>, IdlePool<B>, usize)>,
+}
+
+impl<B> PooledBody<B> {
+    fn give_back(&mut self) {
+        if let Some((sender, pool, max_idle)) = self.give_back.take() {
+            let mut idle = pool.lock().unwrap();
+            if idle.len() < max_idle {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+impl<B> Body for PooledBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => {
+                self.give_back.take();
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Unpin for PooledBody<B> {}
