@@ -648,6 +648,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(300);
             tokio::spawn(async move { gate.admit(ticket, deadline).await })
         };
+        settle_tasks().await;
         tokio::time::advance(Duration::from_secs(121)).await;
         let late = gate.admit(gate.ticket(), far()).await;
         assert_eq!(late.unwrap_err(), Rejection::FailFast);

@@ -1,0 +1,345 @@
+//! Test harness: a real S3 backend process (`s3s-fs`) that a test can kill with
+//! SIGKILL, stop, and restart on the same port and data directory; the real
+//! proxy running in-process on loopback sockets; an `aws-sdk-s3` client with
+//! retries off; and small helpers to talk raw HTTP and SigV4.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use s3_failover_proxy::{Config, Listeners};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const ACCESS_KEY: &str = "s3fp-test-access";
+pub const SECRET_KEY: &str = "s3fp-test-secret-key-0123456789";
+pub const REGION: &str = "us-east-1";
+
+/// Polls `check` until it holds or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("timed out after {limit:?} waiting for {what}")
+}
+
+/// A port nobody listens on right now (for a process that must bind it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("S3S_FS_BIN") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    PathBuf::from(home).join(".cache/s3fp/tools/bin/s3s-fs")
+}
+
+/// A real S3 server process on 127.0.0.1 with a data directory that survives restarts.
+pub struct S3Backend {
+    pub address: SocketAddr,
+    data: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl S3Backend {
+    /// Starts the backend and waits until it answers HTTP.
+    pub async fn start() -> anyhow::Result<S3Backend> {
+        let mut backend = S3Backend::stopped()?;
+        backend.restart().await?;
+        Ok(backend)
+    }
+
+    /// A backend with an address and data directory but no process yet.
+    pub fn stopped() -> anyhow::Result<S3Backend> {
+        Ok(S3Backend {
+            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            data: tempfile::tempdir()?,
+            child: None,
+        })
+    }
+
+    /// Starts the process (again) on the same port and data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_serving(Duration::from_secs(20)).await
+    }
+
+    /// Starts the process without waiting for it to serve.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "backend already running");
+        let binary = s3s_fs_binary();
+        let child = Command::new(&binary)
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.address.port().to_string())
+            .arg("--access-key")
+            .arg(ACCESS_KEY)
+            .arg("--secret-key")
+            .arg(SECRET_KEY)
+            .arg(self.data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (run .ci/run to install it)", binary.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub async fn wait_serving(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let address = self.address;
+        wait_until(limit, "the S3 backend to answer", || async move {
+            http_status(address, "HEAD", "/").await.is_some()
+        })
+        .await
+    }
+
+    /// SIGKILL, as a crash: no clean shutdown, connections reset.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the process keeps its socket but answers nothing (a hang).
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`S3Backend::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("backend running").id();
+        let status = Command::new("kill").arg(which).arg(pid.to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for S3Backend {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw_quietly();
+        }
+        self.kill9();
+    }
+}
+
+impl S3Backend {
+    fn thaw_quietly(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+        }
+    }
+}
+
+/// Sends one raw request and returns the status code, if any HTTP came back.
+pub async fn http_status(address: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(address))
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The proxy, running in this test process on loopback sockets.
+pub struct ProxyUnderTest {
+    pub address: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ProxyUnderTest {
+    /// Starts the proxy in front of `backend` with extra TOML settings
+    /// (sections `[hold]`, `[probe]`, ... as the config file would have them).
+    pub async fn start(backend: SocketAddr, extra: &str) -> anyhow::Result<ProxyUnderTest> {
+        let text = format!("[backend]\naddress = \"{backend}\"\n{extra}");
+        let config = Config::parse(&text)?;
+        let s3 = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let address = s3.local_addr()?;
+        let admin_address = admin.local_addr()?;
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(s3_failover_proxy::run(Listeners { s3, admin }, config, async move {
+            let _ = stop.await;
+        }));
+        let proxy = ProxyUnderTest {
+            address,
+            admin: admin_address,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        };
+        wait_until(Duration::from_secs(5), "the proxy to be ready", || async {
+            http_status(admin_address, "GET", "/readyz").await == Some(200)
+        })
+        .await?;
+        Ok(proxy)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// `GET /admin/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new()).await.unwrap();
+        serde_json::from_slice(&body).expect("status is JSON")
+    }
+
+    pub async fn held(&self) -> u64 {
+        self.status().await["held"].as_u64().unwrap()
+    }
+
+    pub async fn admin_post(&self, path: &str) -> serde_json::Value {
+        let (status, body) = raw_request(self.admin, "POST", path, &[], Bytes::new()).await.unwrap();
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("admin answers JSON")
+    }
+
+    /// Waits until `held` requests are held.
+    pub async fn wait_held(&self, held: u64) {
+        wait_until(Duration::from_secs(10), &format!("{held} held requests"), || async {
+            self.held().await == held
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for ProxyUnderTest {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// One request over a fresh connection: status and whole body.
+pub async fn raw_request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<(u16, Bytes)> {
+    let response = send(address, method, path, headers, body).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// One request over a fresh connection: the response with its headers.
+pub async fn send(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{address}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    Ok(client.request(request.body(Full::new(body))?).await?)
+}
+
+/// An S3 client with its retries off, pointed at `endpoint`.
+pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let credentials = aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version_latest()
+        .endpoint_url(endpoint)
+        .region(aws_sdk_s3::config::Region::new(REGION))
+        .credentials_provider(credentials)
+        .force_path_style(true)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                .operation_timeout(Duration::from_secs(60))
+                .build(),
+        )
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// SigV4 headers for a request whose payload is sent unsigned (streaming).
+pub fn sign_unsigned_payload(method: &str, url: &str, host: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+    let identity = aws_credential_types::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test").into();
+    let mut settings = SigningSettings::default();
+    settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(REGION)
+        .name("s3")
+        .time(std::time::SystemTime::now())
+        .settings(settings)
+        .build()
+        .unwrap()
+        .into();
+    let mut headers: Vec<(&str, &str)> = vec![("host", host)];
+    headers.extend_from_slice(extra);
+    let signable = SignableRequest::new(method, url, headers.into_iter(), SignableBody::UnsignedPayload).unwrap();
+    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    let mut request = http::Request::builder().uri(url).body(()).unwrap();
+    instructions.apply_to_request_http1x(&mut request);
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Deterministic object content for key `n`.
+pub fn object_content(n: usize, size: usize) -> Vec<u8> {
+    (0..size).map(|i| ((i * 31 + n * 7) % 251) as u8).collect()
+}
