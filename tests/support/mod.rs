@@ -190,7 +190,12 @@ impl ProxyUnderTest {
     /// Starts the proxy in front of `backend` with extra TOML settings
     /// (sections `[hold]`, `[probe]`, ... as the config file would have them).
     pub async fn start(backend: SocketAddr, extra: &str) -> anyhow::Result<ProxyUnderTest> {
-        let text = format!("[backend]\naddress = \"{backend}\"\n{extra}");
+        ProxyUnderTest::start_with(backend, "", extra).await
+    }
+
+    /// Like [`ProxyUnderTest::start`], with extra keys for the `[backend]` table.
+    pub async fn start_with(backend: SocketAddr, backend_keys: &str, extra: &str) -> anyhow::Result<ProxyUnderTest> {
+        let text = format!("[backend]\naddress = \"{backend}\"\n{backend_keys}\n{extra}");
         let config = Config::parse(&text)?;
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;

@@ -1,0 +1,140 @@
+//! The product promise: a backend that crashes and restarts costs clients no
+//! failed request. A real S3 server process is killed with SIGKILL and
+//! restarted on the same port and data directory while an SDK client with
+//! retries off writes an object every 100 ms through the proxy.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use support::{ProxyUnderTest, S3Backend, object_content, s3_client, wait_until};
+
+/// One PutObject of the workload: its number, how long it took, how it ended.
+type PutResult = (usize, Duration, Result<(), String>);
+
+/// Writes one object every 100 ms until told to stop.
+async fn put_every_100ms(s3: aws_sdk_s3::Client, stop: Arc<AtomicBool>) -> Vec<PutResult> {
+    let mut writers = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    for n in 0..600 {
+        ticker.tick().await;
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let s3 = s3.clone();
+        writers.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = s3
+                .put_object()
+                .bucket("restarts")
+                .key(format!("obj-{n:05}"))
+                .body(ByteStream::from(object_content(n, 4096)))
+                .send()
+                .await;
+            (n, started.elapsed(), result.map(|_| ()).map_err(|e| format!("{e:?}")))
+        }));
+    }
+    let mut results = Vec::new();
+    for writer in writers {
+        results.push(writer.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"20s\"\n").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("restarts").send().await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = tokio::spawn(put_every_100ms(s3.clone(), Arc::clone(&stop)));
+    for downtime_ms in [1000, 1500, 2000] {
+        // Let traffic flow for a moment, then crash the backend.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        backend.kill9();
+        // The downtime is the scenario.
+        tokio::time::sleep(Duration::from_millis(downtime_ms)).await;
+        backend.restart().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let results = workload.await.unwrap();
+
+    let failures: Vec<_> = results.iter().filter(|(_, _, r)| r.is_err()).collect();
+    assert!(results.len() >= 50, "the workload ran: {} requests", results.len());
+    assert!(failures.is_empty(), "{} of {} PutObject failed: {:?}", failures.len(), results.len(), failures);
+    // The outages happened and were masked: some writes waited through them.
+    let held_through_outage = results.iter().filter(|(_, took, _)| *took >= Duration::from_millis(800)).count();
+    assert!(held_through_outage >= 3, "only {held_through_outage} writes waited through an outage");
+
+    for (n, _, _) in &results {
+        let got = s3.get_object().bucket("restarts").key(format!("obj-{n:05}")).send().await.unwrap();
+        let body = got.body.collect().await.unwrap().into_bytes();
+        assert_eq!(body.as_ref(), object_content(*n, 4096).as_slice(), "object {n} intact");
+    }
+    let status = proxy.status().await;
+    assert_eq!(status["state"], "up");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_while_the_backend_is_down_holds_until_it_comes() {
+    let mut backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    let create = tokio::spawn({
+        let s3 = s3.clone();
+        async move { s3.create_bucket().bucket("late").send().await }
+    });
+    proxy.wait_held(1).await;
+    assert_eq!(proxy.status().await["reason"], "refused");
+    backend.restart().await.unwrap();
+    create.await.unwrap().expect("the held request succeeds once the backend serves");
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
+    let backend = S3Backend::start().await.unwrap();
+    // A short response timeout, so the hang is noticed quickly.
+    let proxy = ProxyUnderTest::start_with(
+        backend.address,
+        "response_timeout = \"500ms\"",
+        "[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
+    )
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("hang").send().await.unwrap();
+    s3.put_object()
+        .bucket("hang")
+        .key("k")
+        .body(ByteStream::from_static(b"still here"))
+        .send()
+        .await
+        .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    backend.freeze();
+    let read = tokio::spawn({
+        let s3 = s3.clone();
+        async move { s3.get_object().bucket("hang").key("k").send().await }
+    });
+    let admin = proxy.admin;
+    wait_until(Duration::from_secs(10), "the hang to be detected", || async move {
+        support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
+            .await
+            .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    backend.thaw();
+    let got = read.await.unwrap().expect("the read succeeds after the backend answers again");
+    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"still here");
+    proxy.stop().await.unwrap();
+}
