@@ -348,3 +348,19 @@ pub fn sign_unsigned_payload(method: &str, url: &str, host: &str, extra: &[(&str
 pub fn object_content(n: usize, size: usize) -> Vec<u8> {
     (0..size).map(|i| ((i * 31 + n * 7) % 251) as u8).collect()
 }
+
+/// A request body fed chunk by chunk by the test, to control what the proxy
+/// has sent when something happens.
+pub struct ChunkFeed(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChunkFeed {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}

@@ -1,0 +1,161 @@
+//! The bounds of holding: a hold that times out, a full queue, a long outage,
+//! and a client that gives up while held. Each answer is an S3 XML error with
+//! `Retry-After`, which S3 SDKs retry on their own.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::{ProxyUnderTest, S3Backend, raw_request, send, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn s3_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let start = text.find("<Code>").expect("an S3 error body") + "<Code>".len();
+    let end = text.find("</Code>").unwrap();
+    text[start..end].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_times_out_answers_service_unavailable_with_retry_after() {
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"300ms\"\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let response = send(proxy.address, "GET", "/bucket/key", &[], Bytes::new()).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300), "the request was held first");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["content-type"], "application/xml");
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    assert_eq!(s3_code(&body), "ServiceUnavailable");
+    assert_eq!(proxy.held().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_slow_down_at_once() {
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nmax_requests = 2\ntimeout = \"30s\"\n")
+        .await
+        .unwrap();
+    let address = proxy.address;
+    let held: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(async move { raw_request(address, "GET", &format!("/b/held-{i}"), &[], Bytes::new()).await }))
+        .collect();
+    proxy.wait_held(2).await;
+    let (status, body) = raw_request(address, "GET", "/b/overflow", &[], Bytes::new()).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(s3_code(&body), "SlowDown");
+    assert_eq!(proxy.held().await, 2, "the held requests are still held");
+    for request in held {
+        request.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_fail_fast_after_new_requests_fail_at_once_until_the_backend_is_back() {
+    let mut backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(
+        backend.address,
+        "[hold]\nfail_fast_after = \"300ms\"\ntimeout = \"30s\"\n",
+    )
+    .await
+    .unwrap();
+    let address = proxy.address;
+    let early = tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
+    proxy.wait_held(1).await;
+    // Until the outage is 300 ms old new requests are held; after, they fail at once.
+    wait_until(Duration::from_secs(10), "a fast failure", || async {
+        let attempt = raw_request(address, "GET", "/b/k", &[], Bytes::new());
+        match tokio::time::timeout(Duration::from_millis(250), attempt).await {
+            Ok(Ok((status, body))) => status == 503 && s3_code(&body) == "ServiceUnavailable",
+            _ => false,
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(proxy.held().await, 1, "the early request is still held");
+    backend.restart().await.unwrap();
+    let (status, _) = early.await.unwrap().unwrap();
+    assert_ne!(status, 503, "the held request was answered by the backend");
+    let (status, _) = raw_request(address, "HEAD", "/", &[], Bytes::new()).await.unwrap();
+    assert_ne!(status, 503, "new requests pass again");
+}
+
+/// A backend that answers the probe and records every other request line.
+async fn recording_backend() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let n = stream.read(&mut head).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or("").to_string();
+                if !line.starts_with("HEAD") {
+                    let _ = seen.send(line);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (address, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_held_frees_its_slot_and_nothing_reaches_the_backend() {
+    let (backend, mut requests) = recording_backend().await;
+    let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
+    proxy.admin_post("/admin/pause?wait=1s").await;
+
+    let mut client = TcpStream::connect(proxy.address).await.unwrap();
+    client
+        .write_all(b"PUT /bucket/abandoned HTTP/1.1\r\nHost: s3\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    proxy.wait_held(1).await;
+    // While held, the proxy does not ask for the body.
+    let mut interim = [0u8; 32];
+    let asked = tokio::time::timeout(Duration::from_millis(300), client.read(&mut interim)).await;
+    assert!(asked.is_err(), "no 100 Continue while held: {:?}", asked);
+    drop(client);
+    proxy.wait_held(0).await;
+
+    proxy.admin_post("/admin/resume").await;
+    let (status, _) = raw_request(proxy.address, "GET", "/bucket/after", &[], Bytes::new()).await.unwrap();
+    assert_eq!(status, 200);
+    let first = requests.recv().await.unwrap();
+    assert_eq!(first, "GET /bucket/after HTTP/1.1", "the abandoned PUT never reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_with_expect_continue_is_asked_for_its_body_once_released() {
+    let (backend, mut requests) = recording_backend().await;
+    let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
+    proxy.admin_post("/admin/pause?wait=1s").await;
+    let mut client = TcpStream::connect(proxy.address).await.unwrap();
+    client
+        .write_all(b"PUT /bucket/k HTTP/1.1\r\nHost: s3\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    proxy.wait_held(1).await;
+    proxy.admin_post("/admin/resume").await;
+    let mut interim = vec![0u8; 25];
+    client.read_exact(&mut interim).await.unwrap();
+    assert!(interim.starts_with(b"HTTP/1.1 100 Continue\r\n"), "{}", String::from_utf8_lossy(&interim));
+    client.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&rest).contains("\r\n\r\n") {
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(n > 0, "a final answer arrives");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("200 OK"), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(requests.recv().await.unwrap(), "PUT /bucket/k HTTP/1.1");
+}
