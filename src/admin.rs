@@ -20,17 +20,22 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::probe::Prober;
 use crate::proxy::Proxy;
 
 /// What the admin endpoints need from the running proxy.
 pub struct Admin {
     pub proxy: Arc<Proxy>,
+    pub prober: Arc<Prober>,
     pub ready: Arc<AtomicBool>,
     pub drain_timeout: Duration,
 }
 
 impl Admin {
-    pub async fn handle<B>(&self, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         let path = request.uri().path();
         let response = match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -62,6 +67,9 @@ impl Admin {
     }
 
     async fn pause(&self, wait: Duration) -> Response<Full<Bytes>> {
+        if self.proxy.gate().paused_for().is_none() {
+            self.prober.arm_sentinel().await;
+        }
         self.proxy.gate().pause();
         tracing::info!(wait = ?wait, "admin: pause; draining in-flight requests");
         let left = self.proxy.in_flight().drained_within(wait).await;
@@ -101,9 +109,10 @@ fn wait_parameter(query: Option<&str>) -> Result<Option<Duration>, String> {
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().unwrap());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().unwrap(),
+    );
     response
 }
 
@@ -123,7 +132,10 @@ mod tests {
     #[test]
     fn the_wait_parameter_is_a_duration() {
         assert_eq!(wait_parameter(None), Ok(None));
-        assert_eq!(wait_parameter(Some("wait=250ms")), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(
+            wait_parameter(Some("wait=250ms")),
+            Ok(Some(Duration::from_millis(250)))
+        );
         assert!(wait_parameter(Some("wait=soon")).is_err());
     }
 }

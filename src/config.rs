@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::backend_address::BackendAddress;
+
 /// A configuration that could not be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,7 +55,7 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
     /// The one S3 backend (static discovery).
-    pub address: SocketAddr,
+    pub address: BackendAddress,
     /// A connect that takes longer counts as the backend being down.
     pub connect_timeout: Duration,
     /// A request that makes no progress (no body byte sent, no response head)
@@ -224,7 +226,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Either::deserialize(d)? {
             Either::Number(n) => Ok(ByteSize(n)),
-            Either::Text(s) => parse_byte_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+            Either::Text(s) => parse_byte_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -254,13 +258,25 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
-fn parse_address(key: &'static str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+fn parse_address(
+    key: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
     let text = value.unwrap_or_else(|| default.to_string());
-    text.parse()
-        .map_err(|_| invalid(key, format!("`{text}` is not an IP address with a port, such as 127.0.0.1:8080")))
+    text.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{text}` is not an IP address with a port, such as 127.0.0.1:8080"),
+        )
+    })
 }
 
-fn positive_duration(key: &'static str, value: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+fn positive_duration(
+    key: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     let value = value.unwrap_or(default);
     if value.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
@@ -268,7 +284,11 @@ fn positive_duration(key: &'static str, value: Option<Duration>, default: Durati
     Ok(value)
 }
 
-fn positive_count<T: Default + PartialEq>(key: &'static str, value: Option<T>, default: T) -> Result<T, ConfigError> {
+fn positive_count<T: Default + PartialEq>(
+    key: &'static str,
+    value: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
     let value = value.unwrap_or(default);
     if value == T::default() {
         return Err(invalid(key, "must be greater than zero"));
@@ -319,19 +339,44 @@ impl Config {
                 raw.hold.release_concurrency,
                 64,
             )?,
-            max_pause: positive_duration("hold.max_pause", raw.hold.max_pause, Duration::from_secs(60))?,
-            retry_after: positive_duration("hold.retry_after", raw.hold.retry_after, Duration::from_secs(1))?,
+            max_pause: positive_duration(
+                "hold.max_pause",
+                raw.hold.max_pause,
+                Duration::from_secs(60),
+            )?,
+            retry_after: positive_duration(
+                "hold.retry_after",
+                raw.hold.retry_after,
+                Duration::from_secs(1),
+            )?,
         };
         let probe = ProbeConfig {
-            interval: positive_duration("probe.interval", raw.probe.interval, Duration::from_millis(25))?,
-            timeout: positive_duration("probe.timeout", raw.probe.timeout, Duration::from_millis(500))?,
+            interval: positive_duration(
+                "probe.interval",
+                raw.probe.interval,
+                Duration::from_millis(25),
+            )?,
+            timeout: positive_duration(
+                "probe.timeout",
+                raw.probe.timeout,
+                Duration::from_millis(500),
+            )?,
             path: raw.probe.path.unwrap_or_else(|| "/".into()),
         };
         if !probe.path.starts_with('/') || probe.path.contains(char::is_whitespace) {
-            return Err(invalid("probe.path", "must start with `/` and contain no spaces"));
+            return Err(invalid(
+                "probe.path",
+                "must start with `/` and contain no spaces",
+            ));
         }
         let backend = BackendConfig {
-            address: parse_address("backend.address", raw.backend.address, "127.0.0.1:7480")?,
+            address: raw
+                .backend
+                .address
+                .as_deref()
+                .unwrap_or("127.0.0.1:7480")
+                .parse()
+                .map_err(|reason| invalid("backend.address", reason))?,
             connect_timeout: positive_duration(
                 "backend.connect_timeout",
                 raw.backend.connect_timeout,
@@ -371,7 +416,11 @@ impl Config {
                 )?,
             },
             shutdown: ShutdownConfig {
-                grace: positive_duration("shutdown.grace", raw.shutdown.grace, Duration::from_secs(30))?,
+                grace: positive_duration(
+                    "shutdown.grace",
+                    raw.shutdown.grace,
+                    Duration::from_secs(30),
+                )?,
             },
             log,
         })
@@ -390,7 +439,7 @@ mod tests {
     fn an_empty_file_gives_the_documented_defaults() {
         let config = Config::parse("").unwrap();
         assert_eq!(config.listener.address, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(config.backend.address, "127.0.0.1:7480".parse().unwrap());
+        assert_eq!(config.backend.address.to_string(), "127.0.0.1:7480");
         assert_eq!(config.hold.timeout, Duration::from_secs(30));
         assert_eq!(config.hold.max_requests, 10_000);
         assert_eq!(config.hold.fail_fast_after, Duration::from_secs(120));
@@ -426,6 +475,8 @@ mod tests {
     fn an_unparsable_address_is_named() {
         let message = error_of("[backend]\naddress = \"localhost\"\n");
         assert!(message.contains("backend.address"), "{message}");
+        let message = error_of("[listener]\naddress = \"localhost:8080\"\n");
+        assert!(message.contains("listener.address"), "{message}");
     }
 
     #[test]

@@ -199,7 +199,9 @@ pub struct Gate {
 
 impl fmt::Debug for Gate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Gate").field("phase", &*self.phase.borrow()).finish()
+        f.debug_struct("Gate")
+            .field("phase", &*self.phase.borrow())
+            .finish()
     }
 }
 
@@ -249,7 +251,11 @@ impl Gate {
 
     /// Waits until the request may go to the backend, or says why not.
     /// Dropping the returned future (the client went away) frees the slot.
-    pub async fn admit(self: &Arc<Self>, ticket: Ticket, deadline: Instant) -> Result<Admission, Rejection> {
+    pub async fn admit(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        deadline: Instant,
+    ) -> Result<Admission, Rejection> {
         let mut rx = {
             let mut inner = self.lock();
             if matches!(inner.state, State::Up) && inner.queue.is_empty() {
@@ -258,10 +264,11 @@ impl Gate {
                     slot: None,
                 });
             }
-            if let State::Down { since, .. } = inner.state {
-                if inner.pause.is_none() && since.elapsed() >= inner.settings.fail_fast_after {
-                    return Err(Rejection::FailFast);
-                }
+            if let State::Down { since, .. } = inner.state
+                && inner.pause.is_none()
+                && since.elapsed() >= inner.settings.fail_fast_after
+            {
+                return Err(Rejection::FailFast);
             }
             if inner.queue.len() >= inner.settings.max_held {
                 return Err(Rejection::QueueFull);
@@ -299,7 +306,9 @@ impl Gate {
             }
             match inner.state {
                 State::Down { .. } => None,
-                State::Up | State::Resuming { .. } => Some(self.go_down(&mut inner, reason, Instant::now())),
+                State::Up | State::Resuming { .. } => {
+                    Some(self.go_down(&mut inner, reason, Instant::now()))
+                }
             }
         };
         self.notify(transition);
@@ -311,7 +320,9 @@ impl Gate {
         let transition = {
             let mut inner = self.lock();
             match inner.state {
-                State::Down { reason, since } if inner.pause.is_none() && reason != DownReason::Discovery => {
+                State::Down { reason, since }
+                    if inner.pause.is_none() && reason != DownReason::Discovery =>
+                {
                     Some(self.go_resuming(&mut inner, since))
                 }
                 _ => None,
@@ -336,7 +347,8 @@ impl Gate {
             if !serving {
                 pause.backend_seen_gone = true;
             }
-            if !expired && !(serving && pause.backend_seen_gone) {
+            let replaced = serving && pause.backend_seen_gone;
+            if !expired && !replaced {
                 return None;
             }
             if expired {
@@ -401,6 +413,13 @@ impl Gate {
         self.notify(transition);
     }
 
+    /// The paused backend was seen to go away (its process closed a connection).
+    pub fn backend_gone(&self) {
+        if let Some(pause) = self.lock().pause.as_mut() {
+            pause.backend_seen_gone = true;
+        }
+    }
+
     /// Time since the current admin pause began, if one is in force.
     pub fn paused_for(&self) -> Option<Duration> {
         self.lock().pause.as_ref().map(|p| p.started.elapsed())
@@ -423,7 +442,9 @@ impl Gate {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn go_down(&self, inner: &mut Inner, reason: DownReason, now: Instant) -> Transition {
@@ -710,7 +731,10 @@ mod tests {
         settle_tasks().await;
         gate.probe_result(true);
         settle_tasks().await;
-        assert!(!held.is_finished(), "the old backend still serving ends nothing");
+        assert!(
+            !held.is_finished(),
+            "the old backend still serving ends nothing"
+        );
         gate.probe_result(false);
         gate.probe_result(true);
         held.await.unwrap().unwrap();

@@ -29,7 +29,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in named {
         // A client may not use `Connection` to strip what the backend must see.
-        if name != header::HOST && name != header::AUTHORIZATION && !name.as_str().starts_with("x-amz-") {
+        if name != header::HOST
+            && name != header::AUTHORIZATION
+            && !name.as_str().starts_with("x-amz-")
+        {
             headers.remove(name);
         }
     }
@@ -60,7 +63,10 @@ mod tests {
         headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
         headers.insert("x-private", "1".parse().unwrap());
         headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        headers.insert(header::AUTHORIZATION, "AWS4-HMAC-SHA256 ...".parse().unwrap());
+        headers.insert(
+            header::AUTHORIZATION,
+            "AWS4-HMAC-SHA256 ...".parse().unwrap(),
+        );
         headers.insert("x-amz-content-sha256", "UNSIGNED-PAYLOAD".parse().unwrap());
         headers.insert(header::CONTENT_ENCODING, "aws-chunked".parse().unwrap());
         strip_hop_by_hop(&mut headers);
@@ -75,7 +81,10 @@ mod tests {
     #[test]
     fn a_connection_header_cannot_strip_signed_headers() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, "authorization, x-amz-date".parse().unwrap());
+        headers.insert(
+            header::CONNECTION,
+            "authorization, x-amz-date".parse().unwrap(),
+        );
         headers.insert(header::AUTHORIZATION, "sig".parse().unwrap());
         headers.insert("x-amz-date", "20260101T000000Z".parse().unwrap());
         strip_hop_by_hop(&mut headers);

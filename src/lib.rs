@@ -22,6 +22,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod backend_address;
 pub mod config;
 pub mod drain;
 pub mod gate;

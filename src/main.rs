@@ -58,7 +58,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
 async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

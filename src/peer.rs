@@ -33,7 +33,10 @@ impl Peer {
 
     /// A peer that is never seen to leave (a connection we cannot watch).
     pub fn unwatched(address: SocketAddr) -> Peer {
-        Peer { address, socket: None }
+        Peer {
+            address,
+            socket: None,
+        }
     }
 
     /// Resolves once the client has closed its side of the connection.
@@ -49,7 +52,9 @@ impl Peer {
                 }
                 // Unread request bytes are hyper's: forget this edge without
                 // reading and wait for the next one (more data or the FIN).
-                let _ = duplicate.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                let _ = duplicate.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
             }
         }
         std::future::pending::<()>().await
@@ -71,7 +76,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_closes_is_seen_gone_even_with_unread_bytes() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
         let (server_side, address) = listener.accept().await.unwrap();
         let peer = Peer::watched(address, &server_side);
         client.write_all(b"PUT /b/k HTTP/1.1\r\n").await.unwrap();

@@ -7,13 +7,13 @@
 //! is one probe loop per backend, so probe traffic does not grow with the number
 //! of held requests.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::backend_address::BackendAddress;
 use crate::gate::{Gate, Phase};
 
 /// How and how often to probe; shared with the reload path.
@@ -39,40 +39,107 @@ pub enum ProbeError {
     GatewayError(u16),
 }
 
-/// Probes `address` whenever the gate is not Up, until the gate is dropped.
-pub async fn run(gate: Arc<Gate>, address: SocketAddr, settings: Arc<RwLock<ProbeSettings>>) {
-    let mut phase = gate.phase();
-    loop {
-        if phase.wait_for(|p| *p != Phase::Up).await.is_err() {
+/// Watches one backend address for the gate.
+pub struct Prober {
+    gate: Arc<Gate>,
+    address: BackendAddress,
+    settings: RwLock<ProbeSettings>,
+    sentinel: Mutex<Option<TcpStream>>,
+}
+
+impl Prober {
+    pub fn new(gate: Arc<Gate>, address: BackendAddress, settings: ProbeSettings) -> Prober {
+        Prober {
+            gate,
+            address,
+            settings: RwLock::new(settings),
+            sentinel: Mutex::new(None),
+        }
+    }
+
+    pub fn update_settings(&self, settings: ProbeSettings) {
+        *self.settings.write().unwrap() = settings;
+    }
+
+    fn settings(&self) -> ProbeSettings {
+        self.settings.read().unwrap().clone()
+    }
+
+    /// Opens the sentinel connection for a pause; a backend that cannot be
+    /// reached is already gone.
+    pub async fn arm_sentinel(&self) {
+        let timeout = self.settings().timeout;
+        match tokio::time::timeout(timeout, self.address.connect()).await {
+            Ok(Ok(stream)) => *self.sentinel.lock().unwrap() = Some(stream),
+            _ => self.gate.backend_gone(),
+        }
+    }
+
+    /// Reports a closed sentinel to the gate; drops it once the pause is over.
+    fn check_sentinel(&self) {
+        let mut sentinel = self.sentinel.lock().unwrap();
+        if self.gate.paused_for().is_none() {
+            *sentinel = None;
             return;
         }
-        let current = settings.read().unwrap().clone();
-        let result = probe_once(address, &current).await;
-        match &result {
-            Ok(status) => tracing::debug!(status, "probe: backend serving"),
-            Err(error) => tracing::debug!(%error, "probe: backend not serving"),
+        let Some(stream) = sentinel.as_ref() else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let closed = match stream.try_read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        if closed {
+            tracing::info!(backend = %self.address, "the paused backend went away");
+            *sentinel = None;
+            self.gate.backend_gone();
         }
-        gate.probe_result(result.is_ok());
-        if *phase.borrow_and_update() != Phase::Up {
-            tokio::time::sleep(current.interval).await;
+    }
+
+    /// Probes whenever the gate is not Up, until the task is aborted.
+    pub async fn run(self: Arc<Self>) {
+        let mut phase = self.gate.phase();
+        loop {
+            if phase.wait_for(|p| *p != Phase::Up).await.is_err() {
+                return;
+            }
+            let current = self.settings();
+            self.check_sentinel();
+            let result = probe_once(&self.address, &current).await;
+            match &result {
+                Ok(status) => tracing::debug!(status, "probe: backend serving"),
+                Err(error) => tracing::debug!(%error, "probe: backend not serving"),
+            }
+            self.gate.probe_result(result.is_ok());
+            if *phase.borrow_and_update() != Phase::Up {
+                tokio::time::sleep(current.interval).await;
+            }
         }
     }
 }
 
 /// One probe: the HTTP status the backend answered, or why it did not.
-pub async fn probe_once(address: SocketAddr, settings: &ProbeSettings) -> Result<u16, ProbeError> {
+pub async fn probe_once(
+    address: &BackendAddress,
+    settings: &ProbeSettings,
+) -> Result<u16, ProbeError> {
     match tokio::time::timeout(settings.timeout, ask(address, &settings.path)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout(settings.timeout)),
     }
 }
 
-async fn ask(address: SocketAddr, path: &str) -> Result<u16, ProbeError> {
-    let mut stream = TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
+async fn ask(address: &BackendAddress, path: &str) -> Result<u16, ProbeError> {
+    let mut stream = address.connect().await.map_err(ProbeError::Connect)?;
     let request = format!(
         "HEAD {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: s3-failover-proxy-probe\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await.map_err(ProbeError::Io)?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(ProbeError::Io)?;
     let mut head = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     while head.len() < 12 {
@@ -117,7 +184,10 @@ mod tests {
             timeout: Duration::from_secs(1),
             path: "/".into(),
         };
-        assert!(matches!(probe_once(address, &settings).await, Err(ProbeError::Connect(_))));
+        assert!(matches!(
+            probe_once(&address.into(), &settings).await,
+            Err(ProbeError::Connect(_))
+        ));
     }
 
     #[tokio::test]
@@ -128,7 +198,7 @@ mod tests {
             timeout: Duration::from_millis(100),
             path: "/".into(),
         };
-        let result = probe_once(listener.local_addr().unwrap(), &settings).await;
+        let result = probe_once(&listener.local_addr().unwrap().into(), &settings).await;
         assert!(matches!(result, Err(ProbeError::Timeout(_))));
     }
 }

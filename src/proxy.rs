@@ -74,7 +74,11 @@ struct Progress {
 }
 
 impl Proxy {
-    pub fn new(gate: Arc<Gate>, upstream: Upstream<AttemptBody<Incoming>>, settings: ProxySettings) -> Proxy {
+    pub fn new(
+        gate: Arc<Gate>,
+        upstream: Upstream<AttemptBody<Incoming>>,
+        settings: ProxySettings,
+    ) -> Proxy {
         Proxy {
             gate,
             upstream,
@@ -104,7 +108,12 @@ impl Proxy {
     }
 
     /// Serves one client request.
-    pub async fn handle(&self, request: Request<Incoming>, peer: &Peer, scheme: &'static str) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: &Peer,
+        scheme: &'static str,
+    ) -> Response<ProxyBody> {
         let settings = self.settings();
         let progress = Progress {
             started: Instant::now(),
@@ -112,9 +121,16 @@ impl Proxy {
             replays: 0,
         };
         let (parts, body) = request.into_parts();
-        let outbound = outbound(parts.method, &parts.uri, parts.headers, peer.address, scheme);
+        let outbound = outbound(
+            parts.method,
+            &parts.uri,
+            parts.headers,
+            peer.address,
+            scheme,
+        );
         let body = ReplayableBody::new(body, settings.replay_buffer);
-        self.forward(outbound, body, peer, &settings, progress).await
+        self.forward(outbound, body, peer, &settings, progress)
+            .await
     }
 
     async fn forward(
@@ -135,10 +151,18 @@ impl Proxy {
             };
             progress.held += admission.held_for;
             let Ok(attempt) = body.attempt() else {
-                return self.answer(ProxyError::NotReplayable, &outbound, &body, &progress, settings);
+                return self.answer(
+                    ProxyError::NotReplayable,
+                    &outbound,
+                    &body,
+                    &progress,
+                    settings,
+                );
             };
             let in_flight = self.in_flight.enter();
-            let result = self.send_watched(outbound.request(attempt), &body, settings.response_timeout).await;
+            let result = self
+                .send_watched(outbound.request(attempt), &body, settings.response_timeout)
+                .await;
             admission.settle();
             let error = match result {
                 Ok(response) => {
@@ -150,7 +174,13 @@ impl Proxy {
             };
             drop(in_flight);
             if body.client_failed() {
-                return self.answer(ProxyError::ClientBody, &outbound, &body, &progress, settings);
+                return self.answer(
+                    ProxyError::ClientBody,
+                    &outbound,
+                    &body,
+                    &progress,
+                    settings,
+                );
             }
             let reason = error.down_reason();
             if let Some(reason) = reason {
@@ -162,18 +192,35 @@ impl Proxy {
                 continue;
             }
             if reason.is_none() {
-                return self.answer(ProxyError::BadGateway, &outbound, &body, &progress, settings);
+                return self.answer(
+                    ProxyError::BadGateway,
+                    &outbound,
+                    &body,
+                    &progress,
+                    settings,
+                );
             }
             if idempotent && body.can_replay() && progress.replays < settings.max_replays {
                 progress.replays += 1;
                 continue;
             }
-            return self.answer(ProxyError::NotReplayable, &outbound, &body, &progress, settings);
+            return self.answer(
+                ProxyError::NotReplayable,
+                &outbound,
+                &body,
+                &progress,
+                settings,
+            );
         }
     }
 
     /// Admission, abandoned as soon as the client leaves.
-    async fn admit(&self, ticket: Ticket, deadline: Instant, peer: &Peer) -> Result<Admission, ProxyError> {
+    async fn admit(
+        &self,
+        ticket: Ticket,
+        deadline: Instant,
+        peer: &Peer,
+    ) -> Result<Admission, ProxyError> {
         tokio::select! {
             biased;
             admitted = self.gate.admit(ticket, deadline) => admitted.map_err(ProxyError::Held),
@@ -219,7 +266,14 @@ impl Proxy {
             .get("x-amz-request-id")
             .and_then(|v| v.to_str().ok())
             .map_or_else(next_request_id, str::to_owned);
-        let record = record(outbound, parts.status.as_u16(), request_id, body, &progress, "ok");
+        let record = record(
+            outbound,
+            parts.status.as_u16(),
+            request_id,
+            body,
+            &progress,
+            "ok",
+        );
         let proxied = ProxyBody::streamed(backend_body, Arc::clone(&self.gate), in_flight, record);
         Response::from_parts(parts, proxied)
     }
@@ -233,9 +287,21 @@ impl Proxy {
         settings: &ProxySettings,
     ) -> Response<ProxyBody> {
         let request_id = next_request_id();
-        let response = error.to_response(&outbound.method, outbound.uri.path(), &request_id, settings.retry_after);
+        let response = error.to_response(
+            &outbound.method,
+            outbound.uri.path(),
+            &request_id,
+            settings.retry_after,
+        );
         let status = response.status().as_u16();
-        let record = record(outbound, status, request_id, body.clone(), progress, error.label());
+        let record = record(
+            outbound,
+            status,
+            request_id,
+            body.clone(),
+            progress,
+            error.label(),
+        );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
     }
 }
@@ -264,12 +330,21 @@ fn record(
 
 /// The request as the backend should see it: origin-form target, hop-by-hop
 /// headers gone, forwarding headers added, everything signed untouched.
-fn outbound(method: Method, uri: &Uri, mut headers: HeaderMap, client: SocketAddr, scheme: &'static str) -> Outbound {
+fn outbound(
+    method: Method,
+    uri: &Uri,
+    mut headers: HeaderMap,
+    client: SocketAddr,
+    scheme: &'static str,
+) -> Outbound {
     headers::strip_hop_by_hop(&mut headers);
     headers::add_forwarded(&mut headers, client.ip(), scheme);
     if !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
-        if let Some(value) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(value) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
             headers.insert(header::HOST, value);
         }
     }

@@ -152,7 +152,9 @@ where
 }
 
 fn lock<B>(shared: &Mutex<Shared<B>>) -> MutexGuard<'_, Shared<B>> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The body of one attempt, as the upstream connection sees it.
@@ -181,7 +183,10 @@ where
     type Data = Bytes;
     type Error = AttemptBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         let mut shared = lock(&this.shared);
         if shared.generation != this.generation {
@@ -222,7 +227,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.shared).hint.clone()
+        lock(&self.shared).hint
     }
 }
 
@@ -266,13 +271,21 @@ mod tests {
     impl Body for Chunks {
         type Data = Bytes;
         type Error = std::io::Error;
-        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
         }
     }
 
     fn chunks(parts: &[&'static str]) -> Chunks {
-        Chunks(parts.iter().map(|p| Bytes::from_static(p.as_bytes())).collect())
+        Chunks(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
     }
 
     async fn collect<B>(body: AttemptBody<B>) -> Result<Bytes, AttemptBodyError>
@@ -296,9 +309,15 @@ mod tests {
     #[tokio::test]
     async fn a_small_body_is_replayed_byte_for_byte() {
         let body = ReplayableBody::new(chunks(&["hello ", "world"]), 1024);
-        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "hello world");
+        assert_eq!(
+            collect(body.attempt().unwrap()).await.unwrap(),
+            "hello world"
+        );
         assert!(body.can_replay());
-        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "hello world");
+        assert_eq!(
+            collect(body.attempt().unwrap()).await.unwrap(),
+            "hello world"
+        );
     }
 
     #[tokio::test]
@@ -324,7 +343,10 @@ mod tests {
         let body = ReplayableBody::new(chunks(&["abc"]), 1024);
         let mut old = body.attempt().unwrap();
         let _new = body.attempt().unwrap();
-        assert!(matches!(old.frame().await, Some(Err(AttemptBodyError::Superseded))));
+        assert!(matches!(
+            old.frame().await,
+            Some(Err(AttemptBodyError::Superseded))
+        ));
     }
 
     #[test]

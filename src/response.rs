@@ -67,7 +67,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -83,10 +86,10 @@ impl Body for ProxyBody {
                 other => other.map(|frame| frame.map(|result| result.map_err(BoxError::from))),
             },
         };
-        if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, this.record.as_mut()) {
-            if let Some(data) = frame.data_ref() {
-                record.bytes_out += data.len() as u64;
-            }
+        if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, this.record.as_mut())
+            && let Some(data) = frame.data_ref()
+        {
+            record.bytes_out += data.len() as u64;
         }
         polled
     }

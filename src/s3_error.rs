@@ -55,17 +55,28 @@ impl ProxyError {
             ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
             // Nobody reads this answer; 499 marks it in the request log.
-            ProxyError::ClientGone => (StatusCode::from_u16(499).expect("valid status"), "RequestTimeout"),
+            ProxyError::ClientGone => (
+                StatusCode::from_u16(499).expect("valid status"),
+                "RequestTimeout",
+            ),
             _ => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
         }
     }
 
     fn message(self) -> &'static str {
         match self {
-            ProxyError::Held(Rejection::QueueFull) => "Please reduce your request rate: too many requests are waiting for the backend.",
-            ProxyError::Held(Rejection::HoldTimeout) => "The storage backend did not come back in time. Please retry.",
-            ProxyError::Held(Rejection::FailFast) => "The storage backend is unavailable. Please retry later.",
-            ProxyError::NotReplayable => "The storage backend failed during the request. Please retry.",
+            ProxyError::Held(Rejection::QueueFull) => {
+                "Please reduce your request rate: too many requests are waiting for the backend."
+            }
+            ProxyError::Held(Rejection::HoldTimeout) => {
+                "The storage backend did not come back in time. Please retry."
+            }
+            ProxyError::Held(Rejection::FailFast) => {
+                "The storage backend is unavailable. Please retry later."
+            }
+            ProxyError::NotReplayable => {
+                "The storage backend failed during the request. Please retry."
+            }
             ProxyError::BadGateway => "The storage backend sent an invalid response.",
             ProxyError::ShuttingDown => "The proxy is shutting down. Please retry.",
             ProxyError::ClientGone => "The client closed the connection.",
@@ -74,7 +85,13 @@ impl ProxyError {
     }
 
     /// The S3 error response; `HEAD` answers carry no body.
-    pub fn to_response(self, method: &Method, resource: &str, request_id: &str, retry_after: Duration) -> Response<Bytes> {
+    pub fn to_response(
+        self,
+        method: &Method,
+        resource: &str,
+        request_id: &str,
+        retry_after: Duration,
+    ) -> Response<Bytes> {
         let (status, code) = self.status_and_code();
         let body = if method == Method::HEAD {
             Bytes::new()
@@ -85,7 +102,10 @@ impl ProxyError {
         let mut response = Response::new(body);
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml"),
+        );
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert("x-amz-request-id", id);
@@ -133,7 +153,10 @@ mod tests {
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         let body = String::from_utf8(response.body().to_vec()).unwrap();
         assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
-        assert!(body.contains("<Resource>/bucket/a&amp;b</Resource>"), "{body}");
+        assert!(
+            body.contains("<Resource>/bucket/a&amp;b</Resource>"),
+            "{body}"
+        );
         assert!(body.contains("<RequestId>req-1</RequestId>"), "{body}");
     }
 

@@ -11,8 +11,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -26,7 +26,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::gate::{Gate, GateSettings, Transition};
 use crate::peer::Peer;
-use crate::probe::{self, ProbeSettings};
+use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::upstream::{Upstream, UpstreamSettings};
 
@@ -41,10 +41,18 @@ impl Listeners {
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let s3 = TcpListener::bind(config.listener.address)
             .await
-            .map_err(|e| io::Error::new(e.kind(), format!("listener.address {}: {e}", config.listener.address)))?;
-        let admin = TcpListener::bind(config.admin.address)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("admin.address {}: {e}", config.admin.address)))?;
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener.address {}: {e}", config.listener.address),
+                )
+            })?;
+        let admin = TcpListener::bind(config.admin.address).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("admin.address {}: {e}", config.admin.address),
+            )
+        })?;
         Ok(Listeners { s3, admin })
     }
 }
@@ -77,24 +85,34 @@ pub fn probe_settings(config: &Config) -> ProbeSettings {
 }
 
 /// Serves until `shutdown` resolves, then drains within `shutdown.grace`.
-pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let gate = Gate::new(gate_settings(&config));
     gate.observe(log_transition);
     let upstream = Upstream::new(UpstreamSettings {
-        address: config.backend.address,
+        address: config.backend.address.clone(),
         connect_timeout: config.backend.connect_timeout,
         max_idle: config.backend.max_idle_connections,
         idle_timeout: config.backend.idle_timeout,
     });
-    let proxy = Arc::new(Proxy::new(Arc::clone(&gate), upstream, proxy_settings(&config)));
-    let probe_task = tokio::spawn(probe::run(
+    let proxy = Arc::new(Proxy::new(
         Arc::clone(&gate),
-        config.backend.address,
-        Arc::new(RwLock::new(probe_settings(&config))),
+        upstream,
+        proxy_settings(&config),
     ));
+    let prober = Arc::new(Prober::new(
+        Arc::clone(&gate),
+        config.backend.address.clone(),
+        probe_settings(&config),
+    ));
+    let probe_task = tokio::spawn(Arc::clone(&prober).run());
     let ready = Arc::new(AtomicBool::new(true));
     let admin = Arc::new(Admin {
         proxy: Arc::clone(&proxy),
+        prober: Arc::clone(&prober),
         ready: Arc::clone(&ready),
         drain_timeout: config.admin.drain_timeout,
     });
@@ -126,7 +144,12 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Out
     Ok(())
 }
 
-async fn serve_s3(listener: &TcpListener, proxy: &Arc<Proxy>, graceful: &GracefulShutdown, shutdown: impl Future<Output = ()>) {
+async fn serve_s3(
+    listener: &TcpListener,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -143,7 +166,12 @@ async fn serve_s3(listener: &TcpListener, proxy: &Arc<Proxy>, graceful: &Gracefu
     }
 }
 
-fn serve_s3_connection(stream: TcpStream, address: SocketAddr, proxy: &Arc<Proxy>, graceful: &GracefulShutdown) {
+fn serve_s3_connection(
+    stream: TcpStream,
+    address: SocketAddr,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+) {
     let _ = stream.set_nodelay(true);
     let peer = Arc::new(Peer::watched(address, &stream));
     let proxy = Arc::clone(proxy);

@@ -9,7 +9,6 @@
 //! on another one, since nothing was sent on it.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +21,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::backend_address::BackendAddress;
 use crate::gate::DownReason;
 use crate::replay::BoxError;
 
@@ -32,7 +31,10 @@ use crate::replay::BoxError;
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to the backend at {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect {
+        addr: BackendAddress,
+        source: io::Error,
+    },
     #[error("the backend connection closed before the request was sent: {0}")]
     ClosedBeforeSend(hyper::Error),
     #[error("the backend failed after the request was sent: {0}")]
@@ -66,7 +68,7 @@ impl UpstreamError {
 /// Connection settings for the backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
-    pub address: SocketAddr,
+    pub address: BackendAddress,
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
@@ -99,8 +101,8 @@ where
         }
     }
 
-    pub fn address(&self) -> SocketAddr {
-        self.settings.address
+    pub fn address(&self) -> &BackendAddress {
+        &self.settings.address
     }
 
     /// Connections opened to the backend so far.
@@ -109,7 +111,10 @@ where
     }
 
     /// Sends `request` (origin-form URI) and waits for the response head.
-    pub async fn send(&self, mut request: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
+    pub async fn send(
+        &self,
+        mut request: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, UpstreamError> {
         while let Some(mut sender) = self.checkout().await {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pooled(response, sender)),
@@ -144,16 +149,19 @@ where
             let mut sender = idle.sender;
             // Returned at the end of a response body; the connection task
             // needs one turn to accept the next request.
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(50), sender.ready()).await {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_millis(50), sender.ready()).await
+            {
                 return Some(sender);
             }
         }
     }
 
     async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
-        let addr = self.settings.address;
+        let addr = self.settings.address.clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
-        let stream = match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+        let stream = match tokio::time::timeout(self.settings.connect_timeout, addr.connect()).await
+        {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
             Err(_) => {
@@ -174,7 +182,11 @@ where
         Ok(sender)
     }
 
-    fn pooled(&self, response: Response<Incoming>, sender: SendRequest<B>) -> Response<PooledBody<B>> {
+    fn pooled(
+        &self,
+        response: Response<Incoming>,
+        sender: SendRequest<B>,
+    ) -> Response<PooledBody<B>> {
         let (parts, body) = response.into_parts();
         let keep_alive = !parts
             .headers
@@ -215,7 +227,10 @@ impl<B> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.give_back(),

@@ -34,7 +34,11 @@ async fn put_every_100ms(s3: aws_sdk_s3::Client, stop: Arc<AtomicBool>) -> Vec<P
                 .body(ByteStream::from(object_content(n, 4096)))
                 .send()
                 .await;
-            (n, started.elapsed(), result.map(|_| ()).map_err(|e| format!("{e:?}")))
+            (
+                n,
+                started.elapsed(),
+                result.map(|_| ()).map_err(|e| format!("{e:?}")),
+            )
         }));
     }
     let mut results = Vec::new();
@@ -47,7 +51,9 @@ async fn put_every_100ms(s3: aws_sdk_s3::Client, stop: Arc<AtomicBool>) -> Vec<P
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"20s\"\n").await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"20s\"\n")
+        .await
+        .unwrap();
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("restarts").send().await.unwrap();
 
@@ -66,16 +72,42 @@ async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
     let results = workload.await.unwrap();
 
     let failures: Vec<_> = results.iter().filter(|(_, _, r)| r.is_err()).collect();
-    assert!(results.len() >= 50, "the workload ran: {} requests", results.len());
-    assert!(failures.is_empty(), "{} of {} PutObject failed: {:?}", failures.len(), results.len(), failures);
+    assert!(
+        results.len() >= 50,
+        "the workload ran: {} requests",
+        results.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} PutObject failed: {:?}",
+        failures.len(),
+        results.len(),
+        failures
+    );
     // The outages happened and were masked: some writes waited through them.
-    let held_through_outage = results.iter().filter(|(_, took, _)| *took >= Duration::from_millis(800)).count();
-    assert!(held_through_outage >= 3, "only {held_through_outage} writes waited through an outage");
+    let held_through_outage = results
+        .iter()
+        .filter(|(_, took, _)| *took >= Duration::from_millis(800))
+        .count();
+    assert!(
+        held_through_outage >= 3,
+        "only {held_through_outage} writes waited through an outage"
+    );
 
     for (n, _, _) in &results {
-        let got = s3.get_object().bucket("restarts").key(format!("obj-{n:05}")).send().await.unwrap();
+        let got = s3
+            .get_object()
+            .bucket("restarts")
+            .key(format!("obj-{n:05}"))
+            .send()
+            .await
+            .unwrap();
         let body = got.body.collect().await.unwrap().into_bytes();
-        assert_eq!(body.as_ref(), object_content(*n, 4096).as_slice(), "object {n} intact");
+        assert_eq!(
+            body.as_ref(),
+            object_content(*n, 4096).as_slice(),
+            "object {n} intact"
+        );
     }
     let status = proxy.status().await;
     assert_eq!(status["state"], "up");
@@ -94,7 +126,10 @@ async fn a_proxy_started_while_the_backend_is_down_holds_until_it_comes() {
     proxy.wait_held(1).await;
     assert_eq!(proxy.status().await["reason"], "refused");
     backend.restart().await.unwrap();
-    create.await.unwrap().expect("the held request succeeds once the backend serves");
+    create
+        .await
+        .unwrap()
+        .expect("the held request succeeds once the backend serves");
     proxy.stop().await.unwrap();
 }
 
@@ -125,16 +160,26 @@ async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
         async move { s3.get_object().bucket("hang").key("k").send().await }
     });
     let admin = proxy.admin;
-    wait_until(Duration::from_secs(10), "the hang to be detected", || async move {
-        support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
-            .await
-            .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
-            .unwrap_or(false)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the hang to be detected",
+        || async move {
+            support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
+                .await
+                .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
+                .unwrap_or(false)
+        },
+    )
     .await
     .unwrap();
     backend.thaw();
-    let got = read.await.unwrap().expect("the read succeeds after the backend answers again");
-    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"still here");
+    let got = read
+        .await
+        .unwrap()
+        .expect("the read succeeds after the backend answers again");
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"still here"
+    );
     proxy.stop().await.unwrap();
 }

@@ -21,14 +21,24 @@ fn s3_code(body: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_that_times_out_answers_service_unavailable_with_retry_after() {
     let backend = S3Backend::stopped().unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"300ms\"\n").await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"300ms\"\n")
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
-    let response = send(proxy.address, "GET", "/bucket/key", &[], Bytes::new()).await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(300), "the request was held first");
+    let response = send(proxy.address, "GET", "/bucket/key", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the request was held first"
+    );
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(response.headers()["content-type"], "application/xml");
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     assert_eq!(s3_code(&body), "ServiceUnavailable");
     assert_eq!(proxy.held().await, 0);
 }
@@ -36,15 +46,24 @@ async fn a_hold_that_times_out_answers_service_unavailable_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_slow_down_at_once() {
     let backend = S3Backend::stopped().unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nmax_requests = 2\ntimeout = \"30s\"\n")
-        .await
-        .unwrap();
+    let proxy = ProxyUnderTest::start(
+        backend.address,
+        "[hold]\nmax_requests = 2\ntimeout = \"30s\"\n",
+    )
+    .await
+    .unwrap();
     let address = proxy.address;
     let held: Vec<_> = (0..2)
-        .map(|i| tokio::spawn(async move { raw_request(address, "GET", &format!("/b/held-{i}"), &[], Bytes::new()).await }))
+        .map(|i| {
+            tokio::spawn(async move {
+                raw_request(address, "GET", &format!("/b/held-{i}"), &[], Bytes::new()).await
+            })
+        })
         .collect();
     proxy.wait_held(2).await;
-    let (status, body) = raw_request(address, "GET", "/b/overflow", &[], Bytes::new()).await.unwrap();
+    let (status, body) = raw_request(address, "GET", "/b/overflow", &[], Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(status, 503);
     assert_eq!(s3_code(&body), "SlowDown");
     assert_eq!(proxy.held().await, 2, "the held requests are still held");
@@ -63,7 +82,8 @@ async fn after_fail_fast_after_new_requests_fail_at_once_until_the_backend_is_ba
     .await
     .unwrap();
     let address = proxy.address;
-    let early = tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
+    let early =
+        tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
     proxy.wait_held(1).await;
     // Until the outage is 300 ms old new requests are held; after, they fail at once.
     wait_until(Duration::from_secs(10), "a fast failure", || async {
@@ -79,12 +99,17 @@ async fn after_fail_fast_after_new_requests_fail_at_once_until_the_backend_is_ba
     backend.restart().await.unwrap();
     let (status, _) = early.await.unwrap().unwrap();
     assert_ne!(status, 503, "the held request was answered by the backend");
-    let (status, _) = raw_request(address, "HEAD", "/", &[], Bytes::new()).await.unwrap();
+    let (status, _) = raw_request(address, "HEAD", "/", &[], Bytes::new())
+        .await
+        .unwrap();
     assert_ne!(status, 503, "new requests pass again");
 }
 
 /// A backend that answers the probe and records every other request line.
-async fn recording_backend() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+async fn recording_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
@@ -94,7 +119,11 @@ async fn recording_backend() -> (std::net::SocketAddr, tokio::sync::mpsc::Unboun
             tokio::spawn(async move {
                 let mut head = vec![0u8; 4096];
                 let n = stream.read(&mut head).await.unwrap_or(0);
-                let line = String::from_utf8_lossy(&head[..n]).lines().next().unwrap_or("").to_string();
+                let line = String::from_utf8_lossy(&head[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 if !line.starts_with("HEAD") {
                     let _ = seen.send(line);
                 }
@@ -127,10 +156,15 @@ async fn a_client_that_leaves_while_held_frees_its_slot_and_nothing_reaches_the_
     proxy.wait_held(0).await;
 
     proxy.admin_post("/admin/resume").await;
-    let (status, _) = raw_request(proxy.address, "GET", "/bucket/after", &[], Bytes::new()).await.unwrap();
+    let (status, _) = raw_request(proxy.address, "GET", "/bucket/after", &[], Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let first = requests.recv().await.unwrap();
-    assert_eq!(first, "GET /bucket/after HTTP/1.1", "the abandoned PUT never reached the backend");
+    assert_eq!(
+        first, "GET /bucket/after HTTP/1.1",
+        "the abandoned PUT never reached the backend"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +181,11 @@ async fn a_held_request_with_expect_continue_is_asked_for_its_body_once_released
     proxy.admin_post("/admin/resume").await;
     let mut interim = vec![0u8; 25];
     client.read_exact(&mut interim).await.unwrap();
-    assert!(interim.starts_with(b"HTTP/1.1 100 Continue\r\n"), "{}", String::from_utf8_lossy(&interim));
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
     client.write_all(b"hello").await.unwrap();
     let mut rest = Vec::new();
     let mut buf = [0u8; 256];
@@ -156,6 +194,10 @@ async fn a_held_request_with_expect_continue_is_asked_for_its_body_once_released
         assert!(n > 0, "a final answer arrives");
         rest.extend_from_slice(&buf[..n]);
     }
-    assert!(String::from_utf8_lossy(&rest).contains("200 OK"), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        String::from_utf8_lossy(&rest).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
     assert_eq!(requests.recv().await.unwrap(), "PUT /bucket/k HTTP/1.1");
 }

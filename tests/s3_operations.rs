@@ -27,7 +27,13 @@ async fn put_get_head_list_delete_pass_through_with_checksums() {
         .unwrap();
     assert!(put.e_tag().is_some());
 
-    let head = s3.head_object().bucket("plain").key("dir/object one.bin").send().await.unwrap();
+    let head = s3
+        .head_object()
+        .bucket("plain")
+        .key("dir/object one.bin")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.content_length(), Some(content.len() as i64));
 
     let got = s3
@@ -38,14 +44,33 @@ async fn put_get_head_list_delete_pass_through_with_checksums() {
         .await
         .unwrap();
     assert_eq!(got.e_tag(), put.e_tag());
-    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), content.as_slice());
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        content.as_slice()
+    );
 
-    let listed = s3.list_objects_v2().bucket("plain").prefix("dir/").send().await.unwrap();
+    let listed = s3
+        .list_objects_v2()
+        .bucket("plain")
+        .prefix("dir/")
+        .send()
+        .await
+        .unwrap();
     let keys: Vec<_> = listed.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(keys, ["dir/object one.bin"]);
 
-    s3.delete_object().bucket("plain").key("dir/object one.bin").send().await.unwrap();
-    let gone = s3.head_object().bucket("plain").key("dir/object one.bin").send().await;
+    s3.delete_object()
+        .bucket("plain")
+        .key("dir/object one.bin")
+        .send()
+        .await
+        .unwrap();
+    let gone = s3
+        .head_object()
+        .bucket("plain")
+        .key("dir/object one.bin")
+        .send()
+        .await;
     assert!(gone.is_err(), "deleted object is gone");
     proxy.stop().await.unwrap();
 }
@@ -57,9 +82,19 @@ async fn a_multipart_upload_is_assembled_exactly() {
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("multi").send().await.unwrap();
 
-    let upload = s3.create_multipart_upload().bucket("multi").key("big").send().await.unwrap();
+    let upload = s3
+        .create_multipart_upload()
+        .bucket("multi")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
     let upload_id = upload.upload_id().unwrap();
-    let parts: Vec<Vec<u8>> = vec![object_content(1, 5 << 20), object_content(2, 5 << 20), object_content(3, 1000)];
+    let parts: Vec<Vec<u8>> = vec![
+        object_content(1, 5 << 20),
+        object_content(2, 5 << 20),
+        object_content(3, 1000),
+    ];
     let mut completed = Vec::new();
     for (index, part) in parts.iter().enumerate() {
         let number = index as i32 + 1;
@@ -84,12 +119,22 @@ async fn a_multipart_upload_is_assembled_exactly() {
         .bucket("multi")
         .key("big")
         .upload_id(upload_id)
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(completed)).build())
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(completed))
+                .build(),
+        )
         .send()
         .await
         .unwrap();
 
-    let got = s3.get_object().bucket("multi").key("big").send().await.unwrap();
+    let got = s3
+        .get_object()
+        .bucket("multi")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
     let body = got.body.collect().await.unwrap().into_bytes();
     assert_eq!(body.len(), parts.iter().map(Vec::len).sum::<usize>());
     assert_eq!(body.as_ref(), parts.concat().as_slice());

@@ -17,7 +17,9 @@ use support::{ChunkFeed, ProxyUnderTest, S3Backend, s3_client, sign_unsigned_pay
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nreplay_buffer = \"1MiB\"\n").await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nreplay_buffer = \"1MiB\"\n")
+        .await
+        .unwrap();
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("uploads").send().await.unwrap();
 
@@ -42,9 +44,11 @@ async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
     for _ in 0..64 {
         feed.send(chunk.clone()).await.unwrap();
     }
-    wait_until(Duration::from_secs(10), "the upload to be in flight", || async {
-        proxy.status().await["in_flight"] == 1
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the upload to be in flight",
+        || async { proxy.status().await["in_flight"] == 1 },
+    )
     .await
     .unwrap();
     backend.kill9();
@@ -59,7 +63,9 @@ async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
             let status = response.status();
             let body = response.into_body().collect().await.map(|b| b.to_bytes());
             assert_eq!(status, 503, "an unreplayable upload gets an error");
-            assert!(String::from_utf8_lossy(&body.unwrap()).contains("<Code>ServiceUnavailable</Code>"));
+            assert!(
+                String::from_utf8_lossy(&body.unwrap()).contains("<Code>ServiceUnavailable</Code>")
+            );
         }
         Err(error) => eprintln!("upload failed at the connection level, as allowed: {error}"),
     }
@@ -68,7 +74,11 @@ async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
     let head = s3.head_object().bucket("uploads").key("half").send().await;
     assert!(head.is_err(), "no partial object appears");
     let listed = s3.list_objects_v2().bucket("uploads").send().await.unwrap();
-    assert!(listed.contents().is_empty(), "nothing stored: {:?}", listed.contents());
+    assert!(
+        listed.contents().is_empty(),
+        "nothing stored: {:?}",
+        listed.contents()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +96,13 @@ async fn a_backend_killed_mid_download_aborts_the_client_connection() {
         .await
         .unwrap();
 
-    let mut got = s3.get_object().bucket("downloads").key("large").send().await.unwrap();
+    let mut got = s3
+        .get_object()
+        .bucket("downloads")
+        .key("large")
+        .send()
+        .await
+        .unwrap();
     let first = got.body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     backend.kill9();
@@ -98,13 +114,20 @@ async fn a_backend_killed_mid_download_aborts_the_client_connection() {
             None => break Ok(()),
         }
     };
-    assert!(ended.is_err(), "the truncated download must fail, got {received} bytes and a clean end");
+    assert!(
+        ended.is_err(),
+        "the truncated download must fail, got {received} bytes and a clean end"
+    );
     assert!(received < content.len());
 }
 
 /// Freezes the backend (SIGSTOP) while `request` runs, so it reaches the
 /// backend and then hangs; returns what the client got.
-async fn send_to_a_frozen_backend<T, F>(backend: &S3Backend, proxy: &ProxyUnderTest, request: F) -> T
+async fn send_to_a_frozen_backend<T, F>(
+    backend: &S3Backend,
+    proxy: &ProxyUnderTest,
+    request: F,
+) -> T
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
@@ -112,12 +135,16 @@ where
     backend.freeze();
     let running = tokio::spawn(request);
     let admin = proxy.admin;
-    wait_until(Duration::from_secs(10), "the hang to be detected", || async move {
-        support::raw_request(admin, "GET", "/admin/status", &[], Bytes::new())
-            .await
-            .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
-            .unwrap_or(false)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the hang to be detected",
+        || async move {
+            support::raw_request(admin, "GET", "/admin/status", &[], Bytes::new())
+                .await
+                .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
+                .unwrap_or(false)
+        },
+    )
     .await
     .unwrap();
     backend.thaw();
@@ -145,16 +172,36 @@ fn error_code<E: aws_sdk_s3::error::ProvideErrorMetadata>(error: &E) -> Option<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_put_that_reached_a_hung_backend_is_replayed() {
     let (backend, proxy, s3) = frozen_backend_proxy().await;
-    let put = s3.put_object().bucket("replays").key("plain").body(ByteStream::from_static(b"v1")).send();
-    send_to_a_frozen_backend(&backend, &proxy, put).await.expect("an idempotent PUT is replayed");
-    let got = s3.get_object().bucket("replays").key("plain").send().await.unwrap();
-    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"v1");
+    let put = s3
+        .put_object()
+        .bucket("replays")
+        .key("plain")
+        .body(ByteStream::from_static(b"v1"))
+        .send();
+    send_to_a_frozen_backend(&backend, &proxy, put)
+        .await
+        .expect("an idempotent PUT is replayed");
+    let got = s3
+        .get_object()
+        .bucket("replays")
+        .key("plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"v1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_that_reached_a_hung_backend_is_not_replayed() {
     let (backend, proxy, s3) = frozen_backend_proxy().await;
-    let create = s3.create_multipart_upload().bucket("replays").key("mpu").send();
+    let create = s3
+        .create_multipart_upload()
+        .bucket("replays")
+        .key("mpu")
+        .send();
     let result = send_to_a_frozen_backend(&backend, &proxy, create).await;
     let error = result.expect_err("CreateMultipartUpload must not be sent twice");
     assert_eq!(error_code(&error).as_deref(), Some("ServiceUnavailable"));

@@ -103,7 +103,9 @@ impl S3Backend {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (run .ci/run to install it)", binary.display()))?;
+            .with_context(|| {
+                format!("starting {} (run .ci/run to install it)", binary.display())
+            })?;
         self.child = Some(child);
         Ok(())
     }
@@ -136,7 +138,11 @@ impl S3Backend {
 
     fn signal(&self, which: &str) {
         let pid = self.child.as_ref().expect("backend running").id();
-        let status = Command::new("kill").arg(which).arg(pid.to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -157,7 +163,10 @@ impl Drop for S3Backend {
 impl S3Backend {
     fn thaw_quietly(&self) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
         }
     }
 }
@@ -168,7 +177,8 @@ pub async fn http_status(address: SocketAddr, method: &str, path: &str) -> Optio
         .await
         .ok()?
         .ok()?;
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut head = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut head))
@@ -194,7 +204,11 @@ impl ProxyUnderTest {
     }
 
     /// Like [`ProxyUnderTest::start`], with extra keys for the `[backend]` table.
-    pub async fn start_with(backend: SocketAddr, backend_keys: &str, extra: &str) -> anyhow::Result<ProxyUnderTest> {
+    pub async fn start_with(
+        backend: SocketAddr,
+        backend_keys: &str,
+        extra: &str,
+    ) -> anyhow::Result<ProxyUnderTest> {
         let text = format!("[backend]\naddress = \"{backend}\"\n{backend_keys}\n{extra}");
         let config = Config::parse(&text)?;
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
@@ -202,9 +216,13 @@ impl ProxyUnderTest {
         let address = s3.local_addr()?;
         let admin_address = admin.local_addr()?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(s3_failover_proxy::run(Listeners { s3, admin }, config, async move {
-            let _ = stop.await;
-        }));
+        let task = tokio::spawn(s3_failover_proxy::run(
+            Listeners { s3, admin },
+            config,
+            async move {
+                let _ = stop.await;
+            },
+        ));
         let proxy = ProxyUnderTest {
             address,
             admin: admin_address,
@@ -224,7 +242,9 @@ impl ProxyUnderTest {
 
     /// `GET /admin/status` as JSON.
     pub async fn status(&self) -> serde_json::Value {
-        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new()).await.unwrap();
+        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new())
+            .await
+            .unwrap();
         serde_json::from_slice(&body).expect("status is JSON")
     }
 
@@ -233,16 +253,20 @@ impl ProxyUnderTest {
     }
 
     pub async fn admin_post(&self, path: &str) -> serde_json::Value {
-        let (status, body) = raw_request(self.admin, "POST", path, &[], Bytes::new()).await.unwrap();
+        let (status, body) = raw_request(self.admin, "POST", path, &[], Bytes::new())
+            .await
+            .unwrap();
         assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
         serde_json::from_slice(&body).expect("admin answers JSON")
     }
 
     /// Waits until `held` requests are held.
     pub async fn wait_held(&self, held: u64) {
-        wait_until(Duration::from_secs(10), &format!("{held} held requests"), || async {
-            self.held().await == held
-        })
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{held} held requests"),
+            || async { self.held().await == held },
+        )
         .await
         .unwrap();
     }
@@ -298,7 +322,8 @@ pub async fn send(
 
 /// An S3 client with its retries off, pointed at `endpoint`.
 pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
-    let credentials = aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+    let credentials =
+        aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
     let config = aws_sdk_s3::Config::builder()
         .behavior_version_latest()
         .endpoint_url(endpoint)
@@ -316,10 +341,18 @@ pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
 }
 
 /// SigV4 headers for a request whose payload is sent unsigned (streaming).
-pub fn sign_unsigned_payload(method: &str, url: &str, host: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    use aws_sigv4::http_request::{PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign};
+pub fn sign_unsigned_payload(
+    method: &str,
+    url: &str,
+    host: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{
+        PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign,
+    };
     use aws_sigv4::sign::v4;
-    let identity = aws_credential_types::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test").into();
+    let identity =
+        aws_credential_types::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test").into();
     let mut settings = SigningSettings::default();
     settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
     let params = v4::SigningParams::builder()
@@ -333,7 +366,13 @@ pub fn sign_unsigned_payload(method: &str, url: &str, host: &str, extra: &[(&str
         .into();
     let mut headers: Vec<(&str, &str)> = vec![("host", host)];
     headers.extend_from_slice(extra);
-    let signable = SignableRequest::new(method, url, headers.into_iter(), SignableBody::UnsignedPayload).unwrap();
+    let signable = SignableRequest::new(
+        method,
+        url,
+        headers.into_iter(),
+        SignableBody::UnsignedPayload,
+    )
+    .unwrap();
     let (instructions, _) = sign(signable, &params).unwrap().into_parts();
     let mut request = http::Request::builder().uri(url).body(()).unwrap();
     instructions.apply_to_request_http1x(&mut request);
@@ -361,6 +400,8 @@ impl http_body::Body for ChunkFeed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }

@@ -1,0 +1,164 @@
+//! Planned switch-over through the admin listener: pause holds new requests
+//! and waits for in-flight ones, resume releases them, and a pause ends by
+//! itself once the old backend went away and a new one serves.
+
+mod support;
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use support::{ProxyUnderTest, S3Backend, http_status, raw_request, s3_client};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_requests_and_resume_releases_them() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("paused").send().await.unwrap();
+
+    let paused = proxy.admin_post("/admin/pause?wait=5s").await;
+    assert_eq!(paused["drained"], true);
+    assert_eq!(paused["in_flight"], 0);
+    assert_eq!(paused["paused"], true);
+    assert_eq!(paused["reason"], "admin_pause");
+    // Pause is idempotent.
+    assert_eq!(
+        proxy.admin_post("/admin/pause?wait=1s").await["paused"],
+        true
+    );
+
+    let put = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("paused")
+                .key("k")
+                .body(ByteStream::from_static(b"after the pause"))
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+    assert_eq!(
+        http_status(proxy.admin, "GET", "/readyz").await,
+        Some(200),
+        "still ready while holding"
+    );
+
+    let resumed = proxy.admin_post("/admin/resume").await;
+    assert_eq!(resumed["paused"], false);
+    put.await
+        .unwrap()
+        .expect("the held PUT completes after resume");
+    proxy.admin_post("/admin/resume").await;
+    let got = s3
+        .get_object()
+        .bucket("paused")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"after the pause"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_reports_requests_still_in_flight() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    // A backend frozen mid-request keeps one request in flight.
+    backend.freeze();
+    let address = proxy.address;
+    let _stuck =
+        tokio::spawn(async move { raw_request(address, "GET", "/", &[], Bytes::new()).await });
+    support::wait_until(Duration::from_secs(5), "a request in flight", || async {
+        proxy.status().await["in_flight"] == 1
+    })
+    .await
+    .unwrap();
+    let paused = proxy.admin_post("/admin/pause?wait=200ms").await;
+    assert_eq!(paused["drained"], false);
+    assert_eq!(paused["in_flight"], 1);
+    backend.thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_ends_by_itself_when_the_backend_was_replaced() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nmax_pause = \"60s\"\n")
+        .await
+        .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("switch").send().await.unwrap();
+
+    // The pre-stop hook of the old backend pauses, then the backend stops.
+    proxy.admin_post("/admin/pause?wait=5s").await;
+    let put = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("switch")
+                .key("during")
+                .body(ByteStream::from_static(b"switch-over"))
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+    backend.kill9();
+    // The replacement comes up; nobody calls resume.
+    backend.restart().await.unwrap();
+    put.await
+        .unwrap()
+        .expect("released once the new backend serves");
+    let status = proxy.status().await;
+    assert_eq!(status["paused"], false);
+    assert_eq!(status["state"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_pause_ends_after_max_pause() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nmax_pause = \"500ms\"\n")
+        .await
+        .unwrap();
+    proxy.admin_post("/admin/pause?wait=1s").await;
+    let (status, _) = raw_request(proxy.address, "GET", "/", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_ne!(
+        status, 503,
+        "the request waited out the pause and reached the backend"
+    );
+    assert_eq!(proxy.status().await["paused"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_unknown_paths() {
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    assert_eq!(http_status(proxy.admin, "GET", "/healthz").await, Some(200));
+    assert_eq!(
+        http_status(proxy.admin, "GET", "/readyz").await,
+        Some(200),
+        "ready with the backend down"
+    );
+    assert_eq!(http_status(proxy.admin, "GET", "/nope").await, Some(404));
+    assert_eq!(
+        http_status(proxy.admin, "GET", "/admin/pause").await,
+        Some(405)
+    );
+    let (status, body) = raw_request(
+        proxy.admin,
+        "POST",
+        "/admin/pause?wait=soon",
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+}

@@ -1,0 +1,146 @@
+//! The `s3-failover-proxy` binary as an operator runs it: config validation
+//! with `--check`, clear errors naming the bad key, and a graceful SIGTERM.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use support::{S3Backend, free_port, http_status, s3_client, wait_until};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
+
+fn check(config: &str) -> (bool, String) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(config.as_bytes()).unwrap();
+    let output = Command::new(BINARY)
+        .arg("--config")
+        .arg(file.path())
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let output = Command::new(BINARY)
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml"),
+            "--check",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn bad_config_files_stop_start_up_naming_the_key() {
+    let cases = [
+        ("[hold]\ntimeoot = \"30s\"\n", "timeoot"),
+        ("[hold]\ntimeout = \"thirty\"\n", "timeout"),
+        ("[backend]\naddress = \"s3gw\"\n", "backend.address"),
+        ("[hold]\nmax_requests = 0\n", "hold.max_requests"),
+        ("[probe]\ninterval = \"0ms\"\n", "probe.interval"),
+        ("[listener\n", "invalid config file"),
+        ("[log]\nformat = \"xml\"\n", "format"),
+    ];
+    for (config, named) in cases {
+        let (ok, message) = check(config);
+        assert!(!ok, "{config:?} was accepted");
+        assert!(message.contains(named), "{config:?}: {message}");
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_reported() {
+    let output = Command::new(BINARY)
+        .args(["--config", "/nonexistent/s3fp.toml", "--check"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/s3fp.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_held_request_finish_then_exits() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        file,
+        "[listener]\naddress = \"127.0.0.1:{port}\"\n[backend]\naddress = \"{}\"\n[admin]\naddress = \"127.0.0.1:{admin_port}\"\n[shutdown]\ngrace = \"20s\"\n",
+        backend.address
+    )
+    .unwrap();
+    let mut proxy = Command::new(BINARY)
+        .arg("--config")
+        .arg(file.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_until(Duration::from_secs(10), "the proxy to be ready", || async {
+        http_status(admin, "GET", "/readyz").await == Some(200)
+    })
+    .await
+    .unwrap();
+    let s3 = s3_client(&format!("http://127.0.0.1:{port}"));
+    s3.create_bucket().bucket("term").send().await.unwrap();
+
+    backend.kill9();
+    let put = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("term")
+                .key("held")
+                .body(ByteStream::from_static(b"held through shutdown"))
+                .send()
+                .await
+        }
+    });
+    wait_until(Duration::from_secs(10), "the PUT to be held", || async {
+        support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
+            .await
+            .map(|(_, body)| String::from_utf8_lossy(&body).contains("\"held\":1"))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(proxy.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_until(
+        Duration::from_secs(10),
+        "the proxy to stop accepting",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        },
+    )
+    .await
+    .unwrap();
+    backend.restart().await.unwrap();
+    put.await
+        .unwrap()
+        .expect("the held PUT completes during the shutdown grace");
+    let exit = tokio::task::spawn_blocking(move || proxy.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}");
+}
