@@ -183,3 +183,46 @@ async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
     );
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_aws_chunked_upload_is_held_through_a_restart() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("streamed").send().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upload.bin");
+    // Larger than the replay buffer: only holding (nothing sent) can save it.
+    let content = object_content(4, 3 << 20);
+    std::fs::write(&path, &content).unwrap();
+
+    backend.kill9();
+    let body = ByteStream::from_path(&path).await.unwrap();
+    let put = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("streamed")
+                .key("big")
+                .body(body)
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+    backend.restart().await.unwrap();
+    put.await
+        .unwrap()
+        .expect("the held upload is sent once the backend serves");
+    let got = s3
+        .get_object()
+        .bucket("streamed")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        content.as_slice()
+    );
+}

@@ -140,3 +140,37 @@ async fn a_multipart_upload_is_assembled_exactly() {
     assert_eq!(body.as_ref(), parts.concat().as_slice());
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_chunked_upload_with_signed_chunks_and_a_crc_trailer_verifies() {
+    // A streamed body makes the SDK send `Content-Encoding: aws-chunked` with
+    // per-chunk signatures (STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER) and a
+    // CRC32 trailer: one altered byte and the backend refuses the upload.
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("chunked").send().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("upload.bin");
+    let content = object_content(9, 3 << 20);
+    std::fs::write(&path, &content).unwrap();
+
+    s3.put_object()
+        .bucket("chunked")
+        .key("streamed")
+        .body(ByteStream::from_path(&path).await.unwrap())
+        .send()
+        .await
+        .unwrap();
+    let got = s3
+        .get_object()
+        .bucket("chunked")
+        .key("streamed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        content.as_slice()
+    );
+}
