@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -187,7 +188,6 @@ struct Inner {
     /// Released requests that have not settled yet.
     releasing: usize,
     pause: Option<Pause>,
-    next_ticket: u64,
 }
 
 /// The backend state machine and hold queue. Shared as `Arc<Gate>`.
@@ -195,6 +195,7 @@ pub struct Gate {
     inner: Mutex<Inner>,
     phase: watch::Sender<Phase>,
     observers: Mutex<Vec<Observer>>,
+    next_ticket: AtomicU64,
 }
 
 impl fmt::Debug for Gate {
@@ -216,8 +217,8 @@ impl Gate {
                 queue: VecDeque::new(),
                 releasing: 0,
                 pause: None,
-                next_ticket: 0,
             }),
+            next_ticket: AtomicU64::new(0),
             phase: watch::Sender::new(Phase::Up),
             observers: Mutex::new(Vec::new()),
         })
@@ -244,9 +245,7 @@ impl Gate {
     }
 
     pub fn ticket(&self) -> Ticket {
-        let mut inner = self.lock();
-        inner.next_ticket += 1;
-        Ticket(inner.next_ticket)
+        Ticket(self.next_ticket.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Waits until the request may go to the backend, or says why not.

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
-use crate::drain::InFlight;
+use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, Gate, Ticket};
 use crate::headers;
 use crate::peer::Peer;
@@ -141,77 +141,89 @@ impl Proxy {
         settings: &ProxySettings,
         mut progress: Progress,
     ) -> Response<ProxyBody> {
+        match self
+            .attempts(&outbound, &body, peer, settings, &mut progress)
+            .await
+        {
+            Ok((response, in_flight)) => {
+                self.stream(response, in_flight, &outbound, body, progress)
+            }
+            Err(error) => self.answer(error, &outbound, &body, &progress, settings),
+        }
+    }
+
+    /// Holds and sends until the backend answers or the request must fail.
+    async fn attempts(
+        &self,
+        outbound: &Outbound,
+        body: &ClientBody,
+        peer: &Peer,
+        settings: &ProxySettings,
+        progress: &mut Progress,
+    ) -> Result<(BackendResponse, InFlightGuard), ProxyError> {
         let ticket = self.gate.ticket();
         let deadline = progress.started + settings.hold_timeout;
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
         loop {
-            let mut admission = match self.admit(ticket, deadline, peer).await {
-                Ok(admission) => admission,
-                Err(error) => return self.answer(error, &outbound, &body, &progress, settings),
-            };
+            let mut admission = self.admit(ticket, deadline, peer).await?;
             progress.held += admission.held_for;
-            let Ok(attempt) = body.attempt() else {
-                return self.answer(
-                    ProxyError::NotReplayable,
-                    &outbound,
-                    &body,
-                    &progress,
-                    settings,
-                );
-            };
+            let attempt = body.attempt().map_err(|_| ProxyError::NotReplayable)?;
             let in_flight = self.in_flight.enter();
             let result = self
-                .send_watched(outbound.request(attempt), &body, settings.response_timeout)
+                .send_watched(outbound.request(attempt), body, settings.response_timeout)
                 .await;
             admission.settle();
-            let error = match result {
+            match result {
                 Ok(response) => {
                     body.commit();
                     self.gate.backend_answered();
-                    return self.stream(response, in_flight, &outbound, body, progress);
+                    return Ok((response, in_flight));
                 }
-                Err(error) => error,
-            };
-            drop(in_flight);
-            if body.client_failed() {
-                return self.answer(
-                    ProxyError::ClientBody,
-                    &outbound,
-                    &body,
-                    &progress,
-                    settings,
-                );
+                Err(error) => {
+                    drop(in_flight);
+                    self.after_failure(&error, outbound, body, idempotent, settings, progress)?;
+                }
             }
-            let reason = error.down_reason();
-            if let Some(reason) = reason {
-                self.gate.mark_down(reason);
-                self.upstream.clear_idle();
-            }
-            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, reached_backend = error.reached_backend(), "backend attempt failed");
-            if !error.reached_backend() {
-                continue;
-            }
-            if reason.is_none() {
-                return self.answer(
-                    ProxyError::BadGateway,
-                    &outbound,
-                    &body,
-                    &progress,
-                    settings,
-                );
-            }
-            if idempotent && body.can_replay() && progress.replays < settings.max_replays {
-                progress.replays += 1;
-                continue;
-            }
-            return self.answer(
-                ProxyError::NotReplayable,
-                &outbound,
-                &body,
-                &progress,
-                settings,
-            );
         }
+    }
+
+    /// Decides what a failed attempt means: `Ok` to hold and send again,
+    /// `Err` with the answer the client gets.
+    fn after_failure(
+        &self,
+        error: &UpstreamError,
+        outbound: &Outbound,
+        body: &ClientBody,
+        idempotent: bool,
+        settings: &ProxySettings,
+        progress: &mut Progress,
+    ) -> Result<(), ProxyError> {
+        if body.client_failed() {
+            return Err(ProxyError::ClientBody);
+        }
+        let reason = error.down_reason();
+        if let Some(reason) = reason {
+            self.gate.mark_down(reason);
+            self.upstream.clear_idle();
+        }
+        tracing::warn!(
+            method = %outbound.method,
+            path = outbound.uri.path(),
+            %error,
+            reached_backend = error.reached_backend(),
+            "backend attempt failed"
+        );
+        if !error.reached_backend() {
+            return Ok(());
+        }
+        if reason.is_none() {
+            return Err(ProxyError::BadGateway);
+        }
+        if idempotent && body.can_replay() && progress.replays < settings.max_replays {
+            progress.replays += 1;
+            return Ok(());
+        }
+        Err(ProxyError::NotReplayable)
     }
 
     /// Admission, abandoned as soon as the client leaves.
@@ -254,7 +266,7 @@ impl Proxy {
     fn stream(
         &self,
         response: BackendResponse,
-        in_flight: crate::drain::InFlightGuard,
+        in_flight: InFlightGuard,
         outbound: &Outbound,
         body: ClientBody,
         progress: Progress,

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use support::{ProxyUnderTest, S3Backend, object_content, s3_client, wait_until};
+use support::{ProxyUnderTest, S3Backend, object_content, s3_client};
 
 /// One PutObject of the workload: its number, how long it took, how it ended.
 type PutResult = (usize, Duration, Result<(), String>);
@@ -154,28 +154,10 @@ async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
         .await
         .unwrap();
     let s3 = s3_client(&proxy.endpoint());
-    backend.freeze();
-    let read = tokio::spawn({
-        let s3 = s3.clone();
-        async move { s3.get_object().bucket("hang").key("k").send().await }
-    });
-    let admin = proxy.admin;
-    wait_until(
-        Duration::from_secs(10),
-        "the hang to be detected",
-        || async move {
-            support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
-                .await
-                .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
-                .unwrap_or(false)
-        },
-    )
-    .await
-    .unwrap();
-    backend.thaw();
-    let got = read
+    let read = s3.get_object().bucket("hang").key("k").send();
+    let got = proxy
+        .through_a_hang(&backend, read)
         .await
-        .unwrap()
         .expect("the read succeeds after the backend answers again");
     assert_eq!(
         got.body.collect().await.unwrap().into_bytes().as_ref(),

@@ -121,36 +121,6 @@ async fn a_backend_killed_mid_download_aborts_the_client_connection() {
     assert!(received < content.len());
 }
 
-/// Freezes the backend (SIGSTOP) while `request` runs, so it reaches the
-/// backend and then hangs; returns what the client got.
-async fn send_to_a_frozen_backend<T, F>(
-    backend: &S3Backend,
-    proxy: &ProxyUnderTest,
-    request: F,
-) -> T
-where
-    F: std::future::Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    backend.freeze();
-    let running = tokio::spawn(request);
-    let admin = proxy.admin;
-    wait_until(
-        Duration::from_secs(10),
-        "the hang to be detected",
-        || async move {
-            support::raw_request(admin, "GET", "/admin/status", &[], Bytes::new())
-                .await
-                .map(|(_, body)| String::from_utf8_lossy(&body).contains("hang_timeout"))
-                .unwrap_or(false)
-        },
-    )
-    .await
-    .unwrap();
-    backend.thaw();
-    running.await.unwrap()
-}
-
 async fn frozen_backend_proxy() -> (S3Backend, ProxyUnderTest, aws_sdk_s3::Client) {
     let backend = S3Backend::start().await.unwrap();
     let proxy = ProxyUnderTest::start_with(
@@ -178,7 +148,8 @@ async fn a_plain_put_that_reached_a_hung_backend_is_replayed() {
         .key("plain")
         .body(ByteStream::from_static(b"v1"))
         .send();
-    send_to_a_frozen_backend(&backend, &proxy, put)
+    proxy
+        .through_a_hang(&backend, put)
         .await
         .expect("an idempotent PUT is replayed");
     let got = s3
@@ -202,7 +173,7 @@ async fn a_post_that_reached_a_hung_backend_is_not_replayed() {
         .bucket("replays")
         .key("mpu")
         .send();
-    let result = send_to_a_frozen_backend(&backend, &proxy, create).await;
+    let result = proxy.through_a_hang(&backend, create).await;
     let error = result.expect_err("CreateMultipartUpload must not be sent twice");
     assert_eq!(error_code(&error).as_deref(), Some("ServiceUnavailable"));
 }
@@ -217,7 +188,7 @@ async fn a_conditional_put_that_reached_a_hung_backend_is_not_replayed() {
         .if_none_match("*")
         .body(ByteStream::from_static(b"first"))
         .send();
-    let result = send_to_a_frozen_backend(&backend, &proxy, put).await;
+    let result = proxy.through_a_hang(&backend, put).await;
     let error = result.expect_err("a conditional write must not be replayed");
     assert_eq!(error_code(&error).as_deref(), Some("ServiceUnavailable"));
 }

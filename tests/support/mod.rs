@@ -271,6 +271,31 @@ impl ProxyUnderTest {
         .unwrap();
     }
 
+    /// Waits until the gate reports `reason` (e.g. `hang_timeout`).
+    pub async fn wait_reason(&self, reason: &str) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("the gate to report {reason}"),
+            || async { self.status().await["reason"] == reason },
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Runs `request` while the backend is frozen (SIGSTOP), so it reaches the
+    /// backend and hangs; thaws the backend once the proxy saw the hang.
+    pub async fn through_a_hang<T, F>(&self, backend: &S3Backend, request: F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        backend.freeze();
+        let running = tokio::spawn(request);
+        self.wait_reason("hang_timeout").await;
+        backend.thaw();
+        running.await.unwrap()
+    }
+
     /// Triggers shutdown and waits for `run` to return.
     pub async fn stop(mut self) -> std::io::Result<()> {
         if let Some(shutdown) = self.shutdown.take() {
