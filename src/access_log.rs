@@ -5,11 +5,14 @@
 //! when dropped, so the line carries the bytes really streamed and notes a
 //! response cut short.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Method;
 use tokio::time::Instant;
+
+use crate::metrics::{HoldOutcome, Metrics};
 
 /// Request ids for answers the proxy makes itself: unique per process run.
 pub fn next_request_id() -> String {
@@ -31,6 +34,8 @@ pub struct RequestRecord {
     pub status: u16,
     pub request_id: String,
     pub held: Duration,
+    /// The request met the hold queue (held, or turned away by it).
+    pub was_held: bool,
     pub replays: u32,
     pub bytes_out: u64,
     /// Reads the request body bytes taken from the client.
@@ -38,10 +43,38 @@ pub struct RequestRecord {
     pub started: Instant,
     /// `ok`, or why the proxy answered itself or the response broke.
     pub outcome: &'static str,
+    pub metrics: Arc<Metrics>,
+}
+
+impl RequestRecord {
+    /// How the hold queue figured in this request, if it did.
+    fn hold_outcome(&self) -> Option<HoldOutcome> {
+        match self.outcome {
+            "queue_full" => Some(HoldOutcome::QueueFull),
+            "fail_fast" => Some(HoldOutcome::FailFast),
+            "hold_timeout" => Some(HoldOutcome::TimedOut),
+            "client_gone" => Some(HoldOutcome::ClientGone),
+            "ok" if self.was_held => Some(HoldOutcome::Released),
+            _ if self.was_held => Some(HoldOutcome::ReleasedFailed),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        let bytes_in = (self.bytes_in)();
+        let duration = self.started.elapsed();
+        self.metrics.request(
+            &self.method,
+            self.status,
+            duration,
+            bytes_in,
+            self.bytes_out,
+        );
+        if let Some(outcome) = self.hold_outcome() {
+            self.metrics.hold_outcome(outcome, self.held);
+        }
         tracing::info!(
             target: "s3_failover_proxy::access",
             method = %self.method,
@@ -49,9 +82,9 @@ impl Drop for RequestRecord {
             status = self.status,
             held_ms = self.held.as_millis() as u64,
             replays = self.replays,
-            bytes_in = (self.bytes_in)(),
+            bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = duration.as_millis() as u64,
             request_id = %self.request_id,
             outcome = self.outcome,
             "request"

@@ -5,6 +5,7 @@
 //! - `GET /readyz`: the S3 listener accepts and can hold. It stays ready while
 //!   the backend is down: a proxy that went unready during an outage would be
 //!   taken out of its own Service, the very failure it exists to prevent.
+//! - `GET /metrics`: Prometheus text exposition (see [`crate::metrics`]).
 //! - `GET /admin/status`: JSON (state, reason, since, held, in flight, paused).
 //! - `POST /admin/pause[?wait=10s]`: hold new requests, wait for in-flight ones
 //!   (up to `wait`, default `admin.drain_timeout`) and say what is left.
@@ -20,6 +21,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::metrics::Snapshot;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
 
@@ -41,6 +43,7 @@ impl Admin {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readiness(),
             (&Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
+            (&Method::GET, "/metrics") => self.metrics(),
             (&Method::POST, "/admin/pause") => match wait_parameter(request.uri().query()) {
                 Ok(wait) => self.pause(wait.unwrap_or(self.drain_timeout)).await,
                 Err(message) => text(StatusCode::BAD_REQUEST, &message),
@@ -50,12 +53,30 @@ impl Admin {
                 tracing::info!("admin: resume");
                 json_response(StatusCode::OK, self.status())
             }
-            (_, "/healthz" | "/readyz" | "/admin/status" | "/admin/pause" | "/admin/resume") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-            }
+            (
+                _,
+                "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/pause"
+                | "/admin/resume",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         };
         Ok(response)
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let snapshot = Snapshot {
+            gate: self.proxy.gate().status(),
+            in_flight: self.proxy.in_flight().current(),
+            backend_connects: self.proxy.upstream_connects(),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(
+            self.proxy.metrics().encode(&snapshot),
+        )));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8".parse().unwrap(),
+        );
+        response
     }
 
     fn readiness(&self) -> Response<Full<Bytes>> {

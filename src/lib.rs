@@ -16,7 +16,7 @@
 //! for planned switch-overs and reports status; [`drain`] counts what is in
 //! flight; [`peer`] notices clients that leave while held; [`headers`] does the
 //! RFC 9110 hop-by-hop work; [`response`] streams answers back and
-//! [`access_log`] writes one line per request. [`config`] reads the TOML file.
+//! [`access_log`] writes one line per request and feeds [`metrics`]. [`config`] reads the TOML file.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +28,7 @@ pub mod drain;
 pub mod gate;
 pub mod headers;
 pub mod logging;
+pub mod metrics;
 pub mod peer;
 pub mod probe;
 pub mod proxy;

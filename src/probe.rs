@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use crate::backend_address::BackendAddress;
 use crate::gate::{Gate, Phase};
+use crate::metrics::Metrics;
 
 /// How and how often to probe; shared with the reload path.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,15 +46,22 @@ pub struct Prober {
     address: BackendAddress,
     settings: RwLock<ProbeSettings>,
     sentinel: Mutex<Option<TcpStream>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Prober {
-    pub fn new(gate: Arc<Gate>, address: BackendAddress, settings: ProbeSettings) -> Prober {
+    pub fn new(
+        gate: Arc<Gate>,
+        address: BackendAddress,
+        settings: ProbeSettings,
+        metrics: Arc<Metrics>,
+    ) -> Prober {
         Prober {
             gate,
             address,
             settings: RwLock::new(settings),
             sentinel: Mutex::new(None),
+            metrics,
         }
     }
 
@@ -112,6 +120,7 @@ impl Prober {
                 Ok(status) => tracing::debug!(status, "probe: backend serving"),
                 Err(error) => tracing::debug!(%error, "probe: backend not serving"),
             }
+            self.metrics.probe(result.is_ok());
             self.gate.probe_result(result.is_ok());
             if *phase.borrow_and_update() != Phase::Up {
                 tokio::time::sleep(current.interval).await;

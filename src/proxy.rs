@@ -21,6 +21,7 @@ use crate::access_log::{RequestRecord, next_request_id};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, Gate, Ticket};
 use crate::headers;
+use crate::metrics::{Metrics, ReplayOutcome};
 use crate::peer::Peer;
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::ProxyBody;
@@ -46,6 +47,7 @@ pub struct Proxy {
     upstream: Upstream<AttemptBody<Incoming>>,
     settings: RwLock<Arc<ProxySettings>>,
     in_flight: InFlight,
+    metrics: Arc<Metrics>,
 }
 
 /// What is sent upstream, minus the body: rebuilt for every attempt.
@@ -70,6 +72,7 @@ impl Outbound {
 struct Progress {
     started: Instant,
     held: Duration,
+    was_held: bool,
     replays: u32,
 }
 
@@ -78,13 +81,19 @@ impl Proxy {
         gate: Arc<Gate>,
         upstream: Upstream<AttemptBody<Incoming>>,
         settings: ProxySettings,
+        metrics: Arc<Metrics>,
     ) -> Proxy {
         Proxy {
             gate,
             upstream,
             settings: RwLock::new(Arc::new(settings)),
             in_flight: InFlight::default(),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn gate(&self) -> &Arc<Gate> {
@@ -118,6 +127,7 @@ impl Proxy {
         let progress = Progress {
             started: Instant::now(),
             held: Duration::ZERO,
+            was_held: false,
             replays: 0,
         };
         let (parts, body) = request.into_parts();
@@ -165,8 +175,13 @@ impl Proxy {
         let deadline = progress.started + settings.hold_timeout;
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
         loop {
-            let mut admission = self.admit(ticket, deadline, peer).await?;
+            let admitted = self.admit(ticket, deadline, peer).await;
+            if let Err(ProxyError::Held(_) | ProxyError::ClientGone) = admitted {
+                progress.was_held = true;
+            }
+            let mut admission = admitted?;
             progress.held += admission.held_for;
+            progress.was_held |= admission.was_held();
             let attempt = body.attempt().map_err(|_| ProxyError::NotReplayable)?;
             let in_flight = self.in_flight.enter();
             let result = self
@@ -221,8 +236,10 @@ impl Proxy {
         }
         if idempotent && body.can_replay() && progress.replays < settings.max_replays {
             progress.replays += 1;
+            self.metrics.replay(ReplayOutcome::Replayed);
             return Ok(());
         }
+        self.metrics.replay(ReplayOutcome::RefusedUnsafe);
         Err(ProxyError::NotReplayable)
     }
 
@@ -278,7 +295,7 @@ impl Proxy {
             .get("x-amz-request-id")
             .and_then(|v| v.to_str().ok())
             .map_or_else(next_request_id, str::to_owned);
-        let record = record(
+        let record = self.record(
             outbound,
             parts.status.as_u16(),
             request_id,
@@ -288,6 +305,31 @@ impl Proxy {
         );
         let proxied = ProxyBody::streamed(backend_body, Arc::clone(&self.gate), in_flight, record);
         Response::from_parts(parts, proxied)
+    }
+
+    fn record(
+        &self,
+        outbound: &Outbound,
+        status: u16,
+        request_id: String,
+        body: ClientBody,
+        progress: &Progress,
+        outcome: &'static str,
+    ) -> RequestRecord {
+        RequestRecord {
+            method: outbound.method.clone(),
+            path: outbound.uri.path().to_owned(),
+            status,
+            request_id,
+            held: progress.held,
+            was_held: progress.was_held,
+            replays: progress.replays,
+            bytes_out: 0,
+            bytes_in: Box::new(move || body.bytes_in()),
+            started: progress.started,
+            outcome,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 
     fn answer(
@@ -306,7 +348,7 @@ impl Proxy {
             settings.retry_after,
         );
         let status = response.status().as_u16();
-        let record = record(
+        let record = self.record(
             outbound,
             status,
             request_id,
@@ -315,28 +357,6 @@ impl Proxy {
             error.label(),
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
-    }
-}
-
-fn record(
-    outbound: &Outbound,
-    status: u16,
-    request_id: String,
-    body: ClientBody,
-    progress: &Progress,
-    outcome: &'static str,
-) -> RequestRecord {
-    RequestRecord {
-        method: outbound.method.clone(),
-        path: outbound.uri.path().to_owned(),
-        status,
-        request_id,
-        held: progress.held,
-        replays: progress.replays,
-        bytes_out: 0,
-        bytes_in: Box::new(move || body.bytes_in()),
-        started: progress.started,
-        outcome,
     }
 }
 

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::gate::{Gate, GateSettings, Transition};
+use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
@@ -90,8 +91,13 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let metrics = Arc::new(Metrics::new());
     let gate = Gate::new(gate_settings(&config));
     gate.observe(log_transition);
+    gate.observe({
+        let metrics = Arc::clone(&metrics);
+        move |transition| metrics.transition(transition)
+    });
     let upstream = Upstream::new(UpstreamSettings {
         address: config.backend.address.clone(),
         connect_timeout: config.backend.connect_timeout,
@@ -102,11 +108,13 @@ pub async fn run(
         Arc::clone(&gate),
         upstream,
         proxy_settings(&config),
+        Arc::clone(&metrics),
     ));
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
         config.backend.address.clone(),
         probe_settings(&config),
+        Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
     let ready = Arc::new(AtomicBool::new(true));

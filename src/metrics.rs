@@ -1,0 +1,444 @@
+//! Prometheus metrics: what operators watch to see every pause, how long it
+//! lasted, how many requests it held and how each of them ended.
+//!
+//! All metrics live in one [`Metrics`] registry served at `GET /metrics` on the
+//! admin listener. Label values are bounded: methods are folded into a fixed
+//! set, statuses into classes, outcomes and reasons come from closed enums.
+//! Values that already live elsewhere (held now, in flight, state age,
+//! backend connects) are read from their owners at scrape time.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::gate::{DownReason, GateStatus, Phase, Transition};
+
+/// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
+const PAUSE_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// How a request that met the hold queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// Held, released, answered by the backend.
+    Released,
+    /// Held, released, then failed (the backend failed again and no replay was safe).
+    ReleasedFailed,
+    TimedOut,
+    QueueFull,
+    FailFast,
+    ClientGone,
+}
+
+impl HoldOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            HoldOutcome::Released => "released",
+            HoldOutcome::ReleasedFailed => "released_failed",
+            HoldOutcome::TimedOut => "timed_out",
+            HoldOutcome::QueueFull => "queue_full",
+            HoldOutcome::FailFast => "fail_fast",
+            HoldOutcome::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Whether a request that reached a failing backend was sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    Replayed,
+    RefusedUnsafe,
+}
+
+/// The proxy's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    gate_state: IntGaugeVec,
+    gate_state_seconds: prometheus::Gauge,
+    outages: IntCounterVec,
+    outage_duration: Histogram,
+    held_now: IntGauge,
+    hold_outcomes: IntCounterVec,
+    hold_duration: Histogram,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    request_bytes: IntCounter,
+    response_bytes: IntCounter,
+    in_flight: IntGauge,
+    replays: IntCounterVec,
+    probes: IntCounterVec,
+    backend_connects: IntCounter,
+    reloads: IntCounterVec,
+}
+
+/// What the scrape reads from the running proxy.
+pub struct Snapshot {
+    pub gate: GateStatus,
+    pub in_flight: usize,
+    pub backend_connects: u64,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
+    let metric =
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(PAUSE_BUCKETS.to_vec()))
+            .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gate_state = IntGaugeVec::new(
+            Opts::new(
+                "s3fp_gate_state",
+                "1 for the gate's current state (up, down, resuming), 0 for the others.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(gate_state.clone()))
+            .expect("unique metric");
+        let gate_state_seconds = prometheus::Gauge::new(
+            "s3fp_gate_state_seconds",
+            "Seconds since the gate last changed state.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(gate_state_seconds.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "s3fp_build_info",
+                "Always 1; the version label names the running build.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "s3fp_request_duration_seconds",
+                "Time from request arrival until its response ended, holds included.",
+            )
+            .buckets(PAUSE_BUCKETS.to_vec()),
+            &["method"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("unique metric");
+
+        let metrics = Metrics {
+            gate_state,
+            gate_state_seconds,
+            outages: counter_vec(
+                &registry,
+                "s3fp_outages_total",
+                "Times the gate went down, by reason (refused, reset, hang_timeout, probe_failed, admin_pause, discovery).",
+                &["reason"],
+            ),
+            outage_duration: histogram(
+                &registry,
+                "s3fp_outage_duration_seconds",
+                "Length of each outage, from the gate going down to the backend serving again.",
+            ),
+            held_now: int_gauge(
+                &registry,
+                "s3fp_held_requests",
+                "Requests held in the queue right now.",
+            ),
+            hold_outcomes: counter_vec(
+                &registry,
+                "s3fp_hold_outcomes_total",
+                "Requests that met the hold queue, by how they ended (released, released_failed, timed_out, queue_full, fail_fast, client_gone).",
+                &["outcome"],
+            ),
+            hold_duration: histogram(
+                &registry,
+                "s3fp_hold_duration_seconds",
+                "Time each held request spent in the queue, summed over its holds.",
+            ),
+            requests: counter_vec(
+                &registry,
+                "s3fp_requests_total",
+                "Requests answered, by method and status class (2xx, 3xx, 4xx, 5xx).",
+                &["method", "status_class"],
+            ),
+            request_duration,
+            request_bytes: int_counter(
+                &registry,
+                "s3fp_request_bytes_total",
+                "Request body bytes read from clients.",
+            ),
+            response_bytes: int_counter(
+                &registry,
+                "s3fp_response_bytes_total",
+                "Response body bytes sent to clients.",
+            ),
+            in_flight: int_gauge(
+                &registry,
+                "s3fp_backend_in_flight_requests",
+                "Requests sent to the backend whose response has not ended.",
+            ),
+            replays: counter_vec(
+                &registry,
+                "s3fp_replays_total",
+                "Requests that reached a failing backend: replayed, or refused as unsafe to replay.",
+                &["outcome"],
+            ),
+            probes: counter_vec(
+                &registry,
+                "s3fp_probes_total",
+                "Backend probes while the gate was not up, by result (serving, not_serving).",
+                &["result"],
+            ),
+            backend_connects: int_counter(
+                &registry,
+                "s3fp_backend_connections_total",
+                "TCP connections opened to the backend for requests (probes not included).",
+            ),
+            reloads: counter_vec(
+                &registry,
+                "s3fp_config_reloads_total",
+                "Configuration reloads, by result (success, failure).",
+                &["result"],
+            ),
+            registry,
+        };
+        metrics.set_phase(Phase::Up);
+        for reason in [
+            DownReason::Refused,
+            DownReason::Reset,
+            DownReason::HangTimeout,
+            DownReason::ProbeFailed,
+            DownReason::AdminPause,
+            DownReason::Discovery,
+        ] {
+            metrics.outages.with_label_values(&[reason.as_str()]);
+        }
+        metrics
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        for candidate in [Phase::Up, Phase::Down, Phase::Resuming] {
+            self.gate_state
+                .with_label_values(&[candidate.as_str()])
+                .set(i64::from(candidate == phase));
+        }
+    }
+
+    /// Records a gate transition (registered as a gate observer).
+    pub fn transition(&self, transition: &Transition) {
+        self.set_phase(transition.to);
+        if let (Phase::Down, Some(reason)) = (transition.to, transition.reason) {
+            self.outages.with_label_values(&[reason.as_str()]).inc();
+        }
+        if let (Phase::Up, Some(outage)) = (transition.to, transition.outage) {
+            self.outage_duration.observe(outage.as_secs_f64());
+        }
+    }
+
+    pub fn hold_outcome(&self, outcome: HoldOutcome, held: Duration) {
+        self.hold_outcomes
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+        if !held.is_zero() {
+            self.hold_duration.observe(held.as_secs_f64());
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &http::Method,
+        status: u16,
+        duration: Duration,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let method = method_label(method);
+        self.requests
+            .with_label_values(&[method, status_class(status)])
+            .inc();
+        self.request_duration
+            .with_label_values(&[method])
+            .observe(duration.as_secs_f64());
+        self.request_bytes.inc_by(bytes_in);
+        self.response_bytes.inc_by(bytes_out);
+    }
+
+    pub fn replay(&self, outcome: ReplayOutcome) {
+        let label = match outcome {
+            ReplayOutcome::Replayed => "replayed",
+            ReplayOutcome::RefusedUnsafe => "refused_unsafe",
+        };
+        self.replays.with_label_values(&[label]).inc();
+    }
+
+    pub fn probe(&self, serving: bool) {
+        let label = if serving { "serving" } else { "not_serving" };
+        self.probes.with_label_values(&[label]).inc();
+    }
+
+    pub fn reload(&self, success: bool) {
+        let label = if success { "success" } else { "failure" };
+        self.reloads.with_label_values(&[label]).inc();
+    }
+
+    /// The text exposition of every metric, with scrape-time values filled in.
+    pub fn encode(&self, snapshot: &Snapshot) -> Vec<u8> {
+        self.set_phase(snapshot.gate.phase);
+        self.gate_state_seconds
+            .set(snapshot.gate.since.as_secs_f64());
+        self.held_now.set(snapshot.gate.held as i64);
+        self.in_flight.set(snapshot.in_flight as i64);
+        let seen = self.backend_connects.get();
+        if snapshot.backend_connects > seen {
+            self.backend_connects
+                .inc_by(snapshot.backend_connects - seen);
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        out
+    }
+}
+
+/// Methods as a bounded label.
+fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(metrics: &Metrics) -> String {
+        let snapshot = Snapshot {
+            gate: GateStatus {
+                phase: Phase::Up,
+                reason: None,
+                since: Duration::from_secs(3),
+                held: 0,
+                paused: false,
+            },
+            in_flight: 2,
+            backend_connects: 7,
+        };
+        String::from_utf8(metrics.encode(&snapshot)).unwrap()
+    }
+
+    #[test]
+    fn an_outage_is_counted_by_reason_and_timed() {
+        let metrics = Metrics::new();
+        metrics.transition(&Transition {
+            from: Phase::Up,
+            to: Phase::Down,
+            reason: Some(DownReason::Refused),
+            outage: None,
+        });
+        metrics.transition(&Transition {
+            from: Phase::Down,
+            to: Phase::Up,
+            reason: None,
+            outage: Some(Duration::from_millis(1500)),
+        });
+        let text = scrape(&metrics);
+        assert!(
+            text.contains("s3fp_outages_total{reason=\"refused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3fp_outages_total{reason=\"reset\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3fp_outage_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3fp_outage_duration_seconds_bucket{le=\"2\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("s3fp_outage_duration_seconds_bucket{le=\"1\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_methods_fold_into_one_label() {
+        let metrics = Metrics::new();
+        let method = http::Method::from_bytes(b"PROPFIND").unwrap();
+        metrics.request(&method, 405, Duration::from_millis(3), 0, 10);
+        let text = scrape(&metrics);
+        assert!(
+            text.contains("s3fp_requests_total{method=\"other\",status_class=\"4xx\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("s3fp_backend_in_flight_requests 2"), "{text}");
+        assert!(text.contains("s3fp_backend_connections_total 7"), "{text}");
+    }
+}
