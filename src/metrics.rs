@@ -35,6 +35,11 @@ pub enum HoldOutcome {
 }
 
 impl HoldOutcome {
+    /// True when the request waited in the queue (rather than being turned away).
+    fn waited(self) -> bool {
+        !matches!(self, HoldOutcome::QueueFull | HoldOutcome::FailFast)
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             HoldOutcome::Released => "released",
@@ -286,7 +291,7 @@ impl Metrics {
         self.hold_outcomes
             .with_label_values(&[outcome.as_str()])
             .inc();
-        if !held.is_zero() {
+        if outcome.waited() {
             self.hold_duration.observe(held.as_secs_f64());
         }
     }

@@ -175,9 +175,11 @@ impl Proxy {
         let deadline = progress.started + settings.hold_timeout;
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
         loop {
+            let queued_at = Instant::now();
             let admitted = self.admit(ticket, deadline, peer).await;
             if let Err(ProxyError::Held(_) | ProxyError::ClientGone) = admitted {
                 progress.was_held = true;
+                progress.held += queued_at.elapsed();
             }
             let mut admission = admitted?;
             progress.held += admission.held_for;
