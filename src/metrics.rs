@@ -14,6 +14,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::Config;
 use crate::gate::{DownReason, GateStatus, Phase, Transition};
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
@@ -78,6 +79,9 @@ pub struct Metrics {
     probes: IntCounterVec,
     backend_connects: IntCounter,
     reloads: IntCounterVec,
+    hold_timeout: prometheus::Gauge,
+    hold_max_requests: IntGauge,
+    hold_fail_fast_after: prometheus::Gauge,
 }
 
 /// What the scrape reads from the running proxy.
@@ -107,6 +111,14 @@ fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
 
 fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let metric = prometheus::Gauge::new(name, help).expect("valid metric");
     registry
         .register(Box::new(metric.clone()))
         .expect("unique metric");
@@ -252,9 +264,31 @@ impl Metrics {
                 "Configuration reloads, by result (success, failure).",
                 &["result"],
             ),
+            hold_timeout: gauge(
+                &registry,
+                "s3fp_hold_timeout_seconds",
+                "Configured hold.timeout: the longest a request is held.",
+            ),
+            hold_max_requests: int_gauge(
+                &registry,
+                "s3fp_hold_max_requests",
+                "Configured hold.max_requests: the size of the hold queue.",
+            ),
+            hold_fail_fast_after: gauge(
+                &registry,
+                "s3fp_hold_fail_fast_after_seconds",
+                "Configured hold.fail_fast_after: outage length after which new requests fail at once.",
+            ),
             registry,
         };
         metrics.set_phase(Phase::Up);
+        metrics.initialise_series();
+        metrics
+    }
+
+    /// Creates every labelled series at zero, so rates and ratios exist (and
+    /// availability reads 1) before the first failure.
+    fn initialise_series(&self) {
         for reason in [
             DownReason::Refused,
             DownReason::Reset,
@@ -263,9 +297,32 @@ impl Metrics {
             DownReason::AdminPause,
             DownReason::Discovery,
         ] {
-            metrics.outages.with_label_values(&[reason.as_str()]);
+            self.outages.with_label_values(&[reason.as_str()]);
         }
-        metrics
+        for outcome in [
+            HoldOutcome::Released,
+            HoldOutcome::ReleasedFailed,
+            HoldOutcome::TimedOut,
+            HoldOutcome::QueueFull,
+            HoldOutcome::FailFast,
+            HoldOutcome::ClientGone,
+        ] {
+            self.hold_outcomes.with_label_values(&[outcome.as_str()]);
+        }
+        for method in ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "other"] {
+            for class in ["2xx", "3xx", "4xx", "5xx"] {
+                self.requests.with_label_values(&[method, class]);
+            }
+        }
+        for (metric, labels) in [
+            (&self.replays, ["replayed", "refused_unsafe"]),
+            (&self.probes, ["serving", "not_serving"]),
+            (&self.reloads, ["success", "failure"]),
+        ] {
+            for label in labels {
+                metric.with_label_values(&[label]);
+            }
+        }
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -328,9 +385,26 @@ impl Metrics {
         self.probes.with_label_values(&[label]).inc();
     }
 
+    /// Publishes the limits alerts compare against (at start and on reload).
+    pub fn config(&self, config: &Config) {
+        self.hold_timeout.set(config.hold.timeout.as_secs_f64());
+        self.hold_max_requests.set(config.hold.max_requests as i64);
+        self.hold_fail_fast_after
+            .set(config.hold.fail_fast_after.as_secs_f64());
+    }
+
     pub fn reload(&self, success: bool) {
         let label = if success { "success" } else { "failure" };
         self.reloads.with_label_values(&[label]).inc();
+    }
+
+    /// Names of every metric family this registry exports.
+    pub fn names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_owned())
+            .collect()
     }
 
     /// The text exposition of every metric, with scrape-time values filled in.

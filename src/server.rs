@@ -92,6 +92,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    metrics.config(&config);
     let gate = Gate::new(gate_settings(&config));
     gate.observe(log_transition);
     gate.observe({

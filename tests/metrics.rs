@@ -11,7 +11,9 @@ use bytes::Bytes;
 use support::{ProxyUnderTest, S3Backend, raw_request, s3_client};
 
 async fn scrape(proxy: &ProxyUnderTest) -> String {
-    let (status, body) = raw_request(proxy.admin, "GET", "/metrics", &[], Bytes::new()).await.unwrap();
+    let (status, body) = raw_request(proxy.admin, "GET", "/metrics", &[], Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     String::from_utf8(body.to_vec()).unwrap()
 }
@@ -33,7 +35,12 @@ fn promtool_check(text: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus; .ci/run installs it)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),
@@ -46,7 +53,9 @@ fn promtool_check(text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_shows_in_the_metrics_as_it_happened() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"3s\"\n").await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"3s\"\n")
+        .await
+        .unwrap();
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("metered").send().await.unwrap();
 
@@ -73,19 +82,46 @@ async fn an_outage_shows_in_the_metrics_as_it_happened() {
 
     // A second crash the backend does not come back from in time.
     backend.kill9();
-    let (status, _) = raw_request(proxy.address, "GET", "/metered/k0", &[], Bytes::new()).await.unwrap();
+    let (status, _) = raw_request(proxy.address, "GET", "/metered/k0", &[], Bytes::new())
+        .await
+        .unwrap();
     assert_eq!(status, 503);
 
     let text = scrape(&proxy).await;
     promtool_check(&text);
     assert_eq!(sample(&text, "s3fp_outages_total{reason=\"refused\"}"), 2.0);
-    assert_eq!(sample(&text, "s3fp_outage_duration_seconds_count"), 1.0, "one outage ended");
-    assert_eq!(sample(&text, "s3fp_hold_outcomes_total{outcome=\"released\"}"), 5.0);
-    assert_eq!(sample(&text, "s3fp_hold_outcomes_total{outcome=\"timed_out\"}"), 1.0);
+    assert_eq!(
+        sample(&text, "s3fp_outage_duration_seconds_count"),
+        1.0,
+        "one outage ended"
+    );
+    assert_eq!(
+        sample(&text, "s3fp_hold_outcomes_total{outcome=\"released\"}"),
+        5.0
+    );
+    assert_eq!(
+        sample(&text, "s3fp_hold_outcomes_total{outcome=\"timed_out\"}"),
+        1.0
+    );
     assert_eq!(sample(&text, "s3fp_hold_duration_seconds_count"), 6.0);
-    assert!(sample(&text, "s3fp_hold_duration_seconds_sum") >= 3.0, "the timed-out hold lasted 3 s");
-    assert_eq!(sample(&text, "s3fp_requests_total{method=\"PUT\",status_class=\"2xx\"}"), 6.0);
-    assert_eq!(sample(&text, "s3fp_requests_total{method=\"GET\",status_class=\"5xx\"}"), 1.0);
+    assert!(
+        sample(&text, "s3fp_hold_duration_seconds_sum") >= 3.0,
+        "the timed-out hold lasted 3 s"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "s3fp_requests_total{method=\"PUT\",status_class=\"2xx\"}"
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "s3fp_requests_total{method=\"GET\",status_class=\"5xx\"}"
+        ),
+        1.0
+    );
     assert_eq!(sample(&text, "s3fp_held_requests"), 0.0);
     assert_eq!(sample(&text, "s3fp_gate_state{state=\"down\"}"), 1.0);
     assert!(sample(&text, "s3fp_probes_total{result=\"serving\"}") >= 1.0);
