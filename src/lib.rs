@@ -16,7 +16,7 @@
 //! for planned switch-overs and reports status; [`drain`] counts what is in
 //! flight; [`peer`] notices clients that leave while held; [`headers`] does the
 //! RFC 9110 hop-by-hop work; [`response`] streams answers back and
-//! [`access_log`] writes one line per request and feeds [`metrics`]. [`config`] reads the TOML file.
+//! [`access_log`] writes one line per request and feeds [`metrics`]. [`config`] reads the TOML file and [`reload`] applies a changed one live.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod peer;
 pub mod probe;
 pub mod proxy;
+pub mod reload;
 pub mod replay;
 pub mod response;
 pub mod s3_error;
@@ -39,4 +40,4 @@ pub mod server;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{Listeners, run};
+pub use server::{Listeners, run, run_with_reload};

@@ -5,8 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use s3_failover_proxy::{Config, Listeners, logging, run};
+use std::time::Duration;
+
+use s3_failover_proxy::config::LogFormat;
+use s3_failover_proxy::logging::{self, LogLevel};
+use s3_failover_proxy::reload::ReloadSource;
+use s3_failover_proxy::{Config, Listeners, run_with_reload};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 
 /// An S3 ingress that holds requests while its backend restarts and replays them.
 #[derive(Debug, Parser)]
@@ -18,11 +24,20 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Log format, overriding `log.format`: text for people, json for machines.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli.config) {
+    let mut config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("s3-failover-proxy: {error}");
@@ -33,7 +48,12 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    logging::init(&config.log);
+    match cli.log_format {
+        Some(LogFormatArg::Json) => config.log.format = LogFormat::Json,
+        Some(LogFormatArg::Text) => config.log.format = LogFormat::Text,
+        None => {}
+    }
+    let log_level = logging::init(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -41,7 +61,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, cli.config, log_level)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("s3-failover-proxy: {error}");
@@ -50,10 +70,29 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: PathBuf, log_level: LogLevel) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await?;
-    run(listeners, config, shutdown_signal()).await?;
+    let reload = ReloadSource {
+        path,
+        requests: reload_requests()?,
+        poll: Duration::from_secs(1),
+        log_level: Some(log_level),
+    };
+    run_with_reload(listeners, config, shutdown_signal(), Some(reload)).await?;
     Ok(())
+}
+
+/// One message per SIGHUP.
+fn reload_requests() -> anyhow::Result<mpsc::Receiver<()>> {
+    let mut hangups = signal(SignalKind::hangup())?;
+    let (requests, receiver) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // A reload already pending covers this one too.
+            let _ = requests.try_send(());
+        }
+    });
+    Ok(receiver)
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 /// How and how often to probe; shared with the reload path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSettings {
+    pub address: BackendAddress,
     pub interval: Duration,
     pub timeout: Duration,
     pub path: String,
@@ -43,22 +44,15 @@ pub enum ProbeError {
 /// Watches one backend address for the gate.
 pub struct Prober {
     gate: Arc<Gate>,
-    address: BackendAddress,
     settings: RwLock<ProbeSettings>,
     sentinel: Mutex<Option<TcpStream>>,
     metrics: Arc<Metrics>,
 }
 
 impl Prober {
-    pub fn new(
-        gate: Arc<Gate>,
-        address: BackendAddress,
-        settings: ProbeSettings,
-        metrics: Arc<Metrics>,
-    ) -> Prober {
+    pub fn new(gate: Arc<Gate>, settings: ProbeSettings, metrics: Arc<Metrics>) -> Prober {
         Prober {
             gate,
-            address,
             settings: RwLock::new(settings),
             sentinel: Mutex::new(None),
             metrics,
@@ -76,8 +70,8 @@ impl Prober {
     /// Opens the sentinel connection for a pause; a backend that cannot be
     /// reached is already gone.
     pub async fn arm_sentinel(&self) {
-        let timeout = self.settings().timeout;
-        match tokio::time::timeout(timeout, self.address.connect()).await {
+        let settings = self.settings();
+        match tokio::time::timeout(settings.timeout, settings.address.connect()).await {
             Ok(Ok(stream)) => *self.sentinel.lock().unwrap() = Some(stream),
             _ => self.gate.backend_gone(),
         }
@@ -100,7 +94,7 @@ impl Prober {
             Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
         };
         if closed {
-            tracing::info!(backend = %self.address, "the paused backend went away");
+            tracing::info!("the paused backend went away");
             *sentinel = None;
             self.gate.backend_gone();
         }
@@ -115,7 +109,7 @@ impl Prober {
             }
             let current = self.settings();
             self.check_sentinel();
-            let result = probe_once(&self.address, &current).await;
+            let result = probe_once(&current).await;
             match &result {
                 Ok(status) => tracing::debug!(status, "probe: backend serving"),
                 Err(error) => tracing::debug!(%error, "probe: backend not serving"),
@@ -130,11 +124,8 @@ impl Prober {
 }
 
 /// One probe: the HTTP status the backend answered, or why it did not.
-pub async fn probe_once(
-    address: &BackendAddress,
-    settings: &ProbeSettings,
-) -> Result<u16, ProbeError> {
-    match tokio::time::timeout(settings.timeout, ask(address, &settings.path)).await {
+pub async fn probe_once(settings: &ProbeSettings) -> Result<u16, ProbeError> {
+    match tokio::time::timeout(settings.timeout, ask(&settings.address, &settings.path)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout(settings.timeout)),
     }
@@ -189,12 +180,13 @@ mod tests {
         let address = listener.local_addr().unwrap();
         drop(listener);
         let settings = ProbeSettings {
+            address: address.into(),
             interval: Duration::from_millis(10),
             timeout: Duration::from_secs(1),
             path: "/".into(),
         };
         assert!(matches!(
-            probe_once(&address.into(), &settings).await,
+            probe_once(&settings).await,
             Err(ProbeError::Connect(_))
         ));
     }
@@ -203,11 +195,12 @@ mod tests {
     async fn a_listener_that_never_answers_times_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settings = ProbeSettings {
+            address: listener.local_addr().unwrap().into(),
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(100),
             path: "/".into(),
         };
-        let result = probe_once(&listener.local_addr().unwrap().into(), &settings).await;
+        let result = probe_once(&settings).await;
         assert!(matches!(result, Err(ProbeError::Timeout(_))));
     }
 }

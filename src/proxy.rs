@@ -9,12 +9,13 @@
 //! else becomes an S3 error via [`ProxyError`].
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
@@ -45,7 +46,8 @@ type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
 pub struct Proxy {
     gate: Arc<Gate>,
     upstream: Upstream<AttemptBody<Incoming>>,
-    settings: RwLock<Arc<ProxySettings>>,
+    /// Replaced on reload; held requests watch it to pick up a new hold timeout.
+    settings: watch::Sender<Arc<ProxySettings>>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
 }
@@ -86,7 +88,7 @@ impl Proxy {
         Proxy {
             gate,
             upstream,
-            settings: RwLock::new(Arc::new(settings)),
+            settings: watch::Sender::new(Arc::new(settings)),
             in_flight: InFlight::default(),
             metrics,
         }
@@ -109,11 +111,15 @@ impl Proxy {
     }
 
     pub fn settings(&self) -> Arc<ProxySettings> {
-        Arc::clone(&self.settings.read().unwrap())
+        Arc::clone(&self.settings.borrow())
+    }
+
+    pub fn update_upstream(&self, settings: crate::upstream::UpstreamSettings) {
+        self.upstream.update_settings(settings);
     }
 
     pub fn update_settings(&self, settings: ProxySettings) {
-        *self.settings.write().unwrap() = Arc::new(settings);
+        self.settings.send_replace(Arc::new(settings));
     }
 
     /// Serves one client request.
@@ -172,11 +178,10 @@ impl Proxy {
         progress: &mut Progress,
     ) -> Result<(BackendResponse, InFlightGuard), ProxyError> {
         let ticket = self.gate.ticket();
-        let deadline = progress.started + settings.hold_timeout;
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
         loop {
             let queued_at = Instant::now();
-            let admitted = self.admit(ticket, deadline, peer).await;
+            let admitted = self.admit(ticket, progress.started, peer).await;
             if let Err(ProxyError::Held(_) | ProxyError::ClientGone) = admitted {
                 progress.was_held = true;
                 progress.held += queued_at.elapsed();
@@ -223,13 +228,12 @@ impl Proxy {
             self.gate.mark_down(reason);
             self.upstream.clear_idle();
         }
-        tracing::warn!(
-            method = %outbound.method,
-            path = outbound.uri.path(),
-            %error,
-            reached_backend = error.reached_backend(),
-            "backend attempt failed"
-        );
+        if error.reached_backend() {
+            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, "backend failed after the request reached it");
+        } else {
+            // Every held request passes here during an outage: keep it quiet.
+            tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, "backend unreachable; holding");
+        }
         if !error.reached_backend() {
             return Ok(());
         }
@@ -246,16 +250,23 @@ impl Proxy {
     }
 
     /// Admission, abandoned as soon as the client leaves.
+    /// A reload that changes `hold.timeout` applies to requests already held:
+    /// they are queued again, at the same place, with the new deadline.
     async fn admit(
         &self,
         ticket: Ticket,
-        deadline: Instant,
+        started: Instant,
         peer: &Peer,
     ) -> Result<Admission, ProxyError> {
-        tokio::select! {
-            biased;
-            admitted = self.gate.admit(ticket, deadline) => admitted.map_err(ProxyError::Held),
-            () = peer.gone() => Err(ProxyError::ClientGone),
+        let mut reloads = self.settings.subscribe();
+        loop {
+            let deadline = started + reloads.borrow_and_update().hold_timeout;
+            tokio::select! {
+                biased;
+                admitted = self.gate.admit(ticket, deadline) => return admitted.map_err(ProxyError::Held),
+                () = peer.gone() => return Err(ProxyError::ClientGone),
+                _ = reloads.changed() => continue,
+            }
         }
     }
 

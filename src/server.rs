@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
+use crate::reload::{self, LiveParts, ReloadSource};
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The sockets the proxy serves, bound before [`run`] is called.
@@ -79,6 +80,7 @@ pub fn proxy_settings(config: &Config) -> ProxySettings {
 
 pub fn probe_settings(config: &Config) -> ProbeSettings {
     ProbeSettings {
+        address: config.backend.address.clone(),
         interval: config.probe.interval,
         timeout: config.probe.timeout,
         path: config.probe.path.clone(),
@@ -91,6 +93,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    run_with_reload(listeners, config, shutdown, None).await
+}
+
+/// Like [`run`], reloading the configuration from `reload` while serving.
+pub async fn run_with_reload(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    reload: Option<ReloadSource>,
+) -> io::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics.config(&config);
     let gate = Gate::new(gate_settings(&config));
@@ -99,12 +111,7 @@ pub async fn run(
         let metrics = Arc::clone(&metrics);
         move |transition| metrics.transition(transition)
     });
-    let upstream = Upstream::new(UpstreamSettings {
-        address: config.backend.address.clone(),
-        connect_timeout: config.backend.connect_timeout,
-        max_idle: config.backend.max_idle_connections,
-        idle_timeout: config.backend.idle_timeout,
-    });
+    let upstream = Upstream::new(UpstreamSettings::from(&config.backend));
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&gate),
         upstream,
@@ -113,7 +120,6 @@ pub async fn run(
     ));
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
-        config.backend.address.clone(),
         probe_settings(&config),
         Arc::clone(&metrics),
     ));
@@ -124,6 +130,15 @@ pub async fn run(
         prober: Arc::clone(&prober),
         ready: Arc::clone(&ready),
         drain_timeout: config.admin.drain_timeout,
+    });
+    let reload_task = reload.map(|source| {
+        let parts = LiveParts {
+            gate: Arc::clone(&gate),
+            proxy: Arc::clone(&proxy),
+            prober: Arc::clone(&prober),
+            metrics: Arc::clone(&metrics),
+        };
+        tokio::spawn(reload::run(source, config.clone(), parts))
     });
     let (admin_stop, admin_stopped) = watch::channel(false);
     let admin_task = tokio::spawn(serve_admin(listeners.admin, admin, admin_stopped));
@@ -150,6 +165,9 @@ pub async fn run(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     probe_task.abort();
+    if let Some(task) = reload_task {
+        task.abort();
+    }
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -74,9 +74,20 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
 }
 
+impl From<&crate::config::BackendConfig> for UpstreamSettings {
+    fn from(config: &crate::config::BackendConfig) -> Self {
+        UpstreamSettings {
+            address: config.address.clone(),
+            connect_timeout: config.connect_timeout,
+            max_idle: config.max_idle_connections,
+            idle_timeout: config.idle_timeout,
+        }
+    }
+}
+
 /// A pool of keep-alive connections to the backend.
 pub struct Upstream<B> {
-    settings: UpstreamSettings,
+    settings: RwLock<Arc<UpstreamSettings>>,
     idle: Arc<Mutex<Vec<Idle<B>>>>,
     connects: AtomicU64,
 }
@@ -84,6 +95,16 @@ pub struct Upstream<B> {
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
+    /// Where the connection goes; after an address change it is not reused.
+    address: BackendAddress,
+}
+
+/// What a response body needs to return its connection to the pool.
+struct GiveBack<B> {
+    sender: SendRequest<B>,
+    pool: IdlePool<B>,
+    max_idle: usize,
+    address: BackendAddress,
 }
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
@@ -95,14 +116,23 @@ where
 {
     pub fn new(settings: UpstreamSettings) -> Self {
         Upstream {
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             idle: Arc::new(Mutex::new(Vec::new())),
             connects: AtomicU64::new(0),
         }
     }
 
-    pub fn address(&self) -> &BackendAddress {
-        &self.settings.address
+    fn settings(&self) -> Arc<UpstreamSettings> {
+        Arc::clone(&self.settings.read().unwrap())
+    }
+
+    /// Applies new settings; a new address drops the idle connections to the old one.
+    pub fn update_settings(&self, settings: UpstreamSettings) {
+        let moved = self.settings().address != settings.address;
+        *self.settings.write().unwrap() = Arc::new(settings);
+        if moved {
+            self.clear_idle();
+        }
     }
 
     /// Connections opened to the backend so far.
@@ -141,9 +171,13 @@ where
     }
 
     async fn checkout(&self) -> Option<SendRequest<B>> {
+        let settings = self.settings();
         loop {
             let idle = self.idle.lock().unwrap().pop()?;
-            if idle.sender.is_closed() || idle.since.elapsed() > self.settings.idle_timeout {
+            if idle.sender.is_closed()
+                || idle.since.elapsed() > settings.idle_timeout
+                || idle.address != settings.address
+            {
                 continue;
             }
             let mut sender = idle.sender;
@@ -158,10 +192,10 @@ where
     }
 
     async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
-        let addr = self.settings.address.clone();
+        let settings = self.settings();
+        let addr = settings.address.clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
-        let stream = match tokio::time::timeout(self.settings.connect_timeout, addr.connect()).await
-        {
+        let stream = match tokio::time::timeout(settings.connect_timeout, addr.connect()).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
             Err(_) => {
@@ -194,7 +228,15 @@ where
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let mut pooled = PooledBody {
             inner: body,
-            give_back: keep_alive.then(|| (sender, Arc::clone(&self.idle), self.settings.max_idle)),
+            give_back: keep_alive.then(|| {
+                let settings = self.settings();
+                GiveBack {
+                    sender,
+                    pool: Arc::clone(&self.idle),
+                    max_idle: settings.max_idle,
+                    address: settings.address.clone(),
+                }
+            }),
         };
         if pooled.inner.is_end_stream() {
             pooled.give_back();
@@ -206,17 +248,18 @@ where
 /// A response body that returns its connection to the pool once read to the end.
 pub struct PooledBody<B> {
     inner: Incoming,
-    give_back: Option<(SendRequest<B>, IdlePool<B>, usize)>,
+    give_back: Option<GiveBack<B>>,
 }
 
 impl<B> PooledBody<B> {
     fn give_back(&mut self) {
-        if let Some((sender, pool, max_idle)) = self.give_back.take() {
-            let mut idle = pool.lock().unwrap();
-            if idle.len() < max_idle {
+        if let Some(back) = self.give_back.take() {
+            let mut idle = back.pool.lock().unwrap();
+            if idle.len() < back.max_idle {
                 idle.push(Idle {
-                    sender,
+                    sender: back.sender,
                     since: Instant::now(),
+                    address: back.address,
                 });
             }
         }

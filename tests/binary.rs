@@ -4,11 +4,11 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use support::{S3Backend, free_port, http_status, s3_client, wait_until};
+use support::{ProxyProcess, S3Backend, http_status, s3_client, wait_until};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
 
@@ -74,27 +74,13 @@ fn a_missing_config_file_is_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_held_request_finish_then_exits() {
     let mut backend = S3Backend::start().await.unwrap();
-    let (port, admin_port) = (free_port(), free_port());
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    write!(
-        file,
-        "[listener]\naddress = \"127.0.0.1:{port}\"\n[backend]\naddress = \"{}\"\n[admin]\naddress = \"127.0.0.1:{admin_port}\"\n[shutdown]\ngrace = \"20s\"\n",
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[shutdown]\ngrace = \"20s\"\n",
         backend.address
-    )
-    .unwrap();
-    let mut proxy = Command::new(BINARY)
-        .arg("--config")
-        .arg(file.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    wait_until(Duration::from_secs(10), "the proxy to be ready", || async {
-        http_status(admin, "GET", "/readyz").await == Some(200)
-    })
+    ))
     .await
     .unwrap();
-    let s3 = s3_client(&format!("http://127.0.0.1:{port}"));
+    let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("term").send().await.unwrap();
 
     backend.kill9();
@@ -109,20 +95,9 @@ async fn sigterm_lets_a_held_request_finish_then_exits() {
                 .await
         }
     });
-    wait_until(Duration::from_secs(10), "the PUT to be held", || async {
-        support::raw_request(admin, "GET", "/admin/status", &[], Default::default())
-            .await
-            .map(|(_, body)| String::from_utf8_lossy(&body).contains("\"held\":1"))
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap();
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(proxy.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    proxy.wait_held(1).await;
+    proxy.signal("-TERM");
+    let port = proxy.port;
     wait_until(
         Duration::from_secs(10),
         "the proxy to stop accepting",
@@ -134,13 +109,15 @@ async fn sigterm_lets_a_held_request_finish_then_exits() {
     )
     .await
     .unwrap();
+    assert_eq!(
+        http_status(proxy.admin, "GET", "/readyz").await,
+        Some(503),
+        "unready while draining"
+    );
     backend.restart().await.unwrap();
     put.await
         .unwrap()
         .expect("the held PUT completes during the shutdown grace");
-    let exit = tokio::task::spawn_blocking(move || proxy.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = proxy.exit_status().await;
     assert!(exit.success(), "clean exit: {exit:?}");
 }

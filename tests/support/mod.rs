@@ -430,3 +430,130 @@ impl http_body::Body for ChunkFeed {
             .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
+
+/// The proxy binary as an operator runs it: a separate process with a config
+/// file the test can rewrite, and signals.
+pub struct ProxyProcess {
+    pub port: u16,
+    pub admin: SocketAddr,
+    pub config: tempfile::NamedTempFile,
+    child: Child,
+}
+
+impl ProxyProcess {
+    /// Starts the binary with `[listener]` and `[admin]` on free loopback ports
+    /// plus `body` (which must name the backend), and waits until it is ready.
+    pub async fn start(body: &str) -> anyhow::Result<ProxyProcess> {
+        let (port, admin_port) = (free_port(), free_port());
+        let config = tempfile::NamedTempFile::new()?;
+        let mut process = ProxyProcess {
+            port,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            config,
+            child: Command::new("true").spawn()?,
+        };
+        process.write_config(body);
+        process.child = Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+            .arg("--config")
+            .arg(process.config.path())
+            .stderr(if std::env::var_os("S3FP_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()?;
+        let admin = process.admin;
+        wait_until(
+            Duration::from_secs(10),
+            "the proxy process to be ready",
+            || async move { http_status(admin, "GET", "/readyz").await == Some(200) },
+        )
+        .await?;
+        Ok(process)
+    }
+
+    /// Replaces the config file's content (listener and admin kept).
+    pub fn write_config(&self, body: &str) {
+        let text = format!(
+            "[listener]\naddress = \"127.0.0.1:{}\"\n[admin]\naddress = \"{}\"\n{body}",
+            self.port, self.admin
+        );
+        std::fs::write(self.config.path(), text).unwrap();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn signal(&self, which: &str) {
+        let status = Command::new("kill")
+            .arg(which)
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new())
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).expect("status is JSON")
+    }
+
+    pub async fn wait_held(&self, held: u64) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{held} held requests"),
+            || async { self.status().await["held"] == held },
+        )
+        .await
+        .unwrap();
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (_, body) = raw_request(self.admin, "GET", "/metrics", &[], Bytes::new())
+            .await
+            .unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Waits until the exposition has `series` with `value`.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{series} = {value}"),
+            || async { metric_sample(&self.metrics().await, series) == Some(value) },
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Waits for the process to exit after a signal.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample, `name{labels}` exactly as exposed.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?
+        .parse()
+        .ok()
+}

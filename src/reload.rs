@@ -1,0 +1,116 @@
+//! Hot reload: on SIGHUP, and when the config file's content changes, the file
+//! is read again and validated; what can change live is applied without
+//! touching a connection or a held request, what cannot (listen addresses, log
+//! format) is reported, and an invalid file is rejected with a log line and a
+//! metric while the old configuration stays in force.
+//!
+//! The file is compared by content, polled every second, so a Kubernetes
+//! ConfigMap update (a symlink swap) is seen like an edit in place.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::logging::LogLevel;
+use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::proxy::Proxy;
+use crate::server;
+use crate::upstream::UpstreamSettings;
+
+/// Where reloads come from.
+pub struct ReloadSource {
+    /// The config file to read again.
+    pub path: PathBuf,
+    /// One message per reload request (SIGHUP in `main`).
+    pub requests: mpsc::Receiver<()>,
+    /// How often the file is checked for changes.
+    pub poll: Duration,
+    /// The live log filter, when `main` installed one.
+    pub log_level: Option<LogLevel>,
+}
+
+/// The parts of the running proxy a reload changes.
+pub struct LiveParts {
+    pub gate: Arc<Gate>,
+    pub proxy: Arc<Proxy>,
+    pub prober: Arc<Prober>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Settings that only take effect after a restart.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listener != new.listener {
+        changed.push("listener.address");
+    }
+    if old.admin.address != new.admin.address {
+        changed.push("admin.address");
+    }
+    if old.log.format != new.log.format {
+        changed.push("log.format");
+    }
+    if old.shutdown != new.shutdown {
+        changed.push("shutdown.grace");
+    }
+    changed
+}
+
+/// Applies the live part of `new`.
+fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) {
+    parts.gate.update_settings(server::gate_settings(new));
+    parts.proxy.update_settings(server::proxy_settings(new));
+    parts
+        .proxy
+        .update_upstream(UpstreamSettings::from(&new.backend));
+    parts.prober.update_settings(server::probe_settings(new));
+    parts.metrics.config(new);
+    if let Some(log_level) = log_level {
+        log_level.set(&new.log.level);
+    }
+}
+
+/// Reloads until `source.requests` closes (the proxy shut down).
+pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
+    let current = Mutex::new(initial);
+    let mut last_text = std::fs::read_to_string(&source.path).ok();
+    let mut ticker = tokio::time::interval(source.poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            request = source.requests.recv() => match request {
+                Some(()) => "signal",
+                None => return,
+            },
+            _ = ticker.tick() => "file change",
+        };
+        let text = std::fs::read_to_string(&source.path).ok();
+        if trigger == "file change" && text == last_text {
+            continue;
+        }
+        last_text = text;
+        match Config::load(&source.path) {
+            Ok(new) => {
+                let mut current = current.lock().unwrap();
+                for key in restart_only_changes(&current, &new) {
+                    tracing::warn!(
+                        key,
+                        "config reload: this setting only changes on restart; keeping the running value"
+                    );
+                }
+                apply(&parts, &new, source.log_level.as_ref());
+                parts.metrics.reload(true);
+                tracing::info!(trigger, path = %source.path.display(), "config reloaded");
+                *current = new;
+            }
+            Err(error) => {
+                parts.metrics.reload(false);
+                tracing::error!(trigger, %error, "config reload rejected; the running configuration stays in force");
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Hot reload of the running binary: on SIGHUP and on a file change, hold
+//! settings change live without dropping a held request; an invalid file is
+//! rejected and the old configuration stays.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::{ProxyProcess, S3Backend, metric_sample, raw_request};
+
+fn backend_section(backend: &S3Backend) -> String {
+    format!("[backend]\naddress = \"{}\"\n", backend.address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_hold_timeout_applies_to_requests_already_held() {
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "{}[hold]\ntimeout = \"60s\"\n",
+        backend_section(&backend)
+    ))
+    .await
+    .unwrap();
+    let address = proxy.address();
+    let started = Instant::now();
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(async move {
+                raw_request(address, "GET", &format!("/b/{i}"), &[], Bytes::new()).await
+            })
+        })
+        .collect();
+    proxy.wait_held(2).await;
+
+    proxy.write_config(&format!(
+        "{}[hold]\ntimeout = \"1s\"\n",
+        backend_section(&backend)
+    ));
+    proxy.signal("-HUP");
+    for request in held {
+        let (status, body) = request.await.unwrap().unwrap();
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains("<Code>ServiceUnavailable</Code>"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the new 1 s timeout applied, not the old 60 s"
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_hold_timeout_seconds"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_hold_outcomes_total{outcome=\"timed_out\"}"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_hold_timeout_written_to_the_file_keeps_held_requests_alive() {
+    let mut backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "{}[hold]\ntimeout = \"2s\"\n",
+        backend_section(&backend)
+    ))
+    .await
+    .unwrap();
+    let address = proxy.address();
+    let started = Instant::now();
+    let held =
+        tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
+    proxy.wait_held(1).await;
+
+    // No signal: the file watcher sees the change.
+    proxy.write_config(&format!(
+        "{}[hold]\ntimeout = \"30s\"\n",
+        backend_section(&backend)
+    ));
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 30.0).await;
+    // Outlive the old 2 s deadline; the wait is the scenario.
+    let old_deadline = started + Duration::from_millis(2500);
+    tokio::time::sleep(old_deadline.saturating_duration_since(Instant::now())).await;
+    assert_eq!(
+        proxy.status().await["held"],
+        1,
+        "still held past the old timeout"
+    );
+
+    backend.restart().await.unwrap();
+    let (status, _) = held.await.unwrap().unwrap();
+    assert_ne!(status, 503, "the held request reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_is_rejected_and_the_old_config_stays() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "{}[hold]\ntimeout = \"7s\"\n",
+        backend_section(&backend)
+    ))
+    .await
+    .unwrap();
+    proxy.write_config("[hold]\ntimeout = \"soon\"\n");
+    proxy.signal("-HUP");
+    proxy
+        .wait_metric("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
+        .await;
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_hold_timeout_seconds"),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_config_reloads_total{result=\"success\"}"),
+        Some(0.0)
+    );
+    let (status, _) = raw_request(proxy.address(), "HEAD", "/", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_ne!(status, 503, "still proxying to the configured backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_listen_address_is_reported_and_the_old_socket_keeps_serving() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&backend_section(&backend))
+        .await
+        .unwrap();
+    let other_port = support::free_port();
+    let text = std::fs::read_to_string(proxy.config.path())
+        .unwrap()
+        .replace(
+            &format!("127.0.0.1:{}", proxy.port),
+            &format!("127.0.0.1:{other_port}"),
+        );
+    std::fs::write(proxy.config.path(), text).unwrap();
+    proxy.signal("-HUP");
+    proxy
+        .wait_metric("s3fp_config_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    let (status, _) = raw_request(proxy.address(), "HEAD", "/", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_ne!(status, 503);
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", other_port))
+            .await
+            .is_err()
+    );
+}
