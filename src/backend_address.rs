@@ -15,6 +15,11 @@ pub struct BackendAddress {
 }
 
 impl BackendAddress {
+    /// The host part: an IP literal or a DNS name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Opens a TCP connection, resolving the host name if it is one.
     pub async fn connect(&self) -> io::Result<TcpStream> {
         TcpStream::connect((self.host.as_str(), self.port)).await

@@ -6,7 +6,7 @@
 //! the reload path both go through [`Config::load`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -48,8 +48,31 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
-    /// Where S3 clients connect.
+    /// Where S3 clients connect over plain HTTP.
     pub address: SocketAddr,
+    /// A second listener for HTTPS, when configured.
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTlsConfig {
+    /// Where S3 clients connect over HTTPS (HTTP/1.1 or HTTP/2 by ALPN).
+    pub address: SocketAddr,
+    /// PEM certificate chain, end-entity first; reloaded when it changes.
+    pub cert: PathBuf,
+    /// PEM private key of the certificate.
+    pub key: PathBuf,
+}
+
+/// TLS towards a backend that only serves HTTPS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTlsConfig {
+    /// PEM bundle of the CAs the backend's certificate must chain to.
+    pub ca: PathBuf,
+    /// Name to verify the certificate against; default: the backend host.
+    pub server_name: Option<String>,
+    /// Client certificate and key, for a backend that asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +88,7 @@ pub struct BackendConfig {
     pub max_idle_connections: usize,
     /// Idle connections older than this are closed rather than reused.
     pub idle_timeout: Duration,
+    pub tls: Option<BackendTlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +172,24 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     address: Option<String>,
+    tls: Option<RawListenerTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenerTls {
+    address: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +203,7 @@ struct RawBackend {
     max_idle_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    tls: Option<RawBackendTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,6 +339,52 @@ fn positive_count<T: Default + PartialEq>(
     Ok(value)
 }
 
+/// The HTTPS listener: both files must be given and form a usable pair.
+fn listener_tls(raw: RawListenerTls) -> Result<ListenerTlsConfig, ConfigError> {
+    let cert = raw.cert.ok_or_else(|| {
+        invalid(
+            "listener.tls.cert",
+            "required: a PEM certificate chain file",
+        )
+    })?;
+    let key = raw
+        .key
+        .ok_or_else(|| invalid("listener.tls.key", "required: a PEM private key file"))?;
+    crate::tls::ServerCertificate::load(&cert, &key)
+        .map_err(|e| invalid("listener.tls.cert", e.to_string()))?;
+    Ok(ListenerTlsConfig {
+        address: parse_address("listener.tls.address", raw.address, "127.0.0.1:8443")?,
+        cert,
+        key,
+    })
+}
+
+/// TLS to the backend: a CA bundle, and a client pair only as a pair.
+fn backend_tls(raw: RawBackendTls) -> Result<BackendTlsConfig, ConfigError> {
+    let ca = raw
+        .ca
+        .ok_or_else(|| invalid("backend.tls.ca", "required: a PEM CA bundle"))?;
+    let client_cert = match (raw.cert, raw.key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid("backend.tls.key", "required with backend.tls.cert"));
+        }
+        (None, Some(_)) => {
+            return Err(invalid("backend.tls.cert", "required with backend.tls.key"));
+        }
+    };
+    let pair = client_cert
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    crate::tls::client_config(&ca, pair).map_err(|e| invalid("backend.tls.ca", e.to_string()))?;
+    Ok(BackendTlsConfig {
+        ca,
+        server_name: raw.server_name,
+        client_cert,
+    })
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -393,6 +482,11 @@ impl Config {
                 raw.backend.idle_timeout,
                 Duration::from_secs(30),
             )?,
+            tls: raw.backend.tls.map(backend_tls).transpose()?,
+        };
+        let listener = ListenerConfig {
+            address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
+            tls: raw.listener.tls.map(listener_tls).transpose()?,
         };
         let log = LogConfig {
             format: raw.log.format.unwrap_or(LogFormat::Text),
@@ -401,9 +495,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(Config {
-            listener: ListenerConfig {
-                address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
-            },
+            listener,
             backend,
             hold,
             probe,

@@ -82,6 +82,8 @@ pub struct Metrics {
     hold_timeout: prometheus::Gauge,
     hold_max_requests: IntGauge,
     hold_fail_fast_after: prometheus::Gauge,
+    certificate_reloads: IntCounterVec,
+    tls_handshake_failures: IntCounter,
 }
 
 /// What the scrape reads from the running proxy.
@@ -279,6 +281,17 @@ impl Metrics {
                 "s3fp_hold_fail_fast_after_seconds",
                 "Configured hold.fail_fast_after: outage length after which new requests fail at once.",
             ),
+            certificate_reloads: counter_vec(
+                &registry,
+                "s3fp_tls_certificate_reloads_total",
+                "Changes of the HTTPS listener's certificate files, by result (success, failure).",
+                &["result"],
+            ),
+            tls_handshake_failures: int_counter(
+                &registry,
+                "s3fp_tls_handshake_failures_total",
+                "Client connections dropped because the TLS handshake failed or timed out.",
+            ),
             registry,
         };
         metrics.set_phase(Phase::Up);
@@ -318,6 +331,7 @@ impl Metrics {
             (&self.replays, ["replayed", "refused_unsafe"]),
             (&self.probes, ["serving", "not_serving"]),
             (&self.reloads, ["success", "failure"]),
+            (&self.certificate_reloads, ["success", "failure"]),
         ] {
             for label in labels {
                 metric.with_label_values(&[label]);
@@ -391,6 +405,15 @@ impl Metrics {
         self.hold_max_requests.set(config.hold.max_requests as i64);
         self.hold_fail_fast_after
             .set(config.hold.fail_fast_after.as_secs_f64());
+    }
+
+    pub fn certificate_reload(&self, success: bool) {
+        let label = if success { "success" } else { "failure" };
+        self.certificate_reloads.with_label_values(&[label]).inc();
+    }
+
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 
     pub fn reload(&self, success: bool) {

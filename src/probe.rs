@@ -13,14 +13,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backend_address::BackendAddress;
+use crate::connector::Connector;
 use crate::gate::{Gate, Phase};
 use crate::metrics::Metrics;
 
 /// How and how often to probe; shared with the reload path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSettings {
-    pub address: BackendAddress,
+    pub connector: Arc<Connector>,
     pub interval: Duration,
     pub timeout: Duration,
     pub path: String,
@@ -71,7 +71,7 @@ impl Prober {
     /// reached is already gone.
     pub async fn arm_sentinel(&self) {
         let settings = self.settings();
-        match tokio::time::timeout(settings.timeout, settings.address.connect()).await {
+        match tokio::time::timeout(settings.timeout, settings.connector.connect_tcp()).await {
             Ok(Ok(stream)) => *self.sentinel.lock().unwrap() = Some(stream),
             _ => self.gate.backend_gone(),
         }
@@ -125,14 +125,15 @@ impl Prober {
 
 /// One probe: the HTTP status the backend answered, or why it did not.
 pub async fn probe_once(settings: &ProbeSettings) -> Result<u16, ProbeError> {
-    match tokio::time::timeout(settings.timeout, ask(&settings.address, &settings.path)).await {
+    match tokio::time::timeout(settings.timeout, ask(&settings.connector, &settings.path)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout(settings.timeout)),
     }
 }
 
-async fn ask(address: &BackendAddress, path: &str) -> Result<u16, ProbeError> {
-    let mut stream = address.connect().await.map_err(ProbeError::Connect)?;
+async fn ask(connector: &Connector, path: &str) -> Result<u16, ProbeError> {
+    let mut stream = connector.connect().await.map_err(ProbeError::Connect)?;
+    let address = connector.address();
     let request = format!(
         "HEAD {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: s3-failover-proxy-probe\r\nConnection: close\r\n\r\n"
     );
@@ -180,7 +181,7 @@ mod tests {
         let address = listener.local_addr().unwrap();
         drop(listener);
         let settings = ProbeSettings {
-            address: address.into(),
+            connector: Arc::new(Connector::plain(address.into())),
             interval: Duration::from_millis(10),
             timeout: Duration::from_secs(1),
             path: "/".into(),
@@ -195,7 +196,7 @@ mod tests {
     async fn a_listener_that_never_answers_times_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settings = ProbeSettings {
-            address: listener.local_addr().unwrap().into(),
+            connector: Arc::new(Connector::plain(listener.local_addr().unwrap().into())),
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(100),
             path: "/".into(),

@@ -14,12 +14,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::connector::Connector;
 use crate::gate::Gate;
 use crate::logging::LogLevel;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
 use crate::server;
+use crate::tls::{CertificateReload, ServerCertificate, TlsError};
 use crate::upstream::UpstreamSettings;
 
 /// Where reloads come from.
@@ -40,13 +42,19 @@ pub struct LiveParts {
     pub proxy: Arc<Proxy>,
     pub prober: Arc<Prober>,
     pub metrics: Arc<Metrics>,
+    /// The HTTPS listener's certificate, checked on every reload request.
+    pub certificate: Option<Arc<ServerCertificate>>,
 }
 
 /// Settings that only take effect after a restart.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    if old.listener != new.listener {
+    if old.listener.address != new.listener.address {
         changed.push("listener.address");
+    }
+    if old.listener.tls.as_ref().map(|t| t.address) != new.listener.tls.as_ref().map(|t| t.address)
+    {
+        changed.push("listener.tls");
     }
     if old.admin.address != new.admin.address {
         changed.push("admin.address");
@@ -60,18 +68,23 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
-/// Applies the live part of `new`.
-fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) {
+/// Applies the live part of `new`; fails (changing nothing) when the new
+/// backend TLS files do not load.
+fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Result<(), TlsError> {
+    let connector = Arc::new(Connector::from_config(&new.backend)?);
     parts.gate.update_settings(server::gate_settings(new));
     parts.proxy.update_settings(server::proxy_settings(new));
     parts
         .proxy
-        .update_upstream(UpstreamSettings::from(&new.backend));
-    parts.prober.update_settings(server::probe_settings(new));
+        .update_upstream(UpstreamSettings::new(&new.backend, Arc::clone(&connector)));
+    parts
+        .prober
+        .update_settings(server::probe_settings(new, connector));
     parts.metrics.config(new);
     if let Some(log_level) = log_level {
         log_level.set(&new.log.level);
     }
+    Ok(())
 }
 
 /// Reloads until `source.requests` closes (the proxy shut down).
@@ -88,12 +101,22 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
             },
             _ = ticker.tick() => "file change",
         };
+        if trigger == "signal"
+            && let Some(certificate) = &parts.certificate
+        {
+            check_certificate(certificate, &parts.metrics);
+        }
         let text = std::fs::read_to_string(&source.path).ok();
         if trigger == "file change" && text == last_text {
             continue;
         }
         last_text = text;
-        match Config::load(&source.path) {
+        match Config::load(&source.path)
+            .map_err(|e| e.to_string())
+            .and_then(|new| {
+                apply(&parts, &new, source.log_level.as_ref()).map_err(|e| e.to_string())?;
+                Ok(new)
+            }) {
             Ok(new) => {
                 let mut current = current.lock().unwrap();
                 for key in restart_only_changes(&current, &new) {
@@ -102,7 +125,6 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
                         "config reload: this setting only changes on restart; keeping the running value"
                     );
                 }
-                apply(&parts, &new, source.log_level.as_ref());
                 parts.metrics.reload(true);
                 tracing::info!(trigger, path = %source.path.display(), "config reloaded");
                 *current = new;
@@ -112,5 +134,35 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
                 tracing::error!(trigger, %error, "config reload rejected; the running configuration stays in force");
             }
         }
+    }
+}
+
+/// Swaps in a changed certificate pair; a broken one is logged and counted,
+/// and the old pair keeps serving.
+pub fn check_certificate(certificate: &ServerCertificate, metrics: &Metrics) {
+    match certificate.reload_if_changed() {
+        CertificateReload::Unchanged => {}
+        CertificateReload::Reloaded => {
+            metrics.certificate_reload(true);
+            tracing::info!("TLS certificate reloaded; new handshakes use the new pair");
+        }
+        CertificateReload::Rejected(error) => {
+            metrics.certificate_reload(false);
+            tracing::error!(%error, "new TLS certificate rejected; the old pair keeps serving");
+        }
+    }
+}
+
+/// Checks the certificate files every `poll` until the task is aborted.
+pub async fn watch_certificate(
+    certificate: Arc<ServerCertificate>,
+    metrics: Arc<Metrics>,
+    poll: Duration,
+) {
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        check_certificate(&certificate, &metrics);
     }
 }

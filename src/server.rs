@@ -7,34 +7,38 @@
 //! are closed once idle, and in-flight and held requests get `shutdown.grace`
 //! to finish before the function returns anyway.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
+use crate::listener::{S3Listener, accept_loop};
 use crate::metrics::Metrics;
-use crate::peer::Peer;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::reload::{self, LiveParts, ReloadSource};
+use crate::tls::{self, ServerCertificate};
 use crate::upstream::{Upstream, UpstreamSettings};
+
+/// How often the listener's certificate files are checked for a new pair.
+const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The sockets the proxy serves, bound before [`run`] is called.
 pub struct Listeners {
     pub s3: TcpListener,
+    /// The HTTPS listener, when `[listener.tls]` is configured.
+    pub s3_tls: Option<TcpListener>,
     pub admin: TcpListener,
 }
 
@@ -55,7 +59,16 @@ impl Listeners {
                 format!("admin.address {}: {e}", config.admin.address),
             )
         })?;
-        Ok(Listeners { s3, admin })
+        let s3_tls = match &config.listener.tls {
+            Some(tls) => Some(TcpListener::bind(tls.address).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener.tls.address {}: {e}", tls.address),
+                )
+            })?),
+            None => None,
+        };
+        Ok(Listeners { s3, s3_tls, admin })
     }
 }
 
@@ -78,9 +91,9 @@ pub fn proxy_settings(config: &Config) -> ProxySettings {
     }
 }
 
-pub fn probe_settings(config: &Config) -> ProbeSettings {
+pub fn probe_settings(config: &Config, connector: Arc<Connector>) -> ProbeSettings {
     ProbeSettings {
-        address: config.backend.address.clone(),
+        connector,
         interval: config.probe.interval,
         timeout: config.probe.timeout,
         path: config.probe.path.clone(),
@@ -111,7 +124,11 @@ pub async fn run_with_reload(
         let metrics = Arc::clone(&metrics);
         move |transition| metrics.transition(transition)
     });
-    let upstream = Upstream::new(UpstreamSettings::from(&config.backend));
+    let connector = Arc::new(Connector::from_config(&config.backend).map_err(io::Error::other)?);
+    let upstream = Upstream::new(UpstreamSettings::new(
+        &config.backend,
+        Arc::clone(&connector),
+    ));
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&gate),
         upstream,
@@ -120,7 +137,7 @@ pub async fn run_with_reload(
     ));
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
-        probe_settings(&config),
+        probe_settings(&config, Arc::clone(&connector)),
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
@@ -131,12 +148,26 @@ pub async fn run_with_reload(
         ready: Arc::clone(&ready),
         drain_timeout: config.admin.drain_timeout,
     });
+    let certificate = match &config.listener.tls {
+        Some(tls) => Some(Arc::new(
+            ServerCertificate::load(&tls.cert, &tls.key).map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
+    let certificate_task = certificate.as_ref().map(|certificate| {
+        tokio::spawn(reload::watch_certificate(
+            Arc::clone(certificate),
+            Arc::clone(&metrics),
+            CERTIFICATE_POLL,
+        ))
+    });
     let reload_task = reload.map(|source| {
         let parts = LiveParts {
             gate: Arc::clone(&gate),
             proxy: Arc::clone(&proxy),
             prober: Arc::clone(&prober),
             metrics: Arc::clone(&metrics),
+            certificate: certificate.clone(),
         };
         tokio::spawn(reload::run(source, config.clone(), parts))
     });
@@ -149,8 +180,35 @@ pub async fn run_with_reload(
     );
 
     let graceful = GracefulShutdown::new();
-    serve_s3(&listeners.s3, &proxy, &graceful, shutdown).await;
-    drop(listeners.s3);
+    let (stop_accepting, stop) = watch::channel(false);
+    let plain = S3Listener {
+        socket: listeners.s3,
+        tls: None,
+    };
+    let secure = match (listeners.s3_tls, &certificate) {
+        (Some(socket), Some(certificate)) => {
+            let config = tls::server_config(Arc::clone(certificate)).map_err(io::Error::other)?;
+            Some(S3Listener {
+                socket,
+                tls: Some(TlsAcceptor::from(Arc::new(config))),
+            })
+        }
+        _ => None,
+    };
+    let serve_secure = async {
+        if let Some(secure) = secure {
+            accept_loop(secure, Arc::clone(&proxy), &graceful, stop.clone()).await;
+        }
+    };
+    let trigger = async {
+        shutdown.await;
+        let _ = stop_accepting.send(true);
+    };
+    tokio::join!(
+        accept_loop(plain, Arc::clone(&proxy), &graceful, stop.clone()),
+        serve_secure,
+        trigger
+    );
     ready.store(false, Ordering::SeqCst);
     tracing::info!(
         held = gate.status().held,
@@ -165,57 +223,10 @@ pub async fn run_with_reload(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     probe_task.abort();
-    if let Some(task) = reload_task {
+    for task in [reload_task, certificate_task].into_iter().flatten() {
         task.abort();
     }
     Ok(())
-}
-
-async fn serve_s3(
-    listener: &TcpListener,
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, address)) => serve_s3_connection(stream, address, proxy, graceful),
-                Err(error) => {
-                    // Out of file descriptors and the like: back off briefly.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            },
-        }
-    }
-}
-
-fn serve_s3_connection(
-    stream: TcpStream,
-    address: SocketAddr,
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-) {
-    let _ = stream.set_nodelay(true);
-    let peer = Arc::new(Peer::watched(address, &stream));
-    let proxy = Arc::clone(proxy);
-    let service = service_fn(move |request: hyper::Request<Incoming>| {
-        let proxy = Arc::clone(&proxy);
-        let peer = Arc::clone(&peer);
-        async move { Ok::<_, Infallible>(proxy.handle(request, &peer, "http").await) }
-    });
-    let connection = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, client = %address, "client connection ended with an error");
-        }
-    });
 }
 
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {

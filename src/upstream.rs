@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
+use crate::connector::Connector;
 use crate::gate::DownReason;
 use crate::replay::BoxError;
 
@@ -68,16 +69,17 @@ impl UpstreamError {
 /// Connection settings for the backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
-    pub address: BackendAddress,
+    pub connector: Arc<Connector>,
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
 }
 
-impl From<&crate::config::BackendConfig> for UpstreamSettings {
-    fn from(config: &crate::config::BackendConfig) -> Self {
+impl UpstreamSettings {
+    /// The settings the `[backend]` section describes, through `connector`.
+    pub fn new(config: &crate::config::BackendConfig, connector: Arc<Connector>) -> Self {
         UpstreamSettings {
-            address: config.address.clone(),
+            connector,
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle_connections,
             idle_timeout: config.idle_timeout,
@@ -95,8 +97,8 @@ pub struct Upstream<B> {
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
-    /// Where the connection goes; after an address change it is not reused.
-    address: BackendAddress,
+    /// Where the connection goes; after a backend change it is not reused.
+    connector: Arc<Connector>,
 }
 
 /// What a response body needs to return its connection to the pool.
@@ -104,7 +106,7 @@ struct GiveBack<B> {
     sender: SendRequest<B>,
     pool: IdlePool<B>,
     max_idle: usize,
-    address: BackendAddress,
+    connector: Arc<Connector>,
 }
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
@@ -128,7 +130,7 @@ where
 
     /// Applies new settings; a new address drops the idle connections to the old one.
     pub fn update_settings(&self, settings: UpstreamSettings) {
-        let moved = self.settings().address != settings.address;
+        let moved = *self.settings().connector != *settings.connector;
         *self.settings.write().unwrap() = Arc::new(settings);
         if moved {
             self.clear_idle();
@@ -176,7 +178,7 @@ where
             let idle = self.idle.lock().unwrap().pop()?;
             if idle.sender.is_closed()
                 || idle.since.elapsed() > settings.idle_timeout
-                || idle.address != settings.address
+                || *idle.connector != *settings.connector
             {
                 continue;
             }
@@ -193,9 +195,14 @@ where
 
     async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
         let settings = self.settings();
-        let addr = settings.address.clone();
+        let addr = settings.connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
-        let stream = match tokio::time::timeout(settings.connect_timeout, addr.connect()).await {
+        let stream = match tokio::time::timeout(
+            settings.connect_timeout,
+            settings.connector.connect(),
+        )
+        .await
+        {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
             Err(_) => {
@@ -203,7 +210,6 @@ where
                 return Err(UpstreamError::Connect { addr, source });
             }
         };
-        let _ = stream.set_nodelay(true);
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -234,7 +240,7 @@ where
                     sender,
                     pool: Arc::clone(&self.idle),
                     max_idle: settings.max_idle,
-                    address: settings.address.clone(),
+                    connector: Arc::clone(&settings.connector),
                 }
             }),
         };
@@ -259,7 +265,7 @@ impl<B> PooledBody<B> {
                 idle.push(Idle {
                     sender: back.sender,
                     since: Instant::now(),
-                    address: back.address,
+                    connector: back.connector,
                 });
             }
         }

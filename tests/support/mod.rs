@@ -191,6 +191,8 @@ pub async fn http_status(address: SocketAddr, method: &str, path: &str) -> Optio
 /// The proxy, running in this test process on loopback sockets.
 pub struct ProxyUnderTest {
     pub address: SocketAddr,
+    /// The HTTPS listener, when the config has `[listener.tls]`.
+    pub tls_address: Option<SocketAddr>,
     pub admin: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -213,11 +215,17 @@ impl ProxyUnderTest {
         let config = Config::parse(&text)?;
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
+        // The HTTPS listener, if configured, also gets a fresh loopback port.
+        let s3_tls = match config.listener.tls {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await?),
+            None => None,
+        };
+        let tls_address = s3_tls.as_ref().map(|l| l.local_addr()).transpose()?;
         let address = s3.local_addr()?;
         let admin_address = admin.local_addr()?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(s3_failover_proxy::run(
-            Listeners { s3, admin },
+            Listeners { s3, s3_tls, admin },
             config,
             async move {
                 let _ = stop.await;
@@ -225,6 +233,7 @@ impl ProxyUnderTest {
         ));
         let proxy = ProxyUnderTest {
             address,
+            tls_address,
             admin: admin_address,
             shutdown: Some(shutdown),
             task: Some(task),

@@ -1,0 +1,163 @@
+//! How to reach the backend: a TCP connection to its address, wrapped in TLS
+//! when the backend only serves HTTPS. The upstream pool and the probe share
+//! one [`Connector`], so "frontend-up" means the TLS handshake works too.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::backend_address::BackendAddress;
+use crate::config::{BackendConfig, BackendTlsConfig};
+use crate::tls::{self, TlsError};
+
+/// Opens connections to the backend.
+pub struct Connector {
+    address: BackendAddress,
+    tls: Option<TlsClient>,
+    /// What this connector was built from, to tell whether a reload changed it.
+    source: Option<BackendTlsConfig>,
+}
+
+struct TlsClient {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Display for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.address)
+    }
+}
+
+impl PartialEq for Connector {
+    fn eq(&self, other: &Self) -> bool {
+        self.address == other.address && self.source == other.source
+    }
+}
+
+impl Connector {
+    /// A plain-TCP connector.
+    pub fn plain(address: BackendAddress) -> Connector {
+        Connector {
+            address,
+            tls: None,
+            source: None,
+        }
+    }
+
+    /// The connector the `[backend]` section describes (reads the TLS files).
+    pub fn from_config(config: &BackendConfig) -> Result<Connector, TlsError> {
+        let Some(tls) = &config.tls else {
+            return Ok(Connector::plain(config.address.clone()));
+        };
+        let client_pair = tls
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
+        let client = tls::client_config(&tls.ca, client_pair)?;
+        let name = tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| config.address.host().to_owned());
+        let server_name = ServerName::try_from(name).map_err(|e| {
+            TlsError::Settings(rustls::Error::General(format!("invalid server name: {e}")))
+        })?;
+        Ok(Connector {
+            address: config.address.clone(),
+            tls: Some(TlsClient {
+                connector: TlsConnector::from(Arc::new(client)),
+                server_name,
+            }),
+            source: Some(tls.clone()),
+        })
+    }
+
+    pub fn address(&self) -> &BackendAddress {
+        &self.address
+    }
+
+    /// Connects, and completes the TLS handshake if the backend uses TLS.
+    pub async fn connect(&self) -> io::Result<BackendStream> {
+        let stream = self.address.connect().await?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => Ok(BackendStream::Plain(stream)),
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await?;
+                Ok(BackendStream::Tls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// Opens a TCP connection without TLS (the pause sentinel needs no more).
+    pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
+        self.address.connect().await
+    }
+}
+
+/// A connection to the backend, plain or TLS.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
