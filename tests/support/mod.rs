@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -211,8 +213,16 @@ impl ProxyUnderTest {
         backend_keys: &str,
         extra: &str,
     ) -> anyhow::Result<ProxyUnderTest> {
-        let text = format!("[backend]\naddress = \"{backend}\"\n{backend_keys}\n{extra}");
-        let config = Config::parse(&text)?;
+        ProxyUnderTest::start_raw(&format!(
+            "[backend]\naddress = \"{backend}\"\n{backend_keys}\n{extra}"
+        ))
+        .await
+    }
+
+    /// Starts the proxy with exactly this config text; its listeners get
+    /// fresh loopback ports whatever the text says.
+    pub async fn start_raw(text: &str) -> anyhow::Result<ProxyUnderTest> {
+        let config = Config::parse(text)?;
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         // The HTTPS listener, if configured, also gets a fresh loopback port.

@@ -1,0 +1,377 @@
+//! TLS at the edge and towards the backend: HTTPS clients (aws-sdk-s3 and an
+//! HTTP/2 client) through restarts, certificate rotation and a broken
+//! certificate while requests are held, an HTTPS-only backend with its own CA,
+//! and a client that speaks garbage instead of TLS.
+
+mod support;
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumAlgorithm;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::tls::{TestCa, TlsFront, h2_connect, s3_client_tls, write_pair};
+use support::{
+    ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, s3_client, wait_until,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A proxy with an HTTPS listener whose certificate `ca` issued for localhost.
+async fn https_proxy(backend: &S3Backend, ca: &TestCa, extra: &str) -> ProxyUnderTest {
+    let files = ca.issue("edge", &["localhost", "127.0.0.1"]);
+    let config = format!(
+        "[listener.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{extra}",
+        files.cert.display(),
+        files.key.display()
+    );
+    ProxyUnderTest::start(backend.address, &config)
+        .await
+        .unwrap()
+}
+
+fn https_endpoint(proxy: &ProxyUnderTest) -> String {
+    format!("https://localhost:{}", proxy.tls_address.unwrap().port())
+}
+
+async fn scrape(proxy: &ProxyUnderTest) -> String {
+    let (_, body) = raw_request(proxy.admin, "GET", "/metrics", &[], Bytes::new())
+        .await
+        .unwrap();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_and_get_over_https_with_checksums() {
+    let backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
+    s3.create_bucket().bucket("secure").send().await.unwrap();
+    let content = object_content(3, 2 << 20);
+    s3.put_object()
+        .bucket("secure")
+        .key("k")
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .body(ByteStream::from(content.clone()))
+        .send()
+        .await
+        .unwrap();
+    let got = s3
+        .get_object()
+        .bucket("secure")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        content.as_slice()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_restarts_cost_https_clients_no_failure() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
+    s3.create_bucket().bucket("restarts").send().await.unwrap();
+
+    let writer = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(100));
+            let mut results = Vec::new();
+            for n in 0..40 {
+                ticker.tick().await;
+                let s3 = s3.clone();
+                results.push(tokio::spawn(async move {
+                    s3.put_object()
+                        .bucket("restarts")
+                        .key(format!("k{n}"))
+                        .body(ByteStream::from(object_content(n, 1024)))
+                        .send()
+                        .await
+                        .map(|_| ())
+                }));
+            }
+            let mut failures = Vec::new();
+            for result in results {
+                if let Err(error) = result.await.unwrap() {
+                    failures.push(format!("{error:?}"));
+                }
+            }
+            failures
+        }
+    });
+    for _ in 0..2 {
+        // Traffic, then a crash and a downtime: the timing is the scenario.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        backend.kill9();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        backend.restart().await.unwrap();
+    }
+    let failures = writer.await.unwrap();
+    assert!(failures.is_empty(), "failed over TLS: {failures:?}");
+    for n in 0..40 {
+        let got = s3
+            .get_object()
+            .bucket("restarts")
+            .key(format!("k{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            got.body.collect().await.unwrap().into_bytes().as_ref(),
+            object_content(n, 1024).as_slice()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    let tls_address = proxy.tls_address.unwrap();
+    let before = ca.presented_certificate(tls_address).await.unwrap();
+    let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
+    s3.create_bucket().bucket("rotation").send().await.unwrap();
+
+    backend.kill9();
+    let held = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("rotation")
+                .key("held")
+                .body(ByteStream::from_static(b"held across a rotation"))
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+
+    // cert-manager writes a new pair for the same files.
+    let renewed = ca.issue("renewed", &["localhost", "127.0.0.1"]);
+    let edge = ca.dir.path();
+    write_pair(
+        &edge.join("edge.crt"),
+        &std::fs::read_to_string(&renewed.cert).unwrap(),
+        &edge.join("edge.key"),
+        &std::fs::read_to_string(&renewed.key).unwrap(),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "new handshakes to present the new certificate",
+        || async { ca.presented_certificate(tls_address).await.ok() == Some(renewed.der.clone()) },
+    )
+    .await
+    .unwrap();
+    assert_ne!(before, renewed.der);
+    assert_eq!(proxy.held().await, 1, "the held request is still held");
+
+    backend.restart().await.unwrap();
+    held.await
+        .unwrap()
+        .expect("the request held across the rotation succeeds");
+    let metrics = scrape(&proxy).await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "s3fp_tls_certificate_reloads_total{result=\"success\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_certificate_file_is_rejected_and_the_old_pair_keeps_serving() {
+    let backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    let tls_address = proxy.tls_address.unwrap();
+    let before = ca.presented_certificate(tls_address).await.unwrap();
+
+    std::fs::write(
+        ca.dir.path().join("edge.crt"),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n",
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the broken pair to be rejected",
+        || async {
+            metric_sample(
+                &scrape(&proxy).await,
+                "s3fp_tls_certificate_reloads_total{result=\"failure\"}",
+            ) == Some(1.0)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ca.presented_certificate(tls_address).await.unwrap(), before);
+    let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
+    s3.create_bucket()
+        .bucket("still-served")
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_is_held_through_an_outage() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("http2")
+        .send()
+        .await
+        .unwrap();
+    let tls_address = proxy.tls_address.unwrap();
+    let mut h2 = h2_connect(tls_address, &ca).await.unwrap();
+
+    backend.kill9();
+    let host = format!("localhost:{}", tls_address.port());
+    let url = format!("https://{host}/http2/object");
+    let body = Bytes::from(object_content(5, 300_000));
+    let length = body.len().to_string();
+    let mut request = http::Request::builder()
+        .method("PUT")
+        .uri(&url)
+        .version(http::Version::HTTP_2)
+        .header("content-length", &length);
+    for (name, value) in support::sign_unsigned_payload("PUT", &url, &host, &[]) {
+        if name != "host" {
+            request = request.header(name, value);
+        }
+    }
+    let put = h2.send_request(request.body(Full::new(body.clone())).unwrap());
+    let put = tokio::spawn(put);
+    proxy.wait_held(1).await;
+    backend.restart().await.unwrap();
+    let response = put.await.unwrap().unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(
+        response.status(),
+        200,
+        "{:?}",
+        response.into_body().collect().await.unwrap().to_bytes()
+    );
+
+    let got = s3_client(&proxy.endpoint())
+        .get_object()
+        .bucket("http2")
+        .key("object")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes(), body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_only_backend_with_its_own_ca_is_proxied_and_probed_over_tls() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let backend_ca = TestCa::new("backend CA");
+    let backend_files = backend_ca.issue("backend", &["s3gw.test"]);
+    let mut front = TlsFront::start(backend.address, &backend_files).await;
+    let config = format!(
+        "[backend]\naddress = \"{}\"\n[backend.tls]\nca = \"{}\"\nserver_name = \"s3gw.test\"\n",
+        front.address,
+        backend_ca.ca_file().display()
+    );
+    let text = config.clone();
+    let proxy = ProxyUnderTest::start_raw(&text).await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket()
+        .bucket("tls-backend")
+        .send()
+        .await
+        .unwrap();
+
+    front.kill();
+    backend.kill9();
+    let put = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("tls-backend")
+                .key("k")
+                .body(ByteStream::from_static(b"through TLS"))
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+    backend.restart().await.unwrap();
+    front.restart().await;
+    put.await
+        .unwrap()
+        .expect("held until the HTTPS backend handshakes again");
+    let got = s3
+        .get_object()
+        .bucket("tls-backend")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"through TLS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_certificate_is_not_trusted_is_not_up() {
+    let backend = S3Backend::start().await.unwrap();
+    let (trusted, other) = (TestCa::new("trusted CA"), TestCa::new("other CA"));
+    let files = other.issue("backend", &["s3gw.test"]);
+    let front = TlsFront::start(backend.address, &files).await;
+    let config = format!(
+        "[backend]\naddress = \"{}\"\n[backend.tls]\nca = \"{}\"\nserver_name = \"s3gw.test\"\n[hold]\ntimeout = \"500ms\"\n",
+        front.address,
+        trusted.ca_file().display()
+    );
+    let proxy = ProxyUnderTest::start_raw(&config).await.unwrap();
+    let (status, body) = raw_request(proxy.address, "GET", "/", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        proxy.status().await["state"],
+        "down",
+        "a failed handshake is not frontend-up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_a_handshake_closes_that_connection_only() {
+    let backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(&backend, &ca, "").await;
+    let mut garbage = tokio::net::TcpStream::connect(proxy.tls_address.unwrap())
+        .await
+        .unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the proxy closes the connection");
+    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    assert_eq!(
+        metric_sample(&scrape(&proxy).await, "s3fp_tls_handshake_failures_total"),
+        Some(1.0)
+    );
+
+    let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
+    s3.create_bucket()
+        .bucket("unaffected")
+        .send()
+        .await
+        .unwrap();
+}
