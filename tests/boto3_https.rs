@@ -16,7 +16,10 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/boto3_h
 fn boto3_put_get(proxy: &ProxyUnderTest, ca: &TestCa, key: &str) -> tokio::process::Child {
     tokio::process::Command::new("python3")
         .arg(SCRIPT)
-        .args(["--endpoint", &format!("https://localhost:{}", proxy.tls_address.unwrap().port())])
+        .args([
+            "--endpoint",
+            &format!("https://localhost:{}", proxy.tls_address.unwrap().port()),
+        ])
         .arg("--ca")
         .arg(ca.ca_file())
         .args(["--bucket", "boto", "--key", key, "--size", "3145728"])
@@ -42,8 +45,15 @@ fn assert_aws_chunked(report: &serde_json::Value) {
     let headers = &report["headers"];
     assert_eq!(headers["Content-Encoding"], "aws-chunked", "{report}");
     assert_eq!(headers["Transfer-Encoding"], "chunked", "{report}");
-    assert_eq!(headers["Content-Length"], serde_json::Value::Null, "{report}");
-    assert_eq!(headers["X-Amz-Content-SHA256"], "STREAMING-UNSIGNED-PAYLOAD-TRAILER", "{report}");
+    assert_eq!(
+        headers["Content-Length"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert_eq!(
+        headers["X-Amz-Content-SHA256"], "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        "{report}"
+    );
     assert_eq!(headers["X-Amz-Trailer"], "x-amz-checksum-crc32", "{report}");
     assert_eq!(report["intact"], true);
 }
@@ -55,8 +65,15 @@ async fn https_proxy(backend: &S3Backend, ca: &TestCa) -> ProxyUnderTest {
         files.cert.display(),
         files.key.display()
     );
-    let proxy = ProxyUnderTest::start(backend.address, &config).await.unwrap();
-    s3_client(&proxy.endpoint()).create_bucket().bucket("boto").send().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, &config)
+        .await
+        .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("boto")
+        .send()
+        .await
+        .unwrap();
     proxy
 }
 
