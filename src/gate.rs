@@ -188,6 +188,8 @@ struct Inner {
     /// Released requests that have not settled yet.
     releasing: usize,
     pause: Option<Pause>,
+    /// Discovery says no endpoint is usable: a serving probe must not resume.
+    discovery_hold: bool,
 }
 
 /// The backend state machine and hold queue. Shared as `Arc<Gate>`.
@@ -217,6 +219,7 @@ impl Gate {
                 queue: VecDeque::new(),
                 releasing: 0,
                 pause: None,
+                discovery_hold: false,
             }),
             next_ticket: AtomicU64::new(0),
             phase: watch::Sender::new(Phase::Up),
@@ -320,7 +323,9 @@ impl Gate {
             let mut inner = self.lock();
             match inner.state {
                 State::Down { reason, since }
-                    if inner.pause.is_none() && reason != DownReason::Discovery =>
+                    if inner.pause.is_none()
+                        && !inner.discovery_hold
+                        && reason != DownReason::Discovery =>
                 {
                     Some(self.go_resuming(&mut inner, since))
                 }
@@ -356,7 +361,9 @@ impl Gate {
             inner.pause = None;
         }
         match inner.state {
-            State::Down { since, .. } if serving => Some(self.go_resuming(inner, since)),
+            State::Down { since, .. } if serving && !inner.discovery_hold => {
+                Some(self.go_resuming(inner, since))
+            }
             State::Down {
                 reason: DownReason::AdminPause,
                 since,
@@ -405,8 +412,54 @@ impl Gate {
                 State::Down {
                     reason: DownReason::AdminPause,
                     since,
+                } if inner.discovery_hold => {
+                    inner.state = State::Down {
+                        reason: DownReason::Discovery,
+                        since,
+                    };
+                    None
+                }
+                State::Down {
+                    reason: DownReason::AdminPause,
+                    since,
                 } => Some(self.go_resuming(&mut inner, since)),
                 _ => None,
+            }
+        };
+        self.notify(transition);
+    }
+
+    /// Discovery found no usable endpoint: hold new requests, and do not
+    /// resume on a serving probe until [`Gate::release_discovery`].
+    pub fn hold_for_discovery(&self) {
+        let transition = {
+            let mut inner = self.lock();
+            inner.discovery_hold = true;
+            match inner.state {
+                State::Down { .. } => None,
+                State::Up | State::Resuming { .. } => {
+                    Some(self.go_down(&mut inner, DownReason::Discovery, Instant::now()))
+                }
+            }
+        };
+        self.notify(transition);
+    }
+
+    /// Discovery has a usable endpoint again; the probe decides when it serves.
+    pub fn release_discovery(&self) {
+        self.lock().discovery_hold = false;
+    }
+
+    /// The backend address changed: hold until the probe sees the new one serve.
+    pub fn backend_moved(&self) {
+        let transition = {
+            let mut inner = self.lock();
+            inner.discovery_hold = false;
+            match inner.state {
+                State::Down { .. } => None,
+                State::Up | State::Resuming { .. } => {
+                    Some(self.go_down(&mut inner, DownReason::Discovery, Instant::now()))
+                }
             }
         };
         self.notify(transition);
@@ -774,6 +827,38 @@ mod tests {
         assert_eq!(status.phase, Phase::Down);
         assert_eq!(status.reason, Some(DownReason::ProbeFailed));
         assert!(!status.paused);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discovery_hold_ignores_serving_probes_until_released() {
+        let gate = Gate::new(settings());
+        gate.hold_for_discovery();
+        let held = hold(&gate);
+        settle_tasks().await;
+        gate.probe_result(true);
+        gate.backend_answered();
+        settle_tasks().await;
+        assert!(
+            !held.is_finished(),
+            "a draining backend still answers probes"
+        );
+        assert_eq!(gate.status().reason, Some(DownReason::Discovery));
+        gate.release_discovery();
+        gate.probe_result(true);
+        held.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_backend_is_trusted_only_after_a_probe() {
+        let gate = Gate::new(settings());
+        gate.backend_moved();
+        let held = hold(&gate);
+        settle_tasks().await;
+        gate.backend_answered();
+        settle_tasks().await;
+        assert!(!held.is_finished());
+        gate.probe_result(true);
+        held.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]

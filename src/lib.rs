@@ -25,6 +25,7 @@ pub mod admin;
 pub mod backend_address;
 pub mod config;
 pub mod connector;
+pub mod discovery;
 pub mod drain;
 pub mod gate;
 pub mod headers;
