@@ -3,7 +3,8 @@
 //!
 //! - `GET /healthz`: the process runs.
 //! - `GET /readyz`: the S3 listener accepts and can hold. It stays ready while
-//!   the backend is down: a proxy that went unready during an outage would be
+//!   the backend is down (with discovery: once the first complete list of
+//!   EndpointSlices arrived): a proxy that went unready during an outage would be
 //!   taken out of its own Service, the very failure it exists to prevent.
 //! - `GET /metrics`: Prometheus text exposition (see [`crate::metrics`]).
 //! - `GET /admin/status`: JSON (state, reason, since, held, in flight, paused).
@@ -29,7 +30,10 @@ use crate::proxy::Proxy;
 pub struct Admin {
     pub proxy: Arc<Proxy>,
     pub prober: Arc<Prober>,
+    /// The S3 listener accepts (false once shutdown began).
     pub ready: Arc<AtomicBool>,
+    /// Discovery has its first complete list (always true without discovery).
+    pub synced: Arc<AtomicBool>,
     pub drain_timeout: Duration,
 }
 
@@ -80,7 +84,7 @@ impl Admin {
     }
 
     fn readiness(&self) -> Response<Full<Bytes>> {
-        if self.ready.load(Ordering::SeqCst) {
+        if self.ready.load(Ordering::SeqCst) && self.synced.load(Ordering::SeqCst) {
             text(StatusCode::OK, "ready\n")
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

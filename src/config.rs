@@ -89,6 +89,22 @@ pub struct BackendConfig {
     /// Idle connections older than this are closed rather than reused.
     pub idle_timeout: Duration,
     pub tls: Option<BackendTlsConfig>,
+    /// Find the backend through a Service's EndpointSlices instead of `address`.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// EndpointSlice discovery and the coordinated-pause Lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesConfig {
+    pub namespace: String,
+    /// The Service whose slices (`kubernetes.io/service-name`) are watched.
+    pub service: String,
+    /// The endpoint port, by name (`s3`) or number.
+    pub port: String,
+    /// A kubeconfig file, for running outside the cluster; default in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Name of the Lease (same namespace) that pauses every replica while valid.
+    pub pause_lease: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +201,16 @@ struct RawListenerTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    namespace: Option<String>,
+    service: Option<String>,
+    port: Option<toml::Value>,
+    kubeconfig: Option<PathBuf>,
+    pause_lease: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawBackendTls {
     ca: Option<PathBuf>,
     server_name: Option<String>,
@@ -204,6 +230,7 @@ struct RawBackend {
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     tls: Option<RawBackendTls>,
+    kubernetes: Option<RawKubernetes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -359,6 +386,40 @@ fn listener_tls(raw: RawListenerTls) -> Result<ListenerTlsConfig, ConfigError> {
     })
 }
 
+/// Discovery: namespace, Service and port are required.
+fn kubernetes(raw: RawKubernetes) -> Result<KubernetesConfig, ConfigError> {
+    let name = |key: &'static str, value: Option<String>| {
+        value
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| invalid(key, "required with [backend.kubernetes]"))
+    };
+    let port = match raw.port {
+        Some(toml::Value::String(name)) if !name.is_empty() => name,
+        Some(toml::Value::Integer(number)) if (1..=65535).contains(&number) => number.to_string(),
+        Some(other) => {
+            return Err(invalid(
+                "backend.kubernetes.port",
+                format!("`{other}` is not a port name or number"),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "backend.kubernetes.port",
+                "required with [backend.kubernetes]",
+            ));
+        }
+    };
+    Ok(KubernetesConfig {
+        namespace: name("backend.kubernetes.namespace", raw.namespace)?,
+        service: name("backend.kubernetes.service", raw.service)?,
+        port,
+        kubeconfig: raw.kubeconfig,
+        pause_lease: raw
+            .pause_lease
+            .unwrap_or_else(|| "s3-failover-proxy-pause".into()),
+    })
+}
+
 /// TLS to the backend: a CA bundle, and a client pair only as a pair.
 fn backend_tls(raw: RawBackendTls) -> Result<BackendTlsConfig, ConfigError> {
     let ca = raw
@@ -483,6 +544,7 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             tls: raw.backend.tls.map(backend_tls).transpose()?,
+            kubernetes: raw.backend.kubernetes.map(kubernetes).transpose()?,
         };
         let listener = ListenerConfig {
             address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
@@ -576,6 +638,25 @@ mod tests {
         assert!(error_of("[hold]\nmax_requests = 0\n").contains("hold.max_requests"));
         assert!(error_of("[hold]\ntimeout = \"0s\"\n").contains("hold.timeout"));
         assert!(error_of("[hold]\nrelease_concurrency = 0\n").contains("hold.release_concurrency"));
+    }
+
+    #[test]
+    fn kubernetes_discovery_needs_namespace_service_and_port() {
+        let config = Config::parse(
+            "[backend.kubernetes]\nnamespace = \"s3gw\"\nservice = \"s3gw-s3gw\"\nport = \"s3\"\n",
+        )
+        .unwrap();
+        let kubernetes = config.backend.kubernetes.unwrap();
+        assert_eq!(kubernetes.port, "s3");
+        assert_eq!(kubernetes.pause_lease, "s3-failover-proxy-pause");
+        assert!(
+            error_of("[backend.kubernetes]\nnamespace = \"s3gw\"\nport = 80\n")
+                .contains("backend.kubernetes.service")
+        );
+        assert!(
+            error_of("[backend.kubernetes]\nnamespace = \"a\"\nservice = \"b\"\nport = 0\n")
+                .contains("backend.kubernetes.port")
+        );
     }
 
     #[test]

@@ -90,6 +90,18 @@ impl Connector {
         })
     }
 
+    /// The same TLS settings towards another address (a new pod IP).
+    pub fn retarget(&self, address: BackendAddress) -> Connector {
+        Connector {
+            address,
+            tls: self.tls.as_ref().map(|tls| TlsClient {
+                connector: tls.connector.clone(),
+                server_name: tls.server_name.clone(),
+            }),
+            source: self.source.clone(),
+        }
+    }
+
     pub fn address(&self) -> &BackendAddress {
         &self.address
     }

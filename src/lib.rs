@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod drain;
 pub mod gate;
 pub mod headers;
+pub mod kubernetes;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -63,6 +63,11 @@ impl Prober {
         *self.settings.write().unwrap() = settings;
     }
 
+    /// Probes another address from now on (discovery found a new pod).
+    pub fn set_connector(&self, connector: Arc<Connector>) {
+        self.settings.write().unwrap().connector = connector;
+    }
+
     fn settings(&self) -> ProbeSettings {
         self.settings.read().unwrap().clone()
     }

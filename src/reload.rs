@@ -62,6 +62,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log.format != new.log.format {
         changed.push("log.format");
     }
+    if old.backend.kubernetes != new.backend.kubernetes {
+        changed.push("backend.kubernetes");
+    }
     if old.shutdown != new.shutdown {
         changed.push("shutdown.grace");
     }
@@ -71,7 +74,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Applies the live part of `new`; fails (changing nothing) when the new
 /// backend TLS files do not load.
 fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Result<(), TlsError> {
-    let connector = Arc::new(Connector::from_config(&new.backend)?);
+    let mut connector = Connector::from_config(&new.backend)?;
+    if new.backend.kubernetes.is_some() {
+        // Discovery owns the address; a reload only changes how to connect.
+        connector = connector.retarget(parts.proxy.upstream().connector().address().clone());
+    }
+    let connector = Arc::new(connector);
     parts.gate.update_settings(server::gate_settings(new));
     parts.proxy.update_settings(server::proxy_settings(new));
     parts

@@ -20,9 +20,10 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, KubernetesConfig};
 use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
+use crate::kubernetes::{self, Targets};
 use crate::listener::{S3Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::probe::{ProbeSettings, Prober};
@@ -142,10 +143,24 @@ pub async fn run_with_reload(
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
     let ready = Arc::new(AtomicBool::new(true));
+    let synced = Arc::new(AtomicBool::new(config.backend.kubernetes.is_none()));
+    let discovery_tasks = match &config.backend.kubernetes {
+        Some(kubernetes) => {
+            let targets = Targets {
+                gate: Arc::clone(&gate),
+                proxy: Arc::clone(&proxy),
+                prober: Arc::clone(&prober),
+                synced: Arc::clone(&synced),
+            };
+            start_discovery(kubernetes, targets).await?
+        }
+        None => Vec::new(),
+    };
     let admin = Arc::new(Admin {
         proxy: Arc::clone(&proxy),
         prober: Arc::clone(&prober),
         ready: Arc::clone(&ready),
+        synced: Arc::clone(&synced),
         drain_timeout: config.admin.drain_timeout,
     });
     let certificate = match &config.listener.tls {
@@ -223,10 +238,35 @@ pub async fn run_with_reload(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     probe_task.abort();
-    for task in [reload_task, certificate_task].into_iter().flatten() {
+    for task in [reload_task, certificate_task]
+        .into_iter()
+        .flatten()
+        .chain(discovery_tasks)
+    {
         task.abort();
     }
     Ok(())
+}
+
+/// Holds until discovery knows the backend, and starts the EndpointSlice and
+/// pause-Lease watches.
+async fn start_discovery(
+    config: &KubernetesConfig,
+    targets: Targets,
+) -> io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    targets.gate.hold_for_discovery();
+    let client = kubernetes::client(config.kubeconfig.as_deref())
+        .await
+        .map_err(|e| io::Error::other(format!("backend.kubernetes: {e}")))?;
+    let lease = tokio::spawn(kubernetes::watch_pause_lease(
+        client.clone(),
+        config.namespace.clone(),
+        config.pause_lease.clone(),
+        Arc::clone(&targets.gate),
+        Arc::clone(&targets.prober),
+    ));
+    let endpoints = tokio::spawn(kubernetes::watch_endpoints(client, config.clone(), targets));
+    Ok(vec![endpoints, lease])
 }
 
 async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {

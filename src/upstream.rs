@@ -137,6 +137,20 @@ where
         }
     }
 
+    /// Sends new connections through `connector` (discovery found a new pod).
+    pub fn set_connector(&self, connector: Arc<Connector>) {
+        let settings = UpstreamSettings {
+            connector,
+            ..(*self.settings()).clone()
+        };
+        self.update_settings(settings);
+    }
+
+    /// Where new connections go now.
+    pub fn connector(&self) -> Arc<Connector> {
+        Arc::clone(&self.settings().connector)
+    }
+
     /// Connections opened to the backend so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
