@@ -166,10 +166,10 @@ mod tests {
     use super::*;
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
-    fn slice(
-        name: &str,
-        endpoints: &[(&str, Option<bool>, Option<bool>, Option<bool>)],
-    ) -> EndpointSlice {
+    /// An endpoint's address with its ready, serving and terminating conditions.
+    type Row<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
+
+    fn slice(name: &str, endpoints: &[Row<'_>]) -> EndpointSlice {
         let mut slice = EndpointSlice {
             address_type: "IPv4".into(),
             endpoints: Some(
