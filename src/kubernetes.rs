@@ -53,6 +53,9 @@ pub enum KubernetesError {
 
 /// A client from the kubeconfig file if given, else the in-cluster service account.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    // kube's TLS uses the process-wide rustls provider; make it ring, as for
+    // the rest of the proxy (an error means one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match kubeconfig {
         Some(path) => {
             let failed = |message: String| KubernetesError::Kubeconfig {

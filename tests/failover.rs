@@ -5,48 +5,11 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use support::workload::Workload;
 use support::{ProxyUnderTest, S3Backend, object_content, s3_client};
-
-/// One PutObject of the workload: its number, how long it took, how it ended.
-type PutResult = (usize, Duration, Result<(), String>);
-
-/// Writes one object every 100 ms until told to stop.
-async fn put_every_100ms(s3: aws_sdk_s3::Client, stop: Arc<AtomicBool>) -> Vec<PutResult> {
-    let mut writers = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    for n in 0..600 {
-        ticker.tick().await;
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let s3 = s3.clone();
-        writers.push(tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let result = s3
-                .put_object()
-                .bucket("restarts")
-                .key(format!("obj-{n:05}"))
-                .body(ByteStream::from(object_content(n, 4096)))
-                .send()
-                .await;
-            (
-                n,
-                started.elapsed(),
-                result.map(|_| ()).map_err(|e| format!("{e:?}")),
-            )
-        }));
-    }
-    let mut results = Vec::new();
-    for writer in writers {
-        results.push(writer.await.unwrap());
-    }
-    results
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
@@ -57,8 +20,7 @@ async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("restarts").send().await.unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let workload = tokio::spawn(put_every_100ms(s3.clone(), Arc::clone(&stop)));
+    let workload = Workload::start(&s3, "restarts");
     for downtime_ms in [1000, 1500, 2000] {
         // Let traffic flow for a moment, then crash the backend.
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -68,22 +30,7 @@ async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
         backend.restart().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::SeqCst);
-    let results = workload.await.unwrap();
-
-    let failures: Vec<_> = results.iter().filter(|(_, _, r)| r.is_err()).collect();
-    assert!(
-        results.len() >= 50,
-        "the workload ran: {} requests",
-        results.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {} PutObject failed: {:?}",
-        failures.len(),
-        results.len(),
-        failures
-    );
+    let results = workload.stop_and_check().await;
     // The outages happened and were masked: some writes waited through them.
     let held_through_outage = results
         .iter()
@@ -93,22 +40,6 @@ async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
         held_through_outage >= 3,
         "only {held_through_outage} writes waited through an outage"
     );
-
-    for (n, _, _) in &results {
-        let got = s3
-            .get_object()
-            .bucket("restarts")
-            .key(format!("obj-{n:05}"))
-            .send()
-            .await
-            .unwrap();
-        let body = got.body.collect().await.unwrap().into_bytes();
-        assert_eq!(
-            body.as_ref(),
-            object_content(*n, 4096).as_slice(),
-            "object {n} intact"
-        );
-    }
     let status = proxy.status().await;
     assert_eq!(status["state"], "up");
     proxy.stop().await.unwrap();

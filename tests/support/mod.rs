@@ -5,7 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod fake_kube;
 pub mod tls;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +84,13 @@ impl S3Backend {
         })
     }
 
+    /// Moves a stopped backend to another loopback IP, same port and data
+    /// (a rescheduled pod: new IP, same volume).
+    pub fn move_to(&mut self, ip: &str) {
+        assert!(self.child.is_none(), "stop the backend before moving it");
+        self.address = SocketAddr::new(ip.parse().unwrap(), self.address.port());
+    }
+
     /// Starts the process (again) on the same port and data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.spawn()?;
@@ -94,7 +103,7 @@ impl S3Backend {
         let binary = s3s_fs_binary();
         let child = Command::new(&binary)
             .arg("--host")
-            .arg("127.0.0.1")
+            .arg(self.address.ip().to_string())
             .arg("--port")
             .arg(self.address.port().to_string())
             .arg("--access-key")
@@ -220,8 +229,28 @@ impl ProxyUnderTest {
     }
 
     /// Starts the proxy with exactly this config text; its listeners get
-    /// fresh loopback ports whatever the text says.
+    /// fresh loopback ports whatever the text says. Waits until it is ready.
     pub async fn start_raw(text: &str) -> anyhow::Result<ProxyUnderTest> {
+        let proxy = ProxyUnderTest::start_unready(text).await?;
+        let admin = proxy.admin;
+        wait_until(
+            Duration::from_secs(10),
+            "the proxy to be ready",
+            || async move { http_status(admin, "GET", "/readyz").await == Some(200) },
+        )
+        .await?;
+        Ok(proxy)
+    }
+
+    /// Starts the proxy and waits only until its admin listener answers.
+    pub async fn start_unready(text: &str) -> anyhow::Result<ProxyUnderTest> {
+        if let Ok(filter) = std::env::var("S3FP_TEST_LOG") {
+            // Logs for a test being debugged: S3FP_TEST_LOG=debug cargo test ...
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let config = Config::parse(text)?;
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
@@ -248,8 +277,8 @@ impl ProxyUnderTest {
             shutdown: Some(shutdown),
             task: Some(task),
         };
-        wait_until(Duration::from_secs(5), "the proxy to be ready", || async {
-            http_status(admin_address, "GET", "/readyz").await == Some(200)
+        wait_until(Duration::from_secs(5), "the admin listener", || async {
+            http_status(admin_address, "GET", "/healthz").await == Some(200)
         })
         .await?;
         Ok(proxy)
