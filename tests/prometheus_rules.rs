@@ -22,7 +22,11 @@ fn promtool(args: &[&str]) {
 
 #[test]
 fn the_rules_are_valid() {
-    promtool(&["check", "rules", "rules.yml"]);
+    promtool(&[
+        "check",
+        "rules",
+        "../helm/s3-failover-proxy/files/rules.yml",
+    ]);
 }
 
 #[test]
