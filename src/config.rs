@@ -105,6 +105,9 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Name of the Lease (same namespace) that pauses every replica while valid.
     pub pause_lease: String,
+    /// Where requests go: the usable pod's IP (default), or this Service
+    /// address (its ClusterIP through DNS, e.g. `s3gw.s3gw.svc:80`).
+    pub route_to_service: Option<BackendAddress>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +210,8 @@ struct RawKubernetes {
     port: Option<toml::Value>,
     kubeconfig: Option<PathBuf>,
     pause_lease: Option<String>,
+    route: Option<String>,
+    service_address: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -409,14 +414,36 @@ fn kubernetes(raw: RawKubernetes) -> Result<KubernetesConfig, ConfigError> {
             ));
         }
     };
+    let namespace = name("backend.kubernetes.namespace", raw.namespace)?;
+    let service = name("backend.kubernetes.service", raw.service)?;
+    let route_to_service = match raw.route.as_deref().unwrap_or("pod") {
+        "pod" => None,
+        "service" => {
+            let address = raw
+                .service_address
+                .unwrap_or_else(|| format!("{service}.{namespace}.svc:80"));
+            Some(
+                address
+                    .parse()
+                    .map_err(|reason| invalid("backend.kubernetes.service_address", reason))?,
+            )
+        }
+        other => {
+            return Err(invalid(
+                "backend.kubernetes.route",
+                format!("`{other}` is neither \"pod\" nor \"service\""),
+            ));
+        }
+    };
     Ok(KubernetesConfig {
-        namespace: name("backend.kubernetes.namespace", raw.namespace)?,
-        service: name("backend.kubernetes.service", raw.service)?,
+        namespace,
+        service,
         port,
         kubeconfig: raw.kubeconfig,
         pause_lease: raw
             .pause_lease
             .unwrap_or_else(|| "s3-failover-proxy-pause".into()),
+        route_to_service,
     })
 }
 

@@ -80,6 +80,8 @@ pub struct Targets {
     pub prober: Arc<Prober>,
     /// Turned on after the first complete list.
     pub synced: Arc<AtomicBool>,
+    /// Send requests to the Service address rather than the pod IP.
+    pub route_to_service: Option<BackendAddress>,
 }
 
 impl Targets {

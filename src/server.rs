@@ -151,6 +151,7 @@ pub async fn run_with_reload(
                 proxy: Arc::clone(&proxy),
                 prober: Arc::clone(&prober),
                 synced: Arc::clone(&synced),
+                route_to_service: kubernetes.route_to_service.clone(),
             };
             start_discovery(kubernetes, targets).await?
         }

@@ -29,6 +29,11 @@ struct Cluster {
 impl Cluster {
     /// A serving backend behind a Service the proxy discovers.
     async fn start() -> Cluster {
+        Cluster::start_with("").await
+    }
+
+    /// Like [`Cluster::start`], with extra `[backend.kubernetes]` keys.
+    async fn start_with(kubernetes_keys: &str) -> Cluster {
         let backend = S3Backend::start().await.unwrap();
         let fake = FakeKube::start(NAMESPACE).await;
         fake.set_endpoints(
@@ -38,8 +43,9 @@ impl Cluster {
         );
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
-            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nservice = \"{SERVICE}\"\nport = \"s3\"\nkubeconfig = \"{}\"\n[hold]\ntimeout = \"20s\"\n",
-            fake.kubeconfig(dir.path()).display()
+            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nservice = \"{SERVICE}\"\nport = \"s3\"\nkubeconfig = \"{}\"\n{}\n[hold]\ntimeout = \"20s\"\n",
+            fake.kubeconfig(dir.path()).display(),
+            kubernetes_keys.replace("BACKEND", &backend.address.to_string()),
         );
         let proxy = ProxyUnderTest::start_raw(&config).await.unwrap();
         wait_until(
@@ -275,4 +281,21 @@ async fn the_proxy_is_ready_only_after_the_first_complete_list() {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routed_through_the_service_address_a_crash_still_costs_no_request() {
+    // The Service's ClusterIP stands in as the backend's own address here.
+    let mut cluster =
+        Cluster::start_with("route = \"service\"\nservice_address = \"BACKEND\"").await;
+    let workload = Workload::start(&cluster.s3, "cluster");
+    cluster.traffic().await;
+    cluster.backend.kill9();
+    cluster.endpoints(&[("127.0.0.1", false, false)]);
+    cluster.wait_state("down", None).await;
+    cluster.backend.restart().await.unwrap();
+    cluster.endpoints(&[("127.0.0.1", true, false)]);
+    cluster.wait_state("up", None).await;
+    cluster.traffic().await;
+    workload.stop_and_check().await;
 }
