@@ -16,7 +16,12 @@
 //! for planned switch-overs and reports status; [`drain`] counts what is in
 //! flight; [`peer`] notices clients that leave while held; [`headers`] does the
 //! RFC 9110 hop-by-hop work; [`response`] streams answers back and
-//! [`access_log`] writes one line per request and feeds [`metrics`]. [`config`] reads the TOML file and [`reload`] applies a changed one live.
+//! [`access_log`] writes one line per request and feeds [`metrics`].
+//! On Kubernetes, [`kubernetes`] watches the Service's EndpointSlices into the
+//! pure [`discovery`] index and moves the upstream (and the probe) to the
+//! usable pod, holding while none is; it also follows the pause Lease. TLS is
+//! in [`tls`] (certificates), [`listener`] (HTTPS accept loop) and
+//! [`connector`] (HTTPS to the backend). [`config`] reads the TOML file and [`reload`] applies a changed one live.
 
 #![forbid(unsafe_code)]
 
