@@ -319,6 +319,10 @@ impl Gate {
     /// A request got an answer from the backend: if the gate was down for a
     /// failure (not a pause), the backend is evidently serving again.
     pub fn backend_answered(self: &Arc<Self>) {
+        // The common case, checked without taking the gate's lock.
+        if *self.phase.borrow() == Phase::Up {
+            return;
+        }
         let transition = {
             let mut inner = self.lock();
             match inner.state {
