@@ -136,7 +136,10 @@ async fn one_operation(
 ) -> (String, Result<(), String>) {
     // Reads only objects known to be written, so a read never races its write.
     let readable = last_written.load(std::sync::atomic::Ordering::SeqCst);
-    let read = readable > 0 && workload.get_every.is_some_and(|k| k > 0 && n % k == 0);
+    let read = readable > 0
+        && workload
+            .get_every
+            .is_some_and(|k| k > 0 && n.is_multiple_of(k));
     if read {
         let result = s3
             .get_object()
