@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Mode {
     /// Run the workload against an endpoint while the backend restarts.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Local demo: backend process, proxy, restarts; through the proxy and direct.
     Demo(DemoArgs),
 }
@@ -92,7 +92,7 @@ struct DemoArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Mode::Run(args) => run(args).await,
+        Mode::Run(args) => run(*args).await,
         Mode::Demo(args) => demo(args).await,
     }
 }
