@@ -531,7 +531,7 @@ impl Config {
             interval: positive_duration(
                 "probe.interval",
                 raw.probe.interval,
-                Duration::from_millis(25),
+                Duration::from_millis(10),
             )?,
             timeout: positive_duration(
                 "probe.timeout",
