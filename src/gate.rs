@@ -306,12 +306,7 @@ impl Gate {
             if let Some(pause) = inner.pause.as_mut() {
                 pause.backend_seen_gone = true;
             }
-            match inner.state {
-                State::Down { .. } => None,
-                State::Up | State::Resuming { .. } => {
-                    Some(self.go_down(&mut inner, reason, Instant::now()))
-                }
-            }
+            self.down_unless_down(&mut inner, reason)
         };
         self.notify(transition);
     }
@@ -390,17 +385,11 @@ impl Gate {
             if inner.pause.is_some() {
                 return;
             }
-            let now = Instant::now();
-            let already_down = matches!(inner.state, State::Down { .. });
             inner.pause = Some(Pause {
-                started: now,
-                backend_seen_gone: already_down,
+                started: Instant::now(),
+                backend_seen_gone: matches!(inner.state, State::Down { .. }),
             });
-            if already_down {
-                None
-            } else {
-                Some(self.go_down(&mut inner, DownReason::AdminPause, now))
-            }
+            self.down_unless_down(&mut inner, DownReason::AdminPause)
         };
         self.notify(transition);
     }
@@ -436,17 +425,7 @@ impl Gate {
     /// Discovery found no usable endpoint: hold new requests, and do not
     /// resume on a serving probe until [`Gate::release_discovery`].
     pub fn hold_for_discovery(&self) {
-        let transition = {
-            let mut inner = self.lock();
-            inner.discovery_hold = true;
-            match inner.state {
-                State::Down { .. } => None,
-                State::Up | State::Resuming { .. } => {
-                    Some(self.go_down(&mut inner, DownReason::Discovery, Instant::now()))
-                }
-            }
-        };
-        self.notify(transition);
+        self.discovery_down(true);
     }
 
     /// Discovery has a usable endpoint again; the probe decides when it serves.
@@ -456,17 +435,24 @@ impl Gate {
 
     /// The backend address changed: hold until the probe sees the new one serve.
     pub fn backend_moved(&self) {
+        self.discovery_down(false);
+    }
+
+    fn discovery_down(&self, hold: bool) {
         let transition = {
             let mut inner = self.lock();
-            inner.discovery_hold = false;
-            match inner.state {
-                State::Down { .. } => None,
-                State::Up | State::Resuming { .. } => {
-                    Some(self.go_down(&mut inner, DownReason::Discovery, Instant::now()))
-                }
-            }
+            inner.discovery_hold = hold;
+            self.down_unless_down(&mut inner, DownReason::Discovery)
         };
         self.notify(transition);
+    }
+
+    /// Takes an Up or Resuming gate down; a gate already down keeps its reason.
+    fn down_unless_down(&self, inner: &mut Inner, reason: DownReason) -> Option<Transition> {
+        match inner.state {
+            State::Down { .. } => None,
+            State::Up | State::Resuming { .. } => Some(self.go_down(inner, reason, Instant::now())),
+        }
     }
 
     /// The paused backend was seen to go away (its process closed a connection).

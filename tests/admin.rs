@@ -52,15 +52,8 @@ async fn pause_holds_new_requests_and_resume_releases_them() {
         .unwrap()
         .expect("the held PUT completes after resume");
     proxy.admin_post("/admin/resume").await;
-    let got = s3
-        .get_object()
-        .bucket("paused")
-        .key("k")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        support::read_object(&s3, "paused", "k").await,
         b"after the pause"
     );
 }

@@ -127,15 +127,8 @@ async fn a_streamed_aws_chunked_upload_is_held_through_a_restart() {
     put.await
         .unwrap()
         .expect("the held upload is sent once the backend serves");
-    let got = s3
-        .get_object()
-        .bucket("streamed")
-        .key("big")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        support::read_object(&s3, "streamed", "big").await,
         content.as_slice()
     );
 }

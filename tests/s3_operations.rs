@@ -162,15 +162,8 @@ async fn an_aws_chunked_upload_with_signed_chunks_and_a_crc_trailer_verifies() {
         .send()
         .await
         .unwrap();
-    let got = s3
-        .get_object()
-        .bucket("chunked")
-        .key("streamed")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        support::read_object(&s3, "chunked", "streamed").await,
         content.as_slice()
     );
 }

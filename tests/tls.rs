@@ -57,15 +57,8 @@ async fn put_and_get_over_https_with_checksums() {
         .send()
         .await
         .unwrap();
-    let got = s3
-        .get_object()
-        .bucket("secure")
-        .key("k")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        support::read_object(&s3, "secure", "k").await,
         content.as_slice()
     );
 }
@@ -311,15 +304,8 @@ async fn an_https_only_backend_with_its_own_ca_is_proxied_and_probed_over_tls() 
     put.await
         .unwrap()
         .expect("held until the HTTPS backend handshakes again");
-    let got = s3
-        .get_object()
-        .bucket("tls-backend")
-        .key("k")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        support::read_object(&s3, "tls-backend", "k").await,
         b"through TLS"
     );
 }

@@ -152,17 +152,7 @@ async fn a_plain_put_that_reached_a_hung_backend_is_replayed() {
         .through_a_hang(&backend, put)
         .await
         .expect("an idempotent PUT is replayed");
-    let got = s3
-        .get_object()
-        .bucket("replays")
-        .key("plain")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        got.body.collect().await.unwrap().into_bytes().as_ref(),
-        b"v1"
-    );
+    assert_eq!(support::read_object(&s3, "replays", "plain").await, b"v1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -456,6 +456,18 @@ pub fn sign_unsigned_payload(
         .collect()
 }
 
+/// The whole content of an object, read with the SDK (panics on failure).
+pub async fn read_object(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    let got = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    got.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
 /// Deterministic object content for key `n`.
 pub fn object_content(n: usize, size: usize) -> Vec<u8> {
     (0..size).map(|i| ((i * 31 + n * 7) % 251) as u8).collect()

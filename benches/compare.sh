@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark in one run, on one machine, against one S3 backend:
+# direct access, s3-failover-proxy, HAProxy and nginx (Debian packages),
+# configured as S3 reverse proxies with keep-alive and no request buffering.
+#
+#   bash benches/compare.sh [seconds-per-load-run] [large-object-MiB] [held-requests]
+#
+# Figures: small-GET requests/s and p50/p99 at 64 and 256 connections (wrk),
+# proxy CPU time per request (from /proc), CPU seconds per GiB for 1 MiB GETs
+# and for one large GET, peak RSS while streaming the large object, and for
+# s3-failover-proxy the RSS per idle connection and per held request, and the
+# backend connection attempts per second during an outage with requests held.
+# Writes target/bench/compare.json and target/bench/compare.md. Not a test:
+# the machines are shared and noisy, read the ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-8}
+large_mib=${2:-5120}
+held=${3:-2000}
+target=${CARGO_TARGET_DIR:-target}
+out=target/bench
+mkdir -p "$out"
+s3s_fs=${S3S_FS_BIN:-$HOME/.cache/s3fp/tools/bin/s3s-fs}
+for tool in wrk nginx haproxy curl python3; do
+  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl)" >&2; exit 1; }
+done
+[ -x "$s3s_fs" ] || { echo "s3s-fs is needed: bash .ci/run or bash demo.sh installs it" >&2; exit 1; }
+
+cargo build --release --quiet --bin s3-failover-proxy
+proxy_bin=$target/release/s3-failover-proxy
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 500); do curl -s -o /dev/null "$1" && return 0; sleep 0.02; done; echo "no answer from $1" >&2; exit 1; }
+
+backend_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
+haproxy_port=$(free_port); nginx_port=$(free_port)
+mkdir -p "$work/data"
+start_backend() {
+  "$s3s_fs" --host 127.0.0.1 --port "$backend_port" "$work/data" >/dev/null 2>&1 &
+  backend_pid=$!
+  pids+=($backend_pid)
+  wait_http "http://127.0.0.1:$backend_port/"
+}
+start_backend
+
+cat >"$work/proxy.toml" <<TOML
+[listener]
+address = "127.0.0.1:$proxy_port"
+[backend]
+address = "127.0.0.1:$backend_port"
+[admin]
+address = "127.0.0.1:$admin_port"
+[hold]
+max_requests = 100000
+timeout = "120s"
+[log]
+level = "warn"
+TOML
+"$proxy_bin" --config "$work/proxy.toml" 2>/dev/null &
+proxy_pid=$!
+pids+=($proxy_pid)
+
+cat >"$work/haproxy.cfg" <<CFG
+global
+  nbthread 2
+  maxconn 50000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 120s
+  timeout server 120s
+  retries 10
+frontend s3
+  bind 127.0.0.1:$haproxy_port
+  default_backend s3gw
+backend s3gw
+  http-reuse always
+  server s3gw 127.0.0.1:$backend_port
+CFG
+haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
+haproxy_pid=$!
+pids+=($haproxy_pid)
+
+mkdir -p "$work/nginx"
+cat >"$work/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  upstream s3gw { server 127.0.0.1:$backend_port; keepalive 256; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    client_max_body_size 0;
+    location / {
+      proxy_pass http://s3gw;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
+      proxy_request_buffering off;
+      proxy_buffering off;
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" >/dev/null 2>&1 &
+nginx_pid=$!
+pids+=($nginx_pid)
+wait_http "http://127.0.0.1:$admin_port/readyz"
+wait_http "http://127.0.0.1:$haproxy_port/"
+wait_http "http://127.0.0.1:$nginx_port/"
+
+direct=http://127.0.0.1:$backend_port
+curl -sf -X PUT "$direct/bench" >/dev/null
+head -c 1024 /dev/urandom | curl -sf -X PUT --data-binary @- "$direct/bench/small" >/dev/null
+head -c $((1 << 20)) /dev/urandom | curl -sf -X PUT --data-binary @- "$direct/bench/mib" >/dev/null
+head -c $((large_mib << 20)) /dev/zero | curl -sf -X PUT -T - "$direct/bench/large" >/dev/null
+
+ticks_per_second=$(getconf CLK_TCK)
+# CPU ticks of a process and its children (nginx workers).
+cpu_ticks() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+rss_kib() {
+  local total=0 pid
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/VmRSS/ {print $2}' "/proc/$pid/status")))
+  done
+  echo "$total"
+}
+
+run_wrk() {
+  wrk -t2 -c"$2" -d"${seconds}s" --latency "$1" | python3 -c '
+import re, sys, json
+text = sys.stdin.read()
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+total = int(re.search(r"(\d+) requests in", text).group(1))
+lat = {p: ms(*re.search(r"^\s+" + p + r"%\s+([\d.]+)(us|ms|s)", text, re.M).groups()) for p in ("50", "99")}
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+print(json.dumps({"rps": rps, "requests": total, "p50_ms": lat["50"], "p99_ms": lat["99"], "non_2xx": int(errors.group(1)) if errors else 0}))
+'
+}
+
+declare -A url=( [direct]=$direct [proxy]=http://127.0.0.1:$proxy_port [haproxy]=http://127.0.0.1:$haproxy_port [nginx]=http://127.0.0.1:$nginx_port )
+declare -A pid=( [proxy]=$proxy_pid [haproxy]=$haproxy_pid [nginx]=$nginx_pid )
+targets=(direct proxy haproxy nginx)
+
+measure() { # target, path, connections -> JSON with CPU seconds
+  local t=$1 before after result cpu=null
+  [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
+  result=$(run_wrk "${url[$t]}$2" "$3")
+  if [ "$t" != direct ]; then
+    after=$(cpu_ticks "${pid[$t]}")
+    cpu=$(python3 -c "print(($after - $before) / $ticks_per_second)")
+  fi
+  python3 -c "import json,sys; r=json.loads(sys.argv[1]); r['cpu_seconds']=$cpu; print(json.dumps(r))" "$result"
+}
+
+results="{"
+for connections in 64 256; do
+  results+="\"small_get_c$connections\": {"
+  for t in "${targets[@]}"; do results+="\"$t\": $(measure "$t" /bench/small "$connections"),"; done
+  results="${results%,}},"
+done
+results+="\"mib_get_c16\": {"
+for t in "${targets[@]}"; do results+="\"$t\": $(measure "$t" /bench/mib 16),"; done
+results="${results%,}},"
+
+results+="\"large_get\": {\"mib\": $large_mib,"
+for t in "${targets[@]}"; do
+  before=0; [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
+  peak=0
+  curl -s -o /dev/null -w '%{time_total}' "${url[$t]}/bench/large" >"$work/time" &
+  curl_pid=$!
+  while kill -0 "$curl_pid" 2>/dev/null; do
+    if [ "$t" != direct ]; then r=$(rss_kib "${pid[$t]}"); [ "$r" -gt "$peak" ] && peak=$r; fi
+    sleep 0.2
+  done
+  wait "$curl_pid"
+  cpu=null; [ "$t" != direct ] && cpu=$(python3 -c "print(($(cpu_ticks "${pid[$t]}") - $before) / $ticks_per_second)")
+  results+="\"$t\": {\"seconds\": $(cat "$work/time"), \"cpu_seconds\": $cpu, \"peak_rss_kib\": $peak},"
+done
+results="${results%,}},"
+
+# s3-failover-proxy only: memory per idle connection and per held request, and
+# backend connection attempts per second while they are held.
+python3 - "$proxy_port" "$held" >"$work/idle.json" <<'PY' &
+import socket, sys, time, json
+port, count = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+print(json.dumps({"open": len(socks)}), flush=True)
+time.sleep(4)
+PY
+idle_pid=$!
+rss_before=$(rss_kib "$proxy_pid")
+sleep 2
+rss_idle=$(rss_kib "$proxy_pid")
+wait "$idle_pid"
+kill "$backend_pid"; wait "$backend_pid" 2>/dev/null || true
+sleep 0.5
+metric() { curl -s "http://127.0.0.1:$admin_port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+rss_down=$(rss_kib "$proxy_pid")
+python3 - "$proxy_port" "$held" <<'PY' &
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for i in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"GET /bench/small?n={i} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    socks.append(s)
+time.sleep(8)
+PY
+held_pid=$!
+for _ in $(seq 1 200); do
+  [ "$(curl -s "http://127.0.0.1:$admin_port/admin/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["held"])')" -ge "$held" ] && break
+  sleep 0.05
+done
+rss_held=$(rss_kib "$proxy_pid")
+probes_before=$(metric 's3fp_probes_total{result="not_serving"}')
+connects_before=$(metric s3fp_backend_connections_total)
+sleep 3
+probes_after=$(metric 's3fp_probes_total{result="not_serving"}')
+connects_after=$(metric s3fp_backend_connections_total)
+start_backend
+wait "$held_pid" || true
+results+="\"proxy_memory\": {\"connections\": $held, \"rss_kib_before\": $rss_before, \"rss_kib_idle\": $rss_idle, \"rss_kib_backend_down\": $rss_down, \"rss_kib_held\": $rss_held,"
+results+="\"probes_per_second_while_held\": $(python3 -c "print(round(($probes_after - $probes_before) / 3, 1))"),"
+results+="\"backend_connects_per_second_while_held\": $(python3 -c "print(round(($connects_after - $connects_before) / 3, 1))")},"
+results+="\"machine\": \"$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m), $(date -u +%Y-%m-%d)\"}"
+echo "$results" | python3 -m json.tool >"$out/compare.json"
+
+python3 - "$out/compare.json" >"$out/compare.md" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+names = {"direct": "direct", "proxy": "s3-failover-proxy", "haproxy": "HAProxy", "nginx": "nginx"}
+print(f"Machine: {r['machine']}; client, proxies and backend share it.\n")
+for key, title in (("small_get_c64", "1 KiB GET, 64 connections"), ("small_get_c256", "1 KiB GET, 256 connections"), ("mib_get_c16", "1 MiB GET, 16 connections")):
+    print(f"| {title} | req/s | p50 ms | p99 ms | CPU µs/req | vs HAProxy CPU |")
+    print("|---|---|---|---|---|---|")
+    row = r[key]
+    base = row["haproxy"]["cpu_seconds"] / max(row["haproxy"]["requests"], 1)
+    for t in ("direct", "proxy", "haproxy", "nginx"):
+        x = row[t]
+        cpu = "" if x["cpu_seconds"] is None else f"{x['cpu_seconds'] / max(x['requests'], 1) * 1e6:.0f}"
+        ratio = "" if x["cpu_seconds"] is None else f"{(x['cpu_seconds'] / max(x['requests'], 1)) / base:.2f}x"
+        print(f"| {names[t]} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {cpu} | {ratio} |")
+    print()
+mib = r["mib_get_c16"]
+l = r["large_get"]
+print(f"| streaming | 1 MiB GETs: CPU s/GiB | {l['mib']} MiB GET: MiB/s | CPU s/GiB | peak RSS MiB |")
+print("|---|---|---|---|---|")
+for t in ("direct", "proxy", "haproxy", "nginx"):
+    x = mib[t]
+    per_gib = "" if x["cpu_seconds"] is None else f"{x['cpu_seconds'] / (x['requests'] / 1024):.2f}"
+    y = l[t]
+    large_gib = l["mib"] / 1024
+    cpu = "" if y["cpu_seconds"] is None else f"{y['cpu_seconds'] / large_gib:.2f}"
+    rss = "" if t == "direct" else f"{y['peak_rss_kib'] / 1024:.1f}"
+    print(f"| {names[t]} | {per_gib} | {l['mib'] / y['seconds']:.0f} | {cpu} | {rss} |")
+m = r["proxy_memory"]
+n = m["connections"]
+print()
+print(f"s3-failover-proxy with {n} connections: {(m['rss_kib_idle'] - m['rss_kib_before']) * 1024 / n:.0f} bytes per idle connection; "
+      f"{(m['rss_kib_held'] - m['rss_kib_backend_down']) * 1024 / n:.0f} bytes per held request; "
+      f"while they were held: {m['probes_per_second_while_held']} probes/s and {m['backend_connects_per_second_while_held']} other backend connections/s.")
+PY
+cat "$out/compare.md"
