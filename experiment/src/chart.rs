@@ -154,9 +154,14 @@ pub fn rtt_svg(stats: &Stats, path: &Path) -> ChartResult {
 
 /// Writes RTT percentile curves, one per run (e.g. through the proxy and direct).
 pub fn percentiles_svg(runs: &[&Stats], path: &Path) -> ChartResult {
+    // Failed requests count in the curve (a fast failure is not a fast
+    // success), so the legend says how many there were.
     let curves: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
-        .map(|s| (s.label.clone(), percentile_curve(s)))
+        .map(|s| {
+            let label = format!("{} ({} of {} failed)", s.label, s.failed, s.requests);
+            (label, percentile_curve(s))
+        })
         .collect();
     let top_ms = curves
         .iter()
