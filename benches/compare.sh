@@ -66,7 +66,7 @@ pids+=($proxy_pid)
 cat >"$work/haproxy.cfg" <<CFG
 global
   nbthread 2
-  maxconn 50000
+  maxconn 9000
 defaults
   mode http
   timeout connect 2s
@@ -162,7 +162,7 @@ declare -A pid=( [proxy]=$proxy_pid [haproxy]=$haproxy_pid [nginx]=$nginx_pid )
 targets=(direct proxy haproxy nginx)
 
 measure() { # target, path, connections -> JSON with CPU seconds
-  local t=$1 before after result cpu=null
+  local t=$1 before after result cpu=None
   [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
   result=$(run_wrk "${url[$t]}$2" "$3")
   if [ "$t" != direct ]; then

@@ -43,7 +43,7 @@ pub struct Percentiles {
 pub struct OutageMeasures {
     pub down_ms: f64,
     pub to_frontend_up_ms: Option<f64>,
-    /// From going down to the first successful operation that ended after it.
+    /// From going down to the end of the first successful operation sent after it.
     pub to_first_success_ms: Option<f64>,
     /// Operations that overlapped the outage.
     pub overlapping: usize,
@@ -98,9 +98,11 @@ pub fn measure_outage(outage: &Outage, operations: &[Operation]) -> OutageMeasur
         .iter()
         .filter(|op| overlaps(op, outage))
         .collect();
+    // Only requests sent after the backend went down: one that was already
+    // answered as the crash happened says nothing about recovery.
     let to_first_success_ms = operations
         .iter()
-        .filter(|op| op.ok && op.end_ms() > outage.down_ms)
+        .filter(|op| op.ok && op.start_ms >= outage.down_ms)
         .map(|op| op.end_ms() - outage.down_ms)
         .min_by(f64::total_cmp);
     let extra_wait_ms = match outage.frontend_up_ms {
@@ -175,6 +177,7 @@ mod tests {
         };
         let operations = [
             op(900.0, 50.0, true),    // done before the outage
+            op(990.0, 15.0, true),    // answered just as the backend went down
             op(1100.0, 1420.0, true), // held, released 20 ms after frontend-up
             op(1200.0, 1310.0, true), // held, released 10 ms after frontend-up
             op(1300.0, 5.0, false),   // failed during the outage
@@ -182,7 +185,7 @@ mod tests {
         ];
         let measures = measure_outage(&outage, &operations);
         assert_eq!(measures.to_frontend_up_ms, Some(1500.0));
-        assert_eq!(measures.overlapping, 3);
+        assert_eq!(measures.overlapping, 4);
         assert_eq!(measures.failed, 1);
         assert_eq!(measures.extra_wait_ms, [20.0, 10.0]);
         assert_eq!(measures.to_first_success_ms, Some(1510.0));
