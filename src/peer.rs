@@ -5,21 +5,25 @@
 //! hold ends. [`Peer::gone`] watches a duplicate of the connection's socket
 //! (its own epoll registration, so hyper's readiness is untouched) for the
 //! peer's FIN (`EPOLLRDHUP`) without reading a byte, and resolves when it comes.
-
-use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+//! The duplicate is made at accept (so each client connection holds two file
+//! descriptors) and registered with the reactor the first time a request on
+//! that connection is held; every held request of the connection shares it.
 
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Mutex, OnceLock};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// One client connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     pub address: SocketAddr,
-    socket: Option<Arc<OwnedFd>>,
+    /// The duplicate, until the first hold registers it.
+    duplicate: Mutex<Option<OwnedFd>>,
+    registered: OnceLock<Option<TcpStream>>,
 }
 
 impl Peer {
@@ -27,22 +31,15 @@ impl Peer {
     pub fn watched(address: SocketAddr, socket: &impl AsFd) -> Peer {
         Peer {
             address,
-            socket: socket.as_fd().try_clone_to_owned().ok().map(Arc::new),
-        }
-    }
-
-    /// A peer that is never seen to leave (a connection we cannot watch).
-    pub fn unwatched(address: SocketAddr) -> Peer {
-        Peer {
-            address,
-            socket: None,
+            duplicate: Mutex::new(socket.as_fd().try_clone_to_owned().ok()),
+            registered: OnceLock::new(),
         }
     }
 
     /// Resolves once the client has closed its side of the connection.
-    /// Never resolves for an unwatched peer or when watching fails.
+    /// Never resolves when the socket could not be watched.
     pub async fn gone(&self) {
-        if let Some(duplicate) = self.register() {
+        if let Some(duplicate) = self.registered() {
             loop {
                 let Ok(ready) = duplicate.ready(Interest::READABLE).await else {
                     break;
@@ -60,10 +57,14 @@ impl Peer {
         std::future::pending::<()>().await
     }
 
-    /// A second handle on the same socket with its own reactor registration.
-    fn register(&self) -> Option<TcpStream> {
-        let duplicate = self.socket.as_ref()?.as_fd().try_clone_to_owned().ok()?;
-        TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
+    /// The second handle on the socket, with its own reactor registration.
+    fn registered(&self) -> Option<&TcpStream> {
+        self.registered
+            .get_or_init(|| {
+                let duplicate = self.duplicate.lock().unwrap().take()?;
+                TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
+            })
+            .as_ref()
     }
 }
 
