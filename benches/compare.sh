@@ -46,76 +46,8 @@ start_backend() {
 }
 start_backend
 
-cat >"$work/proxy.toml" <<TOML
-[listener]
-address = "127.0.0.1:$proxy_port"
-[backend]
-address = "127.0.0.1:$backend_port"
-[admin]
-address = "127.0.0.1:$admin_port"
-[hold]
-max_requests = 100000
-timeout = "120s"
-[log]
-level = "warn"
-TOML
-"$proxy_bin" --config "$work/proxy.toml" 2>/dev/null &
-proxy_pid=$!
-pids+=($proxy_pid)
-
-cat >"$work/haproxy.cfg" <<CFG
-global
-  nbthread 2
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 120s
-  timeout server 120s
-  retries 10
-frontend s3
-  bind 127.0.0.1:$haproxy_port
-  default_backend s3gw
-backend s3gw
-  http-reuse always
-  server s3gw 127.0.0.1:$backend_port
-CFG
-haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
-haproxy_pid=$!
-pids+=($haproxy_pid)
-
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  upstream s3gw { server 127.0.0.1:$backend_port; keepalive 256; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    client_max_body_size 0;
-    location / {
-      proxy_pass http://s3gw;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_request_buffering off;
-      proxy_buffering off;
-    }
-  }
-}
-CONF
-nginx -c "$work/nginx.conf" >/dev/null 2>&1 &
-nginx_pid=$!
-pids+=($nginx_pid)
+source benches/ingresses.sh
+start_ingresses
 wait_http "http://127.0.0.1:$admin_port/readyz"
 wait_http "http://127.0.0.1:$haproxy_port/"
 wait_http "http://127.0.0.1:$nginx_port/"

@@ -36,67 +36,9 @@ key=bench-key; secret=bench-secret-0123456789
 
 backend_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
 haproxy_port=$(free_port); nginx_port=$(free_port)
-cat >"$work/proxy.toml" <<TOML
-[listener]
-address = "127.0.0.1:$proxy_port"
-[backend]
-address = "127.0.0.1:$backend_port"
-[admin]
-address = "127.0.0.1:$admin_port"
-[log]
-level = "warn"
-TOML
-"$target/release/s3-failover-proxy" --config "$work/proxy.toml" 2>/dev/null &
-pids+=($!)
-cat >"$work/haproxy.cfg" <<CFG
-global
-  nbthread 2
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 120s
-  timeout server 120s
-  retries 10
-frontend s3
-  bind 127.0.0.1:$haproxy_port
-  default_backend s3gw
-backend s3gw
-  http-reuse always
-  server s3gw 127.0.0.1:$backend_port
-CFG
-haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
-pids+=($!)
-mkdir -p "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
-  upstream s3gw { server 127.0.0.1:$backend_port; keepalive 64; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    client_max_body_size 0;
-    location / {
-      proxy_pass http://s3gw;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_request_buffering off;
-    }
-  }
-}
-CONF
-nginx -c "$work/nginx.conf" >/dev/null 2>&1 &
-pids+=($!)
+source benches/ingresses.sh
+proxy_bin=${proxy_bin:-$target/release/s3-failover-proxy}
+start_ingresses
 wait_port "$proxy_port"; wait_port "$haproxy_port"; wait_port "$nginx_port"
 
 active_opens() { awk '/^Tcp:/ { if (++n == 2) print $6 }' /proc/net/snmp; }
