@@ -67,14 +67,7 @@ async fn a_proxy_started_while_the_backend_is_down_holds_until_it_comes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
     let backend = S3Backend::start().await.unwrap();
-    // A short response timeout, so the hang is noticed quickly.
-    let proxy = ProxyUnderTest::start_with(
-        backend.address,
-        "response_timeout = \"500ms\"",
-        "[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
-    )
-    .await
-    .unwrap();
+    let proxy = ProxyUnderTest::start_quick_to_notice_hangs(backend.address).await;
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("hang").send().await.unwrap();
     s3.put_object()

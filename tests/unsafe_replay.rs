@@ -123,13 +123,7 @@ async fn a_backend_killed_mid_download_aborts_the_client_connection() {
 
 async fn frozen_backend_proxy() -> (S3Backend, ProxyUnderTest, aws_sdk_s3::Client) {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start_with(
-        backend.address,
-        "response_timeout = \"500ms\"",
-        "[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
-    )
-    .await
-    .unwrap();
+    let proxy = ProxyUnderTest::start_quick_to_notice_hangs(backend.address).await;
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("replays").send().await.unwrap();
     (backend, proxy, s3)

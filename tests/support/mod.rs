@@ -319,6 +319,18 @@ impl ProxyUnderTest {
         .unwrap();
     }
 
+    /// A proxy that notices a hung backend quickly (no response for 500 ms,
+    /// probes give up after 200 ms) and holds for up to 20 s.
+    pub async fn start_quick_to_notice_hangs(backend: SocketAddr) -> ProxyUnderTest {
+        ProxyUnderTest::start_with(
+            backend,
+            "response_timeout = \"500ms\"",
+            "[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
+        )
+        .await
+        .unwrap()
+    }
+
     /// Waits until the gate reports `reason` (e.g. `hang_timeout`).
     pub async fn wait_reason(&self, reason: &str) {
         wait_until(
