@@ -550,7 +550,17 @@ impl ProxyProcess {
             "[listener]\naddress = \"127.0.0.1:{}\"\n[admin]\naddress = \"{}\"\n{body}",
             self.port, self.admin
         );
-        std::fs::write(self.config.path(), text).unwrap();
+        self.replace_config(&text);
+    }
+
+    /// Replaces the config file in one step (write a sibling, rename over),
+    /// as editors and ConfigMap updates do, so the file watcher never reads
+    /// half a file.
+    pub fn replace_config(&self, text: &str) {
+        let path = self.config.path();
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, path).unwrap();
     }
 
     pub fn endpoint(&self) -> String {
@@ -600,6 +610,18 @@ impl ProxyProcess {
             Duration::from_secs(10),
             &format!("{series} = {value}"),
             || async { metric_sample(&self.metrics().await, series) == Some(value) },
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Waits until the exposition has `series` at `minimum` or more: a signal
+    /// and the file watcher may both pick up one edit.
+    pub async fn wait_metric_at_least(&self, series: &str, minimum: f64) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{series} >= {minimum}"),
+            || async { metric_sample(&self.metrics().await, series).is_some_and(|v| v >= minimum) },
         )
         .await
         .unwrap();
