@@ -296,6 +296,9 @@ impl<B> Body for PooledBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            // hyper stops polling a body that says it has ended, so the last
+            // frame returns the connection, not the `None` after it.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
             Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Err(_))) => {
                 self.give_back.take();

@@ -6,7 +6,7 @@ mod support;
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use support::{ProxyUnderTest, S3Backend, object_content, s3_client};
+use support::{ProxyUnderTest, S3Backend, metric_sample, object_content, s3_client};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_head_list_delete_pass_through_with_checksums() {
@@ -166,4 +166,41 @@ async fn an_aws_chunked_upload_with_signed_chunks_and_a_crc_trailer_verifies() {
         support::read_object(&s3, "chunked", "streamed").await,
         content.as_slice()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_after_another_reuses_the_backend_connection() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("reuse").send().await.unwrap();
+    let content = object_content(2, 1024);
+    s3.put_object()
+        .bucket("reuse")
+        .key("object")
+        .body(ByteStream::from(content.clone()))
+        .send()
+        .await
+        .unwrap();
+
+    let requests = 20;
+    for _ in 0..requests {
+        let got = s3
+            .get_object()
+            .bucket("reuse")
+            .key("object")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.body.collect().await.unwrap().into_bytes(), content);
+    }
+
+    let opened = metric_sample(&proxy.metrics().await, "s3fp_backend_connections_total")
+        .expect("the connection counter is exposed");
+    assert!(
+        opened <= 3.0,
+        "{opened} backend connections for {} sequential requests",
+        requests + 2
+    );
+    proxy.stop().await.unwrap();
 }

@@ -296,6 +296,14 @@ impl ProxyUnderTest {
         serde_json::from_slice(&body).expect("status is JSON")
     }
 
+    /// The Prometheus exposition of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (_, body) = raw_request(self.admin, "GET", "/metrics", &[], Bytes::new())
+            .await
+            .unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     pub async fn held(&self) -> u64 {
         self.status().await["held"].as_u64().unwrap()
     }
