@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::peer::Peer;
+use crate::peer::{ClientSocket, Peer};
 use crate::proxy::Proxy;
 
 /// Longest a client may take to complete its TLS handshake.
@@ -70,7 +70,7 @@ fn accept(
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let peer = Arc::new(Peer::watched(address, &stream));
+    let (stream, peer) = ClientSocket::new(stream, address);
     let proxy = Arc::clone(proxy);
     let scheme = listener.scheme();
     let watcher = graceful.watcher();

@@ -2,94 +2,354 @@
 //!
 //! hyper does not read a request body the handler has not asked for, so a
 //! client that gives up while its PUT is held would only be noticed when the
-//! hold ends. [`Peer::gone`] watches a duplicate of the connection's socket
-//! (its own epoll registration, so hyper's readiness is untouched) for the
-//! peer's FIN (`EPOLLRDHUP`) without reading a byte, and resolves when it comes.
-//! The duplicate is made at accept (so each client connection holds two file
-//! descriptors) and registered with the reactor the first time a request on
-//! that connection is held; every held request of the connection shares it.
+//! hold ends. [`Peer::gone`] watches the connection's socket for the peer's
+//! FIN (`EPOLLRDHUP`) without reading a byte, and resolves when it comes.
+//!
+//! The watch costs no file descriptor: the socket itself is added, the first
+//! time a request on it is held, to one process-wide epoll set that a small
+//! thread waits on (a second epoll set leaves tokio's readiness untouched).
+//! The kernel drops the registration when the socket closes. The socket is
+//! shared between the connection's [`ClientSocket`] and a weak reference in
+//! its [`Peer`], so a watch is only ever added to the open socket itself,
+//! never to a descriptor number another connection reused.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 
-use tokio::io::Interest;
+use rustix::event::epoll;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// One client connection.
 #[derive(Debug)]
 pub struct Peer {
     pub address: SocketAddr,
-    /// The duplicate, until the first hold registers it.
-    duplicate: Mutex<Option<OwnedFd>>,
-    registered: OnceLock<Option<TcpStream>>,
+    /// The socket while the connection has it open.
+    socket: Weak<TcpStream>,
+    /// The departure watch's key, once registered.
+    watch: Mutex<Option<u64>>,
+    departure: Arc<Departure>,
+}
+
+/// Set once by the watch thread when the client's FIN arrives.
+#[derive(Debug, Default)]
+struct Departure {
+    gone: AtomicBool,
+    notify: Notify,
+}
+
+impl Departure {
+    fn mark_gone(&self) {
+        self.gone.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
 }
 
 impl Peer {
-    /// A peer whose departure can be watched, for a TCP connection.
-    pub fn watched(address: SocketAddr, socket: &impl AsFd) -> Peer {
+    /// A peer that cannot be watched (no socket): [`Peer::gone`] never resolves.
+    pub fn unwatched(address: SocketAddr) -> Peer {
         Peer {
             address,
-            duplicate: Mutex::new(socket.as_fd().try_clone_to_owned().ok()),
-            registered: OnceLock::new(),
+            socket: Weak::new(),
+            watch: Mutex::new(None),
+            departure: Arc::default(),
         }
     }
 
     /// Resolves once the client has closed its side of the connection.
     /// Never resolves when the socket could not be watched.
     pub async fn gone(&self) {
-        if let Some(duplicate) = self.registered() {
+        if self.watch() {
             loop {
-                let Ok(ready) = duplicate.ready(Interest::READABLE).await else {
-                    break;
-                };
-                if ready.is_read_closed() {
+                // Created before the check, so a departure in between wakes it.
+                let notified = self.departure.notify.notified();
+                if self.departure.gone.load(Ordering::Acquire) {
                     return;
                 }
-                // Unread request bytes are hyper's: forget this edge without
-                // reading and wait for the next one (more data or the FIN).
-                let _ = duplicate.try_io(Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
+                notified.await;
             }
         }
         std::future::pending::<()>().await
     }
 
-    /// The second handle on the socket, with its own reactor registration.
-    fn registered(&self) -> Option<&TcpStream> {
-        self.registered
-            .get_or_init(|| {
-                let duplicate = self.duplicate.lock().unwrap().take()?;
-                TcpStream::from_std(std::net::TcpStream::from(duplicate)).ok()
+    /// Registers the socket with the departure watch, once; false when it
+    /// cannot be watched (closed, or no epoll on this system).
+    fn watch(&self) -> bool {
+        let mut watch = self.watch.lock().unwrap();
+        if watch.is_some() {
+            return true;
+        }
+        // Holding the socket keeps it open until it is registered.
+        let (Some(socket), Some(watcher)) = (self.socket.upgrade(), DepartureWatcher::get()) else {
+            return false;
+        };
+        match watcher.add(socket.as_fd(), &self.departure) {
+            Ok(key) => {
+                *watch = Some(key);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, client = %self.address, "cannot watch the client socket");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let watch = self.watch.get_mut().map(|w| *w).unwrap_or(None);
+        if let (Some(key), Some(watcher)) = (watch, DepartureWatcher::get()) {
+            watcher.forget(key);
+        }
+    }
+}
+
+/// The process-wide epoll set of watched client sockets and its thread.
+struct DepartureWatcher {
+    epoll: OwnedFd,
+    watched: Mutex<HashMap<u64, Weak<Departure>>>,
+    next_key: AtomicU64,
+}
+
+impl DepartureWatcher {
+    /// The watcher, started on first use; `None` if epoll is unavailable.
+    fn get() -> Option<&'static DepartureWatcher> {
+        static WATCHER: OnceLock<Option<DepartureWatcher>> = OnceLock::new();
+        WATCHER
+            .get_or_init(|| match DepartureWatcher::start() {
+                Ok(watcher) => Some(watcher),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch client sockets; held clients that leave are noticed when their hold ends");
+                    None
+                }
             })
             .as_ref()
+    }
+
+    fn start() -> io::Result<DepartureWatcher> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let waiter = epoll.try_clone()?;
+        std::thread::Builder::new()
+            .name("s3fp-peer-watch".into())
+            .spawn(move || DepartureWatcher::wait_loop(waiter))?;
+        Ok(DepartureWatcher {
+            epoll,
+            watched: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
+        })
+    }
+
+    fn add(&self, socket: BorrowedFd<'_>, departure: &Arc<Departure>) -> io::Result<u64> {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        self.watched
+            .lock()
+            .unwrap()
+            .insert(key, Arc::downgrade(departure));
+        // Edge-triggered on the FIN only: unread request bytes are hyper's
+        // and do not wake the thread. A FIN already there is reported at once.
+        let flags = epoll::EventFlags::RDHUP | epoll::EventFlags::ET | epoll::EventFlags::ONESHOT;
+        if let Err(error) = epoll::add(&self.epoll, socket, epoll::EventData::new_u64(key), flags) {
+            self.forget(key);
+            return Err(error.into());
+        }
+        Ok(key)
+    }
+
+    fn forget(&self, key: u64) {
+        self.watched.lock().unwrap().remove(&key);
+    }
+
+    /// The watch thread: waits for departures and wakes their held requests.
+    fn wait_loop(epoll: OwnedFd) {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        loop {
+            events.clear();
+            match epoll::wait(&epoll, rustix::buffer::spare_capacity(&mut events), None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(error) => {
+                    tracing::error!(%error, "the client departure watch stopped");
+                    return;
+                }
+            }
+            let Some(watcher) = DepartureWatcher::get() else {
+                return;
+            };
+            for event in &events {
+                let key = event.data.u64();
+                let departure = watcher.watched.lock().unwrap().remove(&key);
+                if let Some(departure) = departure.and_then(|weak| weak.upgrade()) {
+                    departure.mark_gone();
+                }
+            }
+        }
+    }
+}
+
+/// A client's TCP socket, owned for hyper (below TLS when there is TLS) and
+/// watched through its [`Peer`]. Dropping it closes the connection, unless a
+/// departure watch is being registered at that instant.
+pub struct ClientSocket {
+    stream: Arc<TcpStream>,
+}
+
+impl ClientSocket {
+    /// Takes an accepted connection; the [`Peer`] is shared with its requests.
+    pub fn new(stream: TcpStream, address: SocketAddr) -> (ClientSocket, Arc<Peer>) {
+        let stream = Arc::new(stream);
+        let peer = Arc::new(Peer {
+            address,
+            socket: Arc::downgrade(&stream),
+            watch: Mutex::new(None),
+            departure: Arc::default(),
+        });
+        (ClientSocket { stream }, peer)
+    }
+}
+
+/// Retries `io` until it does not block, waiting for readiness with `ready`.
+fn poll_io<T>(
+    cx: &mut Context<'_>,
+    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut io: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        std::task::ready!(ready(cx))?;
+        match io() {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+impl AsyncRead for ClientSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let stream = &self.stream;
+        poll_io(
+            cx,
+            |cx| stream.poll_read_ready(cx),
+            || stream.try_read_buf(buf),
+        )
+        .map_ok(|_| ())
+    }
+}
+
+impl AsyncWrite for ClientSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let stream = &self.stream;
+        poll_io(
+            cx,
+            |cx| stream.poll_write_ready(cx),
+            || stream.try_write(buf),
+        )
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let stream = &self.stream;
+        poll_io(
+            cx,
+            |cx| stream.poll_write_ready(cx),
+            || stream.try_write_vectored(bufs),
+        )
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(
+            rustix::net::shutdown(&*self.stream, rustix::net::Shutdown::Write).map_err(Into::into),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    #[tokio::test]
-    async fn a_client_that_closes_is_seen_gone_even_with_unread_bytes() {
+    async fn connected() -> (TcpStream, ClientSocket, Arc<Peer>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server_side, address) = listener.accept().await.unwrap();
-        let peer = Peer::watched(address, &server_side);
+        let (socket, peer) = ClientSocket::new(server_side, address);
+        (client, socket, peer)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_is_seen_gone_even_with_unread_bytes() {
+        let (mut client, _socket, peer) = connected().await;
         client.write_all(b"PUT /b/k HTTP/1.1\r\n").await.unwrap();
         let watcher = tokio::spawn(async move { peer.gone().await });
         tokio::task::yield_now().await;
         assert!(!watcher.is_finished());
         drop(client);
-        tokio::time::timeout(std::time::Duration::from_secs(5), watcher)
+        tokio::time::timeout(Duration::from_secs(5), watcher)
             .await
             .expect("the departure is seen")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_before_the_watch_starts_is_seen_at_once() {
+        let (client, _socket, peer) = connected().await;
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), peer.gone())
+            .await
+            .expect("the FIN already there is reported");
+    }
+
+    #[tokio::test]
+    async fn a_closed_socket_is_never_watched() {
+        let (_client, socket, peer) = connected().await;
+        drop(socket);
+        assert!(
+            !peer.watch(),
+            "its descriptor number may belong to another file now"
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_pass_both_ways_and_a_shutdown_reaches_the_client() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut socket, _peer) = connected().await;
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        socket.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        socket.write_all(b"pong").await.unwrap();
+        socket.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"pong");
     }
 }
