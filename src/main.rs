@@ -14,11 +14,6 @@ use s3_failover_proxy::{Config, Listeners, run_with_reload};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-/// mimalloc: fewer cycles per allocation than glibc's malloc on the
-/// request path, and memory returned to the system between bursts.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// An S3 ingress that holds requests while its backend restarts and replays them.
 #[derive(Debug, Parser)]
 #[command(version)]
