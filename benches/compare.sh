@@ -3,26 +3,28 @@
 # direct access, s3-failover-proxy, HAProxy and nginx (Debian packages),
 # configured as S3 reverse proxies with keep-alive and no request buffering.
 #
-#   bash benches/compare.sh [seconds-per-load-run] [large-object-MiB] [held-requests]
+#   bash benches/compare.sh [seconds-per-load-run] [large-object-MiB] [held-requests] [outage-requests]
 #
 # Figures: small-GET requests/s and p50/p99 at 64 and 256 connections (wrk),
 # proxy CPU time per request (from /proc), CPU seconds per GiB for 1 MiB GETs
-# and for one large GET, peak RSS while streaming the large object, and for
-# s3-failover-proxy the RSS per idle connection and per held request, and the
-# backend connection attempts per second during an outage with requests held.
+# and for one large GET, peak RSS while streaming the large object; for
+# s3-failover-proxy the RSS per idle connection and per request held on it,
+# and its probes per second while they are held; for every ingress the
+# backend connection attempts per second during an outage with requests waiting.
 # Writes target/bench/compare.json and target/bench/compare.md. Not a test:
 # the machines are shared and noisy, read the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-8}
 large_mib=${2:-5120}
-held=${3:-2000}
+held=${3:-10000}
+outage_held=${4:-1000}
 target=${CARGO_TARGET_DIR:-target}
 out=target/bench
 mkdir -p "$out"
 s3s_fs=${S3S_FS_BIN:-$HOME/.cache/s3fp/tools/bin/s3s-fs}
-for tool in wrk nginx haproxy curl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl)" >&2; exit 1; }
+for tool in wrk nginx haproxy curl python3 strace; do
+  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl strace)" >&2; exit 1; }
 done
 [ -x "$s3s_fs" ] || { echo "s3s-fs is needed: bash .ci/run or bash demo.sh installs it" >&2; exit 1; }
 
@@ -130,50 +132,96 @@ for t in "${targets[@]}"; do
 done
 results="${results%,}},"
 
-# s3-failover-proxy only: memory per idle connection and per held request, and
-# backend connection attempts per second while they are held.
-python3 - "$proxy_port" "$held" >"$work/idle.json" <<'PY' &
-import socket, sys, time, json
-port, count = int(sys.argv[1]), int(sys.argv[2])
-socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
-print(json.dumps({"open": len(socks)}), flush=True)
-time.sleep(4)
-PY
-idle_pid=$!
-rss_before=$(rss_kib "$proxy_pid")
-sleep 2
-rss_idle=$(rss_kib "$proxy_pid")
-wait "$idle_pid"
-kill "$backend_pid"; wait "$backend_pid" 2>/dev/null || true
-sleep 0.5
-metric() { curl -s "http://127.0.0.1:$admin_port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
-rss_down=$(rss_kib "$proxy_pid")
-python3 - "$proxy_port" "$held" <<'PY' &
-import socket, sys, time
-port, count = int(sys.argv[1]), int(sys.argv[2])
-socks = []
-for i in range(count):
-    s = socket.create_connection(("127.0.0.1", port))
+# Clients that open connections (warm: one GET answered on each first, as
+# an S3 client's keep-alive pool has), then on a signal send one GET on each,
+# and keep them open until killed. Files in $work say how far they got.
+hold_clients() { # port, count, name, warm|cold
+  python3 - "$1" "$2" "$work/$3" "$4" <<'PY' &
+import os, socket, sys, time
+port, count, stem, warm = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "warm"
+def get(s, i):
     s.sendall(f"GET /bench/small?n={i} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-    socks.append(s)
-time.sleep(8)
+def read_response(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += s.recv(65536)
+socks = []
+for first in range(0, count, 200):
+    batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(first, min(first + 200, count))]
+    if warm:
+        for i, s in enumerate(batch):
+            get(s, first + i)
+        for s in batch:
+            read_response(s)
+    socks += batch
+open(stem + ".open", "w").close()
+while not os.path.exists(stem + ".send"):
+    time.sleep(0.02)
+for i, s in enumerate(socks):
+    get(s, i)
+open(stem + ".sent", "w").close()
+time.sleep(600)
 PY
-held_pid=$!
-for _ in $(seq 1 200); do
-  [ "$(curl -s "http://127.0.0.1:$admin_port/admin/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["held"])')" -ge "$held" ] && break
-  sleep 0.05
-done
+  clients_pid=$!
+}
+wait_file() { for _ in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.02; done; echo "timed out waiting for $1" >&2; exit 1; }
+held_now() { curl -s "http://127.0.0.1:$admin_port/admin/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["held"])'; }
+metric() { curl -s "http://127.0.0.1:$admin_port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+# Backend connection attempts of a process and its children (nginx workers)
+# over some seconds: each attempt, refused or not, opens a new socket, so
+# strace counts socket() calls (HAProxy calls connect() twice per attempt).
+connection_attempts() { # seconds, pid
+  local args=() p
+  for p in "$2" $(pgrep -P "$2" || true); do args+=(-p "$p"); done
+  timeout -s INT "$1" strace -f -qq -c -e trace=socket -o "$work/strace.txt" "${args[@]}" 2>/dev/null || true
+  awk '$NF == "socket" {n = $4} END {print n + 0}' "$work/strace.txt"
+}
+
+# s3-failover-proxy: memory per idle keep-alive connection (hyper's buffers
+# are allocated by a connection's first request), then per request held on
+# those same connections, with $held of them.
+rss_before=$(rss_kib "$proxy_pid")
+hold_clients "$proxy_port" "$held" memory warm
+wait_file "$work/memory.open"
+sleep 1
+rss_idle=$(rss_kib "$proxy_pid")
+kill "$backend_pid"; wait "$backend_pid" 2>/dev/null || true
+for _ in $(seq 1 250); do [ "$(metric 's3fp_gate_state{state="down"}')" = 1 ] && break; sleep 0.02; done
+rss_down=$(rss_kib "$proxy_pid")
+touch "$work/memory.send"
+wait_file "$work/memory.sent"
+for _ in $(seq 1 500); do [ "$(held_now)" -ge "$held" ] && break; sleep 0.05; done
+sleep 1
 rss_held=$(rss_kib "$proxy_pid")
+held_seen=$(held_now)
 probes_before=$(metric 's3fp_probes_total{result="not_serving"}')
-connects_before=$(metric s3fp_backend_connections_total)
 sleep 3
 probes_after=$(metric 's3fp_probes_total{result="not_serving"}')
-connects_after=$(metric s3fp_backend_connections_total)
+kill "$clients_pid"; wait "$clients_pid" 2>/dev/null || true
+results+="\"proxy_memory\": {\"connections\": $held, \"held_seen\": $held_seen, \"rss_kib_before\": $rss_before, \"rss_kib_idle\": $rss_idle, \"rss_kib_backend_down\": $rss_down, \"rss_kib_held\": $rss_held,"
+results+="\"probes_per_second_while_held\": $(python3 -c "print(round(($probes_after - $probes_before) / 3, 1))")},"
+
+# Every ingress, backend still down: connection attempts per second to the
+# backend while $outage_held requests wait on it.
+results+="\"outage_connects\": {\"requests\": $outage_held,"
+for t in proxy haproxy nginx; do
+  rm -f "$work/outage.open" "$work/outage.send" "$work/outage.sent"
+  port=${url[$t]##*:}
+  hold_clients "$port" "$outage_held" outage cold
+  wait_file "$work/outage.open"
+  touch "$work/outage.send"
+  wait_file "$work/outage.sent"
+  sleep 0.5
+  calls=$(connection_attempts 3 "${pid[$t]}")
+  kill "$clients_pid"; wait "$clients_pid" 2>/dev/null || true
+  results+="\"$t\": $(python3 -c "print(round($calls / 3, 1))"),"
+done
+results="${results%,}},"
 start_backend
-wait "$held_pid" || true
-results+="\"proxy_memory\": {\"connections\": $held, \"rss_kib_before\": $rss_before, \"rss_kib_idle\": $rss_idle, \"rss_kib_backend_down\": $rss_down, \"rss_kib_held\": $rss_held,"
-results+="\"probes_per_second_while_held\": $(python3 -c "print(round(($probes_after - $probes_before) / 3, 1))"),"
-results+="\"backend_connects_per_second_while_held\": $(python3 -c "print(round(($connects_after - $connects_before) / 3, 1))")},"
 results+="\"machine\": \"$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m), $(date -u +%Y-%m-%d)\"}"
 echo "$results" | python3 -m json.tool >"$out/compare.json"
 
@@ -208,8 +256,14 @@ for t in ("direct", "proxy", "haproxy", "nginx"):
 m = r["proxy_memory"]
 n = m["connections"]
 print()
-print(f"s3-failover-proxy with {n} connections: {(m['rss_kib_idle'] - m['rss_kib_before']) * 1024 / n:.0f} bytes per idle connection; "
-      f"{(m['rss_kib_held'] - m['rss_kib_backend_down']) * 1024 / n:.0f} bytes per held request; "
-      f"while they were held: {m['probes_per_second_while_held']} probes/s and {m['backend_connects_per_second_while_held']} other backend connections/s.")
+print(f"s3-failover-proxy with {n} keep-alive connections: {(m['rss_kib_idle'] - m['rss_kib_before']) * 1024 / n:.0f} bytes per idle connection (one request served on each); "
+      f"then one request held on each ({m['held_seen']} held): {(m['rss_kib_held'] - m['rss_kib_backend_down']) * 1024 / n:.0f} bytes per held request; "
+      f"{m['probes_per_second_while_held']} probes/s while they were held.")
+o = r["outage_connects"]
+print()
+print(f"| backend down, {o['requests']} requests waiting | connection attempts to the backend per second |")
+print("|---|---|")
+for t in ("proxy", "haproxy", "nginx"):
+    print(f"| {names[t]} | {o[t]} |")
 PY
 cat "$out/compare.md"
