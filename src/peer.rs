@@ -53,16 +53,6 @@ impl Departure {
 }
 
 impl Peer {
-    /// A peer that cannot be watched (no socket): [`Peer::gone`] never resolves.
-    pub fn unwatched(address: SocketAddr) -> Peer {
-        Peer {
-            address,
-            socket: Weak::new(),
-            watch: Mutex::new(None),
-            departure: Arc::default(),
-        }
-    }
-
     /// Resolves once the client has closed its side of the connection.
     /// Never resolves when the socket could not be watched.
     pub async fn gone(&self) {
