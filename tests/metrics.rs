@@ -8,23 +8,11 @@ use std::process::{Command, Stdio};
 
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use support::{ProxyUnderTest, S3Backend, raw_request, s3_client};
-
-async fn scrape(proxy: &ProxyUnderTest) -> String {
-    let (status, body) = raw_request(proxy.admin, "GET", "/metrics", &[], Bytes::new())
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    String::from_utf8(body.to_vec()).unwrap()
-}
+use support::{ProxyUnderTest, S3Backend, metric_sample, raw_request, s3_client};
 
 /// The value of one sample, `name{labels}` exactly as exposed.
 fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-        .parse()
-        .unwrap()
+    metric_sample(text, series).unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
 fn promtool_check(text: &str) {
@@ -87,7 +75,7 @@ async fn an_outage_shows_in_the_metrics_as_it_happened() {
         .unwrap();
     assert_eq!(status, 503);
 
-    let text = scrape(&proxy).await;
+    let text = proxy.metrics().await;
     promtool_check(&text);
     assert_eq!(sample(&text, "s3fp_outages_total{reason=\"refused\"}"), 2.0);
     assert_eq!(

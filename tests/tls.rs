@@ -34,13 +34,6 @@ fn https_endpoint(proxy: &ProxyUnderTest) -> String {
     format!("https://localhost:{}", proxy.tls_address.unwrap().port())
 }
 
-async fn scrape(proxy: &ProxyUnderTest) -> String {
-    let (_, body) = raw_request(proxy.admin, "GET", "/metrics", &[], Bytes::new())
-        .await
-        .unwrap();
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_and_get_over_https_with_checksums() {
     let backend = S3Backend::start().await.unwrap();
@@ -169,7 +162,7 @@ async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive(
     held.await
         .unwrap()
         .expect("the request held across the rotation succeeds");
-    let metrics = scrape(&proxy).await;
+    let metrics = proxy.metrics().await;
     assert_eq!(
         metric_sample(
             &metrics,
@@ -197,7 +190,7 @@ async fn a_broken_certificate_file_is_rejected_and_the_old_pair_keeps_serving() 
         "the broken pair to be rejected",
         || async {
             metric_sample(
-                &scrape(&proxy).await,
+                &proxy.metrics().await,
                 "s3fp_tls_certificate_reloads_total{result=\"failure\"}",
             )
             .is_some_and(|failures| failures >= 1.0)
@@ -351,7 +344,7 @@ async fn garbage_instead_of_a_handshake_closes_that_connection_only() {
     assert!(read.is_ok(), "the proxy closes the connection");
     assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
     assert_eq!(
-        metric_sample(&scrape(&proxy).await, "s3fp_tls_handshake_failures_total"),
+        metric_sample(&proxy.metrics().await, "s3fp_tls_handshake_failures_total"),
         Some(1.0)
     );
 

@@ -298,10 +298,7 @@ impl ProxyUnderTest {
 
     /// The Prometheus exposition of `/metrics`.
     pub async fn metrics(&self) -> String {
-        let (_, body) = raw_request(self.admin, "GET", "/metrics", &[], Bytes::new())
-            .await
-            .unwrap();
-        String::from_utf8(body.to_vec()).unwrap()
+        scrape_metrics(self.admin).await
     }
 
     pub async fn held(&self) -> u64 {
@@ -606,30 +603,27 @@ impl ProxyProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        let (_, body) = raw_request(self.admin, "GET", "/metrics", &[], Bytes::new())
-            .await
-            .unwrap();
-        String::from_utf8(body.to_vec()).unwrap()
+        scrape_metrics(self.admin).await
     }
 
     /// Waits until the exposition has `series` with `value`.
     pub async fn wait_metric(&self, series: &str, value: f64) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{series} = {value}"),
-            || async { metric_sample(&self.metrics().await, series) == Some(value) },
-        )
-        .await
-        .unwrap();
+        self.wait_sample(series, &format!("= {value}"), |v| v == value)
+            .await;
     }
 
     /// Waits until the exposition has `series` at `minimum` or more: a signal
     /// and the file watcher may both pick up one edit.
     pub async fn wait_metric_at_least(&self, series: &str, minimum: f64) {
+        self.wait_sample(series, &format!(">= {minimum}"), |v| v >= minimum)
+            .await;
+    }
+
+    async fn wait_sample(&self, series: &str, what: &str, holds: impl Fn(f64) -> bool) {
         wait_until(
             Duration::from_secs(10),
-            &format!("{series} >= {minimum}"),
-            || async { metric_sample(&self.metrics().await, series).is_some_and(|v| v >= minimum) },
+            &format!("{series} {what}"),
+            || async { metric_sample(&self.metrics().await, series).is_some_and(&holds) },
         )
         .await
         .unwrap();
@@ -653,6 +647,15 @@ impl Drop for ProxyProcess {
 }
 
 /// The value of one sample, `name{labels}` exactly as exposed.
+/// `GET /metrics` on an admin listener, which must answer 200.
+pub async fn scrape_metrics(admin: SocketAddr) -> String {
+    let (status, body) = raw_request(admin, "GET", "/metrics", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?
