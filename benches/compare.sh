@@ -30,15 +30,10 @@ done
 
 cargo build --release --quiet --bin s3-failover-proxy
 proxy_bin=$target/release/s3-failover-proxy
-work=$(mktemp -d)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/ingresses.sh
+bench_workspace
 wait_http() { for _ in $(seq 1 500); do curl -s -o /dev/null "$1" && return 0; sleep 0.02; done; echo "no answer from $1" >&2; exit 1; }
 
-backend_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
-haproxy_port=$(free_port); nginx_port=$(free_port)
 mkdir -p "$work/data"
 start_backend() {
   "$s3s_fs" --host 127.0.0.1 --port "$backend_port" "$work/data" >/dev/null 2>&1 &
@@ -48,7 +43,6 @@ start_backend() {
 }
 start_backend
 
-source benches/ingresses.sh
 start_ingresses
 wait_http "http://127.0.0.1:$admin_port/readyz"
 wait_http "http://127.0.0.1:$haproxy_port/"

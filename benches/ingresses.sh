@@ -1,7 +1,20 @@
-# Sourced by the benchmark scripts: starts s3-failover-proxy, HAProxy and nginx
-# in front of 127.0.0.1:$backend_port, configured the same way for every
-# benchmark. Needs $work, $proxy_bin, the *_port variables and the pids array;
-# sets proxy_pid, haproxy_pid and nginx_pid.
+# Sourced by the benchmark scripts: a scratch workspace with free loopback
+# ports, and s3-failover-proxy, HAProxy and nginx started in front of
+# 127.0.0.1:$backend_port, configured the same way for every benchmark.
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Sets $work (removed on exit), the pids array (killed on exit) and a free
+# port for the backend, the proxy and its admin listener, HAProxy and nginx.
+bench_workspace() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+  backend_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
+  haproxy_port=$(free_port); nginx_port=$(free_port)
+}
+
+# Needs $proxy_bin and bench_workspace; sets proxy_pid, haproxy_pid, nginx_pid.
 
 start_ingresses() {
   cat >"$work/proxy.toml" <<TOML

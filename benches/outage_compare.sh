@@ -26,17 +26,11 @@ done
 cargo build --release --quiet --bin s3-failover-proxy -p s3-failover-proxy
 cargo build --release --quiet -p s3-outage-experiment
 experiment=$target/release/s3-outage-experiment
-work=$(mktemp -d)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source benches/ingresses.sh
+bench_workspace
 wait_port() { for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.02; done; echo "port $1 not open" >&2; exit 1; }
 key=bench-key; secret=bench-secret-0123456789
 
-backend_port=$(free_port); proxy_port=$(free_port); admin_port=$(free_port)
-haproxy_port=$(free_port); nginx_port=$(free_port)
-source benches/ingresses.sh
 proxy_bin=${proxy_bin:-$target/release/s3-failover-proxy}
 start_ingresses
 wait_port "$proxy_port"; wait_port "$haproxy_port"; wait_port "$nginx_port"
