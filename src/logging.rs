@@ -1,6 +1,9 @@
-//! Log output: human-readable lines by default, JSON on request, filtered by a
+//! Log output: human-readable lines by default (coloured only on a terminal,
+//! so files and `kubectl logs` get plain text), JSON on request, filtered by a
 //! tracing directive (`log.level`, overridable with `RUST_LOG`). The filter can
 //! be changed while running, through the [`LogLevel`] handle the reload uses.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -43,7 +46,11 @@ pub fn init(config: &LogConfig) -> LogLevel {
     let registry = tracing_subscriber::registry().with(filter);
     match config.format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Json => registry
             .with(

@@ -307,11 +307,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let (mut parts, backend_body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let request_id = parts
-            .headers
-            .get("x-amz-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map_or_else(next_request_id, str::to_owned);
+        let request_id = response_request_id(&mut parts.headers);
         let record = self.record(
             outbound,
             parts.status.as_u16(),
@@ -375,6 +371,21 @@ impl Proxy {
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
     }
+}
+
+/// The S3 request id of a backend response, for the request log. A backend
+/// that sends none gets one made by the proxy, added to the response so the
+/// client can quote the id its log line carries.
+fn response_request_id(headers: &mut HeaderMap) -> String {
+    const REQUEST_ID: &str = "x-amz-request-id";
+    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        return id.to_owned();
+    }
+    let id = next_request_id();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID, value);
+    }
+    id
 }
 
 /// The request as the backend should see it: origin-form target, hop-by-hop

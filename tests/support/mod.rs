@@ -514,6 +514,8 @@ pub struct ProxyProcess {
     pub port: u16,
     pub admin: SocketAddr,
     pub config: tempfile::NamedTempFile,
+    /// Everything the process wrote to stderr: its log.
+    log: tempfile::NamedTempFile,
     child: Child,
 }
 
@@ -527,17 +529,14 @@ impl ProxyProcess {
             port,
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             config,
+            log: tempfile::NamedTempFile::new()?,
             child: Command::new("true").spawn()?,
         };
         process.write_config(body);
         process.child = Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
             .arg("--config")
             .arg(process.config.path())
-            .stderr(if std::env::var_os("S3FP_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(process.log.reopen()?)
             .spawn()?;
         let admin = process.admin;
         wait_until(
@@ -629,6 +628,15 @@ impl ProxyProcess {
         .unwrap();
     }
 
+    /// The log lines written so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log.path())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Waits for the process to exit after a signal.
     pub async fn exit_status(mut self) -> std::process::ExitStatus {
         let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
@@ -643,6 +651,12 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::env::var_os("S3FP_TEST_LOG").is_some() {
+            eprintln!(
+                "{}",
+                std::fs::read_to_string(self.log.path()).unwrap_or_default()
+            );
+        }
     }
 }
 

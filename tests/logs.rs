@@ -1,0 +1,121 @@
+//! The logs an operator reads: one line per request (method, path, status,
+//! time held, bytes, S3 request id) and one per backend state change (from,
+//! to, reason, outage length), as text for people or JSON for machines.
+
+mod support;
+
+use std::time::Duration;
+
+use aws_sdk_s3::operation::RequestId;
+use aws_sdk_s3::primitives::ByteStream;
+use serde_json::Value;
+use support::{ProxyProcess, S3Backend, s3_client, wait_until};
+
+/// The log's JSON records; every line must be one.
+fn json_records(proxy: &ProxyProcess) -> Vec<Value> {
+    proxy
+        .log_lines()
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect()
+}
+
+/// Waits until a JSON record matches `wanted`, and returns it.
+async fn wait_record(proxy: &ProxyProcess, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    wait_until(Duration::from_secs(10), what, || async {
+        json_records(proxy).iter().any(&wanted)
+    })
+    .await
+    .unwrap();
+    json_records(proxy).into_iter().find(wanted).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_traced_to_the_outage_that_held_it_in_json_logs() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[log]\nformat = \"json\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("logs").send().await.unwrap();
+
+    backend.kill9();
+    let body = b"written during an outage".to_vec();
+    let put = tokio::spawn({
+        let (s3, body) = (s3.clone(), body.clone());
+        async move {
+            s3.put_object()
+                .bucket("logs")
+                .key("held")
+                .body(ByteStream::from(body))
+                .send()
+                .await
+        }
+    });
+    proxy.wait_held(1).await;
+    backend.restart().await.unwrap();
+    let answer = put.await.unwrap().expect("the held PUT succeeds");
+    let request_id = answer
+        .request_id()
+        .expect("the response carries a request id");
+
+    let line = wait_record(&proxy, "the PUT's request line", |r| {
+        r["message"] == "request" && r["request_id"] == request_id
+    })
+    .await;
+    assert_eq!(line["method"], "PUT");
+    assert_eq!(line["path"], "/logs/held");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes_in"], body.len() as u64);
+    assert_eq!(line["outcome"], "ok");
+    assert!(line["held_ms"].as_u64().unwrap() > 0, "{line}");
+
+    let down = wait_record(&proxy, "the state change to down", |r| r["to"] == "down").await;
+    assert_eq!(down["from"], "up");
+    assert_eq!(down["reason"], "refused");
+    let up = wait_record(&proxy, "the state change back to up", |r| {
+        r["to"] == "up" && r["outage_ms"].is_u64()
+    })
+    .await;
+    assert!(
+        up["outage_ms"].as_u64().unwrap() >= line["held_ms"].as_u64().unwrap(),
+        "the outage ({up}) lasted at least as long as the request was held ({line})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_human_readable_by_default() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
+        .await
+        .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("text").send().await.unwrap();
+
+    let request_line = |lines: &[String]| {
+        lines
+            .iter()
+            .find(|l| l.contains(" request method=PUT path=/text"))
+            .cloned()
+    };
+    wait_until(Duration::from_secs(10), "the request line", || async {
+        request_line(&proxy.log_lines()).is_some()
+    })
+    .await
+    .unwrap();
+    let line = request_line(&proxy.log_lines()).unwrap();
+    assert!(
+        !line.contains('\u{1b}'),
+        "no colour codes in a file: {line}"
+    );
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("status=200"), "{line}");
+    assert!(line.contains("held_ms=0"), "{line}");
+    assert!(
+        serde_json::from_str::<Value>(&line).is_err(),
+        "not JSON: {line}"
+    );
+}
