@@ -628,6 +628,17 @@ impl ProxyProcess {
         .unwrap();
     }
 
+    /// The most memory the process has held resident so far (VmHWM).
+    pub fn peak_resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib * 1024
+    }
+
     /// The log lines written so far.
     pub fn log_lines(&self) -> Vec<String> {
         std::fs::read_to_string(self.log.path())
