@@ -7,7 +7,7 @@
 #
 # Figures: small-GET requests/s and p50/p99 at 64 and 256 connections (wrk),
 # proxy CPU time per request (from /proc), CPU seconds per GiB for 1 MiB GETs
-# and for one large GET, peak RSS while streaming the large object; for
+# and for one large GET and one large PUT, peak RSS while streaming them; for
 # s3-failover-proxy the RSS per idle connection and per request held on it,
 # and its probes per second while they are held; for every ingress the
 # backend connection attempts per second during an outage with requests waiting.
@@ -110,19 +110,32 @@ results+="\"mib_get_c16\": {"
 for t in "${targets[@]}"; do results+="\"$t\": $(measure "$t" /bench/mib 16),"; done
 results="${results%,}},"
 
-results+="\"large_get\": {\"mib\": $large_mib,"
-for t in "${targets[@]}"; do
-  before=0; [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
-  peak=0
-  curl -s -o /dev/null -w '%{time_total}' "${url[$t]}/bench/large" >"$work/time" &
+# One large transfer through $1 (curl arguments follow): seconds, and for an
+# ingress its CPU seconds and peak RSS while streaming.
+measure_stream() {
+  local t=$1 before=0 peak=0 cpu=null r curl_pid
+  shift
+  [ "$t" != direct ] && before=$(cpu_ticks "${pid[$t]}")
+  curl -sf -o /dev/null -w '%{time_total}' "$@" >"$work/time" &
   curl_pid=$!
   while kill -0 "$curl_pid" 2>/dev/null; do
     if [ "$t" != direct ]; then r=$(rss_kib "${pid[$t]}"); [ "$r" -gt "$peak" ] && peak=$r; fi
     sleep 0.2
   done
   wait "$curl_pid"
-  cpu=null; [ "$t" != direct ] && cpu=$(python3 -c "print(($(cpu_ticks "${pid[$t]}") - $before) / $ticks_per_second)")
-  results+="\"$t\": {\"seconds\": $(cat "$work/time"), \"cpu_seconds\": $cpu, \"peak_rss_kib\": $peak},"
+  [ "$t" != direct ] && cpu=$(python3 -c "print(($(cpu_ticks "${pid[$t]}") - $before) / $ticks_per_second)")
+  echo "{\"seconds\": $(cat "$work/time"), \"cpu_seconds\": $cpu, \"peak_rss_kib\": $peak}"
+}
+results+="\"large_get\": {\"mib\": $large_mib,"
+for t in "${targets[@]}"; do results+="\"$t\": $(measure_stream "$t" "${url[$t]}/bench/large"),"; done
+results="${results%,}},"
+# The same size uploaded (a sparse file: curl sends its length, the disk
+# reads cost nothing), each ingress to its own key.
+truncate -s "${large_mib}M" "$work/large.bin"
+results+="\"large_put\": {\"mib\": $large_mib,"
+for t in "${targets[@]}"; do
+  results+="\"$t\": $(measure_stream "$t" -X PUT -T "$work/large.bin" "${url[$t]}/bench/large-put-$t"),"
+  curl -sf -X DELETE "$direct/bench/large-put-$t" >/dev/null
 done
 results="${results%,}},"
 
@@ -236,17 +249,19 @@ for key, title in (("small_get_c64", "1 KiB GET, 64 connections"), ("small_get_c
         print(f"| {names[t]} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {cpu} | {ratio} |")
     print()
 mib = r["mib_get_c16"]
-l = r["large_get"]
-print(f"| streaming | 1 MiB GETs: CPU s/GiB | {l['mib']} MiB GET: MiB/s | CPU s/GiB | peak RSS MiB |")
-print("|---|---|---|---|---|")
+large = {"GET": r["large_get"], "PUT": r["large_put"]}
+size = r["large_get"]["mib"]
+print(f"| streaming | 1 MiB GETs: CPU s/GiB | {size} MiB GET: MiB/s | CPU s/GiB | peak RSS MiB | {size} MiB PUT: MiB/s | CPU s/GiB | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|")
 for t in ("direct", "proxy", "haproxy", "nginx"):
     x = mib[t]
-    per_gib = "" if x["cpu_seconds"] is None else f"{x['cpu_seconds'] / (x['requests'] / 1024):.2f}"
-    y = l[t]
-    large_gib = l["mib"] / 1024
-    cpu = "" if y["cpu_seconds"] is None else f"{y['cpu_seconds'] / large_gib:.2f}"
-    rss = "" if t == "direct" else f"{y['peak_rss_kib'] / 1024:.1f}"
-    print(f"| {names[t]} | {per_gib} | {l['mib'] / y['seconds']:.0f} | {cpu} | {rss} |")
+    cells = ["" if x["cpu_seconds"] is None else f"{x['cpu_seconds'] / (x['requests'] / 1024):.2f}"]
+    for way in ("GET", "PUT"):
+        y = large[way][t]
+        cells.append(f"{size / y['seconds']:.0f}")
+        cells.append("" if y["cpu_seconds"] is None else f"{y['cpu_seconds'] / (size / 1024):.2f}")
+        cells.append("" if t == "direct" else f"{y['peak_rss_kib'] / 1024:.1f}")
+    print(f"| {names[t]} | " + " | ".join(cells) + " |")
 m = r["proxy_memory"]
 n = m["connections"]
 print()
