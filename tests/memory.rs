@@ -1,19 +1,24 @@
 //! Bodies of any size stream through in bounded memory: the proxy process
-//! never holds more than a few buffers of an upload or a download.
+//! never holds more than a few buffers of an upload or a download, over
+//! HTTP/1.1 and over HTTP/2 with TLS (where flow control is what bounds it).
 
 mod support;
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Empty};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{ChunkFeed, ProxyProcess, S3Backend, s3_client, sign_unsigned_payload};
+use support::tls::{TestCa, h2_connect};
+use support::{ChunkFeed, ProxyProcess, S3Backend, free_port, s3_client, sign_unsigned_payload};
 
 const CHUNK: usize = 1 << 20;
-const CHUNKS: usize = 512;
-/// Far below the object size, far above what a streaming proxy needs.
+/// An upload fed chunk by chunk, or no body at all.
+type Body = Either<ChunkFeed, Empty<Bytes>>;
+/// Far below the objects' size, far above what a streaming proxy needs.
 const MEMORY_LIMIT: u64 = 64 << 20;
 
-/// Chunk `i` of the object: a fixed pattern stamped with its index, so a
+/// Chunk `i` of an object: a fixed pattern stamped with its index, so a
 /// lost, repeated or reordered chunk shows.
 fn chunk(i: usize) -> Bytes {
     static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -24,55 +29,53 @@ fn chunk(i: usize) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// PUTs the object with a streamed, unsigned-payload body of known length.
-async fn upload(proxy: &ProxyProcess, path: &str) -> u16 {
-    let host = proxy.address().to_string();
-    let url = format!("http://{host}{path}");
-    let mut request = http::Request::builder()
-        .method("PUT")
-        .uri(&url)
-        .header("content-length", (CHUNK * CHUNKS).to_string());
-    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
-        request = request.header(name, value);
-    }
+/// A body that produces `chunks` chunks as the connection takes them.
+fn object_body(chunks: usize) -> Body {
     let (feed, body) = tokio::sync::mpsc::channel::<Bytes>(2);
     tokio::spawn(async move {
-        for i in 0..CHUNKS {
+        for i in 0..chunks {
             feed.send(chunk(i)).await.unwrap();
         }
     });
-    let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
-    let response = client
-        .request(request.body(ChunkFeed(body)).unwrap())
-        .await
-        .unwrap();
-    response.status().as_u16()
+    Either::Left(ChunkFeed(body))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
-    let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
-        .await
-        .unwrap();
-    let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("large").send().await.unwrap();
+/// A request signed with an unsigned payload, as streaming uploads are.
+fn signed(
+    method: &str,
+    url: &str,
+    host: &str,
+    version: http::Version,
+    body: Body,
+) -> http::Request<Body> {
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .version(version);
+    for (name, value) in sign_unsigned_payload(method, url, host, &[]) {
+        // HTTP/2 carries the host as the :authority pseudo-header.
+        if version == http::Version::HTTP_11 || name != "host" {
+            request = request.header(name, value);
+        }
+    }
+    request.body(body).unwrap()
+}
 
-    assert_eq!(upload(&proxy, "/large/object").await, 200);
-    let after_upload = proxy.peak_resident_bytes();
+fn put(url: &str, host: &str, version: http::Version, chunks: usize) -> http::Request<Body> {
+    let mut request = signed("PUT", url, host, version, object_body(chunks));
+    request
+        .headers_mut()
+        .insert("content-length", (CHUNK * chunks).into());
+    request
+}
 
-    let got = s3
-        .get_object()
-        .bucket("large")
-        .key("object")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(got.content_length(), Some((CHUNK * CHUNKS) as i64));
-    let mut body = got.body;
-    let (mut pending, mut index) = (Vec::with_capacity(CHUNK), 0);
-    while let Some(bytes) = body.next().await {
-        pending.extend_from_slice(&bytes.unwrap());
+/// Reads a downloaded object and checks every chunk in order.
+async fn assert_object(mut body: Incoming, chunks: usize) {
+    let (mut pending, mut index) = (Vec::with_capacity(2 * CHUNK), 0);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            pending.extend_from_slice(&data);
+        }
         while pending.len() >= CHUNK {
             assert!(
                 pending[..CHUNK] == chunk(index)[..],
@@ -84,10 +87,12 @@ async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
     }
     assert_eq!(
         (index, pending.len()),
-        (CHUNKS, 0),
+        (chunks, 0),
         "whole object read back"
     );
+}
 
+fn assert_bounded(proxy: &ProxyProcess, after_upload: u64) {
     let peak = proxy.peak_resident_bytes();
     eprintln!("proxy peak resident memory: {} KiB", peak >> 10);
     assert!(
@@ -96,4 +101,93 @@ async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
         after_upload >> 20,
         peak >> 20
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
+    const CHUNKS: usize = 512;
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
+        .await
+        .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("large")
+        .send()
+        .await
+        .unwrap();
+    let host = proxy.address().to_string();
+    let url = format!("http://{host}/large/object");
+    let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
+
+    let stored = client
+        .request(put(&url, &host, http::Version::HTTP_11, CHUNKS))
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 200);
+    let after_upload = proxy.peak_resident_bytes();
+
+    let got = client
+        .request(signed(
+            "GET",
+            &url,
+            &host,
+            http::Version::HTTP_11,
+            Either::Right(Empty::new()),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_object(got.into_body(), CHUNKS).await;
+    assert_bounded(&proxy, after_upload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_and_tls_a_256_mib_upload_and_download_stay_in_bounded_memory() {
+    const CHUNKS: usize = 256;
+    let backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let files = ca.issue("edge", &["localhost"]);
+    let tls_port = free_port();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[listener.tls]\naddress = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        backend.address,
+        files.cert.display(),
+        files.key.display()
+    ))
+    .await
+    .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("large")
+        .send()
+        .await
+        .unwrap();
+    let host = format!("localhost:{tls_port}");
+    let url = format!("https://{host}/large/object");
+    let mut h2 = h2_connect(([127, 0, 0, 1], tls_port).into(), &ca)
+        .await
+        .unwrap();
+
+    let stored = h2
+        .send_request(put(&url, &host, http::Version::HTTP_2, CHUNKS))
+        .await
+        .unwrap();
+    assert_eq!(stored.version(), http::Version::HTTP_2);
+    assert_eq!(stored.status(), 200);
+    let after_upload = proxy.peak_resident_bytes();
+
+    let got = h2
+        .send_request(signed(
+            "GET",
+            &url,
+            &host,
+            http::Version::HTTP_2,
+            Either::Right(Empty::new()),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_object(got.into_body(), CHUNKS).await;
+    assert_bounded(&proxy, after_upload);
 }

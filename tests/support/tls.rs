@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
@@ -212,10 +211,15 @@ impl Drop for TlsFront {
 }
 
 /// An HTTP/2 connection over TLS (ALPN h2) to `address`.
-pub async fn h2_connect(
+pub async fn h2_connect<B>(
     address: SocketAddr,
     ca: &TestCa,
-) -> anyhow::Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>> {
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let connector = TlsConnector::from(Arc::new(ca.client_config(&[b"h2"])));
     let tcp = TcpStream::connect(address).await?;
     let tls = connector
