@@ -92,20 +92,46 @@ async fn assert_object(mut body: Incoming, chunks: usize) {
     );
 }
 
-fn assert_bounded(proxy: &ProxyProcess, after_upload: u64) {
-    let peak = proxy.peak_resident_bytes();
-    eprintln!("proxy peak resident memory: {} KiB", peak >> 10);
-    assert!(
-        after_upload < MEMORY_LIMIT && peak < MEMORY_LIMIT,
-        "proxy peak resident memory: {} MiB after the upload, {} MiB after the download",
-        after_upload >> 20,
-        peak >> 20
-    );
+/// Where the object goes, and how: `send` makes one request on the
+/// connection the test chose.
+struct Transfer<'a> {
+    proxy: &'a ProxyProcess,
+    url: String,
+    host: String,
+    version: http::Version,
+}
+
+impl Transfer<'_> {
+    /// Uploads `chunks` chunks, downloads them back and checks every byte,
+    /// and that the proxy's peak resident memory stayed under the limit.
+    async fn round_trip<F, Fut>(&self, chunks: usize, mut send: F)
+    where
+        F: FnMut(http::Request<Body>) -> Fut,
+        Fut: Future<Output = http::Response<Incoming>>,
+    {
+        let stored = send(put(&self.url, &self.host, self.version, chunks)).await;
+        assert_eq!(stored.version(), self.version);
+        assert_eq!(stored.status(), 200);
+        let after_upload = self.proxy.peak_resident_bytes();
+
+        let no_body = Either::Right(Empty::new());
+        let got = send(signed("GET", &self.url, &self.host, self.version, no_body)).await;
+        assert_eq!(got.status(), 200);
+        assert_object(got.into_body(), chunks).await;
+
+        let peak = self.proxy.peak_resident_bytes();
+        eprintln!("proxy peak resident memory: {} KiB", peak >> 10);
+        assert!(
+            after_upload < MEMORY_LIMIT && peak < MEMORY_LIMIT,
+            "proxy peak resident memory: {} MiB after the upload, {} MiB after the download",
+            after_upload >> 20,
+            peak >> 20
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
-    const CHUNKS: usize = 512;
     let backend = S3Backend::start().await.unwrap();
     let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
         .await
@@ -117,34 +143,23 @@ async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
         .await
         .unwrap();
     let host = proxy.address().to_string();
-    let url = format!("http://{host}/large/object");
     let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
-
-    let stored = client
-        .request(put(&url, &host, http::Version::HTTP_11, CHUNKS))
-        .await
-        .unwrap();
-    assert_eq!(stored.status(), 200);
-    let after_upload = proxy.peak_resident_bytes();
-
-    let got = client
-        .request(signed(
-            "GET",
-            &url,
-            &host,
-            http::Version::HTTP_11,
-            Either::Right(Empty::new()),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(got.status(), 200);
-    assert_object(got.into_body(), CHUNKS).await;
-    assert_bounded(&proxy, after_upload);
+    let transfer = Transfer {
+        proxy: &proxy,
+        url: format!("http://{host}/large/object"),
+        host,
+        version: http::Version::HTTP_11,
+    };
+    transfer
+        .round_trip(512, |request| {
+            let response = client.request(request);
+            async move { response.await.unwrap() }
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http2_and_tls_a_256_mib_upload_and_download_stay_in_bounded_memory() {
-    const CHUNKS: usize = 256;
     let backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
     let files = ca.issue("edge", &["localhost"]);
@@ -164,30 +179,19 @@ async fn over_http2_and_tls_a_256_mib_upload_and_download_stay_in_bounded_memory
         .await
         .unwrap();
     let host = format!("localhost:{tls_port}");
-    let url = format!("https://{host}/large/object");
     let mut h2 = h2_connect(([127, 0, 0, 1], tls_port).into(), &ca)
         .await
         .unwrap();
-
-    let stored = h2
-        .send_request(put(&url, &host, http::Version::HTTP_2, CHUNKS))
-        .await
-        .unwrap();
-    assert_eq!(stored.version(), http::Version::HTTP_2);
-    assert_eq!(stored.status(), 200);
-    let after_upload = proxy.peak_resident_bytes();
-
-    let got = h2
-        .send_request(signed(
-            "GET",
-            &url,
-            &host,
-            http::Version::HTTP_2,
-            Either::Right(Empty::new()),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(got.status(), 200);
-    assert_object(got.into_body(), CHUNKS).await;
-    assert_bounded(&proxy, after_upload);
+    let transfer = Transfer {
+        proxy: &proxy,
+        url: format!("https://{host}/large/object"),
+        host,
+        version: http::Version::HTTP_2,
+    };
+    transfer
+        .round_trip(256, |request| {
+            let response = h2.send_request(request);
+            async move { response.await.unwrap() }
+        })
+        .await;
 }
