@@ -415,3 +415,23 @@ fn outbound(
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backends_request_id_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amz-request-id", HeaderValue::from_static("tx000abc"));
+        assert_eq!(response_request_id(&mut headers), "tx000abc");
+        assert_eq!(headers["x-amz-request-id"], "tx000abc");
+    }
+
+    #[test]
+    fn a_response_without_a_request_id_gets_the_logged_one() {
+        let mut headers = HeaderMap::new();
+        let id = response_request_id(&mut headers);
+        assert_eq!(headers["x-amz-request-id"], id.as_str());
+    }
+}
