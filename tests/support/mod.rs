@@ -1,6 +1,7 @@
 //! Test harness: a real S3 backend process (`s3s-fs`) that a test can kill with
 //! SIGKILL, stop, and restart on the same port and data directory; the real
-//! proxy running in-process on loopback sockets; an `aws-sdk-s3` client with
+//! proxy running in-process on loopback sockets, or as its binary with a
+//! config file, signals and a captured log; an `aws-sdk-s3` client with
 //! retries off; and small helpers to talk raw HTTP and SigV4.
 
 #![allow(dead_code)]
@@ -639,13 +640,13 @@ impl ProxyProcess {
         kib * 1024
     }
 
-    /// The log lines written so far.
+    /// The complete log lines written so far (a line still being written,
+    /// without its newline yet, is left for the next read).
     pub fn log_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(self.log.path())
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        let text = std::fs::read_to_string(self.log.path()).unwrap();
+        let mut lines: Vec<String> = text.split('\n').map(str::to_owned).collect();
+        lines.pop();
+        lines
     }
 
     /// Waits for the process to exit after a signal.
