@@ -130,18 +130,28 @@ impl Transfer<'_> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
-    let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
-        .await
-        .unwrap();
+/// The proxy binary in front of `backend` (plus `extra` config), with the
+/// bucket the objects go to.
+async fn proxy_with_bucket(backend: &S3Backend, extra: &str) -> ProxyProcess {
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n{extra}",
+        backend.address
+    ))
+    .await
+    .unwrap();
     s3_client(&proxy.endpoint())
         .create_bucket()
         .bucket("large")
         .send()
         .await
         .unwrap();
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_512_mib_upload_and_download_stream_through_in_bounded_memory() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "").await;
     let host = proxy.address().to_string();
     let client: Client<_, Body> = Client::builder(TokioExecutor::new()).build_http();
     let transfer = Transfer {
@@ -164,20 +174,12 @@ async fn over_http2_and_tls_a_256_mib_upload_and_download_stay_in_bounded_memory
     let ca = TestCa::new("edge CA");
     let files = ca.issue("edge", &["localhost"]);
     let tls_port = free_port();
-    let proxy = ProxyProcess::start(&format!(
-        "[backend]\naddress = \"{}\"\n[listener.tls]\naddress = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-        backend.address,
+    let tls = format!(
+        "[listener.tls]\naddress = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
         files.cert.display(),
         files.key.display()
-    ))
-    .await
-    .unwrap();
-    s3_client(&proxy.endpoint())
-        .create_bucket()
-        .bucket("large")
-        .send()
-        .await
-        .unwrap();
+    );
+    let proxy = proxy_with_bucket(&backend, &tls).await;
     let host = format!("localhost:{tls_port}");
     let mut h2 = h2_connect(([127, 0, 0, 1], tls_port).into(), &ca)
         .await
