@@ -38,6 +38,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listener: ListenerConfig,
+    pub forwarding: ForwardingConfig,
     pub backend: BackendConfig,
     pub hold: HoldConfig,
     pub probe: ProbeConfig,
@@ -52,6 +53,20 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// A second listener for HTTPS, when configured.
     pub tls: Option<ListenerTlsConfig>,
+    /// Most header fields in a request head (HTTP/1.1); more get `431`.
+    pub max_headers: usize,
+    /// Most bytes in a request head (HTTP/1.1), or in an HTTP/2 header list.
+    pub max_head_bytes: usize,
+}
+
+/// The `X-Forwarded-For` / `X-Forwarded-Proto` headers the proxy adds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardingConfig {
+    /// Add them at all; `false` forwards requests with no header added.
+    pub enabled: bool,
+    /// Hops (addresses or CIDR ranges) whose `X-Forwarded-Proto` is kept: a
+    /// TLS-terminating load balancer in front of the proxy.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +103,10 @@ pub struct BackendConfig {
     pub max_idle_connections: usize,
     /// Idle connections older than this are closed rather than reused.
     pub idle_timeout: Duration,
+    /// Most header fields accepted in a response head from the backend.
+    pub max_headers: usize,
+    /// Most bytes accepted in a response head from the backend.
+    pub max_head_bytes: usize,
     pub tls: Option<BackendTlsConfig>,
     /// Find the backend through a Service's EndpointSlices instead of `address`.
     pub kubernetes: Option<KubernetesConfig>,
@@ -174,6 +193,8 @@ pub struct RawConfig {
     #[serde(default)]
     listener: RawListener,
     #[serde(default)]
+    forwarding: RawForwarding,
+    #[serde(default)]
     backend: RawBackend,
     #[serde(default)]
     hold: RawHold,
@@ -192,6 +213,15 @@ pub struct RawConfig {
 struct RawListener {
     address: Option<String>,
     tls: Option<RawListenerTls>,
+    max_headers: Option<usize>,
+    max_head_bytes: Option<ByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarding {
+    enabled: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +264,8 @@ struct RawBackend {
     max_idle_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
+    max_headers: Option<usize>,
+    max_head_bytes: Option<ByteSize>,
     tls: Option<RawBackendTls>,
     kubernetes: Option<RawKubernetes>,
 }
@@ -369,6 +401,45 @@ fn positive_count<T: Default + PartialEq>(
         return Err(invalid(key, "must be greater than zero"));
     }
     Ok(value)
+}
+
+/// Header fields per message head, by default: S3 allows about 2 KB of user
+/// metadata, which can be hundreds of short `x-amz-meta-*` fields.
+const DEFAULT_MAX_HEADERS: usize = 500;
+/// Bytes per message head, by default.
+const DEFAULT_MAX_HEAD_BYTES: u64 = 64 << 10;
+/// The smallest head limit: hyper's smallest read buffer.
+const MIN_HEAD_BYTES: u64 = 8 << 10;
+
+fn head_bytes(key: &'static str, value: Option<ByteSize>) -> Result<usize, ConfigError> {
+    let bytes = value.map_or(DEFAULT_MAX_HEAD_BYTES, |b| b.0);
+    if bytes < MIN_HEAD_BYTES {
+        return Err(invalid(key, "must be at least 8KiB"));
+    }
+    usize::try_from(bytes).map_err(|_| invalid(key, "too large"))
+}
+
+/// `X-Forwarded-*`: on by default; trusted hops as addresses or CIDR ranges.
+fn forwarding(raw: RawForwarding) -> Result<ForwardingConfig, ConfigError> {
+    let trusted_proxies = raw
+        .trusted_proxies
+        .unwrap_or_default()
+        .iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "forwarding.trusted_proxies",
+                        format!("`{text}` is not an IP address or CIDR range such as 10.0.0.0/8"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ForwardingConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        trusted_proxies,
+    })
 }
 
 /// The HTTPS listener: both files must be given and form a usable pair.
@@ -570,13 +641,26 @@ impl Config {
                 raw.backend.idle_timeout,
                 Duration::from_secs(30),
             )?,
+            max_headers: positive_count(
+                "backend.max_headers",
+                raw.backend.max_headers,
+                DEFAULT_MAX_HEADERS,
+            )?,
+            max_head_bytes: head_bytes("backend.max_head_bytes", raw.backend.max_head_bytes)?,
             tls: raw.backend.tls.map(backend_tls).transpose()?,
             kubernetes: raw.backend.kubernetes.map(kubernetes).transpose()?,
         };
         let listener = ListenerConfig {
             address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
             tls: raw.listener.tls.map(listener_tls).transpose()?,
+            max_headers: positive_count(
+                "listener.max_headers",
+                raw.listener.max_headers,
+                DEFAULT_MAX_HEADERS,
+            )?,
+            max_head_bytes: head_bytes("listener.max_head_bytes", raw.listener.max_head_bytes)?,
         };
+        let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {
             format: raw.log.format.unwrap_or(LogFormat::Text),
             level: raw.log.level.unwrap_or_else(|| "info".into()),
@@ -585,6 +669,7 @@ impl Config {
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(Config {
             listener,
+            forwarding,
             backend,
             hold,
             probe,

@@ -6,7 +6,7 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -111,13 +111,13 @@ impl Connector {
         let stream = self.address.connect().await?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
-            None => Ok(BackendStream::Plain(stream)),
+            None => Ok(BackendStream::new(Transport::Plain(stream))),
             Some(tls) => {
                 let stream = tls
                     .connector
                     .connect(tls.server_name.clone(), stream)
                     .await?;
-                Ok(BackendStream::Tls(Box::new(stream)))
+                Ok(BackendStream::new(Transport::Tls(Box::new(stream))))
             }
         }
     }
@@ -129,9 +129,68 @@ impl Connector {
 }
 
 /// A connection to the backend, plain or TLS.
-pub enum BackendStream {
+///
+/// A failed write is reported only once the read side has ended: a backend
+/// that answers early and closes (a `403` to an upload it will not read) makes
+/// the next write fail with `EPIPE`/`ECONNRESET`, and hyper would report that
+/// error instead of the complete answer waiting in the receive buffer. Held
+/// back, the error lets hyper read the answer first; once reads end (EOF or an
+/// error) the write error is returned as it was.
+pub struct BackendStream {
+    transport: Transport,
+    write_error: Option<io::Error>,
+    read_ended: bool,
+    write_waker: Option<Waker>,
+}
+
+enum Transport {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl BackendStream {
+    fn new(transport: Transport) -> BackendStream {
+        BackendStream {
+            transport,
+            write_error: None,
+            read_ended: false,
+            write_waker: None,
+        }
+    }
+
+    /// `Pending` while a write error is held back for the reads to finish.
+    fn poll_write_result<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Ready(Err(error)) if !self.read_ended && is_peer_gone(&error) => {
+                self.write_error = Some(error);
+                self.poll_held_write_error(cx)
+            }
+            other => other,
+        }
+    }
+
+    fn poll_held_write_error<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.read_ended {
+            let error = self.write_error.take().expect("a held write error");
+            return Poll::Ready(Err(error));
+        }
+        self.write_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// The errors a write gets when the backend closed its end.
+fn is_peer_gone(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 impl AsyncRead for BackendStream {
@@ -140,10 +199,24 @@ impl AsyncRead for BackendStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = match &mut this.transport {
+            Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        };
+        let ended = match &polled {
+            Poll::Ready(Ok(())) => buf.filled().len() == before && buf.remaining() > 0,
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            this.read_ended = true;
+            if let Some(waker) = this.write_waker.take() {
+                waker.wake();
+            }
         }
+        polled
     }
 }
 
@@ -153,23 +226,33 @@ impl AsyncWrite for BackendStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        let this = self.get_mut();
+        if this.write_error.is_some() {
+            return this.poll_held_write_error(cx);
         }
+        let result = match &mut this.transport {
+            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        };
+        this.poll_write_result(cx, result)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        let this = self.get_mut();
+        if this.write_error.is_some() {
+            return this.poll_held_write_error(cx);
         }
+        let result = match &mut this.transport {
+            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        };
+        this.poll_write_result(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            BackendStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().transport {
+            Transport::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }

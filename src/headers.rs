@@ -1,11 +1,15 @@
 //! Header rewriting at the proxy: hop-by-hop headers (RFC 9110 section 7.6.1)
 //! are dropped in both directions, `X-Forwarded-For`/`-Proto` are added to
-//! requests. Everything end-to-end, and so everything SigV4 signs (Host,
-//! `Authorization`, `x-amz-*`, `Content-MD5`, `Content-Encoding`), is untouched.
+//! requests unless the signature covers them. Everything end-to-end, and so
+//! everything SigV4 signs (Host, `Authorization`, `x-amz-*`, `Content-MD5`,
+//! `Content-Encoding`), is untouched.
 
 use std::net::IpAddr;
 
+use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use crate::config::ForwardingConfig;
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -41,16 +45,83 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Adds the client address to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+/// Adds the client to `X-Forwarded-For` and states `X-Forwarded-Proto`,
+/// never touching a header the request's signature covers.
+///
+/// `X-Forwarded-For`: every line the client sent is kept; the client address
+/// is appended to the last one (no new field line when one exists, so the
+/// request does not grow by a header the backend counts), or added as the
+/// only one. `X-Forwarded-Proto`: kept when the hop is a trusted proxy (a
+/// TLS-terminating load balancer in front; radosgw's
+/// `rgw_trust_forwarded_https` relies on it), else set to `scheme`.
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    query: Option<&str>,
+    client: IpAddr,
+    scheme: &'static str,
+    forwarding: &ForwardingConfig,
+) {
+    if !forwarding.enabled {
+        return;
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    let signed = signed_headers(headers, query);
+    if !signed.iter().any(|name| name == X_FORWARDED_FOR) {
+        append_forwarded_for(headers, client);
+    }
+    let trusted = forwarding
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&client));
+    let kept = trusted && headers.contains_key(X_FORWARDED_PROTO);
+    if !kept && !signed.iter().any(|name| name == X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    }
+}
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
+                entry.insert(value);
+            }
+        }
+        Entry::Occupied(mut entry) => {
+            if let Some(last) = entry.iter_mut().last() {
+                let mut value = last.as_bytes().to_vec();
+                value.extend_from_slice(format!(", {client}").as_bytes());
+                if let Ok(appended) = HeaderValue::from_bytes(&value) {
+                    *last = appended;
+                }
+            }
+        }
+    }
+}
+
+/// The header names a SigV4 signature covers, lowercase: `SignedHeaders=` of
+/// the `Authorization` header, or the `X-Amz-SignedHeaders` query parameter
+/// of a presigned URL (AWS, "Signature Version 4 signing process").
+pub fn signed_headers(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+    let from_authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split([',', ' '])
+                .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
+                .map(str::to_owned)
+        });
+    let from_query = || {
+        query?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("X-Amz-SignedHeaders="))
+            .map(|v| v.replace("%3B", ";").replace("%3b", ";"))
+    };
+    from_authorization
+        .or_else(from_query)
+        .map(|list| list.split(';').map(str::to_ascii_lowercase).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -92,12 +163,74 @@ mod tests {
         assert!(headers.contains_key("x-amz-date"));
     }
 
+    fn forwarding(trusted: &[&str]) -> ForwardingConfig {
+        ForwardingConfig {
+            enabled: true,
+            trusted_proxies: trusted.iter().map(|t| t.parse().unwrap()).collect(),
+        }
+    }
+
+    const CLIENT: &str = "192.0.2.1";
+
+    fn forward(headers: &mut HeaderMap, query: Option<&str>, config: &ForwardingConfig) {
+        add_forwarded(headers, query, CLIENT.parse().unwrap(), "http", config);
+    }
+
     #[test]
-    fn forwarded_for_is_appended() {
+    fn forwarded_for_is_appended_to_the_last_line_and_every_line_kept() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        headers.append("x-forwarded-for", "198.51.100.2".parse().unwrap());
+        forward(&mut headers, None, &forwarding(&[]));
+        let lines: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(lines, ["203.0.113.7", "198.51.100.2, 192.0.2.1"]);
+        assert_eq!(headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn signed_forwarding_headers_are_untouched() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            "AWS4-HMAC-SHA256 Credential=a/b, SignedHeaders=host;x-forwarded-for;x-forwarded-proto, Signature=0"
+                .parse()
+                .unwrap(),
+        );
+        headers.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        headers.insert("x-forwarded-proto", "https".parse().unwrap());
+        forward(&mut headers, None, &forwarding(&[]));
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn a_presigned_urls_signed_headers_count_too() {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
-        add_forwarded(&mut headers, "127.0.0.1".parse().unwrap(), "http");
-        assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
-        assert_eq!(headers["x-forwarded-proto"], "http");
+        let query = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-SignedHeaders=host%3Bx-forwarded-for";
+        forward(&mut headers, Some(query), &forwarding(&[]));
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.7");
+    }
+
+    #[test]
+    fn forwarded_proto_is_kept_only_from_a_trusted_hop() {
+        let mut from_trusted = HeaderMap::new();
+        from_trusted.insert("x-forwarded-proto", "https".parse().unwrap());
+        let mut from_anyone = from_trusted.clone();
+        forward(&mut from_trusted, None, &forwarding(&["192.0.2.0/24"]));
+        forward(&mut from_anyone, None, &forwarding(&["10.0.0.0/8"]));
+        assert_eq!(from_trusted["x-forwarded-proto"], "https");
+        assert_eq!(from_anyone["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn forwarding_switched_off_adds_nothing() {
+        let mut headers = HeaderMap::new();
+        let off = ForwardingConfig {
+            enabled: false,
+            trusted_proxies: Vec::new(),
+        };
+        forward(&mut headers, None, &off);
+        assert!(headers.is_empty());
     }
 }

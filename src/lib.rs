@@ -30,6 +30,7 @@ pub mod admin;
 pub mod backend_address;
 pub mod config;
 pub mod connector;
+pub mod delivery;
 pub mod discovery;
 pub mod drain;
 pub mod gate;

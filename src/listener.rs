@@ -31,6 +31,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct S3Listener {
     pub socket: TcpListener,
     pub tls: Option<TlsAcceptor>,
+    pub limits: HeadLimits,
+}
+
+/// How large a request head may be (`listener.max_headers`,
+/// `listener.max_head_bytes`); a larger one gets `431`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_headers: usize,
+    pub max_head_bytes: usize,
 }
 
 impl S3Listener {
@@ -73,15 +82,16 @@ fn accept(
     let (stream, peer) = ClientSocket::new(stream, address);
     let proxy = Arc::clone(proxy);
     let scheme = listener.scheme();
+    let limits = listener.limits;
     let watcher = graceful.watcher();
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, peer, proxy, scheme, watcher));
+            tokio::spawn(serve(stream, peer, proxy, scheme, limits, watcher));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, peer, proxy, scheme, watcher).await,
+                    Ok(Ok(tls)) => serve(tls, peer, proxy, scheme, limits, watcher).await,
                     Ok(Err(error)) => {
                         proxy.metrics().tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
@@ -101,6 +111,7 @@ async fn serve<I>(
     peer: Arc<Peer>,
     proxy: Arc<Proxy>,
     scheme: &'static str,
+    limits: HeadLimits,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -111,7 +122,19 @@ async fn serve<I>(
         let peer = Arc::clone(&peer);
         async move { Ok::<_, Infallible>(proxy.handle(request, &peer, scheme).await) }
     });
-    let connection = auto::Builder::new(TokioExecutor::new())
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Header names reach the backend, and come back, as written.
+        .preserve_header_case(true)
+        // A client that half-closes after its request still gets the answer.
+        .half_close(true)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_head_bytes);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+    let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
     if let Err(error) = watcher.watch(connection).await {

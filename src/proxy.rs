@@ -19,6 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
+use crate::config::ForwardingConfig;
+use crate::delivery::Delivery;
 use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, Gate, Ticket};
 use crate::headers;
@@ -37,6 +39,7 @@ pub struct ProxySettings {
     pub max_replays: u32,
     pub response_timeout: Duration,
     pub retry_after: Duration,
+    pub forwarding: ForwardingConfig,
 }
 
 type ClientBody = ReplayableBody<Incoming>;
@@ -57,6 +60,10 @@ struct Outbound {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// The client request's extensions: hyper's record of the header names'
+    /// case travels in them, so the backend sees the names as the client
+    /// wrote them.
+    extensions: http::Extensions,
 }
 
 impl Outbound {
@@ -66,6 +73,7 @@ impl Outbound {
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
         request
     }
 }
@@ -141,13 +149,7 @@ impl Proxy {
             replays: 0,
         };
         let (parts, body) = request.into_parts();
-        let outbound = outbound(
-            parts.method,
-            &parts.uri,
-            parts.headers,
-            peer.address,
-            scheme,
-        );
+        let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
         let body = ReplayableBody::new(body, settings.replay_buffer);
         self.forward(outbound, body, peer, &settings, progress)
             .await
@@ -193,10 +195,18 @@ impl Proxy {
             let mut admission = admitted?;
             progress.held += admission.held_for;
             progress.was_held |= admission.was_held();
-            let attempt = body.attempt().map_err(|_| ProxyError::NotReplayable)?;
+            let delivery = Arc::new(Delivery::for_request(&outbound.headers));
+            let attempt = body
+                .attempt(Arc::clone(&delivery))
+                .map_err(|_| ProxyError::NotReplayable)?;
             let in_flight = self.in_flight.enter();
             let result = self
-                .send_watched(outbound.request(attempt), body, settings.response_timeout)
+                .send_watched(
+                    outbound.request(attempt),
+                    &delivery,
+                    body,
+                    settings.response_timeout,
+                )
                 .await;
             admission.settle();
             match result {
@@ -279,10 +289,11 @@ impl Proxy {
     async fn send_watched(
         &self,
         request: Request<AttemptBody<Incoming>>,
+        delivery: &Arc<Delivery>,
         body: &ClientBody,
         timeout: Duration,
     ) -> Result<BackendResponse, UpstreamError> {
-        let send = self.upstream.send(request);
+        let send = self.upstream.send(request, delivery);
         tokio::pin!(send);
         loop {
             let stalled_at = body.last_progress() + timeout;
@@ -391,14 +402,20 @@ fn response_request_id(headers: &mut HeaderMap) -> String {
 /// The request as the backend should see it: origin-form target, hop-by-hop
 /// headers gone, forwarding headers added, everything signed untouched.
 fn outbound(
-    method: Method,
-    uri: &Uri,
-    mut headers: HeaderMap,
+    parts: http::request::Parts,
     client: SocketAddr,
     scheme: &'static str,
+    forwarding: &ForwardingConfig,
 ) -> Outbound {
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        extensions,
+        ..
+    } = parts;
     headers::strip_hop_by_hop(&mut headers);
-    headers::add_forwarded(&mut headers, client.ip(), scheme);
+    headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
     if !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
         if let Some(value) = uri
@@ -413,6 +430,7 @@ fn outbound(
         method,
         uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
         headers,
+        extensions,
     }
 }
 

@@ -56,6 +56,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         changed.push("listener.tls");
     }
+    if old.listener.max_headers != new.listener.max_headers {
+        changed.push("listener.max_headers");
+    }
+    if old.listener.max_head_bytes != new.listener.max_head_bytes {
+        changed.push("listener.max_head_bytes");
+    }
     if old.admin.address != new.admin.address {
         changed.push("admin.address");
     }

@@ -19,6 +19,8 @@ use http::{HeaderMap, Method, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::delivery::Delivery;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether sending this request twice can change its outcome, judged from the
@@ -98,9 +100,10 @@ where
         }
     }
 
-    /// A body for the next attempt: what was kept, then the rest of the stream.
-    /// Fails when part of the stream was consumed and not kept.
-    pub fn attempt(&self) -> Result<AttemptBody<B>, ReplayError> {
+    /// A body for the next attempt: what was kept, then the rest of the stream,
+    /// sent as `delivery` allows. Fails when part of the stream was consumed
+    /// and not kept.
+    pub fn attempt(&self, delivery: Arc<Delivery>) -> Result<AttemptBody<B>, ReplayError> {
         let mut shared = lock(&self.shared);
         if shared.client_failed {
             return Err(ReplayError::ClientFailed);
@@ -114,6 +117,7 @@ where
             shared: Arc::clone(&self.shared),
             generation: shared.generation,
             position: 0,
+            delivery,
         })
     }
 
@@ -163,6 +167,8 @@ pub struct AttemptBody<B> {
     generation: u64,
     /// Kept frames this attempt has already sent again.
     position: usize,
+    /// Whether the backend has asked for the body, and whether it has ended.
+    delivery: Arc<Delivery>,
 }
 
 /// Error of an attempt body: the client's own body failed, or the attempt was
@@ -192,12 +198,16 @@ where
         if shared.generation != this.generation {
             return Poll::Ready(Some(Err(AttemptBodyError::Superseded)));
         }
+        if this.delivery.poll_withheld(cx) {
+            return Poll::Pending;
+        }
         if let Some(frame) = shared.kept.get(this.position) {
             let frame = clone_frame(frame);
             this.position += 1;
             return Poll::Ready(Some(Ok(frame)));
         }
         if shared.source_done {
+            this.delivery.mark_complete();
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut shared.source).poll_frame(cx);
@@ -205,6 +215,7 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 shared.source_done = true;
+                this.delivery.mark_complete();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(error))) => {
@@ -223,7 +234,12 @@ where
 
     fn is_end_stream(&self) -> bool {
         let shared = lock(&self.shared);
-        shared.source_done && self.position >= shared.kept.len()
+        let ended = shared.source_done && self.position >= shared.kept.len();
+        if ended {
+            // hyper stops polling a body that says it has ended.
+            self.delivery.mark_complete();
+        }
+        ended
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -279,6 +295,10 @@ mod tests {
         }
     }
 
+    fn delivery() -> Arc<Delivery> {
+        Arc::new(Delivery::default())
+    }
+
     fn chunks(parts: &[&'static str]) -> Chunks {
         Chunks(
             parts
@@ -299,10 +319,10 @@ mod tests {
     #[tokio::test]
     async fn an_untouched_body_can_be_sent_whatever_its_size() {
         let body = ReplayableBody::new(Full::new(Bytes::from(vec![7u8; 4096])), 16);
-        let first = body.attempt().unwrap();
+        let first = body.attempt(delivery()).unwrap();
         drop(first);
         assert!(body.untouched());
-        let second = collect(body.attempt().unwrap()).await.unwrap();
+        let second = collect(body.attempt(delivery()).unwrap()).await.unwrap();
         assert_eq!(second.len(), 4096);
     }
 
@@ -310,12 +330,12 @@ mod tests {
     async fn a_small_body_is_replayed_byte_for_byte() {
         let body = ReplayableBody::new(chunks(&["hello ", "world"]), 1024);
         assert_eq!(
-            collect(body.attempt().unwrap()).await.unwrap(),
+            collect(body.attempt(delivery()).unwrap()).await.unwrap(),
             "hello world"
         );
         assert!(body.can_replay());
         assert_eq!(
-            collect(body.attempt().unwrap()).await.unwrap(),
+            collect(body.attempt(delivery()).unwrap()).await.unwrap(),
             "hello world"
         );
     }
@@ -323,26 +343,38 @@ mod tests {
     #[tokio::test]
     async fn a_partly_sent_body_is_replayed_from_the_start() {
         let body = ReplayableBody::new(chunks(&["abc", "def", "ghi"]), 1024);
-        let mut first = body.attempt().unwrap();
+        let mut first = body.attempt(delivery()).unwrap();
         let frame = first.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "abc");
         drop(first);
-        assert_eq!(collect(body.attempt().unwrap()).await.unwrap(), "abcdefghi");
+        assert_eq!(
+            collect(body.attempt(delivery()).unwrap()).await.unwrap(),
+            "abcdefghi"
+        );
     }
 
     #[tokio::test]
     async fn a_body_past_the_buffer_cannot_be_replayed() {
         let body = ReplayableBody::new(chunks(&["0123456789", "0123456789"]), 15);
-        assert_eq!(collect(body.attempt().unwrap()).await.unwrap().len(), 20);
+        assert_eq!(
+            collect(body.attempt(delivery()).unwrap())
+                .await
+                .unwrap()
+                .len(),
+            20
+        );
         assert!(!body.can_replay());
-        assert_eq!(body.attempt().err(), Some(ReplayError::Overflowed));
+        assert_eq!(
+            body.attempt(delivery()).err(),
+            Some(ReplayError::Overflowed)
+        );
     }
 
     #[tokio::test]
     async fn a_superseded_attempt_fails() {
         let body = ReplayableBody::new(chunks(&["abc"]), 1024);
-        let mut old = body.attempt().unwrap();
-        let _new = body.attempt().unwrap();
+        let mut old = body.attempt(delivery()).unwrap();
+        let _new = body.attempt(delivery()).unwrap();
         assert!(matches!(
             old.frame().await,
             Some(Err(AttemptBodyError::Superseded))

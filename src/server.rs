@@ -24,7 +24,7 @@ use crate::config::{Config, KubernetesConfig};
 use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
 use crate::kubernetes::{self, Targets};
-use crate::listener::{S3Listener, accept_loop};
+use crate::listener::{HeadLimits, S3Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
@@ -89,6 +89,7 @@ pub fn proxy_settings(config: &Config) -> ProxySettings {
         max_replays: config.hold.max_replays,
         response_timeout: config.backend.response_timeout,
         retry_after: config.hold.retry_after,
+        forwarding: config.forwarding.clone(),
     }
 }
 
@@ -197,9 +198,14 @@ pub async fn run_with_reload(
 
     let graceful = GracefulShutdown::new();
     let (stop_accepting, stop) = watch::channel(false);
+    let limits = HeadLimits {
+        max_headers: config.listener.max_headers,
+        max_head_bytes: config.listener.max_head_bytes,
+    };
     let plain = S3Listener {
         socket: listeners.s3,
         tls: None,
+        limits,
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -207,6 +213,7 @@ pub async fn run_with_reload(
             Some(S3Listener {
                 socket,
                 tls: Some(TlsAcceptor::from(Arc::new(config))),
+                limits,
             })
         }
         _ => None,

@@ -7,6 +7,13 @@
 //! (`TrySendError::take_message`), guarantees nothing was sent; anything after
 //! hyper took the request counts as sent. A stale pooled connection is retried
 //! on another one, since nothing was sent on it.
+//!
+//! Each request comes with its [`Delivery`]: `Expect: 100-continue` holds its
+//! body back until the backend's `100`, and a connection goes back to the pool
+//! only when the request body had ended before the response head arrived
+//! (otherwise the backend may read the rest as the next request). Header name
+//! case is kept both ways (hyper's `preserve_header_case`, carried in the
+//! request and response extensions).
 
 use std::io;
 use std::pin::Pin;
@@ -20,11 +27,15 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+
+/// hyper's smallest read buffer (its `max_buf_size` panics below this).
+const MIN_BUF_SIZE: usize = 8192;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
 use crate::connector::Connector;
+use crate::delivery::Delivery;
 use crate::gate::DownReason;
 use crate::replay::BoxError;
 
@@ -73,6 +84,10 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    /// Most header fields accepted in a response head.
+    pub max_headers: usize,
+    /// Most bytes accepted in a response head.
+    pub max_head_bytes: usize,
 }
 
 impl UpstreamSettings {
@@ -83,6 +98,8 @@ impl UpstreamSettings {
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle_connections,
             idle_timeout: config.idle_timeout,
+            max_headers: config.max_headers,
+            max_head_bytes: config.max_head_bytes,
         }
     }
 }
@@ -95,15 +112,39 @@ pub struct Upstream<B> {
 }
 
 struct Idle<B> {
-    sender: SendRequest<B>,
+    connection: Connection<B>,
     since: Instant,
     /// Where the connection goes; after a backend change it is not reused.
     connector: Arc<Connector>,
 }
 
+/// One HTTP/1.1 connection to the backend: the handle to send on and the
+/// task that drives it, aborted (closing the socket) when the connection is
+/// dropped.
+struct Connection<B> {
+    sender: SendRequest<B>,
+    /// `None` once detached: the task then ends by itself.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl<B> Connection<B> {
+    /// Lets the task finish what it is sending and close by itself.
+    fn detach(mut self) {
+        self.task = None;
+    }
+}
+
+impl<B> Drop for Connection<B> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 /// What a response body needs to return its connection to the pool.
 struct GiveBack<B> {
-    sender: SendRequest<B>,
+    connection: Connection<B>,
     pool: IdlePool<B>,
     max_idle: usize,
     connector: Arc<Connector>,
@@ -157,13 +198,22 @@ where
     }
 
     /// Sends `request` (origin-form URI) and waits for the response head.
+    /// `delivery` is the state of the request's body (see the module doc);
+    /// a `100 Continue` from the backend releases it.
     pub async fn send(
         &self,
         mut request: Request<B>,
+        delivery: &Arc<Delivery>,
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
-        while let Some(mut sender) = self.checkout().await {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(response, sender)),
+        let released = Arc::clone(delivery);
+        hyper::ext::on_informational(&mut request, move |response| {
+            if response.status() == http::StatusCode::CONTINUE {
+                released.release();
+            }
+        });
+        while let Some(mut connection) = self.checkout().await {
+            match connection.sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled(response, connection, delivery)),
                 Err(mut error) => match error.take_message() {
                     // The pooled connection was already closing: nothing sent.
                     Some(unsent) => request = unsent,
@@ -171,9 +221,9 @@ where
                 },
             }
         }
-        let mut sender = self.connect().await?;
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, sender)),
+        let mut connection = self.connect().await?;
+        match connection.sender.try_send_request(request).await {
+            Ok(response) => Ok(self.pooled(response, connection, delivery)),
             Err(mut error) => match error.take_message() {
                 Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
                 None => Err(UpstreamError::Failed(error.into_error())),
@@ -186,28 +236,28 @@ where
         self.idle.lock().unwrap().clear();
     }
 
-    async fn checkout(&self) -> Option<SendRequest<B>> {
+    async fn checkout(&self) -> Option<Connection<B>> {
         let settings = self.settings();
         loop {
-            let idle = self.idle.lock().unwrap().pop()?;
-            if idle.sender.is_closed()
+            let mut idle = self.idle.lock().unwrap().pop()?;
+            if idle.connection.sender.is_closed()
                 || idle.since.elapsed() > settings.idle_timeout
                 || *idle.connector != *settings.connector
             {
                 continue;
             }
-            let mut sender = idle.sender;
             // Returned at the end of a response body; the connection task
             // needs one turn to accept the next request.
             if let Ok(Ok(())) =
-                tokio::time::timeout(Duration::from_millis(50), sender.ready()).await
+                tokio::time::timeout(Duration::from_millis(50), idle.connection.sender.ready())
+                    .await
             {
-                return Some(sender);
+                return Some(idle.connection);
             }
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
+    async fn connect(&self) -> Result<Connection<B>, UpstreamError> {
         let settings = self.settings();
         let addr = settings.connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
@@ -225,38 +275,59 @@ where
             }
         };
         let (sender, connection) = http1::Builder::new()
+            .preserve_header_case(true)
+            .max_headers(settings.max_headers)
+            .max_buf_size(settings.max_head_bytes.max(MIN_BUF_SIZE))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::ClosedBeforeSend)?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "backend connection ended");
             }
         });
-        Ok(sender)
+        Ok(Connection {
+            sender,
+            task: Some(task.abort_handle()),
+        })
     }
 
+    /// The response, with a body that returns the connection to the pool
+    /// when it ends, if the connection may carry another request.
     fn pooled(
         &self,
         response: Response<Incoming>,
-        sender: SendRequest<B>,
+        connection: Connection<B>,
+        delivery: &Delivery,
     ) -> Response<PooledBody<B>> {
         let (parts, body) = response.into_parts();
         let keep_alive = !parts
             .headers
             .get(http::header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        // Answered before the whole body went out: the backend may read the
+        // rest as a request. A withheld body is never sent: close the
+        // connection with the response; a body still flowing finishes first.
+        let reusable = keep_alive && delivery.complete();
+        let (give_back, closing) = if reusable {
+            let settings = self.settings();
+            let give_back = GiveBack {
+                connection,
+                pool: Arc::clone(&self.idle),
+                max_idle: settings.max_idle,
+                connector: Arc::clone(&settings.connector),
+            };
+            (Some(give_back), None)
+        } else if delivery.is_withheld() {
+            (None, Some(connection))
+        } else {
+            connection.detach();
+            (None, None)
+        };
         let mut pooled = PooledBody {
             inner: body,
-            give_back: keep_alive.then(|| {
-                let settings = self.settings();
-                GiveBack {
-                    sender,
-                    pool: Arc::clone(&self.idle),
-                    max_idle: settings.max_idle,
-                    connector: Arc::clone(&settings.connector),
-                }
-            }),
+            give_back,
+            _closing: closing,
         };
         if pooled.inner.is_end_stream() {
             pooled.give_back();
@@ -269,6 +340,8 @@ where
 pub struct PooledBody<B> {
     inner: Incoming,
     give_back: Option<GiveBack<B>>,
+    /// A connection closed when this body is dropped.
+    _closing: Option<Connection<B>>,
 }
 
 impl<B> PooledBody<B> {
@@ -277,7 +350,7 @@ impl<B> PooledBody<B> {
             let mut idle = back.pool.lock().unwrap();
             if idle.len() < back.max_idle {
                 idle.push(Idle {
-                    sender: back.sender,
+                    connection: back.connection,
                     since: Instant::now(),
                     connector: back.connector,
                 });

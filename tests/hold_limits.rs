@@ -114,26 +114,34 @@ async fn recording_backend() -> (
     let address = listener.local_addr().unwrap();
     let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut head = vec![0u8; 4096];
-                let n = stream.read(&mut head).await.unwrap_or(0);
-                let line = String::from_utf8_lossy(&head[..n])
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                if !line.starts_with("HEAD") {
-                    let _ = seen.send(line);
-                }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer_one(stream, seen.clone()));
         }
     });
     (address, requests)
+}
+
+/// Reads one request (asking for its body with `100 Continue` when it
+/// expects one, as an HTTP/1.1 server does), records its request line and
+/// answers `200 OK`.
+async fn answer_one(mut stream: TcpStream, seen: tokio::sync::mpsc::UnboundedSender<String>) {
+    let mut head = vec![0u8; 4096];
+    let n = stream.read(&mut head).await.unwrap_or(0);
+    let text = String::from_utf8_lossy(&head[..n]).into_owned();
+    let line = text.lines().next().unwrap_or("").to_string();
+    if !line.starts_with("HEAD") {
+        let _ = seen.send(line);
+    }
+    if text
+        .to_ascii_lowercase()
+        .contains("\r\nexpect: 100-continue\r\n")
+    {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+        let _ = stream.read(&mut head).await;
+    }
+    let _ = stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
