@@ -57,6 +57,9 @@ pub struct ListenerConfig {
     pub max_headers: usize,
     /// Most bytes in a request head (HTTP/1.1), or in an HTTP/2 header list.
     pub max_head_bytes: usize,
+    /// A client silent this long in the middle of its request body gets
+    /// `408 RequestTimeout` (nginx's `client_body_timeout`).
+    pub client_body_timeout: Duration,
 }
 
 /// The `X-Forwarded-For` / `X-Forwarded-Proto` headers the proxy adds.
@@ -96,9 +99,14 @@ pub struct BackendConfig {
     pub address: BackendAddress,
     /// A connect that takes longer counts as the backend being down.
     pub connect_timeout: Duration,
-    /// A request that makes no progress (no body byte sent, no response head)
-    /// for this long marks the backend as hung.
+    /// A request that makes no progress while waiting for the backend (its
+    /// body not accepted, or no response head) for this long makes the proxy
+    /// probe the backend: hung if the probe fails, slow if it answers.
     pub response_timeout: Duration,
+    /// Longest wait for the response head while the backend serves.
+    pub first_byte_timeout: Duration,
+    /// The same for operations known to be slow (see `s3_operation`).
+    pub slow_first_byte_timeout: Duration,
     /// Idle keep-alive connections kept to the backend.
     pub max_idle_connections: usize,
     /// Idle connections older than this are closed rather than reused.
@@ -215,6 +223,8 @@ struct RawListener {
     tls: Option<RawListenerTls>,
     max_headers: Option<usize>,
     max_head_bytes: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    client_body_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -261,6 +271,10 @@ struct RawBackend {
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     response_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    first_byte_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    slow_first_byte_timeout: Option<Duration>,
     max_idle_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
@@ -635,6 +649,16 @@ impl Config {
                 raw.backend.response_timeout,
                 Duration::from_secs(30),
             )?,
+            first_byte_timeout: positive_duration(
+                "backend.first_byte_timeout",
+                raw.backend.first_byte_timeout,
+                Duration::from_secs(300),
+            )?,
+            slow_first_byte_timeout: positive_duration(
+                "backend.slow_first_byte_timeout",
+                raw.backend.slow_first_byte_timeout,
+                Duration::from_secs(1800),
+            )?,
             max_idle_connections: raw.backend.max_idle_connections.unwrap_or(64),
             idle_timeout: positive_duration(
                 "backend.idle_timeout",
@@ -659,6 +683,11 @@ impl Config {
                 DEFAULT_MAX_HEADERS,
             )?,
             max_head_bytes: head_bytes("listener.max_head_bytes", raw.listener.max_head_bytes)?,
+            client_body_timeout: positive_duration(
+                "listener.client_body_timeout",
+                raw.listener.client_body_timeout,
+                Duration::from_secs(60),
+            )?,
         };
         let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {

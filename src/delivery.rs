@@ -13,11 +13,13 @@
 //!   request. [`Delivery::complete`] says whether the body had ended when the
 //!   response head arrived.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, header};
+use tokio::time::Instant;
 
 /// The body state of one attempt, shared by the body (which waits on it) and
 /// the upstream connection (which reads it when the response head arrives).
@@ -26,8 +28,8 @@ pub struct Delivery {
     /// Waiting for the backend's `100 Continue` before the first body byte.
     withheld: AtomicBool,
     waker: AtomicWaker,
-    /// The body has reported its end to the connection.
-    complete: AtomicBool,
+    /// When the body reported its end to the connection.
+    completed_at: OnceLock<Instant>,
 }
 
 impl Delivery {
@@ -64,12 +66,18 @@ impl Delivery {
 
     /// The body has ended (every byte handed to the connection).
     pub fn mark_complete(&self) {
-        self.complete.store(true, Ordering::Release);
+        let _ = self.completed_at.set(Instant::now());
     }
 
     /// Whether the whole body has been handed to the connection.
     pub fn complete(&self) -> bool {
-        self.complete.load(Ordering::Acquire)
+        self.completed_at.get().is_some()
+    }
+
+    /// When the whole body had been handed to the connection: from then on
+    /// only the backend can make progress.
+    pub fn completed_at(&self) -> Option<Instant> {
+        self.completed_at.get().copied()
     }
 }
 

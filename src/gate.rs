@@ -198,6 +198,9 @@ pub struct Gate {
     phase: watch::Sender<Phase>,
     observers: Mutex<Vec<Observer>>,
     next_ticket: AtomicU64,
+    /// Outages so far: what a connection made before the last one failing
+    /// says nothing about the backend serving since.
+    generation: AtomicU64,
 }
 
 impl fmt::Debug for Gate {
@@ -222,6 +225,7 @@ impl Gate {
                 discovery_hold: false,
             }),
             next_ticket: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             phase: watch::Sender::new(Phase::Up),
             observers: Mutex::new(Vec::new()),
         })
@@ -245,6 +249,14 @@ impl Gate {
             self.release_more(&mut inner)
         };
         self.notify(transition);
+    }
+
+    /// The backend generation: it changes every time the gate goes down, so
+    /// a failure seen on a connection of an earlier generation (a download
+    /// still streaming from the killed process) is not taken for a failure
+    /// of the backend serving now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn ticket(&self) -> Ticket {
@@ -490,6 +502,7 @@ impl Gate {
     }
 
     fn go_down(&self, inner: &mut Inner, reason: DownReason, now: Instant) -> Transition {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let from = phase_of(&inner.state);
         inner.state = State::Down { reason, since: now };
         inner.changed_at = now;

@@ -46,6 +46,7 @@ pub mod reload;
 pub mod replay;
 pub mod response;
 pub mod s3_error;
+pub mod s3_operation;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -77,6 +77,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     replays: IntCounterVec,
     probes: IntCounterVec,
+    outage_checks: IntCounterVec,
     backend_connects: IntCounter,
     reloads: IntCounterVec,
     hold_timeout: prometheus::Gauge,
@@ -255,6 +256,12 @@ impl Metrics {
                 "Backend probes while the gate was not up, by result (serving, not_serving).",
                 &["result"],
             ),
+            outage_checks: counter_vec(
+                &registry,
+                "s3fp_outage_checks_total",
+                "Checks of the backend after one request failed, by what the request saw (reset, hang_timeout) and the verdict (serving: no outage, the failure stayed that request's; down: the gate went down).",
+                &["suspicion", "result"],
+            ),
             backend_connects: int_counter(
                 &registry,
                 "s3fp_backend_connections_total",
@@ -321,6 +328,12 @@ impl Metrics {
             HoldOutcome::ClientGone,
         ] {
             self.hold_outcomes.with_label_values(&[outcome.as_str()]);
+        }
+        for suspicion in [DownReason::Reset, DownReason::HangTimeout] {
+            for result in ["serving", "down"] {
+                self.outage_checks
+                    .with_label_values(&[suspicion.as_str(), result]);
+            }
         }
         for method in ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "other"] {
             for class in ["2xx", "3xx", "4xx", "5xx"] {
@@ -392,6 +405,14 @@ impl Metrics {
             ReplayOutcome::RefusedUnsafe => "refused_unsafe",
         };
         self.replays.with_label_values(&[label]).inc();
+    }
+
+    /// A single request's failure was checked with a probe.
+    pub fn outage_check(&self, suspicion: DownReason, serving: bool) {
+        let result = if serving { "serving" } else { "down" };
+        self.outage_checks
+            .with_label_values(&[suspicion.as_str(), result])
+            .inc();
     }
 
     pub fn probe(&self, serving: bool) {

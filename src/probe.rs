@@ -6,12 +6,19 @@
 //! answers an unsigned request with 403 long before anything else works. There
 //! is one probe loop per backend, so probe traffic does not grow with the number
 //! of held requests.
+//!
+//! The same probe confirms a suspected outage: when one request fails (reset,
+//! early close, no progress), [`Prober::confirm`] asks the backend at once on a
+//! fresh connection, and only a failed check takes the gate down. Requests
+//! that failed before a check began share its verdict, so a crash that cuts
+//! a hundred requests costs one check.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::connector::Connector;
 use crate::gate::{Gate, Phase};
@@ -47,6 +54,15 @@ pub struct Prober {
     settings: RwLock<ProbeSettings>,
     sentinel: Mutex<Option<TcpStream>>,
     metrics: Arc<Metrics>,
+    /// The last confirmation; the lock makes checks run one at a time.
+    confirmation: tokio::sync::Mutex<Option<Confirmation>>,
+}
+
+/// The verdict of one confirmation check and when it began.
+#[derive(Debug, Clone, Copy)]
+struct Confirmation {
+    ended: Instant,
+    serving: bool,
 }
 
 impl Prober {
@@ -56,6 +72,7 @@ impl Prober {
             settings: RwLock::new(settings),
             sentinel: Mutex::new(None),
             metrics,
+            confirmation: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -103,6 +120,28 @@ impl Prober {
             *sentinel = None;
             self.gate.backend_gone();
         }
+    }
+
+    /// Whether the backend serves, asked on a fresh connection for a request
+    /// that failed at `failed_at`; a check that ended after that moment (one
+    /// under way when the request failed) answers for it too.
+    pub async fn confirm(&self, failed_at: Instant) -> bool {
+        let mut last = self.confirmation.lock().await;
+        if let Some(done) = *last
+            && done.ended >= failed_at
+        {
+            return done.serving;
+        }
+        let result = probe_once(&self.settings()).await;
+        if let Err(error) = &result {
+            tracing::debug!(%error, "confirmation: backend not serving");
+        }
+        let serving = result.is_ok();
+        *last = Some(Confirmation {
+            ended: Instant::now(),
+            serving,
+        });
+        serving
     }
 
     /// Probes whenever the gate is not Up, until the task is aborted.

@@ -22,13 +22,15 @@ use crate::access_log::{RequestRecord, next_request_id};
 use crate::config::ForwardingConfig;
 use crate::delivery::Delivery;
 use crate::drain::{InFlight, InFlightGuard};
-use crate::gate::{Admission, Gate, Ticket};
+use crate::gate::{Admission, DownReason, Gate, Ticket};
 use crate::headers;
 use crate::metrics::{Metrics, ReplayOutcome};
 use crate::peer::Peer;
+use crate::probe::Prober;
 use crate::replay::{self, AttemptBody, ReplayableBody};
-use crate::response::ProxyBody;
+use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
+use crate::s3_operation;
 use crate::upstream::{PooledBody, Upstream, UpstreamError};
 
 /// Request-path settings; replaced as a whole on reload.
@@ -40,7 +42,17 @@ pub struct ProxySettings {
     pub response_timeout: Duration,
     pub retry_after: Duration,
     pub forwarding: ForwardingConfig,
+    /// A client silent this long mid-body gets `408`.
+    pub client_body_timeout: Duration,
+    /// No progress this long while the backend serves: `504`, no replay.
+    pub first_byte_timeout: Duration,
+    /// The same for operations known to be slow ([`s3_operation::is_slow`]).
+    pub slow_first_byte_timeout: Duration,
 }
+
+/// Unsent attempts retried at once on a fresh connection while the backend
+/// is confirmed serving (a pooled connection the backend had just closed).
+const MAX_UNSENT_RETRIES: u32 = 3;
 
 type ClientBody = ReplayableBody<Incoming>;
 type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
@@ -48,6 +60,8 @@ type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
 /// The shared state of the S3 listener.
 pub struct Proxy {
     gate: Arc<Gate>,
+    /// Confirms a suspected outage before the gate goes down.
+    prober: Arc<Prober>,
     upstream: Upstream<AttemptBody<Incoming>>,
     /// Replaced on reload; held requests watch it to pick up a new hold timeout.
     settings: watch::Sender<Arc<ProxySettings>>,
@@ -78,23 +92,70 @@ impl Outbound {
     }
 }
 
+/// What the watchdog of one attempt needs.
+struct Watch<'a> {
+    delivery: &'a Arc<Delivery>,
+    body: &'a ClientBody,
+    settings: &'a ProxySettings,
+    first_byte_timeout: Duration,
+    /// The backend generation when the attempt began.
+    generation: u64,
+}
+
+/// One failed attempt, for `after_failure`.
+struct Failed<'a> {
+    error: &'a UpstreamError,
+    generation: u64,
+    idempotent: bool,
+}
+
 /// How one request went, for its log line.
 struct Progress {
     started: Instant,
     held: Duration,
     was_held: bool,
     replays: u32,
+    /// Attempts that failed before sending anything while the backend served.
+    unsent_retries: u32,
+}
+
+/// The backend's response to one attempt.
+struct Answered {
+    response: BackendResponse,
+    in_flight: InFlightGuard,
+    /// The backend generation the response comes from.
+    generation: u64,
+}
+
+/// Why one attempt produced no backend response.
+enum AttemptFailure {
+    /// The upstream failed; what it means is decided in `after_failure`.
+    Upstream(UpstreamError),
+    /// The proxy answers at once (client too slow, backend too slow).
+    Answer(ProxyError),
+}
+
+/// What one request's failure says about the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The backend is down (or went down since the attempt began): the
+    /// request died with it.
+    Outage,
+    /// The backend serves: the failure is this request's alone.
+    Alone,
 }
 
 impl Proxy {
     pub fn new(
         gate: Arc<Gate>,
+        prober: Arc<Prober>,
         upstream: Upstream<AttemptBody<Incoming>>,
         settings: ProxySettings,
         metrics: Arc<Metrics>,
     ) -> Proxy {
         Proxy {
             gate,
+            prober,
             upstream,
             settings: watch::Sender::new(Arc::new(settings)),
             in_flight: InFlight::default(),
@@ -136,7 +197,7 @@ impl Proxy {
 
     /// Serves one client request.
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         peer: &Peer,
         scheme: &'static str,
@@ -147,6 +208,7 @@ impl Proxy {
             held: Duration::ZERO,
             was_held: false,
             replays: 0,
+            unsent_retries: 0,
         };
         let (parts, body) = request.into_parts();
         let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
@@ -156,7 +218,7 @@ impl Proxy {
     }
 
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         outbound: Outbound,
         body: ClientBody,
         peer: &Peer,
@@ -167,9 +229,7 @@ impl Proxy {
             .attempts(&outbound, &body, peer, settings, &mut progress)
             .await
         {
-            Ok((response, in_flight)) => {
-                self.stream(response, in_flight, &outbound, body, progress)
-            }
+            Ok(answered) => self.stream(answered, &outbound, body, progress),
             Err(error) => self.answer(error, &outbound, &body, &progress, settings),
         }
     }
@@ -182,9 +242,15 @@ impl Proxy {
         peer: &Peer,
         settings: &ProxySettings,
         progress: &mut Progress,
-    ) -> Result<(BackendResponse, InFlightGuard), ProxyError> {
+    ) -> Result<Answered, ProxyError> {
         let ticket = self.gate.ticket();
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
+        let first_byte_timeout =
+            if s3_operation::is_slow(&outbound.method, &outbound.uri, &outbound.headers) {
+                settings.slow_first_byte_timeout
+            } else {
+                settings.first_byte_timeout
+            };
         loop {
             let queued_at = Instant::now();
             let admitted = self.admit(ticket, progress.started, peer).await;
@@ -199,60 +265,79 @@ impl Proxy {
             let attempt = body
                 .attempt(Arc::clone(&delivery))
                 .map_err(|_| ProxyError::NotReplayable)?;
+            let generation = self.gate.generation();
             let in_flight = self.in_flight.enter();
-            let result = self
-                .send_watched(
-                    outbound.request(attempt),
-                    &delivery,
-                    body,
-                    settings.response_timeout,
-                )
-                .await;
+            let watch = Watch {
+                delivery: &delivery,
+                body,
+                settings,
+                first_byte_timeout,
+                generation,
+            };
+            let result = self.send_watched(outbound.request(attempt), watch).await;
             admission.settle();
             match result {
                 Ok(response) => {
                     body.commit();
                     self.gate.backend_answered();
-                    return Ok((response, in_flight));
+                    return Ok(Answered {
+                        response,
+                        in_flight,
+                        generation,
+                    });
                 }
-                Err(error) => {
+                Err(AttemptFailure::Answer(error)) => return Err(error),
+                Err(AttemptFailure::Upstream(error)) => {
                     drop(in_flight);
-                    self.after_failure(&error, outbound, body, idempotent, settings, progress)?;
+                    let failed = Failed {
+                        error: &error,
+                        generation,
+                        idempotent,
+                    };
+                    self.after_failure(failed, outbound, body, settings, progress)
+                        .await?;
                 }
             }
         }
     }
 
-    /// Decides what a failed attempt means: `Ok` to hold and send again,
-    /// `Err` with the answer the client gets.
-    fn after_failure(
+    /// Decides what a failed attempt means: `Ok` to hold (if the backend is
+    /// down) and send again, `Err` with the answer the client gets.
+    async fn after_failure(
         &self,
-        error: &UpstreamError,
+        failed: Failed<'_>,
         outbound: &Outbound,
         body: &ClientBody,
-        idempotent: bool,
         settings: &ProxySettings,
         progress: &mut Progress,
     ) -> Result<(), ProxyError> {
+        let Failed {
+            error,
+            generation,
+            idempotent,
+        } = failed;
         if body.client_failed() {
             return Err(ProxyError::ClientBody);
         }
-        let reason = error.down_reason();
-        if let Some(reason) = reason {
-            self.gate.mark_down(reason);
-            self.upstream.clear_idle();
-        }
+        let Some(suspicion) = error.down_reason() else {
+            // An invalid response says nothing about availability.
+            return Err(ProxyError::BadGateway);
+        };
+        let verdict = self.judge(suspicion, error.is_connect(), generation).await;
         if error.reached_backend() {
-            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, "backend failed after the request reached it");
+            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend failed after the request reached it");
         } else {
             // Every held request passes here during an outage: keep it quiet.
-            tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, "backend unreachable; holding");
+            tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend unreachable");
         }
         if !error.reached_backend() {
+            if verdict == Verdict::Alone {
+                progress.unsent_retries += 1;
+                if progress.unsent_retries > MAX_UNSENT_RETRIES {
+                    return Err(ProxyError::BadGateway);
+                }
+            }
             return Ok(());
-        }
-        if reason.is_none() {
-            return Err(ProxyError::BadGateway);
         }
         if idempotent && body.can_replay() && progress.replays < settings.max_replays {
             progress.replays += 1;
@@ -260,7 +345,55 @@ impl Proxy {
             return Ok(());
         }
         self.metrics.replay(ReplayOutcome::RefusedUnsafe);
-        Err(ProxyError::NotReplayable)
+        Err(match verdict {
+            Verdict::Outage => ProxyError::NotReplayable,
+            Verdict::Alone => ProxyError::BadGateway,
+        })
+    }
+
+    /// Whether one request's failure is an outage. A failed connect is, by
+    /// itself (a crash is seen at once). Anything else only when the backend,
+    /// asked at once on a fresh connection, does not serve; then the gate goes
+    /// down. A failure on a connection of an earlier backend generation (the
+    /// gate went down since the attempt began) belongs to that outage and
+    /// never takes the serving backend down.
+    async fn judge(&self, suspicion: DownReason, conclusive: bool, generation: u64) -> Verdict {
+        if self.gate.generation() != generation {
+            return Verdict::Outage;
+        }
+        if !conclusive {
+            let serving = self.prober.confirm(Instant::now()).await;
+            self.metrics.outage_check(suspicion, serving);
+            if serving {
+                tracing::info!(
+                    suspicion = suspicion.as_str(),
+                    "one request failed but the backend serves: no outage"
+                );
+                return Verdict::Alone;
+            }
+        }
+        self.go_down(suspicion, generation);
+        Verdict::Outage
+    }
+
+    /// Reports a backend that failed while its response streamed, as a
+    /// suspected outage to confirm in the background.
+    fn stream_failure(self: &Arc<Self>, generation: u64) -> StreamFailure {
+        let proxy = Arc::clone(self);
+        Box::new(move || {
+            tokio::spawn(async move {
+                proxy.judge(DownReason::Reset, false, generation).await;
+            });
+        })
+    }
+
+    /// Takes the gate down for `reason`, unless it already went down since
+    /// `generation`.
+    fn go_down(&self, reason: DownReason, generation: u64) {
+        if self.gate.generation() == generation {
+            self.gate.mark_down(reason);
+            self.upstream.clear_idle();
+        }
     }
 
     /// Admission, abandoned as soon as the client leaves.
@@ -284,38 +417,77 @@ impl Proxy {
         }
     }
 
-    /// Sends one attempt; fails with `Hang` when neither a body byte nor the
-    /// response head moves for `timeout`.
+    /// Sends one attempt and watches it. Time the request spends waiting for
+    /// the client is the client's: silent for `client_body_timeout` mid-body,
+    /// it gets `408`. Time spent waiting for the backend (to accept body bytes,
+    /// or to answer) is checked every `response_timeout` without progress: a
+    /// backend the probe finds serving is slow, not dead, and the request
+    /// keeps waiting up to its first-byte timeout (then `504`, nothing
+    /// replayed: the backend may still be executing it); a backend that does
+    /// not serve takes the gate down (`Hang`).
     async fn send_watched(
         &self,
         request: Request<AttemptBody<Incoming>>,
-        delivery: &Arc<Delivery>,
-        body: &ClientBody,
-        timeout: Duration,
-    ) -> Result<BackendResponse, UpstreamError> {
-        let send = self.upstream.send(request, delivery);
+        watch: Watch<'_>,
+    ) -> Result<BackendResponse, AttemptFailure> {
+        let settings = watch.settings;
+        let send = self.upstream.send(request, watch.delivery);
         tokio::pin!(send);
+        // When the backend was last confirmed serving during this attempt.
+        let mut confirmed_at = Instant::now();
         loop {
-            let stalled_at = body.last_progress() + timeout;
+            let stall = watch.body.stall();
+            let checkpoint = stall.since.max(confirmed_at);
+            let backend_since = watch.delivery.completed_at().unwrap_or(stall.since);
+            let ceiling = backend_since.max(stall.since) + watch.first_byte_timeout;
+            let deadline = if stall.on_client {
+                stall.since + settings.client_body_timeout
+            } else {
+                (checkpoint + settings.response_timeout).min(ceiling)
+            };
             tokio::select! {
-                result = &mut send => return result,
-                () = tokio::time::sleep_until(stalled_at) => {
-                    if body.last_progress() + timeout <= Instant::now() {
-                        return Err(UpstreamError::Hang(timeout));
-                    }
-                }
+                result = &mut send => return result.map_err(AttemptFailure::Upstream),
+                () = tokio::time::sleep_until(deadline) => {}
             }
+            if watch.body.stall() != stall {
+                continue;
+            }
+            let now = Instant::now();
+            if stall.on_client {
+                return Err(AttemptFailure::Answer(ProxyError::ClientTimeout));
+            }
+            if now >= ceiling {
+                tracing::warn!(timeout = ?watch.first_byte_timeout, "the backend serves but did not answer in time");
+                return Err(AttemptFailure::Answer(ProxyError::SlowBackend));
+            }
+            let serving = tokio::select! {
+                result = &mut send => return result.map_err(AttemptFailure::Upstream),
+                serving = self.prober.confirm(now) => serving,
+            };
+            self.metrics.outage_check(DownReason::HangTimeout, serving);
+            if !serving {
+                self.go_down(DownReason::HangTimeout, watch.generation);
+                return Err(AttemptFailure::Upstream(UpstreamError::Hang(
+                    settings.response_timeout,
+                )));
+            }
+            tracing::info!(waited = ?now - stall.since, "no answer yet but the backend serves: slow, not dead");
+            confirmed_at = Instant::now();
         }
     }
 
     fn stream(
-        &self,
-        response: BackendResponse,
-        in_flight: InFlightGuard,
+        self: &Arc<Self>,
+        answered: Answered,
         outbound: &Outbound,
         body: ClientBody,
         progress: Progress,
     ) -> Response<ProxyBody> {
+        let Answered {
+            response,
+            in_flight,
+            generation,
+        } = answered;
         let (mut parts, backend_body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let request_id = response_request_id(&mut parts.headers);
@@ -327,7 +499,8 @@ impl Proxy {
             &progress,
             "ok",
         );
-        let proxied = ProxyBody::streamed(backend_body, Arc::clone(&self.gate), in_flight, record);
+        let on_failure = self.stream_failure(generation);
+        let proxied = ProxyBody::streamed(backend_body, on_failure, in_flight, record);
         Response::from_parts(parts, proxied)
     }
 

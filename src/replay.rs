@@ -64,7 +64,20 @@ struct Shared<B> {
     client_failed: bool,
     bytes_pulled: u64,
     last_progress: Instant,
+    /// The last poll of the client's body found nothing to read: the
+    /// request is waiting for the client, not for the backend.
+    waiting_on_client: bool,
     generation: u64,
+}
+
+/// How long a request has made no progress, and whose turn it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// When a body byte last moved (or the attempt began).
+    pub since: Instant,
+    /// True when the proxy is waiting for the client's next body bytes; false
+    /// when it waits for the backend (to accept bytes, or to answer).
+    pub on_client: bool,
 }
 
 impl<B> Clone for ReplayableBody<B> {
@@ -95,6 +108,7 @@ where
                 client_failed: false,
                 bytes_pulled: 0,
                 last_progress: Instant::now(),
+                waiting_on_client: false,
                 generation: 0,
             })),
         }
@@ -113,6 +127,7 @@ where
         }
         shared.generation += 1;
         shared.last_progress = Instant::now();
+        shared.waiting_on_client = false;
         Ok(AttemptBody {
             shared: Arc::clone(&self.shared),
             generation: shared.generation,
@@ -144,9 +159,14 @@ where
         shared.kept_len = 0;
     }
 
-    /// When a body byte last moved (or the attempt began).
-    pub fn last_progress(&self) -> Instant {
-        lock(&self.shared).last_progress
+    /// When a body byte last moved (or the attempt began), and whether the
+    /// request now waits for the client or for the backend.
+    pub fn stall(&self) -> Stall {
+        let shared = lock(&self.shared);
+        Stall {
+            since: shared.last_progress,
+            on_client: shared.waiting_on_client,
+        }
     }
 
     /// Bytes read from the client so far.
@@ -211,6 +231,7 @@ where
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut shared.source).poll_frame(cx);
+        shared.waiting_on_client = polled.is_pending();
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {

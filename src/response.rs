@@ -4,11 +4,10 @@
 //! A streamed body counts bytes, keeps the request counted as in flight until
 //! it ends, and if the backend fails mid-stream passes the error on, so hyper
 //! aborts the client connection instead of ending the response cleanly (a
-//! truncated object must never look complete); the failure also takes the
-//! gate down at once.
+//! truncated object must never look complete); the failure is also reported
+//! as a suspected outage, which the proxy confirms before the gate goes down.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,7 +15,6 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::access_log::RequestRecord;
 use crate::drain::InFlightGuard;
-use crate::gate::{DownReason, Gate};
 use crate::replay::BoxError;
 
 /// The body type of every response the S3 listener sends.
@@ -32,9 +30,13 @@ enum Kind {
 
 struct Streamed {
     inner: Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>,
-    gate: Arc<Gate>,
+    /// Reports the backend's failure mid-stream, once.
+    on_failure: Option<StreamFailure>,
     _in_flight: InFlightGuard,
 }
+
+/// What to do when the backend fails while its response streams.
+pub type StreamFailure = Box<dyn FnOnce() + Send>;
 
 impl ProxyBody {
     /// A body the proxy made itself.
@@ -48,14 +50,14 @@ impl ProxyBody {
     /// A backend body streamed to the client.
     pub fn streamed(
         inner: impl Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
-        gate: Arc<Gate>,
+        on_failure: StreamFailure,
         in_flight: InFlightGuard,
         record: RequestRecord,
     ) -> ProxyBody {
         ProxyBody {
             kind: Kind::Streamed(Streamed {
                 inner: Box::pin(inner),
-                gate,
+                on_failure: Some(on_failure),
                 _in_flight: in_flight,
             }),
             record: Some(record),
@@ -77,7 +79,9 @@ impl Body for ProxyBody {
             Kind::Streamed(streamed) => match streamed.inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Err(error))) => {
                     tracing::warn!(%error, "backend failed while streaming a response; aborting the client connection");
-                    streamed.gate.mark_down(DownReason::Reset);
+                    if let Some(report) = streamed.on_failure.take() {
+                        report();
+                    }
                     if let Some(record) = this.record.as_mut() {
                         record.outcome = "response_aborted";
                     }

@@ -32,6 +32,13 @@ pub enum ProxyError {
     /// The client's request body ended early or broke.
     #[error("the client's request body was incomplete")]
     ClientBody,
+    /// The client stopped sending its body for `listener.client_body_timeout`.
+    #[error("the client sent no body bytes for listener.client_body_timeout")]
+    ClientTimeout,
+    /// The backend serves but gave no response head within the request's
+    /// first-byte timeout; it may still be executing the request.
+    #[error("the backend did not answer within the first-byte timeout")]
+    SlowBackend,
 }
 
 impl ProxyError {
@@ -46,6 +53,8 @@ impl ProxyError {
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::ClientGone => "client_gone",
             ProxyError::ClientBody => "client_body",
+            ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::SlowBackend => "slow_backend",
         }
     }
 
@@ -54,6 +63,10 @@ impl ProxyError {
             ProxyError::Held(Rejection::QueueFull) => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
             ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
+            // S3's own name for a client that stopped sending; 408 as the
+            // HTTP answer (RFC 9110 section 15.5.9).
+            ProxyError::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
+            ProxyError::SlowBackend => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             // Nobody reads this answer; 499 marks it in the request log.
             ProxyError::ClientGone => (
                 StatusCode::from_u16(499).expect("valid status"),
@@ -81,6 +94,12 @@ impl ProxyError {
             ProxyError::ShuttingDown => "The proxy is shutting down. Please retry.",
             ProxyError::ClientGone => "The client closed the connection.",
             ProxyError::ClientBody => "The request body ended before its declared length.",
+            ProxyError::ClientTimeout => {
+                "Your socket connection to the server was not read from or written to within the timeout period."
+            }
+            ProxyError::SlowBackend => {
+                "The storage backend is still working on the request; its outcome is unknown."
+            }
         }
     }
 
@@ -107,6 +126,11 @@ impl ProxyError {
             HeaderValue::from_static("application/xml"),
         );
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        if self == ProxyError::ClientTimeout {
+            // The rest of the body may still be on its way: never read it as
+            // the next request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Ok(id) = HeaderValue::from_str(request_id) {
             headers.insert("x-amz-request-id", id);
         }

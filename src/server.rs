@@ -90,6 +90,9 @@ pub fn proxy_settings(config: &Config) -> ProxySettings {
         response_timeout: config.backend.response_timeout,
         retry_after: config.hold.retry_after,
         forwarding: config.forwarding.clone(),
+        client_body_timeout: config.listener.client_body_timeout,
+        first_byte_timeout: config.backend.first_byte_timeout,
+        slow_first_byte_timeout: config.backend.slow_first_byte_timeout,
     }
 }
 
@@ -131,15 +134,16 @@ pub async fn run_with_reload(
         &config.backend,
         Arc::clone(&connector),
     ));
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&gate),
-        upstream,
-        proxy_settings(&config),
-        Arc::clone(&metrics),
-    ));
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
         probe_settings(&config, Arc::clone(&connector)),
+        Arc::clone(&metrics),
+    ));
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&gate),
+        Arc::clone(&prober),
+        upstream,
+        proxy_settings(&config),
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());

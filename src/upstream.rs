@@ -56,6 +56,11 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// True for a failed connect: conclusive by itself about the backend.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. })
+    }
+
     /// True when some byte of the request may have reached the backend.
     pub fn reached_backend(&self) -> bool {
         matches!(self, UpstreamError::Failed(_) | UpstreamError::Hang(_))

@@ -11,24 +11,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ChecksumAlgorithm;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use support::tls::{TestCa, TlsFront, h2_connect, s3_client_tls, write_pair};
+use support::tls::{TestCa, TlsFront, h2_connect, https_proxy, s3_client_tls, write_pair};
 use support::{
     ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, s3_client, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A proxy with an HTTPS listener whose certificate `ca` issued for localhost.
-async fn https_proxy(backend: &S3Backend, ca: &TestCa, extra: &str) -> ProxyUnderTest {
-    let files = ca.issue("edge", &["localhost", "127.0.0.1"]);
-    let config = format!(
-        "[listener.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{extra}",
-        files.cert.display(),
-        files.key.display()
-    );
-    ProxyUnderTest::start(backend.address, &config)
-        .await
-        .unwrap()
-}
 
 fn https_endpoint(proxy: &ProxyUnderTest) -> String {
     format!("https://localhost:{}", proxy.tls_address.unwrap().port())
@@ -38,7 +25,7 @@ fn https_endpoint(proxy: &ProxyUnderTest) -> String {
 async fn put_and_get_over_https_with_checksums() {
     let backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
     s3.create_bucket().bucket("secure").send().await.unwrap();
     let content = object_content(3, 2 << 20);
@@ -60,7 +47,7 @@ async fn put_and_get_over_https_with_checksums() {
 async fn backend_restarts_cost_https_clients_no_failure() {
     let mut backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
     s3.create_bucket().bucket("restarts").send().await.unwrap();
 
@@ -119,7 +106,7 @@ async fn backend_restarts_cost_https_clients_no_failure() {
 async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive() {
     let mut backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     let tls_address = proxy.tls_address.unwrap();
     let before = ca.presented_certificate(tls_address).await.unwrap();
     let s3 = s3_client_tls(&https_endpoint(&proxy), &ca);
@@ -176,7 +163,7 @@ async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive(
 async fn a_broken_certificate_file_is_rejected_and_the_old_pair_keeps_serving() {
     let backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     let tls_address = proxy.tls_address.unwrap();
     let before = ca.presented_certificate(tls_address).await.unwrap();
 
@@ -211,7 +198,7 @@ async fn a_broken_certificate_file_is_rejected_and_the_old_pair_keeps_serving() 
 async fn an_http2_client_is_held_through_an_outage() {
     let mut backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     s3_client(&proxy.endpoint())
         .create_bucket()
         .bucket("http2")
@@ -331,7 +318,7 @@ async fn a_backend_whose_certificate_is_not_trusted_is_not_up() {
 async fn garbage_instead_of_a_handshake_closes_that_connection_only() {
     let backend = S3Backend::start().await.unwrap();
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(&backend, &ca, "").await;
+    let proxy = https_proxy(backend.address, &ca, "").await;
     let mut garbage = tokio::net::TcpStream::connect(proxy.tls_address.unwrap())
         .await
         .unwrap();

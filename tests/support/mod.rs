@@ -7,6 +7,8 @@
 #![allow(dead_code)]
 
 pub mod fake_kube;
+pub mod radosgw;
+pub mod relay;
 pub mod tls;
 pub mod workload;
 
@@ -438,12 +440,23 @@ pub fn sign_unsigned_payload(
     host: &str,
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
+    sign_unsigned_payload_with(SECRET_KEY, method, url, host, extra)
+}
+
+/// [`sign_unsigned_payload`] with another secret key (a wrong one gets 403).
+pub fn sign_unsigned_payload_with(
+    secret: &str,
+    method: &str,
+    url: &str,
+    host: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     use aws_sigv4::http_request::{
         PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign,
     };
     use aws_sigv4::sign::v4;
     let identity =
-        aws_credential_types::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test").into();
+        aws_credential_types::Credentials::new(ACCESS_KEY, secret, None, None, "test").into();
     let mut settings = SigningSettings::default();
     settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
     let params = v4::SigningParams::builder()

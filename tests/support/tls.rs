@@ -238,3 +238,17 @@ where
     tokio::spawn(connection);
     Ok(sender)
 }
+
+/// A proxy in front of `backend` with an HTTPS listener whose certificate
+/// `ca` issued for localhost, plus `extra` config.
+pub async fn https_proxy(backend: SocketAddr, ca: &TestCa, extra: &str) -> super::ProxyUnderTest {
+    let files = ca.issue("edge", &["localhost", "127.0.0.1"]);
+    let config = format!(
+        "[listener.tls]\naddress = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n{extra}",
+        files.cert.display(),
+        files.key.display()
+    );
+    super::ProxyUnderTest::start(backend, &config)
+        .await
+        .unwrap()
+}

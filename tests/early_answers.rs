@@ -1,0 +1,159 @@
+//! Early final answers: a backend that rejects an upload before reading its
+//! body (here a signature made with the wrong secret, which s3s-fs checks from
+//! the head alone) answers `403` while the client is still sending. The client
+//! must get that `403` every time, over HTTP/1.1 with and without
+//! `Expect: 100-continue` and over HTTP/2, and a rejected upload must not look
+//! like an outage.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use support::tls::{TestCa, h2_connect, https_proxy};
+use support::{ProxyUnderTest, S3Backend, metric_sample, s3_client, sign_unsigned_payload_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TRIES: usize = 20;
+const UPLOAD: usize = 16 << 20;
+const WRONG_SECRET: &str = "not-the-secret-key-0123456789";
+const BUCKET: &str = "early";
+
+async fn backend_with_bucket() -> S3Backend {
+    let backend = S3Backend::start().await.unwrap();
+    s3_client(&format!("http://{}", backend.address))
+        .create_bucket()
+        .bucket(BUCKET)
+        .send()
+        .await
+        .unwrap();
+    backend
+}
+
+/// The signed head of a 16 MiB PUT whose signature the backend refuses.
+fn forged_put_headers(host: &str, key: &str) -> Vec<(String, String)> {
+    let url = format!("http://{host}/{BUCKET}/{key}");
+    let length = UPLOAD.to_string();
+    sign_unsigned_payload_with(
+        WRONG_SECRET,
+        "PUT",
+        &url,
+        host,
+        &[("content-length", &length)],
+    )
+}
+
+/// Sends the forged PUT over HTTP/1.1 as a client that streams its body at
+/// once (or, with `expect`, only after a `100 Continue`), and returns the
+/// status of the final answer.
+async fn forged_put_http1(proxy: SocketAddr, key: &str, expect: bool) -> u16 {
+    let host = proxy.to_string();
+    let mut head = format!("PUT /{BUCKET}/{key} HTTP/1.1\r\n");
+    for (name, value) in forged_put_headers(&host, key) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if expect {
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    head.push_str("\r\n");
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    if expect {
+        let status = read_status(&mut reader).await;
+        assert_ne!(
+            status, 100,
+            "the backend refuses before asking for the body"
+        );
+        return status;
+    }
+    let upload = tokio::spawn(async move {
+        // The backend may close before taking it all; that is its right.
+        let _ = writer.write_all(&vec![b'x'; UPLOAD]).await;
+        writer
+    });
+    let status = read_status(&mut reader).await;
+    drop(upload);
+    status
+}
+
+/// The status code of the next response head on `reader`.
+async fn read_status(reader: &mut (impl AsyncReadExt + Unpin)) -> u16 {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = reader.read(&mut byte).await.expect("the answer arrives");
+        assert_eq!(n, 1, "connection closed before an answer: {head:?}");
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    text[9..12].parse().unwrap_or_else(|_| panic!("{text}"))
+}
+
+async fn outages(proxy: &ProxyUnderTest) -> f64 {
+    let text = proxy.metrics().await;
+    ["refused", "reset", "hang_timeout", "probe_failed"]
+        .iter()
+        .filter_map(|reason| {
+            metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_upload_over_http1_gets_the_backends_403_every_time() {
+    let backend = backend_with_bucket().await;
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    for attempt in 0..TRIES {
+        let status = forged_put_http1(proxy.address, &format!("k{attempt}"), false).await;
+        assert_eq!(status, 403, "try {attempt}");
+    }
+    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_upload_with_expect_gets_its_403_before_sending_the_body() {
+    let backend = backend_with_bucket().await;
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    for attempt in 0..TRIES {
+        let status = forged_put_http1(proxy.address, &format!("k{attempt}"), true).await;
+        assert_eq!(status, 403, "try {attempt}");
+    }
+    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_upload_over_http2_gets_the_backends_403_every_time() {
+    let backend = backend_with_bucket().await;
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(backend.address, &ca, "").await;
+    let tls_address = proxy.tls_address.unwrap();
+    let host = format!("localhost:{}", tls_address.port());
+    let mut h2 = h2_connect(tls_address, &ca).await.unwrap();
+    let body = Bytes::from(vec![b'x'; UPLOAD]);
+    for attempt in 0..TRIES {
+        let key = format!("k{attempt}");
+        let mut request = http::Request::builder()
+            .method("PUT")
+            .uri(format!("https://{host}/{BUCKET}/{key}"))
+            .version(http::Version::HTTP_2);
+        for (name, value) in forged_put_headers(&host, &key) {
+            if name != "host" {
+                request = request.header(name, value);
+            }
+        }
+        let response = h2
+            .send_request(request.body(Full::new(body.clone())).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("try {attempt}: no answer: {e}"));
+        assert_eq!(response.status(), 403, "try {attempt}");
+        let error = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&error).contains("SignatureDoesNotMatch"),
+            "try {attempt}: {error:?}"
+        );
+    }
+    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+}
