@@ -50,6 +50,10 @@ pub struct ProxySettings {
     pub slow_first_byte_timeout: Duration,
 }
 
+/// Longest the proxy reads and drops the rest of a body the backend answered
+/// early (nginx's `lingering_time`).
+const LINGERING_CLOSE: Duration = Duration::from_secs(30);
+
 /// Unsent attempts retried at once on a fresh connection while the backend
 /// is confirmed serving (a pooled connection the backend had just closed).
 const MAX_UNSENT_RETRIES: u32 = 3;
@@ -122,6 +126,8 @@ struct Progress {
 /// The backend's response to one attempt.
 struct Answered {
     response: BackendResponse,
+    /// The request body's state when the response head came.
+    delivery: Arc<Delivery>,
     in_flight: InFlightGuard,
     /// The backend generation the response comes from.
     generation: u64,
@@ -282,6 +288,7 @@ impl Proxy {
                     self.gate.backend_answered();
                     return Ok(Answered {
                         response,
+                        delivery,
                         in_flight,
                         generation,
                     });
@@ -485,9 +492,15 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let Answered {
             response,
+            delivery,
             in_flight,
             generation,
         } = answered;
+        // An answer before the body ended: once it is sent, read what the
+        // client still sends and drop it, so the client can read the answer.
+        // A withheld body was never asked for: the client sends nothing.
+        let linger = !delivery.complete() && !delivery.is_withheld();
+        let rest = body.clone();
         let (mut parts, backend_body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         let request_id = response_request_id(&mut parts.headers);
@@ -500,7 +513,12 @@ impl Proxy {
             "ok",
         );
         let on_failure = self.stream_failure(generation);
-        let proxied = ProxyBody::streamed(backend_body, on_failure, in_flight, record);
+        let mut proxied = ProxyBody::streamed(backend_body, on_failure, in_flight, record);
+        if linger {
+            proxied = proxied.after_response(move || {
+                tokio::spawn(rest.discard_rest(LINGERING_CLOSE));
+            });
+        }
         Response::from_parts(parts, proxied)
     }
 

@@ -173,6 +173,34 @@ where
     pub fn bytes_in(&self) -> u64 {
         lock(&self.shared).bytes_pulled
     }
+
+    /// Reads the rest of the client's body and throws it away, for at most
+    /// `limit`: the backend answered before the body ended, and a client
+    /// still sending must be able to read that answer rather than meet a
+    /// connection reset (nginx's "lingering close"). The attempt still
+    /// holding the body is superseded: nothing more reaches the backend.
+    pub async fn discard_rest(self, limit: std::time::Duration) {
+        lock(&self.shared).generation += 1;
+        let drain = std::future::poll_fn(|cx| {
+            let mut shared = lock(&self.shared);
+            loop {
+                if shared.source_done {
+                    return Poll::Ready(());
+                }
+                match Pin::new(&mut shared.source).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let len = frame.data_ref().map_or(0, Bytes::len);
+                        shared.bytes_pulled += len as u64;
+                    }
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                        shared.source_done = true;
+                    }
+                }
+            }
+        });
+        let _ = tokio::time::timeout(limit, drain).await;
+    }
 }
 
 fn lock<B>(shared: &Mutex<Shared<B>>) -> MutexGuard<'_, Shared<B>> {

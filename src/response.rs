@@ -21,6 +21,8 @@ use crate::replay::BoxError;
 pub struct ProxyBody {
     kind: Kind,
     record: Option<RequestRecord>,
+    /// Runs once the response is over (sent, or the client gone).
+    after: Option<Box<dyn FnOnce() + Send>>,
 }
 
 enum Kind {
@@ -44,6 +46,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(bytes).filter(|b| !b.is_empty())),
             record: Some(record),
+            after: None,
         }
     }
 
@@ -61,6 +64,21 @@ impl ProxyBody {
                 _in_flight: in_flight,
             }),
             record: Some(record),
+            after: None,
+        }
+    }
+
+    /// Runs `after` once the response is over.
+    pub fn after_response(mut self, after: impl FnOnce() + Send + 'static) -> ProxyBody {
+        self.after = Some(Box::new(after));
+        self
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(after) = self.after.take() {
+            after();
         }
     }
 }

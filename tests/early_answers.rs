@@ -3,7 +3,8 @@
 //! the head alone) answers `403` while the client is still sending. The client
 //! must get that `403` every time, over HTTP/1.1 with and without
 //! `Expect: 100-continue` and over HTTP/2, and a rejected upload must not look
-//! like an outage.
+//! like an outage. radosgw is the backend whose early answers matter: it
+//! does not read the body of a request it refuses.
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use support::radosgw::RadosGw;
 use support::tls::{TestCa, h2_connect, https_proxy};
 use support::{ProxyUnderTest, S3Backend, metric_sample, s3_client, sign_unsigned_payload_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,22 +21,19 @@ use tokio::net::TcpStream;
 const TRIES: usize = 20;
 const UPLOAD: usize = 16 << 20;
 const WRONG_SECRET: &str = "not-the-secret-key-0123456789";
-const BUCKET: &str = "early";
 
-async fn backend_with_bucket() -> S3Backend {
-    let backend = S3Backend::start().await.unwrap();
-    s3_client(&format!("http://{}", backend.address))
+async fn create_bucket(backend: SocketAddr, bucket: &str) {
+    s3_client(&format!("http://{backend}"))
         .create_bucket()
-        .bucket(BUCKET)
+        .bucket(bucket)
         .send()
         .await
         .unwrap();
-    backend
 }
 
 /// The signed head of a 16 MiB PUT whose signature the backend refuses.
-fn forged_put_headers(host: &str, key: &str) -> Vec<(String, String)> {
-    let url = format!("http://{host}/{BUCKET}/{key}");
+fn forged_put_headers(host: &str, path: &str) -> Vec<(String, String)> {
+    let url = format!("http://{host}{path}");
     let length = UPLOAD.to_string();
     sign_unsigned_payload_with(
         WRONG_SECRET,
@@ -48,10 +47,10 @@ fn forged_put_headers(host: &str, key: &str) -> Vec<(String, String)> {
 /// Sends the forged PUT over HTTP/1.1 as a client that streams its body at
 /// once (or, with `expect`, only after a `100 Continue`), and returns the
 /// status of the final answer.
-async fn forged_put_http1(proxy: SocketAddr, key: &str, expect: bool) -> u16 {
+async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
     let host = proxy.to_string();
-    let mut head = format!("PUT /{BUCKET}/{key} HTTP/1.1\r\n");
-    for (name, value) in forged_put_headers(&host, key) {
+    let mut head = format!("PUT {path} HTTP/1.1\r\n");
+    for (name, value) in forged_put_headers(&host, path) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     if expect {
@@ -102,44 +101,72 @@ async fn outages(proxy: &ProxyUnderTest) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_upload_over_http1_gets_the_backends_403_every_time() {
-    let backend = backend_with_bucket().await;
-    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+/// `TRIES` forged uploads through a proxy in front of `backend`: every one
+/// gets the backend's 403, and none counts as an outage.
+async fn forged_uploads_get_403(backend: SocketAddr, bucket: &str, expect: bool) {
+    create_bucket(backend, bucket).await;
+    let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
     for attempt in 0..TRIES {
-        let status = forged_put_http1(proxy.address, &format!("k{attempt}"), false).await;
+        let path = format!("/{bucket}/k{attempt}");
+        let status = forged_put_http1(proxy.address, &path, expect).await;
         assert_eq!(status, 403, "try {attempt}");
     }
     assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_upload_over_http1_gets_the_backends_403_every_time() {
+    let backend = S3Backend::start().await.unwrap();
+    forged_uploads_get_403(backend.address, "early-h1", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_upload_with_expect_gets_its_403_before_sending_the_body() {
-    let backend = backend_with_bucket().await;
-    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
-    for attempt in 0..TRIES {
-        let status = forged_put_http1(proxy.address, &format!("k{attempt}"), true).await;
-        assert_eq!(status, 403, "try {attempt}");
-    }
-    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+    let backend = S3Backend::start().await.unwrap();
+    forged_uploads_get_403(backend.address, "early-expect", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn radosgw_refusing_a_forged_upload_is_answered_403_every_time() {
+    let gateway = RadosGw::start().await.unwrap();
+    forged_uploads_get_403(gateway.address, "rgw-early-h1", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn radosgw_refusing_a_forged_upload_with_expect_never_gets_its_body() {
+    let gateway = RadosGw::start().await.unwrap();
+    forged_uploads_get_403(gateway.address, "rgw-early-expect", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_upload_over_http2_gets_the_backends_403_every_time() {
-    let backend = backend_with_bucket().await;
+    let backend = S3Backend::start().await.unwrap();
+    forged_uploads_over_http2_get_403(backend.address, "early-h2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn radosgw_refusing_a_forged_upload_over_http2_is_answered_403_every_time() {
+    let gateway = RadosGw::start().await.unwrap();
+    forged_uploads_over_http2_get_403(gateway.address, "rgw-early-h2").await;
+}
+
+/// The same over HTTP/2 with TLS, all tries on one connection: the 403 comes
+/// back on its stream before the request stream is reset.
+async fn forged_uploads_over_http2_get_403(backend: SocketAddr, bucket: &str) {
+    create_bucket(backend, bucket).await;
     let ca = TestCa::new("edge CA");
-    let proxy = https_proxy(backend.address, &ca, "").await;
+    let proxy = https_proxy(backend, &ca, "").await;
     let tls_address = proxy.tls_address.unwrap();
     let host = format!("localhost:{}", tls_address.port());
     let mut h2 = h2_connect(tls_address, &ca).await.unwrap();
     let body = Bytes::from(vec![b'x'; UPLOAD]);
     for attempt in 0..TRIES {
-        let key = format!("k{attempt}");
+        let path = format!("/{bucket}/k{attempt}");
         let mut request = http::Request::builder()
             .method("PUT")
-            .uri(format!("https://{host}/{BUCKET}/{key}"))
+            .uri(format!("https://{host}{path}"))
             .version(http::Version::HTTP_2);
-        for (name, value) in forged_put_headers(&host, &key) {
+        for (name, value) in forged_put_headers(&host, &path) {
             if name != "host" {
                 request = request.header(name, value);
             }

@@ -1,0 +1,314 @@
+//! Hold only for real outages. A client that pauses its upload, a backend
+//! that is slow before its first byte, a backend that refuses an upload and
+//! closes: none of them is an outage. Every client gets the status it would
+//! get straight from the backend, no other client is held, nothing is
+//! replayed; the proxy's own limits (`listener.client_body_timeout`,
+//! `backend.first_byte_timeout`) answer `408` and `504` without blaming the
+//! backend.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use support::{
+    ChunkFeed, ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_object,
+    s3_client, sign_unsigned_payload, wait_until,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const CHUNK: usize = 64 << 10;
+
+/// The outages the proxy counted, all reasons but admin pauses.
+async fn outages(proxy: &ProxyUnderTest) -> f64 {
+    let text = proxy.metrics().await;
+    ["refused", "reset", "hang_timeout", "probe_failed"]
+        .iter()
+        .filter_map(|reason| {
+            metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
+        })
+        .sum()
+}
+
+async fn replays(proxy: &ProxyUnderTest) -> f64 {
+    metric_sample(
+        &proxy.metrics().await,
+        "s3fp_replays_total{outcome=\"replayed\"}",
+    )
+    .unwrap()
+}
+
+/// A signed PUT of `content` whose body the test feeds chunk by chunk.
+struct FedUpload {
+    feed: mpsc::Sender<Bytes>,
+    response: tokio::task::JoinHandle<
+        Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    >,
+}
+
+fn start_upload(proxy: SocketAddr, path: &str, length: usize) -> FedUpload {
+    let host = proxy.to_string();
+    let url = format!("http://{host}{path}");
+    let (feed, body) = mpsc::channel::<Bytes>(4);
+    let mut request = http::Request::builder()
+        .method("PUT")
+        .uri(&url)
+        .header("content-length", length.to_string());
+    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
+        request = request.header(name, value);
+    }
+    let request = request.body(ChunkFeed(body)).unwrap();
+    let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
+    FedUpload {
+        feed,
+        response: tokio::spawn(async move { client.request(request).await }),
+    }
+}
+
+impl FedUpload {
+    async fn send(&self, bytes: &[u8]) {
+        for chunk in bytes.chunks(CHUNK) {
+            self.feed.send(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+    }
+
+    async fn status(self) -> (u16, Bytes) {
+        drop(self.feed);
+        let response = self.response.await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pauses_its_upload_is_no_outage() {
+    let backend = S3Backend::start().await.unwrap();
+    // The proxy checks a silent backend after 300 ms; this client is silent
+    // five times that long, mid-body.
+    let proxy = ProxyUnderTest::start_with(backend.address, "response_timeout = \"300ms\"", "")
+        .await
+        .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("paused")
+        .send()
+        .await
+        .unwrap();
+    let content = object_content(1, 1 << 20);
+    let upload = start_upload(proxy.address, "/paused/object", content.len());
+    upload.send(&content[..512 << 10]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the client's pause: the input under test
+    upload.send(&content[512 << 10..]).await;
+    let (status, body) = upload.status().await;
+
+    assert_eq!(status, 200, "{body:?}");
+    let s3 = s3_client(&proxy.endpoint());
+    assert_eq!(read_object(&s3, "paused", "object").await, content);
+    assert_eq!(outages(&proxy).await, 0.0, "a pausing client is no outage");
+    assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start_with(
+        backend.address,
+        "response_timeout = \"300ms\"",
+        "[listener]\nclient_body_timeout = \"1s\"\n",
+    )
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("silent").send().await.unwrap();
+    let content = object_content(2, 1 << 20);
+    let upload = start_upload(proxy.address, "/silent/object", content.len());
+    upload.send(&content[..512 << 10]).await;
+    // Never sends the rest; the feed stays open.
+    let response = upload.response.await.unwrap().unwrap();
+
+    assert_eq!(response.status(), 408);
+    assert_eq!(response.headers()["connection"], "close");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("<Code>RequestTimeout</Code>"),
+        "{body:?}"
+    );
+    let head = s3.head_object().bucket("silent").key("object").send().await;
+    assert!(head.is_err(), "nothing stored: {head:?}");
+    assert_eq!(
+        outages(&proxy).await,
+        0.0,
+        "the client's silence is no outage"
+    );
+    assert_eq!(replays(&proxy).await, 0.0);
+    drop(upload.feed);
+}
+
+/// A backend that answers the probe (`HEAD /`) at once and, for every other
+/// request, reads its body and answers `200` after `delay`; it reports each
+/// request line it received.
+async fn slow_backend(delay: Duration) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (seen, lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_slowly(stream, delay, seen.clone()));
+        }
+    });
+    (address, lines)
+}
+
+async fn serve_slowly(mut stream: TcpStream, delay: Duration, seen: mpsc::UnboundedSender<String>) {
+    loop {
+        let Some((line, body_length)) = read_head(&mut stream).await else {
+            return;
+        };
+        let mut body = vec![0u8; body_length];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        if !line.starts_with("HEAD / ") {
+            let _ = seen.send(line);
+            tokio::time::sleep(delay).await;
+        }
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One request head: its request line and Content-Length.
+async fn read_head(stream: &mut TcpStream) -> Option<(String, usize)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let length = text
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    Some((text.lines().next()?.to_string(), length))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_byte_from_a_serving_backend_is_waited_for() {
+    let (backend, mut lines) = slow_backend(Duration::from_millis(2000)).await;
+    let proxy = ProxyUnderTest::start_with(backend, "response_timeout = \"300ms\"", "")
+        .await
+        .unwrap();
+    let (status, body) = raw_request(proxy.address, "PUT", "/b/k", &[], Bytes::from("data"))
+        .await
+        .unwrap();
+
+    assert_eq!(status, 200);
+    assert_eq!(body, "ok");
+    assert_eq!(lines.recv().await.unwrap(), "PUT /b/k HTTP/1.1");
+    assert!(lines.try_recv().is_err(), "the request was sent once");
+    assert_eq!(outages(&proxy).await, 0.0, "slow is not dead");
+    let checks = metric_sample(
+        &proxy.metrics().await,
+        "s3fp_outage_checks_total{result=\"serving\",suspicion=\"hang_timeout\"}",
+    )
+    .unwrap();
+    assert!(checks >= 1.0, "the proxy asked the backend, which served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay() {
+    let (backend, mut lines) = slow_backend(Duration::from_secs(5)).await;
+    let proxy = ProxyUnderTest::start_with(
+        backend,
+        "response_timeout = \"300ms\"\nfirst_byte_timeout = \"1s\"",
+        "",
+    )
+    .await
+    .unwrap();
+    let (status, body) = raw_request(proxy.address, "GET", "/b/k", &[], Bytes::new())
+        .await
+        .unwrap();
+
+    assert_eq!(status, 504);
+    assert!(String::from_utf8_lossy(&body).contains("<Code>GatewayTimeout</Code>"));
+    assert_eq!(lines.recv().await.unwrap(), "GET /b/k HTTP/1.1");
+    assert!(
+        lines.try_recv().is_err(),
+        "not replayed: the backend may still run it"
+    );
+    assert_eq!(outages(&proxy).await, 0.0);
+    assert_eq!(proxy.status().await["state"], "up");
+}
+
+/// A backend that refuses every upload with a complete `403` as soon as it
+/// has the head, and closes without reading the body.
+async fn refusing_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some((line, _)) = read_head(&mut stream).await else {
+                    return;
+                };
+                let answer: &[u8] = if line.starts_with("HEAD / ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\nConnection: close\r\n\r\nforbidden"
+                };
+                let _ = stream.write_all(answer).await;
+                // Closing with the body unread sends a reset.
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_closing_after_a_complete_403_is_no_outage() {
+    let backend = refusing_backend().await;
+    let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
+    for attempt in 0..20 {
+        let content = object_content(attempt, 4 << 20);
+        let FedUpload { feed, response } =
+            start_upload(proxy.address, &format!("/b/k{attempt}"), content.len());
+        // The client streams on while the answer comes back.
+        let sender = tokio::spawn(async move {
+            for chunk in content.chunks(CHUNK) {
+                if feed.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let response = response.await.unwrap().unwrap();
+        sender.abort();
+        assert_eq!(response.status(), 403, "try {attempt}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "forbidden");
+    }
+    assert_eq!(outages(&proxy).await, 0.0);
+    assert_eq!(replays(&proxy).await, 0.0);
+    wait_until(Duration::from_secs(5), "the gate to be up", || async {
+        proxy.status().await["state"] == "up"
+    })
+    .await
+    .unwrap();
+}
