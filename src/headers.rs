@@ -22,6 +22,32 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
+/// Removes hop-by-hop headers, but keeps a `Connection` header that only
+/// says `close` or `keep-alive`: each side then sees the connection handling
+/// the other announced, as it would without the proxy. hyper acts on it too:
+/// it closes the client connection after a response that says `close`, and a
+/// backend connection whose response says `close` is not pooled.
+pub fn strip_hop_by_hop_keeping_plain_connection(headers: &mut HeaderMap) {
+    let plain: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter(|value| {
+            value.as_bytes().split(|&b| b == b',').all(|token| {
+                let token = token.trim_ascii();
+                token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
+            })
+        })
+        .cloned()
+        .collect();
+    let all = headers.get_all(header::CONNECTION).iter().count();
+    strip_hop_by_hop(headers);
+    if !plain.is_empty() && plain.len() == all {
+        for value in plain {
+            headers.append(header::CONNECTION, value);
+        }
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -147,6 +173,20 @@ mod tests {
         assert!(headers.contains_key(header::AUTHORIZATION));
         assert!(headers.contains_key("x-amz-content-sha256"));
         assert_eq!(headers[header::CONTENT_ENCODING], "aws-chunked");
+    }
+
+    #[test]
+    fn a_plain_connection_header_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        strip_hop_by_hop_keeping_plain_connection(&mut headers);
+        assert_eq!(headers[header::CONNECTION], "Keep-Alive");
+
+        let mut naming = HeaderMap::new();
+        naming.insert(header::CONNECTION, "close, x-private".parse().unwrap());
+        naming.insert("x-private", "1".parse().unwrap());
+        strip_hop_by_hop_keeping_plain_connection(&mut naming);
+        assert!(naming.is_empty());
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod replay;
+pub mod request_target;
 pub mod response;
 pub mod s3_error;
 pub mod s3_operation;

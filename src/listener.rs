@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::peer::{ClientSocket, Peer};
 use crate::proxy::Proxy;
+use crate::request_target::TargetWatch;
 
 /// Longest a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,6 +118,7 @@ async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let address = peer.address;
+    let io = TargetWatch::new(io, Arc::clone(&peer.cut_targets));
     let service = service_fn(move |request: hyper::Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let peer = Arc::clone(&peer);

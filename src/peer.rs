@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::request_target::CutTargets;
+
 /// One client connection.
 #[derive(Debug)]
 pub struct Peer {
@@ -36,6 +38,8 @@ pub struct Peer {
     /// The departure watch's key, once registered.
     watch: Mutex<Option<u64>>,
     departure: Arc<Departure>,
+    /// Request lines read on this connection whose target had a raw `#`.
+    pub cut_targets: Arc<CutTargets>,
 }
 
 /// Set once by the watch thread when the client's FIN arrives.
@@ -200,6 +204,7 @@ impl ClientSocket {
             socket: Arc::downgrade(&stream),
             watch: Mutex::new(None),
             departure: Arc::default(),
+            cut_targets: Arc::default(),
         });
         (ClientSocket { stream }, peer)
     }

@@ -77,6 +77,9 @@ pub struct Proxy {
 struct Outbound {
     method: Method,
     uri: Uri,
+    /// HTTP/1.0 from an HTTP/1.0 client, so the backend decides the
+    /// connection's fate as it would for that client; HTTP/1.1 otherwise.
+    version: Version,
     headers: HeaderMap,
     /// The client request's extensions: hyper's record of the header names'
     /// case travels in them, so the backend sees the names as the client
@@ -89,7 +92,7 @@ impl Outbound {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = Version::HTTP_11;
+        *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
         *request.extensions_mut() = self.extensions.clone();
         request
@@ -217,8 +220,21 @@ impl Proxy {
             unsent_retries: 0,
         };
         let (parts, body) = request.into_parts();
+        let cut = parts.version < Version::HTTP_2
+            && peer
+                .cut_targets
+                .take(parts.method.as_str(), &request_target(&parts.uri));
         let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
         let body = ReplayableBody::new(body, settings.replay_buffer);
+        if cut {
+            return self.answer(
+                ProxyError::InvalidUri,
+                &outbound,
+                &body,
+                &progress,
+                &settings,
+            );
+        }
         self.forward(outbound, body, peer, &settings, progress)
             .await
     }
@@ -332,7 +348,7 @@ impl Proxy {
         };
         let verdict = self.judge(suspicion, error.is_connect(), generation).await;
         if error.reached_backend() {
-            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend failed after the request reached it");
+            tracing::warn!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, bytes_in = body.bytes_in(), can_replay = body.can_replay(), "backend failed after the request reached it");
         } else {
             // Every held request passes here during an outage: keep it quiet.
             tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend unreachable");
@@ -502,8 +518,8 @@ impl Proxy {
         let linger = !delivery.complete() && !delivery.is_withheld();
         let rest = body.clone();
         let (mut parts, backend_body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        let request_id = response_request_id(&mut parts.headers);
+        headers::strip_hop_by_hop_keeping_plain_connection(&mut parts.headers);
+        let request_id = response_request_id(&parts.headers);
         let record = self.record(
             outbound,
             parts.status.as_u16(),
@@ -575,23 +591,31 @@ impl Proxy {
     }
 }
 
-/// The S3 request id of a backend response, for the request log. A backend
-/// that sends none gets one made by the proxy, added to the response so the
-/// client can quote the id its log line carries.
-fn response_request_id(headers: &mut HeaderMap) -> String {
-    const REQUEST_ID: &str = "x-amz-request-id";
-    if let Some(id) = headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        return id.to_owned();
-    }
-    let id = next_request_id();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        headers.insert(REQUEST_ID, value);
-    }
-    id
+/// The S3 request id of a backend response, for the request log; one made
+/// by the proxy when the backend sent none. The response itself is never
+/// changed: the client sees the headers the backend sent.
+fn response_request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-amz-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(next_request_id, str::to_owned)
 }
 
-/// The request as the backend should see it: origin-form target, hop-by-hop
-/// headers gone, forwarding headers added, everything signed untouched.
+/// The request target as hyper parsed it: absolute-form (RFC 9112 section
+/// 3.2.2) when the client sent one, else origin-form.
+fn request_target(uri: &Uri) -> String {
+    match uri.scheme() {
+        Some(_) => uri.to_string(),
+        None => uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+    }
+}
+
+/// The request as the backend should see it: the target as the client sent
+/// it (origin-form from HTTP/2), hop-by-hop headers gone, forwarding headers
+/// added, everything signed untouched.
 fn outbound(
     parts: http::request::Parts,
     client: SocketAddr,
@@ -601,11 +625,12 @@ fn outbound(
     let http::request::Parts {
         method,
         uri,
+        version,
         mut headers,
         extensions,
         ..
     } = parts;
-    headers::strip_hop_by_hop(&mut headers);
+    headers::strip_hop_by_hop_keeping_plain_connection(&mut headers);
     headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
     if !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
@@ -616,10 +641,21 @@ fn outbound(
             headers.insert(header::HOST, value);
         }
     }
-    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let target = match version {
+        // HTTP/2 always carries scheme and authority: the backend gets origin-form.
+        Version::HTTP_2 => uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+        _ => request_target(&uri),
+    };
     Outbound {
         method,
         uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
+        version: match version {
+            Version::HTTP_10 => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        },
         headers,
         extensions,
     }
@@ -630,17 +666,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_backends_request_id_is_kept() {
+    fn the_backends_request_id_is_logged() {
         let mut headers = HeaderMap::new();
         headers.insert("x-amz-request-id", HeaderValue::from_static("tx000abc"));
-        assert_eq!(response_request_id(&mut headers), "tx000abc");
-        assert_eq!(headers["x-amz-request-id"], "tx000abc");
+        assert_eq!(response_request_id(&headers), "tx000abc");
     }
 
     #[test]
-    fn a_response_without_a_request_id_gets_the_logged_one() {
-        let mut headers = HeaderMap::new();
-        let id = response_request_id(&mut headers);
-        assert_eq!(headers["x-amz-request-id"], id.as_str());
+    fn a_response_without_a_request_id_is_logged_with_one_and_left_alone() {
+        let headers = HeaderMap::new();
+        assert!(!response_request_id(&headers).is_empty());
+        assert!(headers.is_empty());
     }
 }

@@ -32,6 +32,9 @@ pub enum ProxyError {
     /// The client's request body ended early or broke.
     #[error("the client's request body was incomplete")]
     ClientBody,
+    /// The request target had a raw `#`, which the URI parser would cut.
+    #[error("the request target has a raw `#`")]
+    InvalidUri,
     /// The client stopped sending its body for `listener.client_body_timeout`.
     #[error("the client sent no body bytes for listener.client_body_timeout")]
     ClientTimeout,
@@ -54,6 +57,7 @@ impl ProxyError {
             ProxyError::ClientGone => "client_gone",
             ProxyError::ClientBody => "client_body",
             ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::InvalidUri => "invalid_uri",
             ProxyError::SlowBackend => "slow_backend",
         }
     }
@@ -67,6 +71,7 @@ impl ProxyError {
             // HTTP answer (RFC 9110 section 15.5.9).
             ProxyError::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             ProxyError::SlowBackend => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            ProxyError::InvalidUri => (StatusCode::BAD_REQUEST, "InvalidURI"),
             // Nobody reads this answer; 499 marks it in the request log.
             ProxyError::ClientGone => (
                 StatusCode::from_u16(499).expect("valid status"),
@@ -94,6 +99,9 @@ impl ProxyError {
             ProxyError::ShuttingDown => "The proxy is shutting down. Please retry.",
             ProxyError::ClientGone => "The client closed the connection.",
             ProxyError::ClientBody => "The request body ended before its declared length.",
+            ProxyError::InvalidUri => {
+                "Couldn't parse the specified URI: a raw '#' must be sent percent-encoded (%23)."
+            }
             ProxyError::ClientTimeout => {
                 "Your socket connection to the server was not read from or written to within the timeout period."
             }

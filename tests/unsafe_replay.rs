@@ -12,12 +12,15 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::relay::Relay;
 use support::{ChunkFeed, ProxyUnderTest, S3Backend, s3_client, sign_unsigned_payload, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "[hold]\nreplay_buffer = \"1MiB\"\n")
+    // The relay shows how much of the upload reached the backend.
+    let relay = Relay::start(backend.address).await.unwrap();
+    let proxy = ProxyUnderTest::start(relay.address, "[hold]\nreplay_buffer = \"1MiB\"\n")
         .await
         .unwrap();
     let s3 = s3_client(&proxy.endpoint());
@@ -40,14 +43,16 @@ async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
     let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
     let upload = tokio::spawn(async move { client.request(request).await });
 
-    // Send 4 MiB, past the replay buffer, then crash the backend.
+    // Send 4 MiB; once 2 MiB, past the replay buffer, reached the backend,
+    // crash it.
     for _ in 0..64 {
         feed.send(chunk.clone()).await.unwrap();
     }
+    let sent = || -> usize { relay.connections().iter().map(|c| c.to_backend.len()).sum() };
     wait_until(
         Duration::from_secs(10),
-        "the upload to be in flight",
-        || async { proxy.status().await["in_flight"] == 1 },
+        "2 MiB of the upload at the backend",
+        || async { sent() > 2 << 20 },
     )
     .await
     .unwrap();
