@@ -11,6 +11,7 @@
 //! - `POST /admin/pause[?wait=10s]`: hold new requests, wait for in-flight ones
 //!   (up to `wait`, default `admin.drain_timeout`) and say what is left.
 //! - `POST /admin/resume`: end a pause. Both are idempotent.
+//! - `DELETE /admin/quarantine`: forget every quarantined (poison) request.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,6 +53,11 @@ impl Admin {
                 Ok(wait) => self.pause(wait.unwrap_or(self.drain_timeout)).await,
                 Err(message) => text(StatusCode::BAD_REQUEST, &message),
             },
+            (&Method::DELETE, "/admin/quarantine") => {
+                let cleared = self.proxy.quarantine().clear();
+                tracing::info!(cleared, "admin: quarantine cleared");
+                json_response(StatusCode::OK, json!({ "cleared": cleared }))
+            }
             (&Method::POST, "/admin/resume") => {
                 self.proxy.gate().resume();
                 tracing::info!("admin: resume");
@@ -60,7 +66,7 @@ impl Admin {
             (
                 _,
                 "/healthz" | "/readyz" | "/metrics" | "/admin/status" | "/admin/pause"
-                | "/admin/resume",
+                | "/admin/resume" | "/admin/quarantine",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         };
@@ -113,6 +119,10 @@ impl Admin {
             "in_flight": self.proxy.in_flight().current(),
             "paused": gate.paused,
             "backend_connects": self.proxy.upstream_connects(),
+            "quarantined": self.proxy.quarantine().entries().iter().map(|entry| json!({
+                "fingerprint": entry.fingerprint,
+                "remaining_seconds": entry.remaining.as_secs_f64(),
+            })).collect::<Vec<_>>(),
         })
     }
 }

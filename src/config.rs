@@ -44,6 +44,7 @@ pub struct Config {
     pub probe: ProbeConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
+    pub quarantine: QuarantineConfig,
     pub log: LogConfig,
 }
 
@@ -175,6 +176,13 @@ pub struct AdminConfig {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct QuarantineConfig {
+    /// How long a request that crashed the backend twice is refused, and how
+    /// long a request in flight at one crash stays a suspect.
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShutdownConfig {
     /// After SIGTERM, how long in-flight and held requests may take.
     pub grace: Duration,
@@ -212,6 +220,8 @@ pub struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    quarantine: RawQuarantine,
     #[serde(default)]
     log: RawLog,
 }
@@ -317,6 +327,13 @@ struct RawAdmin {
     address: Option<String>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuarantine {
+    #[serde(default, with = "humantime_serde")]
+    duration: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -715,6 +732,13 @@ impl Config {
                     "shutdown.grace",
                     raw.shutdown.grace,
                     Duration::from_secs(30),
+                )?,
+            },
+            quarantine: QuarantineConfig {
+                duration: positive_duration(
+                    "quarantine.duration",
+                    raw.quarantine.duration,
+                    Duration::from_secs(600),
                 )?,
             },
             log,

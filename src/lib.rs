@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod peer;
 pub mod probe;
 pub mod proxy;
+pub mod quarantine;
 pub mod reload;
 pub mod replay;
 pub mod request_target;

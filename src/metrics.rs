@@ -78,6 +78,7 @@ pub struct Metrics {
     replays: IntCounterVec,
     probes: IntCounterVec,
     outage_checks: IntCounterVec,
+    quarantine: IntCounterVec,
     backend_connects: IntCounter,
     reloads: IntCounterVec,
     hold_timeout: prometheus::Gauge,
@@ -256,6 +257,12 @@ impl Metrics {
                 "Backend probes while the gate was not up, by result (serving, not_serving).",
                 &["result"],
             ),
+            quarantine: counter_vec(
+                &registry,
+                "s3fp_quarantine_total",
+                "Poison requests: quarantined (in flight at two backend crashes), refused (the same request while quarantined).",
+                &["outcome"],
+            ),
             outage_checks: counter_vec(
                 &registry,
                 "s3fp_outage_checks_total",
@@ -343,6 +350,7 @@ impl Metrics {
         for (metric, labels) in [
             (&self.replays, ["replayed", "refused_unsafe"]),
             (&self.probes, ["serving", "not_serving"]),
+            (&self.quarantine, ["quarantined", "refused"]),
             (&self.reloads, ["success", "failure"]),
             (&self.certificate_reloads, ["success", "failure"]),
         ] {
@@ -405,6 +413,16 @@ impl Metrics {
             ReplayOutcome::RefusedUnsafe => "refused_unsafe",
         };
         self.replays.with_label_values(&[label]).inc();
+    }
+
+    /// A poison request was quarantined, or refused while quarantined.
+    pub fn quarantine(&self, quarantined: bool) {
+        let outcome = if quarantined {
+            "quarantined"
+        } else {
+            "refused"
+        };
+        self.quarantine.with_label_values(&[outcome]).inc();
     }
 
     /// A single request's failure was checked with a probe.

@@ -22,11 +22,12 @@ use crate::access_log::{RequestRecord, next_request_id};
 use crate::config::ForwardingConfig;
 use crate::delivery::Delivery;
 use crate::drain::{InFlight, InFlightGuard};
-use crate::gate::{Admission, DownReason, Gate, Ticket};
+use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
 use crate::metrics::{Metrics, ReplayOutcome};
 use crate::peer::Peer;
 use crate::probe::Prober;
+use crate::quarantine::{Fingerprint, Quarantine};
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
@@ -64,6 +65,8 @@ type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
 /// The shared state of the S3 listener.
 pub struct Proxy {
     gate: Arc<Gate>,
+    /// Requests that crash the backend.
+    quarantine: Quarantine,
     /// Confirms a suspected outage before the gate goes down.
     prober: Arc<Prober>,
     upstream: Upstream<AttemptBody<Incoming>>,
@@ -85,6 +88,15 @@ struct Outbound {
     /// case travels in them, so the backend sees the names as the client
     /// wrote them.
     extensions: http::Extensions,
+    /// "The same request" for the quarantine, made when first needed.
+    fingerprint: std::sync::OnceLock<Fingerprint>,
+}
+
+impl Outbound {
+    fn fingerprint(&self) -> &Fingerprint {
+        self.fingerprint
+            .get_or_init(|| Fingerprint::of(&self.method, &self.uri, &self.headers))
+    }
 }
 
 impl Outbound {
@@ -114,6 +126,8 @@ struct Failed<'a> {
     error: &'a UpstreamError,
     generation: u64,
     idempotent: bool,
+    /// The attempt was a crash suspect's, alone in the suspect lane.
+    suspect: bool,
 }
 
 /// How one request went, for its log line.
@@ -160,10 +174,12 @@ impl Proxy {
         prober: Arc<Prober>,
         upstream: Upstream<AttemptBody<Incoming>>,
         settings: ProxySettings,
+        quarantine: Quarantine,
         metrics: Arc<Metrics>,
     ) -> Proxy {
         Proxy {
             gate,
+            quarantine,
             prober,
             upstream,
             settings: watch::Sender::new(Arc::new(settings)),
@@ -178,6 +194,10 @@ impl Proxy {
 
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
+    }
+
+    pub fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
     }
 
     pub fn in_flight(&self) -> &InFlight {
@@ -235,6 +255,11 @@ impl Proxy {
                 &settings,
             );
         }
+        if self.quarantine.watches_any() && self.quarantine.is_quarantined(outbound.fingerprint()) {
+            self.metrics.quarantine(false);
+            tracing::warn!(fingerprint = %outbound.fingerprint(), "refused: the request is quarantined");
+            return self.answer(ProxyError::Poison, &outbound, &body, &progress, &settings);
+        }
         self.forward(outbound, body, peer, &settings, progress)
             .await
     }
@@ -283,6 +308,18 @@ impl Proxy {
             let mut admission = admitted?;
             progress.held += admission.held_for;
             progress.was_held |= admission.was_held();
+            // A suspect of a crash goes alone, so a second crash names it.
+            let suspect =
+                self.quarantine.watches_any() && self.quarantine.is_suspect(outbound.fingerprint());
+            let _lane = match suspect {
+                true => Some(
+                    self.quarantine
+                        .enter_lane(progress.started + settings.hold_timeout)
+                        .await
+                        .ok_or(ProxyError::Held(Rejection::HoldTimeout))?,
+                ),
+                false => None,
+            };
             let delivery = Arc::new(Delivery::for_request(&outbound.headers));
             let attempt = body
                 .attempt(Arc::clone(&delivery))
@@ -302,6 +339,9 @@ impl Proxy {
                 Ok(response) => {
                     body.commit();
                     self.gate.backend_answered();
+                    if suspect {
+                        self.quarantine.answered(outbound.fingerprint());
+                    }
                     return Ok(Answered {
                         response,
                         delivery,
@@ -316,6 +356,7 @@ impl Proxy {
                         error: &error,
                         generation,
                         idempotent,
+                        suspect,
                     };
                     self.after_failure(failed, outbound, body, settings, progress)
                         .await?;
@@ -338,6 +379,7 @@ impl Proxy {
             error,
             generation,
             idempotent,
+            suspect,
         } = failed;
         if body.client_failed() {
             return Err(ProxyError::ClientBody);
@@ -352,6 +394,15 @@ impl Proxy {
         } else {
             // Every held request passes here during an outage: keep it quiet.
             tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend unreachable");
+        }
+        if error.reached_backend() && verdict == Verdict::Outage {
+            // The backend died with this request in flight.
+            let fingerprint = outbound.fingerprint();
+            if self.quarantine.died_with(fingerprint, suspect) {
+                self.metrics.quarantine(true);
+                tracing::error!(%fingerprint, "the backend died twice with this request in flight: quarantined, not sent again");
+                return Err(ProxyError::Poison);
+            }
         }
         if !error.reached_backend() {
             if verdict == Verdict::Alone {
@@ -658,6 +709,7 @@ fn outbound(
         },
         headers,
         extensions,
+        fingerprint: std::sync::OnceLock::new(),
     }
 }
 

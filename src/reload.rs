@@ -90,6 +90,10 @@ fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Resul
     parts.proxy.update_settings(server::proxy_settings(new));
     parts
         .proxy
+        .quarantine()
+        .set_duration(new.quarantine.duration);
+    parts
+        .proxy
         .update_upstream(UpstreamSettings::new(&new.backend, Arc::clone(&connector)));
     parts
         .prober

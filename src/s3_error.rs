@@ -32,6 +32,10 @@ pub enum ProxyError {
     /// The client's request body ended early or broke.
     #[error("the client's request body was incomplete")]
     ClientBody,
+    /// The request was in flight at two backend crashes, or is the same as
+    /// one that was: quarantined, not sent again.
+    #[error("the request crashed the backend and is quarantined")]
+    Poison,
     /// The request target had a raw `#`, which the URI parser would cut.
     #[error("the request target has a raw `#`")]
     InvalidUri,
@@ -58,6 +62,7 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body",
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::InvalidUri => "invalid_uri",
+            ProxyError::Poison => "quarantined",
             ProxyError::SlowBackend => "slow_backend",
         }
     }
@@ -72,6 +77,8 @@ impl ProxyError {
             ProxyError::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             ProxyError::SlowBackend => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             ProxyError::InvalidUri => (StatusCode::BAD_REQUEST, "InvalidURI"),
+            // A client error: S3 SDKs retry 500 and 503, not 400.
+            ProxyError::Poison => (StatusCode::BAD_REQUEST, "InvalidRequest"),
             // Nobody reads this answer; 499 marks it in the request log.
             ProxyError::ClientGone => (
                 StatusCode::from_u16(499).expect("valid status"),
@@ -99,6 +106,9 @@ impl ProxyError {
             ProxyError::ShuttingDown => "The proxy is shutting down. Please retry.",
             ProxyError::ClientGone => "The client closed the connection.",
             ProxyError::ClientBody => "The request body ended before its declared length.",
+            ProxyError::Poison => {
+                "The storage backend failed twice while processing this request; it is quarantined and will not be sent again for a while. Please contact the operator."
+            }
             ProxyError::InvalidUri => {
                 "Couldn't parse the specified URI: a raw '#' must be sent percent-encoded (%23)."
             }

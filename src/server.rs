@@ -28,6 +28,7 @@ use crate::listener::{HeadLimits, S3Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
+use crate::quarantine::Quarantine;
 use crate::reload::{self, LiveParts, ReloadSource};
 use crate::tls::{self, ServerCertificate};
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -144,6 +145,7 @@ pub async fn run_with_reload(
         Arc::clone(&prober),
         upstream,
         proxy_settings(&config),
+        Quarantine::new(config.quarantine.duration),
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
