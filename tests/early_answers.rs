@@ -14,11 +14,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use support::radosgw::RadosGw;
 use support::tls::{TestCa, h2_connect, https_proxy};
-use support::{ProxyUnderTest, S3Backend, metric_sample, s3_client, sign_unsigned_payload_with};
+use support::{
+    ProxyUnderTest, S3Backend, s3_client, sign_unsigned_payload, sign_unsigned_payload_with,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const TRIES: usize = 20;
+const TRIES: usize = 50;
 const UPLOAD: usize = 16 << 20;
 const WRONG_SECRET: &str = "not-the-secret-key-0123456789";
 
@@ -78,6 +80,35 @@ async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
     status
 }
 
+/// A 16 MiB PUT sent chunked, without `Content-Length`, signed for the
+/// address it is sent to: radosgw refuses it before reading the body.
+/// Returns the status of the answer.
+async fn chunked_put_http1(proxy: SocketAddr, path: &str) -> u16 {
+    let host = proxy.to_string();
+    let url = format!("http://{host}{path}");
+    let mut head = format!("PUT {path} HTTP/1.1\r\n");
+    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("Transfer-Encoding: chunked\r\n\r\n");
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let upload = tokio::spawn(async move {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..UPLOAD / chunk.len() {
+            let frame = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+    });
+    let status = read_status(&mut reader).await;
+    upload.abort();
+    status
+}
+
 /// The status code of the next response head on `reader`.
 async fn read_status(reader: &mut (impl AsyncReadExt + Unpin)) -> u16 {
     let mut head = Vec::new();
@@ -91,16 +122,6 @@ async fn read_status(reader: &mut (impl AsyncReadExt + Unpin)) -> u16 {
     text[9..12].parse().unwrap_or_else(|_| panic!("{text}"))
 }
 
-async fn outages(proxy: &ProxyUnderTest) -> f64 {
-    let text = proxy.metrics().await;
-    ["refused", "reset", "hang_timeout", "probe_failed"]
-        .iter()
-        .filter_map(|reason| {
-            metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
-        })
-        .sum()
-}
-
 /// `TRIES` forged uploads through a proxy in front of `backend`: every one
 /// gets the backend's 403, and none counts as an outage.
 async fn forged_uploads_get_403(backend: SocketAddr, bucket: &str, expect: bool) {
@@ -111,7 +132,7 @@ async fn forged_uploads_get_403(backend: SocketAddr, bucket: &str, expect: bool)
         let status = forged_put_http1(proxy.address, &path, expect).await;
         assert_eq!(status, 403, "try {attempt}");
     }
-    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +151,21 @@ async fn a_forged_upload_with_expect_gets_its_403_before_sending_the_body() {
 async fn radosgw_refusing_a_forged_upload_is_answered_403_every_time() {
     let gateway = RadosGw::start().await.unwrap();
     forged_uploads_get_403(gateway.address, "rgw-early-h1", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn radosgw_refusing_a_chunked_upload_is_answered_as_straight_every_time() {
+    let gateway = RadosGw::start().await.unwrap();
+    create_bucket(gateway.address, "rgw-early-411").await;
+    let proxy = ProxyUnderTest::start(gateway.address, "").await.unwrap();
+    let straight = chunked_put_http1(gateway.address, "/rgw-early-411/straight").await;
+    assert!(straight >= 400, "radosgw refuses it: {straight}");
+    for attempt in 0..TRIES {
+        let path = format!("/rgw-early-411/k{attempt}");
+        let proxied = chunked_put_http1(proxy.address, &path).await;
+        assert_eq!(proxied, straight, "try {attempt}");
+    }
+    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,5 +218,5 @@ async fn forged_uploads_over_http2_get_403(backend: SocketAddr, bucket: &str) {
             "try {attempt}: {error:?}"
         );
     }
-    assert_eq!(outages(&proxy).await, 0.0, "a refused upload is no outage");
+    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
 }

@@ -25,17 +25,6 @@ use tokio::sync::mpsc;
 
 const CHUNK: usize = 64 << 10;
 
-/// The outages the proxy counted, all reasons but admin pauses.
-async fn outages(proxy: &ProxyUnderTest) -> f64 {
-    let text = proxy.metrics().await;
-    ["refused", "reset", "hang_timeout", "probe_failed"]
-        .iter()
-        .filter_map(|reason| {
-            metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
-        })
-        .sum()
-}
-
 async fn replays(proxy: &ProxyUnderTest) -> f64 {
     metric_sample(
         &proxy.metrics().await,
@@ -113,7 +102,7 @@ async fn a_client_that_pauses_its_upload_is_no_outage() {
     assert_eq!(status, 200, "{body:?}");
     let s3 = s3_client(&proxy.endpoint());
     assert_eq!(read_object(&s3, "paused", "object").await, content);
-    assert_eq!(outages(&proxy).await, 0.0, "a pausing client is no outage");
+    assert_eq!(proxy.outages().await, 0.0, "a pausing client is no outage");
     assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
 }
 
@@ -145,7 +134,7 @@ async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored
     let head = s3.head_object().bucket("silent").key("object").send().await;
     assert!(head.is_err(), "nothing stored: {head:?}");
     assert_eq!(
-        outages(&proxy).await,
+        proxy.outages().await,
         0.0,
         "the client's silence is no outage"
     );
@@ -224,7 +213,7 @@ async fn a_slow_first_byte_from_a_serving_backend_is_waited_for() {
     assert_eq!(body, "ok");
     assert_eq!(lines.recv().await.unwrap(), "PUT /b/k HTTP/1.1");
     assert!(lines.try_recv().is_err(), "the request was sent once");
-    assert_eq!(outages(&proxy).await, 0.0, "slow is not dead");
+    assert_eq!(proxy.outages().await, 0.0, "slow is not dead");
     let checks = metric_sample(
         &proxy.metrics().await,
         "s3fp_outage_checks_total{result=\"serving\",suspicion=\"hang_timeout\"}",
@@ -254,7 +243,7 @@ async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay() 
         lines.try_recv().is_err(),
         "not replayed: the backend may still run it"
     );
-    assert_eq!(outages(&proxy).await, 0.0);
+    assert_eq!(proxy.outages().await, 0.0);
     assert_eq!(proxy.status().await["state"], "up");
 }
 
@@ -304,7 +293,7 @@ async fn a_backend_closing_after_a_complete_403_is_no_outage() {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "forbidden");
     }
-    assert_eq!(outages(&proxy).await, 0.0);
+    assert_eq!(proxy.outages().await, 0.0);
     assert_eq!(replays(&proxy).await, 0.0);
     wait_until(Duration::from_secs(5), "the gate to be up", || async {
         proxy.status().await["state"] == "up"

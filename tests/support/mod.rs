@@ -134,30 +134,17 @@ impl S3Backend {
 
     /// SIGKILL, as a crash: no clean shutdown, connections reset.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_now(&mut self.child);
     }
 
     /// SIGSTOP: the process keeps its socket but answers nothing (a hang).
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        send_signal(self.child.as_ref().expect("backend running"), "-STOP");
     }
 
     /// SIGCONT after [`S3Backend::freeze`].
     pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, which: &str) {
-        let pid = self.child.as_ref().expect("backend running").id();
-        let status = Command::new("kill")
-            .arg(which)
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.as_ref().expect("backend running"), "-CONT");
     }
 
     pub fn is_running(&self) -> bool {
@@ -183,6 +170,24 @@ impl S3Backend {
                 .status();
         }
     }
+}
+
+/// SIGKILL and reap a backend process: a crash, no clean shutdown.
+pub fn kill_now(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `which` (`-STOP`, `-CONT`) to a running backend process.
+pub fn send_signal(child: &Child, which: &str) {
+    let status = Command::new("kill")
+        .arg(which)
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// Sends one raw request and returns the status code, if any HTTP came back.
@@ -302,6 +307,18 @@ impl ProxyUnderTest {
     /// The Prometheus exposition of `/metrics`.
     pub async fn metrics(&self) -> String {
         scrape_metrics(self.admin).await
+    }
+
+    /// The outages the proxy counted, every reason but admin pauses and
+    /// discovery.
+    pub async fn outages(&self) -> f64 {
+        let text = self.metrics().await;
+        ["refused", "reset", "hang_timeout", "probe_failed"]
+            .iter()
+            .filter_map(|reason| {
+                metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
+            })
+            .sum()
     }
 
     pub async fn held(&self) -> u64 {

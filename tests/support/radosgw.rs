@@ -166,30 +166,17 @@ impl RadosGw {
 
     /// SIGKILL, as a crash: no clean shutdown, connections reset.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_now(&mut self.child);
     }
 
     /// SIGSTOP: the process keeps its socket but answers nothing (a hang).
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        super::send_signal(self.child.as_ref().expect("radosgw running"), "-STOP");
     }
 
     /// SIGCONT after [`RadosGw::freeze`].
     pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, which: &str) {
-        let pid = self.child.as_ref().expect("radosgw running").id();
-        let status = Command::new("kill")
-            .arg(which)
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        super::send_signal(self.child.as_ref().expect("radosgw running"), "-CONT");
     }
 
     pub fn is_running(&self) -> bool {
