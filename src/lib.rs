@@ -1,27 +1,35 @@
 //! s3-failover-proxy: an S3 ingress that makes a restart of its one backend
 //! invisible to clients.
 //!
-//! A request arrives on the S3 listener ([`server`]) and is handled by the
-//! [`proxy`]: it asks the [`gate`] for admission. While the backend is Up the
-//! gate admits at once and the request streams to the backend through the
-//! [`upstream`] connection pool, its body wrapped by [`replay`] so a second
-//! attempt stays possible. When an attempt fails, the upstream error says
-//! whether any byte reached the backend; a refused or reset connection takes
-//! the gate Down at once, and the request is held (nothing sent) or replayed
-//! (idempotent, body still kept) or answered with an S3 error from
-//! [`s3_error`]. While Down, new requests wait in the gate's bounded FIFO queue;
-//! the [`probe`] asks the backend at a short interval whether it serves again,
-//! and on its first yes the gate resumes and releases the queue in arrival
-//! order, a few at a time. The [`admin`] listener pauses and resumes the gate
-//! for planned switch-overs and reports status; [`drain`] counts what is in
-//! flight; [`peer`] notices clients that leave while held; [`headers`] does the
-//! RFC 9110 hop-by-hop work; [`response`] streams answers back and
-//! [`access_log`] writes one line per request and feeds [`metrics`].
-//! On Kubernetes, [`kubernetes`] watches the Service's EndpointSlices into the
-//! pure [`discovery`] index and moves the upstream (and the probe) to the
-//! usable pod, holding while none is; it also follows the pause Lease. TLS is
-//! in [`tls`] (certificates), [`listener`] (HTTPS accept loop) and
-//! [`connector`] (HTTPS to the backend). [`config`] reads the TOML file and [`reload`] applies a changed one live.
+//! A request arrives on the S3 listener ([`server`], [`listener`]) and is
+//! handled by the [`proxy`]: it asks the [`gate`] for admission. While the
+//! backend is Up the gate admits at once and the request streams to the
+//! backend through the [`upstream`] connection pool, its body wrapped by
+//! [`replay`] so a second attempt stays possible and sent as its [`delivery`]
+//! allows (`Expect: 100-continue` honoured end to end; a connection answered
+//! before the body ended is never reused). When an attempt fails, the
+//! upstream error says whether any byte reached the backend; a refused
+//! connect takes the gate Down at once, any other failure only once the
+//! [`probe`] confirms the backend does not serve (slow is not dead, a silent
+//! client is the client's fault). The request is then held (nothing sent),
+//! replayed (idempotent, body still kept) or answered with an S3 error from
+//! [`s3_error`]; a request that crashes the backend twice is stopped by the
+//! [`quarantine`], and the operations S3 servers take long to answer are
+//! named in [`s3_operation`]. While Down, new requests wait in the gate's
+//! bounded FIFO queue; the probe asks the backend at a short interval whether
+//! it serves again, and on its first yes the gate resumes and releases the
+//! queue in arrival order, a few at a time. The [`admin`] listener pauses and
+//! resumes the gate for planned switch-overs and reports status; [`drain`]
+//! counts what is in flight; [`peer`] notices clients that leave while held;
+//! [`headers`] does the RFC 9110 hop-by-hop and forwarding work and
+//! [`request_target`] refuses targets the URI parser would cut; [`response`]
+//! streams answers back and [`access_log`] writes one line per request and
+//! feeds [`metrics`]. On Kubernetes, [`kubernetes`] watches the Service's
+//! EndpointSlices into the pure [`discovery`] index and moves the upstream
+//! (and the probe) to the usable pod, holding while none is; it also follows
+//! the pause Lease. TLS is in [`tls`] (certificates), [`listener`] (HTTPS
+//! accept loop) and [`connector`] (HTTPS to the backend). [`config`] reads the
+//! TOML file and [`reload`] applies a changed one live.
 
 #![forbid(unsafe_code)]
 
