@@ -47,6 +47,7 @@ pub mod kubernetes;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod outbound;
 pub mod peer;
 pub mod probe;
 pub mod proxy;

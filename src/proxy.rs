@@ -8,12 +8,11 @@
 //! whose body is still fully kept, at most `hold.max_replays` times; anything
 //! else becomes an S3 error via [`ProxyError`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderMap, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -25,9 +24,10 @@ use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
 use crate::metrics::{Metrics, ReplayOutcome};
+use crate::outbound::{Outbound, outbound, request_target};
 use crate::peer::Peer;
 use crate::probe::Prober;
-use crate::quarantine::{Fingerprint, Quarantine};
+use crate::quarantine::Quarantine;
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
@@ -74,41 +74,6 @@ pub struct Proxy {
     settings: watch::Sender<Arc<ProxySettings>>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
-}
-
-/// What is sent upstream, minus the body: rebuilt for every attempt.
-struct Outbound {
-    method: Method,
-    uri: Uri,
-    /// HTTP/1.0 from an HTTP/1.0 client, so the backend decides the
-    /// connection's fate as it would for that client; HTTP/1.1 otherwise.
-    version: Version,
-    headers: HeaderMap,
-    /// The client request's extensions: hyper's record of the header names'
-    /// case travels in them, so the backend sees the names as the client
-    /// wrote them.
-    extensions: http::Extensions,
-    /// "The same request" for the quarantine, made when first needed.
-    fingerprint: std::sync::OnceLock<Fingerprint>,
-}
-
-impl Outbound {
-    fn fingerprint(&self) -> &Fingerprint {
-        self.fingerprint
-            .get_or_init(|| Fingerprint::of(&self.method, &self.uri, &self.headers))
-    }
-}
-
-impl Outbound {
-    fn request(&self, body: AttemptBody<Incoming>) -> Request<AttemptBody<Incoming>> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        *request.extensions_mut() = self.extensions.clone();
-        request
-    }
 }
 
 /// What the watchdog of one attempt needs.
@@ -652,70 +617,10 @@ fn response_request_id(headers: &HeaderMap) -> String {
         .map_or_else(next_request_id, str::to_owned)
 }
 
-/// The request target as hyper parsed it: absolute-form (RFC 9112 section
-/// 3.2.2) when the client sent one, else origin-form.
-fn request_target(uri: &Uri) -> String {
-    match uri.scheme() {
-        Some(_) => uri.to_string(),
-        None => uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
-    }
-}
-
-/// The request as the backend should see it: the target as the client sent
-/// it (origin-form from HTTP/2), hop-by-hop headers gone, forwarding headers
-/// added, everything signed untouched.
-fn outbound(
-    parts: http::request::Parts,
-    client: SocketAddr,
-    scheme: &'static str,
-    forwarding: &ForwardingConfig,
-) -> Outbound {
-    let http::request::Parts {
-        method,
-        uri,
-        version,
-        mut headers,
-        extensions,
-        ..
-    } = parts;
-    headers::strip_hop_by_hop_keeping_plain_connection(&mut headers);
-    headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
-    if !headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
-        if let Some(value) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, value);
-        }
-    }
-    let target = match version {
-        // HTTP/2 always carries scheme and authority: the backend gets origin-form.
-        Version::HTTP_2 => uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
-        _ => request_target(&uri),
-    };
-    Outbound {
-        method,
-        uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
-        version: match version {
-            Version::HTTP_10 => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        },
-        headers,
-        extensions,
-        fingerprint: std::sync::OnceLock::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn the_backends_request_id_is_logged() {

@@ -1,0 +1,113 @@
+//! The request as the backend receives it: the client's request with the
+//! target as sent (origin-form from HTTP/2), its version (HTTP/1.0 stays
+//! 1.0), hop-by-hop headers gone (a plain `Connection` kept), forwarding
+//! headers added unless signed, and hyper's record of the header names' case.
+//! Rebuilt, minus the body, for every attempt.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version, header};
+use hyper::body::Incoming;
+
+use crate::config::ForwardingConfig;
+use crate::headers;
+use crate::quarantine::Fingerprint;
+use crate::replay::AttemptBody;
+
+/// What is sent upstream, minus the body: rebuilt for every attempt.
+pub struct Outbound {
+    pub method: Method,
+    pub uri: Uri,
+    /// HTTP/1.0 from an HTTP/1.0 client, so the backend decides the
+    /// connection's fate as it would for that client; HTTP/1.1 otherwise.
+    version: Version,
+    pub headers: HeaderMap,
+    /// The client request's extensions: hyper's record of the header names'
+    /// case travels in them, so the backend sees the names as the client
+    /// wrote them.
+    extensions: http::Extensions,
+    /// "The same request" for the quarantine, made when first needed.
+    fingerprint: std::sync::OnceLock<Fingerprint>,
+}
+
+impl Outbound {
+    /// "The same request" for the quarantine.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        self.fingerprint
+            .get_or_init(|| Fingerprint::of(&self.method, &self.uri, &self.headers))
+    }
+}
+
+impl Outbound {
+    /// The request for one attempt, with `body`.
+    pub fn request(&self, body: AttemptBody<Incoming>) -> Request<AttemptBody<Incoming>> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
+        request
+    }
+}
+
+/// The request target as hyper parsed it: absolute-form (RFC 9112 section
+/// 3.2.2) when the client sent one, else origin-form.
+pub fn request_target(uri: &Uri) -> String {
+    match uri.scheme() {
+        Some(_) => uri.to_string(),
+        None => uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+    }
+}
+
+/// The request as the backend should see it: the target as the client sent
+/// it (origin-form from HTTP/2), hop-by-hop headers gone, forwarding headers
+/// added, everything signed untouched.
+pub fn outbound(
+    parts: http::request::Parts,
+    client: SocketAddr,
+    scheme: &'static str,
+    forwarding: &ForwardingConfig,
+) -> Outbound {
+    let http::request::Parts {
+        method,
+        uri,
+        version,
+        mut headers,
+        extensions,
+        ..
+    } = parts;
+    headers::strip_hop_by_hop_keeping_plain_connection(&mut headers);
+    headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
+    if !headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
+        if let Some(value) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, value);
+        }
+    }
+    let target = match version {
+        // HTTP/2 always carries scheme and authority: the backend gets origin-form.
+        Version::HTTP_2 => uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+        _ => request_target(&uri),
+    };
+    Outbound {
+        method,
+        uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
+        version: match version {
+            Version::HTTP_10 => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        },
+        headers,
+        extensions,
+        fingerprint: std::sync::OnceLock::new(),
+    }
+}
