@@ -71,6 +71,11 @@ pub struct ForwardingConfig {
     /// Hops (addresses or CIDR ranges) whose `X-Forwarded-Proto` is kept: a
     /// TLS-terminating load balancer in front of the proxy.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The backend's own limits on a request head (header fields, bytes): the
+    /// forwarding headers are left out of a request they would push over
+    /// them, so the backend answers it as it would without the proxy.
+    pub backend_max_headers: usize,
+    pub backend_max_head_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +247,8 @@ struct RawListener {
 struct RawForwarding {
     enabled: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
+    backend_max_headers: Option<usize>,
+    backend_max_head_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -470,6 +477,17 @@ fn forwarding(raw: RawForwarding) -> Result<ForwardingConfig, ConfigError> {
     Ok(ForwardingConfig {
         enabled: raw.enabled.unwrap_or(true),
         trusted_proxies,
+        // hyper-based servers (s3s-fs) take 100 fields; radosgw's beast
+        // frontend 16 KiB of head (`max_header_size`).
+        backend_max_headers: positive_count(
+            "forwarding.backend_max_headers",
+            raw.backend_max_headers,
+            100,
+        )?,
+        backend_max_head_bytes: usize::try_from(
+            raw.backend_max_head_bytes.map_or(16 << 10, |b| b.0),
+        )
+        .map_err(|_| invalid("forwarding.backend_max_head_bytes", "too large"))?,
     })
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 
 use futures_util::task::AtomicWaker;
-use http::{HeaderMap, header};
+use http::{HeaderMap, Version, header};
 use tokio::time::Instant;
 
 /// The body state of one attempt, shared by the body (which waits on it) and
@@ -33,13 +33,11 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The state for a request with these headers: withheld when they carry
-    /// `Expect: 100-continue`.
-    pub fn for_request(headers: &HeaderMap) -> Delivery {
+    /// The state for a request: withheld when it expects `100 Continue`.
+    pub fn for_request(version: Version, headers: &HeaderMap) -> Delivery {
         let delivery = Delivery::default();
-        delivery
-            .withheld
-            .store(expects_continue(headers), Ordering::Release);
+        let withheld = expectation(version, headers) == Expectation::Continue;
+        delivery.withheld.store(withheld, Ordering::Release);
         delivery
     }
 
@@ -81,14 +79,33 @@ impl Delivery {
     }
 }
 
-/// Whether the request asks for `100 Continue` before its body (RFC 9110
-/// section 10.1.1: the only expectation defined is `100-continue`, compared
-/// case-insensitively).
-pub fn expects_continue(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::EXPECT)
-        .iter()
-        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+/// What a request's `Expect` field asks for (RFC 9110 section 10.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expectation {
+    /// None, or one the server must ignore (`100-continue` from HTTP/1.0).
+    Nothing,
+    /// `100 Continue` before the body.
+    Continue,
+    /// Anything else, or more than one: backends differ on what that means
+    /// (one may wait for the body, another not), so the proxy refuses it with
+    /// `417 Expectation Failed`, as RFC 9110 allows.
+    Unsupported,
+}
+
+/// The request's expectation: `100-continue` (case-insensitive) is the only
+/// one defined, and an HTTP/1.0 server must ignore it.
+pub fn expectation(version: Version, headers: &HeaderMap) -> Expectation {
+    let mut values = headers.get_all(header::EXPECT).iter();
+    let Some(first) = values.next() else {
+        return Expectation::Nothing;
+    };
+    if values.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+        return Expectation::Unsupported;
+    }
+    match version {
+        Version::HTTP_11 => Expectation::Continue,
+        _ => Expectation::Nothing,
+    }
 }
 
 #[cfg(test)]
@@ -98,7 +115,7 @@ mod tests {
 
     #[test]
     fn a_body_without_expect_is_not_withheld() {
-        let delivery = Delivery::for_request(&HeaderMap::new());
+        let delivery = Delivery::for_request(Version::HTTP_11, &HeaderMap::new());
         let mut cx = Context::from_waker(Waker::noop());
         assert!(!delivery.poll_withheld(&mut cx));
     }
@@ -107,10 +124,32 @@ mod tests {
     fn an_expecting_body_waits_for_the_backends_continue() {
         let mut headers = HeaderMap::new();
         headers.insert(header::EXPECT, "100-Continue".parse().unwrap());
-        let delivery = Delivery::for_request(&headers);
+        let delivery = Delivery::for_request(Version::HTTP_11, &headers);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(delivery.poll_withheld(&mut cx));
         delivery.release();
         assert!(!delivery.poll_withheld(&mut cx));
+    }
+
+    #[test]
+    fn http_1_0_ignores_the_expectation_and_others_are_unsupported() {
+        let mut continue_ = HeaderMap::new();
+        continue_.insert(header::EXPECT, "100-continue".parse().unwrap());
+        assert_eq!(
+            expectation(Version::HTTP_10, &continue_),
+            Expectation::Nothing
+        );
+        let mut two = continue_.clone();
+        two.append(header::EXPECT, "foo".parse().unwrap());
+        assert_eq!(
+            expectation(Version::HTTP_11, &two),
+            Expectation::Unsupported
+        );
+        let mut other = HeaderMap::new();
+        other.insert(header::EXPECT, "foo".parse().unwrap());
+        assert_eq!(
+            expectation(Version::HTTP_11, &other),
+            Expectation::Unsupported
+        );
     }
 }

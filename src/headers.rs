@@ -1,5 +1,6 @@
 //! Header rewriting at the proxy: hop-by-hop headers (RFC 9110 section 7.6.1)
-//! are dropped in both directions, `X-Forwarded-For`/`-Proto` are added to
+//! are dropped in both directions (the fields a `Connection` header names are
+//! kept), `X-Forwarded-For`/`-Proto` are added to
 //! requests unless the signature covers them. Everything end-to-end, and so
 //! everything SigV4 signs (Host, `Authorization`, `x-amz-*`, `Content-MD5`,
 //! `Content-Encoding`), is untouched.
@@ -7,7 +8,7 @@
 use std::net::IpAddr;
 
 use http::header::Entry;
-use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http::{HeaderMap, HeaderValue, header};
 
 use crate::config::ForwardingConfig;
 
@@ -22,52 +23,36 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-/// Removes hop-by-hop headers, but keeps a `Connection` header that only
-/// says `close` or `keep-alive`: each side then sees the connection handling
-/// the other announced, as it would without the proxy. hyper acts on it too:
-/// it closes the client connection after a response that says `close`, and a
-/// backend connection whose response says `close` is not pooled.
-pub fn strip_hop_by_hop_keeping_plain_connection(headers: &mut HeaderMap) {
-    let plain: Vec<HeaderValue> = headers
+/// Removes the hop-by-hop headers (RFC 9110 section 7.6.1), but keeps a
+/// `Connection` header that only says `close` or `keep-alive`: each side then
+/// sees the connection handling the other announced, as it would without the
+/// proxy. hyper acts on it too: it closes the client connection after a
+/// response that says `close`, and a backend connection whose response says
+/// `close` is not pooled.
+///
+/// Other fields a `Connection` header names are kept, as nginx keeps them:
+/// removing them would let a client's `Connection: If-None-Match` turn a
+/// conditional write into an overwrite, or `Connection: Content-MD5` skip
+/// the integrity check, where the backend alone would have honoured them.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let connection: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter(|value| {
-            value.as_bytes().split(|&b| b == b',').all(|token| {
-                let token = token.trim_ascii();
-                token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
-            })
-        })
         .cloned()
         .collect();
-    let all = headers.get_all(header::CONNECTION).iter().count();
-    strip_hop_by_hop(headers);
-    if !plain.is_empty() && plain.len() == all {
-        for value in plain {
-            headers.append(header::CONNECTION, value);
-        }
-    }
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        // A client may not use `Connection` to strip what the backend must see.
-        if name != header::HOST
-            && name != header::AUTHORIZATION
-            && !name.as_str().starts_with("x-amz-")
-        {
-            headers.remove(name);
-        }
-    }
     for name in HOP_BY_HOP {
         headers.remove(name);
+    }
+    let plain = |value: &HeaderValue| {
+        value.as_bytes().split(|&b| b == b',').all(|token| {
+            let token = token.trim_ascii();
+            token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
+        })
+    };
+    if !connection.is_empty() && connection.iter().all(plain) {
+        for value in connection {
+            headers.append(header::CONNECTION, value);
+        }
     }
 }
 
@@ -90,6 +75,10 @@ pub fn add_forwarded(
     if !forwarding.enabled {
         return;
     }
+    if !room_for_forwarding(headers, query, forwarding) {
+        tracing::debug!("request head near the backend's limits: no forwarding headers added");
+        return;
+    }
     let signed = signed_headers(headers, query);
     if !signed.iter().any(|name| name == X_FORWARDED_FOR) {
         append_forwarded_for(headers, client);
@@ -102,6 +91,27 @@ pub fn add_forwarded(
     if !kept && !signed.iter().any(|name| name == X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
+}
+
+/// The most the forwarding headers add: two new field lines.
+const FORWARDING_LINES: usize = 2;
+const FORWARDING_BYTES: usize = "x-forwarded-for: \r\nx-forwarded-proto: https\r\n".len() + 41;
+
+/// Whether the forwarding headers fit within the backend's limits on a
+/// request head, counted as the client sent it (each field line is
+/// `name: value\r\n`; the request line is about the target's length).
+fn room_for_forwarding(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    forwarding: &ForwardingConfig,
+) -> bool {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let request_line = 32 + query.map_or(0, str::len);
+    headers.len() + FORWARDING_LINES <= forwarding.backend_max_headers
+        && request_line + fields + FORWARDING_BYTES <= forwarding.backend_max_head_bytes
 }
 
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -153,6 +163,7 @@ pub fn signed_headers(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderName;
 
     #[test]
     fn hop_by_hop_headers_go_and_signed_ones_stay() {
@@ -168,7 +179,7 @@ mod tests {
         headers.insert(header::CONTENT_ENCODING, "aws-chunked".parse().unwrap());
         strip_hop_by_hop(&mut headers);
         assert!(!headers.contains_key(header::CONNECTION));
-        assert!(!headers.contains_key("x-private"));
+        assert_eq!(headers["x-private"], "1", "a named end-to-end field stays");
         assert!(!headers.contains_key(header::TRANSFER_ENCODING));
         assert!(headers.contains_key(header::AUTHORIZATION));
         assert!(headers.contains_key("x-amz-content-sha256"));
@@ -179,14 +190,19 @@ mod tests {
     fn a_plain_connection_header_is_kept() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, "Keep-Alive".parse().unwrap());
-        strip_hop_by_hop_keeping_plain_connection(&mut headers);
+        strip_hop_by_hop(&mut headers);
         assert_eq!(headers[header::CONNECTION], "Keep-Alive");
 
         let mut naming = HeaderMap::new();
-        naming.insert(header::CONNECTION, "close, x-private".parse().unwrap());
-        naming.insert("x-private", "1".parse().unwrap());
-        strip_hop_by_hop_keeping_plain_connection(&mut naming);
-        assert!(naming.is_empty());
+        naming.insert(header::CONNECTION, "close, If-None-Match".parse().unwrap());
+        naming.insert(header::IF_NONE_MATCH, "*".parse().unwrap());
+        strip_hop_by_hop(&mut naming);
+        assert!(!naming.contains_key(header::CONNECTION));
+        assert_eq!(
+            naming[header::IF_NONE_MATCH],
+            "*",
+            "the condition still applies"
+        );
     }
 
     #[test]
@@ -207,7 +223,29 @@ mod tests {
         ForwardingConfig {
             enabled: true,
             trusted_proxies: trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            backend_max_headers: 100,
+            backend_max_head_bytes: 16 << 10,
         }
+    }
+
+    #[test]
+    fn no_forwarding_header_pushes_a_request_over_the_backends_limits() {
+        let mut near_count = HeaderMap::new();
+        for i in 0..99 {
+            near_count.insert(
+                HeaderName::from_bytes(format!("x-amz-meta-{i}").as_bytes()).unwrap(),
+                "v".parse().unwrap(),
+            );
+        }
+        forward(&mut near_count, None, &forwarding(&[]));
+        assert_eq!(near_count.len(), 99, "nothing added to 99 fields");
+        let mut near_size = HeaderMap::new();
+        near_size.insert("x-amz-meta-big", "v".repeat(16300).parse().unwrap());
+        forward(&mut near_size, None, &forwarding(&[]));
+        assert_eq!(near_size.len(), 1, "nothing added to a 16 KiB head");
+        let mut small = HeaderMap::new();
+        forward(&mut small, None, &forwarding(&[]));
+        assert_eq!(small.len(), 2);
     }
 
     const CLIENT: &str = "192.0.2.1";
@@ -268,7 +306,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         let off = ForwardingConfig {
             enabled: false,
-            trusted_proxies: Vec::new(),
+            ..forwarding(&[])
         };
         forward(&mut headers, None, &off);
         assert!(headers.is_empty());

@@ -20,7 +20,7 @@ pub struct Outbound {
     pub uri: Uri,
     /// HTTP/1.0 from an HTTP/1.0 client, so the backend decides the
     /// connection's fate as it would for that client; HTTP/1.1 otherwise.
-    version: Version,
+    pub version: Version,
     pub headers: HeaderMap,
     /// The client request's extensions: hyper's record of the header names'
     /// case travels in them, so the backend sees the names as the client
@@ -80,10 +80,11 @@ pub fn outbound(
         extensions,
         ..
     } = parts;
-    headers::strip_hop_by_hop_keeping_plain_connection(&mut headers);
+    headers::strip_hop_by_hop(&mut headers);
     headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
-    if !headers.contains_key(header::HOST) {
+    if version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
+        // An HTTP/1.1 request without Host reaches the backend without one.
         if let Some(value) = uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
 use crate::config::ForwardingConfig;
-use crate::delivery::Delivery;
+use crate::delivery::{self, Delivery, Expectation};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
@@ -205,20 +205,11 @@ impl Proxy {
             unsent_retries: 0,
         };
         let (parts, body) = request.into_parts();
-        let cut = parts.version < Version::HTTP_2
-            && peer
-                .cut_targets
-                .take(parts.method.as_str(), &request_target(&parts.uri));
+        let refusal = refusal(&parts, peer);
         let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
         let body = ReplayableBody::new(body, settings.replay_buffer);
-        if cut {
-            return self.answer(
-                ProxyError::InvalidUri,
-                &outbound,
-                &body,
-                &progress,
-                &settings,
-            );
+        if let Some(refusal) = refusal {
+            return self.answer(refusal, &outbound, &body, &progress, &settings);
         }
         if self.quarantine.watches_any() && self.quarantine.is_quarantined(outbound.fingerprint()) {
             self.metrics.quarantine(false);
@@ -285,7 +276,7 @@ impl Proxy {
                 ),
                 false => None,
             };
-            let delivery = Arc::new(Delivery::for_request(&outbound.headers));
+            let delivery = Arc::new(Delivery::for_request(outbound.version, &outbound.headers));
             let attempt = body
                 .attempt(Arc::clone(&delivery))
                 .map_err(|_| ProxyError::NotReplayable)?;
@@ -534,7 +525,7 @@ impl Proxy {
         let linger = !delivery.complete() && !delivery.is_withheld();
         let rest = body.clone();
         let (mut parts, backend_body) = response.into_parts();
-        headers::strip_hop_by_hop_keeping_plain_connection(&mut parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers);
         let request_id = response_request_id(&parts.headers);
         let record = self.record(
             outbound,
@@ -604,6 +595,26 @@ impl Proxy {
             error.label(),
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
+    }
+}
+
+/// Why the proxy refuses a request before sending it: a target the URI parser
+/// cut at a raw `#`, a target that is not a path (authority-form such as
+/// `GET host:80`, which would otherwise become `GET /`), an expectation the
+/// proxy cannot honour for every backend alike.
+fn refusal(parts: &http::request::Parts, peer: &Peer) -> Option<ProxyError> {
+    if parts.version < Version::HTTP_2 {
+        if parts.uri.path_and_query().is_none() {
+            return Some(ProxyError::InvalidUri);
+        }
+        let target = request_target(&parts.uri);
+        if peer.cut_targets.take(parts.method.as_str(), &target) {
+            return Some(ProxyError::InvalidUri);
+        }
+    }
+    match delivery::expectation(parts.version, &parts.headers) {
+        Expectation::Unsupported => Some(ProxyError::ExpectationFailed),
+        _ => None,
     }
 }
 

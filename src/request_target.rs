@@ -6,12 +6,13 @@
 //! would have its object stored as `hash`: a different object than it asked
 //! for. The proxy refuses such a request instead (`400 InvalidURI`).
 //!
-//! hyper hands the proxy only the parsed target, so [`TargetWatch`] looks at
-//! the bytes of an HTTP/1.1 connection as they are read: a line that starts
-//! like a request line (`METHOD SP target`) and has a `#` in its target is
-//! recorded as `METHOD SP target-before-#`; the handler then asks whether
-//! the request it got is one of those. Body bytes that look like such a line
-//! can only make an entry no request matches; entries are few and bounded.
+//! hyper hands the proxy only the parsed target, so [`TargetWatch`] follows
+//! the bytes of an HTTP/1.1 connection as they are read, message by message
+//! (each head parsed with httparse, as hyper parses it, then its body skipped
+//! by `Content-Length` or chunk sizes): a request whose target has a `#` is
+//! recorded as `METHOD SP target-before-#`, and the handler asks whether the
+//! request it got is one of those. Body bytes are never taken for a request.
+//! An HTTP/2 connection, or bytes hyper refuses too, end the watch.
 
 use std::collections::VecDeque;
 use std::io;
@@ -23,10 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Request lines remembered at once per connection.
 const MAX_RECORDED: usize = 8;
-/// Longest request-line prefix followed across reads.
+/// Longest head followed (larger ones hyper refuses too).
+const MAX_HEAD: usize = 1 << 20;
+/// Longest chunk-size or trailer line followed.
 const MAX_LINE: usize = 16 << 10;
-/// The first byte of a line given up on: no request line starts with it.
-const GIVEN_UP: u8 = b'#';
 
 /// The request lines with a raw `#` seen on one connection.
 #[derive(Debug, Default)]
@@ -60,12 +61,32 @@ impl CutTargets {
     }
 }
 
-/// A client connection's reads, watched for request lines with a raw `#`.
+/// A client connection's reads, followed request by request (HTTP/1.1
+/// framing: the head, then a `Content-Length` or chunked body) so that the
+/// target of each request is seen as it was sent.
 pub struct TargetWatch<I> {
     inner: I,
     cut: Arc<CutTargets>,
-    /// The current line so far, when it may still be a request line.
-    line: Vec<u8>,
+    framing: Framing,
+    /// The part of a head, chunk-size line or trailer read so far.
+    pending: Vec<u8>,
+}
+
+/// Where the connection's byte stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// In a request head.
+    Head,
+    /// In a body with this many bytes to go.
+    Body(u64),
+    /// At a chunk-size line of a chunked body.
+    ChunkSize,
+    /// In a chunk: this many bytes of data and CRLF to go.
+    ChunkData(u64),
+    /// In the trailer section after the last chunk.
+    Trailers,
+    /// Not HTTP/1.x, or lost: nothing more is watched.
+    Off,
 }
 
 impl<I> TargetWatch<I> {
@@ -73,85 +94,192 @@ impl<I> TargetWatch<I> {
         TargetWatch {
             inner,
             cut,
-            line: Vec::new(),
+            framing: Framing::Head,
+            pending: Vec::new(),
         }
     }
 
-    /// Looks at newly read bytes.
-    fn scan(&mut self, read: &[u8]) {
-        let mut start = 0;
-        for hash in memchr::memchr_iter(b'#', read) {
-            if hash < start {
-                continue;
-            }
-            let line_start = memchr::memrchr(b'\n', &read[start..hash]).map(|i| start + i + 1);
-            let prefix = match line_start {
-                Some(line_start) => read[line_start..hash].to_vec(),
-                None => [self.line.as_slice(), &read[start..hash]].concat(),
-            };
-            if is_request_line_prefix(&prefix) {
-                self.cut.record(prefix);
-            }
-            // The rest of this line is of no interest.
-            self.line.clear();
-            start = match memchr::memchr(b'\n', &read[hash..]) {
-                Some(end) => hash + end + 1,
-                None => {
-                    self.give_up();
-                    return;
+    /// Follows newly read bytes.
+    fn scan(&mut self, mut read: &[u8]) {
+        while !read.is_empty() {
+            read = match self.framing {
+                Framing::Off => return,
+                Framing::Body(left) | Framing::ChunkData(left) => {
+                    let taken = left.min(read.len() as u64);
+                    let left = left - taken;
+                    self.framing = match (self.framing, left) {
+                        (Framing::Body(_), 0) => Framing::Head,
+                        (Framing::Body(_), _) => Framing::Body(left),
+                        (_, 0) => Framing::ChunkSize,
+                        _ => Framing::ChunkData(left),
+                    };
+                    &read[taken as usize..]
                 }
+                Framing::Head => self.head(read),
+                Framing::ChunkSize => self.chunk_size(read),
+                Framing::Trailers => self.trailer_line(read),
             };
         }
-        self.carry(&read[start..]);
     }
 
-    /// Keeps the unfinished last line while it may be a request line.
-    fn carry(&mut self, rest: &[u8]) {
-        match memchr::memrchr(b'\n', rest) {
-            Some(end) => {
-                self.line.clear();
-                self.keep(&rest[end + 1..]);
+    /// Takes head bytes; at the end of the head, records a cut target and
+    /// moves to the body. Returns what is left of `read`.
+    fn head<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        // The common case, a head within one read, is parsed in place.
+        let (parsed, before) = if self.pending.is_empty() {
+            (parse_head(read), 0)
+        } else {
+            let before = self.pending.len();
+            self.pending.extend_from_slice(read);
+            (parse_head(&self.pending), before)
+        };
+        match parsed {
+            Head::Partial => {
+                if self.pending.is_empty() {
+                    self.pending.extend_from_slice(read);
+                }
+                if self.pending.len() > MAX_HEAD {
+                    return self.lose();
+                }
+                &[]
             }
-            None => self.keep(rest),
+            Head::Invalid => self.lose(),
+            Head::Complete { length, cut, body } => {
+                if let Some(line) = cut {
+                    self.cut.record(line);
+                }
+                self.framing = body;
+                self.pending.clear();
+                &read[length - before..]
+            }
         }
     }
 
-    fn keep(&mut self, bytes: &[u8]) {
-        if self.line.first() == Some(&GIVEN_UP) {
-            return;
-        }
-        if self.line.len() + bytes.len() > MAX_LINE {
-            self.give_up();
-            return;
-        }
-        self.line.extend_from_slice(bytes);
-        if !is_request_line_prefix(&self.line) {
-            self.give_up();
-        }
+    /// Takes a chunk-size line (RFC 9112 section 7.1).
+    fn chunk_size<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        let Some(end) = memchr::memchr(b'\n', read) else {
+            self.pending.extend_from_slice(read);
+            return if self.pending.len() > MAX_LINE {
+                self.lose()
+            } else {
+                &[]
+            };
+        };
+        self.pending.extend_from_slice(&read[..=end]);
+        self.framing = match httparse::parse_chunk_size(&self.pending) {
+            Ok(httparse::Status::Complete((_, 0))) => Framing::Trailers,
+            Ok(httparse::Status::Complete((_, size))) => Framing::ChunkData(size + 2),
+            _ => Framing::Off,
+        };
+        self.pending.clear();
+        &read[end + 1..]
     }
 
-    /// Marks the current line as not a request line until the next `\n`.
-    fn give_up(&mut self) {
-        self.line.clear();
-        self.line.push(GIVEN_UP);
+    /// Takes one trailer line; an empty one ends the message.
+    fn trailer_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        let Some(end) = memchr::memchr(b'\n', read) else {
+            self.pending.extend_from_slice(read);
+            return if self.pending.len() > MAX_LINE {
+                self.lose()
+            } else {
+                &[]
+            };
+        };
+        self.pending.extend_from_slice(&read[..=end]);
+        if matches!(self.pending.as_slice(), b"\r\n" | b"\n") {
+            self.framing = Framing::Head;
+        }
+        self.pending.clear();
+        &read[end + 1..]
+    }
+
+    /// Stops watching: HTTP/2, or bytes hyper will refuse too.
+    fn lose<'r>(&mut self) -> &'r [u8] {
+        self.framing = Framing::Off;
+        self.pending = Vec::new();
+        &[]
     }
 }
 
-/// `METHOD SP target` so far: an upper-case token, one space, a target
-/// without spaces (or a prefix of that). A line marked with a leading `#`
-/// (given up on) never is.
-fn is_request_line_prefix(line: &[u8]) -> bool {
-    let method_end = line
-        .iter()
-        .position(|&b| !b.is_ascii_uppercase())
-        .unwrap_or(line.len());
-    if method_end == 0 {
-        return line.is_empty();
+/// What a request head says, once complete.
+enum Head {
+    Partial,
+    Invalid,
+    Complete {
+        /// Bytes of the head.
+        length: usize,
+        /// `METHOD SP target-before-#` when the target has a raw `#`.
+        cut: Option<Vec<u8>>,
+        /// How the body is framed.
+        body: Framing,
+    },
+}
+
+/// Parses a request head as hyper does (httparse), with room for as many
+/// fields as any listener allows.
+fn parse_head(bytes: &[u8]) -> Head {
+    let mut few = [httparse::EMPTY_HEADER; 128];
+    match head_of(&mut few, bytes) {
+        Ok(head) => head,
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut many = vec![httparse::EMPTY_HEADER; MAX_HEAD / 4];
+            head_of(&mut many, bytes).unwrap_or(Head::Invalid)
+        }
+        Err(_) => Head::Invalid,
     }
-    match line.get(method_end) {
-        None => true,
-        Some(b' ') => !line[method_end + 1..].contains(&b' '),
-        Some(_) => false,
+}
+
+fn head_of<'b>(
+    fields: &mut [httparse::Header<'b>],
+    bytes: &'b [u8],
+) -> Result<Head, httparse::Error> {
+    let mut request = httparse::Request::new(fields);
+    let length = match request.parse(bytes)? {
+        httparse::Status::Complete(length) => length,
+        httparse::Status::Partial => return Ok(Head::Partial),
+    };
+    let (Some(method), Some(path)) = (request.method, request.path) else {
+        return Ok(Head::Invalid);
+    };
+    let cut = path
+        .find('#')
+        .map(|hash| [method.as_bytes(), b" ", &path.as_bytes()[..hash]].concat());
+    Ok(Head::Complete {
+        length,
+        cut,
+        body: body_framing(request.headers),
+    })
+}
+
+/// The trimmed, lower-case values of the fields called `name`.
+fn values(fields: &[httparse::Header<'_>], name: &str) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|field| field.name.eq_ignore_ascii_case(name))
+        .map(|field| {
+            String::from_utf8_lossy(field.value)
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+/// RFC 9112 section 6.3: `Transfer-Encoding` ending in chunked wins over
+/// `Content-Length`; neither means no body.
+fn body_framing(fields: &[httparse::Header<'_>]) -> Framing {
+    if let Some(coding) = values(fields, "transfer-encoding").last() {
+        return match coding.rsplit(',').next().map(str::trim) {
+            Some("chunked") => Framing::ChunkSize,
+            _ => Framing::Off,
+        };
+    }
+    match values(fields, "content-length")
+        .first()
+        .map(|v| v.parse::<u64>())
+    {
+        None | Some(Ok(0)) => Framing::Head,
+        Some(Ok(length)) => Framing::Body(length),
+        Some(Err(_)) => Framing::Off,
     }
 }
 
@@ -222,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn a_request_line_split_across_reads_is_followed() {
+    fn a_head_split_across_reads_is_followed() {
         let cut = watched(&[
             b"GET /b/k HTTP/1.1\r\n\r\nGET /b/ha",
             b"sh#x HTTP/1.1\r\n\r\n",
@@ -231,18 +359,43 @@ mod tests {
     }
 
     #[test]
-    fn hashes_in_header_values_and_bodies_match_no_request() {
+    fn the_request_after_a_body_without_a_newline_is_followed() {
         let cut = watched(&[
-            b"PUT /b/k HTTP/1.1\r\nx-amz-meta-tag: #1\r\n\r\nbody # with hashes\nget /b/k#",
+            b"PUT /b/first HTTP/1.1\r\nContent-Length: 4\r\n\r\ndataPUT /b/fnw#frag HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
         ]);
-        assert!(!cut.take("PUT", "/b/k"));
-        assert!(!cut.take("get", "/b/k"), "not a request line");
+        assert!(cut.take("PUT", "/b/fnw"));
+    }
+
+    #[test]
+    fn a_request_line_inside_a_body_is_not_a_request() {
+        let body = b"GET /b/doc.md#section HTTP/1.1\r\n";
+        let head = format!(
+            "PUT /b/k HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let cut = watched(&[head.as_bytes(), body, b"GET /b/doc.md HTTP/1.1\r\n\r\n"]);
+        assert!(!cut.take("GET", "/b/doc.md"));
+    }
+
+    #[test]
+    fn chunked_bodies_and_trailers_are_skipped() {
+        let cut = watched(&[
+            b"PUT /b/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nGET /\r\n",
+            b"0\r\nx-amz-checksum-crc32: AAAA\r\n\r\nGET /b/h#x HTTP/1.1\r\n\r\n",
+        ]);
+        assert!(cut.take("GET", "/b/h"));
     }
 
     #[test]
     fn an_encoded_hash_is_not_a_raw_one() {
         let cut = watched(&[b"GET /b/hash%23frag HTTP/1.1\r\n\r\n"]);
-        assert!(!cut.take("GET", "/b/hash%23frag"));
         assert!(!cut.take("GET", "/b/hash"));
+    }
+
+    #[test]
+    fn http2_is_not_watched() {
+        let mut watch = TargetWatch::new((), Arc::default());
+        watch.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(watch.framing, Framing::Off);
     }
 }

@@ -36,9 +36,13 @@ pub enum ProxyError {
     /// one that was: quarantined, not sent again.
     #[error("the request crashed the backend and is quarantined")]
     Poison,
-    /// The request target had a raw `#`, which the URI parser would cut.
-    #[error("the request target has a raw `#`")]
+    /// The request target had a raw `#`, which the URI parser would cut, or
+    /// was not a path.
+    #[error("the request target is not a path the proxy can forward as sent")]
     InvalidUri,
+    /// An `Expect` other than one `100-continue`.
+    #[error("the request has an expectation other than 100-continue")]
+    ExpectationFailed,
     /// The client stopped sending its body for `listener.client_body_timeout`.
     #[error("the client sent no body bytes for listener.client_body_timeout")]
     ClientTimeout,
@@ -62,6 +66,7 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body",
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::InvalidUri => "invalid_uri",
+            ProxyError::ExpectationFailed => "expectation_failed",
             ProxyError::Poison => "quarantined",
             ProxyError::SlowBackend => "slow_backend",
         }
@@ -77,6 +82,8 @@ impl ProxyError {
             ProxyError::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             ProxyError::SlowBackend => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
             ProxyError::InvalidUri => (StatusCode::BAD_REQUEST, "InvalidURI"),
+            // RFC 9110 section 15.5.18; S3 has no code of its own for it.
+            ProxyError::ExpectationFailed => (StatusCode::EXPECTATION_FAILED, "InvalidRequest"),
             // A client error: S3 SDKs retry 500 and 503, not 400.
             ProxyError::Poison => (StatusCode::BAD_REQUEST, "InvalidRequest"),
             // Nobody reads this answer; 499 marks it in the request log.
@@ -109,8 +116,11 @@ impl ProxyError {
             ProxyError::Poison => {
                 "The storage backend failed twice while processing this request; it is quarantined and will not be sent again for a while. Please contact the operator."
             }
+            ProxyError::ExpectationFailed => {
+                "The only expectation supported is one Expect: 100-continue."
+            }
             ProxyError::InvalidUri => {
-                "Couldn't parse the specified URI: a raw '#' must be sent percent-encoded (%23)."
+                "Couldn't parse the specified URI: send a path such as /bucket/key, with '#' percent-encoded as %23."
             }
             ProxyError::ClientTimeout => {
                 "Your socket connection to the server was not read from or written to within the timeout period."

@@ -51,7 +51,7 @@ fn forged_put_headers(host: &str, path: &str) -> Vec<(String, String)> {
 /// status of the final answer.
 async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
     let host = proxy.to_string();
-    let mut head = format!("PUT {path} HTTP/1.1\r\n");
+    let mut head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {UPLOAD}\r\n");
     for (name, value) in forged_put_headers(&host, path) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -86,7 +86,7 @@ async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
 async fn chunked_put_http1(proxy: SocketAddr, path: &str) -> u16 {
     let host = proxy.to_string();
     let url = format!("http://{host}{path}");
-    let mut head = format!("PUT {path} HTTP/1.1\r\n");
+    let mut head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n");
     for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }

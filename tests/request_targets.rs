@@ -1,0 +1,129 @@
+//! A raw `#` in a request target is refused, never cut, whatever came before
+//! it on the connection; a line that looks like a request inside a body is
+//! never taken for one. Several requests on one keep-alive connection, to
+//! s3s-fs through the proxy, with a recording relay showing what the backend
+//! received.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use support::relay::Relay;
+use support::{ProxyUnderTest, S3Backend, s3_client, sign_unsigned_payload};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BUCKET: &str = "targets";
+
+/// A signed PUT head with an unsigned body of `length` bytes; `wire` is the
+/// target as sent, `signed` the one the signature covers.
+fn put_head(proxy: SocketAddr, wire: &str, signed: &str, length: usize) -> String {
+    let host = proxy.to_string();
+    let url = format!("http://{host}{signed}");
+    let length = length.to_string();
+    let mut head = format!("PUT {wire} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\n");
+    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[("content-length", &length)]) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head + "\r\n"
+}
+
+fn get_head(proxy: SocketAddr, target: &str) -> String {
+    let host = proxy.to_string();
+    let url = format!("http://{host}{target}");
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n");
+    for (name, value) in sign_unsigned_payload("GET", &url, &host, &[]) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head + "\r\n"
+}
+
+/// Reads one response (head and `Content-Length` body); its status and body.
+async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    while !bytes.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "an answer");
+        bytes.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&bytes).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (
+        head[9..12].parse().unwrap(),
+        String::from_utf8_lossy(&body).into(),
+    )
+}
+
+async fn setup() -> (S3Backend, Relay, ProxyUnderTest) {
+    let backend = S3Backend::start().await.unwrap();
+    s3_client(&format!("http://{}", backend.address))
+        .create_bucket()
+        .bucket(BUCKET)
+        .send()
+        .await
+        .unwrap();
+    let relay = Relay::start(backend.address).await.unwrap();
+    let proxy = ProxyUnderTest::start(relay.address, "").await.unwrap();
+    (backend, relay, proxy)
+}
+
+fn received(relay: &Relay) -> String {
+    let bytes: Vec<u8> = relay
+        .connections()
+        .iter()
+        .flat_map(|c| c.to_backend.clone())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_hash_after_a_body_without_a_newline_is_refused_not_cut() {
+    let (_backend, relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let first = put_head(proxy.address, "/targets/first", "/targets/first", 4);
+    stream.write_all(first.as_bytes()).await.unwrap();
+    stream.write_all(b"data").await.unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+
+    // Signed for the key the URI parser would cut it to.
+    let cut = put_head(proxy.address, "/targets/fnw#frag", "/targets/fnw", 0);
+    stream.write_all(cut.as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("<Code>InvalidURI</Code>"), "{body}");
+    assert!(
+        !received(&relay).contains("/targets/fnw"),
+        "the cut request never reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_line_inside_a_body_does_not_refuse_a_later_request() {
+    let (_backend, _relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let document = b"see\r\nGET /targets/doc.md#section HTTP/1.1\r\n";
+    let put = put_head(
+        proxy.address,
+        "/targets/doc.md",
+        "/targets/doc.md",
+        document.len(),
+    );
+    stream.write_all(put.as_bytes()).await.unwrap();
+    stream.write_all(document).await.unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+
+    let get = get_head(proxy.address, "/targets/doc.md");
+    stream.write_all(get.as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_bytes(), document);
+}
