@@ -1,4 +1,6 @@
-//! Request targets the HTTP parser would change silently: a raw `#`.
+//! Request targets the HTTP parser would change silently (a raw `#`) or
+//! refuse with a bare `400` of its own (`<`, `>`, `` ` `` in a path; `"`,
+//! `<`, `>` in a query).
 //!
 //! `#` starts a URI fragment (RFC 3986 section 3.5), which is never part of a
 //! request target (RFC 9112 section 3.2), and the `http` crate's parser drops
@@ -12,7 +14,11 @@
 //! by `Content-Length` or chunk sizes): a request whose target has a `#` is
 //! recorded as `METHOD SP target-before-#`, and the handler asks whether the
 //! request it got is one of those. Body bytes are never taken for a request.
-//! An HTTP/2 connection, or bytes hyper refuses too, end the watch.
+//! An HTTP/2 connection, or bytes hyper refuses too, end the watch. A target
+//! with bytes the URI parser refuses is marked in place (each such byte
+//! becomes `_`, in the read buffer hyper is about to parse) and recorded, so
+//! the request reaches the handler, which answers an S3 `400 InvalidURI`
+//! instead of hyper's bare `400`; it never reaches the backend.
 
 use std::collections::VecDeque;
 use std::io;
@@ -70,6 +76,8 @@ pub struct TargetWatch<I> {
     framing: Framing,
     /// The part of a head, chunk-size line or trailer read so far.
     pending: Vec<u8>,
+    /// Bytes of the current head's target were marked as refused.
+    marked: bool,
 }
 
 /// Where the connection's byte stream is.
@@ -96,16 +104,19 @@ impl<I> TargetWatch<I> {
             cut,
             framing: Framing::Head,
             pending: Vec::new(),
+            marked: false,
         }
     }
 
-    /// Follows newly read bytes.
-    fn scan(&mut self, mut read: &[u8]) {
-        while !read.is_empty() {
-            read = match self.framing {
+    /// Follows newly read bytes (and may mark a refused target in them).
+    fn scan(&mut self, read: &mut [u8]) {
+        let mut at = 0;
+        while at < read.len() {
+            let rest = &mut read[at..];
+            at += match self.framing {
                 Framing::Off => return,
                 Framing::Body(left) | Framing::ChunkData(left) => {
-                    let taken = left.min(read.len() as u64);
+                    let taken = left.min(rest.len() as u64);
                     let left = left - taken;
                     self.framing = match (self.framing, left) {
                         (Framing::Body(_), 0) => Framing::Head,
@@ -113,19 +124,21 @@ impl<I> TargetWatch<I> {
                         (_, 0) => Framing::ChunkSize,
                         _ => Framing::ChunkData(left),
                     };
-                    &read[taken as usize..]
+                    taken as usize
                 }
-                Framing::Head => self.head(read),
-                Framing::ChunkSize => self.chunk_size(read),
-                Framing::Trailers => self.trailer_line(read),
+                Framing::Head => self.head(rest),
+                Framing::ChunkSize => self.chunk_size(rest),
+                Framing::Trailers => self.trailer_line(rest),
             };
         }
     }
 
-    /// Takes head bytes; at the end of the head, records a cut target and
-    /// moves to the body. Returns what is left of `read`.
-    fn head<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
-        // The common case, a head within one read, is parsed in place.
+    /// Takes head bytes; at the end of the head, records a refused target
+    /// and moves to the body. Returns how many bytes of `read` it took.
+    fn head(&mut self, read: &mut [u8]) -> usize {
+        // Marked as they arrive, before hyper sees them: a head can come in
+        // pieces (hyper-util reads 24 bytes first to tell HTTP/2 apart).
+        self.marked |= mark_refused(&self.pending, read);
         let (parsed, before) = if self.pending.is_empty() {
             (parse_head(read), 0)
         } else {
@@ -139,31 +152,45 @@ impl<I> TargetWatch<I> {
                     self.pending.extend_from_slice(read);
                 }
                 if self.pending.len() > MAX_HEAD {
-                    return self.lose();
+                    self.lose();
                 }
-                &[]
+                read.len()
             }
-            Head::Invalid => self.lose(),
-            Head::Complete { length, cut, body } => {
-                if let Some(line) = cut {
-                    self.cut.record(line);
+            Head::Invalid => {
+                self.lose();
+                read.len()
+            }
+            Head::Complete {
+                length,
+                method,
+                target,
+                body,
+            } => {
+                let target = match before {
+                    0 => &read[target],
+                    _ => &self.pending[target],
+                };
+                let hash = memchr::memchr(b'#', target);
+                if self.marked || hash.is_some() {
+                    let kept = &target[..hash.unwrap_or(target.len())];
+                    self.cut.record([method.as_bytes(), b" ", kept].concat());
                 }
+                self.marked = false;
                 self.framing = body;
                 self.pending.clear();
-                &read[length - before..]
+                length - before
             }
         }
     }
 
     /// Takes a chunk-size line (RFC 9112 section 7.1).
-    fn chunk_size<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+    fn chunk_size(&mut self, read: &[u8]) -> usize {
         let Some(end) = memchr::memchr(b'\n', read) else {
             self.pending.extend_from_slice(read);
-            return if self.pending.len() > MAX_LINE {
-                self.lose()
-            } else {
-                &[]
-            };
+            if self.pending.len() > MAX_LINE {
+                self.lose();
+            }
+            return read.len();
         };
         self.pending.extend_from_slice(&read[..=end]);
         self.framing = match httparse::parse_chunk_size(&self.pending) {
@@ -172,32 +199,30 @@ impl<I> TargetWatch<I> {
             _ => Framing::Off,
         };
         self.pending.clear();
-        &read[end + 1..]
+        end + 1
     }
 
     /// Takes one trailer line; an empty one ends the message.
-    fn trailer_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+    fn trailer_line(&mut self, read: &[u8]) -> usize {
         let Some(end) = memchr::memchr(b'\n', read) else {
             self.pending.extend_from_slice(read);
-            return if self.pending.len() > MAX_LINE {
-                self.lose()
-            } else {
-                &[]
-            };
+            if self.pending.len() > MAX_LINE {
+                self.lose();
+            }
+            return read.len();
         };
         self.pending.extend_from_slice(&read[..=end]);
         if matches!(self.pending.as_slice(), b"\r\n" | b"\n") {
             self.framing = Framing::Head;
         }
         self.pending.clear();
-        &read[end + 1..]
+        end + 1
     }
 
     /// Stops watching: HTTP/2, or bytes hyper will refuse too.
-    fn lose<'r>(&mut self) -> &'r [u8] {
+    fn lose(&mut self) {
         self.framing = Framing::Off;
         self.pending = Vec::new();
-        &[]
     }
 }
 
@@ -208,8 +233,9 @@ enum Head {
     Complete {
         /// Bytes of the head.
         length: usize,
-        /// `METHOD SP target-before-#` when the target has a raw `#`.
-        cut: Option<Vec<u8>>,
+        method: String,
+        /// Where the request target is in the head's bytes.
+        target: std::ops::Range<usize>,
         /// How the body is framed.
         body: Framing,
     },
@@ -241,14 +267,61 @@ fn head_of<'b>(
     let (Some(method), Some(path)) = (request.method, request.path) else {
         return Ok(Head::Invalid);
     };
-    let cut = path
-        .find('#')
-        .map(|hash| [method.as_bytes(), b" ", &path.as_bytes()[..hash]].concat());
+    let start = path.as_ptr() as usize - bytes.as_ptr() as usize;
     Ok(Head::Complete {
         length,
-        cut,
+        method: method.to_owned(),
+        target: start..start + path.len(),
         body: body_framing(request.headers),
     })
+}
+
+/// Bytes the URI parser refuses in a path (`<`, `>`, `` ` ``) or a query
+/// (`"`, `<`, `>`): hyper would answer a bare `400` of its own.
+fn refused_byte(byte: u8, in_query: bool) -> bool {
+    match in_query {
+        false => matches!(byte, b'<' | b'>' | b'`'),
+        true => matches!(byte, b'"' | b'<' | b'>'),
+    }
+}
+
+/// Marks (as `_`) the bytes of the request target in `read` that the URI
+/// parser refuses, `seen` being the head's bytes before it: so that hyper
+/// takes the request to the handler, which answers `400 InvalidURI`, where
+/// it would answer a bare `400` itself. Returns whether it marked any.
+fn mark_refused(seen: &[u8], read: &mut [u8]) -> bool {
+    // The target: after the request line's first space, up to the next
+    // space or line end; a `#` ends what the parser reads of it.
+    let mut spaces = 0;
+    let mut in_query = false;
+    let mut marked = false;
+    for index in 0..seen.len() + read.len() {
+        let byte = match index.checked_sub(seen.len()) {
+            None => seen[index],
+            Some(at) => read[at],
+        };
+        match byte {
+            b' ' => {
+                spaces += 1;
+                if spaces == 2 {
+                    break;
+                }
+                continue;
+            }
+            b'\r' | b'\n' if spaces == 1 => break,
+            _ if spaces == 0 => continue,
+            b'#' => break,
+            b'?' => in_query = true,
+            _ => {}
+        }
+        if refused_byte(byte, in_query)
+            && let Some(at) = index.checked_sub(seen.len())
+        {
+            read[at] = b'_';
+            marked = true;
+        }
+    }
+    marked
 }
 
 /// The trimmed, lower-case values of the fields called `name`.
@@ -293,7 +366,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             let this = &mut *self;
-            this.scan(&buf.filled()[before..]);
+            this.scan(&mut buf.filled_mut()[before..]);
         }
         polled
     }
@@ -337,7 +410,7 @@ mod tests {
         let cut = Arc::new(CutTargets::default());
         let mut watch = TargetWatch::new((), Arc::clone(&cut));
         for read in reads {
-            watch.scan(read);
+            watch.scan(&mut read.to_vec());
         }
         cut
     }
@@ -387,6 +460,19 @@ mod tests {
     }
 
     #[test]
+    fn bytes_the_uri_parser_refuses_are_marked_for_an_s3_error() {
+        let cut = Arc::new(CutTargets::default());
+        let mut watch = TargetWatch::new((), Arc::clone(&cut));
+        let mut read = b"GET /b/tick`s?x=\"q\" HTTP/1.1\r\n\r\n".to_vec();
+        watch.scan(&mut read);
+        assert!(
+            read.starts_with(b"GET /b/tick_s?x=_q_ HTTP/1.1"),
+            "{read:?}"
+        );
+        assert!(cut.take("GET", "/b/tick_s?x=_q_"));
+    }
+
+    #[test]
     fn an_encoded_hash_is_not_a_raw_one() {
         let cut = watched(&[b"GET /b/hash%23frag HTTP/1.1\r\n\r\n"]);
         assert!(!cut.take("GET", "/b/hash"));
@@ -395,7 +481,7 @@ mod tests {
     #[test]
     fn http2_is_not_watched() {
         let mut watch = TargetWatch::new((), Arc::default());
-        watch.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        watch.scan(&mut b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec());
         assert_eq!(watch.framing, Framing::Off);
     }
 }
