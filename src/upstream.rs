@@ -27,9 +27,6 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-
-/// hyper's smallest read buffer (its `max_buf_size` panics below this).
-const MIN_BUF_SIZE: usize = 8192;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -38,6 +35,9 @@ use crate::connector::Connector;
 use crate::delivery::Delivery;
 use crate::gate::DownReason;
 use crate::replay::BoxError;
+
+/// hyper's smallest read buffer (its `max_buf_size` panics below this).
+const MIN_BUF_SIZE: usize = 8192;
 
 /// Why a request could not be sent, or got no response.
 #[derive(Debug, thiserror::Error)]
