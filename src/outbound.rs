@@ -53,7 +53,7 @@ impl Outbound {
 
 /// The request target as hyper parsed it: absolute-form (RFC 9112 section
 /// 3.2.2) when the client sent one, else origin-form.
-pub fn request_target(uri: &Uri) -> String {
+fn request_target(uri: &Uri) -> String {
     match uri.scheme() {
         Some(_) => uri.to_string(),
         None => uri

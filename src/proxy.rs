@@ -24,7 +24,7 @@ use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
 use crate::metrics::{Metrics, ReplayOutcome};
-use crate::outbound::{Outbound, outbound, request_target};
+use crate::outbound::{Outbound, outbound};
 use crate::peer::Peer;
 use crate::probe::Prober;
 use crate::quarantine::Quarantine;
@@ -93,6 +93,9 @@ struct Failed<'a> {
     idempotent: bool,
     /// The attempt was a crash suspect's, alone in the suspect lane.
     suspect: bool,
+    /// The backend had the whole request, or the proxy was not waiting
+    /// for the client's next bytes when the attempt failed.
+    blamable: bool,
 }
 
 /// How one request went, for its log line.
@@ -313,6 +316,9 @@ impl Proxy {
                         generation,
                         idempotent,
                         suspect,
+                        // Waiting on the client's next bytes, the backend
+                        // was not working on this request when it died.
+                        blamable: delivery.complete() || !body.stall().on_client,
                     };
                     self.after_failure(failed, outbound, body, settings, progress)
                         .await?;
@@ -336,6 +342,7 @@ impl Proxy {
             generation,
             idempotent,
             suspect,
+            blamable,
         } = failed;
         if body.client_failed() {
             return Err(ProxyError::ClientBody);
@@ -352,9 +359,10 @@ impl Proxy {
             tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend unreachable");
         }
         if error.reached_backend() && verdict == Verdict::Outage {
-            // The backend died with this request in flight.
+            // The backend died with this request in flight. A crash while a
+            // slow upload waits for its client is not the upload's doing.
             let fingerprint = outbound.fingerprint();
-            if self.quarantine.died_with(fingerprint, suspect) {
+            if self.quarantine.died_with(fingerprint, suspect && blamable) {
                 self.metrics.quarantine(true);
                 tracing::error!(%fingerprint, "the backend died twice with this request in flight: quarantined, not sent again");
                 return Err(ProxyError::Poison);
@@ -607,8 +615,8 @@ fn refusal(parts: &http::request::Parts, peer: &Peer) -> Option<ProxyError> {
         if parts.uri.path_and_query().is_none() {
             return Some(ProxyError::InvalidUri);
         }
-        let target = request_target(&parts.uri);
-        if peer.cut_targets.take(parts.method.as_str(), &target) {
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        if peer.cut_targets.take(parts.method.as_str(), target) {
             return Some(ProxyError::InvalidUri);
         }
     }

@@ -6,7 +6,8 @@
 //! fingerprint (the replay, or the client's own retry) goes through the
 //! *suspect lane*, one at a time, so that if the backend dies again only one
 //! suspect can be blamed. A suspect attempt that is in flight at a second
-//! crash is *poison*: its client gets `400 InvalidRequest` (a client error,
+//! crash is *poison*, unless the proxy was waiting for that client's next
+//! body bytes (a crash in the middle of a slow upload is not its doing): its client gets `400 InvalidRequest` (a client error,
 //! which S3 SDKs do not retry, unlike 500/503; the message says why) and the
 //! fingerprint is quarantined for `quarantine.duration`: the same request is
 //! answered at once, without reaching the backend. A suspect attempt the
@@ -23,9 +24,9 @@ use http::{HeaderMap, Method, Uri, header};
 use tokio::time::Instant;
 
 /// What identifies "the same request" across a client's retries: method,
-/// bucket, key, the names of the subresource query parameters (not the
-/// values, and not SigV4's `X-Amz-*` ones, which change on every signing),
-/// the copy source and the content length.
+/// bucket, key, the subresource query parameters with their values (not
+/// SigV4's `X-Amz-*` ones, which change on every signing; a retry keeps its
+/// `uploadId` and `partNumber`), the copy source and the content length.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fingerprint {
     method: Method,
@@ -45,8 +46,7 @@ impl Fingerprint {
             .query()
             .unwrap_or("")
             .split('&')
-            .filter_map(|pair| pair.split('=').next())
-            .filter(|name| !name.is_empty() && !name.starts_with("X-Amz-"))
+            .filter(|pair| !pair.is_empty() && !pair.starts_with("X-Amz-"))
             .map(str::to_owned)
             .collect();
         subresources.sort();
@@ -221,15 +221,23 @@ mod tests {
             Some("/src/anyfilename%25.txt"),
         );
         let retry = fingerprint(
-            "/b/k?uploadId=9&partNumber=2&X-Amz-Signature=bb",
+            "/b/k?uploadId=7&partNumber=1&X-Amz-Signature=bb",
             Some("/src/anyfilename%25.txt"),
         );
         assert_eq!(first, retry);
         assert_eq!(
             first.to_string(),
-            "PUT /b/k?partNumber&uploadId copy-source=/src/anyfilename%25.txt"
+            "PUT /b/k?partNumber=1&uploadId=7 copy-source=/src/anyfilename%25.txt"
         );
         assert_ne!(first, fingerprint("/b/k?partNumber=1&uploadId=7", None));
+        let other_upload = fingerprint(
+            "/b/k?partNumber=1&uploadId=8",
+            Some("/src/anyfilename%25.txt"),
+        );
+        assert_ne!(
+            first, other_upload,
+            "another upload's part is another request"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,4 @@
-//! Request targets the HTTP parser would change silently (a raw `#`) or
-//! refuse with a bare `400` of its own (`<`, `>`, `` ` `` in a path; `"`,
-//! `<`, `>` in a query).
+//! Request targets the HTTP parser would change silently: a raw `#`.
 //!
 //! `#` starts a URI fragment (RFC 3986 section 3.5), which is never part of a
 //! request target (RFC 9112 section 3.2), and the `http` crate's parser drops
@@ -14,11 +12,7 @@
 //! by `Content-Length` or chunk sizes): a request whose target has a `#` is
 //! recorded as `METHOD SP target-before-#`, and the handler asks whether the
 //! request it got is one of those. Body bytes are never taken for a request.
-//! An HTTP/2 connection, or bytes hyper refuses too, end the watch. A target
-//! with bytes the URI parser refuses is marked in place (each such byte
-//! becomes `_`, in the read buffer hyper is about to parse) and recorded, so
-//! the request reaches the handler, which answers an S3 `400 InvalidURI`
-//! instead of hyper's bare `400`; it never reaches the backend.
+//! An HTTP/2 connection, or bytes hyper refuses too, end the watch.
 
 use std::collections::VecDeque;
 use std::io;
@@ -28,8 +22,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Request lines remembered at once per connection.
-const MAX_RECORDED: usize = 8;
+/// Refused request lines remembered at once per connection; a client that
+/// pipelines more has every later request refused.
+const MAX_RECORDED: usize = 64;
 /// Longest head followed (larger ones hyper refuses too).
 const MAX_HEAD: usize = 1 << 20;
 /// Longest chunk-size or trailer line followed.
@@ -39,11 +34,18 @@ const MAX_LINE: usize = 16 << 10;
 #[derive(Debug, Default)]
 pub struct CutTargets {
     recorded: Mutex<VecDeque<Vec<u8>>>,
+    /// More were recorded than kept: no request on the connection is trusted.
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
 impl CutTargets {
-    /// True (once) when a request line `method SP target#...` was read.
+    /// True (once) when a request line `method SP target#...` was read,
+    /// `target` in origin-form (an absolute-form target is compared by its
+    /// path and query, as the backend receives the rest in the `Host`).
     pub fn take(&self, method: &str, target: &str) -> bool {
+        if self.overflowed.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
         let mut recorded = self.recorded.lock().unwrap();
         if recorded.is_empty() {
             return false;
@@ -61,7 +63,9 @@ impl CutTargets {
     fn record(&self, line: Vec<u8>) {
         let mut recorded = self.recorded.lock().unwrap();
         if recorded.len() == MAX_RECORDED {
-            recorded.pop_front();
+            self.overflowed
+                .store(true, std::sync::atomic::Ordering::Release);
+            return;
         }
         recorded.push_back(line);
     }
@@ -76,8 +80,6 @@ pub struct TargetWatch<I> {
     framing: Framing,
     /// The part of a head, chunk-size line or trailer read so far.
     pending: Vec<u8>,
-    /// Bytes of the current head's target were marked as refused.
-    marked: bool,
 }
 
 /// Where the connection's byte stream is.
@@ -104,19 +106,16 @@ impl<I> TargetWatch<I> {
             cut,
             framing: Framing::Head,
             pending: Vec::new(),
-            marked: false,
         }
     }
 
-    /// Follows newly read bytes (and may mark a refused target in them).
-    fn scan(&mut self, read: &mut [u8]) {
-        let mut at = 0;
-        while at < read.len() {
-            let rest = &mut read[at..];
-            at += match self.framing {
+    /// Follows newly read bytes.
+    fn scan(&mut self, mut read: &[u8]) {
+        while !read.is_empty() {
+            read = match self.framing {
                 Framing::Off => return,
                 Framing::Body(left) | Framing::ChunkData(left) => {
-                    let taken = left.min(rest.len() as u64);
+                    let taken = left.min(read.len() as u64);
                     let left = left - taken;
                     self.framing = match (self.framing, left) {
                         (Framing::Body(_), 0) => Framing::Head,
@@ -124,21 +123,19 @@ impl<I> TargetWatch<I> {
                         (_, 0) => Framing::ChunkSize,
                         _ => Framing::ChunkData(left),
                     };
-                    taken as usize
+                    &read[taken as usize..]
                 }
-                Framing::Head => self.head(rest),
-                Framing::ChunkSize => self.chunk_size(rest),
-                Framing::Trailers => self.trailer_line(rest),
+                Framing::Head => self.head(read),
+                Framing::ChunkSize => self.chunk_size(read),
+                Framing::Trailers => self.trailer_line(read),
             };
         }
     }
 
-    /// Takes head bytes; at the end of the head, records a refused target
-    /// and moves to the body. Returns how many bytes of `read` it took.
-    fn head(&mut self, read: &mut [u8]) -> usize {
-        // Marked as they arrive, before hyper sees them: a head can come in
-        // pieces (hyper-util reads 24 bytes first to tell HTTP/2 apart).
-        self.marked |= mark_refused(&self.pending, read);
+    /// Takes head bytes; at the end of the head, records a cut target and
+    /// moves to the body. Returns what is left of `read`.
+    fn head<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        // The common case, a head within one read, is parsed in place.
         let (parsed, before) = if self.pending.is_empty() {
             (parse_head(read), 0)
         } else {
@@ -152,78 +149,80 @@ impl<I> TargetWatch<I> {
                     self.pending.extend_from_slice(read);
                 }
                 if self.pending.len() > MAX_HEAD {
-                    self.lose();
+                    return self.lose();
                 }
-                read.len()
+                &[]
             }
-            Head::Invalid => {
-                self.lose();
-                read.len()
-            }
-            Head::Complete {
-                length,
-                method,
-                target,
-                body,
-            } => {
-                let target = match before {
-                    0 => &read[target],
-                    _ => &self.pending[target],
-                };
-                let hash = memchr::memchr(b'#', target);
-                if self.marked || hash.is_some() {
-                    let kept = &target[..hash.unwrap_or(target.len())];
-                    self.cut.record([method.as_bytes(), b" ", kept].concat());
+            Head::Invalid => self.lose(),
+            Head::Complete { length, cut, body } => {
+                if let Some(line) = cut {
+                    self.cut.record(line);
                 }
-                self.marked = false;
                 self.framing = body;
                 self.pending.clear();
-                length - before
+                &read[length - before..]
             }
         }
     }
 
     /// Takes a chunk-size line (RFC 9112 section 7.1).
-    fn chunk_size(&mut self, read: &[u8]) -> usize {
+    fn chunk_size<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
         let Some(end) = memchr::memchr(b'\n', read) else {
             self.pending.extend_from_slice(read);
-            if self.pending.len() > MAX_LINE {
-                self.lose();
-            }
-            return read.len();
+            return if self.pending.len() > MAX_LINE {
+                self.lose()
+            } else {
+                &[]
+            };
         };
         self.pending.extend_from_slice(&read[..=end]);
-        self.framing = match httparse::parse_chunk_size(&self.pending) {
-            Ok(httparse::Status::Complete((_, 0))) => Framing::Trailers,
-            Ok(httparse::Status::Complete((_, size))) => Framing::ChunkData(size + 2),
-            _ => Framing::Off,
+        self.framing = match chunk_size(&self.pending) {
+            Some(0) => Framing::Trailers,
+            Some(size) => size.checked_add(2).map_or(Framing::Off, Framing::ChunkData),
+            None => Framing::Off,
         };
         self.pending.clear();
-        end + 1
+        &read[end + 1..]
     }
 
     /// Takes one trailer line; an empty one ends the message.
-    fn trailer_line(&mut self, read: &[u8]) -> usize {
+    fn trailer_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
         let Some(end) = memchr::memchr(b'\n', read) else {
             self.pending.extend_from_slice(read);
-            if self.pending.len() > MAX_LINE {
-                self.lose();
-            }
-            return read.len();
+            return if self.pending.len() > MAX_LINE {
+                self.lose()
+            } else {
+                &[]
+            };
         };
         self.pending.extend_from_slice(&read[..=end]);
-        if matches!(self.pending.as_slice(), b"\r\n" | b"\n") {
+        // As hyper reads it: the trailer section ends at an empty CRLF line.
+        if self.pending.as_slice() == b"\r\n" {
             self.framing = Framing::Head;
         }
         self.pending.clear();
-        end + 1
+        &read[end + 1..]
     }
 
     /// Stops watching: HTTP/2, or bytes hyper will refuse too.
-    fn lose(&mut self) {
+    fn lose<'r>(&mut self) -> &'r [u8] {
         self.framing = Framing::Off;
         self.pending = Vec::new();
+        &[]
     }
+}
+
+/// The size on a chunk-size line (hex digits, any number of leading zeros,
+/// then extensions): leniently, as hyper takes more forms than httparse.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return None;
+    }
+    line[..digits].iter().try_fold(0u64, |size, &digit| {
+        let value = (digit as char).to_digit(16)? as u64;
+        size.checked_mul(16)?.checked_add(value)
+    })
 }
 
 /// What a request head says, once complete.
@@ -233,9 +232,8 @@ enum Head {
     Complete {
         /// Bytes of the head.
         length: usize,
-        method: String,
-        /// Where the request target is in the head's bytes.
-        target: std::ops::Range<usize>,
+        /// `METHOD SP target-before-#` when the target has a raw `#`.
+        cut: Option<Vec<u8>>,
         /// How the body is framed.
         body: Framing,
     },
@@ -267,61 +265,33 @@ fn head_of<'b>(
     let (Some(method), Some(path)) = (request.method, request.path) else {
         return Ok(Head::Invalid);
     };
-    let start = path.as_ptr() as usize - bytes.as_ptr() as usize;
+    let cut = path.find('#').map(|hash| {
+        let kept = origin_form(&path.as_bytes()[..hash]);
+        [method.as_bytes(), b" ", &kept].concat()
+    });
     Ok(Head::Complete {
         length,
-        method: method.to_owned(),
-        target: start..start + path.len(),
+        cut,
         body: body_framing(request.headers),
     })
 }
 
-/// Bytes the URI parser refuses in a path (`<`, `>`, `` ` ``) or a query
-/// (`"`, `<`, `>`): hyper would answer a bare `400` of its own.
-fn refused_byte(byte: u8, in_query: bool) -> bool {
-    match in_query {
-        false => matches!(byte, b'<' | b'>' | b'`'),
-        true => matches!(byte, b'"' | b'<' | b'>'),
+/// A target in origin-form: an absolute-form one (`HTTP://host/p?q`) loses
+/// its scheme and authority, as `http::Uri` keeps them apart; an empty path
+/// is `/`.
+fn origin_form(target: &[u8]) -> Vec<u8> {
+    let Some(scheme_end) = target.windows(3).position(|w| w == b"://") else {
+        return target.to_vec();
+    };
+    let after = &target[scheme_end + 3..];
+    let rest = after
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .map_or(&[][..], |at| &after[at..]);
+    match rest.first() {
+        Some(b'/') => rest.to_vec(),
+        _ => [b"/".as_slice(), rest].concat(),
     }
-}
-
-/// Marks (as `_`) the bytes of the request target in `read` that the URI
-/// parser refuses, `seen` being the head's bytes before it: so that hyper
-/// takes the request to the handler, which answers `400 InvalidURI`, where
-/// it would answer a bare `400` itself. Returns whether it marked any.
-fn mark_refused(seen: &[u8], read: &mut [u8]) -> bool {
-    // The target: after the request line's first space, up to the next
-    // space or line end; a `#` ends what the parser reads of it.
-    let mut spaces = 0;
-    let mut in_query = false;
-    let mut marked = false;
-    for index in 0..seen.len() + read.len() {
-        let byte = match index.checked_sub(seen.len()) {
-            None => seen[index],
-            Some(at) => read[at],
-        };
-        match byte {
-            b' ' => {
-                spaces += 1;
-                if spaces == 2 {
-                    break;
-                }
-                continue;
-            }
-            b'\r' | b'\n' if spaces == 1 => break,
-            _ if spaces == 0 => continue,
-            b'#' => break,
-            b'?' => in_query = true,
-            _ => {}
-        }
-        if refused_byte(byte, in_query)
-            && let Some(at) = index.checked_sub(seen.len())
-        {
-            read[at] = b'_';
-            marked = true;
-        }
-    }
-    marked
 }
 
 /// The trimmed, lower-case values of the fields called `name`.
@@ -366,7 +336,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             let this = &mut *self;
-            this.scan(&mut buf.filled_mut()[before..]);
+            this.scan(&buf.filled()[before..]);
         }
         polled
     }
@@ -410,7 +380,7 @@ mod tests {
         let cut = Arc::new(CutTargets::default());
         let mut watch = TargetWatch::new((), Arc::clone(&cut));
         for read in reads {
-            watch.scan(&mut read.to_vec());
+            watch.scan(read);
         }
         cut
     }
@@ -460,16 +430,35 @@ mod tests {
     }
 
     #[test]
-    fn bytes_the_uri_parser_refuses_are_marked_for_an_s3_error() {
-        let cut = Arc::new(CutTargets::default());
-        let mut watch = TargetWatch::new((), Arc::clone(&cut));
-        let mut read = b"GET /b/tick`s?x=\"q\" HTTP/1.1\r\n\r\n".to_vec();
-        watch.scan(&mut read);
+    fn an_absolute_form_target_is_compared_by_path() {
+        let cut =
+            watched(&[b"PUT HTTP://x/b/hash#f HTTP/1.1\r\n\r\nGET http://x#f HTTP/1.1\r\n\r\n"]);
+        assert!(cut.take("PUT", "/b/hash"));
+        assert!(cut.take("GET", "/"));
+    }
+
+    #[test]
+    fn a_long_chunk_size_and_a_bare_lf_trailer_keep_the_framing() {
+        let cut = watched(&[
+            b"PUT /b/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000003\r\nabc\r\n0\r\nX-T: a\n\nGET /z HTTP/1.1\r\n\r\n",
+            b"PUT /b/hash#frag HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        ]);
+        assert!(cut.take("PUT", "/b/hash"));
+    }
+
+    #[test]
+    fn too_many_pipelined_refusals_refuse_the_rest() {
+        let mut reads = Vec::new();
+        for k in 0..70 {
+            reads.push(format!("GET /b/h{k}#f HTTP/1.1\r\n\r\n").into_bytes());
+        }
+        let reads: Vec<&[u8]> = reads.iter().map(Vec::as_slice).collect();
+        let cut = watched(&reads);
+        assert!(cut.take("GET", "/b/h0"));
         assert!(
-            read.starts_with(b"GET /b/tick_s?x=_q_ HTTP/1.1"),
-            "{read:?}"
+            cut.take("GET", "/anything"),
+            "past the limit nothing is trusted"
         );
-        assert!(cut.take("GET", "/b/tick_s?x=_q_"));
     }
 
     #[test]
@@ -481,7 +470,7 @@ mod tests {
     #[test]
     fn http2_is_not_watched() {
         let mut watch = TargetWatch::new((), Arc::default());
-        watch.scan(&mut b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec());
+        watch.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert_eq!(watch.framing, Framing::Off);
     }
 }

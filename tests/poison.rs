@@ -152,7 +152,8 @@ fn start_upload(proxy: SocketAddr, path: &str, content: &[u8]) -> HeldUpload {
 
 impl HeldUpload {
     async fn finish(self) -> u16 {
-        self.feed.send(self.rest).await.unwrap();
+        // The proxy may have answered already (and stopped reading).
+        let _ = self.feed.send(self.rest).await;
         drop(self.feed);
         self.response.await.unwrap()
     }
@@ -244,4 +245,47 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"20s\"\n")
+        .await
+        .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("slow")
+        .send()
+        .await
+        .unwrap();
+    let content = object_content(9, 64 << 10);
+    // Half sent; the proxy waits for the client's rest through both crashes.
+    let upload = start_upload(proxy.address, "/slow/upload", &content);
+    for crash in 1..=2 {
+        wait_until(
+            Duration::from_secs(10),
+            "the upload at the backend",
+            || async { proxy.status().await["in_flight"] == 1 },
+        )
+        .await
+        .unwrap();
+        backend.kill9();
+        wait_until(Duration::from_secs(10), "the crash seen", || async {
+            proxy.outages().await >= f64::from(crash)
+        })
+        .await
+        .unwrap();
+        backend.restart().await.unwrap();
+    }
+    let status = upload.finish().await;
+    assert_ne!(status, 400, "not refused as poison");
+    let quarantined = proxy.status().await["quarantined"].clone();
+    assert_eq!(quarantined, serde_json::json!([]), "nothing quarantined");
+
+    // The client's retry goes through.
+    let retry = start_upload(proxy.address, "/slow/upload", &content);
+    assert_eq!(retry.finish().await, 200);
+    let s3 = s3_client(&proxy.endpoint());
+    assert_eq!(read_object(&s3, "slow", "upload").await, content);
 }

@@ -531,14 +531,20 @@ mod corpus {
         ("900-byte key", "", None),
     ];
 
-    /// Keys the proxy refuses with an S3 `InvalidURI`: a raw `#` (the URI
-    /// parser would cut the key there), and bytes the URI parser refuses
-    /// (hyper alone would answer a bare 400).
+    /// Keys the proxy refuses: a raw `#` (the URI parser would cut the key
+    /// there) with an S3 `InvalidURI`; bytes hyper's URI parser refuses with
+    /// its own bare 400.
     fn refused_key(key: &str) -> Option<ProxyChange> {
-        key.contains(['#', '`', '<', '>'])
-            .then_some(ProxyChange::Refused {
+        if key.contains('#') {
+            return Some(ProxyChange::Refused {
                 status: 400,
                 code: Some("InvalidURI"),
+            });
+        }
+        key.contains(['`', '<', '>'])
+            .then_some(ProxyChange::Refused {
+                status: 400,
+                code: None,
             })
     }
 
