@@ -167,41 +167,44 @@ impl<I> TargetWatch<I> {
 
     /// Takes a chunk-size line (RFC 9112 section 7.1).
     fn chunk_size<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
-        let Some(end) = memchr::memchr(b'\n', read) else {
-            self.pending.extend_from_slice(read);
-            return if self.pending.len() > MAX_LINE {
-                self.lose()
-            } else {
-                &[]
-            };
+        let Some(rest) = self.take_line(read) else {
+            return &[];
         };
-        self.pending.extend_from_slice(&read[..=end]);
         self.framing = match chunk_size(&self.pending) {
             Some(0) => Framing::Trailers,
             Some(size) => size.checked_add(2).map_or(Framing::Off, Framing::ChunkData),
             None => Framing::Off,
         };
         self.pending.clear();
-        &read[end + 1..]
+        rest
     }
 
     /// Takes one trailer line; an empty one ends the message.
     fn trailer_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
-        let Some(end) = memchr::memchr(b'\n', read) else {
-            self.pending.extend_from_slice(read);
-            return if self.pending.len() > MAX_LINE {
-                self.lose()
-            } else {
-                &[]
-            };
+        let Some(rest) = self.take_line(read) else {
+            return &[];
         };
-        self.pending.extend_from_slice(&read[..=end]);
         // As hyper reads it: the trailer section ends at an empty CRLF line.
         if self.pending.as_slice() == b"\r\n" {
             self.framing = Framing::Head;
         }
         self.pending.clear();
-        &read[end + 1..]
+        rest
+    }
+
+    /// Adds `read` up to its first `\n` to the pending line; the rest of
+    /// `read` once the line is whole, `None` while it is not (a line longer
+    /// than [`MAX_LINE`] ends the watch).
+    fn take_line<'r>(&mut self, read: &'r [u8]) -> Option<&'r [u8]> {
+        let Some(end) = memchr::memchr(b'\n', read) else {
+            self.pending.extend_from_slice(read);
+            if self.pending.len() > MAX_LINE {
+                self.lose();
+            }
+            return None;
+        };
+        self.pending.extend_from_slice(&read[..=end]);
+        Some(&read[end + 1..])
     }
 
     /// Stops watching: HTTP/2, or bytes hyper will refuse too.
