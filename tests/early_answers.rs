@@ -15,9 +15,10 @@ use http_body_util::{BodyExt, Full};
 use support::radosgw::RadosGw;
 use support::tls::{TestCa, h2_connect, https_proxy};
 use support::{
-    ProxyUnderTest, S3Backend, s3_client, sign_unsigned_payload, sign_unsigned_payload_with,
+    ProxyUnderTest, S3Backend, read_response, s3_client, sign_unsigned_payload,
+    sign_unsigned_payload_with,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const TRIES: usize = 50;
@@ -63,7 +64,7 @@ async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
     stream.write_all(head.as_bytes()).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     if expect {
-        let status = read_status(&mut reader).await;
+        let status = read_response(&mut reader).await.0;
         assert_ne!(
             status, 100,
             "the backend refuses before asking for the body"
@@ -75,7 +76,7 @@ async fn forged_put_http1(proxy: SocketAddr, path: &str, expect: bool) -> u16 {
         let _ = writer.write_all(&vec![b'x'; UPLOAD]).await;
         writer
     });
-    let status = read_status(&mut reader).await;
+    let status = read_response(&mut reader).await.0;
     drop(upload);
     status
 }
@@ -104,22 +105,9 @@ async fn chunked_put_http1(proxy: SocketAddr, path: &str) -> u16 {
         }
         let _ = writer.write_all(b"0\r\n\r\n").await;
     });
-    let status = read_status(&mut reader).await;
+    let status = read_response(&mut reader).await.0;
     upload.abort();
     status
-}
-
-/// The status code of the next response head on `reader`.
-async fn read_status(reader: &mut (impl AsyncReadExt + Unpin)) -> u16 {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = reader.read(&mut byte).await.expect("the answer arrives");
-        assert_eq!(n, 1, "connection closed before an answer: {head:?}");
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
-    text[9..12].parse().unwrap_or_else(|_| panic!("{text}"))
 }
 
 /// `TRIES` forged uploads through a proxy in front of `backend`: every one

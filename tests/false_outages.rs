@@ -13,17 +13,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use support::{
-    ChunkFeed, ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_object,
-    s3_client, sign_unsigned_payload, wait_until,
+    FedUpload, ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_object,
+    s3_client, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-
-const CHUNK: usize = 64 << 10;
 
 async fn replays(proxy: &ProxyUnderTest) -> f64 {
     metric_sample(
@@ -31,51 +27,6 @@ async fn replays(proxy: &ProxyUnderTest) -> f64 {
         "s3fp_replays_total{outcome=\"replayed\"}",
     )
     .unwrap()
-}
-
-/// A signed PUT of `content` whose body the test feeds chunk by chunk.
-struct FedUpload {
-    feed: mpsc::Sender<Bytes>,
-    response: tokio::task::JoinHandle<
-        Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
-    >,
-}
-
-fn start_upload(proxy: SocketAddr, path: &str, length: usize) -> FedUpload {
-    let host = proxy.to_string();
-    let url = format!("http://{host}{path}");
-    let (feed, body) = mpsc::channel::<Bytes>(4);
-    let mut request = http::Request::builder()
-        .method("PUT")
-        .uri(&url)
-        .header("content-length", length.to_string());
-    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
-        request = request.header(name, value);
-    }
-    let request = request.body(ChunkFeed(body)).unwrap();
-    let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
-    FedUpload {
-        feed,
-        response: tokio::spawn(async move { client.request(request).await }),
-    }
-}
-
-impl FedUpload {
-    async fn send(&self, bytes: &[u8]) {
-        for chunk in bytes.chunks(CHUNK) {
-            self.feed.send(Bytes::copy_from_slice(chunk)).await.unwrap();
-        }
-    }
-
-    async fn status(self) -> (u16, Bytes) {
-        drop(self.feed);
-        let response = self.response.await.unwrap().unwrap();
-        let status = response.status().as_u16();
-        (
-            status,
-            response.into_body().collect().await.unwrap().to_bytes(),
-        )
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,10 +44,10 @@ async fn a_client_that_pauses_its_upload_is_no_outage() {
         .await
         .unwrap();
     let content = object_content(1, 1 << 20);
-    let upload = start_upload(proxy.address, "/paused/object", content.len());
-    upload.send(&content[..512 << 10]).await;
+    let upload = FedUpload::start(proxy.address, "/paused/object", content.len());
+    assert!(upload.send(&content[..512 << 10]).await);
     tokio::time::sleep(Duration::from_millis(1500)).await; // the client's pause: the input under test
-    upload.send(&content[512 << 10..]).await;
+    assert!(upload.send(&content[512 << 10..]).await);
     let (status, body) = upload.status().await;
 
     assert_eq!(status, 200, "{body:?}");
@@ -119,8 +70,8 @@ async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("silent").send().await.unwrap();
     let content = object_content(2, 1 << 20);
-    let upload = start_upload(proxy.address, "/silent/object", content.len());
-    upload.send(&content[..512 << 10]).await;
+    let upload = FedUpload::start(proxy.address, "/silent/object", content.len());
+    assert!(upload.send(&content[..512 << 10]).await);
     // Never sends the rest; the feed stays open.
     let response = upload.response.await.unwrap().unwrap();
 
@@ -278,10 +229,10 @@ async fn a_backend_closing_after_a_complete_403_is_no_outage() {
     for attempt in 0..20 {
         let content = object_content(attempt, 4 << 20);
         let FedUpload { feed, response } =
-            start_upload(proxy.address, &format!("/b/k{attempt}"), content.len());
+            FedUpload::start(proxy.address, &format!("/b/k{attempt}"), content.len());
         // The client streams on while the answer comes back.
         let sender = tokio::spawn(async move {
-            for chunk in content.chunks(CHUNK) {
+            for chunk in content.chunks(64 << 10) {
                 if feed.send(Bytes::copy_from_slice(chunk)).await.is_err() {
                     return;
                 }

@@ -15,12 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use support::{
-    ChunkFeed, ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_object,
-    s3_client, sign_unsigned_payload, wait_until,
+    FedUpload, ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_object,
+    s3_client, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -117,45 +114,25 @@ fn names_poison(bytes: &[u8]) -> bool {
 
 /// An upload whose body the test releases in two halves.
 struct HeldUpload {
-    feed: tokio::sync::mpsc::Sender<Bytes>,
-    rest: Bytes,
-    response: tokio::task::JoinHandle<u16>,
+    upload: FedUpload,
+    rest: Vec<u8>,
 }
 
-fn start_upload(proxy: SocketAddr, path: &str, content: &[u8]) -> HeldUpload {
-    let host = proxy.to_string();
-    let url = format!("http://{host}{path}");
-    let (feed, body) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let mut request = http::Request::builder()
-        .method("PUT")
-        .uri(&url)
-        .header("content-length", content.len().to_string());
-    for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
-        request = request.header(name, value);
-    }
-    let request = request.body(ChunkFeed(body)).unwrap();
-    let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
+async fn start_upload(proxy: SocketAddr, path: &str, content: &[u8]) -> HeldUpload {
+    let upload = FedUpload::start(proxy, path, content.len());
     let half = content.len() / 2;
-    feed.try_send(Bytes::copy_from_slice(&content[..half]))
-        .unwrap();
+    assert!(upload.send(&content[..half]).await);
     HeldUpload {
-        feed,
-        rest: Bytes::copy_from_slice(&content[half..]),
-        response: tokio::spawn(async move {
-            let response = client.request(request).await.unwrap();
-            let status = response.status().as_u16();
-            let _ = response.into_body().collect().await;
-            status
-        }),
+        upload,
+        rest: content[half..].to_vec(),
     }
 }
 
 impl HeldUpload {
     async fn finish(self) -> u16 {
         // The proxy may have answered already (and stopped reading).
-        let _ = self.feed.send(self.rest).await;
-        drop(self.feed);
-        self.response.await.unwrap()
+        self.upload.send(&self.rest).await;
+        self.upload.status().await.0
     }
 }
 
@@ -171,11 +148,10 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
 
     // Three innocent uploads in flight, half sent, when the poison arrives.
     let contents: Vec<Vec<u8>> = (0..3).map(|i| object_content(i, 64 << 10)).collect();
-    let innocents: Vec<HeldUpload> = contents
-        .iter()
-        .enumerate()
-        .map(|(i, content)| start_upload(proxy.address, &format!("/lab/innocent-{i}"), content))
-        .collect();
+    let mut innocents = Vec::new();
+    for (i, content) in contents.iter().enumerate() {
+        innocents.push(start_upload(proxy.address, &format!("/lab/innocent-{i}"), content).await);
+    }
     wait_until(Duration::from_secs(10), "3 uploads in flight", || async {
         proxy.status().await["in_flight"] == 3
     })
@@ -261,7 +237,7 @@ async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
         .unwrap();
     let content = object_content(9, 64 << 10);
     // Half sent; the proxy waits for the client's rest through both crashes.
-    let upload = start_upload(proxy.address, "/slow/upload", &content);
+    let upload = start_upload(proxy.address, "/slow/upload", &content).await;
     for crash in 1..=2 {
         wait_until(
             Duration::from_secs(10),
@@ -284,7 +260,7 @@ async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
     assert_eq!(quarantined, serde_json::json!([]), "nothing quarantined");
 
     // The client's retry goes through.
-    let retry = start_upload(proxy.address, "/slow/upload", &content);
+    let retry = start_upload(proxy.address, "/slow/upload", &content).await;
     assert_eq!(retry.finish().await, 200);
     let s3 = s3_client(&proxy.endpoint());
     assert_eq!(read_object(&s3, "slow", "upload").await, content);

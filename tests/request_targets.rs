@@ -9,8 +9,8 @@ mod support;
 use std::net::SocketAddr;
 
 use support::relay::Relay;
-use support::{ProxyUnderTest, S3Backend, s3_client, sign_unsigned_payload};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{ProxyUnderTest, S3Backend, read_response, s3_client, sign_unsigned_payload};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const BUCKET: &str = "targets";
@@ -36,31 +36,6 @@ fn get_head(proxy: SocketAddr, target: &str) -> String {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head + "\r\n"
-}
-
-/// Reads one response (head and `Content-Length` body); its status and body.
-async fn read_response(stream: &mut TcpStream) -> (u16, String) {
-    let mut bytes = Vec::new();
-    let mut byte = [0u8; 1];
-    while !bytes.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "an answer");
-        bytes.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&bytes).to_string();
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.unwrap();
-    (
-        head[9..12].parse().unwrap(),
-        String::from_utf8_lossy(&body).into(),
-    )
 }
 
 async fn setup() -> (S3Backend, Relay, ProxyUnderTest) {

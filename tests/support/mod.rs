@@ -539,6 +539,83 @@ impl http_body::Body for ChunkFeed {
     }
 }
 
+/// Reads one response from a raw connection (head, then a `Content-Length`
+/// body): its status and body.
+pub async fn read_response(stream: &mut (impl AsyncReadExt + Unpin)) -> (u16, String) {
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    while !bytes.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.expect("the answer arrives");
+        assert_eq!(n, 1, "connection closed before an answer: {bytes:?}");
+        bytes.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&bytes).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    let status = head[9..12].parse().unwrap_or_else(|_| panic!("{head}"));
+    (status, String::from_utf8_lossy(&body).into())
+}
+
+/// A signed PUT (unsigned payload) whose body the test feeds chunk by chunk,
+/// to control what the proxy has received when something happens.
+pub struct FedUpload {
+    pub feed: tokio::sync::mpsc::Sender<Bytes>,
+    pub response: tokio::task::JoinHandle<
+        Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    >,
+}
+
+impl FedUpload {
+    /// Starts the PUT of `length` bytes to `path` through `proxy`.
+    pub fn start(proxy: SocketAddr, path: &str, length: usize) -> FedUpload {
+        let host = proxy.to_string();
+        let url = format!("http://{host}{path}");
+        let (feed, body) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let mut request = http::Request::builder()
+            .method("PUT")
+            .uri(&url)
+            .header("content-length", length.to_string());
+        for (name, value) in sign_unsigned_payload("PUT", &url, &host, &[]) {
+            request = request.header(name, value);
+        }
+        let request = request.body(ChunkFeed(body)).unwrap();
+        let client: Client<_, ChunkFeed> = Client::builder(TokioExecutor::new()).build_http();
+        FedUpload {
+            feed,
+            response: tokio::spawn(async move { client.request(request).await }),
+        }
+    }
+
+    /// Sends `bytes` in 64 KiB chunks; false once the body is no longer read.
+    pub async fn send(&self, bytes: &[u8]) -> bool {
+        for chunk in bytes.chunks(64 << 10) {
+            if self.feed.send(Bytes::copy_from_slice(chunk)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the body and waits for the answer: its status and body.
+    pub async fn status(self) -> (u16, Bytes) {
+        drop(self.feed);
+        let response = self.response.await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+}
+
 /// The proxy binary as an operator runs it: a separate process with a config
 /// file the test can rewrite, and signals.
 pub struct ProxyProcess {
