@@ -1,4 +1,5 @@
-//! Request targets the HTTP parser would change silently: a raw `#`.
+//! Request targets the HTTP parser would change silently (a raw `#`) or
+//! refuse with a bare `400` (bytes its URI parser does not take).
 //!
 //! `#` starts a URI fragment (RFC 3986 section 3.5), which is never part of a
 //! request target (RFC 9112 section 3.2), and the `http` crate's parser drops
@@ -12,7 +13,17 @@
 //! by `Content-Length` or chunk sizes): a request whose target has a `#` is
 //! recorded as `METHOD SP target-before-#`, and the handler asks whether the
 //! request it got is one of those. Body bytes are never taken for a request.
-//! An HTTP/2 connection, or bytes hyper refuses too, end the watch.
+//!
+//! A request line whose target hyper would refuse (bytes the `http` crate's
+//! URI parser does not take, such as `<`, `>` and `` ` `` in a path, or
+//! control bytes) never reaches hyper: the watch ends the connection's input
+//! just before it, hyper answers the requests before it and closes, and the
+//! watch then writes an S3 `400 InvalidURI` itself, the last bytes on the
+//! connection. Until a request line is whole, its bytes are held back from
+//! hyper, so it never holds part of a refused request.
+//!
+//! An HTTP/2 connection, or bytes hyper refuses for another reason, end the
+//! watch.
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,7 +31,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::task::ready;
+use std::time::Duration;
+
+use hyper::Method;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::access_log::next_request_id;
+use crate::s3_error::ProxyError;
 
 /// Refused request lines remembered at once per connection; a client that
 /// pipelines more has every later request refused.
@@ -29,6 +47,9 @@ const MAX_RECORDED: usize = 64;
 const MAX_HEAD: usize = 1 << 20;
 /// Longest chunk-size or trailer line followed.
 const MAX_LINE: usize = 16 << 10;
+/// Longest request line held back from hyper while it is incomplete: a
+/// longer target gets hyper's own `414` (its limit is 65 534 bytes).
+const MAX_REQUEST_LINE: usize = 64 << 10;
 
 /// The request lines with a raw `#` seen on one connection.
 #[derive(Debug, Default)]
@@ -80,6 +101,30 @@ pub struct TargetWatch<I> {
     framing: Framing,
     /// The part of a head, chunk-size line or trailer read so far.
     pending: Vec<u8>,
+    /// The start of a request whose request line is not whole yet: read,
+    /// not handed to hyper.
+    withheld: Vec<u8>,
+    /// Bytes followed and approved, not yet handed to hyper.
+    released: Vec<u8>,
+    /// The answer to a request line hyper would refuse: hyper's input ends
+    /// before it, and it is written when hyper shuts the connection down.
+    refusal: Option<Refusal>,
+}
+
+/// An S3 error written by the watch itself, after hyper's last answer.
+#[derive(Debug)]
+struct Refusal {
+    response: Vec<u8>,
+    written: usize,
+}
+
+/// Where following a read stopped short of its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A request line starts at this offset and is not whole yet.
+    Withhold(usize),
+    /// A request line hyper would refuse starts at this offset.
+    Refuse(usize),
 }
 
 /// Where the connection's byte stream is.
@@ -106,14 +151,20 @@ impl<I> TargetWatch<I> {
             cut,
             framing: Framing::Head,
             pending: Vec::new(),
+            withheld: Vec::new(),
+            released: Vec::new(),
+            refusal: None,
         }
     }
 
-    /// Follows newly read bytes.
-    fn scan(&mut self, mut read: &[u8]) {
+    /// Follows newly read bytes; where it stops short, the bytes from there
+    /// on must not reach hyper (yet).
+    fn scan(&mut self, bytes: &[u8]) -> Option<Stop> {
+        let mut read = bytes;
         while !read.is_empty() {
+            let at = bytes.len() - read.len();
             read = match self.framing {
-                Framing::Off => return,
+                Framing::Off => return None,
                 Framing::Body(left) | Framing::ChunkData(left) => {
                     let taken = left.min(read.len() as u64);
                     let left = left - taken;
@@ -125,18 +176,29 @@ impl<I> TargetWatch<I> {
                     };
                     &read[taken as usize..]
                 }
-                Framing::Head => self.head(read),
+                Framing::Head => match self.head(read) {
+                    Ok(rest) => rest,
+                    Err(stop) => {
+                        return Some(match stop {
+                            Stop::Withhold(_) => Stop::Withhold(at),
+                            Stop::Refuse(_) => Stop::Refuse(at),
+                        });
+                    }
+                },
                 Framing::ChunkSize => self.chunk_size(read),
                 Framing::Trailers => self.trailer_line(read),
             };
         }
+        None
     }
 
     /// Takes head bytes; at the end of the head, records a cut target and
-    /// moves to the body. Returns what is left of `read`.
-    fn head<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+    /// moves to the body. Returns what is left of `read`, or where a
+    /// request starting in `read` must stop.
+    fn head<'r>(&mut self, read: &'r [u8]) -> Result<&'r [u8], Stop> {
         // The common case, a head within one read, is parsed in place.
-        let (parsed, before) = if self.pending.is_empty() {
+        let at_start = self.pending.is_empty();
+        let (parsed, before) = if at_start {
             (parse_head(read), 0)
         } else {
             let before = self.pending.len();
@@ -144,23 +206,27 @@ impl<I> TargetWatch<I> {
             (parse_head(&self.pending), before)
         };
         match parsed {
-            Head::Partial => {
-                if self.pending.is_empty() {
+            // Only a request line read whole from its first byte is judged:
+            // after that, hyper has part of it.
+            Head::RefusedTarget if at_start => Err(Stop::Refuse(0)),
+            Head::Partial { line_whole: false } if at_start => Err(Stop::Withhold(0)),
+            Head::Partial { .. } => {
+                if at_start {
                     self.pending.extend_from_slice(read);
                 }
                 if self.pending.len() > MAX_HEAD {
-                    return self.lose();
+                    return Ok(self.lose());
                 }
-                &[]
+                Ok(&[])
             }
-            Head::Invalid => self.lose(),
+            Head::Invalid | Head::RefusedTarget => Ok(self.lose()),
             Head::Complete { length, cut, body } => {
                 if let Some(line) = cut {
                     self.cut.record(line);
                 }
                 self.framing = body;
                 self.pending.clear();
-                &read[length - before..]
+                Ok(&read[length - before..])
             }
         }
     }
@@ -230,8 +296,15 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 
 /// What a request head says, once complete.
 enum Head {
-    Partial,
+    /// More bytes are needed; `line_whole` once the request line was read
+    /// and hyper would take it.
+    Partial {
+        line_whole: bool,
+    },
     Invalid,
+    /// hyper would refuse the request target (RFC 9112 section 3.2 as the
+    /// `http` crate's URI parser reads it).
+    RefusedTarget,
     Complete {
         /// Bytes of the head.
         length: usize,
@@ -261,9 +334,21 @@ fn head_of<'b>(
     bytes: &'b [u8],
 ) -> Result<Head, httparse::Error> {
     let mut request = httparse::Request::new(fields);
-    let length = match request.parse(bytes)? {
+    let parsed = request.parse(bytes);
+    // As hyper tells them apart: a bad token after the method is the target's.
+    if parsed == Err(httparse::Error::Token) && request.method.is_some() {
+        return Ok(Head::RefusedTarget);
+    }
+    if request.path.is_some_and(uri_parser_refuses) {
+        return Ok(Head::RefusedTarget);
+    }
+    let length = match parsed? {
         httparse::Status::Complete(length) => length,
-        httparse::Status::Partial => return Ok(Head::Partial),
+        httparse::Status::Partial => {
+            return Ok(Head::Partial {
+                line_whole: request.version.is_some(),
+            });
+        }
     };
     let (Some(method), Some(path)) = (request.method, request.path) else {
         return Ok(Head::Invalid);
@@ -278,6 +363,21 @@ fn head_of<'b>(
         body: body_framing(request.headers),
     })
 }
+
+/// True when hyper would answer this request target with its bare `400`:
+/// the `http` crate's URI parser, which hyper runs on every target, does not
+/// take it. Targets longer than hyper's limit get its `414` instead.
+fn uri_parser_refuses(target: &str) -> bool {
+    // Almost every target is made of bytes every parser takes.
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"/-._~%!$&'()*+,;=:@?".contains(b);
+    if target.starts_with('/') && target.as_bytes().iter().all(plain) {
+        return false;
+    }
+    target.len() <= MAX_URI && http::Uri::try_from(target).is_err()
+}
+
+/// hyper's longest request target (`MAX_URI_LEN`).
+const MAX_URI: usize = (u16::MAX - 1) as usize;
 
 /// A target in origin-form: an absolute-form one (`HTTP://host/p?q`) loses
 /// its scheme and authority, as `http::Uri` keeps them apart; an empty path
@@ -329,19 +429,132 @@ fn body_framing(fields: &[httparse::Header<'_>]) -> Framing {
     }
 }
 
+impl<I> TargetWatch<I> {
+    /// Follows `read` (bytes that directly follow what hyper has) and
+    /// returns how many of them hyper may have now; the rest is withheld or
+    /// refused.
+    fn follow(&mut self, read: &[u8]) -> usize {
+        match self.scan(read) {
+            None => read.len(),
+            Some(Stop::Withhold(at)) => {
+                self.withheld = read[at..].to_vec();
+                if self.withheld.len() > MAX_REQUEST_LINE {
+                    // Too long to be judged: hyper judges it.
+                    self.lose();
+                    return read.len();
+                }
+                at
+            }
+            Some(Stop::Refuse(at)) => {
+                self.refusal = Some(Refusal::invalid_uri(&read[at..]));
+                self.lose();
+                at
+            }
+        }
+    }
+
+    /// Follows bytes read after a withheld request start, and queues what
+    /// hyper may have of both.
+    fn follow_withheld(&mut self, read: &[u8]) {
+        let mut bytes = std::mem::take(&mut self.withheld);
+        if read.is_empty() {
+            // The client ended mid-line: hyper sees what it sent, then the end.
+            self.lose();
+        } else {
+            bytes.extend_from_slice(read);
+            let approved = self.follow(&bytes);
+            bytes.truncate(approved);
+        }
+        self.released = bytes;
+    }
+
+    /// Hands queued bytes to hyper.
+    fn release(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.released.len().min(buf.remaining());
+        buf.put_slice(&self.released[..n]);
+        self.released.drain(..n);
+    }
+}
+
+impl Refusal {
+    /// `400 InvalidURI` for the request that starts with `request`.
+    fn invalid_uri(request: &[u8]) -> Refusal {
+        let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+        let text = String::from_utf8_lossy(line);
+        let mut words = text.split(' ');
+        let method = words.next().unwrap_or_default();
+        let target = words.next().unwrap_or_default();
+        let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+        let request_id = next_request_id();
+        tracing::debug!(%method, target, request_id, "request target refused before parsing");
+        let answer =
+            ProxyError::InvalidUri.to_response(&method, target, &request_id, Duration::ZERO);
+        Refusal {
+            response: http1_bytes(answer),
+            written: 0,
+        }
+    }
+}
+
+/// An answer as HTTP/1.1 bytes, closing the connection.
+fn http1_bytes(answer: hyper::Response<bytes::Bytes>) -> Vec<u8> {
+    let (head, body) = answer.into_parts();
+    let mut bytes = format!(
+        "HTTP/1.1 {} {}\r\n",
+        head.status.as_u16(),
+        head.status.canonical_reason().unwrap_or_default()
+    )
+    .into_bytes();
+    for (name, value) in &head.headers {
+        bytes.extend_from_slice(name.as_str().as_bytes());
+        bytes.extend_from_slice(b": ");
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+    }
+    let framing = format!(
+        "content-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n",
+        body.len(),
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    );
+    bytes.extend_from_slice(framing.as_bytes());
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
 impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let this = &mut *self;
-            this.scan(&buf.filled()[before..]);
+        let this = &mut *self;
+        loop {
+            if !this.released.is_empty() {
+                this.release(buf);
+                return Poll::Ready(Ok(()));
+            }
+            if this.refusal.is_some() {
+                // hyper's input ends before the refused request.
+                return Poll::Ready(Ok(()));
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            let read = &buf.filled()[before..];
+            if !this.withheld.is_empty() {
+                let read = read.to_vec();
+                buf.set_filled(before);
+                this.follow_withheld(&read);
+                continue;
+            }
+            if read.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let approved = this.follow(read);
+            buf.set_filled(before + approved);
+            if approved > 0 {
+                return Poll::Ready(Ok(()));
+            }
         }
-        polled
     }
 }
 
@@ -370,8 +583,21 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
+    /// Writes a pending refusal after hyper's last answer, then shuts down.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if let Some(refusal) = &mut this.refusal {
+            while refusal.written < refusal.response.len() {
+                let rest = &refusal.response[refusal.written..];
+                let n = ready!(Pin::new(&mut this.inner).poll_write(cx, rest))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                refusal.written += n;
+            }
+            ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -383,9 +609,127 @@ mod tests {
         let cut = Arc::new(CutTargets::default());
         let mut watch = TargetWatch::new((), Arc::clone(&cut));
         for read in reads {
-            watch.scan(read);
+            // As `poll_read` follows them.
+            if watch.withheld.is_empty() {
+                watch.follow(read);
+            } else {
+                watch.follow_withheld(read);
+            }
         }
         cut
+    }
+
+    /// A client connection that delivers `reads` one read each, then ends,
+    /// and keeps what is written to it.
+    #[derive(Default)]
+    struct Client {
+        reads: VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+    }
+
+    impl AsyncRead for Client {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut read) = self.reads.pop_front() {
+                if read.len() > buf.remaining() {
+                    let rest = read.split_off(buf.remaining());
+                    self.reads.push_front(rest);
+                }
+                buf.put_slice(&read);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Client {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What hyper reads when the client sends `reads` and ends, and what the
+    /// client gets once hyper shuts the connection down.
+    async fn through_the_watch(reads: &[&[u8]]) -> (Vec<u8>, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let client = Client {
+            reads: reads.iter().map(|read| read.to_vec()).collect(),
+            written: Vec::new(),
+        };
+        let mut watch = TargetWatch::new(client, Arc::default());
+        let mut hyper_read = Vec::new();
+        watch.read_to_end(&mut hyper_read).await.unwrap();
+        watch.shutdown().await.unwrap();
+        (hyper_read, watch.inner.written)
+    }
+
+    #[tokio::test]
+    async fn hyper_reads_up_to_a_refused_target_and_the_client_gets_invalid_uri() {
+        let (read, answer) = through_the_watch(&[
+            b"GET /ok HTTP/1.1\r\n\r\nGET /a<b HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n",
+        ])
+        .await;
+        assert_eq!(read, b"GET /ok HTTP/1.1\r\n\r\n");
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("</Error>"), "{answer}");
+        assert!(answer.contains("<Code>InvalidURI</Code>"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_request_line_split_across_reads_is_judged_whole() {
+        let (read, answer) = through_the_watch(&[b"GET /a", b"`b HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(read, b"", "hyper never has part of a refused request");
+        assert!(answer.starts_with(b"HTTP/1.1 400"));
+
+        let (read, answer) = through_the_watch(&[
+            b"PUT /k HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET /",
+            b"fine HTTP/1.1\r\n\r\n",
+        ])
+        .await;
+        assert_eq!(
+            read,
+            b"PUT /k HTTP/1.1\r\nContent-Length: 2\r\n\r\nokGET /fine HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(answer, b"");
+    }
+
+    #[tokio::test]
+    async fn control_bytes_in_a_target_are_refused_and_a_bad_method_is_left_to_hyper() {
+        let (read, answer) = through_the_watch(&[b"GET /a\x01b HTTP/1.1\r\n\r\n"]).await;
+        assert_eq!(read, b"");
+        assert!(answer.starts_with(b"HTTP/1.1 400"));
+
+        let sent = b"G(T /a HTTP/1.1\r\n\r\n";
+        let (read, answer) = through_the_watch(&[sent]).await;
+        assert_eq!(read, sent, "hyper gives its own answer");
+        assert_eq!(answer, b"");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_ends_mid_line_leaves_hyper_what_it_sent() {
+        let (read, answer) = through_the_watch(&[b"GET /unfinished"]).await;
+        assert_eq!(read, b"GET /unfinished");
+        assert_eq!(answer, b"");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! A raw `#` in a request target is refused, never cut, whatever came before
 //! it on the connection; a line that looks like a request inside a body is
-//! never taken for one. Several requests on one keep-alive connection, to
-//! s3s-fs through the proxy, with a recording relay showing what the backend
-//! received.
+//! never taken for one; bytes hyper's URI parser does not take get an S3
+//! `InvalidURI` after the answers to the requests before them. Several
+//! requests on one keep-alive connection, to s3s-fs through the proxy, with a
+//! recording relay showing what the backend received.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::net::SocketAddr;
 
 use support::relay::Relay;
 use support::{ProxyUnderTest, S3Backend, read_response, s3_client, sign_unsigned_payload};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BUCKET: &str = "targets";
@@ -29,9 +30,15 @@ fn put_head(proxy: SocketAddr, wire: &str, signed: &str, length: usize) -> Strin
 }
 
 fn get_head(proxy: SocketAddr, target: &str) -> String {
+    get_head_signed_as(proxy, target, target)
+}
+
+/// A signed GET head; `wire` is the target as sent, `signed` the one the
+/// signature covers (the signer takes only valid URIs).
+fn get_head_signed_as(proxy: SocketAddr, wire: &str, signed: &str) -> String {
     let host = proxy.to_string();
-    let url = format!("http://{host}{target}");
-    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n");
+    let url = format!("http://{host}{signed}");
+    let mut head = format!("GET {wire} HTTP/1.1\r\nHost: {host}\r\n");
     for (name, value) in sign_unsigned_payload("GET", &url, &host, &[]) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -101,4 +108,82 @@ async fn a_request_line_inside_a_body_does_not_refuse_a_later_request() {
     let (status, body) = read_response(&mut stream).await;
     assert_eq!(status, 200);
     assert_eq!(body.as_bytes(), document);
+}
+
+/// Reads to the end of the connection; what came after the answers read.
+async fn rest_of(stream: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the proxy closes the connection")
+    .unwrap();
+    rest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_the_uri_parser_refuses_gets_invalid_uri_after_the_answers_before_it() {
+    let (_backend, relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    // Three requests in one write: the refused one in the middle.
+    let pipelined = [
+        put_head(proxy.address, "/targets/before", "/targets/before", 4) + "data",
+        get_head_signed_as(proxy.address, "/targets/angle<x>", "/targets/angle%3Cx%3E"),
+        get_head(proxy.address, "/targets/before"),
+    ]
+    .concat();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("<Code>InvalidURI</Code>"), "{body}");
+    assert!(
+        body.contains("<Resource>/targets/angle&lt;x&gt;</Resource>"),
+        "{body}"
+    );
+    assert_eq!(rest_of(&mut stream).await, b"", "the connection ends there");
+    let received = received(&relay);
+    assert!(received.contains("PUT /targets/before"), "{received}");
+    assert!(
+        !received.contains("angle"),
+        "never reaches the backend: {received}"
+    );
+    assert!(
+        !received.contains("GET /targets/before"),
+        "nor what followed it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_sent_byte_by_byte_gets_invalid_uri() {
+    let (_backend, relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = get_head_signed_as(proxy.address, "/targets/tick`s", "/targets/tick%60s");
+    for byte in request.as_bytes() {
+        stream.write_all(&[*byte]).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    let (status, body) = read_response(&mut stream).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("<Code>InvalidURI</Code>"), "{body}");
+    assert_eq!(rest_of(&mut stream).await, b"");
+    assert!(!received(&relay).contains("tick"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_split_across_writes_is_forwarded_whole() {
+    let (_backend, relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let put = put_head(proxy.address, "/targets/split", "/targets/split", 4) + "data";
+    let (start, end) = put.split_at(10);
+    stream.write_all(start.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream.write_all(end.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    assert!(received(&relay).contains("PUT /targets/split HTTP/1.1"));
 }
