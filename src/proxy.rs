@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, ReplayOutcome};
 use crate::outbound::{Outbound, outbound};
 use crate::peer::Peer;
 use crate::probe::Prober;
-use crate::quarantine::Quarantine;
+use crate::quarantine::{Quarantine, ReplayDue};
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
@@ -257,6 +257,8 @@ impl Proxy {
             } else {
                 settings.first_byte_timeout
             };
+        // Set while this request is a suspect the proxy is to send again.
+        let mut replay_due: Option<ReplayDue> = None;
         loop {
             let queued_at = Instant::now();
             let admitted = self.admit(ticket, progress.started, peer).await;
@@ -270,6 +272,9 @@ impl Proxy {
             // A suspect of a crash goes alone, so a second crash names it.
             let suspect =
                 self.quarantine.watches_any() && self.quarantine.is_suspect(outbound.fingerprint());
+            if !suspect && replay_due.is_none() {
+                self.after_suspects(progress, settings, peer).await?;
+            }
             let _lane = match suspect {
                 true => Some(
                     self.quarantine
@@ -320,15 +325,45 @@ impl Proxy {
                         // was not working on this request when it died.
                         blamable: delivery.complete() || !body.stall().on_client,
                     };
-                    self.after_failure(failed, outbound, body, settings, progress)
+                    // The previous due (if any) ends once this is decided.
+                    replay_due = self
+                        .after_failure(failed, outbound, body, settings, progress)
                         .await?;
                 }
             }
         }
     }
 
+    /// Waits, before a request is sent, until the suspects of the last crash
+    /// were sent again (they go first, one at a time); the wait counts as
+    /// held time and ends with the hold deadline.
+    async fn after_suspects(
+        &self,
+        progress: &mut Progress,
+        settings: &ProxySettings,
+        peer: &Peer,
+    ) -> Result<(), ProxyError> {
+        let waiting_since = Instant::now();
+        let deadline = progress.started + settings.hold_timeout;
+        let replayed = tokio::select! {
+            replayed = self.quarantine.suspects_replayed(deadline) => replayed,
+            () = peer.gone() => return Err(ProxyError::ClientGone),
+        };
+        let waited = waiting_since.elapsed();
+        if !waited.is_zero() {
+            progress.was_held = true;
+            progress.held += waited;
+        }
+        match replayed {
+            true => Ok(()),
+            false => Err(ProxyError::Held(Rejection::HoldTimeout)),
+        }
+    }
+
     /// Decides what a failed attempt means: `Ok` to hold (if the backend is
-    /// down) and send again, `Err` with the answer the client gets.
+    /// down) and send again, with a [`ReplayDue`] when the request is a
+    /// crash suspect (others wait for it), or `Err` with the answer the
+    /// client gets.
     async fn after_failure(
         &self,
         failed: Failed<'_>,
@@ -336,7 +371,7 @@ impl Proxy {
         body: &ClientBody,
         settings: &ProxySettings,
         progress: &mut Progress,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<Option<ReplayDue>, ProxyError> {
         let Failed {
             error,
             generation,
@@ -358,7 +393,8 @@ impl Proxy {
             // Every held request passes here during an outage: keep it quiet.
             tracing::debug!(method = %outbound.method, path = outbound.uri.path(), %error, ?verdict, "backend unreachable");
         }
-        if error.reached_backend() && verdict == Verdict::Outage {
+        let died_with_it = error.reached_backend() && verdict == Verdict::Outage;
+        if died_with_it {
             // The backend died with this request in flight. A crash while a
             // slow upload waits for its client is not the upload's doing.
             let fingerprint = outbound.fingerprint();
@@ -375,12 +411,12 @@ impl Proxy {
                     return Err(ProxyError::BadGateway);
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         if idempotent && body.can_replay() && progress.replays < settings.max_replays {
             progress.replays += 1;
             self.metrics.replay(ReplayOutcome::Replayed);
-            return Ok(());
+            return Ok(died_with_it.then(|| self.quarantine.replay_due()));
         }
         self.metrics.replay(ReplayOutcome::RefusedUnsafe);
         Err(match verdict {

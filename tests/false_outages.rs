@@ -57,6 +57,43 @@ async fn a_client_that_pauses_its_upload_is_no_outage() {
     assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
 }
 
+/// The figures, with the shipped defaults (`backend.response_timeout`
+/// 30 s, `listener.client_body_timeout` 60 s): a 1 MiB PUT paused 35 s after
+/// 512 KiB is stored; one silent for good gets `408` after 60 s. About a
+/// minute of wall time, run alongside the rest of this file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_default_timeouts_a_35_s_pause_is_stored_and_a_60_s_silence_gets_408() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("defaults").send().await.unwrap();
+    let content = object_content(3, 1 << 20);
+    let paused = FedUpload::start(proxy.address, "/defaults/paused", content.len());
+    let silent = FedUpload::start(proxy.address, "/defaults/silent", content.len());
+    assert!(paused.send(&content[..512 << 10]).await);
+    assert!(silent.send(&content[..512 << 10]).await);
+
+    tokio::time::sleep(Duration::from_secs(35)).await; // the client's pause: the input under test
+    assert!(paused.send(&content[512 << 10..]).await);
+    let (status, body) = paused.status().await;
+    assert_eq!(status, 200, "{body:?}");
+    assert_eq!(read_object(&s3, "defaults", "paused").await, content);
+
+    // The silent client never sends the rest; its feed stays open.
+    let response = silent.response.await.unwrap().unwrap();
+    assert_eq!(response.status(), 408);
+    drop(silent.feed);
+    let head = s3
+        .head_object()
+        .bucket("defaults")
+        .key("silent")
+        .send()
+        .await;
+    assert!(head.is_err(), "nothing stored: {head:?}");
+    assert_eq!(proxy.outages().await, 0.0, "neither client is an outage");
+    assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored() {
     let backend = S3Backend::start().await.unwrap();

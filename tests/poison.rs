@@ -1,6 +1,8 @@
 //! A request that crashes the backend is stopped: the backend crashes at most
 //! twice for it, whatever the client retries, and the requests that were in
-//! flight with it at the first crash still succeed.
+//! flight with it at the first crash still succeed. Requests held during the
+//! outage wait until the suspects were sent again, so a second crash cuts
+//! none of them.
 //!
 //! The backend is s3s-fs behind a front of the test's own that plays a backend
 //! with a fatal bug: when a request line names the poison key, it crashes (all
@@ -26,29 +28,79 @@ use tokio::task::AbortHandle;
 const POISON: &[u8] = b"/poison";
 /// How long the crashed backend stays down before its restart.
 const DOWNTIME: Duration = Duration::from_millis(300);
+/// How long the backend works on a poison request before it crashes.
+const WORK_BEFORE_CRASH: Duration = Duration::from_millis(100);
 
 /// A backend that crashes on every request naming the poison key.
 struct CrashingBackend {
     address: SocketAddr,
     crashes: Arc<AtomicUsize>,
+    /// Request lines in the order they reached the backend.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Set when the test restarts the backend after a crash.
+    restarts: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// What the crashing backend shares with its supervisor and connections.
+#[derive(Clone)]
+struct Shared {
+    backend: SocketAddr,
+    crashes: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<String>>>,
+    restarts: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl CrashingBackend {
+    /// Restarted by its supervisor `DOWNTIME` after each crash.
     async fn start(backend: SocketAddr) -> CrashingBackend {
+        CrashingBackend::start_with(backend, None).await
+    }
+
+    /// Restarted when the test calls [`CrashingBackend::restart`].
+    async fn start_restarted_by_hand(backend: SocketAddr) -> CrashingBackend {
+        CrashingBackend::start_with(backend, Some(Arc::default())).await
+    }
+
+    async fn start_with(
+        backend: SocketAddr,
+        restarts: Option<Arc<tokio::sync::Notify>>,
+    ) -> CrashingBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let crashes = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(serve(listener, backend, Arc::clone(&crashes)));
-        CrashingBackend { address, crashes }
+        let shared = Shared {
+            backend,
+            crashes: Arc::default(),
+            requests: Arc::default(),
+            restarts,
+        };
+        tokio::spawn(serve(listener, shared.clone()));
+        CrashingBackend {
+            address,
+            crashes: shared.crashes,
+            requests: shared.requests,
+            restarts: shared.restarts,
+        }
     }
 
     fn crashes(&self) -> usize {
         self.crashes.load(Ordering::SeqCst)
     }
+
+    fn restart(&self) {
+        self.restarts
+            .as_ref()
+            .expect("restarted by hand")
+            .notify_one();
+    }
+
+    /// The request lines the backend received, in order.
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
 }
 
 /// Serves until a poison request arrives, crashes, restarts, and so on.
-async fn serve(mut listener: TcpListener, backend: SocketAddr, crashes: Arc<AtomicUsize>) {
+async fn serve(mut listener: TcpListener, shared: Shared) {
     let address = listener.local_addr().unwrap();
     loop {
         let crash = Arc::new(tokio::sync::Notify::new());
@@ -59,23 +111,26 @@ async fn serve(mut listener: TcpListener, backend: SocketAddr, crashes: Arc<Atom
                 () = crash.notified() => break,
             };
             let Ok((client, _)) = accepted else { break };
-            let task = tokio::spawn(relay(client, backend, Arc::clone(&crash)));
+            let task = tokio::spawn(relay(client, shared.clone(), Arc::clone(&crash)));
             connections.lock().unwrap().push(task.abort_handle());
         }
         // The crash: every connection cut, the port closed for a while.
-        crashes.fetch_add(1, Ordering::SeqCst);
+        shared.crashes.fetch_add(1, Ordering::SeqCst);
         for connection in connections.lock().unwrap().drain(..) {
             connection.abort();
         }
         drop(listener);
-        tokio::time::sleep(DOWNTIME).await;
+        match &shared.restarts {
+            None => tokio::time::sleep(DOWNTIME).await,
+            Some(restart) => restart.notified().await,
+        }
         listener = TcpListener::bind(address).await.unwrap();
     }
 }
 
 /// Relays one connection to s3s-fs; a poison request line crashes the backend.
-async fn relay(mut client: TcpStream, backend: SocketAddr, crash: Arc<tokio::sync::Notify>) {
-    let Ok(mut upstream) = TcpStream::connect(backend).await else {
+async fn relay(mut client: TcpStream, shared: Shared, crash: Arc<tokio::sync::Notify>) {
+    let Ok(mut upstream) = TcpStream::connect(shared.backend).await else {
         return;
     };
     let (mut client_read, mut client_write) = client.split();
@@ -87,7 +142,13 @@ async fn relay(mut client: TcpStream, backend: SocketAddr, crash: Arc<tokio::syn
             if n == 0 {
                 return;
             }
+            shared
+                .requests
+                .lock()
+                .unwrap()
+                .extend(request_lines(&buffer[..n]));
             if names_poison(&buffer[..n]) {
+                tokio::time::sleep(WORK_BEFORE_CRASH).await;
                 crash.notify_one();
                 std::future::pending::<()>().await;
             }
@@ -101,6 +162,15 @@ async fn relay(mut client: TcpStream, backend: SocketAddr, crash: Arc<tokio::syn
         () = requests => {}
         _ = responses => {}
     }
+}
+
+/// The request lines (`PUT /bucket/key HTTP/1.1`) in a read.
+fn request_lines(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| line.ends_with(b" HTTP/1.1\r"))
+        .map(|line| String::from_utf8_lossy(&line[..line.len() - 1]).into_owned())
+        .collect()
 }
 
 /// A request line (`PUT /bucket/poison HTTP/1.1`) naming the poison key.
@@ -264,4 +334,90 @@ async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
     assert_eq!(retry.finish().await, 200);
     let s3 = s3_client(&proxy.endpoint());
     assert_eq!(read_object(&s3, "slow", "upload").await, content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_held_during_a_crash_wait_until_its_suspects_were_sent_again() {
+    let backend = S3Backend::start().await.unwrap();
+    let crashing = CrashingBackend::start_restarted_by_hand(backend.address).await;
+    let proxy = ProxyUnderTest::start(crashing.address, "[hold]\ntimeout = \"20s\"\n")
+        .await
+        .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("lab").send().await.unwrap();
+
+    // An innocent upload in flight, half sent, when the poison crashes the
+    // backend: both are suspects.
+    let content = object_content(7, 64 << 10);
+    let innocent = start_upload(proxy.address, "/lab/innocent", &content).await;
+    wait_until(Duration::from_secs(10), "the upload in flight", || async {
+        proxy.status().await["in_flight"] == 1
+    })
+    .await
+    .unwrap();
+    let address = proxy.address;
+    let poison = tokio::spawn(raw_request(
+        address,
+        "PUT",
+        "/lab/poison",
+        &[],
+        Bytes::from("x"),
+    ));
+    wait_until(Duration::from_secs(10), "the first crash", || async {
+        crashing.crashes() == 1
+    })
+    .await
+    .unwrap();
+    let innocent = tokio::spawn(innocent.finish());
+
+    // Three more requests arrive during the outage and are held with them.
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let s3 = s3.clone();
+            tokio::spawn(async move {
+                s3.put_object()
+                    .bucket("lab")
+                    .key(format!("held-{i}"))
+                    .body(Bytes::from(format!("held {i}")).into())
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    proxy.wait_held(5).await;
+
+    // Back: the suspects go first, and the poison crashes the backend again.
+    crashing.restart();
+    wait_until(Duration::from_secs(10), "the second crash", || async {
+        crashing.crashes() == 2
+    })
+    .await
+    .unwrap();
+    let requests = crashing.requests();
+    assert!(
+        !requests.iter().any(|line| line.contains("/lab/held-")),
+        "no held request reached the backend before the suspects: {requests:#?}"
+    );
+    // Restarted once the proxy saw it down (as a real restart takes longer
+    // than the proxy's check).
+    wait_until(
+        Duration::from_secs(10),
+        "the second outage seen",
+        || async { proxy.outages().await >= 2.0 },
+    )
+    .await
+    .unwrap();
+    crashing.restart();
+
+    let (status, _) = poison.await.unwrap().unwrap();
+    assert_eq!(status, 400, "the poison is stopped");
+    assert_eq!(innocent.await.unwrap(), 200);
+    assert_eq!(read_object(&s3, "lab", "innocent").await, content);
+    for (i, put) in held.into_iter().enumerate() {
+        put.await.unwrap().expect("a held request succeeds");
+        let line = format!("PUT /lab/held-{i}?x-id=PutObject HTTP/1.1");
+        let sent = crashing.requests().iter().filter(|l| **l == line).count();
+        assert_eq!(sent, 1, "held-{i} reached the backend once: {line}");
+    }
+    assert_eq!(crashing.crashes(), 2);
 }
