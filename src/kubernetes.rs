@@ -5,7 +5,9 @@
 //! `watcher` (back-off on errors, atomic relist on `InitDone`) into the pure
 //! [`EndpointIndex`], and acts on [`choose`]: keep the pod in use, move to a
 //! new one (trusted once the probe sees it serve S3), or hold while none is
-//! usable. A watch error or a 410 keeps the last known backend: a control-plane
+//! usable. With `route = "service"` requests and probes go to the Service
+//! address instead and only the holding follows the slices. A watch error or
+//! a 410 keeps the last known backend: a control-plane
 //! blip is not a backend outage. Readiness turns on after the first complete
 //! list.
 //!
@@ -80,12 +82,19 @@ pub struct Targets {
     pub prober: Arc<Prober>,
     /// Turned on after the first complete list.
     pub synced: Arc<AtomicBool>,
-    /// Send requests to the Service address rather than the pod IP.
-    pub route_to_service: Option<BackendAddress>,
+    /// Requests and probes go to the Service address, set at start and never
+    /// moved (`backend.kubernetes.route = "service"`): discovery then only
+    /// holds and releases, and a new pod is trusted once the probe sees the
+    /// Service serve.
+    pub via_service: bool,
 }
 
 impl Targets {
     fn move_to(&self, address: SocketAddr) {
+        if self.via_service {
+            self.gate.backend_moved();
+            return;
+        }
         let connector = Arc::new(
             self.proxy
                 .upstream()

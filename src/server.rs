@@ -158,7 +158,7 @@ pub async fn run_with_reload(
                 proxy: Arc::clone(&proxy),
                 prober: Arc::clone(&prober),
                 synced: Arc::clone(&synced),
-                route_to_service: kubernetes.route_to_service.clone(),
+                via_service: kubernetes.route_to_service.is_some(),
             };
             start_discovery(kubernetes, targets).await?
         }
@@ -198,7 +198,7 @@ pub async fn run_with_reload(
     let admin_task = tokio::spawn(serve_admin(listeners.admin, admin, admin_stopped));
     tracing::info!(
         listener = %listeners.s3.local_addr()?,
-        backend = %config.backend.address,
+        backend = %config.backend.target(),
         "s3-failover-proxy serving"
     );
 
