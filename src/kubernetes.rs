@@ -171,7 +171,9 @@ struct LeasePause {
     expires_in: Duration,
 }
 
-/// Whether `lease` asks for a pause now, and for how long.
+/// Whether `lease` asks for a pause at `now`, and for how long: until
+/// `renewTime` (else `acquireTime`, else creation) plus
+/// `leaseDurationSeconds`, to the microsecond.
 fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<LeasePause> {
     let spec = lease.spec.as_ref()?;
     let since = spec
@@ -180,12 +182,15 @@ fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<Lease
         .map(|t| t.0)
         .or_else(|| spec.acquire_time.as_ref().map(|t| t.0))
         .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-    let expires = since.as_second() + duration;
-    let remaining = expires - now.as_second();
-    if remaining <= 0 {
-        return None;
-    }
+    // MicroTime keeps microseconds: whole seconds would end a pause up to a
+    // second early or late.
+    let duration = k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+        spec.lease_duration_seconds.unwrap_or(0).max(0),
+    ));
+    let expires = since.checked_add(duration).ok()?;
+    let expires_in = Duration::try_from(expires.duration_since(now))
+        .ok()
+        .filter(|remaining| !remaining.is_zero())?;
     let acquired = spec
         .acquire_time
         .as_ref()
@@ -196,7 +201,7 @@ fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<Lease
             "{}/{acquired}",
             lease.metadata.uid.clone().unwrap_or_default()
         ),
-        expires_in: Duration::from_secs(remaining as u64),
+        expires_in,
     })
 }
 
@@ -288,6 +293,35 @@ mod tests {
         assert!(
             pause.expires_in <= Duration::from_secs(50)
                 && pause.expires_in >= Duration::from_secs(49)
+        );
+    }
+
+    /// A Lease renewed at `renewed` for `seconds`, as the API server sends it.
+    fn lease_renewed_at(renewed: &str, seconds: i32) -> Lease {
+        let renewed: k8s_openapi::jiff::Timestamp = renewed.parse().unwrap();
+        let mut lease = lease(0, seconds);
+        let spec = lease.spec.as_mut().unwrap();
+        spec.renew_time = Some(MicroTime(renewed));
+        spec.acquire_time = Some(MicroTime(renewed));
+        lease
+    }
+
+    #[test]
+    fn a_lease_renewed_mid_second_lasts_to_the_microsecond() {
+        let lease = lease_renewed_at("2026-11-30T12:00:00.660000Z", 5);
+        let at = |time: &str| lease_pause(&lease, time.parse().unwrap()).map(|p| p.expires_in);
+        assert_eq!(
+            at("2026-11-30T12:00:04.166000Z"),
+            Some(Duration::from_micros(1_494_000))
+        );
+        assert_eq!(
+            at("2026-11-30T12:00:05.659999Z"),
+            Some(Duration::from_micros(1))
+        );
+        assert_eq!(at("2026-11-30T12:00:05.660000Z"), None);
+        assert_eq!(
+            at("2026-11-30T12:00:05.100000Z").map(|d| d.as_millis()),
+            Some(560)
         );
     }
 
