@@ -5,7 +5,8 @@
 //! so tests hand it `127.0.0.1:0` sockets and their own trigger. On shutdown the
 //! S3 listener stops accepting, `/readyz` turns unready, keep-alive connections
 //! are closed once idle, and in-flight and held requests get `shutdown.grace`
-//! to finish before the function returns anyway.
+//! to finish; requests still held then are answered `503 ServiceUnavailable`
+//! (with `Retry-After`) before the function returns.
 
 use std::future::Future;
 use std::io;
@@ -35,6 +36,10 @@ use crate::upstream::{Upstream, UpstreamSettings};
 
 /// How often the listener's certificate files are checked for a new pair.
 const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long, after the shutdown grace, the 503 answers of requests still held
+/// get to be written before the remaining connections are closed.
+const HELD_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The sockets the proxy serves, bound before [`run`] is called.
 pub struct Listeners {
@@ -245,9 +250,21 @@ pub async fn run_with_reload(
         grace = ?config.shutdown.grace,
         "shutting down: no new connections; waiting for in-flight and held requests"
     );
-    match tokio::time::timeout(config.shutdown.grace, graceful.shutdown()).await {
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    match tokio::time::timeout(config.shutdown.grace, &mut drained).await {
         Ok(()) => tracing::info!("all connections finished"),
-        Err(_) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+        Err(_) => {
+            tracing::warn!(
+                held = gate.status().held,
+                in_flight = proxy.in_flight().current(),
+                "shutdown grace period over; answering held requests 503 and closing remaining connections"
+            );
+            proxy.stop_holding();
+            // Shutdown told every connection to close after its answer, so
+            // those of held requests end once their 503 is written.
+            let _ = tokio::time::timeout(HELD_ANSWER_WRITE, &mut drained).await;
+        }
     }
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
