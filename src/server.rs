@@ -41,6 +41,9 @@ const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// get to be written before the remaining connections are closed.
 const HELD_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Pause after a failed accept on the admin listener.
+const ADMIN_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The sockets the proxy serves, bound before [`run`] is called.
 pub struct Listeners {
     pub s3: TcpListener,
@@ -306,7 +309,19 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
             _ = stop.wait_for(|stopped| *stopped) => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: the error repeats at
+                // once until a descriptor frees up, so back off as the S3
+                // listener does rather than spin a core. Not tested: it needs
+                // the process out of descriptors, and the cost it prevents
+                // is CPU time, which a test could only observe by timing.
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(ADMIN_ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let admin = Arc::clone(&admin);
         let service = service_fn(move |request| {
             let admin = Arc::clone(&admin);
