@@ -34,6 +34,8 @@ pub enum HoldOutcome {
     QueueFull,
     FailFast,
     ClientGone,
+    /// Still held when the shutdown grace ended: answered `503`.
+    ShuttingDown,
 }
 
 impl HoldOutcome {
@@ -50,6 +52,7 @@ impl HoldOutcome {
             HoldOutcome::QueueFull => "queue_full",
             HoldOutcome::FailFast => "fail_fast",
             HoldOutcome::ClientGone => "client_gone",
+            HoldOutcome::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -220,7 +223,7 @@ impl Metrics {
             hold_outcomes: counter_vec(
                 &registry,
                 "s3fp_hold_outcomes_total",
-                "Requests that met the hold queue, by how they ended (released, released_failed, timed_out, queue_full, fail_fast, client_gone).",
+                "Requests that met the hold queue, by how they ended (released, released_failed, timed_out, queue_full, fail_fast, client_gone, shutting_down).",
                 &["outcome"],
             ),
             hold_duration: histogram(
@@ -339,6 +342,7 @@ impl Metrics {
             HoldOutcome::QueueFull,
             HoldOutcome::FailFast,
             HoldOutcome::ClientGone,
+            HoldOutcome::ShuttingDown,
         ] {
             self.hold_outcomes.with_label_values(&[outcome.as_str()]);
         }
