@@ -7,17 +7,16 @@
 //! new one (trusted once the probe sees it serve S3), or hold while none is
 //! usable. With `route = "service"` requests and probes go to the Service
 //! address instead and only the holding follows the slices. A watch error or
-//! a 410 keeps the last known backend: a control-plane
-//! blip is not a backend outage. Readiness turns on after the first complete
-//! list.
+//! a 410 keeps the last known backend: a control-plane blip is not a backend
+//! outage. Readiness turns on after the first complete list.
 //!
 //! [`watch_pause_lease`] implements the coordinated pause: while a
 //! `coordination.k8s.io/v1` Lease of the configured name exists and has not
-//! expired (`renewTime` or `acquireTime` plus `leaseDurationSeconds`), every
-//! replica holds new requests. A Lease, rather than a Service annotation, because
-//! its expiry is part of the object: a pre-stop hook that dies mid-way cannot
-//! leave traffic paused, and the Service (often owned by a GitOps tool) is not
-//! mutated. Deleting the Lease resumes; so does the pause's own end once the
+//! expired (`renewTime` or `acquireTime` plus `leaseDurationSeconds`, to the
+//! microsecond), every replica holds new requests. A Lease, rather than a
+//! Service annotation, because its expiry is part of the object: a pre-stop
+//! hook that dies mid-way cannot leave traffic paused, and the Service (often
+//! owned by a GitOps tool) is not mutated. Deleting the Lease resumes; so does the pause's own end once the
 //! old backend went away and a new one serves, and `hold.max_pause`.
 
 use std::net::SocketAddr;
@@ -90,6 +89,9 @@ pub struct Targets {
 }
 
 impl Targets {
+    /// A new pod is usable at `address`: send requests and probes there
+    /// (through the Service, they stay where they are), and hold until the
+    /// probe sees it serve.
     fn move_to(&self, address: SocketAddr) {
         if self.via_service {
             self.gate.backend_moved();
