@@ -350,7 +350,7 @@ impl Gate {
     /// The probe's verdict: `true` when the backend answered HTTP.
     pub fn probe_result(self: &Arc<Self>, serving: bool) {
         let mut inner = self.lock();
-        let transition = { self.apply_probe(&mut inner, serving) };
+        let transition = self.apply_probe(&mut inner, serving);
         self.notify(transition);
     }
 
