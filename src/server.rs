@@ -314,9 +314,9 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
             Err(error) => {
                 // Out of file descriptors and the like: the error repeats at
                 // once until a descriptor frees up, so back off as the S3
-                // listener does rather than spin a core. Not tested: it needs
-                // the process out of descriptors, and the cost it prevents
-                // is CPU time, which a test could only observe by timing.
+                // listener does rather than spin a core. tests/binary.rs sees
+                // the line and the recovery; the pause itself saves CPU time,
+                // which a test could only observe by timing.
                 tracing::warn!(%error, "admin accept failed");
                 tokio::time::sleep(ADMIN_ACCEPT_BACKOFF).await;
                 continue;

@@ -1,6 +1,7 @@
 //! The `s3-failover-proxy` binary as an operator runs it: config validation
 //! with `--check`, clear errors naming the bad key, and a graceful SIGTERM:
-//! a held request finishes within the grace, or is answered 503 at its end.
+//! a held request finishes within the grace, or is answered 503 at its end;
+//! an admin listener out of file descriptors says so and serves again.
 
 mod support;
 
@@ -156,4 +157,40 @@ async fn a_request_still_held_when_the_grace_ends_gets_503_with_retry_after() {
     assert!(body.contains("shutting down"), "{body}");
     let exit = proxy.exit_status().await;
     assert!(exit.success(), "clean exit: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_they_free_up() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start_with_descriptor_limit(
+        &format!("[backend]\naddress = \"{}\"\n", backend.address),
+        64,
+    )
+    .await
+    .unwrap();
+    // Idle admin connections the proxy keeps open until it has no descriptor left.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the failed admin accept in the log",
+        || async {
+            proxy
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("admin accept failed"))
+        },
+    )
+    .await
+    .unwrap();
+    drop(open);
+    wait_until(
+        Duration::from_secs(10),
+        "the admin listener to serve again",
+        || async { http_status(proxy.admin, "GET", "/healthz").await == Some(200) },
+    )
+    .await
+    .unwrap();
 }
