@@ -30,20 +30,12 @@ struct Cluster {
 impl Cluster {
     /// A serving backend behind a Service the proxy discovers.
     async fn start() -> Cluster {
-        Cluster::start_with("").await
+        Cluster::start_with_pod(S3Backend::start().await.unwrap(), "").await
     }
 
-    /// Like [`Cluster::start`], with extra `[backend.kubernetes]` keys
-    /// (`BACKEND` in them stands for the backend's address).
-    async fn start_with(kubernetes_keys: &str) -> Cluster {
-        let mut backend = S3Backend::start().await.unwrap();
-        let keys = kubernetes_keys.replace("BACKEND", &backend.address.to_string());
-        Cluster::start_with_pod(&mut backend, &keys).await
-    }
-
-    /// A cluster whose pod is `backend`, wherever it listens.
-    async fn start_with_pod(backend: &mut S3Backend, kubernetes_keys: &str) -> Cluster {
-        let backend = std::mem::replace(backend, S3Backend::stopped().unwrap());
+    /// A cluster whose pod is `backend`, wherever it listens, with extra
+    /// `[backend.kubernetes]` keys.
+    async fn start_with_pod(backend: S3Backend, kubernetes_keys: &str) -> Cluster {
         let fake = FakeKube::start(NAMESPACE).await;
         fake.set_endpoints(
             SERVICE,
@@ -314,7 +306,7 @@ async fn routed_through_the_service_requests_and_probes_go_to_the_service_addres
         "route = \"service\"\nservice_address = \"{}\"",
         service.address
     );
-    let mut cluster = Cluster::start_with_pod(&mut pod, &keys).await;
+    let mut cluster = Cluster::start_with_pod(pod, &keys).await;
     let on_service = s3_client(&format!("http://{}", service.address));
     let on_pod = s3_client(&format!("http://{}", cluster.backend.address));
     assert!(
