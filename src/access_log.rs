@@ -54,6 +54,7 @@ impl RequestRecord {
             "fail_fast" => Some(HoldOutcome::FailFast),
             "hold_timeout" => Some(HoldOutcome::TimedOut),
             "client_gone" => Some(HoldOutcome::ClientGone),
+            "shutting_down" => Some(HoldOutcome::ShuttingDown),
             "ok" if self.was_held => Some(HoldOutcome::Released),
             _ if self.was_held => Some(HoldOutcome::ReleasedFailed),
             _ => None,
@@ -95,6 +96,25 @@ impl Drop for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_held_until_shutdown_counts_as_shutting_down() {
+        let record = RequestRecord {
+            method: Method::PUT,
+            path: "/bucket/key".into(),
+            status: 503,
+            request_id: next_request_id(),
+            held: Duration::from_secs(1),
+            was_held: true,
+            replays: 0,
+            bytes_out: 0,
+            bytes_in: Box::new(|| 0),
+            started: Instant::now(),
+            outcome: "shutting_down",
+            metrics: Arc::new(Metrics::new()),
+        };
+        assert_eq!(record.hold_outcome(), Some(HoldOutcome::ShuttingDown));
+    }
 
     #[test]
     fn request_ids_are_unique() {

@@ -126,6 +126,18 @@ pub struct BackendConfig {
     pub kubernetes: Option<KubernetesConfig>,
 }
 
+impl BackendConfig {
+    /// Where connections go at start: the Service address when
+    /// `backend.kubernetes.route = "service"` (discovery then never moves
+    /// it), else `address` (which discovery, when on, replaces with a pod's).
+    pub fn target(&self) -> &BackendAddress {
+        self.kubernetes
+            .as_ref()
+            .and_then(|kubernetes| kubernetes.route_to_service.as_ref())
+            .unwrap_or(&self.address)
+    }
+}
+
 /// EndpointSlice discovery and the coordinated-pause Lease.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KubernetesConfig {

@@ -63,10 +63,12 @@ impl Connector {
         }
     }
 
-    /// The connector the `[backend]` section describes (reads the TLS files).
+    /// The connector the `[backend]` section describes, towards its
+    /// [`BackendConfig::target`] (reads the TLS files).
     pub fn from_config(config: &BackendConfig) -> Result<Connector, TlsError> {
+        let address = config.target();
         let Some(tls) = &config.tls else {
-            return Ok(Connector::plain(config.address.clone()));
+            return Ok(Connector::plain(address.clone()));
         };
         let client_pair = tls
             .client_cert
@@ -76,12 +78,12 @@ impl Connector {
         let name = tls
             .server_name
             .clone()
-            .unwrap_or_else(|| config.address.host().to_owned());
+            .unwrap_or_else(|| address.host().to_owned());
         let server_name = ServerName::try_from(name).map_err(|e| {
             TlsError::Settings(rustls::Error::General(format!("invalid server name: {e}")))
         })?;
         Ok(Connector {
-            address: config.address.clone(),
+            address: address.clone(),
             tls: Some(TlsClient {
                 connector: TlsConnector::from(Arc::new(client)),
                 server_name,

@@ -231,7 +231,8 @@ impl Gate {
         })
     }
 
-    /// Calls `observer` on every state change (after the change is made).
+    /// Calls `observer` on every state change (after the change is made,
+    /// under the gate's lock: in order, and it must not call the gate).
     pub fn observe(&self, observer: impl Fn(&Transition) + Send + Sync + 'static) {
         self.observers.lock().unwrap().push(Box::new(observer));
     }
@@ -243,8 +244,8 @@ impl Gate {
 
     /// Changes the limits; held requests stay held.
     pub fn update_settings(self: &Arc<Self>, settings: GateSettings) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             inner.settings = settings;
             self.release_more(&mut inner)
         };
@@ -313,8 +314,8 @@ impl Gate {
 
     /// Passive detection: a request saw the backend fail.
     pub fn mark_down(&self, reason: DownReason) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             if let Some(pause) = inner.pause.as_mut() {
                 pause.backend_seen_gone = true;
             }
@@ -330,8 +331,8 @@ impl Gate {
         if *self.phase.borrow() == Phase::Up {
             return;
         }
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             match inner.state {
                 State::Down { reason, since }
                     if inner.pause.is_none()
@@ -348,10 +349,8 @@ impl Gate {
 
     /// The probe's verdict: `true` when the backend answered HTTP.
     pub fn probe_result(self: &Arc<Self>, serving: bool) {
-        let transition = {
-            let mut inner = self.lock();
-            self.apply_probe(&mut inner, serving)
-        };
+        let mut inner = self.lock();
+        let transition = self.apply_probe(&mut inner, serving);
         self.notify(transition);
     }
 
@@ -392,8 +391,8 @@ impl Gate {
     /// Holds new requests until resumed or until the backend has been seen to
     /// go away and come back. Idempotent.
     pub fn pause(&self) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             if inner.pause.is_some() {
                 return;
             }
@@ -408,8 +407,8 @@ impl Gate {
 
     /// Ends an admin pause. Idempotent; a backend that is down stays down.
     pub fn resume(self: &Arc<Self>) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             if inner.pause.take().is_none() {
                 return;
             }
@@ -451,8 +450,8 @@ impl Gate {
     }
 
     fn discovery_down(&self, hold: bool) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             inner.discovery_hold = hold;
             self.down_unless_down(&mut inner, DownReason::Discovery)
         };
@@ -572,8 +571,8 @@ impl Gate {
     }
 
     fn slot_done(self: &Arc<Self>) {
+        let mut inner = self.lock();
         let transition = {
-            let mut inner = self.lock();
             inner.releasing = inner.releasing.saturating_sub(1);
             self.release_more(&mut inner)
         };
@@ -587,6 +586,12 @@ impl Gate {
         }
     }
 
+    /// Reports `transition` to the observers. Every caller still holds the
+    /// gate's lock, so two changes made one after the other on two threads
+    /// are reported in that order (released first, a later change could
+    /// log before an earlier one); observers must not call the gate. Not
+    /// tested: the gap it closes lies between releasing one lock and taking
+    /// the next, too narrow for a test to hit on the old code.
     fn notify(&self, transition: Option<Transition>) {
         let Some(transition) = transition else {
             return;

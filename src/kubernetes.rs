@@ -5,17 +5,18 @@
 //! `watcher` (back-off on errors, atomic relist on `InitDone`) into the pure
 //! [`EndpointIndex`], and acts on [`choose`]: keep the pod in use, move to a
 //! new one (trusted once the probe sees it serve S3), or hold while none is
-//! usable. A watch error or a 410 keeps the last known backend: a control-plane
-//! blip is not a backend outage. Readiness turns on after the first complete
-//! list.
+//! usable. With `route = "service"` requests and probes go to the Service
+//! address instead and only the holding follows the slices. A watch error or
+//! a 410 keeps the last known backend: a control-plane blip is not a backend
+//! outage. Readiness turns on after the first complete list.
 //!
 //! [`watch_pause_lease`] implements the coordinated pause: while a
 //! `coordination.k8s.io/v1` Lease of the configured name exists and has not
-//! expired (`renewTime` or `acquireTime` plus `leaseDurationSeconds`), every
-//! replica holds new requests. A Lease, rather than a Service annotation, because
-//! its expiry is part of the object: a pre-stop hook that dies mid-way cannot
-//! leave traffic paused, and the Service (often owned by a GitOps tool) is not
-//! mutated. Deleting the Lease resumes; so does the pause's own end once the
+//! expired (`renewTime` or `acquireTime` plus `leaseDurationSeconds`, to the
+//! microsecond), every replica holds new requests. A Lease, rather than a
+//! Service annotation, because its expiry is part of the object: a pre-stop
+//! hook that dies mid-way cannot leave traffic paused, and the Service (often
+//! owned by a GitOps tool) is not mutated. Deleting the Lease resumes; so does the pause's own end once the
 //! old backend went away and a new one serves, and `hold.max_pause`.
 
 use std::net::SocketAddr;
@@ -80,12 +81,22 @@ pub struct Targets {
     pub prober: Arc<Prober>,
     /// Turned on after the first complete list.
     pub synced: Arc<AtomicBool>,
-    /// Send requests to the Service address rather than the pod IP.
-    pub route_to_service: Option<BackendAddress>,
+    /// Requests and probes go to the Service address, set at start and never
+    /// moved (`backend.kubernetes.route = "service"`): discovery then only
+    /// holds and releases, and a new pod is trusted once the probe sees the
+    /// Service serve.
+    pub via_service: bool,
 }
 
 impl Targets {
+    /// A new pod is usable at `address`: send requests and probes there
+    /// (through the Service, they stay where they are), and hold until the
+    /// probe sees it serve.
     fn move_to(&self, address: SocketAddr) {
+        if self.via_service {
+            self.gate.backend_moved();
+            return;
+        }
         let connector = Arc::new(
             self.proxy
                 .upstream()
@@ -162,7 +173,9 @@ struct LeasePause {
     expires_in: Duration,
 }
 
-/// Whether `lease` asks for a pause now, and for how long.
+/// Whether `lease` asks for a pause at `now`, and for how long: until
+/// `renewTime` (else `acquireTime`, else creation) plus
+/// `leaseDurationSeconds`, to the microsecond.
 fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<LeasePause> {
     let spec = lease.spec.as_ref()?;
     let since = spec
@@ -171,12 +184,15 @@ fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<Lease
         .map(|t| t.0)
         .or_else(|| spec.acquire_time.as_ref().map(|t| t.0))
         .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0).max(0));
-    let expires = since.as_second() + duration;
-    let remaining = expires - now.as_second();
-    if remaining <= 0 {
-        return None;
-    }
+    // MicroTime keeps microseconds: whole seconds would end a pause up to a
+    // second early or late.
+    let duration = k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+        spec.lease_duration_seconds.unwrap_or(0).max(0),
+    ));
+    let expires = since.checked_add(duration).ok()?;
+    let expires_in = Duration::try_from(expires.duration_since(now))
+        .ok()
+        .filter(|remaining| !remaining.is_zero())?;
     let acquired = spec
         .acquire_time
         .as_ref()
@@ -187,7 +203,7 @@ fn lease_pause(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<Lease
             "{}/{acquired}",
             lease.metadata.uid.clone().unwrap_or_default()
         ),
-        expires_in: Duration::from_secs(remaining as u64),
+        expires_in,
     })
 }
 
@@ -279,6 +295,35 @@ mod tests {
         assert!(
             pause.expires_in <= Duration::from_secs(50)
                 && pause.expires_in >= Duration::from_secs(49)
+        );
+    }
+
+    /// A Lease renewed at `renewed` for `seconds`, as the API server sends it.
+    fn lease_renewed_at(renewed: &str, seconds: i32) -> Lease {
+        let renewed: k8s_openapi::jiff::Timestamp = renewed.parse().unwrap();
+        let mut lease = lease(0, seconds);
+        let spec = lease.spec.as_mut().unwrap();
+        spec.renew_time = Some(MicroTime(renewed));
+        spec.acquire_time = Some(MicroTime(renewed));
+        lease
+    }
+
+    #[test]
+    fn a_lease_renewed_mid_second_lasts_to_the_microsecond() {
+        let lease = lease_renewed_at("2026-11-30T12:00:00.660000Z", 5);
+        let at = |time: &str| lease_pause(&lease, time.parse().unwrap()).map(|p| p.expires_in);
+        assert_eq!(
+            at("2026-11-30T12:00:04.166000Z"),
+            Some(Duration::from_micros(1_494_000))
+        );
+        assert_eq!(
+            at("2026-11-30T12:00:05.659999Z"),
+            Some(Duration::from_micros(1))
+        );
+        assert_eq!(at("2026-11-30T12:00:05.660000Z"), None);
+        assert_eq!(
+            at("2026-11-30T12:00:05.100000Z").map(|d| d.as_millis()),
+            Some(560)
         );
     }
 

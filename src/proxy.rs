@@ -74,6 +74,9 @@ pub struct Proxy {
     settings: watch::Sender<Arc<ProxySettings>>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
+    /// Turned on when the shutdown grace is over: held requests get
+    /// `ShuttingDown` instead of losing their connection.
+    holding_ended: watch::Sender<bool>,
 }
 
 /// What the watchdog of one attempt needs.
@@ -153,7 +156,15 @@ impl Proxy {
             settings: watch::Sender::new(Arc::new(settings)),
             in_flight: InFlight::default(),
             metrics,
+            holding_ended: watch::Sender::new(false),
         }
+    }
+
+    /// Answers every held request, and every later one, `503
+    /// ServiceUnavailable` with `Retry-After` ([`ProxyError::ShuttingDown`]):
+    /// the shutdown grace is over. In-flight requests are not touched.
+    pub fn stop_holding(&self) {
+        self.holding_ended.send_replace(true);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -262,7 +273,9 @@ impl Proxy {
         loop {
             let queued_at = Instant::now();
             let admitted = self.admit(ticket, progress.started, peer).await;
-            if let Err(ProxyError::Held(_) | ProxyError::ClientGone) = admitted {
+            if let Err(ProxyError::Held(_) | ProxyError::ClientGone | ProxyError::ShuttingDown) =
+                admitted
+            {
                 progress.was_held = true;
                 progress.held += queued_at.elapsed();
             }
@@ -470,7 +483,8 @@ impl Proxy {
         }
     }
 
-    /// Admission, abandoned as soon as the client leaves.
+    /// Admission, abandoned as soon as the client leaves or the shutdown
+    /// grace ends.
     /// A reload that changes `hold.timeout` applies to requests already held:
     /// they are queued again, at the same place, with the new deadline.
     async fn admit(
@@ -480,10 +494,12 @@ impl Proxy {
         peer: &Peer,
     ) -> Result<Admission, ProxyError> {
         let mut reloads = self.settings.subscribe();
+        let mut holding_ended = self.holding_ended.subscribe();
         loop {
             let deadline = started + reloads.borrow_and_update().hold_timeout;
             tokio::select! {
                 biased;
+                _ = holding_ended.wait_for(|ended| *ended) => return Err(ProxyError::ShuttingDown),
                 admitted = self.gate.admit(ticket, deadline) => return admitted.map_err(ProxyError::Held),
                 () = peer.gone() => return Err(ProxyError::ClientGone),
                 _ = reloads.changed() => continue,

@@ -1,14 +1,15 @@
 //! Hot reload: on SIGHUP, and when the config file's content changes, the file
 //! is read again and validated; what can change live is applied without
 //! touching a connection or a held request, what cannot (listen addresses, log
-//! format) is reported, and an invalid file is rejected with a log line and a
-//! metric while the old configuration stays in force.
+//! format, `backend.kubernetes`...) keeps its running value and is reported,
+//! and an invalid file is rejected with a log line and a metric while the old
+//! configuration stays in force.
 //!
 //! The file is compared by content, polled every second, so a Kubernetes
 //! ConfigMap update (a symlink swap) is seen like an edit in place.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -46,33 +47,54 @@ pub struct LiveParts {
     pub certificate: Option<Arc<ServerCertificate>>,
 }
 
-/// Settings that only take effect after a restart.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+/// Sets every restart-only key of `new` back to its value in `running`
+/// (listen addresses, request head limits, log format, discovery, shutdown
+/// grace: what `server::run` read once at start) and names the keys that
+/// differed, so a reload applies only what can change live and records what
+/// is in force.
+fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    if old.listener.address != new.listener.address {
-        changed.push("listener.address");
+    let mut keep = |key: &'static str, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+        differs
+    };
+    if keep(
+        "listener.address",
+        running.listener.address != new.listener.address,
+    ) {
+        new.listener.address = running.listener.address;
     }
-    if old.listener.tls.as_ref().map(|t| t.address) != new.listener.tls.as_ref().map(|t| t.address)
-    {
-        changed.push("listener.tls");
+    if keep("listener.tls", running.listener.tls != new.listener.tls) {
+        new.listener.tls = running.listener.tls.clone();
     }
-    if old.listener.max_headers != new.listener.max_headers {
-        changed.push("listener.max_headers");
+    if keep(
+        "listener.max_headers",
+        running.listener.max_headers != new.listener.max_headers,
+    ) {
+        new.listener.max_headers = running.listener.max_headers;
     }
-    if old.listener.max_head_bytes != new.listener.max_head_bytes {
-        changed.push("listener.max_head_bytes");
+    if keep(
+        "listener.max_head_bytes",
+        running.listener.max_head_bytes != new.listener.max_head_bytes,
+    ) {
+        new.listener.max_head_bytes = running.listener.max_head_bytes;
     }
-    if old.admin.address != new.admin.address {
-        changed.push("admin.address");
+    if keep("admin.address", running.admin.address != new.admin.address) {
+        new.admin.address = running.admin.address;
     }
-    if old.log.format != new.log.format {
-        changed.push("log.format");
+    if keep("log.format", running.log.format != new.log.format) {
+        new.log.format = running.log.format;
     }
-    if old.backend.kubernetes != new.backend.kubernetes {
-        changed.push("backend.kubernetes");
+    if keep(
+        "backend.kubernetes",
+        running.backend.kubernetes != new.backend.kubernetes,
+    ) {
+        new.backend.kubernetes = running.backend.kubernetes.clone();
     }
-    if old.shutdown != new.shutdown {
-        changed.push("shutdown.grace");
+    if keep("shutdown.grace", running.shutdown != new.shutdown) {
+        new.shutdown = running.shutdown.clone();
     }
     changed
 }
@@ -105,9 +127,29 @@ fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Resul
     Ok(())
 }
 
+/// Applies what can change live of `new` and returns the configuration now
+/// in force: `new` with the running restart-only values, every key kept
+/// that way logged.
+fn live_part(
+    running: &Config,
+    mut new: Config,
+    parts: &LiveParts,
+    log_level: Option<&LogLevel>,
+) -> Result<Config, String> {
+    let kept = keep_restart_only(running, &mut new);
+    apply(parts, &new, log_level).map_err(|e| e.to_string())?;
+    for key in kept {
+        tracing::warn!(
+            key,
+            "config reload: this setting only changes on restart; keeping the running value until the proxy restarts"
+        );
+    }
+    Ok(new)
+}
+
 /// Reloads until `source.requests` closes (the proxy shut down).
 pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
-    let current = Mutex::new(initial);
+    let mut current = initial;
     let mut last_text = std::fs::read_to_string(&source.path).ok();
     let mut ticker = tokio::time::interval(source.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -131,21 +173,12 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
         last_text = text;
         match Config::load(&source.path)
             .map_err(|e| e.to_string())
-            .and_then(|new| {
-                apply(&parts, &new, source.log_level.as_ref()).map_err(|e| e.to_string())?;
-                Ok(new)
-            }) {
+            .and_then(|new| live_part(&current, new, &parts, source.log_level.as_ref()))
+        {
             Ok(new) => {
-                let mut current = current.lock().unwrap();
-                for key in restart_only_changes(&current, &new) {
-                    tracing::warn!(
-                        key,
-                        "config reload: this setting only changes on restart; keeping the running value"
-                    );
-                }
                 parts.metrics.reload(true);
                 tracing::info!(trigger, path = %source.path.display(), "config reloaded");
-                *current = new;
+                current = new;
             }
             Err(error) => {
                 parts.metrics.reload(false);

@@ -5,7 +5,8 @@
 //! so tests hand it `127.0.0.1:0` sockets and their own trigger. On shutdown the
 //! S3 listener stops accepting, `/readyz` turns unready, keep-alive connections
 //! are closed once idle, and in-flight and held requests get `shutdown.grace`
-//! to finish before the function returns anyway.
+//! to finish; requests still held then are answered `503 ServiceUnavailable`
+//! (with `Retry-After`) before the function returns.
 
 use std::future::Future;
 use std::io;
@@ -35,6 +36,13 @@ use crate::upstream::{Upstream, UpstreamSettings};
 
 /// How often the listener's certificate files are checked for a new pair.
 const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long, after the shutdown grace, the 503 answers of requests still held
+/// get to be written before the remaining connections are closed.
+const HELD_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Pause after a failed accept on the admin listener.
+const ADMIN_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The sockets the proxy serves, bound before [`run`] is called.
 pub struct Listeners {
@@ -158,7 +166,7 @@ pub async fn run_with_reload(
                 proxy: Arc::clone(&proxy),
                 prober: Arc::clone(&prober),
                 synced: Arc::clone(&synced),
-                route_to_service: kubernetes.route_to_service.clone(),
+                via_service: kubernetes.route_to_service.is_some(),
             };
             start_discovery(kubernetes, targets).await?
         }
@@ -198,7 +206,7 @@ pub async fn run_with_reload(
     let admin_task = tokio::spawn(serve_admin(listeners.admin, admin, admin_stopped));
     tracing::info!(
         listener = %listeners.s3.local_addr()?,
-        backend = %config.backend.address,
+        backend = %config.backend.target(),
         "s3-failover-proxy serving"
     );
 
@@ -245,9 +253,21 @@ pub async fn run_with_reload(
         grace = ?config.shutdown.grace,
         "shutting down: no new connections; waiting for in-flight and held requests"
     );
-    match tokio::time::timeout(config.shutdown.grace, graceful.shutdown()).await {
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    match tokio::time::timeout(config.shutdown.grace, &mut drained).await {
         Ok(()) => tracing::info!("all connections finished"),
-        Err(_) => tracing::warn!("shutdown grace period over; closing remaining connections"),
+        Err(_) => {
+            tracing::warn!(
+                held = gate.status().held,
+                in_flight = proxy.in_flight().current(),
+                "shutdown grace period over; answering held requests 503 and closing remaining connections"
+            );
+            proxy.stop_holding();
+            // Shutdown told every connection to close after its answer, so
+            // those of held requests end once their 503 is written.
+            let _ = tokio::time::timeout(HELD_ANSWER_WRITE, &mut drained).await;
+        }
     }
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
@@ -289,7 +309,19 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
             _ = stop.wait_for(|stopped| *stopped) => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: the error repeats at
+                // once until a descriptor frees up, so back off as the S3
+                // listener does rather than spin a core. tests/binary.rs sees
+                // the line and the recovery; the pause itself saves CPU time,
+                // which a test could only observe by timing.
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(ADMIN_ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let admin = Arc::clone(&admin);
         let service = service_fn(move |request| {
             let admin = Arc::clone(&admin);

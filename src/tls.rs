@@ -94,9 +94,14 @@ pub struct ServerCertificate {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
-    /// The file contents the current pair came from (or last failed to load).
-    last_seen: Mutex<(Vec<u8>, Vec<u8>)>,
+    /// What the files held when last read (the current pair's source, or
+    /// what last failed to load), or why they could not be read: each
+    /// change is reported once, a missing file included.
+    last_seen: Mutex<Files>,
 }
+
+/// A read of the pair's files: certificate and key contents, or the error.
+type Files = Result<(Vec<u8>, Vec<u8>), String>;
 
 impl fmt::Debug for ServerCertificate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -124,25 +129,28 @@ impl ServerCertificate {
             cert_path: cert_path.to_owned(),
             key_path: key_path.to_owned(),
             current: RwLock::new(Arc::new(key)),
-            last_seen: Mutex::new((cert_pem, key_pem)),
+            last_seen: Mutex::new(Ok((cert_pem, key_pem))),
         })
     }
 
     /// Re-reads the files; swaps the pair in if they changed and load.
+    /// A change that does not load, or files that cannot be read, are
+    /// `Rejected` once and `Unchanged` until the files change again.
     pub fn reload_if_changed(&self) -> CertificateReload {
-        let (cert_pem, key_pem) = match (read(&self.cert_path), read(&self.key_path)) {
-            (Ok(cert), Ok(key)) => (cert, key),
-            (Err(error), _) | (_, Err(error)) => {
-                return CertificateReload::Rejected(error.to_string());
-            }
-        };
+        let files: Files = read(&self.cert_path)
+            .and_then(|cert| Ok((cert, read(&self.key_path)?)))
+            .map_err(|error| error.to_string());
         let mut last_seen = self.last_seen.lock().unwrap();
-        if last_seen.0 == cert_pem && last_seen.1 == key_pem {
+        if *last_seen == files {
             return CertificateReload::Unchanged;
         }
-        let loaded = certified_key(&self.cert_path, &cert_pem, &self.key_path, &key_pem);
         // Remember what failed too, so one broken write is reported once.
-        *last_seen = (cert_pem, key_pem);
+        *last_seen = files;
+        let (cert_pem, key_pem) = match &*last_seen {
+            Ok(pair) => pair,
+            Err(error) => return CertificateReload::Rejected(error.clone()),
+        };
+        let loaded = certified_key(&self.cert_path, cert_pem, &self.key_path, key_pem);
         match loaded {
             Ok(key) => {
                 *self.current.write().unwrap() = Arc::new(key);
@@ -262,6 +270,23 @@ mod tests {
             CertificateReload::Unchanged
         );
         assert_eq!(certificate.current_certificate(), before);
+    }
+
+    #[test]
+    fn a_missing_file_is_rejected_once_until_it_changes() {
+        let files = pair("one.test");
+        let certificate = ServerCertificate::load(&files.cert(), &files.key()).unwrap();
+        std::fs::remove_file(files.key()).unwrap();
+        assert!(matches!(
+            certificate.reload_if_changed(),
+            CertificateReload::Rejected(error) if error.contains("tls.key")
+        ));
+        assert_eq!(
+            certificate.reload_if_changed(),
+            CertificateReload::Unchanged
+        );
+        files.write("two.test");
+        assert_eq!(certificate.reload_if_changed(), CertificateReload::Reloaded);
     }
 
     #[test]

@@ -39,6 +39,9 @@ use crate::replay::BoxError;
 /// hyper's smallest read buffer (its `max_buf_size` panics below this).
 const MIN_BUF_SIZE: usize = 8192;
 
+/// Longest one checkout waits for pooled connections to turn ready.
+const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
+
 /// Why a request could not be sent, or got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -241,8 +244,13 @@ where
         self.idle.lock().unwrap().clear();
     }
 
+    /// An idle connection ready for a request, if one is. The wait for
+    /// readiness is one [`CHECKOUT_WAIT`] for the whole checkout, not one per
+    /// connection: past it each remaining connection gets one poll, so a pool
+    /// full of stale connections costs at most that wait.
     async fn checkout(&self) -> Option<Connection<B>> {
         let settings = self.settings();
+        let deadline = Instant::now() + CHECKOUT_WAIT;
         loop {
             let mut idle = self.idle.lock().unwrap().pop()?;
             if idle.connection.sender.is_closed()
@@ -254,8 +262,7 @@ where
             // Returned at the end of a response body; the connection task
             // needs one turn to accept the next request.
             if let Ok(Ok(())) =
-                tokio::time::timeout(Duration::from_millis(50), idle.connection.sender.ready())
-                    .await
+                tokio::time::timeout_at(deadline, idle.connection.sender.ready()).await
             {
                 return Some(idle.connection);
             }
@@ -396,3 +403,51 @@ impl<B> Body for PooledBody<B> {
 }
 
 impl<B> Unpin for PooledBody<B> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+
+    /// A pooled connection that never turns ready: its connection task is
+    /// alive but never runs (as one stuck behind a busy socket).
+    async fn stale() -> Idle<Empty<Bytes>> {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let (sender, connection) = http1::handshake(TokioIo::new(ours)).await.unwrap();
+        let task = tokio::spawn(async move {
+            let _never_polled = connection;
+            std::future::pending::<()>().await
+        });
+        let connector = Arc::new(Connector::plain("127.0.0.1:9".parse().unwrap()));
+        Idle {
+            connection: Connection {
+                sender,
+                task: Some(task.abort_handle()),
+            },
+            since: Instant::now(),
+            connector,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_of_stale_connections_costs_one_wait_not_one_per_connection() {
+        let connector = Arc::new(Connector::plain("127.0.0.1:9".parse().unwrap()));
+        let upstream: Upstream<Empty<Bytes>> = Upstream::new(UpstreamSettings {
+            connector,
+            connect_timeout: Duration::from_secs(1),
+            max_idle: 64,
+            idle_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_head_bytes: 64 * 1024,
+        });
+        for _ in 0..64 {
+            let idle = stale().await;
+            upstream.idle.lock().unwrap().push(idle);
+        }
+        let started = Instant::now();
+        assert!(upstream.checkout().await.is_none());
+        // Paused time: the clock moved only by the waits checkout made.
+        assert_eq!(started.elapsed(), CHECKOUT_WAIT);
+        assert!(upstream.idle.lock().unwrap().is_empty());
+    }
+}

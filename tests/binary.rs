@@ -1,5 +1,7 @@
 //! The `s3-failover-proxy` binary as an operator runs it: config validation
-//! with `--check`, clear errors naming the bad key, and a graceful SIGTERM.
+//! with `--check`, clear errors naming the bad key, and a graceful SIGTERM:
+//! a held request finishes within the grace, or is answered 503 at its end;
+//! an admin listener out of file descriptors says so and serves again.
 
 mod support;
 
@@ -8,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use support::{ProxyProcess, S3Backend, http_status, s3_client, wait_until};
+use bytes::Bytes;
+use support::{ProxyProcess, S3Backend, http_status, s3_client, send, wait_until};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
 
@@ -120,4 +123,74 @@ async fn sigterm_lets_a_held_request_finish_then_exits() {
         .expect("the held PUT completes during the shutdown grace");
     let exit = proxy.exit_status().await;
     assert!(exit.success(), "clean exit: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_held_when_the_grace_ends_gets_503_with_retry_after() {
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[hold]\ntimeout = \"60s\"\n[shutdown]\ngrace = \"1s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let address = proxy.address();
+    let held = tokio::spawn(async move {
+        let response = send(address, "GET", "/bucket/key", &[], Bytes::new()).await?;
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        anyhow::Ok((status, retry_after, body))
+    });
+    proxy.wait_held(1).await;
+    proxy.signal("-TERM");
+    let (status, retry_after, body) = held
+        .await
+        .unwrap()
+        .expect("an answer, not a dropped connection");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(retry_after.is_some(), "Retry-After, which SDKs honour");
+    assert!(body.contains("<Code>ServiceUnavailable</Code>"), "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let exit = proxy.exit_status().await;
+    assert!(exit.success(), "clean exit: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_they_free_up() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start_with_descriptor_limit(
+        &format!("[backend]\naddress = \"{}\"\n", backend.address),
+        64,
+    )
+    .await
+    .unwrap();
+    // Idle admin connections the proxy keeps open until it has no descriptor left.
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        open.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the failed admin accept in the log",
+        || async {
+            proxy
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("admin accept failed"))
+        },
+    )
+    .await
+    .unwrap();
+    drop(open);
+    wait_until(
+        Duration::from_secs(10),
+        "the admin listener to serve again",
+        || async { http_status(proxy.admin, "GET", "/healthz").await == Some(200) },
+    )
+    .await
+    .unwrap();
 }

@@ -2,7 +2,8 @@
 //! the real `kube` client talks to: EndpointSlice discovery through a crash, a
 //! graceful switch-over to a pod on another address, an endpoint published
 //! ready before it listens, watch expiry and an API server restart, and the
-//! coordinated pause through a Lease. A real S3 backend process serves and
+//! coordinated pause through a Lease, and routing through the Service
+//! address (pod and Service on two addresses). A real S3 backend process serves and
 //! PutObject traffic flows through the proxy in every scenario; none may fail.
 
 mod support;
@@ -29,23 +30,22 @@ struct Cluster {
 impl Cluster {
     /// A serving backend behind a Service the proxy discovers.
     async fn start() -> Cluster {
-        Cluster::start_with("").await
+        Cluster::start_with_pod(S3Backend::start().await.unwrap(), "").await
     }
 
-    /// Like [`Cluster::start`], with extra `[backend.kubernetes]` keys.
-    async fn start_with(kubernetes_keys: &str) -> Cluster {
-        let backend = S3Backend::start().await.unwrap();
+    /// A cluster whose pod is `backend`, wherever it listens, with extra
+    /// `[backend.kubernetes]` keys.
+    async fn start_with_pod(backend: S3Backend, kubernetes_keys: &str) -> Cluster {
         let fake = FakeKube::start(NAMESPACE).await;
         fake.set_endpoints(
             SERVICE,
             backend.address.port(),
-            &[("127.0.0.1", true, false)],
+            &[(&backend.address.ip().to_string(), true, false)],
         );
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
-            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nservice = \"{SERVICE}\"\nport = \"s3\"\nkubeconfig = \"{}\"\n{}\n[hold]\ntimeout = \"20s\"\n",
-            fake.kubeconfig(dir.path()).display(),
-            kubernetes_keys.replace("BACKEND", &backend.address.to_string()),
+            "{}{kubernetes_keys}\n[hold]\ntimeout = \"20s\"\n",
+            discovery_config(&fake, dir.path())
         );
         let proxy = ProxyUnderTest::start_raw(&config).await.unwrap();
         wait_until(
@@ -64,6 +64,12 @@ impl Cluster {
             s3,
             _dir: dir,
         }
+    }
+
+    /// Publishes the pod's endpoint with these conditions.
+    fn pod_endpoint(&self, serving: bool, terminating: bool) {
+        let ip = self.backend.address.ip().to_string();
+        self.endpoints(&[(&ip, serving, terminating)]);
     }
 
     fn endpoints(&self, endpoints: &[(&str, bool, bool)]) {
@@ -85,6 +91,14 @@ impl Cluster {
     async fn traffic(&self) {
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
+}
+
+/// The `[backend.kubernetes]` section pointing at `fake`.
+fn discovery_config(fake: &FakeKube, dir: &std::path::Path) -> String {
+    format!(
+        "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nservice = \"{SERVICE}\"\nport = \"s3\"\nkubeconfig = \"{}\"\n",
+        fake.kubeconfig(dir).display()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,10 +281,7 @@ async fn the_proxy_is_ready_only_after_the_first_complete_list() {
     let mut fake = FakeKube::start(NAMESPACE).await;
     fake.stop();
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nservice = \"{SERVICE}\"\nport = \"s3\"\nkubeconfig = \"{}\"\n",
-        fake.kubeconfig(dir.path()).display()
-    );
+    let config = discovery_config(&fake, dir.path());
     let proxy = ProxyUnderTest::start_unready(&config).await.unwrap();
     assert_eq!(http_status(proxy.admin, "GET", "/readyz").await, Some(503));
     fake.restart().await;
@@ -284,18 +295,60 @@ async fn the_proxy_is_ready_only_after_the_first_complete_list() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routed_through_the_service_address_a_crash_still_costs_no_request() {
-    // The Service's ClusterIP stands in as the backend's own address here.
-    let mut cluster =
-        Cluster::start_with("route = \"service\"\nservice_address = \"BACKEND\"").await;
+async fn routed_through_the_service_requests_and_probes_go_to_the_service_address() {
+    // The pod and the Service's ClusterIP are two processes on two addresses,
+    // each with its own data: where an object lands says where it went.
+    let service = S3Backend::start().await.unwrap();
+    let mut pod = S3Backend::stopped().unwrap();
+    pod.move_to("127.0.0.2");
+    pod.restart().await.unwrap();
+    let keys = format!(
+        "route = \"service\"\nservice_address = \"{}\"",
+        service.address
+    );
+    let mut cluster = Cluster::start_with_pod(pod, &keys).await;
+    let on_service = s3_client(&format!("http://{}", service.address));
+    let on_pod = s3_client(&format!("http://{}", cluster.backend.address));
+    assert!(
+        on_service
+            .head_bucket()
+            .bucket("cluster")
+            .send()
+            .await
+            .is_ok(),
+        "the bucket was created through the Service address"
+    );
+    assert!(
+        on_pod.head_bucket().bucket("cluster").send().await.is_err(),
+        "nothing reached the pod IP"
+    );
     let workload = Workload::start(&cluster.s3, "cluster");
     cluster.traffic().await;
+
+    // The pod process dies but the Service address serves: nothing is held.
     cluster.backend.kill9();
-    cluster.endpoints(&[("127.0.0.1", false, false)]);
-    cluster.wait_state("down", None).await;
-    cluster.backend.restart().await.unwrap();
-    cluster.endpoints(&[("127.0.0.1", true, false)]);
+    cluster.traffic().await;
+    assert_eq!(cluster.proxy.status().await["state"], "up");
+    // Discovery still decides when to hold, although the Service serves.
+    cluster.pod_endpoint(false, false);
+    cluster.wait_state("down", Some("discovery")).await;
+    cluster.traffic().await;
+    assert_eq!(cluster.proxy.status().await["state"], "down");
+    cluster.pod_endpoint(true, false);
     cluster.wait_state("up", None).await;
     cluster.traffic().await;
-    workload.stop_and_check().await;
+    let results = workload.stop().await.0;
+    assert!(
+        results.iter().all(|(_, _, result)| result.is_ok()),
+        "{results:?}"
+    );
+    for (n, _, _) in &results {
+        on_service
+            .head_object()
+            .bucket("cluster")
+            .key(format!("obj-{n:05}"))
+            .send()
+            .await
+            .expect("every object is on the Service's backend");
+    }
 }

@@ -1,13 +1,15 @@
 //! Hot reload of the running binary: on SIGHUP and on a file change, hold
 //! settings change live without dropping a held request; an invalid file is
-//! rejected and the old configuration stays.
+//! rejected and the old configuration stays; a restart-only section
+//! (`[backend.kubernetes]`) removed or changed live keeps its running value.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use support::{ProxyProcess, S3Backend, metric_sample, raw_request};
+use support::fake_kube::FakeKube;
+use support::{ProxyProcess, S3Backend, free_port, metric_sample, raw_request, s3_client};
 
 fn backend_section(backend: &S3Backend) -> String {
     format!("[backend]\naddress = \"{}\"\n", backend.address)
@@ -162,4 +164,81 @@ async fn a_new_listen_address_is_reported_and_the_old_socket_keeps_serving() {
             .await
             .is_err()
     );
+}
+
+/// The log lines that say a reload kept the running `backend.kubernetes`.
+fn kept_discovery_warnings(proxy: &ProxyProcess) -> usize {
+    proxy
+        .log_lines()
+        .iter()
+        .filter(|line| line.contains("backend.kubernetes") && line.contains("restart"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_kubernetes_removed_or_changed_live_keeps_discovery_as_started() {
+    let pod = S3Backend::start().await.unwrap();
+    let fake = FakeKube::start("s3gw").await;
+    fake.set_endpoints(
+        "s3gw-s3gw",
+        pod.address.port(),
+        &[("127.0.0.1", true, false)],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on backend.address: requests sent there would fail.
+    let static_backend = format!("[backend]\naddress = \"127.0.0.1:{}\"\n", free_port());
+    let discovery = format!(
+        "[backend.kubernetes]\nnamespace = \"s3gw\"\nservice = \"s3gw-s3gw\"\nport = \"s3\"\nkubeconfig = \"{}\"\n",
+        fake.kubeconfig(dir.path()).display()
+    );
+    let file = |discovery: &str, hold: &str| {
+        format!("{static_backend}{discovery}[hold]\ntimeout = \"{hold}\"\n")
+    };
+    let proxy = ProxyProcess::start(&file(&discovery, "3s")).await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("live").send().await.unwrap();
+    let put = |key: &'static str| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("live")
+                .key(key)
+                .body(aws_sdk_s3::primitives::ByteStream::from_static(b"kept"))
+                .send()
+                .await
+        }
+    };
+
+    // The section removed: the pod discovery found still gets the requests.
+    proxy.write_config(&file("", "5s"));
+    proxy.signal("-HUP");
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 5.0).await;
+    put("after-removal").await.expect("still sent to the pod");
+    support::wait_until(
+        Duration::from_secs(10),
+        "the kept backend.kubernetes to be logged",
+        || async { kept_discovery_warnings(&proxy) >= 1 },
+    )
+    .await
+    .unwrap();
+
+    // Changed to route through a Service address nobody serves: still the pod.
+    let changed = discovery.replace("s3gw-s3gw", "elsewhere")
+        + &format!(
+            "route = \"service\"\nservice_address = \"127.0.0.1:{}\"\n",
+            free_port()
+        );
+    proxy.write_config(&file(&changed, "4s"));
+    proxy.signal("-HUP");
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 4.0).await;
+    put("after-change").await.expect("still sent to the pod");
+    assert_eq!(proxy.status().await["state"], "up");
+
+    // The section as started is what runs: putting it back changes nothing.
+    let warned = kept_discovery_warnings(&proxy);
+    proxy.write_config(&file(&discovery, "6s"));
+    proxy.signal("-HUP");
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 6.0).await;
+    put("after-restore").await.expect("still sent to the pod");
+    assert_eq!(kept_discovery_warnings(&proxy), warned, "nothing to keep");
 }

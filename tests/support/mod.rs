@@ -631,6 +631,25 @@ impl ProxyProcess {
     /// Starts the binary with `[listener]` and `[admin]` on free loopback ports
     /// plus `body` (which must name the backend), and waits until it is ready.
     pub async fn start(body: &str) -> anyhow::Result<ProxyProcess> {
+        ProxyProcess::start_as(body, Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))).await
+    }
+
+    /// Like [`ProxyProcess::start`], with at most `descriptors` open files
+    /// (`ulimit -n` in the shell that execs the binary).
+    pub async fn start_with_descriptor_limit(
+        body: &str,
+        descriptors: u32,
+    ) -> anyhow::Result<ProxyProcess> {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {descriptors} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_s3-failover-proxy"));
+        ProxyProcess::start_as(body, command).await
+    }
+
+    /// Starts `command` (the binary, or what execs it) with `--config`.
+    async fn start_as(body: &str, mut command: Command) -> anyhow::Result<ProxyProcess> {
         let (port, admin_port) = (free_port(), free_port());
         let config = tempfile::NamedTempFile::new()?;
         let mut process = ProxyProcess {
@@ -641,7 +660,7 @@ impl ProxyProcess {
             child: Command::new("true").spawn()?,
         };
         process.write_config(body);
-        process.child = Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+        process.child = command
             .arg("--config")
             .arg(process.config.path())
             .stderr(process.log.reopen()?)
