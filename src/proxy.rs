@@ -285,18 +285,25 @@ impl Proxy {
             // A suspect of a crash goes alone, so a second crash names it.
             let suspect =
                 self.quarantine.watches_any() && self.quarantine.is_suspect(outbound.fingerprint());
-            if !suspect && replay_due.is_none() {
-                self.after_suspects(progress, settings, peer).await?;
-            }
+            let waiting_since = Instant::now();
+            let deadline = progress.started + settings.hold_timeout;
             let _lane = match suspect {
                 true => Some(
-                    self.quarantine
-                        .enter_lane(progress.started + settings.hold_timeout)
-                        .await
-                        .ok_or(ProxyError::Held(Rejection::HoldTimeout))?,
+                    self.held_for(self.quarantine.enter_lane(deadline), peer)
+                        .await?,
                 ),
+                false if replay_due.is_none() && self.quarantine.replays_are_due() => {
+                    self.held_for(self.quarantine.suspects_replayed(deadline), peer)
+                        .await?;
+                    None
+                }
                 false => None,
             };
+            let waited = waiting_since.elapsed();
+            if !waited.is_zero() {
+                progress.was_held = true;
+                progress.held += waited;
+            }
             let delivery = Arc::new(Delivery::for_request(outbound.version, &outbound.headers));
             let attempt = body
                 .attempt(Arc::clone(&delivery))
@@ -347,29 +354,22 @@ impl Proxy {
         }
     }
 
-    /// Waits, before a request is sent, until the suspects of the last crash
-    /// were sent again (they go first, one at a time); the wait counts as
-    /// held time and ends with the hold deadline.
-    async fn after_suspects(
+    /// Waits for the quarantine's say before a request is sent: the suspect
+    /// lane (suspects go one at a time), or until the suspects of the last
+    /// crash were sent again (everyone else waits for them). `None` from
+    /// `wait` is the hold deadline; the client leaving or the shutdown grace
+    /// ending cut the wait short too.
+    async fn held_for<T>(
         &self,
-        progress: &mut Progress,
-        settings: &ProxySettings,
+        wait: impl Future<Output = Option<T>>,
         peer: &Peer,
-    ) -> Result<(), ProxyError> {
-        let waiting_since = Instant::now();
-        let deadline = progress.started + settings.hold_timeout;
-        let replayed = tokio::select! {
-            replayed = self.quarantine.suspects_replayed(deadline) => replayed,
-            () = peer.gone() => return Err(ProxyError::ClientGone),
-        };
-        let waited = waiting_since.elapsed();
-        if !waited.is_zero() {
-            progress.was_held = true;
-            progress.held += waited;
-        }
-        match replayed {
-            true => Ok(()),
-            false => Err(ProxyError::Held(Rejection::HoldTimeout)),
+    ) -> Result<T, ProxyError> {
+        let mut holding_ended = self.holding_ended.subscribe();
+        tokio::select! {
+            biased;
+            _ = holding_ended.wait_for(|ended| *ended) => Err(ProxyError::ShuttingDown),
+            waited = wait => waited.ok_or(ProxyError::Held(Rejection::HoldTimeout)),
+            () = peer.gone() => Err(ProxyError::ClientGone),
         }
     }
 

@@ -158,9 +158,14 @@ impl Quarantine {
         }
     }
 
-    /// Waits until no suspect is due to be sent again; false at `deadline`.
-    /// Returns at once in the common case (no suspect).
-    pub async fn suspects_replayed(&self, deadline: Instant) -> bool {
+    /// True while a suspect is due to be sent again.
+    pub fn replays_are_due(&self) -> bool {
+        self.replays_due.count.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits until no suspect is due to be sent again; `None` at
+    /// `deadline`. Returns at once in the common case (no suspect).
+    pub async fn suspects_replayed(&self, deadline: Instant) -> Option<()> {
         let due = &self.replays_due;
         loop {
             let zero = due.zero.notified();
@@ -169,11 +174,9 @@ impl Quarantine {
             // still wakes it.
             zero.as_mut().enable();
             if due.count.load(Ordering::Acquire) == 0 {
-                return true;
+                return Some(());
             }
-            if tokio::time::timeout_at(deadline, zero).await.is_err() {
-                return false;
-            }
+            tokio::time::timeout_at(deadline, zero).await.ok()?;
         }
     }
 
@@ -331,7 +334,10 @@ mod tests {
     async fn other_requests_wait_until_every_due_suspect_was_sent_again() {
         let quarantine = Arc::new(Quarantine::new(Duration::from_secs(60)));
         let deadline = Instant::now() + Duration::from_secs(30);
-        assert!(quarantine.suspects_replayed(deadline).await, "none due");
+        assert!(
+            quarantine.suspects_replayed(deadline).await.is_some(),
+            "none due"
+        );
 
         let first = quarantine.replay_due();
         let second = quarantine.replay_due();
@@ -343,11 +349,11 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "one suspect is still due");
         drop(second);
-        assert!(waiting.await.unwrap());
+        assert!(waiting.await.unwrap().is_some());
 
         let _stuck = quarantine.replay_due();
         assert!(
-            !quarantine.suspects_replayed(deadline).await,
+            quarantine.suspects_replayed(deadline).await.is_none(),
             "waits no longer than the deadline"
         );
     }
