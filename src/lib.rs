@@ -42,6 +42,7 @@ pub mod delivery;
 pub mod discovery;
 pub mod drain;
 pub mod gate;
+pub mod h2_heads;
 pub mod headers;
 pub mod kubernetes;
 pub mod listener;

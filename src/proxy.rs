@@ -663,14 +663,12 @@ impl Proxy {
 /// `GET host:80`, which would otherwise become `GET /`), an expectation the
 /// proxy cannot honour for every backend alike.
 fn refusal(parts: &http::request::Parts, peer: &Peer) -> Option<ProxyError> {
-    if parts.version < Version::HTTP_2 {
-        if parts.uri.path_and_query().is_none() {
-            return Some(ProxyError::InvalidUri);
-        }
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        if peer.cut_targets.take(parts.method.as_str(), target) {
-            return Some(ProxyError::InvalidUri);
-        }
+    if parts.version < Version::HTTP_2 && parts.uri.path_and_query().is_none() {
+        return Some(ProxyError::InvalidUri);
+    }
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    if peer.cut_targets.take(parts.method.as_str(), target) {
+        return Some(ProxyError::InvalidUri);
     }
     match delivery::expectation(parts.version, &parts.headers) {
         Expectation::Unsupported => Some(ProxyError::ExpectationFailed),

@@ -22,7 +22,9 @@
 //! connection. Until a request line is whole, its bytes are held back from
 //! hyper, so it never holds part of a refused request.
 //!
-//! An HTTP/2 connection, or bytes hyper refuses for another reason, end the
+//! On an HTTP/2 connection the request heads are followed frame by frame
+//! and decoded ([`crate::h2_heads`]): a `:path` with a raw `#` is recorded
+//! and refused the same way. Bytes hyper refuses for another reason end the
 //! watch.
 
 use std::collections::VecDeque;
@@ -31,6 +33,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::future::Future;
 use std::task::ready;
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ use hyper::Method;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access_log::next_request_id;
+use crate::h2_heads::{self, H2Heads, RequestHead};
 use crate::s3_error::ProxyError;
 
 /// Refused request lines remembered at once per connection; a client that
@@ -81,6 +85,13 @@ impl CutTargets {
         }
     }
 
+    /// Refuses every later request on the connection: its bytes could not
+    /// be followed.
+    fn distrust(&self) {
+        self.overflowed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     fn record(&self, line: Vec<u8>) {
         let mut recorded = self.recorded.lock().unwrap();
         if recorded.len() == MAX_RECORDED {
@@ -109,6 +120,10 @@ pub struct TargetWatch<I> {
     /// The answer to a request line hyper would refuse: hyper's input ends
     /// before it, and it is written when hyper shuts the connection down.
     refusal: Option<Refusal>,
+    /// Past the connection's first bytes (where HTTP/2 starts).
+    started: bool,
+    /// The request heads of an HTTP/2 connection.
+    h2: Option<Box<H2Heads>>,
 }
 
 /// An S3 error written by the watch itself, after hyper's last answer.
@@ -116,7 +131,20 @@ pub struct TargetWatch<I> {
 struct Refusal {
     response: Vec<u8>,
     written: usize,
+    /// Once written and the write side shut: until when the client's
+    /// further bytes are read and dropped.
+    lingering: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes dropped so far.
+    dropped: usize,
 }
+
+/// Lingering close after a refusal (nginx's `lingering_close`): the client
+/// may still be sending the refused request; closing with its bytes unread
+/// would reset the connection and could destroy the answer before the
+/// client reads it. Its bytes are read and dropped until it closes, for at
+/// most this long and this many bytes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
 
 /// Where following a read stopped short of its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +168,9 @@ enum Framing {
     ChunkData(u64),
     /// In the trailer section after the last chunk.
     Trailers,
-    /// Not HTTP/1.x, or lost: nothing more is watched.
+    /// HTTP/2 frames.
+    H2,
+    /// Lost: nothing more is watched.
     Off,
 }
 
@@ -154,6 +184,8 @@ impl<I> TargetWatch<I> {
             withheld: Vec::new(),
             released: Vec::new(),
             refusal: None,
+            started: false,
+            h2: None,
         }
     }
 
@@ -187,15 +219,54 @@ impl<I> TargetWatch<I> {
                 },
                 Framing::ChunkSize => self.chunk_size(read),
                 Framing::Trailers => self.trailer_line(read),
+                Framing::H2 => self.h2_frames(read),
             };
         }
         None
+    }
+
+    /// Follows HTTP/2 frames; records each request whose `:path` has a raw
+    /// `#`, as `METHOD SP path-before-#`.
+    fn h2_frames<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        let Some(h2) = self.h2.as_mut() else {
+            return self.lose();
+        };
+        let cut = &self.cut;
+        let followed = h2.follow(read, &mut |head: RequestHead| {
+            if let Some(hash) = memchr::memchr(b'#', &head.path) {
+                cut.record([&head.method[..], b" ", &head.path[..hash]].concat());
+            }
+        });
+        if followed.is_err() {
+            self.cut.distrust();
+            return self.lose();
+        }
+        &[]
+    }
+
+    /// At the connection's first bytes: HTTP/2 starts with its preface.
+    fn starts_http2(&mut self, read: &[u8]) -> Result<bool, Stop> {
+        let compared = read.len().min(h2_heads::PREFACE.len());
+        if read[..compared] != h2_heads::PREFACE[..compared] {
+            self.started = true;
+            return Ok(false);
+        }
+        if compared < h2_heads::PREFACE.len() {
+            return Err(Stop::Withhold(0));
+        }
+        self.started = true;
+        self.framing = Framing::H2;
+        self.h2 = Some(Box::default());
+        Ok(true)
     }
 
     /// Takes head bytes; at the end of the head, records a cut target and
     /// moves to the body. Returns what is left of `read`, or where a
     /// request starting in `read` must stop.
     fn head<'r>(&mut self, read: &'r [u8]) -> Result<&'r [u8], Stop> {
+        if !self.started && self.starts_http2(read)? {
+            return Ok(read);
+        }
         // The common case, a head within one read, is parsed in place.
         let at_start = self.pending.is_empty();
         let (parsed, before) = if at_start {
@@ -277,6 +348,7 @@ impl<I> TargetWatch<I> {
     fn lose<'r>(&mut self) -> &'r [u8] {
         self.framing = Framing::Off;
         self.pending = Vec::new();
+        self.h2 = None;
         &[]
     }
 }
@@ -492,6 +564,8 @@ impl Refusal {
         Refusal {
             response: http1_bytes(answer),
             written: 0,
+            lingering: None,
+            dropped: 0,
         }
     }
 }
@@ -558,7 +632,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -583,10 +657,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    /// Writes a pending refusal after hyper's last answer, then shuts down.
+    /// Writes a pending refusal after hyper's last answer, shuts down, and
+    /// lingers (see [`LINGER`]).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(refusal) = &mut this.refusal {
+        let Some(refusal) = &mut this.refusal else {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        };
+        if refusal.lingering.is_none() {
             while refusal.written < refusal.response.len() {
                 let rest = &refusal.response[refusal.written..];
                 let n = ready!(Pin::new(&mut this.inner).poll_write(cx, rest))?;
@@ -596,8 +674,27 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
                 refusal.written += n;
             }
             ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            refusal.lingering = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let mut scratch = [0u8; 8 << 10];
+        while refusal.dropped < LINGER_BYTES {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    refusal.dropped += buf.filled().len();
+                }
+                Poll::Ready(_) => break,
+                Poll::Pending => match refusal.lingering.as_mut() {
+                    Some(until) => {
+                        ready!(until.as_mut().poll(cx));
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -815,9 +912,16 @@ mod tests {
     }
 
     #[test]
-    fn http2_is_not_watched() {
-        let mut watch = TargetWatch::new((), Arc::default());
-        watch.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert_eq!(watch.framing, Framing::Off);
+    fn http2_request_heads_are_followed() {
+        let mut encoder = loona_hpack::Encoder::new();
+        let block = encoder.encode([
+            (&b":method"[..], &b"PUT"[..]),
+            (&b":path"[..], &b"/b/hash#frag"[..]),
+        ]);
+        let mut frame = vec![0, 0, block.len() as u8, 0x1, 0x4, 0, 0, 0, 1];
+        frame.extend_from_slice(&block);
+        let (preface, start) = h2_heads::PREFACE.split_at(10);
+        let cut = watched(&[preface, start, &frame]);
+        assert!(cut.take("PUT", "/b/hash"));
     }
 }

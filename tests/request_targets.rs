@@ -187,3 +187,104 @@ async fn a_target_split_across_writes_is_forwarded_whole() {
     assert_eq!(read_response(&mut stream).await.0, 200);
     assert!(received(&relay).contains("PUT /targets/split HTTP/1.1"));
 }
+
+/// An HTTP/2 frame (RFC 9113 section 4.1).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// A GET with no body on `stream`, its `:path` as given (HPACK literals).
+fn h2_get(encoder: &mut loona_hpack::Encoder<'_>, stream: u32, path: &str) -> Vec<u8> {
+    let fields = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "s3"),
+    ];
+    let block = encoder.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    // END_STREAM | END_HEADERS
+    h2_frame(0x1, 0x1 | 0x4, stream, &block)
+}
+
+/// Reads frames until each of `streams` has ended; their `:status` and body.
+async fn h2_answers(stream: &mut TcpStream, streams: &[u32]) -> Vec<(u16, String)> {
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut answers: std::collections::HashMap<u32, (u16, Vec<u8>, bool)> = Default::default();
+    let ended = |answers: &std::collections::HashMap<u32, (u16, Vec<u8>, bool)>| {
+        streams
+            .iter()
+            .all(|id| answers.get(id).is_some_and(|answer| answer.2))
+    };
+    while !ended(&answers) {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_exact(&mut header),
+        )
+        .await
+        .expect("the proxy answers")
+        .unwrap();
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let (kind, flags) = (header[3], header[4]);
+        let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; length];
+        stream.read_exact(&mut payload).await.unwrap();
+        let answer = answers.entry(id).or_default();
+        match kind {
+            0x1 => {
+                for (name, value) in decoder.decode(&payload).unwrap() {
+                    if name == b":status" {
+                        answer.0 = String::from_utf8(value).unwrap().parse().unwrap();
+                    }
+                }
+            }
+            0x0 => answer.1.extend_from_slice(&payload),
+            _ => continue,
+        }
+        answer.2 |= flags & 0x1 != 0;
+    }
+    streams
+        .iter()
+        .map(|id| {
+            let (status, body, _) = &answers[id];
+            (*status, String::from_utf8_lossy(body).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_hash_in_an_http2_path_is_refused_not_cut() {
+    let (_backend, relay, proxy) = setup().await;
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let mut encoder = loona_hpack::Encoder::new();
+    let bytes = [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        h2_frame(0x4, 0, 0, &[]),
+        h2_get(&mut encoder, 1, "/targets/hash#frag"),
+        h2_get(&mut encoder, 3, "/targets/after"),
+    ]
+    .concat();
+    stream.write_all(&bytes).await.unwrap();
+
+    let answers = h2_answers(&mut stream, &[1, 3]).await;
+    assert_eq!(answers[0].0, 400);
+    assert!(
+        answers[0].1.contains("<Code>InvalidURI</Code>"),
+        "{answers:?}"
+    );
+    assert_ne!(
+        answers[1].0, 400,
+        "the next request is the backend's to answer"
+    );
+    let received = received(&relay);
+    assert!(received.contains("GET /targets/after"), "{received}");
+    assert!(
+        !received.contains("/targets/hash"),
+        "never cut and sent: {received}"
+    );
+}
