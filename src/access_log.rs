@@ -51,6 +51,7 @@ impl RequestRecord {
     fn hold_outcome(&self) -> Option<HoldOutcome> {
         match self.outcome {
             "queue_full" => Some(HoldOutcome::QueueFull),
+            "client_share" => Some(HoldOutcome::ClientShare),
             "fail_fast" => Some(HoldOutcome::FailFast),
             "hold_timeout" => Some(HoldOutcome::TimedOut),
             "client_gone" => Some(HoldOutcome::ClientGone),

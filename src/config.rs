@@ -161,6 +161,9 @@ pub struct HoldConfig {
     pub timeout: Duration,
     /// Requests held at once; beyond this new ones get `SlowDown`.
     pub max_requests: usize,
+    /// Requests one client (access key, or address) may have held at once;
+    /// beyond this its new ones get `SlowDown` while others still queue.
+    pub max_requests_per_client: usize,
     /// Outage length after which new requests fail at once.
     pub fail_fast_after: Duration,
     /// Request body bytes kept so a request that reached the backend can be replayed.
@@ -319,6 +322,7 @@ struct RawHold {
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     max_requests: Option<usize>,
+    max_requests_per_client: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     fail_fast_after: Option<Duration>,
     replay_buffer: Option<ByteSize>,
@@ -632,9 +636,15 @@ impl Config {
 
     /// The validation layer: defaults filled in, every rule checked.
     pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let max_requests = positive_count("hold.max_requests", raw.hold.max_requests, 10_000)?;
         let hold = HoldConfig {
             timeout: positive_duration("hold.timeout", raw.hold.timeout, Duration::from_secs(30))?,
-            max_requests: positive_count("hold.max_requests", raw.hold.max_requests, 10_000)?,
+            max_requests,
+            max_requests_per_client: positive_count(
+                "hold.max_requests_per_client",
+                raw.hold.max_requests_per_client,
+                max_requests.div_ceil(2),
+            )?,
             fail_fast_after: positive_duration(
                 "hold.fail_fast_after",
                 raw.hold.fail_fast_after,
@@ -791,6 +801,7 @@ mod tests {
         assert_eq!(config.backend.address.to_string(), "127.0.0.1:7480");
         assert_eq!(config.hold.timeout, Duration::from_secs(30));
         assert_eq!(config.hold.max_requests, 10_000);
+        assert_eq!(config.hold.max_requests_per_client, 5_000);
         assert_eq!(config.hold.fail_fast_after, Duration::from_secs(120));
         assert_eq!(config.hold.replay_buffer, 1 << 20);
         assert!(config.probe.interval < Duration::from_millis(100));

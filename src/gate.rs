@@ -11,7 +11,7 @@
 //! machine over a mutex, a `watch` channel for the probe loop, and tokio time,
 //! so it is unit-tested with paused time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -79,6 +79,8 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GateSettings {
     pub max_held: usize,
+    /// Requests one client may have held at once (`hold.max_requests_per_client`).
+    pub max_held_per_client: usize,
     pub fail_fast_after: Duration,
     pub release_concurrency: usize,
     pub max_pause: Duration,
@@ -89,6 +91,8 @@ pub struct GateSettings {
 pub enum Rejection {
     #[error("the hold queue is full")]
     QueueFull,
+    #[error("the client already holds its share of the hold queue")]
+    ClientShare,
     #[error("the request was held for its whole hold timeout")]
     HoldTimeout,
     #[error("the backend has been down longer than hold.fail_fast_after")]
@@ -177,14 +181,22 @@ struct Pause {
 #[derive(Debug)]
 struct Waiter {
     ticket: Ticket,
+    client: ClientKey,
     tx: oneshot::Sender<ReleaseSlot>,
 }
+
+/// Who a held request is from, for fair holding: see
+/// [`crate::client_identity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey(pub u64);
 
 struct Inner {
     settings: GateSettings,
     state: State,
     changed_at: Instant,
     queue: VecDeque<Waiter>,
+    /// Queued requests per client.
+    held_by: HashMap<ClientKey, usize>,
     /// Released requests that have not settled yet.
     releasing: usize,
     pause: Option<Pause>,
@@ -220,6 +232,7 @@ impl Gate {
                 state: State::Up,
                 changed_at: Instant::now(),
                 queue: VecDeque::new(),
+                held_by: HashMap::new(),
                 releasing: 0,
                 pause: None,
                 discovery_hold: false,
@@ -271,6 +284,19 @@ impl Gate {
         ticket: Ticket,
         deadline: Instant,
     ) -> Result<Admission, Rejection> {
+        self.admit_from(ticket, || ClientKey(0), deadline).await
+    }
+
+    /// [`Gate::admit`] for a request from `client` (asked only if the
+    /// request is to be held): a client that already holds
+    /// `max_held_per_client` requests is refused ([`Rejection::ClientShare`]),
+    /// while others may still queue.
+    pub async fn admit_from(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        client: impl FnOnce() -> ClientKey,
+        deadline: Instant,
+    ) -> Result<Admission, Rejection> {
         let mut rx = {
             let mut inner = self.lock();
             if matches!(inner.state, State::Up) && inner.queue.is_empty() {
@@ -288,9 +314,16 @@ impl Gate {
             if inner.queue.len() >= inner.settings.max_held {
                 return Err(Rejection::QueueFull);
             }
+            let client = client();
+            let most = inner.settings.max_held_per_client;
+            let held = inner.held_by.entry(client).or_insert(0);
+            if *held >= most {
+                return Err(Rejection::ClientShare);
+            }
+            *held += 1;
             let (tx, rx) = oneshot::channel();
             let position = inner.queue.partition_point(|w| w.ticket < ticket);
-            inner.queue.insert(position, Waiter { ticket, tx });
+            inner.queue.insert(position, Waiter { ticket, client, tx });
             self.release_more(&mut inner);
             rx
         };
@@ -545,6 +578,7 @@ impl Gate {
             let Some(waiter) = inner.queue.pop_front() else {
                 break;
             };
+            inner.left_queue(waiter.client);
             inner.releasing += 1;
             let slot = ReleaseSlot {
                 gate: Arc::clone(self),
@@ -581,8 +615,10 @@ impl Gate {
 
     fn dequeue(&self, ticket: Ticket) {
         let mut inner = self.lock();
-        if let Some(position) = inner.queue.iter().position(|w| w.ticket == ticket) {
-            inner.queue.remove(position);
+        if let Some(position) = inner.queue.iter().position(|w| w.ticket == ticket)
+            && let Some(waiter) = inner.queue.remove(position)
+        {
+            inner.left_queue(waiter.client);
         }
     }
 
@@ -598,6 +634,18 @@ impl Gate {
         };
         for observer in self.observers.lock().unwrap().iter() {
             observer(&transition);
+        }
+    }
+}
+
+impl Inner {
+    /// A request of `client` left the queue (released, or gone).
+    fn left_queue(&mut self, client: ClientKey) {
+        if let Some(held) = self.held_by.get_mut(&client) {
+            *held -= 1;
+            if *held == 0 {
+                self.held_by.remove(&client);
+            }
         }
     }
 }
@@ -629,6 +677,7 @@ mod tests {
     fn settings() -> GateSettings {
         GateSettings {
             max_held: 3,
+            max_held_per_client: 3,
             fail_fast_after: Duration::from_secs(120),
             release_concurrency: 2,
             max_pause: Duration::from_secs(60),
@@ -648,6 +697,42 @@ mod tests {
     async fn settle_tasks() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
+        }
+    }
+
+    fn hold_from(
+        gate: &Arc<Gate>,
+        client: u64,
+    ) -> tokio::task::JoinHandle<Result<Admission, Rejection>> {
+        let gate = Arc::clone(gate);
+        let ticket = gate.ticket();
+        tokio::spawn(async move { gate.admit_from(ticket, || ClientKey(client), far()).await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_holding_its_share_is_refused_while_others_still_queue() {
+        let gate = Gate::new(GateSettings {
+            max_held_per_client: 2,
+            ..settings()
+        });
+        gate.mark_down(DownReason::Refused);
+        let first = hold_from(&gate, 1);
+        let second = hold_from(&gate, 1);
+        settle_tasks().await;
+        let third = gate.admit_from(gate.ticket(), || ClientKey(1), far()).await;
+        assert_eq!(third.unwrap_err(), Rejection::ClientShare);
+        let other = hold_from(&gate, 2);
+        settle_tasks().await;
+        assert_eq!(gate.status().held, 3, "another client still queues");
+
+        first.abort();
+        settle_tasks().await;
+        let again = hold_from(&gate, 1);
+        settle_tasks().await;
+        assert_eq!(gate.status().held, 3, "a place left is the client's again");
+        gate.probe_result(true);
+        for held in [second, other, again] {
+            assert!(held.await.unwrap().is_ok());
         }
     }
 

@@ -36,6 +36,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod backend_address;
+pub mod client_identity;
 pub mod config;
 pub mod connector;
 pub mod delivery;

@@ -32,6 +32,8 @@ pub enum HoldOutcome {
     ReleasedFailed,
     TimedOut,
     QueueFull,
+    /// The client already held its share of the queue.
+    ClientShare,
     FailFast,
     ClientGone,
     /// Still held when the shutdown grace ended: answered `503`.
@@ -41,7 +43,10 @@ pub enum HoldOutcome {
 impl HoldOutcome {
     /// True when the request waited in the queue (rather than being turned away).
     fn waited(self) -> bool {
-        !matches!(self, HoldOutcome::QueueFull | HoldOutcome::FailFast)
+        !matches!(
+            self,
+            HoldOutcome::QueueFull | HoldOutcome::ClientShare | HoldOutcome::FailFast
+        )
     }
 
     fn as_str(self) -> &'static str {
@@ -50,6 +55,7 @@ impl HoldOutcome {
             HoldOutcome::ReleasedFailed => "released_failed",
             HoldOutcome::TimedOut => "timed_out",
             HoldOutcome::QueueFull => "queue_full",
+            HoldOutcome::ClientShare => "client_share",
             HoldOutcome::FailFast => "fail_fast",
             HoldOutcome::ClientGone => "client_gone",
             HoldOutcome::ShuttingDown => "shutting_down",
@@ -340,6 +346,7 @@ impl Metrics {
             HoldOutcome::ReleasedFailed,
             HoldOutcome::TimedOut,
             HoldOutcome::QueueFull,
+            HoldOutcome::ClientShare,
             HoldOutcome::FailFast,
             HoldOutcome::ClientGone,
             HoldOutcome::ShuttingDown,

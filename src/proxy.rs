@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
+use crate::client_identity::client_key;
 use crate::config::ForwardingConfig;
 use crate::delivery::{self, Delivery, Expectation};
 use crate::drain::{InFlight, InFlightGuard};
@@ -272,7 +273,7 @@ impl Proxy {
         let mut replay_due: Option<ReplayDue> = None;
         loop {
             let queued_at = Instant::now();
-            let admitted = self.admit(ticket, progress.started, peer).await;
+            let admitted = self.admit(ticket, outbound, progress.started, peer).await;
             if let Err(ProxyError::Held(_) | ProxyError::ClientGone | ProxyError::ShuttingDown) =
                 admitted
             {
@@ -285,25 +286,22 @@ impl Proxy {
             // A suspect of a crash goes alone, so a second crash names it.
             let suspect =
                 self.quarantine.watches_any() && self.quarantine.is_suspect(outbound.fingerprint());
-            let waiting_since = Instant::now();
             let deadline = progress.started + settings.hold_timeout;
             let _lane = match suspect {
-                true => Some(
-                    self.held_for(self.quarantine.enter_lane(deadline), peer)
-                        .await?,
-                ),
+                true => match self.quarantine.try_enter_lane() {
+                    Some(lane) => Some(lane),
+                    None => {
+                        let lane = self.quarantine.enter_lane(deadline);
+                        Some(self.held_for(lane, peer, progress).await?)
+                    }
+                },
                 false if replay_due.is_none() && self.quarantine.replays_are_due() => {
-                    self.held_for(self.quarantine.suspects_replayed(deadline), peer)
-                        .await?;
+                    let replayed = self.quarantine.suspects_replayed(deadline);
+                    self.held_for(replayed, peer, progress).await?;
                     None
                 }
                 false => None,
             };
-            let waited = waiting_since.elapsed();
-            if !waited.is_zero() {
-                progress.was_held = true;
-                progress.held += waited;
-            }
             let delivery = Arc::new(Delivery::for_request(outbound.version, &outbound.headers));
             let attempt = body
                 .attempt(Arc::clone(&delivery))
@@ -358,19 +356,24 @@ impl Proxy {
     /// lane (suspects go one at a time), or until the suspects of the last
     /// crash were sent again (everyone else waits for them). `None` from
     /// `wait` is the hold deadline; the client leaving or the shutdown grace
-    /// ending cut the wait short too.
+    /// ending cut the wait short too. The wait counts as held time.
     async fn held_for<T>(
         &self,
         wait: impl Future<Output = Option<T>>,
         peer: &Peer,
+        progress: &mut Progress,
     ) -> Result<T, ProxyError> {
+        let since = Instant::now();
         let mut holding_ended = self.holding_ended.subscribe();
-        tokio::select! {
+        let waited = tokio::select! {
             biased;
             _ = holding_ended.wait_for(|ended| *ended) => Err(ProxyError::ShuttingDown),
             waited = wait => waited.ok_or(ProxyError::Held(Rejection::HoldTimeout)),
             () = peer.gone() => Err(ProxyError::ClientGone),
-        }
+        };
+        progress.was_held = true;
+        progress.held += since.elapsed();
+        waited
     }
 
     /// Decides what a failed attempt means: `Ok` to hold (if the backend is
@@ -490,9 +493,11 @@ impl Proxy {
     async fn admit(
         &self,
         ticket: Ticket,
+        outbound: &Outbound,
         started: Instant,
         peer: &Peer,
     ) -> Result<Admission, ProxyError> {
+        let client = || client_key(&outbound.headers, &outbound.uri, peer.address.ip());
         let mut reloads = self.settings.subscribe();
         let mut holding_ended = self.holding_ended.subscribe();
         loop {
@@ -500,7 +505,7 @@ impl Proxy {
             tokio::select! {
                 biased;
                 _ = holding_ended.wait_for(|ended| *ended) => return Err(ProxyError::ShuttingDown),
-                admitted = self.gate.admit(ticket, deadline) => return admitted.map_err(ProxyError::Held),
+                admitted = self.gate.admit_from(ticket, client, deadline) => return admitted.map_err(ProxyError::Held),
                 () = peer.gone() => return Err(ProxyError::ClientGone),
                 _ = reloads.changed() => continue,
             }

@@ -233,6 +233,11 @@ impl Quarantine {
         self.state.lock().unwrap().suspects.remove(fingerprint);
     }
 
+    /// The suspect lane, if no other suspect attempt has it.
+    pub fn try_enter_lane(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.lane.try_lock().ok()
+    }
+
     /// Waits for the suspect lane (one suspect attempt at a time), or `None`
     /// at `deadline`.
     pub async fn enter_lane(&self, deadline: Instant) -> Option<tokio::sync::MutexGuard<'_, ()>> {

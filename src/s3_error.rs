@@ -57,6 +57,7 @@ impl ProxyError {
     pub fn label(self) -> &'static str {
         match self {
             ProxyError::Held(Rejection::QueueFull) => "queue_full",
+            ProxyError::Held(Rejection::ClientShare) => "client_share",
             ProxyError::Held(Rejection::HoldTimeout) => "hold_timeout",
             ProxyError::Held(Rejection::FailFast) => "fail_fast",
             ProxyError::NotReplayable => "not_replayable",
@@ -74,7 +75,9 @@ impl ProxyError {
 
     fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::Held(Rejection::QueueFull) => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
+            ProxyError::Held(Rejection::QueueFull | Rejection::ClientShare) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "SlowDown")
+            }
             ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
             // S3's own name for a client that stopped sending; 408 as the
@@ -99,6 +102,9 @@ impl ProxyError {
         match self {
             ProxyError::Held(Rejection::QueueFull) => {
                 "Please reduce your request rate: too many requests are waiting for the backend."
+            }
+            ProxyError::Held(Rejection::ClientShare) => {
+                "Please reduce your request rate: you have as many requests waiting for the backend as one client may."
             }
             ProxyError::Held(Rejection::HoldTimeout) => {
                 "The storage backend did not come back in time. Please retry."

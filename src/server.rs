@@ -85,6 +85,7 @@ impl Listeners {
 pub fn gate_settings(config: &Config) -> GateSettings {
     GateSettings {
         max_held: config.hold.max_requests,
+        max_held_per_client: config.hold.max_requests_per_client,
         fail_fast_after: config.hold.fail_fast_after,
         release_concurrency: config.hold.release_concurrency,
         max_pause: config.hold.max_pause,

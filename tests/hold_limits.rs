@@ -1,13 +1,14 @@
-//! The bounds of holding: a hold that times out, a full queue, a long outage,
-//! and a client that gives up while held. Each answer is an S3 XML error with
-//! `Retry-After`, which S3 SDKs retry on their own.
+//! The bounds of holding: a hold that times out, a full queue, one client's
+//! share of the queue, a long outage, and a client that gives up while held.
+//! Each answer is an S3 XML error with `Retry-After`, which S3 SDKs retry on
+//! their own.
 
 mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::{ProxyUnderTest, S3Backend, raw_request, send, wait_until};
+use support::{ProxyUnderTest, S3Backend, metric_sample, raw_request, send, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -48,7 +49,7 @@ async fn a_full_queue_answers_slow_down_at_once() {
     let backend = S3Backend::stopped().unwrap();
     let proxy = ProxyUnderTest::start(
         backend.address,
-        "[hold]\nmax_requests = 2\ntimeout = \"30s\"\n",
+        "[hold]\nmax_requests = 2\nmax_requests_per_client = 2\ntimeout = \"30s\"\n",
     )
     .await
     .unwrap();
@@ -70,6 +71,64 @@ async fn a_full_queue_answers_slow_down_at_once() {
     for request in held {
         request.abort();
     }
+}
+
+/// SigV4's `Authorization` naming `access_key` (the backend is down: the
+/// signature is never checked).
+fn signed_by(access_key: &str) -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential={access_key}/20261130/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_greedy_client_cannot_take_more_than_its_share_of_the_queue() {
+    let mut backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyUnderTest::start(
+        backend.address,
+        "[hold]\nmax_requests = 6\nmax_requests_per_client = 3\ntimeout = \"30s\"\n",
+    )
+    .await
+    .unwrap();
+    let address = proxy.address;
+    let request = move |access_key: &str, key: String| {
+        let authorization = signed_by(access_key);
+        async move {
+            raw_request(
+                address,
+                "GET",
+                &format!("/b/{key}"),
+                &[("authorization", &authorization)],
+                Bytes::new(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let greedy: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(request("GREEDY", format!("greedy-{i}"))))
+        .collect();
+    proxy.wait_held(3).await;
+    let (status, body) = request("GREEDY", "one-too-many".into()).await;
+    assert_eq!(status, 503);
+    assert_eq!(s3_code(&body), "SlowDown");
+
+    // Another client still queues, though the greedy one was refused.
+    let polite = tokio::spawn(request("POLITE", "polite".into()));
+    proxy.wait_held(4).await;
+    backend.spawn().unwrap();
+    for held in greedy.into_iter().chain([polite]) {
+        let (status, _) = held.await.unwrap();
+        assert_ne!(status, 503, "held, then answered by the backend");
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "s3fp_hold_outcomes_total{outcome=\"client_share\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
