@@ -61,6 +61,22 @@ pub struct ListenerConfig {
     /// A client silent this long in the middle of its request body gets
     /// `408 RequestTimeout` (nginx's `client_body_timeout`).
     pub client_body_timeout: Duration,
+    /// Longest wait for a whole request head, counted from the connection's
+    /// start (after its TLS handshake) or the end of the previous response:
+    /// so also how long an idle HTTP/1.1 keep-alive connection is kept. Then
+    /// the connection is closed (nginx's `client_header_timeout`; HAProxy's
+    /// `timeout http-request` and `http-keep-alive`). Restart-only.
+    pub header_timeout: Duration,
+    /// A client that takes no response byte for this long is cut (nginx's
+    /// `send_timeout`; HAProxy's `timeout client`). Restart-only.
+    pub send_timeout: Duration,
+    /// Client connections open at once; more are answered `503 SlowDown`
+    /// and closed. Each may use two file descriptors (client and backend),
+    /// checked against the process's limit at start. Restart-only.
+    pub max_connections: usize,
+    /// True when `max_connections` was set in the file (not the default):
+    /// then a file-descriptor limit too low for it stops start-up.
+    pub max_connections_set: bool,
 }
 
 /// The `X-Forwarded-For` / `X-Forwarded-Proto` headers the proxy adds.
@@ -255,6 +271,11 @@ struct RawListener {
     max_head_bytes: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     client_body_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    send_timeout: Option<Duration>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -460,6 +481,9 @@ fn positive_count<T: Default + PartialEq>(
 /// Header fields per message head, by default: S3 allows about 2 KB of user
 /// metadata, which can be hundreds of short `x-amz-meta-*` fields.
 const DEFAULT_MAX_HEADERS: usize = 500;
+/// Client connections open at once, by default (HAProxy derives its `maxconn`
+/// from the file-descriptor limit; nginx serves `worker_connections` per worker).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Bytes per message head, by default.
 const DEFAULT_MAX_HEAD_BYTES: u64 = 64 << 10;
 /// The smallest head limit: hyper's smallest read buffer.
@@ -745,6 +769,22 @@ impl Config {
                 raw.listener.client_body_timeout,
                 Duration::from_secs(60),
             )?,
+            header_timeout: positive_duration(
+                "listener.header_timeout",
+                raw.listener.header_timeout,
+                Duration::from_secs(60),
+            )?,
+            send_timeout: positive_duration(
+                "listener.send_timeout",
+                raw.listener.send_timeout,
+                Duration::from_secs(60),
+            )?,
+            max_connections: positive_count(
+                "listener.max_connections",
+                raw.listener.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            max_connections_set: raw.listener.max_connections.is_some(),
         };
         let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {

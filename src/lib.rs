@@ -60,6 +60,7 @@ pub mod request_target;
 pub mod response;
 pub mod s3_error;
 pub mod s3_operation;
+pub mod send_timeout;
 pub mod server;
 pub mod tls;
 pub mod upstream;

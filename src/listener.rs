@@ -5,6 +5,15 @@
 //! [`HANDSHAKE_TIMEOUT`]; a client that sends anything but a TLS handshake is
 //! dropped and counted, and the listener carries on. The departure watch of
 //! [`Peer`] sits on the TCP socket below TLS, so it works for both.
+//!
+//! Client-side limits ([`ClientLimits`]): a request head must arrive within
+//! `listener.header_timeout` of the connection's start or of the previous
+//! response (so an idle HTTP/1.1 keep-alive connection is closed then too);
+//! HTTP/2 connections are pinged at that interval and closed when the client
+//! stops answering; a client that takes no response byte for
+//! `listener.send_timeout` is cut ([`SendTimeout`]). At most
+//! `listener.max_connections` connections are open at once: one more gets
+//! `503 SlowDown` (plain HTTP) or is closed (HTTPS) at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,34 +22,67 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::peer::{ClientSocket, Peer};
 use crate::proxy::Proxy;
 use crate::request_target::TargetWatch;
+use crate::s3_error::ProxyError;
+use crate::send_timeout::SendTimeout;
 
 /// Longest a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an HTTP/2 client may take to answer a ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Refused connections being answered at once; beyond, they are closed.
+const MAX_REFUSING: usize = 256;
+/// How long a refused client's bytes are read (so the answer is not lost
+/// to a reset), and how many.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: usize = 64 << 10;
 
 /// One S3 listening socket, plain or TLS.
 pub struct S3Listener {
     pub socket: TcpListener,
     pub tls: Option<TlsAcceptor>,
-    pub limits: HeadLimits,
+    pub limits: ClientLimits,
+    /// Shared by every S3 listener: `listener.max_connections` permits.
+    pub slots: Arc<ConnectionSlots>,
 }
 
-/// How large a request head may be (`listener.max_headers`,
-/// `listener.max_head_bytes`); a larger one gets `431`.
+/// What a client connection may send and how long it may take: a larger
+/// head than `max_headers` / `max_head_bytes` gets `431`; the timeouts are
+/// `listener.header_timeout` and `listener.send_timeout`.
 #[derive(Debug, Clone, Copy)]
-pub struct HeadLimits {
+pub struct ClientLimits {
     pub max_headers: usize,
     pub max_head_bytes: usize,
+    pub header_timeout: Duration,
+    pub send_timeout: Duration,
+}
+
+/// The client connections the listeners may have open at once.
+#[derive(Debug)]
+pub struct ConnectionSlots {
+    open: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+}
+
+impl ConnectionSlots {
+    pub fn new(max_connections: usize) -> Arc<ConnectionSlots> {
+        Arc::new(ConnectionSlots {
+            open: Arc::new(Semaphore::new(max_connections)),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+        })
+    }
 }
 
 impl S3Listener {
@@ -80,6 +122,11 @@ fn accept(
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
+    let Ok(slot) = Arc::clone(&listener.slots.open).try_acquire_owned() else {
+        proxy.metrics().connection_refused();
+        refuse(stream, address, listener);
+        return;
+    };
     let (stream, peer) = ClientSocket::new(stream, address);
     let proxy = Arc::clone(proxy);
     let scheme = listener.scheme();
@@ -87,12 +134,12 @@ fn accept(
     let watcher = graceful.watcher();
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, peer, proxy, scheme, limits, watcher));
+            tokio::spawn(serve(stream, peer, proxy, scheme, limits, watcher, slot));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, peer, proxy, scheme, limits, watcher).await,
+                    Ok(Ok(tls)) => serve(tls, peer, proxy, scheme, limits, watcher, slot).await,
                     Ok(Err(error)) => {
                         proxy.metrics().tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
@@ -107,18 +154,59 @@ fn accept(
     }
 }
 
+/// A connection over `listener.max_connections`: plain HTTP gets `503
+/// SlowDown` (S3 SDKs retry it) and its further bytes are read for a moment
+/// so the answer arrives; HTTPS is closed (answering would take a handshake).
+fn refuse(stream: TcpStream, address: SocketAddr, listener: &S3Listener) {
+    tracing::debug!(client = %address, "refused: listener.max_connections connections are open");
+    if listener.tls.is_some() {
+        return;
+    }
+    let Ok(refusing) = Arc::clone(&listener.slots.refusing).try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let _refusing = refusing;
+        let mut stream = stream;
+        let answer = ProxyError::TooManyConnections.to_http1_bytes(
+            &hyper::Method::GET,
+            "",
+            &crate::access_log::next_request_id(),
+        );
+        if stream.write_all(&answer).await.is_err() || stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut scratch = [0u8; 8 << 10];
+        let mut dropped = 0;
+        let linger = async {
+            while dropped < REFUSAL_LINGER_BYTES {
+                match stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => dropped += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    });
+}
+
 async fn serve<I>(
     io: I,
     peer: Arc<Peer>,
     proxy: Arc<Proxy>,
     scheme: &'static str,
-    limits: HeadLimits,
+    limits: ClientLimits,
     watcher: hyper_util::server::graceful::Watcher,
+    _slot: OwnedSemaphorePermit,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let address = peer.address;
-    let io = TargetWatch::new(io, Arc::clone(&peer.cut_targets));
+    let io = TargetWatch::new(
+        SendTimeout::new(io, limits.send_timeout),
+        Arc::clone(&peer.cut_targets),
+        limits.max_head_bytes,
+    );
     let service = service_fn(move |request: hyper::Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let peer = Arc::clone(&peer);
@@ -131,11 +219,16 @@ async fn serve<I>(
         .preserve_header_case(true)
         // A client that half-closes after its request still gets the answer.
         .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
         .max_headers(limits.max_headers)
         .max_buf_size(limits.max_head_bytes);
     builder
         .http2()
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(PING_TIMEOUT);
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();

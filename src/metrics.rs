@@ -100,6 +100,7 @@ pub struct Metrics {
     hold_fail_fast_after: prometheus::Gauge,
     certificate_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
+    connections_refused: IntCounter,
 }
 
 /// What the scrape reads from the running proxy.
@@ -321,6 +322,11 @@ impl Metrics {
                 "s3fp_tls_handshake_failures_total",
                 "Client connections dropped because the TLS handshake failed or timed out.",
             ),
+            connections_refused: int_counter(
+                &registry,
+                "s3fp_client_connections_refused_total",
+                "Client connections refused because listener.max_connections were open.",
+            ),
             registry,
         };
         metrics.set_phase(Phase::Up);
@@ -470,6 +476,10 @@ impl Metrics {
 
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub fn reload(&self, success: bool) {

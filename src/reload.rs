@@ -81,6 +81,25 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     ) {
         new.listener.max_head_bytes = running.listener.max_head_bytes;
     }
+    if keep(
+        "listener.header_timeout",
+        running.listener.header_timeout != new.listener.header_timeout,
+    ) {
+        new.listener.header_timeout = running.listener.header_timeout;
+    }
+    if keep(
+        "listener.send_timeout",
+        running.listener.send_timeout != new.listener.send_timeout,
+    ) {
+        new.listener.send_timeout = running.listener.send_timeout;
+    }
+    if keep(
+        "listener.max_connections",
+        running.listener.max_connections != new.listener.max_connections,
+    ) {
+        new.listener.max_connections = running.listener.max_connections;
+        new.listener.max_connections_set = running.listener.max_connections_set;
+    }
     if keep("admin.address", running.admin.address != new.admin.address) {
         new.admin.address = running.admin.address;
     }

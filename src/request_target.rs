@@ -47,8 +47,6 @@ use crate::s3_error::ProxyError;
 /// Refused request lines remembered at once per connection; a client that
 /// pipelines more has every later request refused.
 const MAX_RECORDED: usize = 64;
-/// Longest head followed (larger ones hyper refuses too).
-const MAX_HEAD: usize = 1 << 20;
 /// Longest chunk-size or trailer line followed.
 const MAX_LINE: usize = 16 << 10;
 /// Longest request line held back from hyper while it is incomplete: a
@@ -109,6 +107,8 @@ impl CutTargets {
 pub struct TargetWatch<I> {
     inner: I,
     cut: Arc<CutTargets>,
+    /// Longest head followed.
+    max_head: usize,
     framing: Framing,
     /// The part of a head, chunk-size line or trailer read so far.
     pending: Vec<u8>,
@@ -175,9 +175,12 @@ enum Framing {
 }
 
 impl<I> TargetWatch<I> {
-    pub fn new(inner: I, cut: Arc<CutTargets>) -> TargetWatch<I> {
+    /// Follows `inner`; heads longer than `max_head` bytes (which hyper
+    /// refuses too, `listener.max_head_bytes`) end the watch.
+    pub fn new(inner: I, cut: Arc<CutTargets>, max_head: usize) -> TargetWatch<I> {
         TargetWatch {
             inner,
+            max_head,
             cut,
             framing: Framing::Head,
             pending: Vec::new(),
@@ -285,7 +288,7 @@ impl<I> TargetWatch<I> {
                 if at_start {
                     self.pending.extend_from_slice(read);
                 }
-                if self.pending.len() > MAX_HEAD {
+                if self.pending.len() > self.max_head {
                     return Ok(self.lose());
                 }
                 Ok(&[])
@@ -394,7 +397,8 @@ fn parse_head(bytes: &[u8]) -> Head {
     match head_of(&mut few, bytes) {
         Ok(head) => head,
         Err(httparse::Error::TooManyHeaders) => {
-            let mut many = vec![httparse::EMPTY_HEADER; MAX_HEAD / 4];
+            // A field takes at least 4 bytes (`a:` CRLF).
+            let mut many = vec![httparse::EMPTY_HEADER; bytes.len() / 4 + 1];
             head_of(&mut many, bytes).unwrap_or(Head::Invalid)
         }
         Err(_) => Head::Invalid,
@@ -559,40 +563,13 @@ impl Refusal {
         let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
         let request_id = next_request_id();
         tracing::debug!(%method, target, request_id, "request target refused before parsing");
-        let answer =
-            ProxyError::InvalidUri.to_response(&method, target, &request_id, Duration::ZERO);
         Refusal {
-            response: http1_bytes(answer),
+            response: ProxyError::InvalidUri.to_http1_bytes(&method, target, &request_id),
             written: 0,
             lingering: None,
             dropped: 0,
         }
     }
-}
-
-/// An answer as HTTP/1.1 bytes, closing the connection.
-fn http1_bytes(answer: hyper::Response<bytes::Bytes>) -> Vec<u8> {
-    let (head, body) = answer.into_parts();
-    let mut bytes = format!(
-        "HTTP/1.1 {} {}\r\n",
-        head.status.as_u16(),
-        head.status.canonical_reason().unwrap_or_default()
-    )
-    .into_bytes();
-    for (name, value) in &head.headers {
-        bytes.extend_from_slice(name.as_str().as_bytes());
-        bytes.extend_from_slice(b": ");
-        bytes.extend_from_slice(value.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-    }
-    let framing = format!(
-        "content-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n",
-        body.len(),
-        httpdate::fmt_http_date(std::time::SystemTime::now())
-    );
-    bytes.extend_from_slice(framing.as_bytes());
-    bytes.extend_from_slice(&body);
-    bytes
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
@@ -704,7 +681,7 @@ mod tests {
 
     fn watched(reads: &[&[u8]]) -> Arc<CutTargets> {
         let cut = Arc::new(CutTargets::default());
-        let mut watch = TargetWatch::new((), Arc::clone(&cut));
+        let mut watch = TargetWatch::new((), Arc::clone(&cut), 1 << 20);
         for read in reads {
             // As `poll_read` follows them.
             if watch.withheld.is_empty() {
@@ -768,7 +745,7 @@ mod tests {
             reads: reads.iter().map(|read| read.to_vec()).collect(),
             written: Vec::new(),
         };
-        let mut watch = TargetWatch::new(client, Arc::default());
+        let mut watch = TargetWatch::new(client, Arc::default(), 1 << 20);
         let mut hyper_read = Vec::new();
         watch.read_to_end(&mut hyper_read).await.unwrap();
         watch.shutdown().await.unwrap();

@@ -23,6 +23,8 @@ pub struct ProxyBody {
     record: Option<RequestRecord>,
     /// Runs once the response is over (sent, or the client gone).
     after: Option<Box<dyn FnOnce() + Send>>,
+    /// The whole body was handed to hyper.
+    finished: bool,
 }
 
 enum Kind {
@@ -47,6 +49,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(bytes).filter(|b| !b.is_empty())),
             record: Some(record),
             after: None,
+            finished: false,
         }
     }
 
@@ -65,6 +68,7 @@ impl ProxyBody {
             }),
             record: Some(record),
             after: None,
+            finished: false,
         }
     }
 
@@ -76,7 +80,16 @@ impl ProxyBody {
 }
 
 impl Drop for ProxyBody {
+    /// A body dropped before its end was cut on the client's side (it left,
+    /// or took nothing for `listener.send_timeout`): logged `response_cut`.
     fn drop(&mut self) {
+        let cut = !self.finished && !self.is_end_stream();
+        if let Some(record) = self.record.as_mut()
+            && cut
+            && record.outcome == "ok"
+        {
+            record.outcome = "response_cut";
+        }
         if let Some(after) = self.after.take() {
             after();
         }
@@ -112,6 +125,9 @@ impl Body for ProxyBody {
             && let Some(data) = frame.data_ref()
         {
             record.bytes_out += data.len() as u64;
+        }
+        if let Poll::Ready(None) = polled {
+            this.finished = true;
         }
         polled
     }

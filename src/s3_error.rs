@@ -40,6 +40,9 @@ pub enum ProxyError {
     /// was not a path.
     #[error("the request target is not a path the proxy can forward as sent")]
     InvalidUri,
+    /// The listener has `listener.max_connections` client connections open.
+    #[error("the proxy has listener.max_connections client connections open")]
+    TooManyConnections,
     /// An `Expect` other than one `100-continue`.
     #[error("the request has an expectation other than 100-continue")]
     ExpectationFailed,
@@ -67,6 +70,7 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body",
             ProxyError::ClientTimeout => "client_timeout",
             ProxyError::InvalidUri => "invalid_uri",
+            ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::ExpectationFailed => "expectation_failed",
             ProxyError::Poison => "quarantined",
             ProxyError::SlowBackend => "slow_backend",
@@ -75,9 +79,8 @@ impl ProxyError {
 
     fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::Held(Rejection::QueueFull | Rejection::ClientShare) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "SlowDown")
-            }
+            ProxyError::Held(Rejection::QueueFull | Rejection::ClientShare)
+            | ProxyError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
             ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
             // S3's own name for a client that stopped sending; 408 as the
@@ -125,6 +128,9 @@ impl ProxyError {
             ProxyError::ExpectationFailed => {
                 "The only expectation supported is one Expect: 100-continue."
             }
+            ProxyError::TooManyConnections => {
+                "Please reduce your request rate: the proxy has as many connections open as it takes."
+            }
             ProxyError::InvalidUri => {
                 "Couldn't parse the specified URI: send a path such as /bucket/key, with '#' percent-encoded as %23."
             }
@@ -169,6 +175,35 @@ impl ProxyError {
             headers.insert("x-amz-request-id", id);
         }
         response
+    }
+}
+
+impl ProxyError {
+    /// This error as a whole HTTP/1.1 response that closes the connection
+    /// (`Retry-After: 1`), for answers the proxy writes below its HTTP server.
+    pub fn to_http1_bytes(self, method: &Method, resource: &str, request_id: &str) -> Vec<u8> {
+        let answer = self.to_response(method, resource, request_id, Duration::from_secs(1));
+        let (head, body) = answer.into_parts();
+        let mut bytes = format!(
+            "HTTP/1.1 {} {}\r\n",
+            head.status.as_u16(),
+            head.status.canonical_reason().unwrap_or_default()
+        )
+        .into_bytes();
+        for (name, value) in &head.headers {
+            bytes.extend_from_slice(name.as_str().as_bytes());
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(value.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let framing = format!(
+            "content-length: {}\r\nconnection: close\r\ndate: {}\r\n\r\n",
+            body.len(),
+            httpdate::fmt_http_date(std::time::SystemTime::now())
+        );
+        bytes.extend_from_slice(framing.as_bytes());
+        bytes.extend_from_slice(&body);
+        bytes
     }
 }
 

@@ -25,7 +25,7 @@ use crate::config::{Config, KubernetesConfig};
 use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
 use crate::kubernetes::{self, Targets};
-use crate::listener::{HeadLimits, S3Listener, accept_loop};
+use crate::listener::{ClientLimits, ConnectionSlots, S3Listener, accept_loop};
 use crate::metrics::Metrics;
 use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
@@ -213,14 +213,18 @@ pub async fn run_with_reload(
 
     let graceful = GracefulShutdown::new();
     let (stop_accepting, stop) = watch::channel(false);
-    let limits = HeadLimits {
+    let limits = ClientLimits {
         max_headers: config.listener.max_headers,
         max_head_bytes: config.listener.max_head_bytes,
+        header_timeout: config.listener.header_timeout,
+        send_timeout: config.listener.send_timeout,
     };
+    let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
     let plain = S3Listener {
         socket: listeners.s3,
         tls: None,
         limits,
+        slots: Arc::clone(&slots),
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -229,6 +233,7 @@ pub async fn run_with_reload(
                 socket,
                 tls: Some(TlsAcceptor::from(Arc::new(config))),
                 limits,
+                slots,
             })
         }
         _ => None,
@@ -352,4 +357,46 @@ fn log_transition(transition: &Transition) {
             "backend state change"
         ),
     }
+}
+
+/// File descriptors kept for everything but client connections: listeners,
+/// the admin API, probes, discovery, config and certificate files.
+const RESERVED_FDS: u64 = 128;
+
+/// The client connection cap in force: `listener.max_connections`, if the
+/// process may open two file descriptors for each (client and backend) on top
+/// of [`RESERVED_FDS`]. The soft limit (`ulimit -n`) is raised toward the
+/// hard one when needed. A limit too low stops start-up when the key was set,
+/// and lowers the default cap (with a warning) when it was not.
+fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize> {
+    use rlimit::Resource;
+    let wanted = listener.max_connections as u64;
+    let needed = wanted.saturating_mul(2).saturating_add(RESERVED_FDS);
+    let (soft, hard) = Resource::NOFILE.get()?;
+    if soft < needed {
+        // Best effort: a hard limit below `needed` still leaves more room.
+        let _ = Resource::NOFILE.set(needed.min(hard), hard);
+    }
+    let (soft, _) = Resource::NOFILE.get()?;
+    let fits = soft.saturating_sub(RESERVED_FDS) / 2;
+    let cap = if fits >= wanted {
+        wanted
+    } else if listener.max_connections_set {
+        return Err(io::Error::other(format!(
+            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection and {RESERVED_FDS} more), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
+        )));
+    } else {
+        tracing::warn!(
+            fd_limit = soft,
+            max_connections = fits,
+            "the file-descriptor limit is too low for the default listener.max_connections; using what fits"
+        );
+        fits
+    };
+    tracing::info!(
+        fd_limit = soft,
+        max_connections = cap,
+        "client connection cap"
+    );
+    Ok(usize::try_from(cap).unwrap_or(usize::MAX).max(1))
 }
