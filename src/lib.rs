@@ -35,6 +35,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admin_token;
 pub mod backend_address;
 pub mod config;
 pub mod connector;
@@ -61,6 +62,7 @@ pub mod s3_error;
 pub mod s3_operation;
 pub mod server;
 pub mod tls;
+pub mod trusted_file;
 pub mod upstream;
 
 pub use config::Config;
