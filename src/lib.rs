@@ -29,7 +29,10 @@
 //! (and the probe) to the usable pod, holding while none is; it also follows
 //! the pause Lease. TLS is in [`tls`] (certificates), [`listener`] (HTTPS
 //! accept loop) and [`connector`] (HTTPS to the backend). [`config`] reads the
-//! TOML file and [`reload`] applies a changed one live.
+//! TOML file and [`reload`] applies a changed one live; every file the proxy
+//! trusts (config, certificates, keys, the [`admin_token`] that guards
+//! `/admin/*`) is read through [`trusted_file`], which refuses world-writable
+//! and oversized ones.
 
 #![forbid(unsafe_code)]
 

@@ -20,10 +20,16 @@ const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
 fn check(config: &str) -> (bool, String) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(config.as_bytes()).unwrap();
+    check_file(file.path(), &[])
+}
+
+/// `--check` on `file` with `flags`: whether it passed, and what it printed.
+fn check_file(file: &std::path::Path, flags: &[&str]) -> (bool, String) {
     let output = Command::new(BINARY)
         .arg("--config")
-        .arg(file.path())
+        .arg(file)
         .arg("--check")
+        .args(flags)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).to_string()
@@ -195,20 +201,6 @@ async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_the
     )
     .await
     .unwrap();
-}
-
-/// `--check` on `file` with `flags`: whether it passed, and what it printed.
-fn check_file(file: &std::path::Path, flags: &[&str]) -> (bool, String) {
-    let output = Command::new(BINARY)
-        .arg("--config")
-        .arg(file)
-        .arg("--check")
-        .args(flags)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) {

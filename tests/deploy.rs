@@ -31,7 +31,10 @@ fn the_chart_and_manifests_validate_and_render_configs_the_proxy_accepts() {
     for name in ["default.toml", "values-s3gw.toml"] {
         let config = dir.path().join(name);
         let rendered = std::fs::read_to_string(&config).unwrap();
-        assert!(rendered.contains(MOUNTED_TOKEN), "{name} names the mounted token");
+        assert!(
+            rendered.contains(MOUNTED_TOKEN),
+            "{name} names the mounted token"
+        );
         let local = rendered.replace(MOUNTED_TOKEN, &token.display().to_string());
         std::fs::write(&config, local).unwrap();
         let checked = Command::new(BINARY)
