@@ -6,8 +6,13 @@
   every document checked by `kubernetes-validate --strict`; the Prometheus
   Operator kinds (ServiceMonitor, PrometheusRule) have no upstream schema, so
   the PrometheusRule's groups go through `promtool check rules` instead;
+- the admin port is kept off the client-facing Service, a NetworkPolicy
+  admits it only from listed peers, and the config names the mounted token;
 - manifests/s3-failover-proxy.yaml must equal a fresh render of the chart
-  (`--write-manifests` regenerates it).
+  with MANIFEST_VALUES (`--write-manifests` regenerates it): the default values
+  but a named admin-token Secret, since a chart-made one holds a random token
+  that would differ on every render (and be the same for everyone who applies
+  the file).
 """
 import argparse
 import pathlib
@@ -23,6 +28,8 @@ CHART = DEPLOY / "helm" / "s3-failover-proxy"
 MANIFESTS = DEPLOY / "manifests" / "s3-failover-proxy.yaml"
 KUBE_VERSION = "1.33.0"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+MANIFEST_SECRET = "s3-failover-proxy-admin-token"
+MANIFEST_VALUES = {"admin": {"token": {"existingSecret": MANIFEST_SECRET}}}
 
 
 def render(values):
@@ -40,7 +47,9 @@ def render(values):
 
 def as_yaml(documents):
     header = "# Rendered from deploy/helm/s3-failover-proxy with its default values\n" \
-             "# (release s3-failover-proxy, namespace s3gw). Regenerate: python3 deploy/validate.py --write-manifests\n"
+             "# (release s3-failover-proxy, namespace s3gw). Regenerate: python3 deploy/validate.py --write-manifests\n" \
+             f"# but admin.token.existingSecret={MANIFEST_SECRET}: create that Secret first, e.g.\n" \
+             f"#   kubectl -n s3gw create secret generic {MANIFEST_SECRET} --from-literal=token=$(head -c 32 /dev/urandom | base64)\n"
     return header + "".join("---\n" + yaml.safe_dump(d, sort_keys=True) for d in documents)
 
 
@@ -75,6 +84,26 @@ def validate(documents, label):
     return failures
 
 
+def check_admin_exposure(documents, label):
+    """The admin API is reachable only as documented (issue 13, item 3)."""
+    failures = []
+    services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
+    client = services.get("s3-failover-proxy")
+    if client is None or any(port.get("targetPort") == "admin" for port in client["spec"]["ports"]):
+        failures.append(f"the client-facing Service exposes the admin port ({label})")
+    policies = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    admin_rules = [
+        rule for policy in policies for rule in policy["spec"].get("ingress", [])
+        if any(port.get("port") == "admin" for port in rule.get("ports", []))
+    ]
+    if not admin_rules or any(not rule.get("from") for rule in admin_rules):
+        failures.append(f"no NetworkPolicy limits who reaches the admin port ({label})")
+    configmap = next(d for d in documents if d["kind"] == "ConfigMap")
+    if "token_file = " not in configmap["data"]["config.toml"]:
+        failures.append(f"the rendered config sets no admin.token_file ({label})")
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--write-manifests", action="store_true")
@@ -82,9 +111,10 @@ def main():
     args = parser.parse_args()
 
     defaults = render(None)
+    manifest_values = render(MANIFEST_VALUES)
     if args.write_manifests:
         MANIFESTS.parent.mkdir(exist_ok=True)
-        MANIFESTS.write_text(as_yaml(defaults))
+        MANIFESTS.write_text(as_yaml(manifest_values))
         print(f"wrote {MANIFESTS}")
         return 0
 
@@ -100,7 +130,9 @@ def main():
     failures += validate(render(example), "examples/values-s3gw.yaml")
     manifests = list(d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d)
     failures += validate(manifests, "manifests/")
-    if MANIFESTS.read_text() != as_yaml(defaults):
+    for documents, label in ((defaults, "default values"), (render(example), "examples/values-s3gw.yaml"), (manifests, "manifests/")):
+        failures += check_admin_exposure(documents, label)
+    if MANIFESTS.read_text() != as_yaml(manifest_values):
         failures.append("deploy/manifests/s3-failover-proxy.yaml is stale: run python3 deploy/validate.py --write-manifests")
     for failure in failures:
         print("FAILED:", failure)

@@ -12,9 +12,17 @@
 //!   (up to `wait`, default `admin.drain_timeout`) and say what is left.
 //! - `POST /admin/resume`: end a pause. Both are idempotent.
 //! - `DELETE /admin/quarantine`: forget every quarantined (poison) request.
+//!
+//! With `admin.token_file` set, every `/admin/*` request must carry
+//! `Authorization: Bearer <token>` ([`AdminToken`]); without it, or with
+//! another token, the answer is `401` with `WWW-Authenticate: Bearer` (RFC
+//! 6750) and nothing happens. `/healthz`, `/readyz` and `/metrics` stay open:
+//! the kubelet and Prometheus carry no token, and they change nothing. A
+//! reload swaps the token (and the drain timeout) in [`Admin::update_settings`].
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -23,6 +31,8 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::admin_token::AdminToken;
+use crate::config::AdminConfig;
 use crate::metrics::Snapshot;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
@@ -35,22 +45,105 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Discovery has its first complete list (always true without discovery).
     pub synced: Arc<AtomicBool>,
+    /// What a reload may change; read once per request.
+    pub settings: RwLock<AdminSettings>,
+}
+
+/// The admin API's part of the configuration, live on reload.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Default wait of `POST /admin/pause` (`admin.drain_timeout`).
     pub drain_timeout: Duration,
+    /// Required on `/admin/*` when set (`admin.token_file`).
+    pub token: Option<AdminToken>,
+}
+
+impl From<&AdminConfig> for AdminSettings {
+    fn from(config: &AdminConfig) -> AdminSettings {
+        AdminSettings {
+            drain_timeout: config.drain_timeout,
+            token: config.token.clone(),
+        }
+    }
+}
+
+/// Why an `/admin/*` request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unauthorized {
+    /// No `Authorization` header.
+    Missing,
+    /// A header, but not `Bearer <the token>`.
+    Invalid,
+}
+
+impl Unauthorized {
+    fn as_str(self) -> &'static str {
+        match self {
+            Unauthorized::Missing => "missing",
+            Unauthorized::Invalid => "invalid",
+        }
+    }
+
+    /// The 401 answer; `WWW-Authenticate` as RFC 6750 section 3 has it.
+    fn response(self) -> Response<Full<Bytes>> {
+        let mut response = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        let challenge = match self {
+            Unauthorized::Missing => r#"Bearer realm="s3-failover-proxy admin""#,
+            Unauthorized::Invalid => {
+                r#"Bearer realm="s3-failover-proxy admin", error="invalid_token""#
+            }
+        };
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(challenge),
+        );
+        response
+    }
 }
 
 impl Admin {
+    /// Swaps in the settings of a reloaded configuration.
+    pub fn update_settings(&self, settings: AdminSettings) {
+        *self.settings.write().unwrap() = settings;
+    }
+
+    /// Checks the bearer token of an `/admin/*` request, when one is required.
+    fn authorize<B>(&self, request: &Request<B>) -> Result<(), Unauthorized> {
+        let settings = self.settings.read().unwrap();
+        let Some(token) = &settings.token else {
+            return Ok(());
+        };
+        match request.headers().get(header::AUTHORIZATION) {
+            None => Err(Unauthorized::Missing),
+            Some(value) if token.authorizes(value.as_bytes()) => Ok(()),
+            Some(_) => Err(Unauthorized::Invalid),
+        }
+    }
+
     pub async fn handle<B>(
         &self,
         request: Request<B>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         let path = request.uri().path();
+        if (path == "/admin" || path.starts_with("/admin/"))
+            && let Err(refused) = self.authorize(&request)
+        {
+            tracing::warn!(
+                method = %request.method(),
+                path,
+                credentials = refused.as_str(),
+                "admin: request refused without a valid bearer token"
+            );
+            return Ok(refused.response());
+        }
+        let drain_timeout = self.settings.read().unwrap().drain_timeout;
         let response = match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readiness(),
             (&Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
             (&Method::GET, "/metrics") => self.metrics(),
             (&Method::POST, "/admin/pause") => match wait_parameter(request.uri().query()) {
-                Ok(wait) => self.pause(wait.unwrap_or(self.drain_timeout)).await,
+                Ok(wait) => self.pause(wait.unwrap_or(drain_timeout)).await,
                 Err(message) => text(StatusCode::BAD_REQUEST, &message),
             },
             (&Method::DELETE, "/admin/quarantine") => {

@@ -3,7 +3,9 @@
 //! [`RawConfig`] mirrors the file (serde, `deny_unknown_fields`, humantime
 //! durations, every key optional with a default); [`Config::from_raw`] turns it
 //! into a validated [`Config`] whose errors name the offending key. `main` and
-//! the reload path both go through [`Config::load`].
+//! the reload path both go through [`Config::load`], which reads the file, and
+//! the certificate, key and token files it names, through [`trusted_file`]
+//! (no world-writable file, none over 1 MiB).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,16 +13,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::admin_token::AdminToken;
 use crate::backend_address::BackendAddress;
+use crate::trusted_file::{self, FileError, FilePolicy};
 
 /// A configuration that could not be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("config file: {0}")]
+    File(#[from] FileError),
     #[error("invalid config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid value for `{key}`: {reason}")]
@@ -46,6 +47,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub quarantine: QuarantineConfig,
     pub log: LogConfig,
+    /// Which config, certificate, key and token files are accepted: from the
+    /// command line, never from the file itself.
+    pub files: FilePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +106,8 @@ pub struct ListenerTlsConfig {
     pub cert: PathBuf,
     /// PEM private key of the certificate.
     pub key: PathBuf,
+    /// How the pair's files are read, at start and on every reload.
+    pub files: FilePolicy,
 }
 
 /// TLS towards a backend that only serves HTTPS.
@@ -113,6 +119,8 @@ pub struct BackendTlsConfig {
     pub server_name: Option<String>,
     /// Client certificate and key, for a backend that asks for one.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// How these files are read.
+    pub files: FilePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -209,6 +217,9 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     /// How long `POST /admin/pause` waits for in-flight requests by default.
     pub drain_timeout: Duration,
+    /// The bearer token `/admin/*` requires (`admin.token_file`); required
+    /// when `address` is not loopback, read again on every reload.
+    pub token: Option<AdminToken>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +380,7 @@ struct RawProbe {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     address: Option<String>,
+    token_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     drain_timeout: Option<Duration>,
 }
@@ -532,7 +544,7 @@ fn forwarding(raw: RawForwarding) -> Result<ForwardingConfig, ConfigError> {
 }
 
 /// The HTTPS listener: both files must be given and form a usable pair.
-fn listener_tls(raw: RawListenerTls) -> Result<ListenerTlsConfig, ConfigError> {
+fn listener_tls(raw: RawListenerTls, files: FilePolicy) -> Result<ListenerTlsConfig, ConfigError> {
     let cert = raw.cert.ok_or_else(|| {
         invalid(
             "listener.tls.cert",
@@ -542,12 +554,13 @@ fn listener_tls(raw: RawListenerTls) -> Result<ListenerTlsConfig, ConfigError> {
     let key = raw
         .key
         .ok_or_else(|| invalid("listener.tls.key", "required: a PEM private key file"))?;
-    crate::tls::ServerCertificate::load(&cert, &key)
+    crate::tls::ServerCertificate::load(&cert, &key, files)
         .map_err(|e| invalid("listener.tls.cert", e.to_string()))?;
     Ok(ListenerTlsConfig {
         address: parse_address("listener.tls.address", raw.address, "127.0.0.1:8443")?,
         cert,
         key,
+        files,
     })
 }
 
@@ -608,7 +621,7 @@ fn kubernetes(raw: RawKubernetes) -> Result<KubernetesConfig, ConfigError> {
 }
 
 /// TLS to the backend: a CA bundle, and a client pair only as a pair.
-fn backend_tls(raw: RawBackendTls) -> Result<BackendTlsConfig, ConfigError> {
+fn backend_tls(raw: RawBackendTls, files: FilePolicy) -> Result<BackendTlsConfig, ConfigError> {
     let ca = raw
         .ca
         .ok_or_else(|| invalid("backend.tls.ca", "required: a PEM CA bundle"))?;
@@ -625,22 +638,22 @@ fn backend_tls(raw: RawBackendTls) -> Result<BackendTlsConfig, ConfigError> {
     let pair = client_cert
         .as_ref()
         .map(|(c, k)| (c.as_path(), k.as_path()));
-    crate::tls::client_config(&ca, pair).map_err(|e| invalid("backend.tls.ca", e.to_string()))?;
+    crate::tls::client_config(&ca, pair, files)
+        .map_err(|e| invalid("backend.tls.ca", e.to_string()))?;
     Ok(BackendTlsConfig {
         ca,
         server_name: raw.server_name,
         client_cert,
+        files,
     })
 }
 
 impl Config {
-    /// Reads, parses and validates the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::parse(&text).map_err(|error| match error {
+    /// Reads, parses and validates the file at `path`, and the files it
+    /// names, under `files`.
+    pub fn load(path: &Path, files: FilePolicy) -> Result<Config, ConfigError> {
+        let text = trusted_file::read_to_string(path, files)?;
+        Config::parse_with(&text, files).map_err(|error| match error {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 message,
@@ -649,17 +662,23 @@ impl Config {
         })
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text; the files it names are read under
+    /// the strict default [`FilePolicy`].
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, FilePolicy::default())
+    }
+
+    /// Parses and validates TOML text, reading the files it names under `files`.
+    pub fn parse_with(text: &str, files: FilePolicy) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "<text>".into(),
             message: e.to_string(),
         })?;
-        Config::from_raw(raw)
+        Config::from_raw(raw, files)
     }
 
     /// The validation layer: defaults filled in, every rule checked.
-    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+    pub fn from_raw(raw: RawConfig, files: FilePolicy) -> Result<Config, ConfigError> {
         let max_requests = positive_count("hold.max_requests", raw.hold.max_requests, 10_000)?;
         let hold = HoldConfig {
             timeout: positive_duration("hold.timeout", raw.hold.timeout, Duration::from_secs(30))?,
@@ -752,12 +771,20 @@ impl Config {
                 DEFAULT_MAX_HEADERS,
             )?,
             max_head_bytes: head_bytes("backend.max_head_bytes", raw.backend.max_head_bytes)?,
-            tls: raw.backend.tls.map(backend_tls).transpose()?,
+            tls: raw
+                .backend
+                .tls
+                .map(|tls| backend_tls(tls, files))
+                .transpose()?,
             kubernetes: raw.backend.kubernetes.map(kubernetes).transpose()?,
         };
         let listener = ListenerConfig {
             address: parse_address("listener.address", raw.listener.address, "127.0.0.1:8080")?,
-            tls: raw.listener.tls.map(listener_tls).transpose()?,
+            tls: raw
+                .listener
+                .tls
+                .map(|tls| listener_tls(tls, files))
+                .transpose()?,
             max_headers: positive_count(
                 "listener.max_headers",
                 raw.listener.max_headers,
@@ -799,14 +826,7 @@ impl Config {
             backend,
             hold,
             probe,
-            admin: AdminConfig {
-                address: parse_address("admin.address", raw.admin.address, "127.0.0.1:9090")?,
-                drain_timeout: positive_duration(
-                    "admin.drain_timeout",
-                    raw.admin.drain_timeout,
-                    Duration::from_secs(30),
-                )?,
-            },
+            admin: admin(raw.admin, files)?,
             shutdown: ShutdownConfig {
                 grace: positive_duration(
                     "shutdown.grace",
@@ -822,8 +842,39 @@ impl Config {
                 )?,
             },
             log,
+            files,
         })
     }
+}
+
+/// The admin listener: a token (read now) whenever it is set, and required
+/// off loopback, where anyone who reaches the port could pause all traffic.
+fn admin(raw: RawAdmin, files: FilePolicy) -> Result<AdminConfig, ConfigError> {
+    let address = parse_address("admin.address", raw.address, "127.0.0.1:9090")?;
+    let token = raw
+        .token_file
+        .map(|file| {
+            AdminToken::read(&file, files).map_err(|e| invalid("admin.token_file", e.to_string()))
+        })
+        .transpose()?;
+    if token.is_none() && !address.ip().is_loopback() {
+        return Err(invalid(
+            "admin.token_file",
+            format!(
+                "required when admin.address ({address}) is not a loopback address: \
+                 anyone who reaches it could pause all traffic"
+            ),
+        ));
+    }
+    Ok(AdminConfig {
+        address,
+        drain_timeout: positive_duration(
+            "admin.drain_timeout",
+            raw.drain_timeout,
+            Duration::from_secs(30),
+        )?,
+        token,
+    })
 }
 
 #[cfg(test)]
@@ -903,6 +954,21 @@ mod tests {
             error_of("[backend.kubernetes]\nnamespace = \"a\"\nservice = \"b\"\nport = 0\n")
                 .contains("backend.kubernetes.port")
         );
+    }
+
+    #[test]
+    fn an_admin_listener_off_loopback_needs_a_token() {
+        let message = error_of("[admin]\naddress = \"0.0.0.0:9090\"\n");
+        assert!(message.contains("admin.token_file"), "{message}");
+        assert!(Config::parse("[admin]\naddress = \"[::1]:9090\"\n").is_ok());
+        let token = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(token.path(), "t0ken\n").unwrap();
+        let config = Config::parse(&format!(
+            "[admin]\naddress = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+            token.path().display()
+        ))
+        .unwrap();
+        assert!(config.admin.token.unwrap().authorizes(b"Bearer t0ken"));
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Connector {
             .client_cert
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let client = tls::client_config(&tls.ca, client_pair)?;
+        let client = tls::client_config(&tls.ca, client_pair, tls.files)?;
         let name = tls
             .server_name
             .clone()

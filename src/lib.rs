@@ -29,12 +29,16 @@
 //! (and the probe) to the usable pod, holding while none is; it also follows
 //! the pause Lease. TLS is in [`tls`] (certificates), [`listener`] (HTTPS
 //! accept loop) and [`connector`] (HTTPS to the backend). [`config`] reads the
-//! TOML file and [`reload`] applies a changed one live.
+//! TOML file and [`reload`] applies a changed one live; every file the proxy
+//! trusts (config, certificates, keys, the [`admin_token`] that guards
+//! `/admin/*`) is read through [`trusted_file`], which refuses world-writable
+//! and oversized ones.
 
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod admin;
+pub mod admin_token;
 pub mod backend_address;
 pub mod client_identity;
 pub mod config;
@@ -63,6 +67,7 @@ pub mod s3_operation;
 pub mod send_timeout;
 pub mod server;
 pub mod tls;
+pub mod trusted_file;
 pub mod upstream;
 
 pub use config::Config;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use s3_failover_proxy::config::LogFormat;
 use s3_failover_proxy::logging::{self, LogLevel};
 use s3_failover_proxy::reload::ReloadSource;
+use s3_failover_proxy::trusted_file::FilePolicy;
 use s3_failover_proxy::{Config, Listeners, run_with_reload};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -27,6 +28,11 @@ struct Cli {
     /// Log format, overriding `log.format`: text for people, json for machines.
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<LogFormatArg>,
+    /// Accept world-writable config, certificate, key and token files (refused
+    /// by default, as sshd refuses them). A flag, not a config key, so a
+    /// config file cannot grant itself the exemption.
+    #[arg(long)]
+    allow_world_writable: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -37,7 +43,10 @@ enum LogFormatArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut config = match Config::load(&cli.config) {
+    let files = FilePolicy {
+        allow_world_writable: cli.allow_world_writable,
+    };
+    let mut config = match Config::load(&cli.config, files) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("s3-failover-proxy: {error}");

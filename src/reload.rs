@@ -6,14 +6,20 @@
 //! configuration stays in force.
 //!
 //! The file is compared by content, polled every second, so a Kubernetes
-//! ConfigMap update (a symlink swap) is seen like an edit in place.
+//! ConfigMap update (a symlink swap) is seen like an edit in place. The admin
+//! token file is watched the same way: a rotated Secret reloads the
+//! configuration, and the new token replaces the old one at once. Both are
+//! read through [`trusted_file`] (size checked before reading), and a file
+//! that is refused (world-writable, over 1 MiB, an empty token) fails the
+//! reload, once per change, and the running configuration stays.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::admin::{Admin, AdminSettings};
 use crate::config::Config;
 use crate::connector::Connector;
 use crate::gate::Gate;
@@ -23,6 +29,7 @@ use crate::probe::Prober;
 use crate::proxy::Proxy;
 use crate::server;
 use crate::tls::{CertificateReload, ServerCertificate, TlsError};
+use crate::trusted_file;
 use crate::upstream::UpstreamSettings;
 
 /// Where reloads come from.
@@ -45,6 +52,8 @@ pub struct LiveParts {
     pub metrics: Arc<Metrics>,
     /// The HTTPS listener's certificate, checked on every reload request.
     pub certificate: Option<Arc<ServerCertificate>>,
+    /// The admin API, whose token and drain timeout change live.
+    pub admin: Arc<Admin>,
 }
 
 /// Sets every restart-only key of `new` back to its value in `running`
@@ -140,6 +149,7 @@ fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Resul
         .prober
         .update_settings(server::probe_settings(new, connector));
     parts.metrics.config(new);
+    parts.admin.update_settings(AdminSettings::from(&new.admin));
     if let Some(log_level) = log_level {
         log_level.set(&new.log.level);
     }
@@ -168,8 +178,8 @@ fn live_part(
 
 /// Reloads until `source.requests` closes (the proxy shut down).
 pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
+    let mut last_seen = watched_files(&source.path, &initial);
     let mut current = initial;
-    let mut last_text = std::fs::read_to_string(&source.path).ok();
     let mut ticker = tokio::time::interval(source.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -185,12 +195,12 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
         {
             check_certificate(certificate, &parts.metrics);
         }
-        let text = std::fs::read_to_string(&source.path).ok();
-        if trigger == "file change" && text == last_text {
+        let seen = watched_files(&source.path, &current);
+        if trigger == "file change" && seen == last_seen {
             continue;
         }
-        last_text = text;
-        match Config::load(&source.path)
+        last_seen = seen;
+        match Config::load(&source.path, current.files)
             .map_err(|e| e.to_string())
             .and_then(|new| live_part(&current, new, &parts, source.log_level.as_ref()))
         {
@@ -205,6 +215,16 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
             }
         }
     }
+}
+
+/// What the config file and the running admin token file hold now (or why
+/// they cannot be read): a change of either is a reason to reload.
+fn watched_files(path: &Path, current: &Config) -> Vec<Result<Vec<u8>, String>> {
+    let token_file = current.admin.token.as_ref().map(|token| token.file());
+    std::iter::once(path)
+        .chain(token_file)
+        .map(|file| trusted_file::read(file, current.files).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Swaps in a changed certificate pair; a broken one is logged and counted,

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminSettings};
 use crate::config::{Config, KubernetesConfig};
 use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
@@ -178,11 +178,11 @@ pub async fn run_with_reload(
         prober: Arc::clone(&prober),
         ready: Arc::clone(&ready),
         synced: Arc::clone(&synced),
-        drain_timeout: config.admin.drain_timeout,
+        settings: AdminSettings::from(&config.admin).into(),
     });
     let certificate = match &config.listener.tls {
         Some(tls) => Some(Arc::new(
-            ServerCertificate::load(&tls.cert, &tls.key).map_err(io::Error::other)?,
+            ServerCertificate::load(&tls.cert, &tls.key, tls.files).map_err(io::Error::other)?,
         )),
         None => None,
     };
@@ -200,6 +200,7 @@ pub async fn run_with_reload(
             prober: Arc::clone(&prober),
             metrics: Arc::clone(&metrics),
             certificate: certificate.clone(),
+            admin: Arc::clone(&admin),
         };
         tokio::spawn(reload::run(source, config.clone(), parts))
     });

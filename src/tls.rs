@@ -8,7 +8,8 @@
 //! a symlink) and keeps the old pair when the new one does not load.
 //! [`client_config`] builds the backend side from a CA bundle and an optional
 //! client certificate. Both use the `ring` provider explicitly, so the process
-//! never depends on a process-wide default.
+//! never depends on a process-wide default. Every file is read through
+//! [`trusted_file`] (no world-writable file, none over 1 MiB).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,14 +22,13 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::trusted_file::{self, FileError, FilePolicy};
+
 /// Why certificates or keys could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no usable PEM private key: {reason}")]
@@ -43,16 +43,16 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })
+fn read(path: &Path, files: FilePolicy) -> Result<Vec<u8>, TlsError> {
+    Ok(trusted_file::read(path, files)?)
 }
 
 /// Every certificate in a PEM file.
-pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    certificates_from_pem(path, &read(path)?)
+pub fn load_certificates(
+    path: &Path,
+    files: FilePolicy,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certificates_from_pem(path, &read(path, files)?)
 }
 
 fn certificates_from_pem(
@@ -93,6 +93,8 @@ fn certified_key(
 pub struct ServerCertificate {
     cert_path: PathBuf,
     key_path: PathBuf,
+    /// How the files are read, on every reload too.
+    files: FilePolicy,
     current: RwLock<Arc<CertifiedKey>>,
     /// What the files held when last read (the current pair's source, or
     /// what last failed to load), or why they could not be read: each
@@ -122,12 +124,17 @@ pub enum CertificateReload {
 
 impl ServerCertificate {
     /// Loads the pair; start-up fails if it does not load.
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<ServerCertificate, TlsError> {
-        let (cert_pem, key_pem) = (read(cert_path)?, read(key_path)?);
+    pub fn load(
+        cert_path: &Path,
+        key_path: &Path,
+        files: FilePolicy,
+    ) -> Result<ServerCertificate, TlsError> {
+        let (cert_pem, key_pem) = (read(cert_path, files)?, read(key_path, files)?);
         let key = certified_key(cert_path, &cert_pem, key_path, &key_pem)?;
         Ok(ServerCertificate {
             cert_path: cert_path.to_owned(),
             key_path: key_path.to_owned(),
+            files,
             current: RwLock::new(Arc::new(key)),
             last_seen: Mutex::new(Ok((cert_pem, key_pem))),
         })
@@ -137,8 +144,8 @@ impl ServerCertificate {
     /// A change that does not load, or files that cannot be read, are
     /// `Rejected` once and `Unchanged` until the files change again.
     pub fn reload_if_changed(&self) -> CertificateReload {
-        let files: Files = read(&self.cert_path)
-            .and_then(|cert| Ok((cert, read(&self.key_path)?)))
+        let files: Files = read(&self.cert_path, self.files)
+            .and_then(|cert| Ok((cert, read(&self.key_path, self.files)?)))
             .map_err(|error| error.to_string());
         let mut last_seen = self.last_seen.lock().unwrap();
         if *last_seen == files {
@@ -187,9 +194,10 @@ pub fn server_config(certificate: Arc<ServerCertificate>) -> Result<ServerConfig
 pub fn client_config(
     ca: &Path,
     client_pair: Option<(&Path, &Path)>,
+    files: FilePolicy,
 ) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
-    for certificate in load_certificates(ca)? {
+    for certificate in load_certificates(ca, files)? {
         roots.add(certificate).map_err(TlsError::Settings)?;
     }
     let builder = ClientConfig::builder_with_provider(provider())
@@ -198,8 +206,8 @@ pub fn client_config(
         .with_root_certificates(roots);
     let mut config = match client_pair {
         Some((cert, key)) => {
-            let chain = load_certificates(cert)?;
-            let key = key_from_pem(key, &read(key)?)?;
+            let chain = load_certificates(cert, files)?;
+            let key = key_from_pem(key, &read(key, files)?)?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(TlsError::Pair)?
@@ -244,7 +252,8 @@ mod tests {
     #[test]
     fn a_changed_pair_is_swapped_in() {
         let files = pair("one.test");
-        let certificate = ServerCertificate::load(&files.cert(), &files.key()).unwrap();
+        let certificate =
+            ServerCertificate::load(&files.cert(), &files.key(), FilePolicy::default()).unwrap();
         let before = certificate.current_certificate();
         assert_eq!(
             certificate.reload_if_changed(),
@@ -258,7 +267,8 @@ mod tests {
     #[test]
     fn a_broken_pair_is_rejected_once_and_the_old_one_stays() {
         let files = pair("one.test");
-        let certificate = ServerCertificate::load(&files.cert(), &files.key()).unwrap();
+        let certificate =
+            ServerCertificate::load(&files.cert(), &files.key(), FilePolicy::default()).unwrap();
         let before = certificate.current_certificate();
         std::fs::write(files.cert(), "not a certificate").unwrap();
         assert!(matches!(
@@ -275,7 +285,8 @@ mod tests {
     #[test]
     fn a_missing_file_is_rejected_once_until_it_changes() {
         let files = pair("one.test");
-        let certificate = ServerCertificate::load(&files.cert(), &files.key()).unwrap();
+        let certificate =
+            ServerCertificate::load(&files.cert(), &files.key(), FilePolicy::default()).unwrap();
         std::fs::remove_file(files.key()).unwrap();
         assert!(matches!(
             certificate.reload_if_changed(),
@@ -290,16 +301,38 @@ mod tests {
     }
 
     #[test]
+    fn a_world_writable_key_is_refused_at_load_and_on_reload() {
+        use std::os::unix::fs::PermissionsExt;
+        let files = pair("one.test");
+        let certificate =
+            ServerCertificate::load(&files.cert(), &files.key(), FilePolicy::default()).unwrap();
+        let world_writable = std::fs::Permissions::from_mode(0o666);
+        std::fs::set_permissions(files.key(), world_writable).unwrap();
+        assert!(matches!(
+            certificate.reload_if_changed(),
+            CertificateReload::Rejected(error) if error.contains("world-writable")
+        ));
+        let error = ServerCertificate::load(&files.cert(), &files.key(), FilePolicy::default())
+            .unwrap_err();
+        assert!(error.to_string().contains("tls.key"), "{error}");
+    }
+
+    #[test]
     fn a_key_of_another_certificate_is_refused() {
         let (first, second) = (pair("one.test"), pair("two.test"));
-        let error = ServerCertificate::load(&first.cert(), &second.key()).unwrap_err();
+        let error = ServerCertificate::load(&first.cert(), &second.key(), FilePolicy::default())
+            .unwrap_err();
         assert!(matches!(error, TlsError::Pair(_)), "{error}");
     }
 
     #[test]
     fn a_missing_file_names_its_path() {
-        let error = ServerCertificate::load(Path::new("/nonexistent/tls.crt"), Path::new("/x"))
-            .unwrap_err();
+        let error = ServerCertificate::load(
+            Path::new("/nonexistent/tls.crt"),
+            Path::new("/x"),
+            FilePolicy::default(),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("/nonexistent/tls.crt"));
     }
 }

@@ -1,6 +1,8 @@
 //! Planned switch-over through the admin listener: pause holds new requests
 //! and waits for in-flight ones, resume releases them, and a pause ends by
-//! itself once the old backend went away and a new one serves.
+//! itself once the old backend went away and a new one serves. With
+//! `admin.token_file`, `/admin/*` needs the bearer token (401 without it)
+//! while health, readiness and metrics stay open.
 
 mod support;
 
@@ -8,7 +10,10 @@ use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use support::{ProxyUnderTest, S3Backend, http_status, raw_request, s3_client};
+use support::{
+    ProxyProcess, ProxyUnderTest, S3Backend, bearer, http_status, raw_request, s3_client, send,
+    write_secret,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_requests_and_resume_releases_them() {
@@ -154,4 +159,113 @@ async fn health_and_unknown_paths() {
     .await
     .unwrap();
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+}
+
+/// The proxy binary with `admin.token_file` holding `token` (the body
+/// continues the `[admin]` table the harness writes).
+async fn proxy_with_token(
+    backend: &S3Backend,
+    token_file: &std::path::Path,
+    token: &str,
+) -> ProxyProcess {
+    write_secret(token_file, token);
+    ProxyProcess::start(&format!(
+        "token_file = \"{}\"\n[backend]\naddress = \"{}\"\n",
+        token_file.display(),
+        backend.address
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_pause_is_refused_and_an_authenticated_one_works() {
+    let backend = S3Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let proxy = proxy_with_token(&backend, &token_file, "k8s-secret-token\n").await;
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("guarded").send().await.unwrap();
+
+    for (credentials, challenge) in [
+        (None, r#"Bearer realm="s3-failover-proxy admin""#),
+        (
+            Some("Bearer wrong-token"),
+            r#"Bearer realm="s3-failover-proxy admin", error="invalid_token""#,
+        ),
+        (
+            Some("Basic k8s-secret-token"),
+            r#"Bearer realm="s3-failover-proxy admin", error="invalid_token""#,
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = credentials
+            .map(|value| ("authorization", value))
+            .into_iter()
+            .collect();
+        for (method, path) in [
+            ("POST", "/admin/pause?wait=1s"),
+            ("GET", "/admin/status"),
+            ("DELETE", "/admin/quarantine"),
+        ] {
+            let refused = send(proxy.admin, method, path, &headers, Bytes::new())
+                .await
+                .unwrap();
+            assert_eq!(
+                refused.status(),
+                401,
+                "{method} {path} with {credentials:?}"
+            );
+            assert_eq!(refused.headers()["www-authenticate"], challenge);
+        }
+    }
+    // The refused pause changed nothing: a PUT goes straight through.
+    s3.put_object()
+        .bucket("guarded")
+        .key("k")
+        .body(ByteStream::from_static(b"not held"))
+        .send()
+        .await
+        .expect("not paused by an unauthenticated request");
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            http_status(proxy.admin, "GET", open).await,
+            Some(200),
+            "{open}"
+        );
+    }
+
+    let authorized = bearer("k8s-secret-token");
+    let headers = [("authorization", authorized.as_str())];
+    let (status, body) = raw_request(
+        proxy.admin,
+        "POST",
+        "/admin/pause?wait=1s",
+        &headers,
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let paused: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(paused["paused"], true);
+    let (status, body) = raw_request(proxy.admin, "POST", "/admin/resume", &headers, Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["paused"],
+        false
+    );
+    let refusals = proxy
+        .log_lines()
+        .into_iter()
+        .filter(|line| line.contains("admin: request refused"))
+        .collect::<Vec<_>>();
+    assert_eq!(refusals.len(), 9, "one log line per refusal");
+    assert!(
+        refusals
+            .iter()
+            .all(|line| !line.contains("k8s-secret-token")),
+        "the token is never logged"
+    );
 }

@@ -1,7 +1,9 @@
 //! The `s3-failover-proxy` binary as an operator runs it: config validation
 //! with `--check`, clear errors naming the bad key, and a graceful SIGTERM:
 //! a held request finishes within the grace, or is answered 503 at its end;
-//! an admin listener out of file descriptors says so and serves again.
+//! an admin listener out of file descriptors says so and serves again;
+//! world-writable or oversized config and token files, and an admin listener
+//! off loopback without a token, stop start-up.
 
 mod support;
 
@@ -18,10 +20,16 @@ const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
 fn check(config: &str) -> (bool, String) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(config.as_bytes()).unwrap();
+    check_file(file.path(), &[])
+}
+
+/// `--check` on `file` with `flags`: whether it passed, and what it printed.
+fn check_file(file: &std::path::Path, flags: &[&str]) -> (bool, String) {
     let output = Command::new(BINARY)
         .arg("--config")
-        .arg(file.path())
+        .arg(file)
         .arg("--check")
+        .args(flags)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).to_string()
@@ -193,4 +201,78 @@ async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_the
     )
     .await
     .unwrap();
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token_file() {
+    // `--check` binds nothing: the address is only validated.
+    let (ok, message) = check("[admin]\naddress = \"0.0.0.0:9090\"\n");
+    assert!(!ok, "accepted an open admin listener without a token");
+    assert!(message.contains("admin.token_file"), "{message}");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    support::write_secret(&token, "t0ken\n");
+    let (ok, message) = check(&format!(
+        "[admin]\naddress = \"0.0.0.0:9090\"\ntoken_file = \"{}\"\n",
+        token.display()
+    ));
+    assert!(ok, "{message}");
+    support::write_secret(&token, "\n");
+    let (ok, message) = check(&format!("[admin]\ntoken_file = \"{}\"\n", token.display()));
+    assert!(!ok, "accepted an empty token");
+    assert!(message.contains("admin.token_file"), "{message}");
+}
+
+#[test]
+fn world_writable_files_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("s3fp.toml");
+    std::fs::write(&config, "[hold]\ntimeout = \"30s\"\n").unwrap();
+    set_mode(&config, 0o666);
+    let (ok, message) = check_file(&config, &[]);
+    assert!(!ok, "accepted a world-writable config file");
+    assert!(
+        message.contains(&config.display().to_string()) && message.contains("world-writable"),
+        "{message}"
+    );
+    let (ok, message) = check_file(&config, &["--allow-world-writable"]);
+    assert!(ok, "{message}");
+
+    let token = dir.path().join("token");
+    support::write_secret(&token, "t0ken");
+    set_mode(&token, 0o646);
+    set_mode(&config, 0o644);
+    std::fs::write(
+        &config,
+        format!("[admin]\ntoken_file = \"{}\"\n", token.display()),
+    )
+    .unwrap();
+    let (ok, message) = check_file(&config, &[]);
+    assert!(!ok, "accepted a world-writable token file");
+    assert!(
+        message.contains("admin.token_file") && message.contains("world-writable"),
+        "{message}"
+    );
+    assert!(check_file(&config, &["--allow-world-writable"]).0);
+}
+
+#[test]
+fn a_config_file_over_one_mebibyte_is_refused_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("huge.toml");
+    // Valid TOML (comments) just over the cap.
+    let line = format!("#{}\n", "x".repeat(1023));
+    std::fs::write(&config, line.repeat(1025)).unwrap();
+    let (ok, message) = check_file(&config, &[]);
+    assert!(!ok, "accepted a config file of 1025 KiB");
+    assert!(
+        message.contains(&config.display().to_string())
+            && message.contains("larger than 1048576 bytes"),
+        "{message}"
+    );
 }

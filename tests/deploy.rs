@@ -7,6 +7,8 @@ use std::process::Command;
 
 const VALIDATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/validate.py");
 const BINARY: &str = env!("CARGO_BIN_EXE_s3-failover-proxy");
+/// Where the chart mounts the admin token Secret.
+const MOUNTED_TOKEN: &str = "/var/run/s3-failover-proxy/admin/token";
 
 #[test]
 fn the_chart_and_manifests_validate_and_render_configs_the_proxy_accepts() {
@@ -23,10 +25,21 @@ fn the_chart_and_manifests_validate_and_render_configs_the_proxy_accepts() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    // The rendered configs name the token the chart mounts; --check reads it.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
     for name in ["default.toml", "values-s3gw.toml"] {
+        let config = dir.path().join(name);
+        let rendered = std::fs::read_to_string(&config).unwrap();
+        assert!(
+            rendered.contains(MOUNTED_TOKEN),
+            "{name} names the mounted token"
+        );
+        let local = rendered.replace(MOUNTED_TOKEN, &token.display().to_string());
+        std::fs::write(&config, local).unwrap();
         let checked = Command::new(BINARY)
             .arg("--config")
-            .arg(dir.path().join(name))
+            .arg(&config)
             .arg("--check")
             .output()
             .unwrap();

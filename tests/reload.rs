@@ -1,7 +1,9 @@
 //! Hot reload of the running binary: on SIGHUP and on a file change, hold
 //! settings change live without dropping a held request; an invalid file is
 //! rejected and the old configuration stays; a restart-only section
-//! (`[backend.kubernetes]`) removed or changed live keeps its running value.
+//! (`[backend.kubernetes]`) removed or changed live keeps its running value;
+//! a rotated admin token file takes effect without a config change, and a
+//! world-writable config file is rejected until its mode is fixed.
 
 mod support;
 
@@ -241,4 +243,93 @@ async fn backend_kubernetes_removed_or_changed_live_keeps_discovery_as_started()
     proxy.wait_metric("s3fp_hold_timeout_seconds", 6.0).await;
     put("after-restore").await.expect("still sent to the pod");
     assert_eq!(kept_discovery_warnings(&proxy), warned, "nothing to keep");
+}
+
+/// The status a `GET /admin/status` carrying `token` gets.
+async fn status_with_token(proxy: &ProxyProcess, token: &str) -> u16 {
+    let authorization = support::bearer(token);
+    raw_request(
+        proxy.admin,
+        "GET",
+        "/admin/status",
+        &[("authorization", authorization.as_str())],
+        Bytes::new(),
+    )
+    .await
+    .unwrap()
+    .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_admin_token_replaces_the_old_one_and_a_broken_one_is_rejected() {
+    let backend = S3Backend::stopped().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    support::write_secret(&token_file, "first-token\n");
+    // The body continues the `[admin]` table the harness writes.
+    let proxy = ProxyProcess::start(&format!(
+        "token_file = \"{}\"\n{}",
+        token_file.display(),
+        backend_section(&backend)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(status_with_token(&proxy, "first-token").await, 200);
+
+    // The Secret is rotated; the config file is untouched.
+    support::write_secret(&token_file, "second-token\n");
+    proxy
+        .wait_metric_at_least("s3fp_config_reloads_total{result=\"success\"}", 1.0)
+        .await;
+    assert_eq!(status_with_token(&proxy, "second-token").await, 200);
+    assert_eq!(status_with_token(&proxy, "first-token").await, 401);
+
+    // An empty token file fails the reload; the running token stays.
+    support::write_secret(&token_file, "");
+    proxy
+        .wait_metric_at_least("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
+        .await;
+    assert_eq!(status_with_token(&proxy, "second-token").await, 200);
+    assert!(
+        proxy.log_lines().iter().any(
+            |line| line.contains("config reload rejected") && line.contains("admin.token_file")
+        ),
+        "the rejection names the key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_writable_config_file_is_rejected_on_reload_until_fixed() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = S3Backend::stopped().unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "{}[hold]\ntimeout = \"30s\"\n",
+        backend_section(&backend)
+    ))
+    .await
+    .unwrap();
+    proxy.write_config(&format!(
+        "{}[hold]\ntimeout = \"5s\"\n",
+        backend_section(&backend)
+    ));
+    let world_writable = std::fs::Permissions::from_mode(0o666);
+    std::fs::set_permissions(proxy.config.path(), world_writable).unwrap();
+    proxy.signal("-HUP");
+    proxy
+        .wait_metric_at_least("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
+        .await;
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 30.0).await;
+    assert!(
+        proxy
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("world-writable")
+                && line.contains(&proxy.config.path().display().to_string())),
+        "the rejection names the file and the reason"
+    );
+
+    let private = std::fs::Permissions::from_mode(0o600);
+    std::fs::set_permissions(proxy.config.path(), private).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_metric("s3fp_hold_timeout_seconds", 5.0).await;
 }

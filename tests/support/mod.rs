@@ -46,6 +46,22 @@ where
     bail!("timed out after {limit:?} waiting for {what}")
 }
 
+/// Writes `content` to `path` with mode 0600 in one step (a sibling renamed
+/// over it, as a Kubernetes Secret update swaps its files): the admin token
+/// file of a test.
+pub fn write_secret(path: &std::path::Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, content).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+/// The `Authorization` value that carries `token`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
 /// A port nobody listens on right now (for a process that must bind it itself).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -22,3 +22,8 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
+
+{{/* The Secret holding the admin token: the user's, or the chart's own. */}}
+{{- define "s3fp.adminTokenSecret" -}}
+{{- .Values.admin.token.existingSecret | default (printf "%s-admin-token" (include "s3fp.fullname" .)) -}}
+{{- end -}}
