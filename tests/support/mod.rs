@@ -692,9 +692,16 @@ impl ProxyProcess {
     }
 
     /// Replaces the config file's content (listener and admin kept).
+    /// Writes the config: the generated `[listener]` and `[admin]` sections
+    /// plus `body`; a `[listener]` section at the start of `body` is merged
+    /// into the generated one.
     pub fn write_config(&self, body: &str) {
+        let (listener, rest) = match body.strip_prefix("[listener]\n") {
+            Some(after) => after.split_at(after.find("\n[").map_or(after.len(), |end| end + 1)),
+            None => ("", body),
+        };
         let text = format!(
-            "[listener]\naddress = \"127.0.0.1:{}\"\n[admin]\naddress = \"{}\"\n{body}",
+            "[listener]\naddress = \"127.0.0.1:{}\"\n{listener}\n[admin]\naddress = \"{}\"\n{rest}",
             self.port, self.admin
         );
         self.replace_config(&text);

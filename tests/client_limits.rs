@@ -1,0 +1,237 @@
+//! Client-side limits of an edge proxy, against the binary and a real s3s-fs:
+//! slowloris and idle connections are closed at `listener.header_timeout`
+//! while a well-behaved client keeps being served; a client that stops
+//! reading a download is cut at `listener.send_timeout` and logged
+//! `response_cut`; past `listener.max_connections` a new connection gets
+//! `503 SlowDown`; a cap the file-descriptor limit cannot meet stops
+//! start-up. None of these is the backend's fault: no outage is counted.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use support::{
+    ProxyProcess, S3Backend, free_port, metric_sample, read_response, s3_client, wait_until,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn proxy_with(backend: &S3Backend, listener: &str) -> ProxyProcess {
+    ProxyProcess::start(&format!(
+        "{listener}\n[backend]\naddress = \"{}\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap()
+}
+
+/// Reads until the proxy closes the connection; false if it is still open
+/// at `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut sink = [0u8; 64 << 10];
+    let reads = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, reads).await.is_ok()
+}
+
+async fn outages(proxy: &ProxyProcess) -> f64 {
+    let text = proxy.metrics().await;
+    ["refused", "reset", "hang_timeout", "probe_failed"]
+        .iter()
+        .filter_map(|reason| {
+            metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(&backend, "[listener]\nheader_timeout = \"1s\"").await;
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("edge").send().await.unwrap();
+
+    // Twenty clients sending a head one byte every 200 ms, forever.
+    let slowloris: Vec<_> = (0..20)
+        .map(|_| {
+            let address = proxy.address();
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(address).await.unwrap();
+                let head = b"GET /edge/k HTTP/1.1\r\nHost: s3\r\nX-Slow: ".repeat(1);
+                let dribble = async {
+                    for byte in head.iter().chain(std::iter::repeat(&b'a')).take(100) {
+                        if stream.write_all(&[*byte]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await; // the slow client: the input under test
+                    }
+                };
+                dribble.await;
+                closed_within(&mut stream, Duration::from_secs(5)).await
+            })
+        })
+        .collect();
+    // An idle keep-alive connection after one answer.
+    let mut idle = TcpStream::connect(proxy.address()).await.unwrap();
+    idle.write_all(b"GET /healthz-is-not-here HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut idle).await;
+
+    // A well-behaved client is served all along.
+    for i in 0..5 {
+        s3.put_object()
+            .bucket("edge")
+            .key(format!("k{i}"))
+            .body(ByteStream::from_static(b"ok"))
+            .send()
+            .await
+            .expect("served while the slow clients hold connections");
+    }
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(10)).await,
+        "the idle connection is closed"
+    );
+    for client in slowloris {
+        assert!(client.await.unwrap(), "a slowloris connection is closed");
+    }
+    assert_eq!(outages(&proxy).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_and_logged_response_cut() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(&backend, "[listener]\nsend_timeout = \"1s\"").await;
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("edge").send().await.unwrap();
+    s3.put_object()
+        .bucket("edge")
+        .key("large")
+        .body(ByteStream::from(vec![7u8; 32 << 20]))
+        .send()
+        .await
+        .unwrap();
+
+    let presigned = s3
+        .get_object()
+        .bucket("edge")
+        .key("large")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        uri.authority().unwrap()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Never reads: the proxy's writes stall once the socket buffers fill.
+    wait_until(Duration::from_secs(20), "the download logged as cut", || async {
+        proxy
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("path=/edge/large") && line.contains("response_cut"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10)).await,
+        "the connection is closed"
+    );
+    assert_eq!(outages(&proxy).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_connection_gets_slow_down() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(&backend, "[listener]\nmax_connections = 2").await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+        stream
+            .write_all(b"GET /edge HTTP/1.1\r\nHost: s3\r\n\r\n")
+            .await
+            .unwrap();
+        read_response(&mut stream).await;
+        open.push(stream);
+    }
+
+    let mut third = TcpStream::connect(proxy.address()).await.unwrap();
+    third
+        .write_all(b"GET /edge HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut third).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
+    assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+    proxy
+        .wait_metric("s3fp_client_connections_refused_total", 1.0)
+        .await;
+
+    // A connection that ends frees its place.
+    drop(open.pop());
+    wait_until(Duration::from_secs(10), "a place again", || async {
+        let Ok(mut stream) = TcpStream::connect(proxy.address()).await else {
+            return false;
+        };
+        if stream
+            .write_all(b"GET /edge HTTP/1.1\r\nHost: s3\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        read_response(&mut stream).await.0 != 503
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    write!(
+        config,
+        "[listener]\naddress = \"127.0.0.1:{}\"\nmax_connections = 1000\n[admin]\naddress = \"127.0.0.1:{}\"\n[backend]\naddress = \"127.0.0.1:{}\"\n",
+        free_port(),
+        free_port(),
+        free_port()
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+        .arg(config.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(10), "the proxy to stop", || {
+        let exited = child.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("listener.max_connections"), "{log}");
+    assert!(log.contains("ulimit -n"), "{log}");
+}
