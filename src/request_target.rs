@@ -277,7 +277,17 @@ impl<I> TargetWatch<I> {
         } else {
             let before = self.pending.len();
             self.pending.extend_from_slice(read);
-            (parse_head(&self.pending), before)
+            // Parsed again only once the head can have ended (an empty line
+            // in the new bytes, or just before them): a head read a few bytes
+            // at a time costs its length, not its length squared.
+            let window = &self.pending[before.saturating_sub(3)..];
+            let may_end = memchr::memmem::find(window, b"\n\r\n").is_some()
+                || memchr::memmem::find(window, b"\n\n").is_some();
+            let parsed = match may_end {
+                true => parse_head(&self.pending),
+                false => Head::Partial { line_whole: true },
+            };
+            (parsed, before)
         };
         match parsed {
             // Only a request line read whole from its first byte is judged:
@@ -532,12 +542,22 @@ impl<I> TargetWatch<I> {
     /// Follows bytes read after a withheld request start, and queues what
     /// hyper may have of both.
     fn follow_withheld(&mut self, read: &[u8]) {
+        if !read.is_empty() && memchr::memchr(b'\n', read).is_none() {
+            // The line is still not whole: only its new bytes were looked at
+            // (a line read a few bytes at a time costs its length, not more).
+            self.withheld.extend_from_slice(read);
+            if self.withheld.len() <= MAX_REQUEST_LINE {
+                return;
+            }
+        }
         let mut bytes = std::mem::take(&mut self.withheld);
         if read.is_empty() {
             // The client ended mid-line: hyper sees what it sent, then the end.
             self.lose();
         } else {
-            bytes.extend_from_slice(read);
+            if memchr::memchr(b'\n', read).is_some() {
+                bytes.extend_from_slice(read);
+            }
             let approved = self.follow(&bytes);
             bytes.truncate(approved);
         }

@@ -219,9 +219,10 @@ where
                 released.release();
             }
         });
+        let http10 = request.version() == http::Version::HTTP_10;
         while let Some(mut connection) = self.checkout().await {
             match connection.sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(response, connection, delivery)),
+                Ok(response) => return Ok(self.pooled(response, connection, delivery, http10)),
                 Err(mut error) => match error.take_message() {
                     // The pooled connection was already closing: nothing sent.
                     Some(unsent) => request = unsent,
@@ -231,7 +232,7 @@ where
         }
         let mut connection = self.connect().await?;
         match connection.sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, connection, delivery)),
+            Ok(response) => Ok(self.pooled(response, connection, delivery, http10)),
             Err(mut error) => match error.take_message() {
                 Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
                 None => Err(UpstreamError::Failed(error.into_error())),
@@ -311,6 +312,7 @@ where
         response: Response<Incoming>,
         connection: Connection<B>,
         delivery: &Delivery,
+        http10: bool,
     ) -> Response<PooledBody<B>> {
         let (parts, body) = response.into_parts();
         let keep_alive = !parts
@@ -320,7 +322,11 @@ where
         // Answered before the whole body went out: the backend may read the
         // rest as a request. A withheld body is never sent: close the
         // connection with the response; a body still flowing finishes first.
-        let reusable = keep_alive && delivery.complete();
+        // A connection that carried HTTP/1.0 either way stays HTTP/1.0 in
+        // hyper's client: later requests on it would go out as HTTP/1.0, and
+        // a chunked body would lose its framing. It is not reused.
+        let http11 = !http10 && parts.version == http::Version::HTTP_11;
+        let reusable = keep_alive && http11 && delivery.complete();
         let (give_back, closing) = if reusable {
             let settings = self.settings();
             let give_back = GiveBack {

@@ -66,7 +66,7 @@ async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
             let address = proxy.address();
             tokio::spawn(async move {
                 let mut stream = TcpStream::connect(address).await.unwrap();
-                let head = b"GET /edge/k HTTP/1.1\r\nHost: s3\r\nX-Slow: ".repeat(1);
+                let head = b"GET /edge/k HTTP/1.1\r\nHost: s3\r\nX-Slow: ".to_vec();
                 let dribble = async {
                     for byte in head.iter().chain(std::iter::repeat(&b'a')).take(100) {
                         if stream.write_all(&[*byte]).await.is_err() {
@@ -126,8 +126,7 @@ async fn a_client_that_stops_reading_is_cut_and_logged_response_cut() {
         .bucket("edge")
         .key("large")
         .presigned(
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300))
-                .unwrap(),
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
         )
         .await
         .unwrap();
@@ -140,12 +139,16 @@ async fn a_client_that_stops_reading_is_cut_and_logged_response_cut() {
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     // Never reads: the proxy's writes stall once the socket buffers fill.
-    wait_until(Duration::from_secs(20), "the download logged as cut", || async {
-        proxy
-            .log_lines()
-            .iter()
-            .any(|line| line.contains("path=/edge/large") && line.contains("response_cut"))
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the download logged as cut",
+        || async {
+            proxy
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("path=/edge/large") && line.contains("response_cut"))
+        },
+    )
     .await
     .unwrap();
     assert!(

@@ -204,3 +204,70 @@ async fn one_client_after_another_reuses_the_backend_connection() {
     );
     proxy.stop().await.unwrap();
 }
+
+/// A chunked PUT (no `Content-Length`) to a presigned URL.
+async fn chunked_put(s3: &aws_sdk_s3::Client, key: &str, body: &[u8]) -> Vec<u8> {
+    let presigned = s3
+        .put_object()
+        .bucket("versions")
+        .key(key)
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(std::time::Duration::from_secs(
+                300,
+            ))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let mut bytes = format!(
+        "PUT {} HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        uri.path_and_query().unwrap(),
+        uri.authority().unwrap(),
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_keep_alive_client_does_not_downgrade_later_clients() {
+    use tokio::io::AsyncWriteExt;
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("versions").send().await.unwrap();
+
+    // An old client: HTTP/1.0 with keep-alive, answered in HTTP/1.0.
+    let mut old = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+    old.write_all(b"GET /versions HTTP/1.0\r\nConnection: keep-alive\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    support::read_response(&mut old).await;
+
+    // Later clients speak HTTP/1.1 with chunked bodies, one after another.
+    for i in 0..3 {
+        let body = object_content(i, 1000);
+        let mut client = tokio::net::TcpStream::connect(proxy.address).await.unwrap();
+        let put = chunked_put(&s3, &format!("k{i}"), &body).await;
+        client.write_all(&put).await.unwrap();
+        let (status, answer) = support::read_response(&mut client).await;
+        assert_eq!(status, 200, "{answer}");
+        let stored = s3
+            .get_object()
+            .bucket("versions")
+            .key(format!("k{i}"))
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        assert_eq!(stored.len(), body.len(), "the whole chunked body is stored");
+        assert_eq!(stored.as_ref(), body.as_slice());
+    }
+}
