@@ -112,6 +112,8 @@ pub struct TargetWatch<I> {
     framing: Framing,
     /// The part of a head, chunk-size line or trailer read so far.
     pending: Vec<u8>,
+    /// What the fields of a head taken line by line say about its body.
+    fields: FieldsSoFar,
     /// The start of a request whose request line is not whole yet: read,
     /// not handed to hyper.
     withheld: Vec<u8>,
@@ -124,6 +126,16 @@ pub struct TargetWatch<I> {
     started: bool,
     /// The request heads of an HTTP/2 connection.
     h2: Option<Box<H2Heads>>,
+}
+
+/// The framing fields of a head taken line by line, and its length so far.
+#[derive(Debug, Default)]
+struct FieldsSoFar {
+    /// The last `Transfer-Encoding` value, trimmed and lower-case.
+    transfer_encoding: Option<String>,
+    /// The first `Content-Length` value, trimmed.
+    content_length: Option<String>,
+    bytes: usize,
 }
 
 /// An S3 error written by the watch itself, after hyper's last answer.
@@ -168,6 +180,9 @@ enum Framing {
     ChunkData(u64),
     /// In the trailer section after the last chunk.
     Trailers,
+    /// In the header fields of a head that did not come in one read: its
+    /// request line was judged, and its fields are taken line by line.
+    Fields,
     /// HTTP/2 frames.
     H2,
     /// Lost: nothing more is watched.
@@ -184,6 +199,7 @@ impl<I> TargetWatch<I> {
             cut,
             framing: Framing::Head,
             pending: Vec::new(),
+            fields: FieldsSoFar::default(),
             withheld: Vec::new(),
             released: Vec::new(),
             refusal: None,
@@ -222,6 +238,7 @@ impl<I> TargetWatch<I> {
                 },
                 Framing::ChunkSize => self.chunk_size(read),
                 Framing::Trailers => self.trailer_line(read),
+                Framing::Fields => self.field_line(read),
                 Framing::H2 => self.h2_frames(read),
             };
         }
@@ -271,48 +288,100 @@ impl<I> TargetWatch<I> {
             return Ok(read);
         }
         // The common case, a head within one read, is parsed in place.
-        let at_start = self.pending.is_empty();
-        let (parsed, before) = if at_start {
-            (parse_head(read), 0)
-        } else {
-            let before = self.pending.len();
-            self.pending.extend_from_slice(read);
-            // Parsed again only once the head can have ended (an empty line
-            // in the new bytes, or just before them): a head read a few bytes
-            // at a time costs its length, not its length squared.
-            let window = &self.pending[before.saturating_sub(3)..];
-            let may_end = memchr::memmem::find(window, b"\n\r\n").is_some()
-                || memchr::memmem::find(window, b"\n\n").is_some();
-            let parsed = match may_end {
-                true => parse_head(&self.pending),
-                false => Head::Partial { line_whole: true },
-            };
-            (parsed, before)
-        };
-        match parsed {
-            // Only a request line read whole from its first byte is judged:
-            // after that, hyper has part of it.
-            Head::RefusedTarget if at_start => Err(Stop::Refuse(0)),
-            Head::Partial { line_whole: false } if at_start => Err(Stop::Withhold(0)),
-            Head::Partial { .. } => {
-                if at_start {
-                    self.pending.extend_from_slice(read);
-                }
-                if self.pending.len() > self.max_head {
-                    return Ok(self.lose());
-                }
-                Ok(&[])
-            }
-            Head::Invalid | Head::RefusedTarget => Ok(self.lose()),
+        match parse_head(read) {
+            Head::RefusedTarget => Err(Stop::Refuse(0)),
+            Head::Invalid => Ok(self.lose()),
             Head::Complete { length, cut, body } => {
                 if let Some(line) = cut {
                     self.cut.record(line);
                 }
                 self.framing = body;
-                self.pending.clear();
-                Ok(&read[length - before..])
+                Ok(&read[length..])
             }
+            Head::Partial => self.partial_head(read),
         }
+    }
+
+    /// A head that did not come in one read: until its request line is
+    /// whole, it is withheld; then the line is judged and recorded, and the
+    /// fields are taken line by line ([`Framing::Fields`]), keeping only the
+    /// framing fields and the line being read (a head read a few bytes at a
+    /// time costs its length, and its memory is hyper's alone).
+    fn partial_head<'r>(&mut self, read: &'r [u8]) -> Result<&'r [u8], Stop> {
+        let Some(line_end) = request_line_end(read) else {
+            return Err(Stop::Withhold(0));
+        };
+        let mut line = read[..line_end].to_vec();
+        line.extend_from_slice(b"\r\n");
+        match parse_head(&line) {
+            Head::RefusedTarget => return Err(Stop::Refuse(0)),
+            Head::Complete { cut, .. } => {
+                if let Some(line) = cut {
+                    self.cut.record(line);
+                }
+            }
+            Head::Partial | Head::Invalid => return Ok(self.lose()),
+        }
+        self.framing = Framing::Fields;
+        self.fields = FieldsSoFar {
+            bytes: line_end,
+            ..FieldsSoFar::default()
+        };
+        Ok(&read[line_end..])
+    }
+
+    /// Takes one header field line; the empty line ends the head and moves
+    /// to the body its fields frame.
+    fn field_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+        let before = self.pending.len();
+        let Some(rest) = self.take_line(read) else {
+            return self.count_head_bytes(read.len());
+        };
+        self.count_head_bytes(self.pending.len() - before);
+        if self.framing == Framing::Off {
+            return &[];
+        }
+        if matches!(self.pending.as_slice(), b"\r\n" | b"\n") {
+            let fields = std::mem::take(&mut self.fields);
+            self.framing = framing_of(
+                fields.transfer_encoding.as_deref(),
+                fields.content_length.as_deref(),
+            );
+            self.pending.clear();
+            return rest;
+        }
+        // One field, read as hyper reads it (an invalid one: hyper refuses
+        // the request too).
+        self.pending.extend_from_slice(b"\r\n");
+        let mut field = [httparse::EMPTY_HEADER; 1];
+        let parsed = httparse::parse_headers(&self.pending, &mut field);
+        let Ok(httparse::Status::Complete((_, [field]))) = parsed else {
+            return self.lose();
+        };
+        let value = || {
+            String::from_utf8_lossy(field.value)
+                .trim()
+                .to_ascii_lowercase()
+        };
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            self.fields.transfer_encoding = Some(value());
+        } else if field.name.eq_ignore_ascii_case("content-length")
+            && self.fields.content_length.is_none()
+        {
+            self.fields.content_length = Some(value());
+        }
+        self.pending.clear();
+        rest
+    }
+
+    /// Counts head bytes taken line by line; past `max_head` the watch ends
+    /// (hyper refuses such a head too).
+    fn count_head_bytes<'r>(&mut self, taken: usize) -> &'r [u8] {
+        self.fields.bytes += taken;
+        if self.fields.bytes > self.max_head {
+            return self.lose();
+        }
+        &[]
     }
 
     /// Takes a chunk-size line (RFC 9112 section 7.1).
@@ -348,7 +417,7 @@ impl<I> TargetWatch<I> {
     fn take_line<'r>(&mut self, read: &'r [u8]) -> Option<&'r [u8]> {
         let Some(end) = memchr::memchr(b'\n', read) else {
             self.pending.extend_from_slice(read);
-            if self.pending.len() > MAX_LINE {
+            if self.pending.len() > MAX_LINE.max(self.max_head) {
                 self.lose();
             }
             return None;
@@ -381,11 +450,8 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 
 /// What a request head says, once complete.
 enum Head {
-    /// More bytes are needed; `line_whole` once the request line was read
-    /// and hyper would take it.
-    Partial {
-        line_whole: bool,
-    },
+    /// More bytes are needed.
+    Partial,
     Invalid,
     /// hyper would refuse the request target (RFC 9112 section 3.2 as the
     /// `http` crate's URI parser reads it).
@@ -431,9 +497,7 @@ fn head_of<'b>(
     let length = match parsed? {
         httparse::Status::Complete(length) => length,
         httparse::Status::Partial => {
-            return Ok(Head::Partial {
-                line_whole: request.version.is_some(),
-            });
+            return Ok(Head::Partial);
         }
     };
     let (Some(method), Some(path)) = (request.method, request.path) else {
@@ -496,23 +560,38 @@ fn values(fields: &[httparse::Header<'_>], name: &str) -> Vec<String> {
         .collect()
 }
 
-/// RFC 9112 section 6.3: `Transfer-Encoding` ending in chunked wins over
-/// `Content-Length`; neither means no body.
+/// How the body of a head with these fields is framed.
 fn body_framing(fields: &[httparse::Header<'_>]) -> Framing {
-    if let Some(coding) = values(fields, "transfer-encoding").last() {
+    framing_of(
+        values(fields, "transfer-encoding")
+            .last()
+            .map(String::as_str),
+        values(fields, "content-length").first().map(String::as_str),
+    )
+}
+
+/// RFC 9112 section 6.3: `Transfer-Encoding` ending in chunked wins over
+/// `Content-Length`; neither means no body. Values trimmed and lower-case:
+/// the last `Transfer-Encoding`, the first `Content-Length`.
+fn framing_of(transfer_encoding: Option<&str>, content_length: Option<&str>) -> Framing {
+    if let Some(coding) = transfer_encoding {
         return match coding.rsplit(',').next().map(str::trim) {
             Some("chunked") => Framing::ChunkSize,
             _ => Framing::Off,
         };
     }
-    match values(fields, "content-length")
-        .first()
-        .map(|v| v.parse::<u64>())
-    {
+    match content_length.map(str::parse::<u64>) {
         None | Some(Ok(0)) => Framing::Head,
         Some(Ok(length)) => Framing::Body(length),
         Some(Err(_)) => Framing::Off,
     }
+}
+
+/// Where the request line of a head starting `read` ends (after its `\n`;
+/// empty lines before it, which parsers skip, count with it), if it does.
+fn request_line_end(read: &[u8]) -> Option<usize> {
+    let start = read.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    memchr::memchr(b'\n', &read[start..]).map(|end| start + end + 1)
 }
 
 impl<I> TargetWatch<I> {
@@ -840,6 +919,19 @@ mod tests {
             b"sh#x HTTP/1.1\r\n\r\n",
         ]);
         assert!(cut.take("GET", "/b/hash"));
+    }
+
+    #[test]
+    fn a_head_whose_fields_come_in_pieces_is_framed_by_them() {
+        let cut = watched(&[
+            b"PUT /b/k HTTP/1.1\r\nHost: s3\r\nContent-Le",
+            b"ngth: 29\r",
+            b"\n\r\n",
+            b"GET /b/in-body#x HTTP/1.1\r\n\r\n",
+            b"GET /b/after#y HTTP/1.1\r\n\r\n",
+        ]);
+        assert!(!cut.take("GET", "/b/in-body"), "a body is not a request");
+        assert!(cut.take("GET", "/b/after"));
     }
 
     #[test]

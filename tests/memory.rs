@@ -197,3 +197,115 @@ async fn over_http2_and_tls_a_256_mib_upload_and_download_stay_in_bounded_memory
         })
         .await;
 }
+
+/// Raises this process's file-descriptor limit for `connections` sockets
+/// here and as many in the proxy, which inherits it.
+fn room_for(connections: u64) {
+    let needed = 2 * connections + 512;
+    let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    if soft < needed {
+        rlimit::Resource::NOFILE
+            .set(needed.min(hard), hard)
+            .unwrap();
+    }
+    let (soft, _) = rlimit::Resource::NOFILE.get().unwrap();
+    assert!(
+        soft >= needed,
+        "this test needs {needed} file descriptors (ulimit -n)"
+    );
+}
+
+/// Opens `count` connections that each send `head` (as much as the socket
+/// takes at once) and never finish it.
+async fn unfinished_heads(
+    proxy: &ProxyProcess,
+    head: &[u8],
+    count: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let mut connections = Vec::new();
+    for _ in 0..count {
+        let stream = tokio::net::TcpStream::connect(proxy.address())
+            .await
+            .unwrap();
+        let _ = stream.try_write(head);
+        connections.push(stream);
+    }
+    connections
+}
+
+/// 700 clients each sending 399 KB of header lines and never finishing (the
+/// public report's flood): each gets `431` once past
+/// `listener.max_head_bytes`, and resident memory stays bounded, round
+/// after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_hundred_oversized_unfinished_heads_keep_memory_bounded() {
+    use tokio::io::AsyncReadExt;
+    room_for(700);
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "").await;
+    let line = format!("X-Pad: {}\r\n", "p".repeat(1000));
+    let head = format!("GET /bucket/k HTTP/1.1\r\nHost: s3\r\n{}", line.repeat(399));
+    for round in 1..=2 {
+        let mut connections = unfinished_heads(&proxy, head.as_bytes(), 700).await;
+        for stream in &mut connections {
+            let mut answer = [0u8; 12];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                stream.read_exact(&mut answer),
+            )
+            .await
+            .expect("the proxy answers every oversized head");
+            // A reset (the rest of the head unread) may come first.
+            if read.is_ok() {
+                assert_eq!(&answer, b"HTTP/1.1 431", "round {round}");
+            }
+        }
+        let peak = proxy.peak_resident_bytes();
+        assert!(
+            peak < MEMORY_LIMIT,
+            "round {round}: peak {} MiB",
+            peak >> 20
+        );
+    }
+}
+
+/// 700 heads just under the 64 KiB limit, never finished: the memory each
+/// costs is bounded by that limit (hyper's read buffer), not doubled by the
+/// proxy's own copy, and a second round reuses what the first freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_under_the_limit_cost_no_more_than_the_limit() {
+    room_for(700);
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "").await;
+    let line = format!("X-Pad: {}\r\n", "p".repeat(1000));
+    let head = format!("GET /bucket/k HTTP/1.1\r\nHost: s3\r\n{}", line.repeat(60));
+    let before = proxy.peak_resident_bytes();
+    let mut peaks = Vec::new();
+    for _ in 1..=2 {
+        let connections = unfinished_heads(&proxy, head.as_bytes(), 700).await;
+        // The proxy cannot parse a head without holding it whole: once its
+        // memory grew by 90 % of them, it has read them.
+        let held = 700 * head.len() as u64 * 9 / 10;
+        support::wait_until(
+            std::time::Duration::from_secs(30),
+            "the heads read",
+            || async { proxy.resident_bytes() >= before + held },
+        )
+        .await
+        .unwrap();
+        peaks.push(proxy.peak_resident_bytes());
+        drop(connections);
+    }
+    let per_head = (peaks[0] - before) / 700;
+    assert!(
+        per_head < 96 << 10,
+        "each unfinished 60 KB head cost {} KiB (limit 64 KiB)",
+        per_head >> 10
+    );
+    assert!(
+        peaks[1] < peaks[0] + (peaks[0] - before) / 10,
+        "the second round reused the first's memory: {} then {} MiB",
+        peaks[0] >> 20,
+        peaks[1] >> 20
+    );
+}

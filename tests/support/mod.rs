@@ -780,12 +780,21 @@ impl ProxyProcess {
 
     /// The most memory the process has held resident so far (VmHWM).
     pub fn peak_resident_bytes(&self) -> u64 {
+        self.memory_status("VmHWM:")
+    }
+
+    /// The memory the process holds resident now (VmRSS).
+    pub fn resident_bytes(&self) -> u64 {
+        self.memory_status("VmRSS:")
+    }
+
+    fn memory_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let kib: u64 = status
             .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .find_map(|line| line.strip_prefix(field))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib * 1024
     }
 
