@@ -11,7 +11,9 @@
 //! response (so an idle HTTP/1.1 keep-alive connection is closed then too);
 //! HTTP/2 connections are pinged at that interval and closed when the client
 //! stops answering; a client that takes no response byte for
-//! `listener.send_timeout` is cut ([`SendTimeout`]). At most
+//! `listener.send_timeout` is cut ([`SendTimeout`]). A connection that sends
+//! no byte for `listener.header_timeout`, or an HTTP/2 one with no request in
+//! progress for as long, is closed ([`Silence`]). At most
 //! `listener.max_connections` connections are open at once: one more gets
 //! `503 SlowDown` (plain HTTP) or is closed (HTTPS) at once.
 
@@ -31,9 +33,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::peer::{ClientSocket, Peer};
+use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
-use crate::request_target::TargetWatch;
+use crate::request_target::{Silence, TargetWatch};
 use crate::s3_error::ProxyError;
 use crate::send_timeout::SendTimeout;
 
@@ -67,6 +69,28 @@ pub struct ClientLimits {
     pub max_head_bytes: usize,
     pub header_timeout: Duration,
     pub send_timeout: Duration,
+}
+
+/// One open client connection's place, counted in `s3fp_client_connections`.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<crate::metrics::Metrics>) -> ConnectionSlot {
+        metrics.client_connection(true);
+        ConnectionSlot {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.metrics.client_connection(false);
+    }
 }
 
 /// The client connections the listeners may have open at once.
@@ -122,11 +146,12 @@ fn accept(
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let Ok(slot) = Arc::clone(&listener.slots.open).try_acquire_owned() else {
+    let Ok(permit) = Arc::clone(&listener.slots.open).try_acquire_owned() else {
         proxy.metrics().connection_refused();
         refuse(stream, address, listener);
         return;
     };
+    let slot = ConnectionSlot::new(permit, Arc::clone(proxy.metrics()));
     let (stream, peer) = ClientSocket::new(stream, address);
     let proxy = Arc::clone(proxy);
     let scheme = listener.scheme();
@@ -197,7 +222,7 @@ async fn serve<I>(
     scheme: &'static str,
     limits: ClientLimits,
     watcher: hyper_util::server::graceful::Watcher,
-    _slot: OwnedSemaphorePermit,
+    _slot: ConnectionSlot,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -206,11 +231,19 @@ async fn serve<I>(
         SendTimeout::new(io, limits.send_timeout),
         Arc::clone(&peer.cut_targets),
         limits.max_head_bytes,
+        Silence::new(
+            limits.header_timeout,
+            Arc::clone(&peer.requests_in_progress),
+        ),
     );
     let service = service_fn(move |request: hyper::Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let peer = Arc::clone(&peer);
-        async move { Ok::<_, Infallible>(proxy.handle(request, &peer, scheme).await) }
+        async move {
+            let in_progress = RequestInProgress::start(&peer);
+            let response = proxy.handle(request, &peer, scheme).await;
+            Ok::<_, Infallible>(response.map(|body| body.after_response(move || drop(in_progress))))
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -101,6 +101,7 @@ pub struct Metrics {
     certificate_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
     connections_refused: IntCounter,
+    client_connections: IntGauge,
 }
 
 /// What the scrape reads from the running proxy.
@@ -322,6 +323,11 @@ impl Metrics {
                 "s3fp_tls_handshake_failures_total",
                 "Client connections dropped because the TLS handshake failed or timed out.",
             ),
+            client_connections: int_gauge(
+                &registry,
+                "s3fp_client_connections",
+                "Client connections open now (listener.max_connections at most).",
+            ),
             connections_refused: int_counter(
                 &registry,
                 "s3fp_client_connections_refused_total",
@@ -480,6 +486,14 @@ impl Metrics {
 
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// A client connection opened (`true`) or ended.
+    pub fn client_connection(&self, opened: bool) {
+        match opened {
+            true => self.client_connections.inc(),
+            false => self.client_connections.dec(),
+        }
     }
 
     pub fn reload(&self, success: bool) {

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
@@ -40,6 +40,26 @@ pub struct Peer {
     departure: Arc<Departure>,
     /// Request lines read on this connection whose target had a raw `#`.
     pub cut_targets: Arc<CutTargets>,
+    /// Requests of this connection being handled or answered now.
+    pub requests_in_progress: Arc<AtomicUsize>,
+}
+
+/// One request of a connection in progress, until dropped (its response
+/// sent or abandoned).
+#[derive(Debug)]
+pub struct RequestInProgress(Arc<AtomicUsize>);
+
+impl RequestInProgress {
+    pub fn start(peer: &Peer) -> RequestInProgress {
+        peer.requests_in_progress.fetch_add(1, Ordering::AcqRel);
+        RequestInProgress(Arc::clone(&peer.requests_in_progress))
+    }
+}
+
+impl Drop for RequestInProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Set once by the watch thread when the client's FIN arrives.
@@ -205,6 +225,7 @@ impl ClientSocket {
             watch: Mutex::new(None),
             departure: Arc::default(),
             cut_targets: Arc::default(),
+            requests_in_progress: Arc::default(),
         });
         (ClientSocket { stream }, peer)
     }

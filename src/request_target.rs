@@ -124,6 +124,8 @@ pub struct TargetWatch<I> {
     refusal: Option<Refusal>,
     /// Past the connection's first bytes (where HTTP/2 starts).
     started: bool,
+    /// Closes a connection that stays silent (see [`Silence`]).
+    silence: Silence,
     /// The request heads of an HTTP/2 connection.
     h2: Option<Box<H2Heads>>,
 }
@@ -136,6 +138,33 @@ struct FieldsSoFar {
     /// The first `Content-Length` value, trimmed.
     content_length: Option<String>,
     bytes: usize,
+}
+
+/// How long a client connection may stay silent where hyper does not watch
+/// (`listener.header_timeout`): before its first byte (a connection that
+/// never sends a request, plain or after its TLS handshake), and, over
+/// HTTP/2, while no request of it is in progress (an idle connection; over
+/// HTTP/1.1 hyper's own header timer closes it). Then the connection ends:
+/// with an error before the first byte, as the client's end over HTTP/2.
+pub struct Silence {
+    pub limit: Duration,
+    /// The connection's requests in progress (`Peer::requests_in_progress`).
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// Armed while the connection is silent.
+    since: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A byte came.
+    heard: bool,
+}
+
+impl Silence {
+    pub fn new(limit: Duration, requests: Arc<std::sync::atomic::AtomicUsize>) -> Silence {
+        Silence {
+            limit,
+            requests,
+            since: None,
+            heard: false,
+        }
+    }
 }
 
 /// An S3 error written by the watch itself, after hyper's last answer.
@@ -192,9 +221,15 @@ enum Framing {
 impl<I> TargetWatch<I> {
     /// Follows `inner`; heads longer than `max_head` bytes (which hyper
     /// refuses too, `listener.max_head_bytes`) end the watch.
-    pub fn new(inner: I, cut: Arc<CutTargets>, max_head: usize) -> TargetWatch<I> {
+    pub fn new(
+        inner: I,
+        cut: Arc<CutTargets>,
+        max_head: usize,
+        silence: Silence,
+    ) -> TargetWatch<I> {
         TargetWatch {
             inner,
+            silence,
             max_head,
             cut,
             framing: Framing::Head,
@@ -643,6 +678,37 @@ impl<I> TargetWatch<I> {
         self.released = bytes;
     }
 
+    /// Nothing to read: past the silence a connection may keep (see
+    /// [`Silence`]), it ends.
+    fn when_silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let before_first_byte = !self.silence.heard;
+        let idle_http2 = self.framing == Framing::H2
+            && self
+                .silence
+                .requests
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0;
+        if !(before_first_byte || idle_http2) {
+            self.silence.since = None;
+            return Poll::Pending;
+        }
+        let limit = self.silence.limit;
+        let since = self
+            .silence
+            .since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(since.as_mut().poll(cx));
+        if before_first_byte {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request byte for listener.header_timeout",
+            )));
+        }
+        // An idle HTTP/2 connection: its end, as if the client had closed.
+        self.framing = Framing::Off;
+        Poll::Ready(Ok(()))
+    }
+
     /// Hands queued bytes to hyper.
     fn release(&mut self, buf: &mut ReadBuf<'_>) {
         let n = self.released.len().min(buf.remaining());
@@ -688,8 +754,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();
-            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, buf) else {
+                return this.when_silent(cx);
+            };
+            read?;
+            this.silence.since = None;
             let read = &buf.filled()[before..];
+            this.silence.heard |= !read.is_empty();
             if !this.withheld.is_empty() {
                 let read = read.to_vec();
                 buf.set_filled(before);
@@ -778,9 +849,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
 mod tests {
     use super::*;
 
+    fn silence() -> Silence {
+        Silence::new(Duration::from_secs(60), Arc::default())
+    }
+
     fn watched(reads: &[&[u8]]) -> Arc<CutTargets> {
         let cut = Arc::new(CutTargets::default());
-        let mut watch = TargetWatch::new((), Arc::clone(&cut), 1 << 20);
+        let mut watch = TargetWatch::new((), Arc::clone(&cut), 1 << 20, silence());
         for read in reads {
             // As `poll_read` follows them.
             if watch.withheld.is_empty() {
@@ -844,7 +919,7 @@ mod tests {
             reads: reads.iter().map(|read| read.to_vec()).collect(),
             written: Vec::new(),
         };
-        let mut watch = TargetWatch::new(client, Arc::default(), 1 << 20);
+        let mut watch = TargetWatch::new(client, Arc::default(), 1 << 20, silence());
         let mut hyper_read = Vec::new();
         watch.read_to_end(&mut hyper_read).await.unwrap();
         watch.shutdown().await.unwrap();

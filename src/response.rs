@@ -72,9 +72,15 @@ impl ProxyBody {
         }
     }
 
-    /// Runs `after` once the response is over.
+    /// Runs `after` once the response is over (after what was set before).
     pub fn after_response(mut self, after: impl FnOnce() + Send + 'static) -> ProxyBody {
-        self.after = Some(Box::new(after));
+        self.after = Some(match self.after.take() {
+            Some(first) => Box::new(move || {
+                first();
+                after();
+            }),
+            None => Box::new(after),
+        });
         self
     }
 }

@@ -238,3 +238,66 @@ async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
     assert!(log.contains("listener.max_connections"), "{log}");
     assert!(log.contains("ulimit -n"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sends_a_byte_is_closed() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(&backend, "[listener]\nheader_timeout = \"1s\"").await;
+    let mut silent = TcpStream::connect(proxy.address()).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(10)).await);
+}
+
+/// A cleartext HTTP/2 connection (prior knowledge) to the proxy: its sender,
+/// and the connection task, which ends when the proxy closes it.
+async fn h2c(
+    address: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+fn h2_get(
+    address: std::net::SocketAddr,
+    path: &str,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://{address}{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_one_with_a_request_held() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(
+        &backend,
+        "[listener]\nheader_timeout = \"1s\"\n[hold]\ntimeout = \"3s\"",
+    )
+    .await;
+    let (mut sender, connection) = h2c(proxy.address()).await;
+    let response = sender
+        .send_request(h2_get(proxy.address(), "/edge"))
+        .await
+        .unwrap();
+    drop(response);
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection is closed");
+
+    // A request held longer than the limit keeps its connection: it gets
+    // its answer (the hold timeout's 503), not a closed connection.
+    backend.kill9();
+    let (mut sender, _connection) = h2c(proxy.address()).await;
+    let response = sender
+        .send_request(h2_get(proxy.address(), "/edge/held"))
+        .await
+        .expect("answered on the same connection");
+    assert_eq!(response.status(), 503);
+}
