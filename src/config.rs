@@ -231,7 +231,11 @@ pub struct QuarantineConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShutdownConfig {
-    /// After SIGTERM, how long in-flight and held requests may take.
+    /// After SIGTERM, how long the proxy keeps accepting and serving (unready,
+    /// HTTP/1.1 answers with `Connection: close`) while load balancers and
+    /// kube-proxy stop sending it new connections. Zero: stop at once.
+    pub drain_delay: Duration,
+    /// After the drain delay, how long in-flight and held requests may take.
     pub grace: Duration,
 }
 
@@ -395,6 +399,8 @@ struct RawQuarantine {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
+    #[serde(default, with = "humantime_serde")]
+    drain_delay: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     grace: Option<Duration>,
 }
@@ -828,6 +834,7 @@ impl Config {
             probe,
             admin: admin(raw.admin, files)?,
             shutdown: ShutdownConfig {
+                drain_delay: raw.shutdown.drain_delay.unwrap_or(Duration::from_secs(5)),
                 grace: positive_duration(
                     "shutdown.grace",
                     raw.shutdown.grace,

@@ -20,6 +20,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -58,6 +59,10 @@ pub struct S3Listener {
     pub limits: ClientLimits,
     /// Shared by every S3 listener: `listener.max_connections` permits.
     pub slots: Arc<ConnectionSlots>,
+    /// Set once the proxy is shutting down: every HTTP/1.x answer carries
+    /// `Connection: close`, so clients reconnect (elsewhere, once the load
+    /// balancer knows).
+    pub draining: Arc<AtomicBool>,
 }
 
 /// What a client connection may send and how long it may take: a larger
@@ -153,24 +158,30 @@ fn accept(
     };
     let slot = ConnectionSlot::new(permit, Arc::clone(proxy.metrics()));
     let (stream, peer) = ClientSocket::new(stream, address);
-    let proxy = Arc::clone(proxy);
-    let scheme = listener.scheme();
-    let limits = listener.limits;
+    let connection = Connection {
+        peer,
+        proxy: Arc::clone(proxy),
+        scheme: listener.scheme(),
+        limits: listener.limits,
+        draining: Arc::clone(&listener.draining),
+        _slot: slot,
+    };
     let watcher = graceful.watcher();
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, peer, proxy, scheme, limits, watcher, slot));
+            tokio::spawn(serve(stream, connection, watcher));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
+                let metrics = Arc::clone(connection.proxy.metrics());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, peer, proxy, scheme, limits, watcher, slot).await,
+                    Ok(Ok(tls)) => serve(tls, connection, watcher).await,
                     Ok(Err(error)) => {
-                        proxy.metrics().tls_handshake_failed();
+                        metrics.tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
                     }
                     Err(_) => {
-                        proxy.metrics().tls_handshake_failed();
+                        metrics.tls_handshake_failed();
                         tracing::debug!(client = %address, "TLS handshake timed out");
                     }
                 }
@@ -215,17 +226,28 @@ fn refuse(stream: TcpStream, address: SocketAddr, listener: &S3Listener) {
     });
 }
 
-async fn serve<I>(
-    io: I,
+/// What serving one client connection needs.
+struct Connection {
     peer: Arc<Peer>,
     proxy: Arc<Proxy>,
     scheme: &'static str,
     limits: ClientLimits,
-    watcher: hyper_util::server::graceful::Watcher,
+    draining: Arc<AtomicBool>,
     _slot: ConnectionSlot,
-) where
+}
+
+async fn serve<I>(io: I, connection: Connection, watcher: hyper_util::server::graceful::Watcher)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Connection {
+        peer,
+        proxy,
+        scheme,
+        limits,
+        draining,
+        _slot,
+    } = connection;
     let address = peer.address;
     let io = TargetWatch::new(
         SendTimeout::new(io, limits.send_timeout),
@@ -239,9 +261,18 @@ async fn serve<I>(
     let service = service_fn(move |request: hyper::Request<Incoming>| {
         let proxy = Arc::clone(&proxy);
         let peer = Arc::clone(&peer);
+        let draining = Arc::clone(&draining);
         async move {
             let in_progress = RequestInProgress::start(&peer);
-            let response = proxy.handle(request, &peer, scheme).await;
+            let http1 = request.version() < hyper::Version::HTTP_2;
+            let mut response = proxy.handle(request, &peer, scheme).await;
+            if http1 && draining.load(Ordering::Acquire) {
+                // hyper closes the connection after this answer.
+                response.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, Infallible>(response.map(|body| body.after_response(move || drop(in_progress))))
         }
     });

@@ -121,6 +121,12 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     ) {
         new.backend.kubernetes = running.backend.kubernetes.clone();
     }
+    if keep(
+        "shutdown.drain_delay",
+        running.shutdown.drain_delay != new.shutdown.drain_delay,
+    ) {
+        new.shutdown.drain_delay = running.shutdown.drain_delay;
+    }
     if keep("shutdown.grace", running.shutdown != new.shutdown) {
         new.shutdown = running.shutdown.clone();
     }

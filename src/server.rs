@@ -2,11 +2,15 @@
 //! [`Config`], serves the S3 and admin listeners, and shuts down gracefully.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future from outside,
-//! so tests hand it `127.0.0.1:0` sockets and their own trigger. On shutdown the
-//! S3 listener stops accepting, `/readyz` turns unready, keep-alive connections
-//! are closed once idle, and in-flight and held requests get `shutdown.grace`
-//! to finish; requests still held then are answered `503 ServiceUnavailable`
-//! (with `Retry-After`) before the function returns.
+//! so tests hand it `127.0.0.1:0` sockets and their own trigger. On shutdown,
+//! in the Kubernetes order: `/readyz` turns unready at once, and the S3
+//! listeners keep accepting and serving for `shutdown.drain_delay` (every
+//! HTTP/1.1 answer then carries `Connection: close`) while the endpoint
+//! removal reaches kube-proxy and load balancers; then they stop accepting,
+//! keep-alive connections are closed once idle (HTTP/2: GOAWAY), and
+//! in-flight and held requests get `shutdown.grace` to finish; requests still
+//! held then are answered `503 ServiceUnavailable` (with `Retry-After`)
+//! before the function returns.
 
 use std::future::Future;
 use std::io;
@@ -221,11 +225,13 @@ pub async fn run_with_reload(
         send_timeout: config.listener.send_timeout,
     };
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
+    let draining = Arc::new(AtomicBool::new(false));
     let plain = S3Listener {
         socket: listeners.s3,
         tls: None,
         limits,
         slots: Arc::clone(&slots),
+        draining: Arc::clone(&draining),
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -235,6 +241,7 @@ pub async fn run_with_reload(
                 tls: Some(TlsAcceptor::from(Arc::new(config))),
                 limits,
                 slots,
+                draining: Arc::clone(&draining),
             })
         }
         _ => None,
@@ -246,6 +253,15 @@ pub async fn run_with_reload(
     };
     let trigger = async {
         shutdown.await;
+        // The Kubernetes order: unready at once, serve on while the endpoint
+        // removal reaches kube-proxy and load balancers, then stop accepting.
+        ready.store(false, Ordering::SeqCst);
+        draining.store(true, Ordering::SeqCst);
+        tracing::info!(
+            drain_delay = ?config.shutdown.drain_delay,
+            "shutting down: unready; still serving, each HTTP/1.1 answer with Connection: close, for shutdown.drain_delay"
+        );
+        tokio::time::sleep(config.shutdown.drain_delay).await;
         let _ = stop_accepting.send(true);
     };
     tokio::join!(
@@ -253,7 +269,6 @@ pub async fn run_with_reload(
         serve_secure,
         trigger
     );
-    ready.store(false, Ordering::SeqCst);
     tracing::info!(
         held = gate.status().held,
         in_flight = proxy.in_flight().current(),

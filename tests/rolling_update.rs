@@ -1,0 +1,126 @@
+//! The proxy's own restart on Kubernetes costs no request. A test front plays
+//! the Service: it keeps sending new connections to the terminating proxy
+//! for 2 s after its SIGTERM (kube-proxy and load balancers learn of the
+//! endpoint removal late), then to the new one. With `shutdown.drain_delay`
+//! the old proxy turns unready at once but keeps accepting and serving, each
+//! HTTP/1.1 answer with `Connection: close` so clients reconnect: PutObject
+//! every 100 ms and a keep-alive GET loop, SDK retries off, see no failure.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::workload::Workload;
+use support::{ProxyProcess, S3Backend, s3_client, wait_until};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A Service of the test's own: each new connection goes to the current
+/// endpoint, relayed until either side closes; a refused connect closes the
+/// client's connection, as a Service with a dead endpoint does.
+struct Service {
+    address: SocketAddr,
+    endpoint: Arc<Mutex<SocketAddr>>,
+}
+
+impl Service {
+    async fn start(endpoint: SocketAddr) -> Service {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let endpoint = Arc::new(Mutex::new(endpoint));
+        let current = Arc::clone(&endpoint);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = *current.lock().unwrap();
+                tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        });
+        Service { address, endpoint }
+    }
+
+    fn route_to(&self, endpoint: SocketAddr) {
+        *self.endpoint.lock().unwrap() = endpoint;
+    }
+}
+
+async fn proxy(backend: &S3Backend) -> ProxyProcess {
+    ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"3s\"\ngrace = \"5s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_the_proxy_costs_no_request() {
+    let backend = S3Backend::start().await.unwrap();
+    let old = proxy(&backend).await;
+    let new = proxy(&backend).await;
+    let service = Service::start(old.address()).await;
+    let s3 = s3_client(&format!("http://{}", service.address));
+    s3.create_bucket().bucket("rolling").send().await.unwrap();
+    s3.put_object()
+        .bucket("rolling")
+        .key("read-me")
+        .body(b"steady".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+
+    let writes = Workload::start(&s3, "rolling");
+    let reads = tokio::spawn({
+        let s3 = s3.clone();
+        async move {
+            let mut failures = Vec::new();
+            // A keep-alive GET loop, bounded: at most 200 reads.
+            for _ in 0..200 {
+                match s3
+                    .get_object()
+                    .bucket("rolling")
+                    .key("read-me")
+                    .send()
+                    .await
+                {
+                    Ok(object) => {
+                        let body = object.body.collect().await.unwrap().into_bytes();
+                        assert_eq!(body.as_ref(), b"steady");
+                    }
+                    Err(error) => failures.push(format!("{error:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await; // the client's pace: the input under test
+            }
+            failures
+        }
+    });
+    wait_until(Duration::from_secs(10), "writes under way", || async {
+        old.metrics().await.contains("s3fp_requests_total")
+    })
+    .await
+    .unwrap();
+
+    old.signal("-TERM");
+    // The old pod is unready at once.
+    wait_until(Duration::from_secs(5), "the old proxy unready", || async {
+        support::http_status(old.admin, "GET", "/readyz").await != Some(200)
+    })
+    .await
+    .unwrap();
+    // The endpoint removal takes 2 s to reach the Service.
+    tokio::time::sleep(Duration::from_secs(2)).await; // the propagation delay: the input under test
+    service.route_to(new.address());
+
+    let failed_reads = reads.await.unwrap();
+    assert!(failed_reads.is_empty(), "failed GETs: {failed_reads:?}");
+    let results = writes.stop_and_check().await;
+    assert!(results.len() >= 30, "{} writes", results.len());
+    assert!(
+        old.exit_status().await.success(),
+        "the old proxy exits cleanly"
+    );
+}
