@@ -540,14 +540,17 @@ impl Proxy {
             } else {
                 (checkpoint + settings.response_timeout).min(ceiling)
             };
+            // Awake at least every client_body_timeout: the stall may move to
+            // the client meanwhile, and its timeout must not wait for this one.
+            let wake = deadline.min(Instant::now() + settings.client_body_timeout);
             tokio::select! {
                 result = &mut send => return result.map_err(AttemptFailure::Upstream),
-                () = tokio::time::sleep_until(deadline) => {}
-            }
-            if watch.body.stall() != stall {
-                continue;
+                () = tokio::time::sleep_until(wake) => {}
             }
             let now = Instant::now();
+            if watch.body.stall() != stall || now < deadline {
+                continue;
+            }
             if stall.on_client {
                 return Err(AttemptFailure::Answer(ProxyError::ClientTimeout));
             }

@@ -140,20 +140,23 @@ struct FieldsSoFar {
     bytes: usize,
 }
 
-/// How long a client connection may stay silent where hyper does not watch
-/// (`listener.header_timeout`): before its first byte (a connection that
-/// never sends a request, plain or after its TLS handshake), and, over
-/// HTTP/2, while no request of it is in progress (an idle connection; over
-/// HTTP/1.1 hyper's own header timer closes it). Then the connection ends:
-/// with an error before the first byte, as the client's end over HTTP/2.
+/// How long a client connection may go without a request where hyper does
+/// not watch (`listener.header_timeout`): from its start (after its TLS
+/// handshake) until hyper has its first bytes (a connection that sends
+/// nothing, or an unfinished first request line, which the watch holds back
+/// from hyper), and, over HTTP/2, while no request of it is in progress and
+/// it is silent (an idle connection; over HTTP/1.1 hyper's own header timer
+/// takes over once it has bytes). Then the connection ends: with an error
+/// before hyper had a byte, as the client's end over HTTP/2.
 pub struct Silence {
     pub limit: Duration,
     /// The connection's requests in progress (`Peer::requests_in_progress`).
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
-    /// Armed while the connection is silent.
+    /// Armed from the connection's start, and while an idle HTTP/2
+    /// connection is silent.
     since: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A byte came.
-    heard: bool,
+    /// hyper has had bytes.
+    handed: bool,
 }
 
 impl Silence {
@@ -162,7 +165,7 @@ impl Silence {
             limit,
             requests,
             since: None,
-            heard: false,
+            handed: false,
         }
     }
 }
@@ -681,7 +684,7 @@ impl<I> TargetWatch<I> {
     /// Nothing to read: past the silence a connection may keep (see
     /// [`Silence`]), it ends.
     fn when_silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let before_first_byte = !self.silence.heard;
+        let before_first_byte = !self.silence.handed;
         let idle_http2 = self.framing == Framing::H2
             && self
                 .silence
@@ -701,7 +704,7 @@ impl<I> TargetWatch<I> {
         if before_first_byte {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "no request byte for listener.header_timeout",
+                "no request line for listener.header_timeout",
             )));
         }
         // An idle HTTP/2 connection: its end, as if the client had closed.
@@ -747,6 +750,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
         loop {
             if !this.released.is_empty() {
                 this.release(buf);
+                this.silence.handed = true;
                 return Poll::Ready(Ok(()));
             }
             if this.refusal.is_some() {
@@ -758,9 +762,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
                 return this.when_silent(cx);
             };
             read?;
-            this.silence.since = None;
+            if this.silence.handed {
+                this.silence.since = None;
+            }
             let read = &buf.filled()[before..];
-            this.silence.heard |= !read.is_empty();
             if !this.withheld.is_empty() {
                 let read = read.to_vec();
                 buf.set_filled(before);
@@ -773,6 +778,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
             let approved = this.follow(read);
             buf.set_filled(before + approved);
             if approved > 0 {
+                this.silence.handed = true;
                 return Poll::Ready(Ok(()));
             }
         }

@@ -377,7 +377,7 @@ fn log_transition(transition: &Transition) {
 
 /// File descriptors kept for everything but client connections: listeners,
 /// the admin API, probes, discovery, config and certificate files.
-const RESERVED_FDS: u64 = 128;
+const RESERVED_FDS: u64 = 32;
 
 /// The client connection cap in force: `listener.max_connections`, if the
 /// process may open two file descriptors for each (client and backend) on top
@@ -395,6 +395,11 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize>
     }
     let (soft, _) = Resource::NOFILE.get()?;
     let fits = soft.saturating_sub(RESERVED_FDS) / 2;
+    if fits == 0 {
+        return Err(io::Error::other(format!(
+            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections after the {RESERVED_FDS} the proxy keeps for itself; raise the limit"
+        )));
+    }
     let cap = if fits >= wanted {
         wanted
     } else if listener.max_connections_set {

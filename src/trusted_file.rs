@@ -41,6 +41,10 @@ pub enum FileError {
          remove the permission (chmod o-w) or start with --allow-world-writable"
     )]
     WorldWritable { path: PathBuf, mode: u32 },
+    #[error(
+        "refusing {path}: it is not a regular file (a FIFO or device would block or never end)"
+    )]
+    NotRegular { path: PathBuf },
     #[error("refusing {path}: it is larger than {limit} bytes ({size} bytes)")]
     TooLarge {
         path: PathBuf,
@@ -56,6 +60,12 @@ pub fn read(path: &Path, policy: FilePolicy) -> Result<Vec<u8>, FileError> {
         path: path.to_owned(),
         source,
     };
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    if !std::fs::metadata(path).map_err(failed)?.is_file() {
+        return Err(FileError::NotRegular {
+            path: path.to_owned(),
+        });
+    }
     let file = std::fs::File::open(path).map_err(failed)?;
     let metadata = file.metadata().map_err(failed)?;
     let mode = metadata.permissions().mode() & 0o7777;

@@ -38,6 +38,38 @@ fn check_file(file: &std::path::Path, flags: &[&str]) -> (bool, String) {
 }
 
 #[test]
+fn a_fifo_as_config_file_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut child = Command::new(BINARY)
+        .arg("--config")
+        .arg(&fifo)
+        .arg("--check")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("--check waits on the FIFO");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling within the deadline
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(text.contains("not a regular file"), "{text}");
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let output = Command::new(BINARY)
         .args([

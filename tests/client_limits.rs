@@ -205,12 +205,13 @@ async fn past_max_connections_a_new_connection_gets_slow_down() {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
+/// Runs the binary under `ulimit -n descriptors` with `listener` keys; what
+/// it printed once it exited (it must, within 10 s).
+async fn start_up_under_descriptor_limit(descriptors: u32, listener: &str) -> (bool, String) {
     let mut config = tempfile::NamedTempFile::new().unwrap();
     write!(
         config,
-        "[listener]\naddress = \"127.0.0.1:{}\"\nmax_connections = 1000\n[admin]\naddress = \"127.0.0.1:{}\"\n[backend]\naddress = \"127.0.0.1:{}\"\n",
+        "[listener]\naddress = \"127.0.0.1:{}\"\n{listener}\n[admin]\naddress = \"127.0.0.1:{}\"\n[backend]\naddress = \"127.0.0.1:{}\"\n",
         free_port(),
         free_port(),
         free_port()
@@ -218,7 +219,9 @@ async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
     .unwrap();
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg("ulimit -n 256 && exec \"$0\" --config \"$1\"")
+        .arg(format!(
+            "ulimit -n {descriptors} && exec \"$0\" --config \"$1\""
+        ))
         .arg(env!("CARGO_BIN_EXE_s3-failover-proxy"))
         .arg(config.path())
         .stderr(Stdio::piped())
@@ -233,18 +236,40 @@ async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
         let _ = child.kill();
     }
     let output = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
-    assert!(log.contains("listener.max_connections"), "{log}");
-    assert!(log.contains("ulimit -n"), "{log}");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_that_never_sends_a_byte_is_closed() {
+async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
+    let (started, log) = start_up_under_descriptor_limit(256, "max_connections = 1000").await;
+    assert!(!started, "{log}");
+    assert!(log.contains("listener.max_connections"), "{log}");
+    assert!(log.contains("ulimit -n"), "{log}");
+
+    // No room at all, even for the default cap lowered to what fits.
+    let (started, log) = start_up_under_descriptor_limit(30, "").await;
+    assert!(!started, "{log}");
+    assert!(log.contains("no room for client connections"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_a_first_request_line_are_closed() {
     let backend = S3Backend::start().await.unwrap();
     let proxy = proxy_with(&backend, "[listener]\nheader_timeout = \"1s\"").await;
-    let mut silent = TcpStream::connect(proxy.address()).await.unwrap();
-    assert!(closed_within(&mut silent, Duration::from_secs(10)).await);
+    let long_line = [b"GET /".as_slice(), &[b'a'; 60_000]].concat();
+    let starts: [&[u8]; 5] = [b"", b"G", b"\r\n", b"PRI * HTTP/2.0\r\n", &long_line];
+    for start in starts {
+        let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+        stream.write_all(start).await.unwrap();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(10)).await,
+            "closed after sending {} bytes",
+            start.len()
+        );
+    }
 }
 
 /// A cleartext HTTP/2 connection (prior knowledge) to the proxy: its sender,

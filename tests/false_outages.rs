@@ -94,6 +94,36 @@ async fn with_the_default_timeouts_a_35_s_pause_is_stored_and_a_60_s_silence_get
     assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
 }
 
+/// A `client_body_timeout` far shorter than `response_timeout` still ends
+/// the wait in its own time: the watchdog wakes for the client's silence,
+/// not only for the backend's check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_client_body_timeout_is_not_held_up_by_a_long_response_timeout() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start_with(
+        backend.address,
+        "response_timeout = \"10m\"",
+        "[listener]\nclient_body_timeout = \"1s\"\n",
+    )
+    .await
+    .unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("short")
+        .send()
+        .await
+        .unwrap();
+    let upload = FedUpload::start(proxy.address, "/short/object", 1 << 20);
+    assert!(upload.send(&object_content(4, 512 << 10)).await);
+    let response = tokio::time::timeout(Duration::from_secs(30), upload.response)
+        .await
+        .expect("408 well before the 10 min backend check")
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 408);
+    drop(upload.feed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored() {
     let backend = S3Backend::start().await.unwrap();

@@ -275,7 +275,11 @@ impl ProxyUnderTest {
                 .with_test_writer()
                 .try_init();
         }
-        let config = Config::parse(text)?;
+        let mut config = Config::parse(text)?;
+        if !text.contains("drain_delay") {
+            // No load balancer to wait for: a test's stop is at once.
+            config.shutdown.drain_delay = Duration::ZERO;
+        }
         let s3 = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         // The HTTPS listener, if configured, also gets a fresh loopback port.
