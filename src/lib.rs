@@ -41,6 +41,7 @@ pub mod admin;
 pub mod admin_token;
 pub mod backend_address;
 pub mod client_identity;
+pub mod client_pace;
 pub mod config;
 pub mod connector;
 pub mod delivery;

@@ -256,6 +256,8 @@ where
         Silence::new(
             limits.header_timeout,
             Arc::clone(&peer.requests_in_progress),
+            Arc::clone(&peer.paces),
+            limits.send_timeout,
         ),
     );
     let service = service_fn(move |request: hyper::Request<Incoming>| {
@@ -266,6 +268,9 @@ where
             let in_progress = RequestInProgress::start(&peer);
             let http1 = request.version() < hyper::Version::HTTP_2;
             let mut response = proxy.handle(request, &peer, scheme).await;
+            // Over HTTP/2 a stalled stream does not stall the socket: its
+            // pace is followed instead (`client_pace`), from the answer on.
+            let pace = (!http1).then(|| peer.paces.track());
             if http1 && draining.load(Ordering::Acquire) {
                 // hyper closes the connection after this answer.
                 response.headers_mut().insert(
@@ -273,7 +278,13 @@ where
                     hyper::header::HeaderValue::from_static("close"),
                 );
             }
-            Ok::<_, Infallible>(response.map(|body| body.after_response(move || drop(in_progress))))
+            Ok::<_, Infallible>(response.map(|body| {
+                let body = match pace {
+                    Some(pace) => body.paced(pace),
+                    None => body,
+                };
+                body.after_response(move || drop(in_progress))
+            }))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -42,6 +42,8 @@ pub struct Peer {
     pub cut_targets: Arc<CutTargets>,
     /// Requests of this connection being handled or answered now.
     pub requests_in_progress: Arc<AtomicUsize>,
+    /// How the client takes its HTTP/2 responses.
+    pub paces: Arc<crate::client_pace::Paces>,
 }
 
 /// One request of a connection in progress, until dropped (its response
@@ -226,6 +228,7 @@ impl ClientSocket {
             departure: Arc::default(),
             cut_targets: Arc::default(),
             requests_in_progress: Arc::default(),
+            paces: Arc::default(),
         });
         (ClientSocket { stream }, peer)
     }

@@ -155,16 +155,30 @@ pub struct Silence {
     /// Armed from the connection's start, and while an idle HTTP/2
     /// connection is silent.
     since: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Over HTTP/2: the responses' paces, and how long one may go untaken
+    /// (`listener.send_timeout`, see [`crate::client_pace`]).
+    paces: Arc<crate::client_pace::Paces>,
+    send_timeout: Duration,
+    /// Armed while a response goes untaken.
+    untaken: Option<Pin<Box<tokio::time::Sleep>>>,
     /// hyper has had bytes.
     handed: bool,
 }
 
 impl Silence {
-    pub fn new(limit: Duration, requests: Arc<std::sync::atomic::AtomicUsize>) -> Silence {
+    pub fn new(
+        limit: Duration,
+        requests: Arc<std::sync::atomic::AtomicUsize>,
+        paces: Arc<crate::client_pace::Paces>,
+        send_timeout: Duration,
+    ) -> Silence {
         Silence {
             limit,
             requests,
             since: None,
+            paces,
+            send_timeout,
+            untaken: None,
             handed: false,
         }
     }
@@ -684,6 +698,9 @@ impl<I> TargetWatch<I> {
     /// Nothing to read: past the silence a connection may keep (see
     /// [`Silence`]), it ends.
     fn when_silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(stalled) = self.client_stalled(cx) {
+            return Poll::Ready(Err(stalled));
+        }
         let before_first_byte = !self.silence.handed;
         let idle_http2 = self.framing == Framing::H2
             && self
@@ -710,6 +727,32 @@ impl<I> TargetWatch<I> {
         // An idle HTTP/2 connection: its end, as if the client had closed.
         self.framing = Framing::Off;
         Poll::Ready(Ok(()))
+    }
+
+    /// Over HTTP/2: a response the client has not taken for
+    /// `listener.send_timeout` (its stream's window never opened) ends the
+    /// connection ([`crate::client_pace`]).
+    fn client_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if self.framing != Framing::H2 {
+            return Poll::Pending;
+        }
+        let Some(since) = self.silence.paces.stalled_since() else {
+            self.silence.untaken = None;
+            return Poll::Pending;
+        };
+        let deadline = since + self.silence.send_timeout;
+        let timer = self
+            .silence
+            .untaken
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took no response data for listener.send_timeout",
+        ))
     }
 
     /// Hands queued bytes to hyper.
@@ -756,6 +799,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
             if this.refusal.is_some() {
                 // hyper's input ends before the refused request.
                 return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(stalled) = this.client_stalled(cx) {
+                return Poll::Ready(Err(stalled));
             }
             let before = buf.filled().len();
             let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, buf) else {
@@ -856,7 +902,12 @@ mod tests {
     use super::*;
 
     fn silence() -> Silence {
-        Silence::new(Duration::from_secs(60), Arc::default())
+        Silence::new(
+            Duration::from_secs(60),
+            Arc::default(),
+            Arc::default(),
+            Duration::from_secs(60),
+        )
     }
 
     fn watched(reads: &[&[u8]]) -> Arc<CutTargets> {

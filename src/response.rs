@@ -13,7 +13,10 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use std::sync::Arc;
+
 use crate::access_log::RequestRecord;
+use crate::client_pace::Pace;
 use crate::drain::InFlightGuard;
 use crate::replay::BoxError;
 
@@ -34,9 +37,25 @@ enum Kind {
 
 struct Streamed {
     inner: Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>,
+    /// Over HTTP/2: when hyper last asked for data ([`crate::client_pace`]).
+    pace: Option<Arc<Pace>>,
     /// Reports the backend's failure mid-stream, once.
     on_failure: Option<StreamFailure>,
     _in_flight: InFlightGuard,
+}
+
+impl Streamed {
+    /// Polls the backend body, telling the pace (if any) that hyper asked.
+    fn poll_paced(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        if let Some(pace) = &self.pace {
+            pace.asked(polled.is_pending());
+        }
+        polled
+    }
 }
 
 /// What to do when the backend fails while its response streams.
@@ -63,6 +82,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Streamed(Streamed {
                 inner: Box::pin(inner),
+                pace: None,
                 on_failure: Some(on_failure),
                 _in_flight: in_flight,
             }),
@@ -70,6 +90,14 @@ impl ProxyBody {
             after: None,
             finished: false,
         }
+    }
+
+    /// Reports each ask for data of a streamed body to `pace`.
+    pub fn paced(mut self, pace: Arc<Pace>) -> ProxyBody {
+        if let Kind::Streamed(streamed) = &mut self.kind {
+            streamed.pace = Some(pace);
+        }
+        self
     }
 
     /// Runs `after` once the response is over (after what was set before).
@@ -113,7 +141,7 @@ impl Body for ProxyBody {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Streamed(streamed) => match streamed.inner.as_mut().poll_frame(cx) {
+            Kind::Streamed(streamed) => match streamed.poll_paced(cx) {
                 Poll::Ready(Some(Err(error))) => {
                     tracing::warn!(%error, "backend failed while streaming a response; aborting the client connection");
                     if let Some(report) = streamed.on_failure.take() {

@@ -43,6 +43,29 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     tokio::time::timeout(limit, reads).await.is_ok()
 }
 
+/// Stores `size` bytes as `edge/large` through the proxy; a presigned GET
+/// of it.
+async fn large_object(proxy: &ProxyProcess, size: usize) -> http::Uri {
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("edge").send().await.unwrap();
+    s3.put_object()
+        .bucket("edge")
+        .key("large")
+        .body(ByteStream::from(vec![7u8; size]))
+        .send()
+        .await
+        .unwrap();
+    let expiry = aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300));
+    let presigned = s3
+        .get_object()
+        .bucket("edge")
+        .key("large")
+        .presigned(expiry.unwrap())
+        .await
+        .unwrap();
+    presigned.uri().parse().unwrap()
+}
+
 async fn outages(proxy: &ProxyProcess) -> f64 {
     let text = proxy.metrics().await;
     ["refused", "reset", "hang_timeout", "probe_failed"]
@@ -111,26 +134,7 @@ async fn slowloris_and_idle_connections_are_closed_while_others_are_served() {
 async fn a_client_that_stops_reading_is_cut_and_logged_response_cut() {
     let backend = S3Backend::start().await.unwrap();
     let proxy = proxy_with(&backend, "[listener]\nsend_timeout = \"1s\"").await;
-    let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("edge").send().await.unwrap();
-    s3.put_object()
-        .bucket("edge")
-        .key("large")
-        .body(ByteStream::from(vec![7u8; 32 << 20]))
-        .send()
-        .await
-        .unwrap();
-
-    let presigned = s3
-        .get_object()
-        .bucket("edge")
-        .key("large")
-        .presigned(
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let uri = large_object(&proxy, 32 << 20).await;
     let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
@@ -325,4 +329,38 @@ async fn an_idle_http2_connection_is_closed_but_not_one_with_a_request_held() {
         .await
         .expect("answered on the same connection");
     assert_eq!(response.status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_the_client_never_opens_a_window_for_is_cut() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with(&backend, "[listener]\nsend_timeout = \"1s\"").await;
+    let uri = large_object(&proxy, 8 << 20).await;
+
+    // A client that answers nothing and allows no DATA on its streams
+    // (SETTINGS_INITIAL_WINDOW_SIZE = 0), then asks for 8 MiB.
+    let mut encoder = loona_hpack::Encoder::new();
+    let fields = [
+        (":method", "GET".to_owned()),
+        (":scheme", "http".to_owned()),
+        (":path", uri.path_and_query().unwrap().to_string()),
+        (":authority", uri.authority().unwrap().to_string()),
+    ];
+    let block = encoder.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let bytes = [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        support::h2_frame(0x4, 0, 0, &[0x00, 0x04, 0, 0, 0, 0]),
+        support::h2_frame(0x1, 0x1 | 0x4, 1, &block),
+    ]
+    .concat();
+    stream.write_all(&bytes).await.unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10)).await,
+        "the connection is closed"
+    );
+    proxy
+        .wait_metric("s3fp_backend_in_flight_requests", 0.0)
+        .await;
+    assert_eq!(outages(&proxy).await, 0.0);
 }

@@ -10,7 +10,9 @@ mod support;
 use std::net::SocketAddr;
 
 use support::relay::Relay;
-use support::{ProxyUnderTest, S3Backend, read_response, s3_client, sign_unsigned_payload};
+use support::{
+    ProxyUnderTest, S3Backend, h2_frame, read_response, s3_client, sign_unsigned_payload,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -186,15 +188,6 @@ async fn a_target_split_across_writes_is_forwarded_whole() {
     stream.write_all(end.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut stream).await.0, 200);
     assert!(received(&relay).contains("PUT /targets/split HTTP/1.1"));
-}
-
-/// An HTTP/2 frame (RFC 9113 section 4.1).
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
-    bytes.extend_from_slice(&stream.to_be_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
 }
 
 /// A GET with no body on `stream`, its `:path` as given (HPACK literals).

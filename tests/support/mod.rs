@@ -850,3 +850,12 @@ pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
         .parse()
         .ok()
 }
+
+/// An HTTP/2 frame (RFC 9113 section 4.1), for clients written frame by frame.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
