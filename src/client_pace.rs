@@ -13,6 +13,7 @@
 //! `send_timeout` does for a connection it cannot write to).
 
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Waker;
 
 use tokio::time::Instant;
 
@@ -20,12 +21,17 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub struct Paces {
     responses: Mutex<Vec<Weak<Pace>>>,
+    /// The connection's reader, woken when a response may start to stall
+    /// (it had been waiting for the backend, or it is new), so that it arms
+    /// its timer even if the client sends nothing more.
+    reader: Mutex<Option<Waker>>,
 }
 
 /// One streaming response's pace; it ends when the response does.
 #[derive(Debug)]
 pub struct Pace {
     state: Mutex<PaceState>,
+    owner: Weak<Paces>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -38,17 +44,34 @@ struct PaceState {
 
 impl Paces {
     /// Starts following a response.
-    pub fn track(&self) -> Arc<Pace> {
+    pub fn track(self: &Arc<Self>) -> Arc<Pace> {
         let pace = Arc::new(Pace {
             state: Mutex::new(PaceState {
                 asked: Instant::now(),
                 waiting_on_backend: false,
             }),
+            owner: Arc::downgrade(self),
         });
         let mut responses = self.responses.lock().unwrap();
         responses.retain(|response| response.strong_count() > 0);
         responses.push(Arc::downgrade(&pace));
+        drop(responses);
+        self.wake_reader();
         pace
+    }
+
+    /// The connection's reader to wake when a response may start to stall.
+    pub fn set_reader(&self, waker: &Waker) {
+        let mut reader = self.reader.lock().unwrap();
+        if !reader.as_ref().is_some_and(|known| known.will_wake(waker)) {
+            *reader = Some(waker.clone());
+        }
+    }
+
+    fn wake_reader(&self) {
+        if let Some(reader) = self.reader.lock().unwrap().take() {
+            reader.wake();
+        }
     }
 
     /// Since when the oldest response with data to send has not been asked
@@ -68,10 +91,21 @@ impl Paces {
 impl Pace {
     /// hyper asked for data; `waiting_on_backend` when there was none yet.
     pub fn asked(&self, waiting_on_backend: bool) {
-        *self.state.lock().unwrap() = PaceState {
-            asked: Instant::now(),
-            waiting_on_backend,
+        let was_waiting = {
+            let mut state = self.state.lock().unwrap();
+            let was_waiting = state.waiting_on_backend;
+            *state = PaceState {
+                asked: Instant::now(),
+                waiting_on_backend,
+            };
+            was_waiting
         };
+        if was_waiting
+            && !waiting_on_backend
+            && let Some(owner) = self.owner.upgrade()
+        {
+            owner.wake_reader();
+        }
     }
 }
 
@@ -82,7 +116,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_response_not_asked_for_is_stalled_and_one_waiting_on_the_backend_is_not() {
-        let paces = Paces::default();
+        let paces = Arc::new(Paces::default());
         assert_eq!(paces.stalled_since(), None);
         let started = Instant::now();
         let waiting = paces.track();

@@ -736,6 +736,7 @@ impl<I> TargetWatch<I> {
         if self.framing != Framing::H2 {
             return Poll::Pending;
         }
+        self.silence.paces.set_reader(cx.waker());
         let Some(since) = self.silence.paces.stalled_since() else {
             self.silence.untaken = None;
             return Poll::Pending;
