@@ -560,8 +560,9 @@ fn listener_tls(raw: RawListenerTls, files: FilePolicy) -> Result<ListenerTlsCon
     let key = raw
         .key
         .ok_or_else(|| invalid("listener.tls.key", "required: a PEM private key file"))?;
+    // The error names the file (certificate or key) it is about.
     crate::tls::ServerCertificate::load(&cert, &key, files)
-        .map_err(|e| invalid("listener.tls.cert", e.to_string()))?;
+        .map_err(|e| invalid("listener.tls", e.to_string()))?;
     Ok(ListenerTlsConfig {
         address: parse_address("listener.tls.address", raw.address, "127.0.0.1:8443")?,
         cert,

@@ -106,10 +106,13 @@ pub struct ConnectionSlots {
 }
 
 impl ConnectionSlots {
+    /// `max_connections` places, and one eighth as many (at most
+    /// [`MAX_REFUSING`]) for connections being refused: the file-descriptor
+    /// budget counts both.
     pub fn new(max_connections: usize) -> Arc<ConnectionSlots> {
         Arc::new(ConnectionSlots {
             open: Arc::new(Semaphore::new(max_connections)),
-            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            refusing: Arc::new(Semaphore::new((max_connections / 8).clamp(1, MAX_REFUSING))),
         })
     }
 }
@@ -255,7 +258,10 @@ where
         limits.max_head_bytes,
         Silence::new(
             limits.header_timeout,
-            Arc::clone(&peer.requests_in_progress),
+            (
+                Arc::clone(&peer.requests_in_progress),
+                Arc::clone(&peer.requests_started),
+            ),
             Arc::clone(&peer.paces),
             limits.send_timeout,
         ),

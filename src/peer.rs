@@ -42,6 +42,8 @@ pub struct Peer {
     pub cut_targets: Arc<CutTargets>,
     /// Requests of this connection being handled or answered now.
     pub requests_in_progress: Arc<AtomicUsize>,
+    /// Requests of this connection started so far.
+    pub requests_started: Arc<AtomicU64>,
     /// How the client takes its HTTP/2 responses.
     pub paces: Arc<crate::client_pace::Paces>,
 }
@@ -53,6 +55,7 @@ pub struct RequestInProgress(Arc<AtomicUsize>);
 
 impl RequestInProgress {
     pub fn start(peer: &Peer) -> RequestInProgress {
+        peer.requests_started.fetch_add(1, Ordering::AcqRel);
         peer.requests_in_progress.fetch_add(1, Ordering::AcqRel);
         RequestInProgress(Arc::clone(&peer.requests_in_progress))
     }
@@ -228,6 +231,7 @@ impl ClientSocket {
             departure: Arc::default(),
             cut_targets: Arc::default(),
             requests_in_progress: Arc::default(),
+            requests_started: Arc::default(),
             paces: Arc::default(),
         });
         (ClientSocket { stream }, peer)

@@ -152,6 +152,12 @@ pub struct Silence {
     pub limit: Duration,
     /// The connection's requests in progress (`Peer::requests_in_progress`).
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// The connection's requests started so far (`Peer::requests_started`):
+    /// an idle HTTP/2 connection's time counts from its last request, not
+    /// from its last frame (PINGs and SETTINGS do not keep it open).
+    started: Arc<std::sync::atomic::AtomicU64>,
+    /// `started` when the idle timer was armed.
+    armed_after: u64,
     /// Armed from the connection's start, and while an idle HTTP/2
     /// connection is silent.
     since: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -168,13 +174,18 @@ pub struct Silence {
 impl Silence {
     pub fn new(
         limit: Duration,
-        requests: Arc<std::sync::atomic::AtomicUsize>,
+        (requests, started): (
+            Arc<std::sync::atomic::AtomicUsize>,
+            Arc<std::sync::atomic::AtomicU64>,
+        ),
         paces: Arc<crate::client_pace::Paces>,
         send_timeout: Duration,
     ) -> Silence {
         Silence {
             limit,
             requests,
+            started,
+            armed_after: 0,
             since: None,
             paces,
             send_timeout,
@@ -712,6 +723,16 @@ impl<I> TargetWatch<I> {
             self.silence.since = None;
             return Poll::Pending;
         }
+        // Idle time counts from the last request's end: a request since the
+        // timer was armed starts it again.
+        let started = self
+            .silence
+            .started
+            .load(std::sync::atomic::Ordering::Acquire);
+        if started != self.silence.armed_after {
+            self.silence.armed_after = started;
+            self.silence.since = None;
+        }
         let limit = self.silence.limit;
         let since = self
             .silence
@@ -809,9 +830,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
                 return this.when_silent(cx);
             };
             read?;
-            if this.silence.handed {
-                this.silence.since = None;
-            }
             let read = &buf.filled()[before..];
             if !this.withheld.is_empty() {
                 let read = read.to_vec();
@@ -905,7 +923,7 @@ mod tests {
     fn silence() -> Silence {
         Silence::new(
             Duration::from_secs(60),
-            Arc::default(),
+            (Arc::default(), Arc::default()),
             Arc::default(),
             Duration::from_secs(60),
         )

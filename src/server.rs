@@ -387,14 +387,19 @@ const RESERVED_FDS: u64 = 32;
 fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize> {
     use rlimit::Resource;
     let wanted = listener.max_connections as u64;
-    let needed = wanted.saturating_mul(2).saturating_add(RESERVED_FDS);
+    // Two per connection (client, backend), and one per eighth of them for
+    // the connections being refused past the cap.
+    let needed = wanted
+        .saturating_mul(17)
+        .div_ceil(8)
+        .saturating_add(RESERVED_FDS);
     let (soft, hard) = Resource::NOFILE.get()?;
     if soft < needed {
         // Best effort: a hard limit below `needed` still leaves more room.
         let _ = Resource::NOFILE.set(needed.min(hard), hard);
     }
     let (soft, _) = Resource::NOFILE.get()?;
-    let fits = soft.saturating_sub(RESERVED_FDS) / 2;
+    let fits = soft.saturating_sub(RESERVED_FDS) * 8 / 17;
     if fits == 0 {
         return Err(io::Error::other(format!(
             "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections after the {RESERVED_FDS} the proxy keeps for itself; raise the limit"
@@ -404,7 +409,7 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize>
         wanted
     } else if listener.max_connections_set {
         return Err(io::Error::other(format!(
-            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection and {RESERVED_FDS} more), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
+            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection, one per eighth of them for refusals, and {RESERVED_FDS} more), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
         )));
     } else {
         tracing::warn!(

@@ -9,7 +9,7 @@
 //! a read every second. Start-up and reload use it alike.
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Largest file the proxy reads (1 MiB): a config, a certificate chain, a key
@@ -66,7 +66,13 @@ pub fn read(path: &Path, policy: FilePolicy) -> Result<Vec<u8>, FileError> {
             path: path.to_owned(),
         });
     }
-    let file = std::fs::File::open(path).map_err(failed)?;
+    // Non-blocking: a file whose read would wait (a FIFO swapped in, some
+    // /proc files) fails at once instead of stalling the proxy.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(failed)?;
     let metadata = file.metadata().map_err(failed)?;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & WORLD_WRITABLE != 0 && !policy.allow_world_writable {

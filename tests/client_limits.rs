@@ -285,12 +285,16 @@ async fn h2c(
     tokio::task::JoinHandle<Result<(), hyper::Error>>,
 ) {
     let tcp = TcpStream::connect(address).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
+    // A chatty client: it PINGs every 200 ms even while idle, which must
+    // not keep an idle connection open.
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     (sender, tokio::spawn(connection))
 }
 
