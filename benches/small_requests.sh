@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Small-request CPU, side by side in one run, against a backend that is never
+# the bottleneck: nginx (one worker) serving a 2-byte file, reached directly,
+# through s3-failover-proxy and through HAProxy (2 threads).
+#
+#   bash benches/small_requests.sh [proxy-binary] [connections] [seconds] [repetitions]
+#
+# Each repetition runs wrk -t1 against the three in turn (interleaved, so the
+# machine's noise falls on all of them); the figure is CPU time per request of
+# the ingress process alone (utime + stime from /proc, over wrk's request
+# count), and requests per second. Needs wrk, nginx and haproxy (Debian:
+# apt-get install wrk nginx-light haproxy). Everything listens on 127.0.0.1.
+set -euo pipefail
+PROXY=${1:-target/release/s3-failover-proxy}
+CONNS=${2:-64}
+SECONDS_PER_RUN=${3:-10}
+REPS=${4:-3}
+for tool in wrk nginx haproxy curl python3; do
+  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl)" >&2; exit 1; }
+done
+DIR=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$DIR/haproxy.pid" ] && kill "$(cat "$DIR/haproxy.pid")" 2>/dev/null || true
+  [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+mkdir -p "$DIR/www" "$DIR/tmp"
+printf 'ok' > "$DIR/www/small"
+cat > "$DIR/nginx.conf" <<EOT
+worker_processes 1; pid $DIR/nginx.pid; error_log $DIR/tmp/error.log;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $DIR/tmp; proxy_temp_path $DIR/tmp; fastcgi_temp_path $DIR/tmp;
+  uwsgi_temp_path $DIR/tmp; scgi_temp_path $DIR/tmp;
+  server { listen 127.0.0.1:18100; root $DIR/www; location / { } } }
+EOT
+nginx -c "$DIR/nginx.conf" -p "$DIR"
+cat > "$DIR/haproxy.cfg" <<EOT
+global
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:18102
+  default_backend b
+backend b
+  http-reuse always
+  server s 127.0.0.1:18100
+EOT
+haproxy -f "$DIR/haproxy.cfg" -D -p "$DIR/haproxy.pid"
+cat > "$DIR/proxy.toml" <<EOT
+[listener]
+address = "127.0.0.1:18101"
+[admin]
+address = "127.0.0.1:18103"
+[backend]
+address = "127.0.0.1:18100"
+EOT
+"$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
+PIDS+=($!)
+PROXY_PID=$!
+for _ in $(seq 1 200); do curl -s -o /dev/null http://127.0.0.1:18103/readyz && break; sleep 0.05; done
+
+ticks() { local total=0; for pid in "$@"; do total=$((total + $(awk '{print $14+$15}' "/proc/$pid/stat"))); done; echo "$total"; }
+nginx_workers() { pgrep -f "nginx: worker" | tr '\n' ' '; }
+run() { # name url pids...
+  local name=$1 url=$2; shift 2
+  local before; before=$(ticks "$@")
+  local out; out=$(wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "$url")
+  local after; after=$(ticks "$@")
+  local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  local hz; hz=$(getconf CLK_TCK)
+  python3 -c "print(f'$name: {float($rps):.0f} req/s, {($after-$before)/$hz*1e6/$requests:.1f} us CPU per request')"
+}
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $CONNS connections, ${SECONDS_PER_RUN}s runs"
+for rep in $(seq 1 "$REPS"); do
+  echo "repetition $rep"
+  # shellcheck disable=SC2046
+  run "  nginx direct" http://127.0.0.1:18100/small $(nginx_workers)
+  run "  s3-failover-proxy" http://127.0.0.1:18101/small "$PROXY_PID"
+  run "  HAProxy" http://127.0.0.1:18102/small "$(cat "$DIR/haproxy.pid")"
+done
