@@ -184,7 +184,7 @@ fn live_part(
 
 /// Reloads until `source.requests` closes (the proxy shut down).
 pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
-    let mut last_seen = watched_files(&source.path, &initial);
+    let mut last_seen = watched_files(&source.path, &initial).unwrap_or_default();
     let mut current = initial;
     let mut ticker = tokio::time::interval(source.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -201,7 +201,9 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
         {
             check_certificate(certificate, &parts.metrics);
         }
-        let seen = watched_files(&source.path, &current);
+        let Some(seen) = watched_files(&source.path, &current) else {
+            continue;
+        };
         if trigger == "file change" && seen == last_seen {
             continue;
         }
@@ -225,11 +227,16 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
 
 /// What the config file and the running admin token file hold now (or why
 /// they cannot be read): a change of either is a reason to reload.
-fn watched_files(path: &Path, current: &Config) -> Vec<Result<Vec<u8>, String>> {
+/// The watched files' contents (or why they could not be read); `None` when
+/// the process is out of file descriptors, which says nothing about them.
+fn watched_files(path: &Path, current: &Config) -> Option<Vec<Result<Vec<u8>, String>>> {
     let token_file = current.admin.token.as_ref().map(|token| token.file());
     std::iter::once(path)
         .chain(token_file)
-        .map(|file| trusted_file::read(file, current.files).map_err(|e| e.to_string()))
+        .map(|file| match trusted_file::read(file, current.files) {
+            Err(error) if error.is_descriptor_shortage() => None,
+            read => Some(read.map_err(|e| e.to_string())),
+        })
         .collect()
 }
 

@@ -144,9 +144,13 @@ impl ServerCertificate {
     /// A change that does not load, or files that cannot be read, are
     /// `Rejected` once and `Unchanged` until the files change again.
     pub fn reload_if_changed(&self) -> CertificateReload {
-        let files: Files = read(&self.cert_path, self.files)
-            .and_then(|cert| Ok((cert, read(&self.key_path, self.files)?)))
-            .map_err(|error| error.to_string());
+        let read = |path: &Path| trusted_file::read(path, self.files);
+        let files = read(&self.cert_path).and_then(|cert| Ok((cert, read(&self.key_path)?)));
+        let files: Files = match files {
+            // Out of descriptors says nothing about the files: no change.
+            Err(error) if error.is_descriptor_shortage() => return CertificateReload::Unchanged,
+            files => files.map_err(|error| error.to_string()),
+        };
         let mut last_seen = self.last_seen.lock().unwrap();
         if *last_seen == files {
             return CertificateReload::Unchanged;

@@ -53,6 +53,16 @@ pub enum FileError {
     },
 }
 
+impl FileError {
+    /// The process (or the system) is out of file descriptors (EMFILE,
+    /// ENFILE): says nothing about the file, so a watcher skips the check
+    /// rather than reporting a change (and a spurious reload once the
+    /// descriptors are back).
+    pub fn is_descriptor_shortage(&self) -> bool {
+        matches!(self, FileError::Read { source, .. } if matches!(source.raw_os_error(), Some(23 | 24)))
+    }
+}
+
 /// Reads the file at `path` (following symlinks, as a Kubernetes volume's
 /// `..data` swap needs) after checking its mode and size.
 pub fn read(path: &Path, policy: FilePolicy) -> Result<Vec<u8>, FileError> {
@@ -114,6 +124,24 @@ fn too_large(path: &Path, size: u64) -> Result<(), FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_not_a_change_of_the_file() {
+        let read_error = |errno| FileError::Read {
+            path: "/etc/s3fp.toml".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(read_error(24).is_descriptor_shortage(), "EMFILE");
+        assert!(read_error(23).is_descriptor_shortage(), "ENFILE");
+        assert!(
+            !read_error(2).is_descriptor_shortage(),
+            "ENOENT is a change"
+        );
+        let refused = FileError::NotRegular {
+            path: "/etc/s3fp.toml".into(),
+        };
+        assert!(!refused.is_descriptor_shortage());
+    }
 
     fn file_with_mode(content: &[u8], mode: u32) -> tempfile::NamedTempFile {
         let file = tempfile::NamedTempFile::new().unwrap();
