@@ -63,74 +63,42 @@ pub struct LiveParts {
 /// is in force.
 fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    let mut keep = |key: &'static str, differs: bool| {
-        if differs {
-            changed.push(key);
-        }
-        differs
-    };
-    if keep(
-        "listener.address",
-        running.listener.address != new.listener.address,
-    ) {
-        new.listener.address = running.listener.address;
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            keep_running(&mut changed, $key, &running.$($field).+, &mut new.$($field).+)
+        };
     }
-    if keep("listener.tls", running.listener.tls != new.listener.tls) {
-        new.listener.tls = running.listener.tls.clone();
-    }
-    if keep(
-        "listener.max_headers",
-        running.listener.max_headers != new.listener.max_headers,
-    ) {
-        new.listener.max_headers = running.listener.max_headers;
-    }
-    if keep(
-        "listener.max_head_bytes",
-        running.listener.max_head_bytes != new.listener.max_head_bytes,
-    ) {
-        new.listener.max_head_bytes = running.listener.max_head_bytes;
-    }
-    if keep(
-        "listener.header_timeout",
-        running.listener.header_timeout != new.listener.header_timeout,
-    ) {
-        new.listener.header_timeout = running.listener.header_timeout;
-    }
-    if keep(
-        "listener.send_timeout",
-        running.listener.send_timeout != new.listener.send_timeout,
-    ) {
-        new.listener.send_timeout = running.listener.send_timeout;
-    }
-    if keep(
-        "listener.max_connections",
-        running.listener.max_connections != new.listener.max_connections,
-    ) {
-        new.listener.max_connections = running.listener.max_connections;
+    keep!("listener.address", listener.address);
+    keep!("listener.tls", listener.tls);
+    keep!("listener.max_headers", listener.max_headers);
+    keep!("listener.max_head_bytes", listener.max_head_bytes);
+    keep!("listener.header_timeout", listener.header_timeout);
+    keep!("listener.send_timeout", listener.send_timeout);
+    if keep!("listener.max_connections", listener.max_connections) {
         new.listener.max_connections_set = running.listener.max_connections_set;
     }
-    if keep("admin.address", running.admin.address != new.admin.address) {
-        new.admin.address = running.admin.address;
-    }
-    if keep("log.format", running.log.format != new.log.format) {
-        new.log.format = running.log.format;
-    }
-    if keep(
-        "backend.kubernetes",
-        running.backend.kubernetes != new.backend.kubernetes,
-    ) {
-        new.backend.kubernetes = running.backend.kubernetes.clone();
-    }
-    if keep(
-        "shutdown.drain_delay",
-        running.shutdown.drain_delay != new.shutdown.drain_delay,
-    ) {
-        new.shutdown.drain_delay = running.shutdown.drain_delay;
-    }
-    if keep("shutdown.grace", running.shutdown != new.shutdown) {
-        new.shutdown = running.shutdown.clone();
-    }
+    keep!("admin.address", admin.address);
+    keep!("log.format", log.format);
+    keep!("backend.kubernetes", backend.kubernetes);
+    keep!("shutdown.drain_delay", shutdown.drain_delay);
+    keep!("shutdown.grace", shutdown.grace);
     changed
+}
+
+/// Sets `new` back to `running` when they differ, naming `key` in
+/// `changed`; true when it did.
+fn keep_running<T: PartialEq + Clone>(
+    changed: &mut Vec<&'static str>,
+    key: &'static str,
+    running: &T,
+    new: &mut T,
+) -> bool {
+    if running == new {
+        return false;
+    }
+    *new = running.clone();
+    changed.push(key);
+    true
 }
 
 /// Applies the live part of `new`; fails (changing nothing) when the new
