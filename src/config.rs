@@ -81,6 +81,12 @@ pub struct ListenerConfig {
     /// True when `max_connections` was set in the file (not the default):
     /// then a file-descriptor limit too low for it stops start-up.
     pub max_connections_set: bool,
+    /// A UNIX socket where the running proxy hands its listening sockets to
+    /// a new process started with `--take-over` (a hot binary upgrade on one
+    /// host, as HAProxy's `expose-fd listeners`); unset, there is none.
+    /// Created with mode 0600; only a process of the same user is served.
+    /// Restart-only.
+    pub handover_socket: Option<PathBuf>,
 }
 
 /// The `X-Forwarded-For` / `X-Forwarded-Proto` headers the proxy adds.
@@ -291,6 +297,7 @@ struct RawListener {
     #[serde(default, with = "humantime_serde")]
     send_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    handover_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,6 +489,28 @@ fn positive_duration(
         return Err(invalid(key, "must be greater than zero"));
     }
     Ok(value)
+}
+
+/// Longest path a UNIX socket address holds (`sun_path`, 108 bytes on
+/// Linux, one of them the terminating NUL; unix(7)).
+const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+fn handover_socket(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(path) = path else { return Ok(None) };
+    let length = path.as_os_str().len();
+    if length == 0 {
+        return Err(invalid("listener.handover_socket", "must not be empty"));
+    }
+    if length > MAX_UNIX_SOCKET_PATH {
+        return Err(invalid(
+            "listener.handover_socket",
+            format!(
+                "{} is {length} bytes long; a UNIX socket path holds at most {MAX_UNIX_SOCKET_PATH}",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Some(path))
 }
 
 fn positive_count<T: Default + PartialEq>(
@@ -819,6 +848,7 @@ impl Config {
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             max_connections_set: raw.listener.max_connections.is_some(),
+            handover_socket: handover_socket(raw.listener.handover_socket)?,
         };
         let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {
@@ -916,6 +946,19 @@ mod tests {
         assert_eq!(config.hold.timeout, Duration::from_millis(250));
         assert_eq!(config.hold.replay_buffer, 64 * 1024);
         assert_eq!(config.probe.interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_handover_socket_path_too_long_for_a_unix_socket_is_named() {
+        let path = format!("/run/{}", "s".repeat(120));
+        let message = error_of(&format!("[listener]\nhandover_socket = \"{path}\"\n"));
+        assert!(message.contains("listener.handover_socket"), "{message}");
+        assert!(message.contains("at most 107"), "{message}");
+        let config = Config::parse("[listener]\nhandover_socket = \"/run/s3fp.sock\"\n").unwrap();
+        assert_eq!(
+            config.listener.handover_socket.as_deref(),
+            Some(Path::new("/run/s3fp.sock"))
+        );
     }
 
     #[test]

@@ -32,7 +32,9 @@
 //! TOML file and [`reload`] applies a changed one live; every file the proxy
 //! trusts (config, certificates, keys, the [`admin_token`] that guards
 //! `/admin/*`) is read through [`trusted_file`], which refuses world-writable
-//! and oversized ones.
+//! and oversized ones. [`shutdown`] moves every client connection through
+//! the drain, and [`handover`] passes the listening sockets to a new process
+//! for a hot upgrade on one host.
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +51,7 @@ pub mod discovery;
 pub mod drain;
 pub mod gate;
 pub mod h2_heads;
+pub mod handover;
 pub mod headers;
 pub mod kubernetes;
 pub mod listener;
@@ -67,6 +70,7 @@ pub mod s3_error;
 pub mod s3_operation;
 pub mod send_timeout;
 pub mod server;
+pub mod shutdown;
 pub mod tls;
 pub mod trusted_file;
 pub mod upstream;

@@ -27,18 +27,19 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::request_target::{Silence, TargetWatch};
+use crate::response::ProxyBody;
 use crate::s3_error::ProxyError;
 use crate::send_timeout::SendTimeout;
+use crate::shutdown::{Phase, ShutdownWatch};
 
 /// Longest a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,10 +60,11 @@ pub struct S3Listener {
     pub limits: ClientLimits,
     /// Shared by every S3 listener: `listener.max_connections` permits.
     pub slots: Arc<ConnectionSlots>,
-    /// Set once the proxy is shutting down: every HTTP/1.x answer carries
-    /// `Connection: close`, so clients reconnect (elsewhere, once the load
-    /// balancer knows).
-    pub draining: Arc<AtomicBool>,
+    /// The shutdown phase, watched by every connection: while draining,
+    /// every HTTP/1.x answer carries `Connection: close` and HTTP/2
+    /// connections get GOAWAY, so clients reconnect (elsewhere, once the
+    /// load balancer knows, or to the process that took the sockets over).
+    pub shutdown: ShutdownWatch,
 }
 
 /// What a client connection may send and how long it may take: a larger
@@ -123,20 +125,16 @@ impl S3Listener {
     }
 }
 
-/// Accepts until `stop` turns true; connections live on under `graceful`.
-pub async fn accept_loop(
-    listener: S3Listener,
-    proxy: Arc<Proxy>,
-    graceful: &GracefulShutdown,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Accepts until `stop` turns true; connections live on, each watching the
+/// shutdown phase.
+pub async fn accept_loop(listener: S3Listener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => return,
             accepted = listener.socket.accept() => accepted,
         };
         match accepted {
-            Ok((stream, address)) => accept(stream, address, &listener, &proxy, graceful),
+            Ok((stream, address)) => accept(stream, address, &listener, &proxy),
             Err(error) => {
                 // Out of file descriptors and the like: back off briefly.
                 tracing::warn!(%error, "accept failed");
@@ -146,13 +144,7 @@ pub async fn accept_loop(
     }
 }
 
-fn accept(
-    stream: TcpStream,
-    address: SocketAddr,
-    listener: &S3Listener,
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-) {
+fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: &Arc<Proxy>) {
     let _ = stream.set_nodelay(true);
     let Ok(permit) = Arc::clone(&listener.slots.open).try_acquire_owned() else {
         proxy.metrics().connection_refused();
@@ -166,19 +158,18 @@ fn accept(
         proxy: Arc::clone(proxy),
         scheme: listener.scheme(),
         limits: listener.limits,
-        draining: Arc::clone(&listener.draining),
+        shutdown: listener.shutdown.clone(),
         _slot: slot,
     };
-    let watcher = graceful.watcher();
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, connection, watcher));
+            tokio::spawn(serve(stream, connection));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
                 let metrics = Arc::clone(connection.proxy.metrics());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, connection, watcher).await,
+                    Ok(Ok(tls)) => serve(tls, connection).await,
                     Ok(Err(error)) => {
                         metrics.tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
@@ -235,11 +226,19 @@ struct Connection {
     proxy: Arc<Proxy>,
     scheme: &'static str,
     limits: ClientLimits,
-    draining: Arc<AtomicBool>,
+    shutdown: ShutdownWatch,
     _slot: ConnectionSlot,
 }
 
-async fn serve<I>(io: I, connection: Connection, watcher: hyper_util::server::graceful::Watcher)
+/// What the requests of one connection tell its shutdown watch: that it
+/// speaks HTTP/2, and that a request arrived while draining (GOAWAY due).
+#[derive(Default)]
+struct GoAway {
+    http2: AtomicBool,
+    due: Notify,
+}
+
+async fn serve<I>(io: I, connection: Connection)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -248,7 +247,7 @@ where
         proxy,
         scheme,
         limits,
-        draining,
+        mut shutdown,
         _slot,
     } = connection;
     let address = peer.address;
@@ -266,31 +265,24 @@ where
             limits.send_timeout,
         ),
     );
-    let service = service_fn(move |request: hyper::Request<Incoming>| {
-        let proxy = Arc::clone(&proxy);
-        let peer = Arc::clone(&peer);
-        let draining = Arc::clone(&draining);
-        async move {
-            let in_progress = RequestInProgress::start(&peer);
-            let http1 = request.version() < hyper::Version::HTTP_2;
-            let mut response = proxy.handle(request, &peer, scheme).await;
-            // Over HTTP/2 a stalled stream does not stall the socket: its
-            // pace is followed instead (`client_pace`), from the answer on.
-            let pace = (!http1).then(|| peer.paces.track());
-            if http1 && draining.load(Ordering::Acquire) {
-                // hyper closes the connection after this answer.
-                response.headers_mut().insert(
-                    hyper::header::CONNECTION,
-                    hyper::header::HeaderValue::from_static("close"),
-                );
+    let go_away = Arc::new(GoAway::default());
+    let service = service_fn({
+        let shutdown = shutdown.clone();
+        let go_away = Arc::clone(&go_away);
+        move |request: hyper::Request<Incoming>| {
+            if request.version() >= hyper::Version::HTTP_2 {
+                go_away.http2.store(true, Ordering::Relaxed);
+                if *shutdown.borrow() != Phase::Serving {
+                    go_away.due.notify_one();
+                }
             }
-            Ok::<_, Infallible>(response.map(|body| {
-                let body = match pace {
-                    Some(pace) => body.paced(pace),
-                    None => body,
-                };
-                body.after_response(move || drop(in_progress))
-            }))
+            respond(
+                request,
+                Arc::clone(&proxy),
+                Arc::clone(&peer),
+                scheme,
+                shutdown.clone(),
+            )
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -313,7 +305,59 @@ where
     let connection = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();
-    if let Err(error) = watcher.watch(connection).await {
+    tokio::pin!(connection);
+    // Each connection is shut down gracefully at most once: HTTP/2 when the
+    // drain begins (or at its first request after), HTTP/1.1 (and a
+    // connection that has not said which) once accepting stops.
+    let mut shut = false;
+    let ended = loop {
+        tokio::select! {
+            ended = connection.as_mut() => break ended,
+            _ = go_away.due.notified(), if !shut => {
+                connection.as_mut().graceful_shutdown();
+                shut = true;
+            }
+            changed = shutdown.changed(), if !shut => {
+                let phase = if changed.is_ok() { *shutdown.borrow_and_update() } else { Phase::Closing };
+                let http2 = go_away.http2.load(Ordering::Relaxed);
+                if phase == Phase::Closing || (phase == Phase::Draining && http2) {
+                    connection.as_mut().graceful_shutdown();
+                    shut = true;
+                }
+            }
+        }
+    };
+    if let Err(error) = ended {
         tracing::debug!(%error, client = %address, "client connection ended with an error");
     }
+}
+
+/// One request's answer. An HTTP/1.1 answer given while draining carries
+/// `Connection: close` (RFC 9112 §9.6): hyper closes the connection after it.
+async fn respond(
+    request: hyper::Request<Incoming>,
+    proxy: Arc<Proxy>,
+    peer: Arc<Peer>,
+    scheme: &'static str,
+    shutdown: ShutdownWatch,
+) -> Result<hyper::Response<ProxyBody>, Infallible> {
+    let in_progress = RequestInProgress::start(&peer);
+    let http1 = request.version() < hyper::Version::HTTP_2;
+    let mut response = proxy.handle(request, &peer, scheme).await;
+    // Over HTTP/2 a stalled stream does not stall the socket: its pace is
+    // followed instead (`client_pace`), from the answer on.
+    let pace = (!http1).then(|| peer.paces.track());
+    if http1 && *shutdown.borrow() != Phase::Serving {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(response.map(|body| {
+        let body = match pace {
+            Some(pace) => body.paced(pace),
+            None => body,
+        };
+        body.after_response(move || drop(in_progress))
+    }))
 }

@@ -33,6 +33,11 @@ struct Cli {
     /// config file cannot grant itself the exemption.
     #[arg(long)]
     allow_world_writable: bool,
+    /// Take the listening sockets over from the proxy running with the same
+    /// `listener.handover_socket` (a hot binary upgrade): that one then
+    /// drains and exits. With no proxy running there, start as usual.
+    #[arg(long)]
+    take_over: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -70,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, cli.config, log_level)) {
+    match runtime.block_on(serve(config, cli.config, log_level, cli.take_over)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("s3-failover-proxy: {error}");
@@ -79,8 +84,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config, path: PathBuf, log_level: LogLevel) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&config).await?;
+async fn serve(
+    config: Config,
+    path: PathBuf,
+    log_level: LogLevel,
+    take_over: bool,
+) -> anyhow::Result<()> {
+    let listeners = if take_over {
+        Listeners::take_over(&config).await?
+    } else {
+        Listeners::bind(&config).await?
+    };
     let reload = ReloadSource {
         path,
         requests: reload_requests()?,
@@ -104,7 +118,8 @@ fn reload_requests() -> anyhow::Result<mpsc::Receiver<()>> {
     Ok(receiver)
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once
+/// (also after a handover, when the proxy drains without having been asked).
 async fn shutdown_signal() {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -113,16 +128,24 @@ async fn shutdown_signal() {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let (first, first_received) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut first = Some(first);
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            match first.take() {
+                Some(first) => {
+                    let _ = first.send(());
+                }
+                None => {
+                    eprintln!("s3-failover-proxy: second signal, exiting now");
+                    std::process::exit(130);
+                }
+            }
         }
-        eprintln!("s3-failover-proxy: second signal, exiting now");
-        std::process::exit(130);
     });
+    let _ = first_received.await;
 }

@@ -14,12 +14,13 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -28,6 +29,7 @@ use crate::admin::{Admin, AdminSettings};
 use crate::config::{Config, KubernetesConfig};
 use crate::connector::Connector;
 use crate::gate::{Gate, GateSettings, Transition};
+use crate::handover::{self, HandoverListener, ListenerRole, ListenerSockets, Predecessor};
 use crate::kubernetes::{self, Targets};
 use crate::listener::{ClientLimits, ConnectionSlots, S3Listener, accept_loop};
 use crate::metrics::Metrics;
@@ -35,6 +37,7 @@ use crate::probe::{ProbeSettings, Prober};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::quarantine::Quarantine;
 use crate::reload::{self, LiveParts, ReloadSource};
+use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerCertificate};
 use crate::upstream::{Upstream, UpstreamSettings};
 
@@ -48,41 +51,134 @@ const HELD_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(1)
 /// Pause after a failed accept on the admin listener.
 const ADMIN_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// The sockets the proxy serves, bound before [`run`] is called.
+/// The sockets the proxy serves, bound (or taken over) before [`run`] is
+/// called.
 pub struct Listeners {
     pub s3: TcpListener,
     /// The HTTPS listener, when `[listener.tls]` is configured.
     pub s3_tls: Option<TcpListener>,
     pub admin: TcpListener,
+    /// `listener.handover_socket`: where a new process may take these over.
+    pub handover: Option<HandoverListener>,
+    /// The process these were taken over from: told once this one serves,
+    /// and then replaced at `listener.handover_socket`.
+    pub predecessor: Option<Predecessor>,
 }
 
 impl Listeners {
+    /// Sockets the caller bound itself (tests, the experiment), with no
+    /// handover.
+    pub fn new(s3: TcpListener, s3_tls: Option<TcpListener>, admin: TcpListener) -> Listeners {
+        Listeners {
+            s3,
+            s3_tls,
+            admin,
+            handover: None,
+            predecessor: None,
+        }
+    }
+
     /// Binds the addresses the config names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let s3 = TcpListener::bind(config.listener.address)
-            .await
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("listener.address {}: {e}", config.listener.address),
-                )
-            })?;
-        let admin = TcpListener::bind(config.admin.address).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("admin.address {}: {e}", config.admin.address),
-            )
-        })?;
+        let s3 = bind(config.listener.address, "listener.address").await?;
+        let admin = bind(config.admin.address, "admin.address").await?;
         let s3_tls = match &config.listener.tls {
-            Some(tls) => Some(TcpListener::bind(tls.address).await.map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("listener.tls.address {}: {e}", tls.address),
-                )
-            })?),
+            Some(tls) => Some(bind(tls.address, "listener.tls.address").await?),
             None => None,
         };
-        Ok(Listeners { s3, s3_tls, admin })
+        let handover = match &config.listener.handover_socket {
+            Some(path) => Some(
+                HandoverListener::bind(path)
+                    .await
+                    .map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            s3,
+            s3_tls,
+            admin,
+            handover,
+            predecessor: None,
+        })
+    }
+
+    /// Takes the listening sockets over from the proxy serving at
+    /// `listener.handover_socket` (a hot upgrade); an address the config
+    /// names differently from the running proxy's is bound afresh. With no
+    /// proxy answering there, binds like [`Listeners::bind`].
+    pub async fn take_over(config: &Config) -> io::Result<Listeners> {
+        let path = config.listener.handover_socket.as_deref().ok_or_else(|| {
+            io::Error::other("--take-over needs listener.handover_socket in the config")
+        })?;
+        let Some(inherited) = handover::take_over(path).await.map_err(io::Error::other)? else {
+            tracing::info!(
+                path = %path.display(),
+                "no running proxy answers at listener.handover_socket; binding the listeners"
+            );
+            return Listeners::bind(config).await;
+        };
+        let mut sockets = inherited.sockets;
+        let s3 = inherit_or_bind(&mut sockets, ListenerRole::S3, config.listener.address).await?;
+        let admin =
+            inherit_or_bind(&mut sockets, ListenerRole::Admin, config.admin.address).await?;
+        let s3_tls = match &config.listener.tls {
+            Some(tls) => {
+                Some(inherit_or_bind(&mut sockets, ListenerRole::S3Tls, tls.address).await?)
+            }
+            None => None,
+        };
+        for (role, socket) in sockets {
+            tracing::info!(
+                role = role.as_str(),
+                address = ?socket.local_addr().ok(),
+                "a listening socket of the old process is not in this config; closing this process's copy"
+            );
+        }
+        Ok(Listeners {
+            s3,
+            s3_tls,
+            admin,
+            handover: None,
+            predecessor: Some(inherited.predecessor),
+        })
+    }
+
+    /// Copies of the listening sockets, for a handover.
+    fn sockets(&self) -> io::Result<ListenerSockets> {
+        let mut sockets = ListenerSockets::default();
+        sockets.add(ListenerRole::S3, self.s3.as_fd())?;
+        if let Some(tls) = &self.s3_tls {
+            sockets.add(ListenerRole::S3Tls, tls.as_fd())?;
+        }
+        sockets.add(ListenerRole::Admin, self.admin.as_fd())?;
+        Ok(sockets)
+    }
+}
+
+async fn bind(address: SocketAddr, key: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("{key} {address}: {e}")))
+}
+
+/// The inherited socket of `role` if it listens on `address`, else a new one.
+async fn inherit_or_bind(
+    sockets: &mut Vec<(ListenerRole, std::net::TcpListener)>,
+    role: ListenerRole,
+    address: SocketAddr,
+) -> io::Result<TcpListener> {
+    let found = sockets.iter().position(|(inherited, socket)| {
+        *inherited == role && socket.local_addr().is_ok_and(|local| local == address)
+    });
+    match found {
+        Some(index) => {
+            let (_, socket) = sockets.remove(index);
+            socket.set_nonblocking(true)?;
+            tracing::info!(role = role.as_str(), %address, "listening socket taken over");
+            TcpListener::from_std(socket)
+        }
+        None => bind(address, role.config_key()).await,
     }
 }
 
@@ -208,6 +304,10 @@ pub async fn run_with_reload(
         };
         tokio::spawn(reload::run(source, config.clone(), parts))
     });
+    let sockets = match config.listener.handover_socket {
+        Some(_) => Some(listeners.sockets()?),
+        None => None,
+    };
     let (admin_stop, admin_stopped) = watch::channel(false);
     let admin_task = tokio::spawn(serve_admin(listeners.admin, admin, admin_stopped));
     tracing::info!(
@@ -216,7 +316,7 @@ pub async fn run_with_reload(
         "s3-failover-proxy serving"
     );
 
-    let graceful = GracefulShutdown::new();
+    let shutdown_phases = Shutdown::default();
     let (stop_accepting, stop) = watch::channel(false);
     let limits = ClientLimits {
         max_headers: config.listener.max_headers,
@@ -225,13 +325,12 @@ pub async fn run_with_reload(
         send_timeout: config.listener.send_timeout,
     };
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
-    let draining = Arc::new(AtomicBool::new(false));
     let plain = S3Listener {
         socket: listeners.s3,
         tls: None,
         limits,
         slots: Arc::clone(&slots),
-        draining: Arc::clone(&draining),
+        shutdown: shutdown_phases.watch(),
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -241,43 +340,103 @@ pub async fn run_with_reload(
                 tls: Some(TlsAcceptor::from(Arc::new(config))),
                 limits,
                 slots,
-                draining: Arc::clone(&draining),
+                shutdown: shutdown_phases.watch(),
             })
         }
         _ => None,
     };
-    let serve_secure = async {
-        if let Some(secure) = secure {
-            accept_loop(secure, Arc::clone(&proxy), &graceful, stop.clone()).await;
+    // Serving: the process these sockets came from may now drain, and this
+    // one takes its place at `listener.handover_socket`.
+    let handover = match (listeners.predecessor, listeners.handover) {
+        (Some(predecessor), _) => match predecessor.serving().await {
+            Ok(handover) => {
+                tracing::info!("serving in place of the old process, which now drains");
+                Some(handover)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the old process was not told; it serves on until stopped");
+                None
+            }
+        },
+        (None, handover) => handover,
+    };
+    let handed_over = async {
+        match (&handover, sockets) {
+            (Some(handover), Some(sockets)) => handover.handed_over(sockets).await,
+            _ => std::future::pending().await,
         }
     };
-    let trigger = async {
-        shutdown.await;
-        // The Kubernetes order: unready at once, serve on while the endpoint
-        // removal reaches kube-proxy and load balancers, then stop accepting.
-        ready.store(false, Ordering::SeqCst);
-        draining.store(true, Ordering::SeqCst);
-        tracing::info!(
-            drain_delay = ?config.shutdown.drain_delay,
-            "shutting down: unready; still serving, each HTTP/1.1 answer with Connection: close, for shutdown.drain_delay"
-        );
-        tokio::time::sleep(config.shutdown.drain_delay).await;
-        let _ = stop_accepting.send(true);
+    let serve_secure = async {
+        if let Some(secure) = secure {
+            accept_loop(secure, Arc::clone(&proxy), stop.clone()).await;
+        }
     };
-    tokio::join!(
-        accept_loop(plain, Arc::clone(&proxy), &graceful, stop.clone()),
+    // Resolves once accepting should stop; true if the sockets were handed
+    // over to a new process (which accepts from them from then on).
+    let trigger = async {
+        tokio::pin!(handed_over);
+        let handed = tokio::select! {
+            _ = shutdown => {
+                // The Kubernetes order: unready at once, serve on while the
+                // endpoint removal reaches kube-proxy and load balancers,
+                // then stop accepting (or at once if a new process takes the
+                // sockets over meanwhile).
+                ready.store(false, Ordering::SeqCst);
+                shutdown_phases.drain();
+                tracing::info!(
+                    drain_delay = ?config.shutdown.drain_delay,
+                    "shutting down: unready; still serving for shutdown.drain_delay, each HTTP/1.1 answer with Connection: close, HTTP/2 connections sent GOAWAY"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(config.shutdown.drain_delay) => false,
+                    _ = &mut handed_over => true,
+                }
+            }
+            _ = &mut handed_over => {
+                ready.store(false, Ordering::SeqCst);
+                shutdown_phases.drain();
+                true
+            }
+        };
+        if handed {
+            // The new process answers on the admin address from now on.
+            let _ = admin_stop.send(true);
+            tracing::info!(
+                drain_delay = ?config.shutdown.drain_delay,
+                "listening sockets handed over: the new process serves; this one stops accepting, and its connections close after their next answer (idle ones after shutdown.drain_delay)"
+            );
+        }
+        let _ = stop_accepting.send(true);
+        handed
+    };
+    let ((), (), handed_over) = tokio::join!(
+        accept_loop(plain, Arc::clone(&proxy), stop.clone()),
         serve_secure,
         trigger
     );
+    // Accepting has stopped: a process started with --take-over from now on
+    // finds no one at the handover socket and binds the addresses itself.
+    drop(handover);
+    if handed_over {
+        // Keep-alive clients move to the new process as their connections
+        // close after an answer; only those idle all along are closed under
+        // them (the HTTP/1.1 race a client cannot avoid, RFC 9112 §9.6).
+        let _ = tokio::time::timeout(
+            config.shutdown.drain_delay,
+            shutdown_phases.connections_ended(),
+        )
+        .await;
+    }
     tracing::info!(
         held = gate.status().held,
         in_flight = proxy.in_flight().current(),
         grace = ?config.shutdown.grace,
         "shutting down: no new connections; waiting for in-flight and held requests"
     );
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    match tokio::time::timeout(config.shutdown.grace, &mut drained).await {
+    shutdown_phases.close();
+    let ended = shutdown_phases.connections_ended();
+    tokio::pin!(ended);
+    match tokio::time::timeout(config.shutdown.grace, &mut ended).await {
         Ok(()) => tracing::info!("all connections finished"),
         Err(_) => {
             tracing::warn!(
@@ -286,9 +445,9 @@ pub async fn run_with_reload(
                 "shutdown grace period over; answering held requests 503 and closing remaining connections"
             );
             proxy.stop_holding();
-            // Shutdown told every connection to close after its answer, so
+            // Every connection was told to close after its answer, so
             // those of held requests end once their 503 is written.
-            let _ = tokio::time::timeout(HELD_ANSWER_WRITE, &mut drained).await;
+            let _ = tokio::time::timeout(HELD_ANSWER_WRITE, &mut ended).await;
         }
     }
     let _ = admin_stop.send(true);

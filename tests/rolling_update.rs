@@ -9,10 +9,11 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::workload::Workload;
+use support::workload::{Workload, read_loop};
 use support::{ProxyProcess, S3Backend, s3_client, wait_until};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -74,30 +75,14 @@ async fn a_rolling_update_of_the_proxy_costs_no_request() {
         .unwrap();
 
     let writes = Workload::start(&s3, "rolling");
-    let reads = tokio::spawn({
-        let s3 = s3.clone();
-        async move {
-            let mut failures = Vec::new();
-            // A keep-alive GET loop, bounded: at most 200 reads.
-            for _ in 0..200 {
-                match s3
-                    .get_object()
-                    .bucket("rolling")
-                    .key("read-me")
-                    .send()
-                    .await
-                {
-                    Ok(object) => {
-                        let body = object.body.collect().await.unwrap().into_bytes();
-                        assert_eq!(body.as_ref(), b"steady");
-                    }
-                    Err(error) => failures.push(format!("{error:?}")),
-                }
-                tokio::time::sleep(Duration::from_millis(40)).await; // the client's pace: the input under test
-            }
-            failures
-        }
-    });
+    let stop_reads = Arc::new(AtomicBool::new(false));
+    let reads = read_loop(
+        &s3,
+        "rolling",
+        "read-me",
+        b"steady",
+        Arc::clone(&stop_reads),
+    );
     wait_until(Duration::from_secs(10), "writes under way", || async {
         old.metrics().await.contains("s3fp_requests_total")
     })
@@ -115,12 +100,82 @@ async fn a_rolling_update_of_the_proxy_costs_no_request() {
     tokio::time::sleep(Duration::from_secs(2)).await; // the propagation delay: the input under test
     service.route_to(new.address());
 
-    let failed_reads = reads.await.unwrap();
-    assert!(failed_reads.is_empty(), "failed GETs: {failed_reads:?}");
-    let results = writes.stop_and_check().await;
-    assert!(results.len() >= 30, "{} writes", results.len());
     assert!(
         old.exit_status().await.success(),
         "the old proxy exits cleanly"
     );
+    stop_reads.store(true, Ordering::SeqCst);
+    let failed_reads = reads.await.unwrap();
+    assert!(failed_reads.is_empty(), "failed GETs: {failed_reads:?}");
+    let results = writes.stop_and_check().await;
+    assert!(results.len() >= 30, "{} writes", results.len());
+}
+
+/// A cleartext HTTP/2 connection (prior knowledge): its sender, and the
+/// connection task, which ends once the proxy has closed the connection.
+async fn http2_connection(
+    address: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+async fn answered(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    address: SocketAddr,
+) -> bool {
+    let request = http::Request::get(format!("http://{address}/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    sender.send_request(request).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_sent_goaway_as_the_drain_begins() {
+    let backend = S3Backend::start().await.unwrap();
+    // A drain delay longer than the test: a connection that ends did so
+    // because of GOAWAY, not because the proxy stopped.
+    let mut proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"120s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let address = proxy.address();
+    let (mut before, before_ended) = http2_connection(address).await;
+    assert!(answered(&mut before, address).await);
+
+    proxy.signal("-TERM");
+    wait_until(
+        Duration::from_secs(10),
+        "the HTTP/2 connection opened before SIGTERM to be closed by GOAWAY",
+        || async { before_ended.is_finished() },
+    )
+    .await
+    .unwrap();
+    assert!(before_ended.await.unwrap().is_ok(), "a graceful close");
+
+    // A connection opened during the drain is served, then sent GOAWAY.
+    let (mut during, during_ended) = http2_connection(address).await;
+    assert!(
+        answered(&mut during, address).await,
+        "served while draining"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the HTTP/2 connection opened while draining to be closed by GOAWAY",
+        || async { during_ended.is_finished() },
+    )
+    .await
+    .unwrap();
+    assert!(proxy.is_running(), "the proxy is still in its drain delay");
 }

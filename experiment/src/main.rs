@@ -216,11 +216,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let proxy_endpoint = format!("http://{}", s3_listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let listeners = s3_failover_proxy::Listeners {
-        s3: s3_listener,
-        s3_tls: None,
-        admin,
-    };
+    let listeners = s3_failover_proxy::Listeners::new(s3_listener, None, admin);
     let proxy = tokio::spawn(s3_failover_proxy::run(listeners, config, async move {
         let _ = stopped.await;
     }));

@@ -38,11 +38,7 @@ async fn a_short_experiment_through_the_proxy_has_no_failure_and_writes_its_resu
     let s3 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", s3.local_addr().unwrap());
-    let listeners = s3_failover_proxy::Listeners {
-        s3,
-        s3_tls: None,
-        admin,
-    };
+    let listeners = s3_failover_proxy::Listeners::new(s3, None, admin);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy = tokio::spawn(s3_failover_proxy::run(listeners, config, async move {
         let _ = stopped.await;

@@ -292,7 +292,7 @@ impl ProxyUnderTest {
         let admin_address = admin.local_addr()?;
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(s3_failover_proxy::run(
-            Listeners { s3, s3_tls, admin },
+            Listeners::new(s3, s3_tls, admin),
             config,
             async move {
                 let _ = stop.await;
@@ -695,7 +695,41 @@ impl ProxyProcess {
         Ok(process)
     }
 
-    /// Replaces the config file's content (listener and admin kept).
+    /// Starts a second process with this one's config and `--take-over`: it
+    /// takes the listening sockets over through `listener.handover_socket`
+    /// (which the config must set), and this one drains. Waits until the new
+    /// process serves.
+    pub async fn take_over(&self) -> anyhow::Result<ProxyProcess> {
+        let config = tempfile::NamedTempFile::new()?;
+        std::fs::copy(self.config.path(), config.path())?;
+        let log = tempfile::NamedTempFile::new()?;
+        let child = Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+            .arg("--config")
+            .arg(config.path())
+            .arg("--take-over")
+            .stderr(log.reopen()?)
+            .spawn()?;
+        let successor = ProxyProcess {
+            port: self.port,
+            admin: self.admin,
+            config,
+            log,
+            child,
+        };
+        wait_until(
+            Duration::from_secs(10),
+            "the new process to serve in place of the old one",
+            || async {
+                successor
+                    .log_lines()
+                    .iter()
+                    .any(|line| line.contains("serving in place of the old process"))
+            },
+        )
+        .await?;
+        Ok(successor)
+    }
+
     /// Writes the config: the generated `[listener]` and `[admin]` sections
     /// plus `body`; a `[listener]` section at the start of `body` is merged
     /// into the generated one.
@@ -780,6 +814,11 @@ impl ProxyProcess {
         )
         .await
         .unwrap();
+    }
+
+    /// True until the process has exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The most memory the process has held resident so far (VmHWM).

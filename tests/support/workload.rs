@@ -1,5 +1,6 @@
 //! The study's workload: PutObject every 100 ms with retries off, each
-//! object's content derived from its number so it can be read back and checked.
+//! object's content derived from its number so it can be read back and checked;
+//! and a keep-alive GET loop beside it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,4 +120,33 @@ async fn put_every_100ms(
         results.push(writer.await.unwrap());
     }
     results
+}
+
+/// GETs `key` (which must hold `expected`) over keep-alive connections, 40 ms
+/// apart, until `stop` is set (at most 2 000 times); returns the failures.
+pub fn read_loop(
+    s3: &aws_sdk_s3::Client,
+    bucket: &'static str,
+    key: &'static str,
+    expected: &'static [u8],
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let s3 = s3.clone();
+    tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for _ in 0..2_000 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match s3.get_object().bucket(bucket).key(key).send().await {
+                Ok(object) => {
+                    let body = object.body.collect().await.unwrap().into_bytes();
+                    assert_eq!(body.as_ref(), expected);
+                }
+                Err(error) => failures.push(format!("{error:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await; // the client's pace: the input under test
+        }
+        failures
+    })
 }
