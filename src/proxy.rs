@@ -196,10 +196,6 @@ impl Proxy {
         self.upstream.update_settings(settings);
     }
 
-    pub fn upstream(&self) -> &Upstream<AttemptBody<Incoming>> {
-        &self.upstream
-    }
-
     pub fn update_settings(&self, settings: ProxySettings) {
         self.settings.send_replace(Arc::new(settings));
     }
