@@ -58,6 +58,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod peer;
 pub mod probe;
 pub mod proxy;

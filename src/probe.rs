@@ -25,6 +25,7 @@ use crate::backend_target::BackendTarget;
 use crate::connector::Connector;
 use crate::gate::{Gate, Phase};
 use crate::metrics::Metrics;
+use crate::outcome::ProbeResult;
 
 /// How and how often to probe; shared with the reload path.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,13 +158,14 @@ impl Prober {
             }
             let current = self.settings();
             self.check_sentinel();
-            let result = probe_once(&self.target.connector(), &current).await;
-            match &result {
-                Ok(status) => tracing::debug!(status, "probe: backend serving"),
-                Err(error) => tracing::debug!(%error, "probe: backend not serving"),
+            let probed = probe_once(&self.target.connector(), &current).await;
+            let result = ProbeResult::of(probed.is_ok());
+            match &probed {
+                Ok(status) => tracing::debug!(status, result = result.as_str(), "probe"),
+                Err(error) => tracing::debug!(%error, result = result.as_str(), "probe"),
             }
-            self.metrics.probe(result.is_ok());
-            self.gate.probe_result(result.is_ok());
+            self.metrics.probe(result);
+            self.gate.probe_result(result.is_serving());
             if *phase.borrow_and_update() != Phase::Up {
                 tokio::time::sleep(current.interval).await;
             }

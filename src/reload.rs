@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::gate::Gate;
 use crate::logging::LogLevel;
 use crate::metrics::Metrics;
+use crate::outcome::ReloadResult;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
 use crate::settings::Settings;
@@ -171,12 +172,12 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
             .and_then(|new| live_part(&current, new, &parts, source.log_level.as_ref()))
         {
             Ok(new) => {
-                parts.metrics.reload(true);
+                parts.metrics.reload(ReloadResult::Success);
                 tracing::info!(trigger, path = %source.path.display(), "config reloaded");
                 current = new;
             }
             Err(error) => {
-                parts.metrics.reload(false);
+                parts.metrics.reload(ReloadResult::Failure);
                 tracing::error!(trigger, %error, "config reload rejected; the running configuration stays in force");
             }
         }
@@ -204,11 +205,11 @@ pub fn check_certificate(certificate: &ServerCertificate, metrics: &Metrics) {
     match certificate.reload_if_changed() {
         CertificateReload::Unchanged => {}
         CertificateReload::Reloaded => {
-            metrics.certificate_reload(true);
+            metrics.certificate_reload(ReloadResult::Success);
             tracing::info!("TLS certificate reloaded; new handshakes use the new pair");
         }
         CertificateReload::Rejected(error) => {
-            metrics.certificate_reload(false);
+            metrics.certificate_reload(ReloadResult::Failure);
             tracing::error!(%error, "new TLS certificate rejected; the old pair keeps serving");
         }
     }
