@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::Method;
 use tokio::time::Instant;
 
-use crate::metrics::{HoldOutcome, Metrics};
+use crate::metrics::Metrics;
+use crate::outcome::{HoldOutcome, RequestOutcome};
 
 /// Request ids for answers the proxy makes itself: unique per process run.
 pub fn next_request_id() -> String {
@@ -42,25 +43,8 @@ pub struct RequestRecord {
     pub bytes_in: Box<dyn Fn() -> u64 + Send>,
     pub started: Instant,
     /// `ok`, or why the proxy answered itself or the response broke.
-    pub outcome: &'static str,
+    pub outcome: RequestOutcome,
     pub metrics: Arc<Metrics>,
-}
-
-impl RequestRecord {
-    /// How the hold queue figured in this request, if it did.
-    fn hold_outcome(&self) -> Option<HoldOutcome> {
-        match self.outcome {
-            "queue_full" => Some(HoldOutcome::QueueFull),
-            "client_share" => Some(HoldOutcome::ClientShare),
-            "fail_fast" => Some(HoldOutcome::FailFast),
-            "hold_timeout" => Some(HoldOutcome::TimedOut),
-            "client_gone" => Some(HoldOutcome::ClientGone),
-            "shutting_down" => Some(HoldOutcome::ShuttingDown),
-            "ok" if self.was_held => Some(HoldOutcome::Released),
-            _ if self.was_held => Some(HoldOutcome::ReleasedFailed),
-            _ => None,
-        }
-    }
 }
 
 impl Drop for RequestRecord {
@@ -74,7 +58,7 @@ impl Drop for RequestRecord {
             bytes_in,
             self.bytes_out,
         );
-        if let Some(outcome) = self.hold_outcome() {
+        if let Some(outcome) = HoldOutcome::of(self.outcome, self.was_held) {
             self.metrics.hold_outcome(outcome, self.held);
         }
         tracing::info!(
@@ -88,7 +72,7 @@ impl Drop for RequestRecord {
             bytes_out = self.bytes_out,
             duration_ms = duration.as_millis() as u64,
             request_id = %self.request_id,
-            outcome = self.outcome,
+            outcome = self.outcome.as_str(),
             "request"
         );
     }
@@ -97,25 +81,6 @@ impl Drop for RequestRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_request_held_until_shutdown_counts_as_shutting_down() {
-        let record = RequestRecord {
-            method: Method::PUT,
-            path: "/bucket/key".into(),
-            status: 503,
-            request_id: next_request_id(),
-            held: Duration::from_secs(1),
-            was_held: true,
-            replays: 0,
-            bytes_out: 0,
-            bytes_in: Box::new(|| 0),
-            started: Instant::now(),
-            outcome: "shutting_down",
-            metrics: Arc::new(Metrics::new()),
-        };
-        assert_eq!(record.hold_outcome(), Some(HoldOutcome::ShuttingDown));
-    }
 
     #[test]
     fn request_ids_are_unique() {

@@ -32,7 +32,6 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::admin_token::AdminToken;
-use crate::config::AdminConfig;
 use crate::metrics::Snapshot;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
@@ -56,15 +55,6 @@ pub struct AdminSettings {
     pub drain_timeout: Duration,
     /// Required on `/admin/*` when set (`admin.token_file`).
     pub token: Option<AdminToken>,
-}
-
-impl From<&AdminConfig> for AdminSettings {
-    fn from(config: &AdminConfig) -> AdminSettings {
-        AdminSettings {
-            drain_timeout: config.drain_timeout,
-            token: config.token.clone(),
-        }
-    }
 }
 
 /// Why an `/admin/*` request was refused.

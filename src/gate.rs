@@ -20,58 +20,32 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-/// Why the backend is considered down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DownReason {
-    /// A connection to the backend was refused.
-    Refused,
-    /// An established connection was reset or closed mid-request.
-    Reset,
-    /// The backend accepted a request but made no progress in time.
-    HangTimeout,
-    /// The active probe failed (after a pause ended without the backend back).
-    ProbeFailed,
-    /// An operator (or a pre-stop hook) paused traffic.
-    AdminPause,
-    /// Service discovery says no usable backend exists.
-    Discovery,
-}
+use crate::outcome::labels;
 
-impl DownReason {
-    /// A stable name for logs, JSON and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DownReason::Refused => "refused",
-            DownReason::Reset => "reset",
-            DownReason::HangTimeout => "hang_timeout",
-            DownReason::ProbeFailed => "probe_failed",
-            DownReason::AdminPause => "admin_pause",
-            DownReason::Discovery => "discovery",
-        }
+labels! {
+    /// Why the backend is considered down.
+    pub enum DownReason {
+        /// A connection to the backend was refused.
+        Refused => "refused",
+        /// An established connection was reset or closed mid-request.
+        Reset => "reset",
+        /// The backend accepted a request but made no progress in time.
+        HangTimeout => "hang_timeout",
+        /// The active probe failed (after a pause ended without the backend back).
+        ProbeFailed => "probe_failed",
+        /// An operator (or a pre-stop hook) paused traffic.
+        AdminPause => "admin_pause",
+        /// Service discovery says no usable backend exists.
+        Discovery => "discovery",
     }
 }
 
-impl fmt::Display for DownReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The coarse state, published on a `watch` channel for the probe loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Up,
-    Down,
-    Resuming,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Up => "up",
-            Phase::Down => "down",
-            Phase::Resuming => "resuming",
-        }
+labels! {
+    /// The coarse state, published on a `watch` channel for the probe loop.
+    pub enum Phase {
+        Up => "up",
+        Down => "down",
+        Resuming => "resuming",
     }
 }
 

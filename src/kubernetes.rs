@@ -33,11 +33,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
 use crate::backend_address::BackendAddress;
+use crate::backend_target::BackendTarget;
 use crate::config::KubernetesConfig;
 use crate::discovery::{Choice, EndpointIndex, PortSelector, choose};
 use crate::gate::Gate;
 use crate::probe::Prober;
-use crate::proxy::Proxy;
 
 /// Why the Kubernetes client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -74,10 +74,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
     Ok(Client::try_from(config)?)
 }
 
-/// What discovery acts on.
-pub struct Targets {
+/// What discovery steers: the gate, and the backend target requests and
+/// probes follow.
+pub struct Steering {
     pub gate: Arc<Gate>,
-    pub proxy: Arc<Proxy>,
+    pub target: Arc<BackendTarget>,
+    /// Arms the pause sentinel for the pause Lease.
     pub prober: Arc<Prober>,
     /// Turned on after the first complete list.
     pub synced: Arc<AtomicBool>,
@@ -88,23 +90,14 @@ pub struct Targets {
     pub via_service: bool,
 }
 
-impl Targets {
+impl Steering {
     /// A new pod is usable at `address`: send requests and probes there
     /// (through the Service, they stay where they are), and hold until the
     /// probe sees it serve.
     fn move_to(&self, address: SocketAddr) {
-        if self.via_service {
-            self.gate.backend_moved();
-            return;
+        if !self.via_service {
+            self.target.move_to(BackendAddress::from(address));
         }
-        let connector = Arc::new(
-            self.proxy
-                .upstream()
-                .connector()
-                .retarget(BackendAddress::from(address)),
-        );
-        self.proxy.upstream().set_connector(Arc::clone(&connector));
-        self.prober.set_connector(connector);
         self.gate.backend_moved();
     }
 
@@ -121,7 +114,7 @@ impl Targets {
 }
 
 /// Follows the Service's EndpointSlices until the task is aborted.
-pub async fn watch_endpoints(client: Client, config: KubernetesConfig, targets: Targets) {
+pub async fn watch_endpoints(client: Client, config: KubernetesConfig, steering: Steering) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &config.namespace);
     let selector = format!("kubernetes.io/service-name={}", config.service);
     let port = PortSelector::parse(&config.port);
@@ -142,7 +135,7 @@ pub async fn watch_endpoints(client: Client, config: KubernetesConfig, targets: 
             Ok(Event::InitDone) => {
                 index.reset(&relist, &port);
                 relist.clear();
-                if !targets.synced.swap(true, Ordering::SeqCst) {
+                if !steering.synced.swap(true, Ordering::SeqCst) {
                     tracing::info!(service = %config.service, "discovery: first complete list of EndpointSlices");
                 }
             }
@@ -153,14 +146,14 @@ pub async fn watch_endpoints(client: Client, config: KubernetesConfig, targets: 
                 continue;
             }
         }
-        if !targets.synced.load(Ordering::SeqCst) {
+        if !steering.synced.load(Ordering::SeqCst) {
             continue;
         }
         let choice = choose(current, &index.endpoints());
         if let Choice::Keep(address) | Choice::SwitchTo(address) = choice {
             current = Some(address);
         }
-        targets.act(choice, last_choice);
+        steering.act(choice, last_choice);
         last_choice = Some(choice);
     }
 }

@@ -25,16 +25,18 @@
 //! [`request_target`] refuses targets the URI parser would cut; [`response`]
 //! streams answers back and [`access_log`] writes one line per request and
 //! feeds [`metrics`]. On Kubernetes, [`kubernetes`] watches the Service's
-//! EndpointSlices into the pure [`discovery`] index and moves the upstream
-//! (and the probe) to the usable pod, holding while none is; it also follows
-//! the pause Lease. TLS is in [`tls`] (certificates), [`listener`] (HTTPS
-//! accept loop) and [`connector`] (HTTPS to the backend). [`config`] reads the
-//! TOML file and [`reload`] applies a changed one live; every file the proxy
-//! trusts (config, certificates, keys, the [`admin_token`] that guards
-//! `/admin/*`) is read through [`trusted_file`], which refuses world-writable
-//! and oversized ones. [`shutdown`] moves every client connection through
-//! the drain, and [`handover`] passes the listening sockets to a new process
-//! for a hot upgrade on one host.
+//! EndpointSlices into the pure [`discovery`] index and moves the
+//! [`backend_target`], which the upstream and the probe both follow, to the
+//! usable pod, holding while none is; it also follows the pause Lease. TLS is
+//! in [`tls`] (certificates), [`listener`] (HTTPS accept loop) and
+//! [`connector`] (HTTPS to the backend). [`config`] reads the TOML file and
+//! [`settings`] derives each component's settings from it, at start
+//! ([`server`]) and when [`reload`] applies a changed file live; every file
+//! the proxy trusts (config, certificates, keys, the [`admin_token`] that
+//! guards `/admin/*`) is read through [`trusted_file`], which refuses
+//! world-writable and oversized ones. [`shutdown`] moves every client
+//! connection through the drain, and [`handover`] passes the listening
+//! sockets to a new process for a hot upgrade on one host.
 
 #![forbid(unsafe_code)]
 
@@ -42,6 +44,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admin_token;
 pub mod backend_address;
+pub mod backend_target;
 pub mod client_identity;
 pub mod client_pace;
 pub mod config;
@@ -58,6 +61,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod peer;
 pub mod probe;
 pub mod proxy;
@@ -70,6 +74,7 @@ pub mod s3_error;
 pub mod s3_operation;
 pub mod send_timeout;
 pub mod server;
+pub mod settings;
 pub mod shutdown;
 pub mod tls;
 pub mod trusted_file;

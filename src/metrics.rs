@@ -11,70 +11,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Registry, TextEncoder, register_gauge_with_registry, register_histogram_vec_with_registry,
+    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry,
 };
 
 use crate::config::Config;
 use crate::gate::{DownReason, GateStatus, Phase, Transition};
+use crate::outcome::{
+    CheckVerdict, HoldOutcome, ProbeResult, QuarantineOutcome, ReloadResult, ReplayOutcome,
+};
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
 const PAUSE_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// How a request that met the hold queue ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HoldOutcome {
-    /// Held, released, answered by the backend.
-    Released,
-    /// Held, released, then failed (the backend failed again and no replay was safe).
-    ReleasedFailed,
-    TimedOut,
-    QueueFull,
-    /// The client already held its share of the queue.
-    ClientShare,
-    FailFast,
-    ClientGone,
-    /// Still held when the shutdown grace ended: answered `503`.
-    ShuttingDown,
-}
+/// The methods that get a label of their own; any other is `other`.
+const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"];
 
-impl HoldOutcome {
-    /// True when the request waited in the queue (rather than being turned away).
-    fn waited(self) -> bool {
-        !matches!(
-            self,
-            HoldOutcome::QueueFull | HoldOutcome::ClientShare | HoldOutcome::FailFast
-        )
-    }
+/// The status classes of `s3fp_requests_total` created at zero.
+const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
 
-    fn as_str(self) -> &'static str {
-        match self {
-            HoldOutcome::Released => "released",
-            HoldOutcome::ReleasedFailed => "released_failed",
-            HoldOutcome::TimedOut => "timed_out",
-            HoldOutcome::QueueFull => "queue_full",
-            HoldOutcome::ClientShare => "client_share",
-            HoldOutcome::FailFast => "fail_fast",
-            HoldOutcome::ClientGone => "client_gone",
-            HoldOutcome::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-/// Whether a request that reached a failing backend was sent again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayOutcome {
-    Replayed,
-    RefusedUnsafe,
-}
+/// The outage reasons a single request's failure is checked for.
+const CHECKED_SUSPICIONS: [DownReason; 2] = [DownReason::Reset, DownReason::HangTimeout];
 
 /// The proxy's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
     gate_state: IntGaugeVec,
-    gate_state_seconds: prometheus::Gauge,
+    gate_state_seconds: Gauge,
     outages: IntCounterVec,
     outage_duration: Histogram,
     held_now: IntGauge,
@@ -95,9 +63,9 @@ pub struct Metrics {
     /// never add the same connects twice.
     backend_connects_counted: AtomicU64,
     reloads: IntCounterVec,
-    hold_timeout: prometheus::Gauge,
+    hold_timeout: Gauge,
     hold_max_requests: IntGauge,
-    hold_fail_fast_after: prometheus::Gauge,
+    hold_fail_fast_after: Gauge,
     certificate_reloads: IntCounterVec,
     tls_handshake_failures: IntCounter,
     connections_refused: IntCounter,
@@ -111,228 +79,172 @@ pub struct Snapshot {
     pub backend_connects: u64,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
-
-fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
-    let metric =
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(PAUSE_BUCKETS.to_vec()))
-            .expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
-
-fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let metric = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Gauge {
-    let metric = prometheus::Gauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
-
-fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("unique metric");
-    metric
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
 }
 
+/// A metric registered under a name no other metric has (a programming
+/// error otherwise, caught by every test that builds a [`Metrics`]).
+fn registered<T>(metric: prometheus::Result<T>) -> T {
+    metric.expect("a valid, uniquely named metric")
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let gate_state = IntGaugeVec::new(
-            Opts::new(
-                "s3fp_gate_state",
-                "1 for the gate's current state (up, down, resuming), 0 for the others.",
-            ),
-            &["state"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(gate_state.clone()))
-            .expect("unique metric");
-        let gate_state_seconds = prometheus::Gauge::new(
-            "s3fp_gate_state_seconds",
-            "Seconds since the gate last changed state.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(gate_state_seconds.clone()))
-            .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "s3fp_build_info",
-                "Always 1; the version label names the running build.",
-            ),
+        let r = &registry;
+        let build_info = registered(register_int_gauge_vec_with_registry!(
+            "s3fp_build_info",
+            "Always 1; the version label names the running build.",
             &["version"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
+            r
+        ));
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "s3fp_request_duration_seconds",
-                "Time from request arrival until its response ended, holds included.",
-            )
-            .buckets(PAUSE_BUCKETS.to_vec()),
-            &["method"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(request_duration.clone()))
-            .expect("unique metric");
-
         let metrics = Metrics {
-            gate_state,
-            gate_state_seconds,
-            outages: counter_vec(
-                &registry,
+            gate_state: registered(register_int_gauge_vec_with_registry!(
+                "s3fp_gate_state",
+                "1 for the gate's current state (up, down, resuming), 0 for the others.",
+                &["state"],
+                r
+            )),
+            gate_state_seconds: registered(register_gauge_with_registry!(
+                "s3fp_gate_state_seconds",
+                "Seconds since the gate last changed state.",
+                r
+            )),
+            outages: registered(register_int_counter_vec_with_registry!(
                 "s3fp_outages_total",
                 "Times the gate went down, by reason (refused, reset, hang_timeout, probe_failed, admin_pause, discovery).",
                 &["reason"],
-            ),
-            outage_duration: histogram(
-                &registry,
+                r
+            )),
+            outage_duration: registered(register_histogram_with_registry!(
                 "s3fp_outage_duration_seconds",
                 "Length of each outage, from the gate going down to the backend serving again.",
-            ),
-            held_now: int_gauge(
-                &registry,
+                PAUSE_BUCKETS.to_vec(),
+                r
+            )),
+            held_now: registered(register_int_gauge_with_registry!(
                 "s3fp_held_requests",
                 "Requests held in the queue right now.",
-            ),
-            hold_outcomes: counter_vec(
-                &registry,
+                r
+            )),
+            hold_outcomes: registered(register_int_counter_vec_with_registry!(
                 "s3fp_hold_outcomes_total",
                 "Requests that met the hold queue, by how they ended (released, released_failed, timed_out, queue_full, fail_fast, client_gone, shutting_down).",
                 &["outcome"],
-            ),
-            hold_duration: histogram(
-                &registry,
+                r
+            )),
+            hold_duration: registered(register_histogram_with_registry!(
                 "s3fp_hold_duration_seconds",
                 "Time each held request spent in the queue, summed over its holds.",
-            ),
-            requests: counter_vec(
-                &registry,
+                PAUSE_BUCKETS.to_vec(),
+                r
+            )),
+            requests: registered(register_int_counter_vec_with_registry!(
                 "s3fp_requests_total",
                 "Requests answered, by method and status class (2xx, 3xx, 4xx, 5xx).",
                 &["method", "status_class"],
-            ),
-            request_duration,
-            request_bytes: int_counter(
-                &registry,
+                r
+            )),
+            request_duration: registered(register_histogram_vec_with_registry!(
+                "s3fp_request_duration_seconds",
+                "Time from request arrival until its response ended, holds included.",
+                &["method"],
+                PAUSE_BUCKETS.to_vec(),
+                r
+            )),
+            request_bytes: registered(register_int_counter_with_registry!(
                 "s3fp_request_bytes_total",
                 "Request body bytes read from clients.",
-            ),
-            response_bytes: int_counter(
-                &registry,
+                r
+            )),
+            response_bytes: registered(register_int_counter_with_registry!(
                 "s3fp_response_bytes_total",
                 "Response body bytes sent to clients.",
-            ),
-            in_flight: int_gauge(
-                &registry,
+                r
+            )),
+            in_flight: registered(register_int_gauge_with_registry!(
                 "s3fp_backend_in_flight_requests",
                 "Requests sent to the backend whose response has not ended.",
-            ),
-            replays: counter_vec(
-                &registry,
+                r
+            )),
+            replays: registered(register_int_counter_vec_with_registry!(
                 "s3fp_replays_total",
                 "Requests that reached a failing backend: replayed, or refused as unsafe to replay.",
                 &["outcome"],
-            ),
-            probes: counter_vec(
-                &registry,
+                r
+            )),
+            probes: registered(register_int_counter_vec_with_registry!(
                 "s3fp_probes_total",
                 "Backend probes while the gate was not up, by result (serving, not_serving).",
                 &["result"],
-            ),
-            quarantine: counter_vec(
-                &registry,
+                r
+            )),
+            quarantine: registered(register_int_counter_vec_with_registry!(
                 "s3fp_quarantine_total",
                 "Poison requests: quarantined (in flight at two backend crashes), refused (the same request while quarantined).",
                 &["outcome"],
-            ),
-            outage_checks: counter_vec(
-                &registry,
+                r
+            )),
+            outage_checks: registered(register_int_counter_vec_with_registry!(
                 "s3fp_outage_checks_total",
                 "Checks of the backend after one request failed, by what the request saw (reset, hang_timeout) and the verdict (serving: no outage, the failure stayed that request's; down: the gate went down).",
                 &["suspicion", "result"],
-            ),
-            backend_connects: int_counter(
-                &registry,
+                r
+            )),
+            backend_connects: registered(register_int_counter_with_registry!(
                 "s3fp_backend_connections_total",
                 "TCP connections opened to the backend for requests (probes not included).",
-            ),
+                r
+            )),
             backend_connects_counted: AtomicU64::new(0),
-            reloads: counter_vec(
-                &registry,
+            reloads: registered(register_int_counter_vec_with_registry!(
                 "s3fp_config_reloads_total",
                 "Configuration reloads, by result (success, failure).",
                 &["result"],
-            ),
-            hold_timeout: gauge(
-                &registry,
+                r
+            )),
+            hold_timeout: registered(register_gauge_with_registry!(
                 "s3fp_hold_timeout_seconds",
                 "Configured hold.timeout: the longest a request is held.",
-            ),
-            hold_max_requests: int_gauge(
-                &registry,
+                r
+            )),
+            hold_max_requests: registered(register_int_gauge_with_registry!(
                 "s3fp_hold_max_requests",
                 "Configured hold.max_requests: the size of the hold queue.",
-            ),
-            hold_fail_fast_after: gauge(
-                &registry,
+                r
+            )),
+            hold_fail_fast_after: registered(register_gauge_with_registry!(
                 "s3fp_hold_fail_fast_after_seconds",
                 "Configured hold.fail_fast_after: outage length after which new requests fail at once.",
-            ),
-            certificate_reloads: counter_vec(
-                &registry,
+                r
+            )),
+            certificate_reloads: registered(register_int_counter_vec_with_registry!(
                 "s3fp_tls_certificate_reloads_total",
                 "Changes of the HTTPS listener's certificate files, by result (success, failure).",
                 &["result"],
-            ),
-            tls_handshake_failures: int_counter(
-                &registry,
+                r
+            )),
+            tls_handshake_failures: registered(register_int_counter_with_registry!(
                 "s3fp_tls_handshake_failures_total",
                 "Client connections dropped because the TLS handshake failed or timed out.",
-            ),
-            client_connections: int_gauge(
-                &registry,
+                r
+            )),
+            client_connections: registered(register_int_gauge_with_registry!(
                 "s3fp_client_connections",
                 "Client connections open now (listener.max_connections at most).",
-            ),
-            connections_refused: int_counter(
-                &registry,
+                r
+            )),
+            connections_refused: registered(register_int_counter_with_registry!(
                 "s3fp_client_connections_refused_total",
                 "Client connections refused because listener.max_connections were open.",
-            ),
+                r
+            )),
             registry,
         };
         metrics.set_phase(Phase::Up);
@@ -343,54 +255,41 @@ impl Metrics {
     /// Creates every labelled series at zero, so rates and ratios exist (and
     /// availability reads 1) before the first failure.
     fn initialise_series(&self) {
-        for reason in [
-            DownReason::Refused,
-            DownReason::Reset,
-            DownReason::HangTimeout,
-            DownReason::ProbeFailed,
-            DownReason::AdminPause,
-            DownReason::Discovery,
-        ] {
+        for reason in DownReason::ALL {
             self.outages.with_label_values(&[reason.as_str()]);
         }
-        for outcome in [
-            HoldOutcome::Released,
-            HoldOutcome::ReleasedFailed,
-            HoldOutcome::TimedOut,
-            HoldOutcome::QueueFull,
-            HoldOutcome::ClientShare,
-            HoldOutcome::FailFast,
-            HoldOutcome::ClientGone,
-            HoldOutcome::ShuttingDown,
-        ] {
+        for outcome in HoldOutcome::ALL {
             self.hold_outcomes.with_label_values(&[outcome.as_str()]);
         }
-        for suspicion in [DownReason::Reset, DownReason::HangTimeout] {
-            for result in ["serving", "down"] {
+        for suspicion in CHECKED_SUSPICIONS {
+            for verdict in CheckVerdict::ALL {
                 self.outage_checks
-                    .with_label_values(&[suspicion.as_str(), result]);
+                    .with_label_values(&[suspicion.as_str(), verdict.as_str()]);
             }
         }
-        for method in ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "other"] {
-            for class in ["2xx", "3xx", "4xx", "5xx"] {
+        for method in METHODS.iter().chain(&["other"]) {
+            for class in STATUS_CLASSES {
                 self.requests.with_label_values(&[method, class]);
             }
         }
-        for (metric, labels) in [
-            (&self.replays, ["replayed", "refused_unsafe"]),
-            (&self.probes, ["serving", "not_serving"]),
-            (&self.quarantine, ["quarantined", "refused"]),
-            (&self.reloads, ["success", "failure"]),
-            (&self.certificate_reloads, ["success", "failure"]),
-        ] {
-            for label in labels {
-                metric.with_label_values(&[label]);
-            }
+        for outcome in ReplayOutcome::ALL {
+            self.replays.with_label_values(&[outcome.as_str()]);
+        }
+        for result in ProbeResult::ALL {
+            self.probes.with_label_values(&[result.as_str()]);
+        }
+        for outcome in QuarantineOutcome::ALL {
+            self.quarantine.with_label_values(&[outcome.as_str()]);
+        }
+        for result in ReloadResult::ALL {
+            self.reloads.with_label_values(&[result.as_str()]);
+            self.certificate_reloads
+                .with_label_values(&[result.as_str()]);
         }
     }
 
     fn set_phase(&self, phase: Phase) {
-        for candidate in [Phase::Up, Phase::Down, Phase::Resuming] {
+        for &candidate in Phase::ALL {
             self.gate_state
                 .with_label_values(&[candidate.as_str()])
                 .set(i64::from(candidate == phase));
@@ -437,34 +336,23 @@ impl Metrics {
     }
 
     pub fn replay(&self, outcome: ReplayOutcome) {
-        let label = match outcome {
-            ReplayOutcome::Replayed => "replayed",
-            ReplayOutcome::RefusedUnsafe => "refused_unsafe",
-        };
-        self.replays.with_label_values(&[label]).inc();
+        self.replays.with_label_values(&[outcome.as_str()]).inc();
     }
 
     /// A poison request was quarantined, or refused while quarantined.
-    pub fn quarantine(&self, quarantined: bool) {
-        let outcome = if quarantined {
-            "quarantined"
-        } else {
-            "refused"
-        };
-        self.quarantine.with_label_values(&[outcome]).inc();
+    pub fn quarantine(&self, outcome: QuarantineOutcome) {
+        self.quarantine.with_label_values(&[outcome.as_str()]).inc();
     }
 
     /// A single request's failure was checked with a probe.
-    pub fn outage_check(&self, suspicion: DownReason, serving: bool) {
-        let result = if serving { "serving" } else { "down" };
+    pub fn outage_check(&self, suspicion: DownReason, verdict: CheckVerdict) {
         self.outage_checks
-            .with_label_values(&[suspicion.as_str(), result])
+            .with_label_values(&[suspicion.as_str(), verdict.as_str()])
             .inc();
     }
 
-    pub fn probe(&self, serving: bool) {
-        let label = if serving { "serving" } else { "not_serving" };
-        self.probes.with_label_values(&[label]).inc();
+    pub fn probe(&self, result: ProbeResult) {
+        self.probes.with_label_values(&[result.as_str()]).inc();
     }
 
     /// Publishes the limits alerts compare against (at start and on reload).
@@ -475,9 +363,10 @@ impl Metrics {
             .set(config.hold.fail_fast_after.as_secs_f64());
     }
 
-    pub fn certificate_reload(&self, success: bool) {
-        let label = if success { "success" } else { "failure" };
-        self.certificate_reloads.with_label_values(&[label]).inc();
+    pub fn certificate_reload(&self, result: ReloadResult) {
+        self.certificate_reloads
+            .with_label_values(&[result.as_str()])
+            .inc();
     }
 
     pub fn tls_handshake_failed(&self) {
@@ -496,9 +385,8 @@ impl Metrics {
         }
     }
 
-    pub fn reload(&self, success: bool) {
-        let label = if success { "success" } else { "failure" };
-        self.reloads.with_label_values(&[label]).inc();
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads.with_label_values(&[result.as_str()]).inc();
     }
 
     /// Names of every metric family this registry exports.
@@ -544,15 +432,10 @@ impl Metrics {
 
 /// Methods as a bounded label.
 fn method_label(method: &http::Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "PUT" => "PUT",
-        "POST" => "POST",
-        "DELETE" => "DELETE",
-        "OPTIONS" => "OPTIONS",
-        _ => "other",
-    }
+    METHODS
+        .into_iter()
+        .find(|known| *known == method.as_str())
+        .unwrap_or("other")
 }
 
 fn status_class(status: u16) -> &'static str {

@@ -5,7 +5,8 @@
 //! but a gateway error (502/503/504) counts as serving, since an S3 server
 //! answers an unsigned request with 403 long before anything else works. There
 //! is one probe loop per backend, so probe traffic does not grow with the number
-//! of held requests.
+//! of held requests. It asks wherever the [`BackendTarget`] points, as the
+//! upstream pool connects there.
 //!
 //! The same probe confirms a suspected outage: when one request fails (reset,
 //! early close, no progress), [`Prober::confirm`] asks the backend at once on a
@@ -20,14 +21,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::backend_target::BackendTarget;
 use crate::connector::Connector;
 use crate::gate::{Gate, Phase};
 use crate::metrics::Metrics;
+use crate::outcome::ProbeResult;
 
 /// How and how often to probe; shared with the reload path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSettings {
-    pub connector: Arc<Connector>,
     pub interval: Duration,
     pub timeout: Duration,
     pub path: String,
@@ -51,6 +53,7 @@ pub enum ProbeError {
 /// Watches one backend address for the gate.
 pub struct Prober {
     gate: Arc<Gate>,
+    target: Arc<BackendTarget>,
     settings: RwLock<ProbeSettings>,
     sentinel: Mutex<Option<TcpStream>>,
     metrics: Arc<Metrics>,
@@ -66,9 +69,15 @@ struct Confirmation {
 }
 
 impl Prober {
-    pub fn new(gate: Arc<Gate>, settings: ProbeSettings, metrics: Arc<Metrics>) -> Prober {
+    pub fn new(
+        gate: Arc<Gate>,
+        target: Arc<BackendTarget>,
+        settings: ProbeSettings,
+        metrics: Arc<Metrics>,
+    ) -> Prober {
         Prober {
             gate,
+            target,
             settings: RwLock::new(settings),
             sentinel: Mutex::new(None),
             metrics,
@@ -80,11 +89,6 @@ impl Prober {
         *self.settings.write().unwrap() = settings;
     }
 
-    /// Probes another address from now on (discovery found a new pod).
-    pub fn set_connector(&self, connector: Arc<Connector>) {
-        self.settings.write().unwrap().connector = connector;
-    }
-
     fn settings(&self) -> ProbeSettings {
         self.settings.read().unwrap().clone()
     }
@@ -93,7 +97,8 @@ impl Prober {
     /// reached is already gone.
     pub async fn arm_sentinel(&self) {
         let settings = self.settings();
-        match tokio::time::timeout(settings.timeout, settings.connector.connect_tcp()).await {
+        let connector = self.target.connector();
+        match tokio::time::timeout(settings.timeout, connector.connect_tcp()).await {
             Ok(Ok(stream)) => *self.sentinel.lock().unwrap() = Some(stream),
             _ => self.gate.backend_gone(),
         }
@@ -132,7 +137,7 @@ impl Prober {
         {
             return done.serving;
         }
-        let result = probe_once(&self.settings()).await;
+        let result = probe_once(&self.target.connector(), &self.settings()).await;
         if let Err(error) = &result {
             tracing::debug!(%error, "confirmation: backend not serving");
         }
@@ -153,13 +158,14 @@ impl Prober {
             }
             let current = self.settings();
             self.check_sentinel();
-            let result = probe_once(&current).await;
-            match &result {
-                Ok(status) => tracing::debug!(status, "probe: backend serving"),
-                Err(error) => tracing::debug!(%error, "probe: backend not serving"),
+            let probed = probe_once(&self.target.connector(), &current).await;
+            let result = ProbeResult::of(probed.is_ok());
+            match &probed {
+                Ok(status) => tracing::debug!(status, result = result.as_str(), "probe"),
+                Err(error) => tracing::debug!(%error, result = result.as_str(), "probe"),
             }
-            self.metrics.probe(result.is_ok());
-            self.gate.probe_result(result.is_ok());
+            self.metrics.probe(result);
+            self.gate.probe_result(result.is_serving());
             if *phase.borrow_and_update() != Phase::Up {
                 tokio::time::sleep(current.interval).await;
             }
@@ -167,9 +173,13 @@ impl Prober {
     }
 }
 
-/// One probe: the HTTP status the backend answered, or why it did not.
-pub async fn probe_once(settings: &ProbeSettings) -> Result<u16, ProbeError> {
-    match tokio::time::timeout(settings.timeout, ask(&settings.connector, &settings.path)).await {
+/// One probe through `connector`: the HTTP status the backend answered, or
+/// why it did not.
+pub async fn probe_once(
+    connector: &Connector,
+    settings: &ProbeSettings,
+) -> Result<u16, ProbeError> {
+    match tokio::time::timeout(settings.timeout, ask(connector, &settings.path)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError::Timeout(settings.timeout)),
     }
@@ -225,13 +235,12 @@ mod tests {
         let address = listener.local_addr().unwrap();
         drop(listener);
         let settings = ProbeSettings {
-            connector: Arc::new(Connector::plain(address.into())),
             interval: Duration::from_millis(10),
             timeout: Duration::from_secs(1),
             path: "/".into(),
         };
         assert!(matches!(
-            probe_once(&settings).await,
+            probe_once(&Connector::plain(address.into()), &settings).await,
             Err(ProbeError::Connect(_))
         ));
     }
@@ -240,12 +249,12 @@ mod tests {
     async fn a_listener_that_never_answers_times_out() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let settings = ProbeSettings {
-            connector: Arc::new(Connector::plain(listener.local_addr().unwrap().into())),
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(100),
             path: "/".into(),
         };
-        let result = probe_once(&settings).await;
+        let connector = Connector::plain(listener.local_addr().unwrap().into());
+        let result = probe_once(&connector, &settings).await;
         assert!(matches!(result, Err(ProbeError::Timeout(_))));
     }
 }

@@ -24,7 +24,8 @@ use crate::delivery::{self, Delivery, Expectation};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
-use crate::metrics::{Metrics, ReplayOutcome};
+use crate::metrics::Metrics;
+use crate::outcome::{CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome};
 use crate::outbound::{Outbound, outbound};
 use crate::peer::Peer;
 use crate::probe::Prober;
@@ -196,10 +197,6 @@ impl Proxy {
         self.upstream.update_settings(settings);
     }
 
-    pub fn upstream(&self) -> &Upstream<AttemptBody<Incoming>> {
-        &self.upstream
-    }
-
     pub fn update_settings(&self, settings: ProxySettings) {
         self.settings.send_replace(Arc::new(settings));
     }
@@ -227,7 +224,7 @@ impl Proxy {
             return self.answer(refusal, &outbound, &body, &progress, &settings);
         }
         if self.quarantine.watches_any() && self.quarantine.is_quarantined(outbound.fingerprint()) {
-            self.metrics.quarantine(false);
+            self.metrics.quarantine(QuarantineOutcome::Refused);
             tracing::warn!(fingerprint = %outbound.fingerprint(), "refused: the request is quarantined");
             return self.answer(ProxyError::Poison, &outbound, &body, &progress, &settings);
         }
@@ -415,7 +412,7 @@ impl Proxy {
             // slow upload waits for its client is not the upload's doing.
             let fingerprint = outbound.fingerprint();
             if self.quarantine.died_with(fingerprint, suspect && blamable) {
-                self.metrics.quarantine(true);
+                self.metrics.quarantine(QuarantineOutcome::Quarantined);
                 tracing::error!(%fingerprint, "the backend died twice with this request in flight: quarantined, not sent again");
                 return Err(ProxyError::Poison);
             }
@@ -453,7 +450,8 @@ impl Proxy {
         }
         if !conclusive {
             let serving = self.prober.confirm(Instant::now()).await;
-            self.metrics.outage_check(suspicion, serving);
+            self.metrics
+                .outage_check(suspicion, CheckVerdict::of(serving));
             if serving {
                 tracing::info!(
                     suspicion = suspicion.as_str(),
@@ -562,7 +560,8 @@ impl Proxy {
                 result = &mut send => return result.map_err(AttemptFailure::Upstream),
                 serving = self.prober.confirm(now) => serving,
             };
-            self.metrics.outage_check(DownReason::HangTimeout, serving);
+            self.metrics
+                .outage_check(DownReason::HangTimeout, CheckVerdict::of(serving));
             if !serving {
                 self.go_down(DownReason::HangTimeout, watch.generation);
                 return Err(AttemptFailure::Upstream(UpstreamError::Hang(
@@ -601,7 +600,7 @@ impl Proxy {
             request_id,
             body,
             &progress,
-            "ok",
+            RequestOutcome::Ok,
         );
         let on_failure = self.stream_failure(generation);
         let mut proxied = ProxyBody::streamed(backend_body, on_failure, in_flight, record);
@@ -620,7 +619,7 @@ impl Proxy {
         request_id: String,
         body: ClientBody,
         progress: &Progress,
-        outcome: &'static str,
+        outcome: RequestOutcome,
     ) -> RequestRecord {
         RequestRecord {
             method: outbound.method.clone(),
@@ -660,7 +659,7 @@ impl Proxy {
             request_id,
             body.clone(),
             progress,
-            error.label(),
+            error.outcome(),
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
     }

@@ -19,18 +19,18 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::admin::{Admin, AdminSettings};
+use crate::admin::Admin;
+use crate::backend_target::BackendTarget;
 use crate::config::Config;
-use crate::connector::Connector;
 use crate::gate::Gate;
 use crate::logging::LogLevel;
 use crate::metrics::Metrics;
+use crate::outcome::ReloadResult;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
-use crate::server;
+use crate::settings::Settings;
 use crate::tls::{CertificateReload, ServerCertificate, TlsError};
 use crate::trusted_file;
-use crate::upstream::UpstreamSettings;
 
 /// Where reloads come from.
 pub struct ReloadSource {
@@ -47,6 +47,8 @@ pub struct ReloadSource {
 /// The parts of the running proxy a reload changes.
 pub struct LiveParts {
     pub gate: Arc<Gate>,
+    /// Where requests and probes go; a reload changes how to connect.
+    pub target: Arc<BackendTarget>,
     pub proxy: Arc<Proxy>,
     pub prober: Arc<Prober>,
     pub metrics: Arc<Metrics>,
@@ -105,26 +107,15 @@ fn keep_running<T: PartialEq + Clone>(
 /// Applies the live part of `new`; fails (changing nothing) when the new
 /// backend TLS files do not load.
 fn apply(parts: &LiveParts, new: &Config, log_level: Option<&LogLevel>) -> Result<(), TlsError> {
-    let mut connector = Connector::from_config(&new.backend)?;
-    if new.backend.kubernetes.is_some() {
-        // Discovery owns the address; a reload only changes how to connect.
-        connector = connector.retarget(parts.proxy.upstream().connector().address().clone());
-    }
-    let connector = Arc::new(connector);
-    parts.gate.update_settings(server::gate_settings(new));
-    parts.proxy.update_settings(server::proxy_settings(new));
-    parts
-        .proxy
-        .quarantine()
-        .set_duration(new.quarantine.duration);
-    parts
-        .proxy
-        .update_upstream(UpstreamSettings::new(&new.backend, Arc::clone(&connector)));
-    parts
-        .prober
-        .update_settings(server::probe_settings(new, connector));
+    let settings = Settings::new(new)?;
+    parts.target.reconfigure(settings.connector);
+    parts.gate.update_settings(settings.gate);
+    parts.proxy.update_settings(settings.proxy);
+    parts.proxy.quarantine().set_duration(settings.quarantine);
+    parts.proxy.update_upstream(settings.upstream);
+    parts.prober.update_settings(settings.probe);
     parts.metrics.config(new);
-    parts.admin.update_settings(AdminSettings::from(&new.admin));
+    parts.admin.update_settings(settings.admin);
     if let Some(log_level) = log_level {
         log_level.set(&new.log.level);
     }
@@ -182,12 +173,12 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
             .and_then(|new| live_part(&current, new, &parts, source.log_level.as_ref()))
         {
             Ok(new) => {
-                parts.metrics.reload(true);
+                parts.metrics.reload(ReloadResult::Success);
                 tracing::info!(trigger, path = %source.path.display(), "config reloaded");
                 current = new;
             }
             Err(error) => {
-                parts.metrics.reload(false);
+                parts.metrics.reload(ReloadResult::Failure);
                 tracing::error!(trigger, %error, "config reload rejected; the running configuration stays in force");
             }
         }
@@ -215,11 +206,11 @@ pub fn check_certificate(certificate: &ServerCertificate, metrics: &Metrics) {
     match certificate.reload_if_changed() {
         CertificateReload::Unchanged => {}
         CertificateReload::Reloaded => {
-            metrics.certificate_reload(true);
+            metrics.certificate_reload(ReloadResult::Success);
             tracing::info!("TLS certificate reloaded; new handshakes use the new pair");
         }
         CertificateReload::Rejected(error) => {
-            metrics.certificate_reload(false);
+            metrics.certificate_reload(ReloadResult::Failure);
             tracing::error!(%error, "new TLS certificate rejected; the old pair keeps serving");
         }
     }

@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::sync::Arc;
 
 use crate::access_log::RequestRecord;
+use crate::outcome::RequestOutcome;
 use crate::client_pace::Pace;
 use crate::drain::InFlightGuard;
 use crate::replay::BoxError;
@@ -120,9 +121,9 @@ impl Drop for ProxyBody {
         let cut = !self.finished && !self.is_end_stream();
         if let Some(record) = self.record.as_mut()
             && cut
-            && record.outcome == "ok"
+            && record.outcome == RequestOutcome::Ok
         {
-            record.outcome = "response_cut";
+            record.outcome = RequestOutcome::ResponseCut;
         }
         if let Some(after) = self.after.take() {
             after();
@@ -148,7 +149,7 @@ impl Body for ProxyBody {
                         report();
                     }
                     if let Some(record) = this.record.as_mut() {
-                        record.outcome = "response_aborted";
+                        record.outcome = RequestOutcome::ResponseAborted;
                     }
                     Poll::Ready(Some(Err(error.into())))
                 }

@@ -1,6 +1,6 @@
 //! The one place where a request the proxy could not complete becomes an S3
 //! XML error response (status, `Code`, `Retry-After`), and the one place it
-//! becomes a bounded label for logs and metrics.
+//! becomes a [`RequestOutcome`] for logs and metrics.
 //!
 //! S3 SDKs retry 503 `SlowDown` and `ServiceUnavailable` on their own and honour
 //! `Retry-After`, so every "try again" answer of the proxy uses one of them.
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 
 use crate::gate::Rejection;
+use crate::outcome::RequestOutcome;
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -56,24 +57,24 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// A bounded label naming the outcome (logs, metrics).
-    pub fn label(self) -> &'static str {
+    /// How a request answered with this error ended (logs, metrics).
+    pub fn outcome(self) -> RequestOutcome {
         match self {
-            ProxyError::Held(Rejection::QueueFull) => "queue_full",
-            ProxyError::Held(Rejection::ClientShare) => "client_share",
-            ProxyError::Held(Rejection::HoldTimeout) => "hold_timeout",
-            ProxyError::Held(Rejection::FailFast) => "fail_fast",
-            ProxyError::NotReplayable => "not_replayable",
-            ProxyError::BadGateway => "bad_gateway",
-            ProxyError::ShuttingDown => "shutting_down",
-            ProxyError::ClientGone => "client_gone",
-            ProxyError::ClientBody => "client_body",
-            ProxyError::ClientTimeout => "client_timeout",
-            ProxyError::InvalidUri => "invalid_uri",
-            ProxyError::TooManyConnections => "too_many_connections",
-            ProxyError::ExpectationFailed => "expectation_failed",
-            ProxyError::Poison => "quarantined",
-            ProxyError::SlowBackend => "slow_backend",
+            ProxyError::Held(Rejection::QueueFull) => RequestOutcome::QueueFull,
+            ProxyError::Held(Rejection::ClientShare) => RequestOutcome::ClientShare,
+            ProxyError::Held(Rejection::HoldTimeout) => RequestOutcome::HoldTimeout,
+            ProxyError::Held(Rejection::FailFast) => RequestOutcome::FailFast,
+            ProxyError::NotReplayable => RequestOutcome::NotReplayable,
+            ProxyError::BadGateway => RequestOutcome::BadGateway,
+            ProxyError::ShuttingDown => RequestOutcome::ShuttingDown,
+            ProxyError::ClientGone => RequestOutcome::ClientGone,
+            ProxyError::ClientBody => RequestOutcome::ClientBody,
+            ProxyError::ClientTimeout => RequestOutcome::ClientTimeout,
+            ProxyError::InvalidUri => RequestOutcome::InvalidUri,
+            ProxyError::TooManyConnections => RequestOutcome::TooManyConnections,
+            ProxyError::ExpectationFailed => RequestOutcome::ExpectationFailed,
+            ProxyError::Poison => RequestOutcome::Quarantined,
+            ProxyError::SlowBackend => RequestOutcome::SlowBackend,
         }
     }
 

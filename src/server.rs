@@ -25,21 +25,22 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::{Admin, AdminSettings};
+use crate::admin::Admin;
+use crate::backend_target::BackendTarget;
 use crate::config::{Config, KubernetesConfig};
-use crate::connector::Connector;
-use crate::gate::{Gate, GateSettings, Transition};
+use crate::gate::{Gate, Transition};
 use crate::handover::{self, HandoverListener, ListenerRole, ListenerSockets, Predecessor};
-use crate::kubernetes::{self, Targets};
-use crate::listener::{ClientLimits, ConnectionSlots, S3Listener, accept_loop};
+use crate::kubernetes::{self, Steering};
+use crate::listener::{ConnectionSlots, S3Listener, accept_loop};
 use crate::metrics::Metrics;
-use crate::probe::{ProbeSettings, Prober};
-use crate::proxy::{Proxy, ProxySettings};
+use crate::probe::Prober;
+use crate::proxy::Proxy;
 use crate::quarantine::Quarantine;
 use crate::reload::{self, LiveParts, ReloadSource};
+use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerCertificate};
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::Upstream;
 
 /// How often the listener's certificate files are checked for a new pair.
 const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -182,39 +183,6 @@ async fn inherit_or_bind(
     }
 }
 
-pub fn gate_settings(config: &Config) -> GateSettings {
-    GateSettings {
-        max_held: config.hold.max_requests,
-        max_held_per_client: config.hold.max_requests_per_client,
-        fail_fast_after: config.hold.fail_fast_after,
-        release_concurrency: config.hold.release_concurrency,
-        max_pause: config.hold.max_pause,
-    }
-}
-
-pub fn proxy_settings(config: &Config) -> ProxySettings {
-    ProxySettings {
-        hold_timeout: config.hold.timeout,
-        replay_buffer: config.hold.replay_buffer,
-        max_replays: config.hold.max_replays,
-        response_timeout: config.backend.response_timeout,
-        retry_after: config.hold.retry_after,
-        forwarding: config.forwarding.clone(),
-        client_body_timeout: config.listener.client_body_timeout,
-        first_byte_timeout: config.backend.first_byte_timeout,
-        slow_first_byte_timeout: config.backend.slow_first_byte_timeout,
-    }
-}
-
-pub fn probe_settings(config: &Config, connector: Arc<Connector>) -> ProbeSettings {
-    ProbeSettings {
-        connector,
-        interval: config.probe.interval,
-        timeout: config.probe.timeout,
-        path: config.probe.path.clone(),
-    }
-}
-
 /// Serves until `shutdown` resolves, then drains within `shutdown.grace`.
 pub async fn run(
     listeners: Listeners,
@@ -231,30 +199,29 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()>,
     reload: Option<ReloadSource>,
 ) -> io::Result<()> {
+    let settings = Settings::new(&config).map_err(io::Error::other)?;
     let metrics = Arc::new(Metrics::new());
     metrics.config(&config);
-    let gate = Gate::new(gate_settings(&config));
+    let gate = Gate::new(settings.gate);
     gate.observe(log_transition);
     gate.observe({
         let metrics = Arc::clone(&metrics);
         move |transition| metrics.transition(transition)
     });
-    let connector = Arc::new(Connector::from_config(&config.backend).map_err(io::Error::other)?);
-    let upstream = Upstream::new(UpstreamSettings::new(
-        &config.backend,
-        Arc::clone(&connector),
-    ));
+    let target = BackendTarget::new(settings.connector, config.backend.kubernetes.is_some());
+    let upstream = Upstream::new(settings.upstream, Arc::clone(&target));
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
-        probe_settings(&config, Arc::clone(&connector)),
+        Arc::clone(&target),
+        settings.probe,
         Arc::clone(&metrics),
     ));
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&gate),
         Arc::clone(&prober),
         upstream,
-        proxy_settings(&config),
-        Quarantine::new(config.quarantine.duration),
+        settings.proxy,
+        Quarantine::new(settings.quarantine),
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
@@ -262,14 +229,14 @@ pub async fn run_with_reload(
     let synced = Arc::new(AtomicBool::new(config.backend.kubernetes.is_none()));
     let discovery_tasks = match &config.backend.kubernetes {
         Some(kubernetes) => {
-            let targets = Targets {
+            let steering = Steering {
                 gate: Arc::clone(&gate),
-                proxy: Arc::clone(&proxy),
+                target: Arc::clone(&target),
                 prober: Arc::clone(&prober),
                 synced: Arc::clone(&synced),
                 via_service: kubernetes.route_to_service.is_some(),
             };
-            start_discovery(kubernetes, targets).await?
+            start_discovery(kubernetes, steering).await?
         }
         None => Vec::new(),
     };
@@ -278,7 +245,7 @@ pub async fn run_with_reload(
         prober: Arc::clone(&prober),
         ready: Arc::clone(&ready),
         synced: Arc::clone(&synced),
-        settings: AdminSettings::from(&config.admin).into(),
+        settings: settings.admin.into(),
     });
     let certificate = match &config.listener.tls {
         Some(tls) => Some(Arc::new(
@@ -296,6 +263,7 @@ pub async fn run_with_reload(
     let reload_task = reload.map(|source| {
         let parts = LiveParts {
             gate: Arc::clone(&gate),
+            target: Arc::clone(&target),
             proxy: Arc::clone(&proxy),
             prober: Arc::clone(&prober),
             metrics: Arc::clone(&metrics),
@@ -318,12 +286,7 @@ pub async fn run_with_reload(
 
     let shutdown_phases = Shutdown::default();
     let (stop_accepting, stop) = watch::channel(false);
-    let limits = ClientLimits {
-        max_headers: config.listener.max_headers,
-        max_head_bytes: config.listener.max_head_bytes,
-        header_timeout: config.listener.header_timeout,
-        send_timeout: config.listener.send_timeout,
-    };
+    let limits = settings.client_limits;
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
     let plain = S3Listener {
         socket: listeners.s3,
@@ -467,9 +430,9 @@ pub async fn run_with_reload(
 /// pause-Lease watches.
 async fn start_discovery(
     config: &KubernetesConfig,
-    targets: Targets,
+    steering: Steering,
 ) -> io::Result<Vec<tokio::task::JoinHandle<()>>> {
-    targets.gate.hold_for_discovery();
+    steering.gate.hold_for_discovery();
     let client = kubernetes::client(config.kubeconfig.as_deref())
         .await
         .map_err(|e| io::Error::other(format!("backend.kubernetes: {e}")))?;
@@ -477,10 +440,10 @@ async fn start_discovery(
         client.clone(),
         config.namespace.clone(),
         config.pause_lease.clone(),
-        Arc::clone(&targets.gate),
-        Arc::clone(&targets.prober),
+        Arc::clone(&steering.gate),
+        Arc::clone(&steering.prober),
     ));
-    let endpoints = tokio::spawn(kubernetes::watch_endpoints(client, config.clone(), targets));
+    let endpoints = tokio::spawn(kubernetes::watch_endpoints(client, config.clone(), steering));
     Ok(vec![endpoints, lease])
 }
 

@@ -14,6 +14,9 @@
 //! (otherwise the backend may read the rest as the next request). Header name
 //! case is kept both ways (hyper's `preserve_header_case`, carried in the
 //! request and response extensions).
+//!
+//! Where connections go is the [`BackendTarget`]'s, read at each connect; a
+//! connection is reused only while the target is the one it was opened to.
 
 use std::io;
 use std::pin::Pin;
@@ -31,6 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
+use crate::backend_target::BackendTarget;
 use crate::connector::Connector;
 use crate::delivery::Delivery;
 use crate::gate::DownReason;
@@ -88,7 +92,6 @@ impl UpstreamError {
 /// Connection settings for the backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
-    pub connector: Arc<Connector>,
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
@@ -98,23 +101,10 @@ pub struct UpstreamSettings {
     pub max_head_bytes: usize,
 }
 
-impl UpstreamSettings {
-    /// The settings the `[backend]` section describes, through `connector`.
-    pub fn new(config: &crate::config::BackendConfig, connector: Arc<Connector>) -> Self {
-        UpstreamSettings {
-            connector,
-            connect_timeout: config.connect_timeout,
-            max_idle: config.max_idle_connections,
-            idle_timeout: config.idle_timeout,
-            max_headers: config.max_headers,
-            max_head_bytes: config.max_head_bytes,
-        }
-    }
-}
-
 /// A pool of keep-alive connections to the backend.
 pub struct Upstream<B> {
     settings: RwLock<Arc<UpstreamSettings>>,
+    target: Arc<BackendTarget>,
     idle: Arc<Mutex<Vec<Idle<B>>>>,
     connects: AtomicU64,
 }
@@ -122,8 +112,6 @@ pub struct Upstream<B> {
 struct Idle<B> {
     connection: Connection<B>,
     since: Instant,
-    /// Where the connection goes; after a backend change it is not reused.
-    connector: Arc<Connector>,
 }
 
 /// One HTTP/1.1 connection to the backend: the handle to send on and the
@@ -131,6 +119,8 @@ struct Idle<B> {
 /// dropped.
 struct Connection<B> {
     sender: SendRequest<B>,
+    /// Where the connection goes; once the target moved it is not reused.
+    connector: Arc<Connector>,
     /// `None` once detached: the task then ends by itself.
     task: Option<tokio::task::AbortHandle>,
 }
@@ -155,7 +145,6 @@ struct GiveBack<B> {
     connection: Connection<B>,
     pool: IdlePool<B>,
     max_idle: usize,
-    connector: Arc<Connector>,
 }
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
@@ -165,9 +154,11 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn new(settings: UpstreamSettings) -> Self {
+    /// A pool of connections to wherever `target` points.
+    pub fn new(settings: UpstreamSettings, target: Arc<BackendTarget>) -> Self {
         Upstream {
             settings: RwLock::new(Arc::new(settings)),
+            target,
             idle: Arc::new(Mutex::new(Vec::new())),
             connects: AtomicU64::new(0),
         }
@@ -177,27 +168,9 @@ where
         Arc::clone(&self.settings.read().unwrap())
     }
 
-    /// Applies new settings; a new address drops the idle connections to the old one.
+    /// Applies new settings (on reload).
     pub fn update_settings(&self, settings: UpstreamSettings) {
-        let moved = *self.settings().connector != *settings.connector;
         *self.settings.write().unwrap() = Arc::new(settings);
-        if moved {
-            self.clear_idle();
-        }
-    }
-
-    /// Sends new connections through `connector` (discovery found a new pod).
-    pub fn set_connector(&self, connector: Arc<Connector>) {
-        let settings = UpstreamSettings {
-            connector,
-            ..(*self.settings()).clone()
-        };
-        self.update_settings(settings);
-    }
-
-    /// Where new connections go now.
-    pub fn connector(&self) -> Arc<Connector> {
-        Arc::clone(&self.settings().connector)
     }
 
     /// Connections opened to the backend so far.
@@ -248,15 +221,17 @@ where
     /// An idle connection ready for a request, if one is. The wait for
     /// readiness is one [`CHECKOUT_WAIT`] for the whole checkout, not one per
     /// connection: past it each remaining connection gets one poll, so a pool
-    /// full of stale connections costs at most that wait.
+    /// full of stale connections costs at most that wait. Connections to an
+    /// earlier target are dropped on the way.
     async fn checkout(&self) -> Option<Connection<B>> {
         let settings = self.settings();
+        let target = self.target.connector();
         let deadline = Instant::now() + CHECKOUT_WAIT;
         loop {
             let mut idle = self.idle.lock().unwrap().pop()?;
             if idle.connection.sender.is_closed()
                 || idle.since.elapsed() > settings.idle_timeout
-                || *idle.connector != *settings.connector
+                || *idle.connection.connector != *target
             {
                 continue;
             }
@@ -272,13 +247,10 @@ where
 
     async fn connect(&self) -> Result<Connection<B>, UpstreamError> {
         let settings = self.settings();
-        let addr = settings.connector.address().clone();
+        let connector = self.target.connector();
+        let addr = connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
-        let stream = match tokio::time::timeout(
-            settings.connect_timeout,
-            settings.connector.connect(),
-        )
-        .await
+        let stream = match tokio::time::timeout(settings.connect_timeout, connector.connect()).await
         {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
@@ -301,6 +273,7 @@ where
         });
         Ok(Connection {
             sender,
+            connector,
             task: Some(task.abort_handle()),
         })
     }
@@ -328,12 +301,10 @@ where
         let http11 = !http10 && parts.version == http::Version::HTTP_11;
         let reusable = keep_alive && http11 && delivery.complete();
         let (give_back, closing) = if reusable {
-            let settings = self.settings();
             let give_back = GiveBack {
                 connection,
                 pool: Arc::clone(&self.idle),
-                max_idle: settings.max_idle,
-                connector: Arc::clone(&settings.connector),
+                max_idle: self.settings().max_idle,
             };
             (Some(give_back), None)
         } else if delivery.is_withheld() {
@@ -370,7 +341,6 @@ impl<B> PooledBody<B> {
                 idle.push(Idle {
                     connection: back.connection,
                     since: Instant::now(),
-                    connector: back.connector,
                 });
             }
         }
@@ -428,24 +398,24 @@ mod tests {
         Idle {
             connection: Connection {
                 sender,
+                connector,
                 task: Some(task.abort_handle()),
             },
             since: Instant::now(),
-            connector,
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pool_of_stale_connections_costs_one_wait_not_one_per_connection() {
-        let connector = Arc::new(Connector::plain("127.0.0.1:9".parse().unwrap()));
-        let upstream: Upstream<Empty<Bytes>> = Upstream::new(UpstreamSettings {
-            connector,
+        let target = BackendTarget::new(Connector::plain("127.0.0.1:9".parse().unwrap()), false);
+        let settings = UpstreamSettings {
             connect_timeout: Duration::from_secs(1),
             max_idle: 64,
             idle_timeout: Duration::from_secs(30),
             max_headers: 100,
             max_head_bytes: 64 * 1024,
-        });
+        };
+        let upstream: Upstream<Empty<Bytes>> = Upstream::new(settings, target);
         for _ in 0..64 {
             let idle = stale().await;
             upstream.idle.lock().unwrap().push(idle);

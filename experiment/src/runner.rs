@@ -105,15 +105,15 @@ pub struct Restarts {
 
 /// Waits until `address` answers HTTP (any status but 502-504).
 pub async fn wait_frontend_up(address: &BackendAddress, limit: Duration) -> Option<Instant> {
+    let connector = Connector::plain(address.clone());
     let settings = ProbeSettings {
-        connector: Arc::new(Connector::plain(address.clone())),
         interval: Duration::from_millis(5),
         timeout: Duration::from_millis(500),
         path: "/".into(),
     };
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if probe_once(&settings).await.is_ok() {
+        if probe_once(&connector, &settings).await.is_ok() {
             return Some(Instant::now());
         }
         tokio::time::sleep(settings.interval).await;
