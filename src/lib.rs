@@ -76,6 +76,7 @@ pub mod send_timeout;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod signature_expiry;
 pub mod tls;
 pub mod trusted_file;
 pub mod upstream;

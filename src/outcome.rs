@@ -72,6 +72,9 @@ labels! {
         ExpectationFailed => "expectation_failed",
         Quarantined => "quarantined",
         SlowBackend => "slow_backend",
+        /// Held until its signature was about to end (S3's
+        /// `RequestTimeTooSkewed`, or an expired presigned URL).
+        SignatureExpired => "signature_expired",
     }
 }
 
@@ -91,6 +94,8 @@ labels! {
         ClientGone => "client_gone",
         /// Still held when the shutdown grace ended: answered `503`.
         ShuttingDown => "shutting_down",
+        /// Held until its signature was about to end: answered `403`.
+        SignatureExpired => "signature_expired",
     }
 }
 
@@ -105,6 +110,7 @@ impl HoldOutcome {
             RequestOutcome::HoldTimeout => Some(HoldOutcome::TimedOut),
             RequestOutcome::ClientGone => Some(HoldOutcome::ClientGone),
             RequestOutcome::ShuttingDown => Some(HoldOutcome::ShuttingDown),
+            RequestOutcome::SignatureExpired => Some(HoldOutcome::SignatureExpired),
             RequestOutcome::Ok if was_held => Some(HoldOutcome::Released),
             _ if was_held => Some(HoldOutcome::ReleasedFailed),
             _ => None,

@@ -25,8 +25,8 @@ use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
 use crate::metrics::Metrics;
-use crate::outcome::{CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome};
 use crate::outbound::{Outbound, outbound};
+use crate::outcome::{CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome};
 use crate::peer::Peer;
 use crate::probe::Prober;
 use crate::quarantine::{Quarantine, ReplayDue};
@@ -34,6 +34,7 @@ use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
 use crate::s3_operation;
+use crate::signature_expiry;
 use crate::upstream::{PooledBody, Upstream, UpstreamError};
 
 /// Request-path settings; replaced as a whole on reload.
@@ -289,12 +290,12 @@ impl Proxy {
                     Some(lane) => Some(lane),
                     None => {
                         let lane = self.quarantine.enter_lane(deadline);
-                        Some(self.held_for(lane, peer, progress).await?)
+                        Some(self.held_for(lane, outbound, peer, progress).await?)
                     }
                 },
                 false if replay_due.is_none() && self.quarantine.replays_are_due() => {
                     let replayed = self.quarantine.suspects_replayed(deadline);
-                    self.held_for(replayed, peer, progress).await?;
+                    self.held_for(replayed, outbound, peer, progress).await?;
                     None
                 }
                 false => None,
@@ -357,6 +358,7 @@ impl Proxy {
     async fn held_for<T>(
         &self,
         wait: impl Future<Output = Option<T>>,
+        outbound: &Outbound,
         peer: &Peer,
         progress: &mut Progress,
     ) -> Result<T, ProxyError> {
@@ -366,6 +368,7 @@ impl Proxy {
             biased;
             _ = holding_ended.wait_for(|ended| *ended) => Err(ProxyError::ShuttingDown),
             waited = wait => waited.ok_or(ProxyError::Held(Rejection::HoldTimeout)),
+            expired = signature_ends(outbound) => Err(expired),
             () = peer.gone() => Err(ProxyError::ClientGone),
         };
         progress.was_held = true;
@@ -504,6 +507,9 @@ impl Proxy {
                 biased;
                 _ = holding_ended.wait_for(|ended| *ended) => return Err(ProxyError::ShuttingDown),
                 admitted = self.gate.admit_from(ticket, client, deadline) => return admitted.map_err(ProxyError::Held),
+                // Polled only once the request is queued: a request admitted
+                // at once never has its signature read.
+                expired = signature_ends(outbound) => return Err(expired),
                 () = peer.gone() => return Err(ProxyError::ClientGone),
                 _ = reloads.changed() => continue,
             }
@@ -691,6 +697,26 @@ fn response_request_id(headers: &HeaderMap) -> String {
         .get("x-amz-request-id")
         .and_then(|v| v.to_str().ok())
         .map_or_else(next_request_id, str::to_owned)
+}
+
+/// How long before its signature ends a held request is answered: the
+/// backend must still receive its head in time.
+const SIGNATURE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Resolves when a held request's signature is about to end (less than
+/// [`SIGNATURE_MARGIN`] left, or already past), with the S3 error the backend
+/// would give it; never for a request with no signature time.
+async fn signature_ends(outbound: &Outbound) -> ProxyError {
+    let Some(end) = signature_expiry::signature_end(&outbound.headers, &outbound.uri) else {
+        return std::future::pending().await;
+    };
+    let left = end
+        .at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(SIGNATURE_MARGIN);
+    tokio::time::sleep(left).await;
+    ProxyError::SignatureExpired(end.limit)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 
 use crate::gate::Rejection;
 use crate::outcome::RequestOutcome;
+use crate::signature_expiry::SignatureLimit;
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +55,10 @@ pub enum ProxyError {
     /// first-byte timeout; it may still be executing the request.
     #[error("the backend did not answer within the first-byte timeout")]
     SlowBackend,
+    /// Held until its signature was about to end: released, the backend
+    /// would only have refused it.
+    #[error("the request's signature expired while it was held")]
+    SignatureExpired(SignatureLimit),
 }
 
 impl ProxyError {
@@ -75,6 +80,7 @@ impl ProxyError {
             ProxyError::ExpectationFailed => RequestOutcome::ExpectationFailed,
             ProxyError::Poison => RequestOutcome::Quarantined,
             ProxyError::SlowBackend => RequestOutcome::SlowBackend,
+            ProxyError::SignatureExpired(_) => RequestOutcome::SignatureExpired,
         }
     }
 
@@ -88,6 +94,14 @@ impl ProxyError {
             // HTTP answer (RFC 9110 section 15.5.9).
             ProxyError::ClientTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             ProxyError::SlowBackend => (StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout"),
+            // S3's own answers to these requests: SDKs sign again and retry
+            // RequestTimeTooSkewed; a presigned URL must be issued anew.
+            ProxyError::SignatureExpired(SignatureLimit::Skew) => {
+                (StatusCode::FORBIDDEN, "RequestTimeTooSkewed")
+            }
+            ProxyError::SignatureExpired(SignatureLimit::Expiry) => {
+                (StatusCode::FORBIDDEN, "AccessDenied")
+            }
             ProxyError::InvalidUri => (StatusCode::BAD_REQUEST, "InvalidURI"),
             // RFC 9110 section 15.5.18; S3 has no code of its own for it.
             ProxyError::ExpectationFailed => (StatusCode::EXPECTATION_FAILED, "InvalidRequest"),
@@ -140,6 +154,12 @@ impl ProxyError {
             }
             ProxyError::SlowBackend => {
                 "The storage backend is still working on the request; its outcome is unknown."
+            }
+            ProxyError::SignatureExpired(SignatureLimit::Skew) => {
+                "The difference between the request time and the current time is too large: the request was held while the storage backend was unavailable, until its signature was about to expire. Please sign it again and retry."
+            }
+            ProxyError::SignatureExpired(SignatureLimit::Expiry) => {
+                "Request has expired: the presigned URL expired while the request was held for the storage backend, which was unavailable."
             }
         }
     }

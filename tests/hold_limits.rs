@@ -8,16 +8,9 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::{ProxyUnderTest, S3Backend, metric_sample, raw_request, send, wait_until};
+use support::{ProxyUnderTest, S3Backend, metric_sample, raw_request, s3_code, send, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn s3_code(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let start = text.find("<Code>").expect("an S3 error body") + "<Code>".len();
-    let end = text.find("</Code>").unwrap();
-    text[start..end].to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_that_times_out_answers_service_unavailable_with_retry_after() {

@@ -451,10 +451,24 @@ pub async fn send(
 }
 
 /// An S3 client with its retries off, pointed at `endpoint`.
+/// The `<Code>` of an S3 XML error body.
+pub fn s3_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let start = text.find("<Code>").expect("an S3 error body") + "<Code>".len();
+    let end = text.find("</Code>").unwrap();
+    text[start..end].to_string()
+}
+
 pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    aws_sdk_s3::Client::from_conf(s3_config(endpoint).build())
+}
+
+/// The test client's configuration (path-style, retries off, the test
+/// user's keys), for a test to change before building its client.
+pub fn s3_config(endpoint: &str) -> aws_sdk_s3::config::Builder {
     let credentials =
         aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
-    let config = aws_sdk_s3::Config::builder()
+    aws_sdk_s3::Config::builder()
         .behavior_version_latest()
         .endpoint_url(endpoint)
         .region(aws_sdk_s3::config::Region::new(REGION))
@@ -466,8 +480,6 @@ pub fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
                 .operation_timeout(Duration::from_secs(60))
                 .build(),
         )
-        .build();
-    aws_sdk_s3::Client::from_conf(config)
 }
 
 /// SigV4 headers for a request whose payload is sent unsigned (streaming).
