@@ -16,6 +16,7 @@ use prometheus::{
 };
 
 use crate::config::Config;
+use crate::download_resume::ResumeOutcome;
 use crate::gate::{DownReason, GateStatus, Phase, Transition};
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
@@ -86,6 +87,7 @@ pub struct Metrics {
     response_bytes: IntCounter,
     in_flight: IntGauge,
     replays: IntCounterVec,
+    download_resumes: IntCounterVec,
     probes: IntCounterVec,
     outage_checks: IntCounterVec,
     quarantine: IntCounterVec,
@@ -267,6 +269,12 @@ impl Metrics {
                 "Requests that reached a failing backend: replayed, or refused as unsafe to replay.",
                 &["outcome"],
             ),
+            download_resumes: counter_vec(
+                &registry,
+                "s3fp_download_resumes_total",
+                "Downloads cut by a backend failure, by outcome: resumed (the rest sent on), changed (the object changed meanwhile: aborted), not_resumable (aborted: a signed Range or If-Match, no strong ETag), failed (aborted: hold timeout, mismatched answer, no resume left).",
+                &["outcome"],
+            ),
             probes: counter_vec(
                 &registry,
                 "s3fp_probes_total",
@@ -376,6 +384,9 @@ impl Metrics {
                 self.requests.with_label_values(&[method, class]);
             }
         }
+        for outcome in ResumeOutcome::ALL {
+            self.download_resumes.with_label_values(&[outcome.as_str()]);
+        }
         for (metric, labels) in [
             (&self.replays, ["replayed", "refused_unsafe"]),
             (&self.probes, ["serving", "not_serving"]),
@@ -442,6 +453,13 @@ impl Metrics {
             ReplayOutcome::RefusedUnsafe => "refused_unsafe",
         };
         self.replays.with_label_values(&[label]).inc();
+    }
+
+    /// A download cut by a backend failure ended as `outcome`.
+    pub fn download_resume(&self, outcome: ResumeOutcome) {
+        self.download_resumes
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     /// A poison request was quarantined, or refused while quarantined.
