@@ -1,5 +1,6 @@
 //! The request log: one line per request when its response is over (method,
-//! path, status, time held, bytes each way, S3 request id, outcome).
+//! path, status, time held, replays, resumes of a cut download, bytes each
+//! way, S3 request id, outcome).
 //!
 //! A [`RequestRecord`] travels inside the response body and writes its line
 //! when dropped, so the line carries the bytes really streamed and notes a
@@ -12,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::Method;
 use tokio::time::Instant;
 
+use crate::download_resume::Resumes;
 use crate::metrics::Metrics;
 use crate::outcome::{HoldOutcome, RequestOutcome};
 
@@ -38,6 +40,8 @@ pub struct RequestRecord {
     /// The request met the hold queue (held, or turned away by it).
     pub was_held: bool,
     pub replays: u32,
+    /// Cuts of the response body resumed ([`crate::download_resume`]).
+    pub resumes: Resumes,
     pub bytes_out: u64,
     /// Reads the request body bytes taken from the client.
     pub bytes_in: Box<dyn Fn() -> u64 + Send>,
@@ -58,16 +62,18 @@ impl Drop for RequestRecord {
             bytes_in,
             self.bytes_out,
         );
+        let held = self.held + self.resumes.held();
         if let Some(outcome) = HoldOutcome::of(self.outcome, self.was_held) {
-            self.metrics.hold_outcome(outcome, self.held);
+            self.metrics.hold_outcome(outcome, held);
         }
         tracing::info!(
             target: "s3_failover_proxy::access",
             method = %self.method,
             path = %self.path,
             status = self.status,
-            held_ms = self.held.as_millis() as u64,
+            held_ms = held.as_millis() as u64,
             replays = self.replays,
+            resumes = self.resumes.count(),
             bytes_in,
             bytes_out = self.bytes_out,
             duration_ms = duration.as_millis() as u64,

@@ -23,9 +23,10 @@
 //! counts what is in flight; [`peer`] notices clients that leave while held;
 //! [`headers`] does the RFC 9110 hop-by-hop and forwarding work and
 //! [`request_target`] refuses targets the URI parser would cut; [`response`]
-//! streams answers back and [`access_log`] writes one line per request and
-//! feeds [`metrics`]. On Kubernetes, [`kubernetes`] watches the Service's
-//! EndpointSlices into the pure [`discovery`] index and moves the
+//! streams answers back ([`download_resume`] continues a download cut by a
+//! crash once the backend is back) and [`access_log`] writes one line per
+//! request and feeds [`metrics`]. On Kubernetes, [`kubernetes`] watches the
+//! Service's EndpointSlices into the pure [`discovery`] index and moves the
 //! [`backend_target`], which the upstream and the probe both follow, to the
 //! usable pod, holding while none is; it also follows the pause Lease. TLS is
 //! in [`tls`] (certificates), [`listener`] (HTTPS accept loop) and
@@ -51,6 +52,7 @@ pub mod config;
 pub mod connector;
 pub mod delivery;
 pub mod discovery;
+pub mod download_resume;
 pub mod drain;
 pub mod gate;
 pub mod h2_heads;

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::gate::{DownReason, GateStatus, Phase, Transition};
 use crate::outcome::{
     CheckVerdict, HoldOutcome, ProbeResult, QuarantineOutcome, ReloadResult, ReplayOutcome,
+    ResumeOutcome,
 };
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
@@ -54,6 +55,7 @@ pub struct Metrics {
     response_bytes: IntCounter,
     in_flight: IntGauge,
     replays: IntCounterVec,
+    download_resumes: IntCounterVec,
     probes: IntCounterVec,
     outage_checks: IntCounterVec,
     quarantine: IntCounterVec,
@@ -179,6 +181,12 @@ impl Metrics {
                 &["outcome"],
                 r
             )),
+            download_resumes: registered(register_int_counter_vec_with_registry!(
+                "s3fp_download_resumes_total",
+                "Downloads cut by a backend failure, by outcome: resumed (the rest sent on), changed (the object changed meanwhile: aborted), not_resumable (aborted: a signed Range or If-Match, no strong ETag), failed (aborted: hold timeout, mismatched answer, no resume left).",
+                &["outcome"],
+                r
+            )),
             probes: registered(register_int_counter_vec_with_registry!(
                 "s3fp_probes_total",
                 "Backend probes while the gate was not up, by result (serving, not_serving).",
@@ -275,6 +283,9 @@ impl Metrics {
         for outcome in ReplayOutcome::ALL {
             self.replays.with_label_values(&[outcome.as_str()]);
         }
+        for outcome in ResumeOutcome::ALL {
+            self.download_resumes.with_label_values(&[outcome.as_str()]);
+        }
         for result in ProbeResult::ALL {
             self.probes.with_label_values(&[result.as_str()]);
         }
@@ -337,6 +348,13 @@ impl Metrics {
 
     pub fn replay(&self, outcome: ReplayOutcome) {
         self.replays.with_label_values(&[outcome.as_str()]).inc();
+    }
+
+    /// A download cut by a backend failure ended as `outcome`.
+    pub fn download_resume(&self, outcome: ResumeOutcome) {
+        self.download_resumes
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     /// A poison request was quarantined, or refused while quarantined.

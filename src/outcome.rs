@@ -127,6 +127,24 @@ impl HoldOutcome {
 }
 
 labels! {
+    /// How one download cut by a backend failure ended
+    /// (`s3fp_download_resumes_total`, [`crate::download_resume`]).
+    pub enum ResumeOutcome {
+        /// The rest came from the backend and went on to the client.
+        Resumed => "resumed",
+        /// The object changed while the backend was away (`412`, or another
+        /// ETag): the client connection is aborted.
+        Changed => "changed",
+        /// The request or its first response could not be resumed (a signed
+        /// `Range` or `If-Match`, no strong ETag, no length).
+        NotResumable => "not_resumable",
+        /// A resume was tried and failed (hold timeout, mismatched answer,
+        /// backend failure, no resume left).
+        Failed => "failed",
+    }
+}
+
+labels! {
     /// Whether a request that reached a failing backend was sent again.
     pub enum ReplayOutcome {
         Replayed => "replayed",

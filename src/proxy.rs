@@ -6,12 +6,17 @@
 //! a failure that sent nothing takes the gate down and holds the request again;
 //! a failure after bytes reached the backend replays only an idempotent request
 //! whose body is still fully kept, at most `hold.max_replays` times; anything
-//! else becomes an S3 error via [`ProxyError`].
+//! else becomes an S3 error via [`ProxyError`]. A download whose body is cut
+//! by a backend failure is resumed ([`crate::download_resume`]): [`Rest`]
+//! holds like a request does and asks the backend for the missing bytes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{HeaderMap, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -21,12 +26,17 @@ use crate::access_log::{RequestRecord, next_request_id};
 use crate::client_identity::client_key;
 use crate::config::ForwardingConfig;
 use crate::delivery::{self, Delivery, Expectation};
+use crate::download_resume::{
+    self, Continuation, Download, NotResumable, Refetch, ResumeError, Resumes, ResumingBody,
+};
 use crate::drain::{InFlight, InFlightGuard};
 use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, outbound};
-use crate::outcome::{CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome};
+use crate::outcome::{
+    CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome, ResumeOutcome,
+};
 use crate::peer::Peer;
 use crate::probe::Prober;
 use crate::quarantine::{Quarantine, ReplayDue};
@@ -63,7 +73,8 @@ const LINGERING_CLOSE: Duration = Duration::from_secs(30);
 const MAX_UNSENT_RETRIES: u32 = 3;
 
 type ClientBody = ReplayableBody<Incoming>;
-type BackendResponse = Response<PooledBody<AttemptBody<Incoming>>>;
+type BackendBody = PooledBody<AttemptBody<Incoming>>;
+type BackendResponse = Response<BackendBody>;
 
 /// The shared state of the S3 listener.
 pub struct Proxy {
@@ -122,6 +133,8 @@ struct Answered {
     in_flight: InFlightGuard,
     /// The backend generation the response comes from.
     generation: u64,
+    /// The request's place in the hold queue, kept for a resume.
+    ticket: Ticket,
 }
 
 /// Why one attempt produced no backend response.
@@ -245,7 +258,7 @@ impl Proxy {
             .attempts(&outbound, &body, peer, settings, &mut progress)
             .await
         {
-            Ok(answered) => self.stream(answered, &outbound, body, progress),
+            Ok(answered) => self.stream(answered, outbound, body, peer.address, progress),
             Err(error) => self.answer(error, &outbound, &body, &progress, settings),
         }
     }
@@ -327,6 +340,7 @@ impl Proxy {
                         delivery,
                         in_flight,
                         generation,
+                        ticket,
                     });
                 }
                 Err(AttemptFailure::Answer(error)) => return Err(error),
@@ -468,10 +482,19 @@ impl Proxy {
     }
 
     /// Reports a backend that failed while its response streamed, as a
-    /// suspected outage to confirm in the background.
-    fn stream_failure(self: &Arc<Self>, generation: u64) -> StreamFailure {
+    /// suspected outage to confirm in the background; a cut download that
+    /// could not be resumed is counted, with why in the log.
+    fn stream_failure(
+        self: &Arc<Self>,
+        generation: u64,
+        not_resumable: NotResumable,
+    ) -> StreamFailure {
         let proxy = Arc::clone(self);
         Box::new(move || {
+            if not_resumable.is_download() {
+                tracing::warn!(reason = %not_resumable, "the cut download cannot be resumed");
+                proxy.metrics.download_resume(ResumeOutcome::NotResumable);
+            }
             tokio::spawn(async move {
                 proxy.judge(DownReason::Reset, false, generation).await;
             });
@@ -582,8 +605,9 @@ impl Proxy {
     fn stream(
         self: &Arc<Self>,
         answered: Answered,
-        outbound: &Outbound,
+        outbound: Outbound,
         body: ClientBody,
+        client: SocketAddr,
         progress: Progress,
     ) -> Response<ProxyBody> {
         let Answered {
@@ -591,6 +615,7 @@ impl Proxy {
             delivery,
             in_flight,
             generation,
+            ticket,
         } = answered;
         // An answer before the body ended: once it is sent, read what the
         // client still sends and drop it, so the client can read the answer.
@@ -601,21 +626,154 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers);
         let request_id = response_request_id(&parts.headers);
         let record = self.record(
-            outbound,
+            &outbound,
             parts.status.as_u16(),
             request_id,
-            body,
+            body.clone(),
             &progress,
             RequestOutcome::Ok,
         );
-        let on_failure = self.stream_failure(generation);
-        let mut proxied = ProxyBody::streamed(backend_body, on_failure, in_flight, record);
+        let plan = download_resume::plan(
+            &outbound.method,
+            &outbound.uri,
+            &outbound.headers,
+            parts.status,
+            &parts.headers,
+        );
+        let mut proxied = match plan {
+            Ok(download) => {
+                let resend = Resend {
+                    outbound,
+                    body,
+                    client,
+                    ticket,
+                    generation: AtomicU64::new(generation),
+                    held_before: progress.held,
+                    resumes: record.resumes.clone(),
+                    download,
+                };
+                self.resumable(backend_body, resend, in_flight, record)
+            }
+            Err(not_resumable) => {
+                let on_failure = self.stream_failure(generation, not_resumable);
+                ProxyBody::streamed(backend_body, on_failure, in_flight, record)
+            }
+        };
         if linger {
             proxied = proxied.after_response(move || {
                 tokio::spawn(rest.discard_rest(LINGERING_CLOSE));
             });
         }
         Response::from_parts(parts, proxied)
+    }
+
+    /// A download's body that resumes when cut, at most `hold.max_replays`
+    /// times; an error reaching the client is one it could not resume.
+    fn resumable(
+        self: &Arc<Self>,
+        backend_body: BackendBody,
+        resend: Resend,
+        in_flight: InFlightGuard,
+        record: RequestRecord,
+    ) -> ProxyBody {
+        let download = resend.download.clone();
+        let resumes = resend.resumes.clone();
+        let rest = Rest {
+            proxy: Arc::clone(self),
+            resend: Arc::new(resend),
+        };
+        let max_resumes = self.settings().max_replays;
+        let resuming = ResumingBody::new(backend_body, download, max_resumes, rest, resumes);
+        ProxyBody::streamed(resuming, Box::new(|| {}), in_flight, record)
+    }
+
+    /// Asks the backend for the rest of a cut download: confirms the cut
+    /// (the gate goes down if the backend does not serve), holds until the
+    /// backend serves within what is left of the request's `hold.timeout`,
+    /// sends the request with the continuation's `Range` and `If-Match`, and
+    /// checks the answer. A failure before an answer is tried again, at most
+    /// [`MAX_UNSENT_RETRIES`] times.
+    async fn fetch_rest(
+        &self,
+        resend: &Resend,
+        continuation: Continuation,
+    ) -> Result<BackendBody, ResumeError> {
+        let cut = resend.generation.load(Ordering::Acquire);
+        self.judge(DownReason::Reset, false, cut).await;
+        let mut tries = 0;
+        loop {
+            let settings = self.settings();
+            let mut admission = self.admit_rest(resend, &settings).await?;
+            let delivery = Arc::new(Delivery::for_request(
+                resend.outbound.version,
+                &resend.outbound.headers,
+            ));
+            let attempt = resend
+                .body
+                .attempt(Arc::clone(&delivery))
+                .map_err(|error| ResumeError::Failed(error.into()))?;
+            let mut request = resend.outbound.request(attempt);
+            continuation.apply(request.headers_mut());
+            let generation = self.gate.generation();
+            let watch = Watch {
+                delivery: &delivery,
+                body: &resend.body,
+                settings: &settings,
+                first_byte_timeout: settings.first_byte_timeout,
+                generation,
+            };
+            let result = self.send_watched(request, watch).await;
+            admission.settle();
+            let error = match result {
+                Ok(response) => {
+                    self.gate.backend_answered();
+                    resend.generation.store(generation, Ordering::Release);
+                    let (parts, body) = response.into_parts();
+                    resend
+                        .download
+                        .check(&continuation, parts.status, &parts.headers)?;
+                    return Ok(body);
+                }
+                Err(AttemptFailure::Answer(error)) => {
+                    return Err(ResumeError::Failed(error.into()));
+                }
+                Err(AttemptFailure::Upstream(error)) => error,
+            };
+            tries += 1;
+            if tries > MAX_UNSENT_RETRIES || error.down_reason().is_none() {
+                return Err(ResumeError::Failed(error.into()));
+            }
+            let suspicion = error.down_reason().unwrap_or(DownReason::Reset);
+            self.judge(suspicion, error.is_connect(), generation).await;
+        }
+    }
+
+    /// Admission for a resume: held like a request, with what is left of
+    /// the request's `hold.timeout`, behind the replays of a crash's
+    /// suspects; the time held is added to the request's.
+    async fn admit_rest(
+        &self,
+        resend: &Resend,
+        settings: &ProxySettings,
+    ) -> Result<Admission, ResumeError> {
+        let used = resend.held_before + resend.resumes.held();
+        let since = Instant::now();
+        let deadline = since + settings.hold_timeout.saturating_sub(used);
+        let outbound = &resend.outbound;
+        let client = || client_key(&outbound.headers, &outbound.uri, resend.client.ip());
+        let mut holding_ended = self.holding_ended.subscribe();
+        let admitted = tokio::select! {
+            biased;
+            _ = holding_ended.wait_for(|ended| *ended) => Err(ProxyError::ShuttingDown),
+            admitted = async {
+                if self.quarantine.replays_are_due() {
+                    self.quarantine.suspects_replayed(deadline).await.ok_or(Rejection::HoldTimeout)?;
+                }
+                self.gate.admit_from(resend.ticket, client, deadline).await
+            } => admitted.map_err(ProxyError::Held),
+        };
+        resend.resumes.add_held(since.elapsed());
+        admitted.map_err(|error| ResumeError::Failed(error.into()))
     }
 
     fn record(
@@ -635,6 +793,7 @@ impl Proxy {
             held: progress.held,
             was_held: progress.was_held,
             replays: progress.replays,
+            resumes: Resumes::default(),
             bytes_out: 0,
             bytes_in: Box::new(move || body.bytes_in()),
             started: progress.started,
@@ -668,6 +827,45 @@ impl Proxy {
             error.outcome(),
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
+    }
+}
+
+/// What a cut download needs to be asked for again.
+struct Resend {
+    outbound: Outbound,
+    /// The request's (empty) body, for each resume attempt.
+    body: ClientBody,
+    client: SocketAddr,
+    /// The request's place in the hold queue.
+    ticket: Ticket,
+    /// The backend generation the body now streams from.
+    generation: AtomicU64,
+    /// Time held before the first answer.
+    held_before: Duration,
+    resumes: Resumes,
+    download: Download,
+}
+
+/// The proxy's way to fetch the rest of one download.
+struct Rest {
+    proxy: Arc<Proxy>,
+    resend: Arc<Resend>,
+}
+
+impl Refetch for Rest {
+    type Body = BackendBody;
+
+    fn refetch(
+        &self,
+        continuation: Continuation,
+    ) -> BoxFuture<'static, Result<BackendBody, ResumeError>> {
+        let proxy = Arc::clone(&self.proxy);
+        let resend = Arc::clone(&self.resend);
+        Box::pin(async move { proxy.fetch_rest(&resend, continuation).await })
+    }
+
+    fn outcome(&self, outcome: ResumeOutcome) {
+        self.proxy.metrics.download_resume(outcome);
     }
 }
 

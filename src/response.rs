@@ -6,12 +6,16 @@
 //! aborts the client connection instead of ending the response cleanly (a
 //! truncated object must never look complete); the failure is also reported
 //! as a suspected outage, which the proxy confirms before the gate goes down.
+//! A download that can be resumed arrives here already wrapped in
+//! [`crate::download_resume::ResumingBody`]: its errors are the ones it could
+//! not resume.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 
 use std::sync::Arc;
 
@@ -37,7 +41,7 @@ enum Kind {
 }
 
 struct Streamed {
-    inner: Pin<Box<dyn Body<Data = Bytes, Error = hyper::Error> + Send>>,
+    inner: Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>,
     /// Over HTTP/2: when hyper last asked for data ([`crate::client_pace`]).
     pace: Option<Arc<Pace>>,
     /// Reports the backend's failure mid-stream, once.
@@ -47,10 +51,7 @@ struct Streamed {
 
 impl Streamed {
     /// Polls the backend body, telling the pace (if any) that hyper asked.
-    fn poll_paced(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_paced(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = self.inner.as_mut().poll_frame(cx);
         if let Some(pace) = &self.pace {
             pace.asked(polled.is_pending());
@@ -73,16 +74,16 @@ impl ProxyBody {
         }
     }
 
-    /// A backend body streamed to the client.
-    pub fn streamed(
-        inner: impl Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+    /// A backend body streamed to the client; `on_failure` runs if it fails.
+    pub fn streamed<E: Into<BoxError> + 'static>(
+        inner: impl Body<Data = Bytes, Error = E> + Send + 'static,
         on_failure: StreamFailure,
         in_flight: InFlightGuard,
         record: RequestRecord,
     ) -> ProxyBody {
         ProxyBody {
             kind: Kind::Streamed(Streamed {
-                inner: Box::pin(inner),
+                inner: Box::pin(inner.map_err(Into::into)),
                 pace: None,
                 on_failure: Some(on_failure),
                 _in_flight: in_flight,
@@ -151,9 +152,9 @@ impl Body for ProxyBody {
                     if let Some(record) = this.record.as_mut() {
                         record.outcome = RequestOutcome::ResponseAborted;
                     }
-                    Poll::Ready(Some(Err(error.into())))
+                    Poll::Ready(Some(Err(error)))
                 }
-                other => other.map(|frame| frame.map(|result| result.map_err(BoxError::from))),
+                other => other,
             },
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, this.record.as_mut())

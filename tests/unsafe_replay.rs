@@ -87,9 +87,12 @@ async fn a_backend_killed_mid_upload_fails_the_upload_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_killed_mid_download_aborts_the_client_connection() {
+async fn a_backend_killed_mid_download_and_not_back_in_time_aborts_the_client_connection() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    // The download is resumable: the proxy holds it for the hold timeout.
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"1s\"\n")
+        .await
+        .unwrap();
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("downloads").send().await.unwrap();
     let content = vec![7u8; 64 << 20];
@@ -124,6 +127,9 @@ async fn a_backend_killed_mid_download_aborts_the_client_connection() {
         "the truncated download must fail, got {received} bytes and a clean end"
     );
     assert!(received < content.len());
+    let metrics = proxy.metrics().await;
+    let failed = r#"s3fp_download_resumes_total{outcome="failed"}"#;
+    assert_eq!(support::metric_sample(&metrics, failed), Some(1.0));
 }
 
 async fn frozen_backend_proxy() -> (S3Backend, ProxyUnderTest, aws_sdk_s3::Client) {
