@@ -501,6 +501,15 @@ fn handover_socket(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError
     if length == 0 {
         return Err(invalid("listener.handover_socket", "must not be empty"));
     }
+    if !path.is_absolute() {
+        return Err(invalid(
+            "listener.handover_socket",
+            format!(
+                "{} is relative; give an absolute path, so that a new process started elsewhere finds the same socket",
+                path.display()
+            ),
+        ));
+    }
     if length > MAX_UNIX_SOCKET_PATH {
         return Err(invalid(
             "listener.handover_socket",
@@ -954,6 +963,8 @@ mod tests {
         let message = error_of(&format!("[listener]\nhandover_socket = \"{path}\"\n"));
         assert!(message.contains("listener.handover_socket"), "{message}");
         assert!(message.contains("at most 107"), "{message}");
+        let message = error_of("[listener]\nhandover_socket = \"run/s3fp.sock\"\n");
+        assert!(message.contains("absolute"), "{message}");
         let config = Config::parse("[listener]\nhandover_socket = \"/run/s3fp.sock\"\n").unwrap();
         assert_eq!(
             config.listener.handover_socket.as_deref(),

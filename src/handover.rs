@@ -9,22 +9,29 @@
 //! 2. old → new: `s3-failover-proxy listeners 1 <role>...`, with one listening
 //!    socket per role attached, in order. Both processes now accept from the
 //!    same sockets: a connection waits in the kernel's backlog until one of
-//!    them takes it, never refused.
+//!    them takes it, never refused. Or `s3-failover-proxy refused <reason>`
+//!    (another user, a pause in force), which the new process reports.
 //! 3. new → old: `serving`, once the new process serves. The old one then
 //!    drains (stops accepting, answers in-flight and held requests within
 //!    `shutdown.grace`) and exits.
 //!
 //! If the new process goes away before step 3, the old one carries on as if
-//! nothing happened. Only a process of the same user is served (checked with
-//! the peer's credentials, SO_PEERCRED); the socket file is created mode 0600.
+//! nothing happened. The old process answers take-overs until it exits, also
+//! while it drains after SIGTERM (its listening sockets stay open for the
+//! successor, connections waiting in their backlog). Only a process of the
+//! same user, or root, is served (checked with the peer's credentials,
+//! SO_PEERCRED); the socket file is created mode 0600, and only a socket is
+//! ever replaced at the path.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
@@ -36,6 +43,8 @@ use tokio::net::{UnixListener, UnixStream};
 const REQUEST: &str = "s3-failover-proxy take-over 1\n";
 /// How the old process's answer starts; the roles follow.
 const ANSWER: &str = "s3-failover-proxy listeners 1";
+/// How the old process's refusal starts; the reason follows.
+const REFUSAL: &str = "s3-failover-proxy refused ";
 /// What the new process says once it serves.
 const SERVING: &str = "serving\n";
 /// Longest each step of the exchange may take, except the wait for
@@ -45,6 +54,9 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 const SERVING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most listening sockets handed over: S3, S3 over TLS, admin.
 const MAX_LISTENERS: usize = 3;
+/// How long the new process keeps asking when the old one went away in the
+/// middle of an exchange (it was exiting), before binding the addresses.
+const RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Which configured listener a socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,28 +158,35 @@ pub struct HandoverListener {
 }
 
 impl HandoverListener {
-    /// Creates the socket at `path` (mode 0600). A stale socket file left by
-    /// a process that is gone is replaced; one that a running proxy still
-    /// answers on is an error ([`HandoverError::InUse`]).
+    /// Creates the socket at `path` (mode 0600). A stale socket left by a
+    /// process that is gone is replaced; one that a running proxy still
+    /// answers on is an error ([`HandoverError::InUse`]), and so is a file
+    /// that is not a socket (never removed).
     pub async fn bind(path: &Path) -> Result<HandoverListener, HandoverError> {
-        match UnixStream::connect(path).await {
-            Ok(_) => return Err(HandoverError::InUse { path: path.into() }),
-            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .map_err(HandoverError::io(path, "removing the stale socket"))?;
+        if existing_socket(path)? {
+            match UnixStream::connect(path).await {
+                Ok(_) => return Err(HandoverError::InUse { path: path.into() }),
+                Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                        .map_err(HandoverError::io(path, "removing the stale socket"))?;
+                }
+                Err(_) => {}
             }
-            Err(_) => {}
         }
         Self::bind_fresh(path)
     }
 
     /// Creates the socket at `path` after a handover: the predecessor's
-    /// socket file is still there and is replaced.
+    /// socket is still there and is replaced.
     fn bind_replacing(path: &Path) -> Result<HandoverListener, HandoverError> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(error) => return Err(HandoverError::io(path, "removing the old socket")(error)),
+        if existing_socket(path)? {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(HandoverError::io(path, "removing the old socket")(error));
+                }
+            }
         }
         Self::bind_fresh(path)
     }
@@ -186,22 +205,30 @@ impl HandoverListener {
     }
 
     /// Answers take-over requests until one new process has taken `sockets`
-    /// and serves; failed attempts are logged and the next is awaited.
-    pub async fn handed_over(&self, sockets: ListenerSockets) {
+    /// and serves; failed attempts are logged and others awaited. A request
+    /// is refused with the reason `refusal` gives, if any (a pause in
+    /// force). Exchanges run side by side, so a silent client cannot hold up
+    /// the next; only one at a time is handed the sockets.
+    pub async fn handed_over(
+        &self,
+        sockets: ListenerSockets,
+        refusal: impl Fn() -> Option<String>,
+    ) {
+        let one_at_a_time = tokio::sync::Mutex::new(());
+        let mut exchanges = FuturesUnordered::new();
         loop {
-            let stream = match self.socket.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "handover socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            };
-            match self.hand_over(stream, &sockets).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(%error, "handover abandoned; still serving");
-                }
+            tokio::select! {
+                accepted = self.socket.accept() => match accepted {
+                    Ok((stream, _)) => exchanges.push(self.hand_over(stream, &sockets, &refusal, &one_at_a_time)),
+                    Err(error) => {
+                        tracing::warn!(%error, "handover socket: accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                Some(exchange) = exchanges.next() => match exchange {
+                    Ok(()) => return,
+                    Err(error) => tracing::warn!(%error, "handover abandoned; still serving"),
+                },
             }
         }
     }
@@ -210,21 +237,10 @@ impl HandoverListener {
         &self,
         stream: UnixStream,
         sockets: &ListenerSockets,
+        refusal: &impl Fn() -> Option<String>,
+        one_at_a_time: &tokio::sync::Mutex<()>,
     ) -> Result<(), HandoverError> {
         let path = self.path.as_path();
-        let peer = stream
-            .peer_cred()
-            .map_err(HandoverError::io(path, "reading the peer's credentials"))?;
-        let user = rustix::process::geteuid().as_raw();
-        if peer.uid() != user && user != 0 {
-            return Err(HandoverError::protocol(
-                path,
-                format!(
-                    "refused a process of user {} (this one is {user})",
-                    peer.uid()
-                ),
-            ));
-        }
         let mut stream = BufReader::new(stream);
         let request = read_line(&mut stream, path, STEP_TIMEOUT).await?;
         if request != REQUEST {
@@ -233,6 +249,26 @@ impl HandoverListener {
                 format!("unexpected request {request:?}"),
             ));
         }
+        let peer = stream
+            .get_ref()
+            .peer_cred()
+            .map_err(HandoverError::io(path, "reading the peer's credentials"))?;
+        let user = rustix::process::geteuid().as_raw();
+        let reason = if peer.uid() != user && peer.uid() != 0 {
+            Some(format!(
+                "the new process runs as user {}, this one as user {user}",
+                peer.uid()
+            ))
+        } else {
+            refusal()
+        };
+        if let Some(reason) = reason {
+            let line = format!("{REFUSAL}{reason}\n");
+            let _ = tokio::time::timeout(STEP_TIMEOUT, stream.get_mut().write_all(line.as_bytes()))
+                .await;
+            return Err(HandoverError::protocol(path, format!("refused: {reason}")));
+        }
+        let _turn = one_at_a_time.lock().await;
         send_sockets(stream.get_ref(), sockets)
             .await
             .map_err(HandoverError::io(path, "sending the listening sockets"))?;
@@ -248,6 +284,20 @@ impl HandoverListener {
             ));
         }
         Ok(())
+    }
+}
+
+/// True if `path` is a socket; false if nothing is there; an error for any
+/// other file, which the proxy never replaces.
+fn existing_socket(path: &Path) -> Result<bool, HandoverError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => Ok(true),
+        Ok(_) => Err(HandoverError::protocol(
+            path,
+            "exists and is not a socket; the proxy does not replace it",
+        )),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(HandoverError::io(path, "reading")(error)),
     }
 }
 
@@ -277,22 +327,46 @@ pub struct Predecessor {
 }
 
 impl Predecessor {
-    /// Tells the old process this one serves: it drains and exits. Also
-    /// puts this process's own handover socket in place of the old one's.
+    /// Puts this process's own handover socket in place of the old one's,
+    /// then tells the old process this one serves: it drains and exits. An
+    /// old process that has already gone (it was exiting) is no error.
     pub async fn serving(mut self) -> Result<HandoverListener, HandoverError> {
         let listener = HandoverListener::bind_replacing(&self.path)?;
-        let path = self.path.as_path();
-        tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(SERVING.as_bytes()))
-            .await
-            .map_err(|_| HandoverError::protocol(path, "the old process stopped reading"))?
-            .map_err(HandoverError::io(path, "telling the old process"))?;
+        let told =
+            tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(SERVING.as_bytes())).await;
+        if !matches!(told, Ok(Ok(()))) {
+            tracing::info!("the old process had already gone when told that this one serves");
+        }
         Ok(listener)
     }
 }
 
 /// Asks the proxy serving at `path` for its listening sockets. `None` when
-/// no proxy answers there (no socket file, or a stale one).
+/// no proxy answers there (no socket file, or a stale one). An old process
+/// that goes away in the middle of the exchange (it was exiting) is asked
+/// again until it is gone, for at most [`RETRY_FOR`].
 pub async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
+    let give_up = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        match ask(path).await {
+            Err(Asked::Gone(error)) if tokio::time::Instant::now() < give_up => {
+                tracing::info!(%error, "the running proxy went away during the take-over; asking again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(Asked::Gone(error) | Asked::Failed(error)) => return Err(error),
+            Ok(inherited) => return Ok(inherited),
+        }
+    }
+}
+
+/// Why one exchange failed: the old process went away (ask again), or
+/// anything else.
+enum Asked {
+    Gone(HandoverError),
+    Failed(HandoverError),
+}
+
+async fn ask(path: &Path) -> Result<Option<Inherited>, Asked> {
     let mut stream = match UnixStream::connect(path).await {
         Ok(stream) => stream,
         Err(error)
@@ -303,23 +377,51 @@ pub async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> 
         {
             return Ok(None);
         }
-        Err(error) => return Err(HandoverError::io(path, "connecting")(error)),
+        Err(error) => return Err(Asked::Failed(HandoverError::io(path, "connecting")(error))),
     };
+    let gone =
+        |context| move |error: io::Error| Asked::Gone(HandoverError::io(path, context)(error));
     tokio::time::timeout(STEP_TIMEOUT, stream.write_all(REQUEST.as_bytes()))
         .await
-        .map_err(|_| HandoverError::protocol(path, "the running proxy does not read"))?
-        .map_err(HandoverError::io(path, "asking"))?;
-    let (roles, sockets) = tokio::time::timeout(STEP_TIMEOUT, receive_sockets(&stream))
+        .map_err(|_| {
+            Asked::Failed(HandoverError::protocol(
+                path,
+                "the running proxy does not read",
+            ))
+        })?
+        .map_err(gone("asking"))?;
+    let (answer, sockets) = tokio::time::timeout(STEP_TIMEOUT, receive_sockets(&stream))
         .await
-        .map_err(|_| HandoverError::protocol(path, "no answer from the running proxy"))?
-        .map_err(HandoverError::io(path, "receiving the listening sockets"))?;
-    let roles = parse_answer(&roles)
-        .ok_or_else(|| HandoverError::protocol(path, format!("unexpected answer {roles:?}")))?;
+        .map_err(|_| {
+            Asked::Failed(HandoverError::protocol(
+                path,
+                "no answer from the running proxy",
+            ))
+        })?
+        .map_err(gone("receiving the listening sockets"))?;
+    if answer.is_empty() {
+        return Err(Asked::Gone(HandoverError::protocol(
+            path,
+            "the running proxy closed the connection",
+        )));
+    }
+    if let Some(reason) = answer.strip_prefix(REFUSAL) {
+        return Err(Asked::Failed(HandoverError::protocol(
+            path,
+            format!("the running proxy refused: {}", reason.trim_end()),
+        )));
+    }
+    let roles = parse_answer(&answer).ok_or_else(|| {
+        Asked::Failed(HandoverError::protocol(
+            path,
+            format!("unexpected answer {answer:?}"),
+        ))
+    })?;
     if roles.len() != sockets.len() {
-        return Err(HandoverError::protocol(
+        return Err(Asked::Failed(HandoverError::protocol(
             path,
             format!("{} roles but {} sockets", roles.len(), sockets.len()),
-        ));
+        )));
     }
     let sockets = roles
         .into_iter()

@@ -49,6 +49,10 @@ const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// get to be written before the remaining connections are closed.
 const HELD_ANSWER_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long `--take-over` waits for the addresses of a proxy that was
+/// exiting to be released, before giving up with "address in use".
+const ADDRESS_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Pause after a failed accept on the admin listener.
 const ADMIN_ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -81,18 +85,19 @@ impl Listeners {
 
     /// Binds the addresses the config names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let s3 = bind(config.listener.address, "listener.address").await?;
-        let admin = bind(config.admin.address, "admin.address").await?;
-        let s3_tls = match &config.listener.tls {
-            Some(tls) => Some(bind(tls.address, "listener.tls.address").await?),
-            None => None,
-        };
+        // First, so that a proxy already running there is named as such.
         let handover = match &config.listener.handover_socket {
             Some(path) => Some(
                 HandoverListener::bind(path)
                     .await
                     .map_err(io::Error::other)?,
             ),
+            None => None,
+        };
+        let s3 = bind(config.listener.address, "listener.address").await?;
+        let admin = bind(config.admin.address, "admin.address").await?;
+        let s3_tls = match &config.listener.tls {
+            Some(tls) => Some(bind(tls.address, "listener.tls.address").await?),
             None => None,
         };
         Ok(Listeners {
@@ -117,7 +122,7 @@ impl Listeners {
                 path = %path.display(),
                 "no running proxy answers at listener.handover_socket; binding the listeners"
             );
-            return Listeners::bind(config).await;
+            return Listeners::bind_once_free(config).await;
         };
         let mut sockets = inherited.sockets;
         let s3 = inherit_or_bind(&mut sockets, ListenerRole::S3, config.listener.address).await?;
@@ -143,6 +148,24 @@ impl Listeners {
             handover: None,
             predecessor: Some(inherited.predecessor),
         })
+    }
+
+    /// [`Listeners::bind`], waiting up to [`ADDRESS_RELEASE`] for addresses
+    /// still in use: a proxy that was exiting as it was asked to hand over
+    /// may not have closed them yet.
+    async fn bind_once_free(config: &Config) -> io::Result<Listeners> {
+        let give_up = tokio::time::Instant::now() + ADDRESS_RELEASE;
+        loop {
+            match Listeners::bind(config).await {
+                Err(error)
+                    if error.kind() == io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                bound => return bound,
+            }
+        }
     }
 
     /// Copies of the listening sockets, for a handover.
@@ -317,16 +340,39 @@ pub async fn run_with_reload(
                 Some(handover)
             }
             Err(error) => {
-                tracing::warn!(%error, "the old process was not told; it serves on until stopped");
+                tracing::warn!(%error, "serving, but no handover socket: this process cannot be taken over");
                 None
             }
         },
         (None, handover) => handover,
     };
-    let handed_over = async {
-        match (&handover, sockets) {
-            (Some(handover), Some(sockets)) => handover.handed_over(sockets).await,
-            _ => std::future::pending().await,
+    let admin_stop = Arc::new(admin_stop);
+    // Take-overs are answered until this process exits, also while it
+    // drains; `handed` turns true once a new process serves on the sockets.
+    let (handed_tx, mut handed) = watch::channel(false);
+    let handover_task = match (handover, sockets) {
+        (Some(handover), Some(sockets)) => {
+            let gate = Arc::clone(&gate);
+            let admin_stop = Arc::clone(&admin_stop);
+            Some(tokio::spawn(async move {
+                let paused = move || {
+                    gate.status().paused.then(|| {
+                        "this proxy is paused (POST /admin/pause); resume it, then take over"
+                            .to_owned()
+                    })
+                };
+                handover.handed_over(sockets, paused).await;
+                // The new process answers on the admin address from now on.
+                let _ = admin_stop.send(true);
+                let _ = handed_tx.send(true);
+            }))
+        }
+        _ => None,
+    };
+    let handed_over = async move {
+        if handed.wait_for(|handed| *handed).await.is_err() {
+            // No handover socket: never.
+            std::future::pending::<()>().await;
         }
     };
     let serve_secure = async {
@@ -362,8 +408,6 @@ pub async fn run_with_reload(
             }
         };
         if handed {
-            // The new process answers on the admin address from now on.
-            let _ = admin_stop.send(true);
             tracing::info!(
                 drain_delay = ?config.shutdown.drain_delay,
                 "listening sockets handed over: the new process serves; this one stops accepting, and its connections close after their next answer (idle ones after shutdown.drain_delay)"
@@ -377,9 +421,6 @@ pub async fn run_with_reload(
         serve_secure,
         trigger
     );
-    // Accepting has stopped: a process started with --take-over from now on
-    // finds no one at the handover socket and binds the addresses itself.
-    drop(handover);
     if handed_over {
         // Keep-alive clients move to the new process as their connections
         // close after an answer; only those idle all along are closed under
@@ -415,6 +456,11 @@ pub async fn run_with_reload(
     }
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
+    if let Some(task) = handover_task {
+        // Removes the handover socket, unless a successor's is there now.
+        task.abort();
+        let _ = task.await;
+    }
     probe_task.abort();
     for task in [reload_task, certificate_task]
         .into_iter()
@@ -475,10 +521,20 @@ async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::
             let admin = Arc::clone(&admin);
             async move { admin.handle(request).await }
         });
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = async { let _ = stop.wait_for(|stopped| *stopped).await; } => {
+                    // A keep-alive health checker or scraper moves to the
+                    // process that now owns the address (after a handover).
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
 }

@@ -156,3 +156,198 @@ async fn take_over_with_no_proxy_running_starts_as_usual() {
     ready.unwrap();
     listed.expect("served on the configured address");
 }
+
+/// Starts the binary with `config` and `--take-over`, waits (at most 10 s)
+/// for it to exit, and returns its stderr; one that starts serving instead
+/// is stopped and fails the test.
+async fn take_over_expecting_failure(config: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+        .arg("--config")
+        .arg(config)
+        .arg("--take-over")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = support::wait_until(Duration::from_secs(10), "the take-over to fail", || {
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        async move { exited }
+    })
+    .await;
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        exited.is_ok() && !output.status.success(),
+        "the take-over fails ({:?})",
+        output.status
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_socket_is_never_replaced() {
+    let backend = S3Backend::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "data").unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\naddress = \"127.0.0.1:{}\"\n{}[admin]\naddress = \"127.0.0.1:{}\"\n",
+            support::free_port(),
+            config_body_listener_keys(&backend, &precious),
+            support::free_port()
+        ),
+    )
+    .unwrap();
+    let message = take_over_expecting_failure(&config).await;
+    assert!(message.contains("listener.handover_socket"), "{message}");
+    assert!(message.contains("not a socket"), "{message}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "data");
+}
+
+/// The `[listener]` keys of [`config`], for a config written by hand.
+fn config_body_listener_keys(backend: &S3Backend, handover_socket: &std::path::Path) -> String {
+    let body = config(backend, handover_socket);
+    let rest = body.strip_prefix("[listener]\n").unwrap();
+    let (listener, backend_and_shutdown) = rest.split_at(rest.find("\n[").unwrap() + 1);
+    format!("{listener}{backend_and_shutdown}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_during_the_old_process_grace_serves_at_once_and_its_held_requests_are_answered()
+ {
+    let mut backend = S3Backend::start().await.unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let old = ProxyProcess::start(&config(&backend, &sockets.path().join("handover.sock")))
+        .await
+        .unwrap();
+    let s3 = s3_client(&old.endpoint());
+    s3.create_bucket().bucket("grace").send().await.unwrap();
+    backend.kill9();
+    let held = {
+        let s3 = s3.clone();
+        tokio::spawn(async move {
+            s3.put_object()
+                .bucket("grace")
+                .key("held")
+                .body(b"held".to_vec().into())
+                .send()
+                .await
+        })
+    };
+    old.wait_held(1).await;
+    old.signal("-TERM");
+    // Past its drain delay, the old process no longer accepts.
+    support::wait_until(
+        Duration::from_secs(10),
+        "the old process to stop accepting",
+        || async {
+            old.log_lines()
+                .iter()
+                .any(|line| line.contains("no new connections"))
+        },
+    )
+    .await
+    .unwrap();
+
+    let new = old.take_over().await.unwrap();
+    backend.restart().await.unwrap();
+    held.await
+        .unwrap()
+        .expect("the request held by the old process is answered");
+    s3.put_object()
+        .bucket("grace")
+        .key("after")
+        .body(b"after".to_vec().into())
+        .send()
+        .await
+        .expect("the new process serves on the same address");
+    assert_eq!(read_object(&s3, "grace", "held").await, b"held");
+    assert!(old.exit_status().await.success());
+    assert!(
+        support::http_status(new.admin, "GET", "/readyz").await == Some(200),
+        "the new process answers on the admin address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_proxy_refuses_a_take_over_and_serves_on() {
+    let backend = S3Backend::start().await.unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::start(&config(&backend, &sockets.path().join("handover.sock")))
+        .await
+        .unwrap();
+    let (status, _) = support::raw_request(
+        proxy.admin,
+        "POST",
+        "/admin/pause",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let message = take_over_expecting_failure(proxy.config.path()).await;
+    assert!(message.contains("paused"), "{message}");
+    let (status, _) = support::raw_request(
+        proxy.admin,
+        "POST",
+        "/admin/resume",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "the old process still owns the admin address");
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("still-served")
+        .send()
+        .await
+        .expect("still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_admin_connection_leaves_the_old_process_after_a_take_over() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut backend = S3Backend::start().await.unwrap();
+    let sockets = tempfile::tempdir().unwrap();
+    let mut old = ProxyProcess::start(&config(&backend, &sockets.path().join("handover.sock")))
+        .await
+        .unwrap();
+    let s3 = s3_client(&old.endpoint());
+    s3.create_bucket().bucket("checked").send().await.unwrap();
+    // A request held by the old process keeps it alive after the take-over.
+    backend.kill9();
+    let held = {
+        let s3 = s3.clone();
+        tokio::spawn(async move { s3.list_objects_v2().bucket("checked").send().await })
+    };
+    old.wait_held(1).await;
+    let mut checker = tokio::net::TcpStream::connect(old.admin).await.unwrap();
+    checker
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _) = support::read_response(&mut checker).await;
+    assert_eq!(status, 200);
+
+    let _new = old.take_over().await.unwrap();
+    // The old process closes the idle keep-alive connection: the checker's
+    // next request goes to the new one on a new connection.
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), checker.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed, nothing more sent: {closed:?}"
+    );
+    assert!(old.is_running(), "the old process still holds a request");
+    backend.restart().await.unwrap();
+    held.await
+        .unwrap()
+        .expect("answered once the backend is back");
+}
