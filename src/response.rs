@@ -16,9 +16,9 @@ use http_body::{Body, Frame, SizeHint};
 use std::sync::Arc;
 
 use crate::access_log::RequestRecord;
-use crate::outcome::RequestOutcome;
 use crate::client_pace::Pace;
 use crate::drain::InFlightGuard;
+use crate::outcome::RequestOutcome;
 use crate::replay::BoxError;
 
 /// The body type of every response the S3 listener sends.

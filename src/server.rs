@@ -284,7 +284,11 @@ async fn start_discovery(
         Arc::clone(&steering.gate),
         Arc::clone(&steering.prober),
     ));
-    let endpoints = tokio::spawn(kubernetes::watch_endpoints(client, config.clone(), steering));
+    let endpoints = tokio::spawn(kubernetes::watch_endpoints(
+        client,
+        config.clone(),
+        steering,
+    ));
     Ok(vec![endpoints, lease])
 }
 

@@ -16,9 +16,14 @@ use super::{DownReason, Phase, Transition};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
     Up,
-    Down { reason: DownReason, since: Instant },
+    Down {
+        reason: DownReason,
+        since: Instant,
+    },
     /// The backend is back; held requests are being released.
-    Resuming { outage_started: Instant },
+    Resuming {
+        outage_started: Instant,
+    },
 }
 
 impl State {
@@ -76,10 +81,7 @@ pub(super) enum Event {
     /// A request that began in `generation` saw the backend fail, and the
     /// failure is an outage: a refused connect (conclusive by itself), or a
     /// reset or hang that a check on a fresh connection confirmed.
-    Failed {
-        reason: DownReason,
-        generation: u64,
-    },
+    Failed { reason: DownReason, generation: u64 },
     /// A request got an answer from the backend.
     Answered,
     /// The probe's verdict; a pause ends after `max_pause`.

@@ -350,7 +350,10 @@ mod step_table {
     /// Down for `reason` since t(0), in generation 1.
     fn down_for(reason: DownReason) -> Machine {
         Machine {
-            state: State::Down { reason, since: t(0) },
+            state: State::Down {
+                reason,
+                since: t(0),
+            },
             generation: 1,
             ..up()
         }
