@@ -3,8 +3,6 @@
 //! client gets an error, never a 200 for data not stored, never a duplicate,
 //! never a truncated body passed off as complete.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
