@@ -1,7 +1,8 @@
 //! The code's layout, checked from its text: every file under `src/` opens
-//! with a `//!` comment, and the modules of `src/` import one another without
-//! a cycle (a module that needs another's decision takes it from a third,
-//! as `server` and `reload` both take their settings from `settings`).
+//! with a `//!` comment, the modules of `src/` import one another without a
+//! cycle (a module that needs another's decision takes it from a third, as
+//! `server` and `reload` both take their settings from `settings`), and
+//! every dependency a manifest names is used by the code it builds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,8 +22,12 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
 fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+    root().join("src")
 }
 
 /// The top-level module a file under `src/` belongs to (`gate` for
@@ -37,8 +42,14 @@ fn module_of(file: &Path) -> Option<String> {
 /// The code of a file without its comments and unit tests: what it imports
 /// to run.
 fn code(file: &Path) -> String {
+    let text = with_tests(file);
+    let code = text.split("#[cfg(test)]\nmod tests {").next().unwrap();
+    code.to_owned()
+}
+
+/// The code of a file without its comments, unit tests included.
+fn with_tests(file: &Path) -> String {
     let text = std::fs::read_to_string(file).unwrap();
-    let text = text.split("#[cfg(test)]\nmod tests {").next().unwrap();
     text.lines()
         .filter(|line| !line.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
@@ -170,4 +181,74 @@ fn a_cycle_is_found() {
         cycle(&graph),
         Some(vec!["reload".into(), "server".into(), "reload".into()])
     );
+}
+
+/// The dependency names of one `[section]` of the manifest at `path`.
+fn dependencies(path: &Path, section: &str) -> Vec<String> {
+    let manifest = std::fs::read_to_string(path).unwrap();
+    let header = format!("[{section}]");
+    manifest
+        .lines()
+        .skip_while(|line| line.trim() != header)
+        .skip(1)
+        .take_while(|line| !line.starts_with('['))
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim()))
+        .filter(|name| !name.is_empty() && !name.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// True when `files`, read by `read`, name the crate `dependency` (as a
+/// path, a macro, or a string such as serde's `with = "humantime_serde"`).
+fn used(dependency: &str, files: &[PathBuf], read: fn(&Path) -> String) -> bool {
+    let name = dependency.replace('-', "_");
+    let uses = [
+        format!("{name}::"),
+        format!("{name}!"),
+        format!("\"{name}\""),
+    ];
+    files.iter().any(|file| {
+        let code = read(file);
+        uses.iter().any(|used| code.contains(used.as_str()))
+    })
+}
+
+fn files_under(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter().flat_map(|dir| rust_files(dir)).collect()
+}
+
+#[test]
+fn every_dependency_is_used() {
+    let support = root().join("tests/support");
+    let experiment = root().join("experiment");
+    let tests: Vec<PathBuf> = rust_files(&root().join("tests"))
+        .into_iter()
+        .filter(|file| !file.starts_with(&support))
+        .chain(rust_files(&src()))
+        .collect();
+    let crates = [
+        (root().join("Cargo.toml"), vec![src()]),
+        (support.join("Cargo.toml"), vec![support.clone()]),
+        (
+            experiment.join("Cargo.toml"),
+            vec![experiment.join("src"), experiment.join("tests")],
+        ),
+    ];
+    for (manifest, dirs) in crates {
+        let files = files_under(&dirs);
+        for dependency in dependencies(&manifest, "dependencies") {
+            assert!(
+                used(&dependency, &files, code),
+                "{}: {dependency} is not used",
+                manifest.display()
+            );
+        }
+    }
+    // Dev-dependencies serve the test files and the unit tests in src/.
+    for dependency in dependencies(&root().join("Cargo.toml"), "dev-dependencies") {
+        assert!(
+            used(&dependency, &tests, with_tests),
+            "Cargo.toml: [dev-dependencies] {dependency} is not used"
+        );
+    }
 }
