@@ -10,10 +10,10 @@
 //! admin API ([`Gate::pause`], [`Gate::resume`]) and discovery move the
 //! state, and crash suspects due to be sent again go before every other
 //! request ([`Gate::suspect_due`]). Every such rule is one row of the table
-//! of [`machine::step`]; the
-//! public methods only turn a call into its event. The gate does no I/O: it
-//! is that state machine and the queue over a mutex, a `watch` channel for
-//! the probe loop, and tokio time, so it is unit-tested with paused time
+//! of [`machine::step`]; the public methods only turn a call into its event.
+//! The gate does no I/O: it is that state machine and the queue over a
+//! mutex, `watch` channels for the probe loop and the requests that wait for
+//! suspects, and tokio time, so it is unit-tested with paused time
 //! (`gate/tests.rs`).
 
 mod machine;
