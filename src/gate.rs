@@ -5,11 +5,20 @@
 //! held) and `Resuming` (the backend is back; held requests are released in
 //! arrival order, at most `release_concurrency` at a time, and new arrivals
 //! queue behind them). The proxy handler asks [`Gate::admit`] before every
-//! attempt; passive detection ([`Gate::mark_down`]), the probe
-//! ([`Gate::probe_result`]) and the admin API ([`Gate::pause`],
-//! [`Gate::resume`]) move the state. The gate does no I/O: it is a state
-//! machine over a mutex, a `watch` channel for the probe loop, and tokio time,
-//! so it is unit-tested with paused time.
+//! attempt; a confirmed failure ([`Gate::mark_down`]), an answer
+//! ([`Gate::backend_answered`]), the probe ([`Gate::probe_result`]), the
+//! admin API ([`Gate::pause`], [`Gate::resume`]) and discovery move the
+//! state, and crash suspects due to be sent again go before every other
+//! request ([`Gate::suspect_due`]). Every such rule is one row of the table
+//! of [`machine::step`]; the public methods only turn a call into its event.
+//! The gate does no I/O: it is that state machine and the queue over a
+//! mutex, `watch` channels for the probe loop and the requests that wait for
+//! suspects, and tokio time, so it is unit-tested with paused time
+//! (`gate/tests.rs`).
+
+mod machine;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -21,6 +30,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::outcome::labels;
+use machine::{Event, Machine, State};
 
 labels! {
     /// Why the backend is considered down.
@@ -136,21 +146,21 @@ pub struct Transition {
     pub outage: Option<Duration>,
 }
 
+impl Transition {
+    /// `first` and then `then`, reported as one change: a resume that
+    /// released every held request at once is one Down to Up.
+    fn merge(first: Option<Transition>, then: Option<Transition>) -> Option<Transition> {
+        match (first, then) {
+            (Some(first), Some(then)) => Some(Transition {
+                from: first.from,
+                ..then
+            }),
+            (first, then) => first.or(then),
+        }
+    }
+}
+
 type Observer = Box<dyn Fn(&Transition) + Send + Sync>;
-
-#[derive(Debug)]
-enum State {
-    Up,
-    Down { reason: DownReason, since: Instant },
-    Resuming { outage_started: Instant },
-}
-
-#[derive(Debug)]
-struct Pause {
-    started: Instant,
-    /// The pause ends by itself once the old backend went away and a new one serves.
-    backend_seen_gone: bool,
-}
 
 #[derive(Debug)]
 struct Waiter {
@@ -166,26 +176,24 @@ pub struct ClientKey(pub u64);
 
 struct Inner {
     settings: GateSettings,
-    state: State,
-    changed_at: Instant,
+    machine: Machine,
     queue: VecDeque<Waiter>,
     /// Queued requests per client.
     held_by: HashMap<ClientKey, usize>,
     /// Released requests that have not settled yet.
     releasing: usize,
-    pause: Option<Pause>,
-    /// Discovery says no endpoint is usable: a serving probe must not resume.
-    discovery_hold: bool,
 }
 
 /// The backend state machine and hold queue. Shared as `Arc<Gate>`.
 pub struct Gate {
     inner: Mutex<Inner>,
+    /// The machine's phase, for the probe loop and lock-free reads.
     phase: watch::Sender<Phase>,
+    /// The machine's suspects due, for the requests that wait for them.
+    suspects_due: watch::Sender<usize>,
     observers: Mutex<Vec<Observer>>,
     next_ticket: AtomicU64,
-    /// Outages so far: what a connection made before the last one failing
-    /// says nothing about the backend serving since.
+    /// The machine's generation, readable without the lock on every attempt.
     generation: AtomicU64,
 }
 
@@ -203,17 +211,15 @@ impl Gate {
         Arc::new(Gate {
             inner: Mutex::new(Inner {
                 settings,
-                state: State::Up,
-                changed_at: Instant::now(),
+                machine: Machine::new(Instant::now()),
                 queue: VecDeque::new(),
                 held_by: HashMap::new(),
                 releasing: 0,
-                pause: None,
-                discovery_hold: false,
             }),
             next_ticket: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             phase: watch::Sender::new(Phase::Up),
+            suspects_due: watch::Sender::new(0),
             observers: Mutex::new(Vec::new()),
         })
     }
@@ -232,10 +238,8 @@ impl Gate {
     /// Changes the limits; held requests stay held.
     pub fn update_settings(self: &Arc<Self>, settings: GateSettings) {
         let mut inner = self.lock();
-        let transition = {
-            inner.settings = settings;
-            self.release_more(&mut inner)
-        };
+        inner.settings = settings;
+        let transition = self.release_more(&mut inner);
         self.notify(transition);
     }
 
@@ -273,32 +277,15 @@ impl Gate {
     ) -> Result<Admission, Rejection> {
         let mut rx = {
             let mut inner = self.lock();
-            if matches!(inner.state, State::Up) && inner.queue.is_empty() {
+            if inner.machine.state == State::Up && inner.queue.is_empty() {
                 return Ok(Admission {
                     held_for: Duration::ZERO,
                     slot: None,
                 });
             }
-            if let State::Down { since, .. } = inner.state
-                && inner.pause.is_none()
-                && since.elapsed() >= inner.settings.fail_fast_after
-            {
-                return Err(Rejection::FailFast);
-            }
-            if inner.queue.len() >= inner.settings.max_held {
-                return Err(Rejection::QueueFull);
-            }
-            let client = client();
-            let most = inner.settings.max_held_per_client;
-            let held = inner.held_by.entry(client).or_insert(0);
-            if *held >= most {
-                return Err(Rejection::ClientShare);
-            }
-            *held += 1;
-            let (tx, rx) = oneshot::channel();
-            let position = inner.queue.partition_point(|w| w.ticket < ticket);
-            inner.queue.insert(position, Waiter { ticket, client, tx });
-            self.release_more(&mut inner);
+            let rx = inner.enqueue(ticket, client)?;
+            let transition = self.release_more(&mut inner);
+            self.notify(transition);
             rx
         };
         let started = Instant::now();
@@ -319,185 +306,106 @@ impl Gate {
         }
     }
 
-    /// Passive detection: a request saw the backend fail.
-    pub fn mark_down(&self, reason: DownReason) {
-        let mut inner = self.lock();
-        let transition = {
-            if let Some(pause) = inner.pause.as_mut() {
-                pause.backend_seen_gone = true;
-            }
-            self.down_unless_down(&mut inner, reason)
-        };
-        self.notify(transition);
+    /// A request that began in `generation` saw the backend fail, and the
+    /// failure is an outage (a refused connect, or a failure a check
+    /// confirmed): the gate goes down, unless it already went down since
+    /// (the failure was on a connection to the previous backend). True
+    /// when the failure is of the current generation.
+    pub fn mark_down(self: &Arc<Self>, reason: DownReason, generation: u64) -> bool {
+        let current = generation == self.generation();
+        self.apply(Event::Failed { reason, generation });
+        current
     }
 
     /// A request got an answer from the backend: if the gate was down for a
     /// failure (not a pause), the backend is evidently serving again.
     pub fn backend_answered(self: &Arc<Self>) {
         // The common case, checked without taking the gate's lock.
-        if *self.phase.borrow() == Phase::Up {
-            return;
+        if *self.phase.borrow() != Phase::Up {
+            self.apply(Event::Answered);
         }
-        let mut inner = self.lock();
-        let transition = {
-            match inner.state {
-                State::Down { reason, since }
-                    if inner.pause.is_none()
-                        && !inner.discovery_hold
-                        && reason != DownReason::Discovery =>
-                {
-                    Some(self.go_resuming(&mut inner, since))
-                }
-                _ => None,
-            }
-        };
-        self.notify(transition);
     }
 
     /// The probe's verdict: `true` when the backend answered HTTP.
     pub fn probe_result(self: &Arc<Self>, serving: bool) {
-        let mut inner = self.lock();
-        let transition = self.apply_probe(&mut inner, serving);
-        self.notify(transition);
-    }
-
-    fn apply_probe(self: &Arc<Self>, inner: &mut Inner, serving: bool) -> Option<Transition> {
-        let max_pause = inner.settings.max_pause;
-        if let Some(pause) = inner.pause.as_mut() {
-            let expired = pause.started.elapsed() >= max_pause;
-            if !serving {
-                pause.backend_seen_gone = true;
-            }
-            let replaced = serving && pause.backend_seen_gone;
-            if !expired && !replaced {
-                return None;
-            }
-            if expired {
-                tracing::warn!(max_pause = ?max_pause, "admin pause reached hold.max_pause and ends");
-            }
-            inner.pause = None;
-        }
-        match inner.state {
-            State::Down { since, .. } if serving && !inner.discovery_hold => {
-                Some(self.go_resuming(inner, since))
-            }
-            State::Down {
-                reason: DownReason::AdminPause,
-                since,
-            } => {
-                inner.state = State::Down {
-                    reason: DownReason::ProbeFailed,
-                    since,
-                };
-                None
-            }
-            _ => None,
-        }
+        let max_pause = self.lock().settings.max_pause;
+        self.apply(Event::Probed { serving, max_pause });
     }
 
     /// Holds new requests until resumed or until the backend has been seen to
     /// go away and come back. Idempotent.
-    pub fn pause(&self) {
-        let mut inner = self.lock();
-        let transition = {
-            if inner.pause.is_some() {
-                return;
-            }
-            inner.pause = Some(Pause {
-                started: Instant::now(),
-                backend_seen_gone: matches!(inner.state, State::Down { .. }),
-            });
-            self.down_unless_down(&mut inner, DownReason::AdminPause)
-        };
-        self.notify(transition);
+    pub fn pause(self: &Arc<Self>) {
+        self.apply(Event::Pause);
     }
 
     /// Ends an admin pause. Idempotent; a backend that is down stays down.
     pub fn resume(self: &Arc<Self>) {
-        let mut inner = self.lock();
-        let transition = {
-            if inner.pause.take().is_none() {
-                return;
-            }
-            match inner.state {
-                State::Down {
-                    reason: DownReason::AdminPause,
-                    since,
-                } if inner.discovery_hold => {
-                    inner.state = State::Down {
-                        reason: DownReason::Discovery,
-                        since,
-                    };
-                    None
-                }
-                State::Down {
-                    reason: DownReason::AdminPause,
-                    since,
-                } => Some(self.go_resuming(&mut inner, since)),
-                _ => None,
-            }
-        };
-        self.notify(transition);
+        self.apply(Event::Resume);
     }
 
     /// Discovery found no usable endpoint: hold new requests, and do not
     /// resume on a serving probe until [`Gate::release_discovery`].
-    pub fn hold_for_discovery(&self) {
-        self.discovery_down(true);
+    pub fn hold_for_discovery(self: &Arc<Self>) {
+        self.apply(Event::NoEndpoint);
     }
 
     /// Discovery has a usable endpoint again; the probe decides when it serves.
-    pub fn release_discovery(&self) {
-        self.lock().discovery_hold = false;
+    pub fn release_discovery(self: &Arc<Self>) {
+        self.apply(Event::EndpointUsable);
     }
 
     /// The backend address changed: hold until the probe sees the new one serve.
-    pub fn backend_moved(&self) {
-        self.discovery_down(false);
-    }
-
-    fn discovery_down(&self, hold: bool) {
-        let mut inner = self.lock();
-        let transition = {
-            inner.discovery_hold = hold;
-            self.down_unless_down(&mut inner, DownReason::Discovery)
-        };
-        self.notify(transition);
-    }
-
-    /// Takes an Up or Resuming gate down; a gate already down keeps its reason.
-    fn down_unless_down(&self, inner: &mut Inner, reason: DownReason) -> Option<Transition> {
-        match inner.state {
-            State::Down { .. } => None,
-            State::Up | State::Resuming { .. } => Some(self.go_down(inner, reason, Instant::now())),
-        }
+    pub fn backend_moved(self: &Arc<Self>) {
+        self.apply(Event::Moved);
     }
 
     /// The paused backend was seen to go away (its process closed a connection).
-    pub fn backend_gone(&self) {
-        if let Some(pause) = self.lock().pause.as_mut() {
-            pause.backend_seen_gone = true;
+    pub fn backend_gone(self: &Arc<Self>) {
+        self.apply(Event::BackendGone);
+    }
+
+    /// A request the backend died with (a crash suspect) is to be sent
+    /// again: every other request waits ([`Gate::suspects_sent`]) until the
+    /// returned guard is dropped (its next attempt concluded, or the request
+    /// ended), so that at a second crash the suspect is alone in flight.
+    pub fn suspect_due(self: &Arc<Self>) -> SuspectDue {
+        self.apply(Event::SuspectDue);
+        SuspectDue {
+            gate: Arc::clone(self),
         }
+    }
+
+    /// True while a crash suspect is due to be sent again.
+    pub fn suspects_due(&self) -> bool {
+        *self.suspects_due.borrow() > 0
+    }
+
+    /// Waits until no crash suspect is due to be sent again; `None` at
+    /// `deadline`. Returns at once in the common case (no suspect).
+    pub async fn suspects_sent(&self, deadline: Instant) -> Option<()> {
+        let mut due = self.suspects_due.subscribe();
+        let sent = tokio::time::timeout_at(deadline, due.wait_for(|due| *due == 0)).await;
+        sent.ok().map(|_| ())
     }
 
     /// Time since the current admin pause began, if one is in force.
     pub fn paused_for(&self) -> Option<Duration> {
-        self.lock().pause.as_ref().map(|p| p.started.elapsed())
+        self.lock().machine.pause.map(|p| p.started.elapsed())
     }
 
     pub fn status(&self) -> GateStatus {
         let inner = self.lock();
-        let (phase, reason) = match inner.state {
-            State::Up => (Phase::Up, None),
-            State::Down { reason, .. } => (Phase::Down, Some(reason)),
-            State::Resuming { .. } => (Phase::Resuming, None),
+        let machine = &inner.machine;
+        let reason = match machine.state {
+            State::Down { reason, .. } => Some(reason),
+            State::Up | State::Resuming { .. } => None,
         };
         GateStatus {
-            phase,
+            phase: machine.state.phase(),
             reason,
-            since: inner.changed_at.elapsed(),
+            since: machine.changed_at.elapsed(),
             held: inner.queue.len(),
-            paused: inner.pause.is_some(),
+            paused: machine.pause.is_some(),
         }
     }
 
@@ -507,47 +415,34 @@ impl Gate {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn go_down(&self, inner: &mut Inner, reason: DownReason, now: Instant) -> Transition {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        let from = phase_of(&inner.state);
-        inner.state = State::Down { reason, since: now };
-        inner.changed_at = now;
-        self.phase.send_replace(Phase::Down);
-        Transition {
-            from,
-            to: Phase::Down,
-            reason: Some(reason),
-            outage: None,
-        }
+    /// Applies `event` to the machine and reports the change it made; a
+    /// gate that began resuming releases held requests at once (and is Up
+    /// again right away if none were held).
+    fn apply(self: &Arc<Self>, event: Event) {
+        let mut inner = self.lock();
+        let stepped = machine::step(&mut inner.machine, event, Instant::now());
+        self.publish(&inner.machine);
+        let released = match &stepped {
+            Some(transition) if transition.to == Phase::Resuming => self.release_more(&mut inner),
+            _ => None,
+        };
+        self.notify(Transition::merge(stepped, released));
     }
 
-    fn go_resuming(self: &Arc<Self>, inner: &mut Inner, outage_started: Instant) -> Transition {
-        inner.state = State::Resuming { outage_started };
-        inner.changed_at = Instant::now();
-        self.phase.send_replace(Phase::Resuming);
-        let transition = Transition {
-            from: Phase::Down,
-            to: Phase::Resuming,
-            reason: None,
-            outage: Some(outage_started.elapsed()),
-        };
-        // Releasing may finish the resume at once (empty queue): report that
-        // as the one Down -> Up change observers care about.
-        match self.release_more(inner) {
-            Some(up) => Transition {
-                from: Phase::Down,
-                ..up
-            },
-            None => transition,
-        }
+    /// Makes the machine's phase, generation and suspects due visible
+    /// without the lock.
+    fn publish(&self, machine: &Machine) {
+        publish_if_changed(&self.phase, machine.state.phase());
+        publish_if_changed(&self.suspects_due, machine.suspects_due);
+        self.generation.store(machine.generation, Ordering::Release);
     }
 
     /// Releases queued requests while the gate is resuming and slots are free;
     /// goes Up once the queue is empty. Returns the Up transition if made.
     fn release_more(self: &Arc<Self>, inner: &mut Inner) -> Option<Transition> {
-        let State::Resuming { outage_started } = inner.state else {
+        if !matches!(inner.machine.state, State::Resuming { .. }) {
             return None;
-        };
+        }
         while inner.releasing < inner.settings.release_concurrency {
             let Some(waiter) = inner.queue.pop_front() else {
                 break;
@@ -567,23 +462,15 @@ impl Gate {
         if !inner.queue.is_empty() {
             return None;
         }
-        inner.state = State::Up;
-        inner.changed_at = Instant::now();
-        self.phase.send_replace(Phase::Up);
-        Some(Transition {
-            from: Phase::Resuming,
-            to: Phase::Up,
-            reason: None,
-            outage: Some(outage_started.elapsed()),
-        })
+        let up = machine::step(&mut inner.machine, Event::Drained, Instant::now());
+        self.publish(&inner.machine);
+        up
     }
 
     fn slot_done(self: &Arc<Self>) {
         let mut inner = self.lock();
-        let transition = {
-            inner.releasing = inner.releasing.saturating_sub(1);
-            self.release_more(&mut inner)
-        };
+        inner.releasing = inner.releasing.saturating_sub(1);
+        let transition = self.release_more(&mut inner);
         self.notify(transition);
     }
 
@@ -613,6 +500,35 @@ impl Gate {
 }
 
 impl Inner {
+    /// Queues a request in ticket order, or says why it may not wait:
+    /// fail-fast in a long outage (not during a pause), a full queue, or a
+    /// client that holds its share.
+    fn enqueue(
+        &mut self,
+        ticket: Ticket,
+        client: impl FnOnce() -> ClientKey,
+    ) -> Result<oneshot::Receiver<ReleaseSlot>, Rejection> {
+        if let State::Down { since, .. } = self.machine.state
+            && self.machine.pause.is_none()
+            && since.elapsed() >= self.settings.fail_fast_after
+        {
+            return Err(Rejection::FailFast);
+        }
+        if self.queue.len() >= self.settings.max_held {
+            return Err(Rejection::QueueFull);
+        }
+        let client = client();
+        let held = self.held_by.entry(client).or_insert(0);
+        if *held >= self.settings.max_held_per_client {
+            return Err(Rejection::ClientShare);
+        }
+        *held += 1;
+        let (tx, rx) = oneshot::channel();
+        let position = self.queue.partition_point(|w| w.ticket < ticket);
+        self.queue.insert(position, Waiter { ticket, client, tx });
+        Ok(rx)
+    }
+
     /// A request of `client` left the queue (released, or gone).
     fn left_queue(&mut self, client: ClientKey) {
         if let Some(held) = self.held_by.get_mut(&client) {
@@ -624,11 +540,24 @@ impl Inner {
     }
 }
 
-fn phase_of(state: &State) -> Phase {
-    match state {
-        State::Up => Phase::Up,
-        State::Down { .. } => Phase::Down,
-        State::Resuming { .. } => Phase::Resuming,
+/// Sets `value` on `channel`, waking its receivers only if it changed.
+fn publish_if_changed<T: PartialEq>(channel: &watch::Sender<T>, value: T) {
+    channel.send_if_modified(|published| {
+        let changed = *published != value;
+        *published = value;
+        changed
+    });
+}
+
+/// A crash suspect due to be sent again (see [`Gate::suspect_due`]).
+#[derive(Debug)]
+pub struct SuspectDue {
+    gate: Arc<Gate>,
+}
+
+impl Drop for SuspectDue {
+    fn drop(&mut self) {
+        self.gate.apply(Event::SuspectSent);
     }
 }
 
@@ -641,306 +570,5 @@ struct Queued<'a> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.gate.dequeue(self.ticket);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> GateSettings {
-        GateSettings {
-            max_held: 3,
-            max_held_per_client: 3,
-            fail_fast_after: Duration::from_secs(120),
-            release_concurrency: 2,
-            max_pause: Duration::from_secs(60),
-        }
-    }
-
-    fn far() -> Instant {
-        Instant::now() + Duration::from_secs(30)
-    }
-
-    fn hold(gate: &Arc<Gate>) -> tokio::task::JoinHandle<Result<Admission, Rejection>> {
-        let gate = Arc::clone(gate);
-        let ticket = gate.ticket();
-        tokio::spawn(async move { gate.admit(ticket, far()).await })
-    }
-
-    async fn settle_tasks() {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-    }
-
-    fn hold_from(
-        gate: &Arc<Gate>,
-        client: u64,
-    ) -> tokio::task::JoinHandle<Result<Admission, Rejection>> {
-        let gate = Arc::clone(gate);
-        let ticket = gate.ticket();
-        tokio::spawn(async move { gate.admit_from(ticket, || ClientKey(client), far()).await })
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_client_holding_its_share_is_refused_while_others_still_queue() {
-        let gate = Gate::new(GateSettings {
-            max_held_per_client: 2,
-            ..settings()
-        });
-        gate.mark_down(DownReason::Refused);
-        let first = hold_from(&gate, 1);
-        let second = hold_from(&gate, 1);
-        settle_tasks().await;
-        let third = gate.admit_from(gate.ticket(), || ClientKey(1), far()).await;
-        assert_eq!(third.unwrap_err(), Rejection::ClientShare);
-        let other = hold_from(&gate, 2);
-        settle_tasks().await;
-        assert_eq!(gate.status().held, 3, "another client still queues");
-
-        first.abort();
-        settle_tasks().await;
-        let again = hold_from(&gate, 1);
-        settle_tasks().await;
-        assert_eq!(gate.status().held, 3, "a place left is the client's again");
-        gate.probe_result(true);
-        for held in [second, other, again] {
-            assert!(held.await.unwrap().is_ok());
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_up_gate_admits_at_once() {
-        let gate = Gate::new(settings());
-        let admission = gate.admit(gate.ticket(), far()).await.unwrap();
-        assert!(!admission.was_held());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_down_gate_holds_until_the_probe_sees_the_backend() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let held = hold(&gate);
-        settle_tasks().await;
-        assert_eq!(gate.status().held, 1);
-        assert_eq!(gate.status().reason, Some(DownReason::Refused));
-        tokio::time::advance(Duration::from_millis(1500)).await;
-        gate.probe_result(true);
-        let admission = held.await.unwrap().unwrap();
-        assert!(admission.was_held());
-        assert_eq!(admission.held_for, Duration::from_millis(1500));
-        assert_eq!(gate.status().phase, Phase::Up);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failed_probe_keeps_requests_held() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Reset);
-        let held = hold(&gate);
-        settle_tasks().await;
-        gate.probe_result(false);
-        settle_tasks().await;
-        assert!(!held.is_finished());
-        assert_eq!(gate.status().phase, Phase::Down);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn overflow_is_rejected_at_once() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let _held: Vec<_> = (0..3).map(|_| hold(&gate)).collect();
-        settle_tasks().await;
-        let overflow = gate.admit(gate.ticket(), far()).await;
-        assert_eq!(overflow.unwrap_err(), Rejection::QueueFull);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hold_ends_at_its_deadline() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let result = gate.admit(gate.ticket(), deadline).await;
-        assert_eq!(result.unwrap_err(), Rejection::HoldTimeout);
-        assert_eq!(Instant::now(), deadline);
-        assert_eq!(gate.status().held, 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_client_that_leaves_frees_its_slot() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let held = hold(&gate);
-        settle_tasks().await;
-        assert_eq!(gate.status().held, 1);
-        held.abort();
-        settle_tasks().await;
-        assert_eq!(gate.status().held, 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_long_outage_fails_new_requests_fast() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let early = {
-            let gate = Arc::clone(&gate);
-            let ticket = gate.ticket();
-            let deadline = Instant::now() + Duration::from_secs(300);
-            tokio::spawn(async move { gate.admit(ticket, deadline).await })
-        };
-        settle_tasks().await;
-        tokio::time::advance(Duration::from_secs(121)).await;
-        let late = gate.admit(gate.ticket(), far()).await;
-        assert_eq!(late.unwrap_err(), Rejection::FailFast);
-        settle_tasks().await;
-        assert!(!early.is_finished(), "held requests keep their own timeout");
-        gate.probe_result(true);
-        assert!(gate.admit(gate.ticket(), far()).await.is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn resume_releases_in_arrival_order_with_a_cap() {
-        let gate = Gate::new(settings());
-        gate.mark_down(DownReason::Refused);
-        let first = hold(&gate);
-        settle_tasks().await;
-        let second = hold(&gate);
-        settle_tasks().await;
-        let third = hold(&gate);
-        settle_tasks().await;
-        gate.probe_result(true);
-        settle_tasks().await;
-        assert!(first.is_finished() && second.is_finished());
-        assert!(!third.is_finished(), "only release_concurrency go at once");
-        assert_eq!(gate.status().phase, Phase::Resuming);
-        let mut first = first.await.unwrap().unwrap();
-        first.settle();
-        let _third = third.await.unwrap().unwrap();
-        assert_eq!(gate.status().phase, Phase::Up);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_request_held_again_keeps_its_place() {
-        let gate = Gate::new(settings());
-        let early_ticket = gate.ticket();
-        gate.mark_down(DownReason::Refused);
-        let later = hold(&gate);
-        settle_tasks().await;
-        let early = {
-            let gate = Arc::clone(&gate);
-            tokio::spawn(async move { gate.admit(early_ticket, far()).await })
-        };
-        settle_tasks().await;
-        gate.update_settings(GateSettings {
-            release_concurrency: 1,
-            ..settings()
-        });
-        gate.probe_result(true);
-        settle_tasks().await;
-        assert!(early.is_finished());
-        assert!(!later.is_finished());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_holds_until_the_backend_went_away_and_came_back() {
-        let gate = Gate::new(settings());
-        gate.pause();
-        gate.pause();
-        let held = hold(&gate);
-        settle_tasks().await;
-        gate.probe_result(true);
-        settle_tasks().await;
-        assert!(
-            !held.is_finished(),
-            "the old backend still serving ends nothing"
-        );
-        gate.probe_result(false);
-        gate.probe_result(true);
-        held.await.unwrap().unwrap();
-        assert_eq!(gate.status().phase, Phase::Up);
-        assert!(!gate.status().paused);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn resume_ends_a_pause_and_is_idempotent() {
-        let gate = Gate::new(settings());
-        gate.pause();
-        let held = hold(&gate);
-        settle_tasks().await;
-        gate.resume();
-        gate.resume();
-        held.await.unwrap().unwrap();
-        assert_eq!(gate.status().phase, Phase::Up);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_forgotten_pause_ends_after_max_pause() {
-        let gate = Gate::new(settings());
-        gate.pause();
-        let held = hold(&gate);
-        tokio::time::advance(Duration::from_secs(61)).await;
-        gate.probe_result(true);
-        held.await.unwrap().unwrap();
-        assert!(!gate.status().paused);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_that_expires_with_the_backend_gone_stays_down() {
-        let gate = Gate::new(settings());
-        gate.pause();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        gate.probe_result(false);
-        let status = gate.status();
-        assert_eq!(status.phase, Phase::Down);
-        assert_eq!(status.reason, Some(DownReason::ProbeFailed));
-        assert!(!status.paused);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_discovery_hold_ignores_serving_probes_until_released() {
-        let gate = Gate::new(settings());
-        gate.hold_for_discovery();
-        let held = hold(&gate);
-        settle_tasks().await;
-        gate.probe_result(true);
-        gate.backend_answered();
-        settle_tasks().await;
-        assert!(
-            !held.is_finished(),
-            "a draining backend still answers probes"
-        );
-        assert_eq!(gate.status().reason, Some(DownReason::Discovery));
-        gate.release_discovery();
-        gate.probe_result(true);
-        held.await.unwrap().unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_moved_backend_is_trusted_only_after_a_probe() {
-        let gate = Gate::new(settings());
-        gate.backend_moved();
-        let held = hold(&gate);
-        settle_tasks().await;
-        gate.backend_answered();
-        settle_tasks().await;
-        assert!(!held.is_finished());
-        gate.probe_result(true);
-        held.await.unwrap().unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn observers_see_the_outage_length() {
-        let gate = Gate::new(settings());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&seen);
-        gate.observe(move |t| sink.lock().unwrap().push(t.clone()));
-        gate.mark_down(DownReason::Refused);
-        tokio::time::advance(Duration::from_millis(700)).await;
-        gate.probe_result(true);
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0].to, Phase::Down);
-        assert_eq!(seen[1].to, Phase::Up);
-        assert_eq!(seen[1].outage, Some(Duration::from_millis(700)));
     }
 }

@@ -30,7 +30,7 @@ use crate::download_resume::{
     self, Continuation, Download, NotResumable, Refetch, ResumeError, Resumes, ResumingBody,
 };
 use crate::drain::{InFlight, InFlightGuard};
-use crate::gate::{Admission, DownReason, Gate, Rejection, Ticket};
+use crate::gate::{Admission, DownReason, Gate, Rejection, SuspectDue, Ticket};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, outbound};
@@ -39,7 +39,7 @@ use crate::outcome::{
 };
 use crate::peer::Peer;
 use crate::probe::Prober;
-use crate::quarantine::{Quarantine, ReplayDue};
+use crate::quarantine::Quarantine;
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
@@ -281,7 +281,7 @@ impl Proxy {
                 settings.first_byte_timeout
             };
         // Set while this request is a suspect the proxy is to send again.
-        let mut replay_due: Option<ReplayDue> = None;
+        let mut replay_due: Option<SuspectDue> = None;
         loop {
             let queued_at = Instant::now();
             let admitted = self.admit(ticket, outbound, progress.started, peer).await;
@@ -306,8 +306,8 @@ impl Proxy {
                         Some(self.held_for(lane, outbound, peer, progress).await?)
                     }
                 },
-                false if replay_due.is_none() && self.quarantine.replays_are_due() => {
-                    let replayed = self.quarantine.suspects_replayed(deadline);
+                false if replay_due.is_none() && self.gate.suspects_due() => {
+                    let replayed = self.gate.suspects_sent(deadline);
                     self.held_for(replayed, outbound, peer, progress).await?;
                     None
                 }
@@ -364,9 +364,10 @@ impl Proxy {
         }
     }
 
-    /// Waits for the quarantine's say before a request is sent: the suspect
+    /// Waits for the crash suspects before a request is sent: the suspect
     /// lane (suspects go one at a time), or until the suspects of the last
-    /// crash were sent again (everyone else waits for them). `None` from
+    /// crash were sent again (everyone else waits for them, as the gate
+    /// says). `None` from
     /// `wait` is the hold deadline; the client leaving or the shutdown grace
     /// ending cut the wait short too. The wait counts as held time.
     async fn held_for<T>(
@@ -391,7 +392,7 @@ impl Proxy {
     }
 
     /// Decides what a failed attempt means: `Ok` to hold (if the backend is
-    /// down) and send again, with a [`ReplayDue`] when the request is a
+    /// down) and send again, with a [`SuspectDue`] when the request is a
     /// crash suspect (others wait for it), or `Err` with the answer the
     /// client gets.
     async fn after_failure(
@@ -401,7 +402,7 @@ impl Proxy {
         body: &ClientBody,
         settings: &ProxySettings,
         progress: &mut Progress,
-    ) -> Result<Option<ReplayDue>, ProxyError> {
+    ) -> Result<Option<SuspectDue>, ProxyError> {
         let Failed {
             error,
             generation,
@@ -446,7 +447,7 @@ impl Proxy {
         if idempotent && body.can_replay() && progress.replays < settings.max_replays {
             progress.replays += 1;
             self.metrics.replay(ReplayOutcome::Replayed);
-            return Ok(died_with_it.then(|| self.quarantine.replay_due()));
+            return Ok(died_with_it.then(|| self.gate.suspect_due()));
         }
         self.metrics.replay(ReplayOutcome::RefusedUnsafe);
         Err(match verdict {
@@ -502,10 +503,9 @@ impl Proxy {
     }
 
     /// Takes the gate down for `reason`, unless it already went down since
-    /// `generation`.
+    /// `generation`; the idle connections went down with the backend.
     fn go_down(&self, reason: DownReason, generation: u64) {
-        if self.gate.generation() == generation {
-            self.gate.mark_down(reason);
+        if self.gate.mark_down(reason, generation) {
             self.upstream.clear_idle();
         }
     }
@@ -766,8 +766,8 @@ impl Proxy {
             biased;
             _ = holding_ended.wait_for(|ended| *ended) => Err(ProxyError::ShuttingDown),
             admitted = async {
-                if self.quarantine.replays_are_due() {
-                    self.quarantine.suspects_replayed(deadline).await.ok_or(Rejection::HoldTimeout)?;
+                if self.gate.suspects_due() {
+                    self.gate.suspects_sent(deadline).await.ok_or(Rejection::HoldTimeout)?;
                 }
                 self.gate.admit_from(resend.ticket, client, deadline).await
             } => admitted.map_err(ProxyError::Held),

@@ -7,8 +7,9 @@
 //! *suspect lane*, one at a time, so that if the backend dies again only one
 //! suspect can be blamed. A suspect attempt that is in flight at a second
 //! crash is *poison*, unless the proxy was waiting for that client's next
-//! body bytes (a crash in the middle of a slow upload is not its doing): its client gets `400 InvalidRequest` (a client error,
-//! which S3 SDKs do not retry, unlike 500/503; the message says why) and the
+//! body bytes (a crash in the middle of a slow upload is not its doing): its
+//! client gets `400 InvalidRequest` (a client error, which S3 SDKs do not
+//! retry, unlike 500/503; the message says why) and the
 //! fingerprint is quarantined for `quarantine.duration`: the same request is
 //! answered at once, without reaching the backend. A suspect attempt the
 //! backend answers clears the suspicion. This is the seed study's
@@ -16,18 +17,16 @@
 //! restarted backend survives; the backend crashes at most twice for it.
 //!
 //! Suspects go first: while a request the backend died with is due to be
-//! sent again by the proxy itself (a [`ReplayDue`] is alive), every other
-//! request waits ([`Quarantine::suspects_replayed`]) before it is sent, so
-//! that at a second crash the suspect is alone in flight and no innocent
-//! request is cut (or blamed) with it.
+//! sent again by the proxy itself, every other request waits before it is
+//! sent, so that at a second crash the suspect is alone in flight and no
+//! innocent request is cut (or blamed) with it. That wait is the gate's
+//! ([`crate::gate::Gate::suspect_due`]), as every other decision of who may
+//! be sent when.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-
-use tokio::sync::Notify;
 
 use http::{HeaderMap, Method, Uri, header};
 use tokio::time::Instant;
@@ -98,30 +97,6 @@ pub struct Quarantine {
     duration: Mutex<Duration>,
     state: Mutex<State>,
     lane: tokio::sync::Mutex<()>,
-    replays_due: Arc<ReplaysDue>,
-}
-
-/// How many suspects the proxy is yet to send again; every other request
-/// waits for zero.
-#[derive(Debug, Default)]
-struct ReplaysDue {
-    count: AtomicUsize,
-    zero: Notify,
-}
-
-/// A suspect the proxy will send again: until it is dropped (its next
-/// attempt concluded, or the request ended), other requests wait.
-#[derive(Debug)]
-pub struct ReplayDue {
-    due: Arc<ReplaysDue>,
-}
-
-impl Drop for ReplayDue {
-    fn drop(&mut self) {
-        if self.due.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.due.zero.notify_waiters();
-        }
-    }
 }
 
 #[derive(Default)]
@@ -145,38 +120,6 @@ impl Quarantine {
             duration: Mutex::new(duration),
             state: Mutex::new(State::default()),
             lane: tokio::sync::Mutex::new(()),
-            replays_due: Arc::default(),
-        }
-    }
-
-    /// A suspect is to be sent again by the proxy: other requests wait until
-    /// the returned guard is dropped.
-    pub fn replay_due(&self) -> ReplayDue {
-        self.replays_due.count.fetch_add(1, Ordering::AcqRel);
-        ReplayDue {
-            due: Arc::clone(&self.replays_due),
-        }
-    }
-
-    /// True while a suspect is due to be sent again.
-    pub fn replays_are_due(&self) -> bool {
-        self.replays_due.count.load(Ordering::Acquire) > 0
-    }
-
-    /// Waits until no suspect is due to be sent again; `None` at
-    /// `deadline`. Returns at once in the common case (no suspect).
-    pub async fn suspects_replayed(&self, deadline: Instant) -> Option<()> {
-        let due = &self.replays_due;
-        loop {
-            let zero = due.zero.notified();
-            tokio::pin!(zero);
-            // Registered before the count is read: a drop to zero in between
-            // still wakes it.
-            zero.as_mut().enable();
-            if due.count.load(Ordering::Acquire) == 0 {
-                return Some(());
-            }
-            tokio::time::timeout_at(deadline, zero).await.ok()?;
         }
     }
 
@@ -333,34 +276,6 @@ mod tests {
         quarantine.died_with(&innocent, false);
         quarantine.answered(&innocent);
         assert!(!quarantine.is_suspect(&innocent));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn other_requests_wait_until_every_due_suspect_was_sent_again() {
-        let quarantine = Arc::new(Quarantine::new(Duration::from_secs(60)));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        assert!(
-            quarantine.suspects_replayed(deadline).await.is_some(),
-            "none due"
-        );
-
-        let first = quarantine.replay_due();
-        let second = quarantine.replay_due();
-        let waiting = tokio::spawn({
-            let quarantine = Arc::clone(&quarantine);
-            async move { quarantine.suspects_replayed(deadline).await }
-        });
-        drop(first);
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "one suspect is still due");
-        drop(second);
-        assert!(waiting.await.unwrap().is_some());
-
-        let _stuck = quarantine.replay_due();
-        assert!(
-            quarantine.suspects_replayed(deadline).await.is_none(),
-            "waits no longer than the deadline"
-        );
     }
 
     #[test]

@@ -4,14 +4,12 @@
 //! `admin.token_file`, `/admin/*` needs the bearer token (401 without it)
 //! while health, readiness and metrics stay open.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use support::{
-    ProxyProcess, ProxyUnderTest, S3Backend, bearer, http_status, raw_request, s3_client, send,
+    ProxyProcess, ProxyUnderTest, S3Backend, http_status, raw_request, s3_client, send,
     write_secret,
 };
 
@@ -22,14 +20,14 @@ async fn pause_holds_new_requests_and_resume_releases_them() {
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("paused").send().await.unwrap();
 
-    let paused = proxy.admin_post("/admin/pause?wait=5s").await;
+    let paused = proxy.admin.post("/admin/pause?wait=5s").await;
     assert_eq!(paused["drained"], true);
     assert_eq!(paused["in_flight"], 0);
     assert_eq!(paused["paused"], true);
     assert_eq!(paused["reason"], "admin_pause");
     // Pause is idempotent.
     assert_eq!(
-        proxy.admin_post("/admin/pause?wait=1s").await["paused"],
+        proxy.admin.post("/admin/pause?wait=1s").await["paused"],
         true
     );
 
@@ -44,19 +42,19 @@ async fn pause_holds_new_requests_and_resume_releases_them() {
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     assert_eq!(
-        http_status(proxy.admin, "GET", "/readyz").await,
+        http_status(proxy.admin.address, "GET", "/readyz").await,
         Some(200),
         "still ready while holding"
     );
 
-    let resumed = proxy.admin_post("/admin/resume").await;
+    let resumed = proxy.admin.post("/admin/resume").await;
     assert_eq!(resumed["paused"], false);
     put.await
         .unwrap()
         .expect("the held PUT completes after resume");
-    proxy.admin_post("/admin/resume").await;
+    proxy.admin.post("/admin/resume").await;
     assert_eq!(
         support::read_object(&s3, "paused", "k").await,
         b"after the pause"
@@ -73,11 +71,11 @@ async fn pause_reports_requests_still_in_flight() {
     let _stuck =
         tokio::spawn(async move { raw_request(address, "GET", "/", &[], Bytes::new()).await });
     support::wait_until(Duration::from_secs(5), "a request in flight", || async {
-        proxy.status().await["in_flight"] == 1
+        proxy.admin.status().await["in_flight"] == 1
     })
     .await
     .unwrap();
-    let paused = proxy.admin_post("/admin/pause?wait=200ms").await;
+    let paused = proxy.admin.post("/admin/pause?wait=200ms").await;
     assert_eq!(paused["drained"], false);
     assert_eq!(paused["in_flight"], 1);
     backend.thaw();
@@ -93,7 +91,7 @@ async fn a_pause_ends_by_itself_when_the_backend_was_replaced() {
     s3.create_bucket().bucket("switch").send().await.unwrap();
 
     // The pre-stop hook of the old backend pauses, then the backend stops.
-    proxy.admin_post("/admin/pause?wait=5s").await;
+    proxy.admin.post("/admin/pause?wait=5s").await;
     let put = tokio::spawn({
         let s3 = s3.clone();
         async move {
@@ -105,14 +103,14 @@ async fn a_pause_ends_by_itself_when_the_backend_was_replaced() {
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.kill9();
     // The replacement comes up; nobody calls resume.
     backend.restart().await.unwrap();
     put.await
         .unwrap()
         .expect("released once the new backend serves");
-    let status = proxy.status().await;
+    let status = proxy.admin.status().await;
     assert_eq!(status["paused"], false);
     assert_eq!(status["state"], "up");
 }
@@ -123,7 +121,7 @@ async fn a_forgotten_pause_ends_after_max_pause() {
     let proxy = ProxyUnderTest::start(backend.address, "[hold]\nmax_pause = \"500ms\"\n")
         .await
         .unwrap();
-    proxy.admin_post("/admin/pause?wait=1s").await;
+    proxy.admin.post("/admin/pause?wait=1s").await;
     let (status, _) = raw_request(proxy.address, "GET", "/", &[], Bytes::new())
         .await
         .unwrap();
@@ -131,33 +129,31 @@ async fn a_forgotten_pause_ends_after_max_pause() {
         status, 503,
         "the request waited out the pause and reached the backend"
     );
-    assert_eq!(proxy.status().await["paused"], false);
+    assert_eq!(proxy.admin.status().await["paused"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_unknown_paths() {
     let backend = S3Backend::stopped().unwrap();
     let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
-    assert_eq!(http_status(proxy.admin, "GET", "/healthz").await, Some(200));
     assert_eq!(
-        http_status(proxy.admin, "GET", "/readyz").await,
+        http_status(proxy.admin.address, "GET", "/healthz").await,
+        Some(200)
+    );
+    assert_eq!(
+        http_status(proxy.admin.address, "GET", "/readyz").await,
         Some(200),
         "ready with the backend down"
     );
-    assert_eq!(http_status(proxy.admin, "GET", "/nope").await, Some(404));
     assert_eq!(
-        http_status(proxy.admin, "GET", "/admin/pause").await,
+        http_status(proxy.admin.address, "GET", "/nope").await,
+        Some(404)
+    );
+    assert_eq!(
+        http_status(proxy.admin.address, "GET", "/admin/pause").await,
         Some(405)
     );
-    let (status, body) = raw_request(
-        proxy.admin,
-        "POST",
-        "/admin/pause?wait=soon",
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .unwrap();
+    let (status, body) = proxy.admin.request("POST", "/admin/pause?wait=soon").await;
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -207,7 +203,7 @@ async fn an_unauthenticated_pause_is_refused_and_an_authenticated_one_works() {
             ("GET", "/admin/status"),
             ("DELETE", "/admin/quarantine"),
         ] {
-            let refused = send(proxy.admin, method, path, &headers, Bytes::new())
+            let refused = send(proxy.admin.address, method, path, &headers, Bytes::new())
                 .await
                 .unwrap();
             assert_eq!(
@@ -228,34 +224,18 @@ async fn an_unauthenticated_pause_is_refused_and_an_authenticated_one_works() {
         .expect("not paused by an unauthenticated request");
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
-            http_status(proxy.admin, "GET", open).await,
+            http_status(proxy.admin.address, "GET", open).await,
             Some(200),
             "{open}"
         );
     }
 
-    let authorized = bearer("k8s-secret-token");
-    let headers = [("authorization", authorized.as_str())];
-    let (status, body) = raw_request(
-        proxy.admin,
-        "POST",
-        "/admin/pause?wait=1s",
-        &headers,
-        Bytes::new(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200);
-    let paused: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(paused["paused"], true);
-    let (status, body) = raw_request(proxy.admin, "POST", "/admin/resume", &headers, Bytes::new())
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    let authorized = proxy.admin.with_token("k8s-secret-token");
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["paused"],
-        false
+        authorized.post("/admin/pause?wait=1s").await["paused"],
+        true
     );
+    assert_eq!(authorized.post("/admin/resume").await["paused"], false);
     let refusals = proxy
         .log_lines()
         .into_iter()

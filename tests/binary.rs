@@ -5,8 +5,6 @@
 //! world-writable or oversized config and token files, and an admin listener
 //! off loopback without a token, stop start-up.
 
-mod support;
-
 use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
@@ -138,7 +136,7 @@ async fn sigterm_lets_a_held_request_finish_then_exits() {
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     proxy.signal("-TERM");
     let port = proxy.port;
     wait_until(
@@ -153,7 +151,7 @@ async fn sigterm_lets_a_held_request_finish_then_exits() {
     .await
     .unwrap();
     assert_eq!(
-        http_status(proxy.admin, "GET", "/readyz").await,
+        http_status(proxy.admin.address, "GET", "/readyz").await,
         Some(503),
         "unready while draining"
     );
@@ -184,7 +182,7 @@ async fn a_request_still_held_when_the_grace_ends_gets_503_with_retry_after() {
             .to_bytes();
         anyhow::Ok((status, retry_after, body))
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     proxy.signal("-TERM");
     let (status, retry_after, body) = held
         .await
@@ -211,7 +209,11 @@ async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_the
     // Idle admin connections the proxy keeps open until it has no descriptor left.
     let mut open = Vec::new();
     for _ in 0..100 {
-        open.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+        open.push(
+            tokio::net::TcpStream::connect(proxy.admin.address)
+                .await
+                .unwrap(),
+        );
     }
     wait_until(
         Duration::from_secs(10),
@@ -229,7 +231,7 @@ async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_the
     wait_until(
         Duration::from_secs(10),
         "the admin listener to serve again",
-        || async { http_status(proxy.admin, "GET", "/healthz").await == Some(200) },
+        || async { http_status(proxy.admin.address, "GET", "/healthz").await == Some(200) },
     )
     .await
     .unwrap();

@@ -3,8 +3,6 @@
 //! Content-Length and a CRC32 trailer. It must stream through untouched, and
 //! be held correctly before it is sent.
 
-mod support;
-
 use std::process::Stdio;
 
 use support::tls::TestCa;
@@ -93,7 +91,7 @@ async fn an_aws_chunked_upload_is_held_through_a_restart() {
     let proxy = https_proxy(&backend, &ca).await;
     backend.kill9();
     let child = boto3_put_get(&proxy, &ca, "held");
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.restart().await.unwrap();
     let report = report(child).await;
     assert_aws_chunked(&report);

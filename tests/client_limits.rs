@@ -6,8 +6,6 @@
 //! `503 SlowDown`; a cap the file-descriptor limit cannot meet stops
 //! start-up. None of these is the backend's fault: no outage is counted.
 
-mod support;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -67,7 +65,7 @@ async fn large_object(proxy: &ProxyProcess, size: usize) -> http::Uri {
 }
 
 async fn outages(proxy: &ProxyProcess) -> f64 {
-    let text = proxy.metrics().await;
+    let text = proxy.admin.metrics().await;
     ["refused", "reset", "hang_timeout", "probe_failed"]
         .iter()
         .filter_map(|reason| {
@@ -187,6 +185,7 @@ async fn past_max_connections_a_new_connection_gets_slow_down() {
     assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
     assert!(closed_within(&mut third, Duration::from_secs(5)).await);
     proxy
+        .admin
         .wait_metric("s3fp_client_connections_refused_total", 1.0)
         .await;
 
@@ -366,6 +365,7 @@ async fn an_http2_stream_the_client_never_opens_a_window_for_is_cut() {
         "the connection is closed"
     );
     proxy
+        .admin
         .wait_metric("s3fp_backend_in_flight_requests", 0.0)
         .await;
     assert_eq!(outages(&proxy).await, 0.0);

@@ -7,8 +7,6 @@
 //! changed meanwhile, or a request whose `Range` is signed (every ranged GET
 //! of the AWS SDK), gets its connection aborted, as before.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -224,7 +222,7 @@ impl Reader {
         wait_until(
             Duration::from_secs(10),
             "the download held or ended",
-            || async { self.0.is_finished() || proxy.held().await == 1 },
+            || async { self.0.is_finished() || proxy.admin.held().await == 1 },
         )
         .await
         .unwrap();
@@ -287,7 +285,7 @@ async fn sdk_get(
 /// The count of cut downloads with `outcome`.
 async fn resumes(proxy: &ProxyUnderTest, outcome: &str) -> f64 {
     let series = format!("s3fp_download_resumes_total{{outcome=\"{outcome}\"}}");
-    metric_sample(&proxy.metrics().await, &series).unwrap()
+    metric_sample(&proxy.admin.metrics().await, &series).unwrap()
 }
 
 async fn assert_only_outcome(proxy: &ProxyUnderTest, expected: &str) {

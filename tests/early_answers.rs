@@ -6,8 +6,6 @@
 //! like an outage. radosgw is the backend whose early answers matter: it
 //! does not read the body of a request it refuses.
 
-mod support;
-
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -120,7 +118,11 @@ async fn forged_uploads_get_403(backend: SocketAddr, bucket: &str, expect: bool)
         let status = forged_put_http1(proxy.address, &path, expect).await;
         assert_eq!(status, 403, "try {attempt}");
     }
-    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a refused upload is no outage"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +155,11 @@ async fn radosgw_refusing_a_chunked_upload_is_answered_as_straight_every_time() 
         let proxied = chunked_put_http1(proxy.address, &path).await;
         assert_eq!(proxied, straight, "try {attempt}");
     }
-    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a refused upload is no outage"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,5 +217,9 @@ async fn forged_uploads_over_http2_get_403(backend: SocketAddr, bucket: &str) {
             "try {attempt}: {error:?}"
         );
     }
-    assert_eq!(proxy.outages().await, 0.0, "a refused upload is no outage");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a refused upload is no outage"
+    );
 }

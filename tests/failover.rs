@@ -3,8 +3,6 @@
 //! restarted on the same port and data directory while an SDK client with
 //! retries off writes an object every 100 ms through the proxy.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -40,7 +38,7 @@ async fn put_every_100ms_sees_no_failure_across_sigkill_restarts() {
         held_through_outage >= 3,
         "only {held_through_outage} writes waited through an outage"
     );
-    let status = proxy.status().await;
+    let status = proxy.admin.status().await;
     assert_eq!(status["state"], "up");
     proxy.stop().await.unwrap();
 }
@@ -54,8 +52,8 @@ async fn a_proxy_started_while_the_backend_is_down_holds_until_it_comes() {
         let s3 = s3.clone();
         async move { s3.create_bucket().bucket("late").send().await }
     });
-    proxy.wait_held(1).await;
-    assert_eq!(proxy.status().await["reason"], "refused");
+    proxy.admin.wait_held(1).await;
+    assert_eq!(proxy.admin.status().await["reason"], "refused");
     backend.restart().await.unwrap();
     create
         .await
@@ -115,7 +113,7 @@ async fn a_streamed_aws_chunked_upload_is_held_through_a_restart() {
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.restart().await.unwrap();
     put.await
         .unwrap()

@@ -6,8 +6,6 @@
 //! `backend.first_byte_timeout`) answer `408` and `504` without blaming the
 //! backend.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,7 +21,7 @@ use tokio::sync::mpsc;
 
 async fn replays(proxy: &ProxyUnderTest) -> f64 {
     metric_sample(
-        &proxy.metrics().await,
+        &proxy.admin.metrics().await,
         "s3fp_replays_total{outcome=\"replayed\"}",
     )
     .unwrap()
@@ -53,7 +51,11 @@ async fn a_client_that_pauses_its_upload_is_no_outage() {
     assert_eq!(status, 200, "{body:?}");
     let s3 = s3_client(&proxy.endpoint());
     assert_eq!(read_object(&s3, "paused", "object").await, content);
-    assert_eq!(proxy.outages().await, 0.0, "a pausing client is no outage");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a pausing client is no outage"
+    );
     assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
 }
 
@@ -90,7 +92,11 @@ async fn with_the_default_timeouts_a_35_s_pause_is_stored_and_a_60_s_silence_get
         .send()
         .await;
     assert!(head.is_err(), "nothing stored: {head:?}");
-    assert_eq!(proxy.outages().await, 0.0, "neither client is an outage");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "neither client is an outage"
+    );
     assert_eq!(replays(&proxy).await, 0.0, "nothing was sent twice");
 }
 
@@ -152,7 +158,7 @@ async fn a_client_silent_past_client_body_timeout_gets_408_and_nothing_is_stored
     let head = s3.head_object().bucket("silent").key("object").send().await;
     assert!(head.is_err(), "nothing stored: {head:?}");
     assert_eq!(
-        proxy.outages().await,
+        proxy.admin.outages().await,
         0.0,
         "the client's silence is no outage"
     );
@@ -231,9 +237,9 @@ async fn a_slow_first_byte_from_a_serving_backend_is_waited_for() {
     assert_eq!(body, "ok");
     assert_eq!(lines.recv().await.unwrap(), "PUT /b/k HTTP/1.1");
     assert!(lines.try_recv().is_err(), "the request was sent once");
-    assert_eq!(proxy.outages().await, 0.0, "slow is not dead");
+    assert_eq!(proxy.admin.outages().await, 0.0, "slow is not dead");
     let checks = metric_sample(
-        &proxy.metrics().await,
+        &proxy.admin.metrics().await,
         "s3fp_outage_checks_total{result=\"serving\",suspicion=\"hang_timeout\"}",
     )
     .unwrap();
@@ -261,8 +267,8 @@ async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay() 
         lines.try_recv().is_err(),
         "not replayed: the backend may still run it"
     );
-    assert_eq!(proxy.outages().await, 0.0);
-    assert_eq!(proxy.status().await["state"], "up");
+    assert_eq!(proxy.admin.outages().await, 0.0);
+    assert_eq!(proxy.admin.status().await["state"], "up");
 }
 
 /// A backend that refuses every upload with a complete `403` as soon as it
@@ -311,10 +317,10 @@ async fn a_backend_closing_after_a_complete_403_is_no_outage() {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "forbidden");
     }
-    assert_eq!(proxy.outages().await, 0.0);
+    assert_eq!(proxy.admin.outages().await, 0.0);
     assert_eq!(replays(&proxy).await, 0.0);
     wait_until(Duration::from_secs(5), "the gate to be up", || async {
-        proxy.status().await["state"] == "up"
+        proxy.admin.status().await["state"] == "up"
     })
     .await
     .unwrap();

@@ -3,8 +3,6 @@
 //! Each answer is an S3 XML error with `Retry-After`, which S3 SDKs retry on
 //! their own.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,7 +32,7 @@ async fn a_hold_that_times_out_answers_service_unavailable_with_retry_after() {
         .unwrap()
         .to_bytes();
     assert_eq!(s3_code(&body), "ServiceUnavailable");
-    assert_eq!(proxy.held().await, 0);
+    assert_eq!(proxy.admin.held().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,13 +52,17 @@ async fn a_full_queue_answers_slow_down_at_once() {
             })
         })
         .collect();
-    proxy.wait_held(2).await;
+    proxy.admin.wait_held(2).await;
     let (status, body) = raw_request(address, "GET", "/b/overflow", &[], Bytes::new())
         .await
         .unwrap();
     assert_eq!(status, 503);
     assert_eq!(s3_code(&body), "SlowDown");
-    assert_eq!(proxy.held().await, 2, "the held requests are still held");
+    assert_eq!(
+        proxy.admin.held().await,
+        2,
+        "the held requests are still held"
+    );
     for request in held {
         request.abort();
     }
@@ -101,20 +103,20 @@ async fn one_greedy_client_cannot_take_more_than_its_share_of_the_queue() {
     let greedy: Vec<_> = (0..3)
         .map(|i| tokio::spawn(request("GREEDY", format!("greedy-{i}"))))
         .collect();
-    proxy.wait_held(3).await;
+    proxy.admin.wait_held(3).await;
     let (status, body) = request("GREEDY", "one-too-many".into()).await;
     assert_eq!(status, 503);
     assert_eq!(s3_code(&body), "SlowDown");
 
     // Another client still queues, though the greedy one was refused.
     let polite = tokio::spawn(request("POLITE", "polite".into()));
-    proxy.wait_held(4).await;
+    proxy.admin.wait_held(4).await;
     backend.spawn().unwrap();
     for held in greedy.into_iter().chain([polite]) {
         let (status, _) = held.await.unwrap();
         assert_ne!(status, 503, "held, then answered by the backend");
     }
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     assert_eq!(
         metric_sample(
             &metrics,
@@ -136,7 +138,7 @@ async fn after_fail_fast_after_new_requests_fail_at_once_until_the_backend_is_ba
     let address = proxy.address;
     let early =
         tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     // Until the outage is 300 ms old new requests are held; after, they fail at once.
     wait_until(Duration::from_secs(10), "a fast failure", || async {
         let attempt = raw_request(address, "GET", "/b/k", &[], Bytes::new());
@@ -147,7 +149,11 @@ async fn after_fail_fast_after_new_requests_fail_at_once_until_the_backend_is_ba
     })
     .await
     .unwrap();
-    assert_eq!(proxy.held().await, 1, "the early request is still held");
+    assert_eq!(
+        proxy.admin.held().await,
+        1,
+        "the early request is still held"
+    );
     backend.restart().await.unwrap();
     let (status, _) = early.await.unwrap().unwrap();
     assert_ne!(status, 503, "the held request was answered by the backend");
@@ -200,22 +206,22 @@ async fn answer_one(mut stream: TcpStream, seen: tokio::sync::mpsc::UnboundedSen
 async fn a_client_that_leaves_while_held_frees_its_slot_and_nothing_reaches_the_backend() {
     let (backend, mut requests) = recording_backend().await;
     let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
-    proxy.admin_post("/admin/pause?wait=1s").await;
+    proxy.admin.post("/admin/pause?wait=1s").await;
 
     let mut client = TcpStream::connect(proxy.address).await.unwrap();
     client
         .write_all(b"PUT /bucket/abandoned HTTP/1.1\r\nHost: s3\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     // While held, the proxy does not ask for the body.
     let mut interim = [0u8; 32];
     let asked = tokio::time::timeout(Duration::from_millis(300), client.read(&mut interim)).await;
     assert!(asked.is_err(), "no 100 Continue while held: {:?}", asked);
     drop(client);
-    proxy.wait_held(0).await;
+    proxy.admin.wait_held(0).await;
 
-    proxy.admin_post("/admin/resume").await;
+    proxy.admin.post("/admin/resume").await;
     let (status, _) = raw_request(proxy.address, "GET", "/bucket/after", &[], Bytes::new())
         .await
         .unwrap();
@@ -231,14 +237,14 @@ async fn a_client_that_leaves_while_held_frees_its_slot_and_nothing_reaches_the_
 async fn a_held_request_with_expect_continue_is_asked_for_its_body_once_released() {
     let (backend, mut requests) = recording_backend().await;
     let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
-    proxy.admin_post("/admin/pause?wait=1s").await;
+    proxy.admin.post("/admin/pause?wait=1s").await;
     let mut client = TcpStream::connect(proxy.address).await.unwrap();
     client
         .write_all(b"PUT /bucket/k HTTP/1.1\r\nHost: s3\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
-    proxy.wait_held(1).await;
-    proxy.admin_post("/admin/resume").await;
+    proxy.admin.wait_held(1).await;
+    proxy.admin.post("/admin/resume").await;
     let mut interim = vec![0u8; 25];
     client.read_exact(&mut interim).await.unwrap();
     assert!(

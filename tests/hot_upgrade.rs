@@ -6,8 +6,6 @@
 //! go on through ten upgrades in a row, half of them begun with SIGTERM to
 //! the old process; a request the old process holds during one is answered.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -66,7 +64,7 @@ async fn ten_hot_upgrades_in_a_row_cost_no_request() {
         });
         if held.is_some() {
             support::wait_until(Duration::from_secs(10), "requests held", || async {
-                proxy.status().await["held"].as_u64() > Some(0)
+                proxy.admin.status().await["held"].as_u64() > Some(0)
             })
             .await
             .unwrap();
@@ -98,12 +96,14 @@ async fn ten_hot_upgrades_in_a_row_cost_no_request() {
         );
         // Both loops carry on through the new process before the next round.
         proxy
+            .admin
             .wait_metric_at_least(
                 "s3fp_requests_total{method=\"PUT\",status_class=\"2xx\"}",
                 3.0,
             )
             .await;
         proxy
+            .admin
             .wait_metric_at_least(
                 "s3fp_requests_total{method=\"GET\",status_class=\"2xx\"}",
                 3.0,
@@ -128,7 +128,7 @@ async fn take_over_with_no_proxy_running_starts_as_usual() {
         .unwrap();
     // The first process stops for good; its socket file goes with it.
     first.signal("-TERM");
-    let (port, admin) = (first.port, first.admin);
+    let (port, admin) = (first.port, first.admin.address);
     let config_text = std::fs::read_to_string(first.config.path()).unwrap();
     assert!(first.exit_status().await.success());
     assert!(
@@ -238,7 +238,7 @@ async fn a_take_over_during_the_old_process_grace_serves_at_once_and_its_held_re
                 .await
         })
     };
-    old.wait_held(1).await;
+    old.admin.wait_held(1).await;
     old.signal("-TERM");
     // Past its drain delay, the old process no longer accepts.
     support::wait_until(
@@ -268,7 +268,7 @@ async fn a_take_over_during_the_old_process_grace_serves_at_once_and_its_held_re
     assert_eq!(read_object(&s3, "grace", "held").await, b"held");
     assert!(old.exit_status().await.success());
     assert!(
-        support::http_status(new.admin, "GET", "/readyz").await == Some(200),
+        support::http_status(new.admin.address, "GET", "/readyz").await == Some(200),
         "the new process answers on the admin address"
     );
 }
@@ -281,7 +281,7 @@ async fn a_paused_proxy_refuses_a_take_over_and_serves_on() {
         .await
         .unwrap();
     let (status, _) = support::raw_request(
-        proxy.admin,
+        proxy.admin.address,
         "POST",
         "/admin/pause",
         &[],
@@ -293,7 +293,7 @@ async fn a_paused_proxy_refuses_a_take_over_and_serves_on() {
     let message = take_over_expecting_failure(proxy.config.path()).await;
     assert!(message.contains("paused"), "{message}");
     let (status, _) = support::raw_request(
-        proxy.admin,
+        proxy.admin.address,
         "POST",
         "/admin/resume",
         &[],
@@ -326,8 +326,10 @@ async fn a_keep_alive_admin_connection_leaves_the_old_process_after_a_take_over(
         let s3 = s3.clone();
         tokio::spawn(async move { s3.list_objects_v2().bucket("checked").send().await })
     };
-    old.wait_held(1).await;
-    let mut checker = tokio::net::TcpStream::connect(old.admin).await.unwrap();
+    old.admin.wait_held(1).await;
+    let mut checker = tokio::net::TcpStream::connect(old.admin.address)
+        .await
+        .unwrap();
     checker
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n")
         .await

@@ -6,8 +6,6 @@
 //! address (pod and Service on two addresses). A real S3 backend process serves and
 //! PutObject traffic flows through the proxy in every scenario; none may fail.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,7 +49,7 @@ impl Cluster {
         wait_until(
             Duration::from_secs(10),
             "the proxy to route to the discovered pod",
-            || async { proxy.status().await["state"] == "up" },
+            || async { proxy.admin.status().await["state"] == "up" },
         )
         .await
         .unwrap();
@@ -80,7 +78,7 @@ impl Cluster {
     async fn wait_state(&self, state: &str, reason: Option<&str>) {
         let what = format!("state {state} {reason:?}");
         wait_until(Duration::from_secs(10), &what, || async {
-            let status = self.proxy.status().await;
+            let status = self.proxy.admin.status().await;
             status["state"] == state && reason.is_none_or(|r| status["reason"] == r)
         })
         .await
@@ -114,7 +112,7 @@ async fn a_crash_seen_by_the_api_server_costs_no_request() {
     cluster.backend.restart().await.unwrap();
     cluster.traffic().await;
     assert_eq!(
-        cluster.proxy.status().await["state"],
+        cluster.proxy.admin.status().await["state"],
         "down",
         "not serving in the API: still held"
     );
@@ -136,7 +134,7 @@ async fn a_graceful_switch_over_to_a_pod_on_another_address_costs_no_request() {
     wait_until(
         Duration::from_secs(10),
         "in-flight requests to drain",
-        || async { cluster.proxy.status().await["in_flight"] == 0 },
+        || async { cluster.proxy.admin.status().await["in_flight"] == 0 },
     )
     .await
     .unwrap();
@@ -168,7 +166,7 @@ async fn an_endpoint_published_before_its_pod_listens_waits_for_the_probe() {
     // "Ready" before radosgw listens (the s3gw chart has no readiness probe).
     cluster.endpoints(&[("127.0.0.2", true, false)]);
     cluster.traffic().await;
-    let status = cluster.proxy.status().await;
+    let status = cluster.proxy.admin.status().await;
     assert_eq!(
         status["state"], "down",
         "not trusted before the probe sees S3: {status}"
@@ -191,12 +189,12 @@ async fn watch_expiry_and_an_api_server_restart_do_not_disturb_traffic() {
     cluster.traffic().await;
     cluster.traffic().await;
     assert_eq!(
-        cluster.proxy.status().await["state"],
+        cluster.proxy.admin.status().await["state"],
         "up",
         "a control-plane blip is not an outage"
     );
     assert_eq!(
-        http_status(cluster.proxy.admin, "GET", "/readyz").await,
+        http_status(cluster.proxy.admin.address, "GET", "/readyz").await,
         Some(200)
     );
     cluster.fake.restart().await;
@@ -232,7 +230,7 @@ async fn a_pause_lease_holds_every_request_until_it_is_deleted_or_expires() {
     wait_until(
         Duration::from_secs(10),
         "the Lease to pause the proxy",
-        || async { cluster.proxy.status().await["paused"] == true },
+        || async { cluster.proxy.admin.status().await["paused"] == true },
     )
     .await
     .unwrap();
@@ -247,26 +245,26 @@ async fn a_pause_lease_holds_every_request_until_it_is_deleted_or_expires() {
                 .await
         }
     });
-    cluster.proxy.wait_held(1).await;
+    cluster.proxy.admin.wait_held(1).await;
     cluster.fake.delete_lease(LEASE);
     put.await
         .unwrap()
         .expect("released when the Lease is deleted");
-    assert_eq!(cluster.proxy.status().await["paused"], false);
+    assert_eq!(cluster.proxy.admin.status().await["paused"], false);
 
     // A Lease nobody deletes ends by itself.
     cluster.fake.put_lease(LEASE, "forgotten", 2);
     wait_until(
         Duration::from_secs(10),
         "the second Lease to pause",
-        || async { cluster.proxy.status().await["paused"] == true },
+        || async { cluster.proxy.admin.status().await["paused"] == true },
     )
     .await
     .unwrap();
     wait_until(
         Duration::from_secs(15),
         "the expired Lease to resume",
-        || async { cluster.proxy.status().await["paused"] == false },
+        || async { cluster.proxy.admin.status().await["paused"] == false },
     )
     .await
     .unwrap();
@@ -283,12 +281,15 @@ async fn the_proxy_is_ready_only_after_the_first_complete_list() {
     let dir = tempfile::tempdir().unwrap();
     let config = discovery_config(&fake, dir.path());
     let proxy = ProxyUnderTest::start_unready(&config).await.unwrap();
-    assert_eq!(http_status(proxy.admin, "GET", "/readyz").await, Some(503));
+    assert_eq!(
+        http_status(proxy.admin.address, "GET", "/readyz").await,
+        Some(503)
+    );
     fake.restart().await;
     wait_until(
         Duration::from_secs(15),
         "readiness after the first list",
-        || async { http_status(proxy.admin, "GET", "/readyz").await == Some(200) },
+        || async { http_status(proxy.admin.address, "GET", "/readyz").await == Some(200) },
     )
     .await
     .unwrap();
@@ -328,12 +329,12 @@ async fn routed_through_the_service_requests_and_probes_go_to_the_service_addres
     // The pod process dies but the Service address serves: nothing is held.
     cluster.backend.kill9();
     cluster.traffic().await;
-    assert_eq!(cluster.proxy.status().await["state"], "up");
+    assert_eq!(cluster.proxy.admin.status().await["state"], "up");
     // Discovery still decides when to hold, although the Service serves.
     cluster.pod_endpoint(false, false);
     cluster.wait_state("down", Some("discovery")).await;
     cluster.traffic().await;
-    assert_eq!(cluster.proxy.status().await["state"], "down");
+    assert_eq!(cluster.proxy.admin.status().await["state"], "down");
     cluster.pod_endpoint(true, false);
     cluster.wait_state("up", None).await;
     cluster.traffic().await;

@@ -2,8 +2,6 @@
 //! time held, bytes, S3 request id) and one per backend state change (from,
 //! to, reason, outage length), as text for people or JSON for machines.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -54,7 +52,7 @@ async fn a_held_request_is_traced_to_the_outage_that_held_it_in_json_logs() {
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.restart().await.unwrap();
     put.await.unwrap().expect("the held PUT succeeds");
 

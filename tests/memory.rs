@@ -2,8 +2,6 @@
 //! never holds more than a few buffers of an upload or a download, over
 //! HTTP/1.1 and over HTTP/2 with TLS (where flow control is what bounds it).
 
-mod support;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
@@ -299,7 +297,10 @@ async fn unfinished_heads_under_the_limit_cost_no_more_than_the_limit() {
         per_head >> 10
     );
     drop(connections);
-    proxy.wait_metric("s3fp_client_connections", 0.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_client_connections", 0.0)
+        .await;
     let after = proxy.resident_bytes();
     assert!(
         after < peak,

@@ -1,8 +1,6 @@
 //! `/metrics` after a real outage: the figures match what the test did, and
 //! Prometheus' own `promtool` accepts the exposition.
 
-mod support;
-
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -62,7 +60,7 @@ async fn an_outage_shows_in_the_metrics_as_it_happened() {
             })
         })
         .collect();
-    proxy.wait_held(5).await;
+    proxy.admin.wait_held(5).await;
     backend.restart().await.unwrap();
     for write in writes {
         write.await.unwrap().expect("held write succeeds");
@@ -75,7 +73,7 @@ async fn an_outage_shows_in_the_metrics_as_it_happened() {
         .unwrap();
     assert_eq!(status, 503);
 
-    let text = proxy.metrics().await;
+    let text = proxy.admin.metrics().await;
     promtool_check(&text);
     assert_eq!(sample(&text, "s3fp_outages_total{reason=\"refused\"}"), 2.0);
     assert_eq!(

@@ -9,8 +9,6 @@
 //! connections cut, the port refused) and is restarted by its "supervisor"
 //! after a short downtime, like a pod restarted by Kubernetes.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -223,7 +221,7 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
         innocents.push(start_upload(proxy.address, &format!("/lab/innocent-{i}"), content).await);
     }
     wait_until(Duration::from_secs(10), "3 uploads in flight", || async {
-        proxy.status().await["in_flight"] == 3
+        proxy.admin.status().await["in_flight"] == 3
     })
     .await
     .unwrap();
@@ -258,11 +256,11 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
     }
     assert_eq!(crashing.crashes(), 2, "the backend crashed twice, no more");
 
-    let status = proxy.status().await;
+    let status = proxy.admin.status().await;
     let quarantined = status["quarantined"].as_array().unwrap();
     assert_eq!(quarantined.len(), 1, "{status}");
     assert_eq!(quarantined[0]["fingerprint"], "PUT /lab/poison length=1");
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     let sample = |outcome: &str| {
         metric_sample(
             &metrics,
@@ -275,7 +273,7 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
 
     // An operator lifts the quarantine: the request reaches the backend again.
     let (status, body) = raw_request(
-        proxy.admin,
+        proxy.admin.address,
         "DELETE",
         "/admin/quarantine",
         &[],
@@ -312,13 +310,13 @@ async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
         wait_until(
             Duration::from_secs(10),
             "the upload at the backend",
-            || async { proxy.status().await["in_flight"] == 1 },
+            || async { proxy.admin.status().await["in_flight"] == 1 },
         )
         .await
         .unwrap();
         backend.kill9();
         wait_until(Duration::from_secs(10), "the crash seen", || async {
-            proxy.outages().await >= f64::from(crash)
+            proxy.admin.outages().await >= f64::from(crash)
         })
         .await
         .unwrap();
@@ -326,7 +324,7 @@ async fn a_slow_upload_in_flight_at_two_crashes_is_not_quarantined() {
     }
     let status = upload.finish().await;
     assert_ne!(status, 400, "not refused as poison");
-    let quarantined = proxy.status().await["quarantined"].clone();
+    let quarantined = proxy.admin.status().await["quarantined"].clone();
     assert_eq!(quarantined, serde_json::json!([]), "nothing quarantined");
 
     // The client's retry goes through.
@@ -351,7 +349,7 @@ async fn requests_held_during_a_crash_wait_until_its_suspects_were_sent_again() 
     let content = object_content(7, 64 << 10);
     let innocent = start_upload(proxy.address, "/lab/innocent", &content).await;
     wait_until(Duration::from_secs(10), "the upload in flight", || async {
-        proxy.status().await["in_flight"] == 1
+        proxy.admin.status().await["in_flight"] == 1
     })
     .await
     .unwrap();
@@ -384,7 +382,7 @@ async fn requests_held_during_a_crash_wait_until_its_suspects_were_sent_again() 
             })
         })
         .collect();
-    proxy.wait_held(5).await;
+    proxy.admin.wait_held(5).await;
 
     // Back: the suspects go first, and the poison crashes the backend again.
     crashing.restart();
@@ -403,7 +401,7 @@ async fn requests_held_during_a_crash_wait_until_its_suspects_were_sent_again() 
     wait_until(
         Duration::from_secs(10),
         "the second outage seen",
-        || async { proxy.outages().await >= 2.0 },
+        || async { proxy.admin.outages().await >= 2.0 },
     )
     .await
     .unwrap();

@@ -3,8 +3,6 @@
 //! survive a SIGKILL and restart; plus one wire habit of radosgw that a proxy
 //! must carry through, seen on a raw connection.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;

@@ -5,8 +5,6 @@
 //! a rotated admin token file takes effect without a config change, and a
 //! world-writable config file is rejected until its mode is fixed.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,7 +33,7 @@ async fn a_shorter_hold_timeout_applies_to_requests_already_held() {
             })
         })
         .collect();
-    proxy.wait_held(2).await;
+    proxy.admin.wait_held(2).await;
 
     proxy.write_config(&format!(
         "{}[hold]\ntimeout = \"1s\"\n",
@@ -51,7 +49,7 @@ async fn a_shorter_hold_timeout_applies_to_requests_already_held() {
         started.elapsed() < Duration::from_secs(30),
         "the new 1 s timeout applied, not the old 60 s"
     );
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     assert!(
         metric_sample(&metrics, "s3fp_config_reloads_total{result=\"success\"}")
             .is_some_and(|reloads| reloads >= 1.0)
@@ -83,19 +81,22 @@ async fn a_longer_hold_timeout_written_to_the_file_keeps_held_requests_alive() {
     let started = Instant::now();
     let held =
         tokio::spawn(async move { raw_request(address, "HEAD", "/", &[], Bytes::new()).await });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
 
     // No signal: the file watcher sees the change.
     proxy.write_config(&format!(
         "{}[hold]\ntimeout = \"30s\"\n",
         backend_section(&backend)
     ));
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 30.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 30.0)
+        .await;
     // Outlive the old 2 s deadline; the wait is the scenario.
     let old_deadline = started + Duration::from_millis(2500);
     tokio::time::sleep(old_deadline.saturating_duration_since(Instant::now())).await;
     assert_eq!(
-        proxy.status().await["held"],
+        proxy.admin.status().await["held"],
         1,
         "still held past the old timeout"
     );
@@ -117,9 +118,10 @@ async fn an_invalid_file_is_rejected_and_the_old_config_stays() {
     proxy.write_config("[hold]\ntimeout = \"soon\"\n");
     proxy.signal("-HUP");
     proxy
+        .admin
         .wait_metric_at_least("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
         .await;
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     assert_eq!(
         metric_sample(&metrics, "s3fp_hold_timeout_seconds"),
         Some(7.0)
@@ -150,9 +152,10 @@ async fn a_new_listen_address_is_reported_and_the_old_socket_keeps_serving() {
     proxy.replace_config(&text);
     proxy.signal("-HUP");
     proxy
+        .admin
         .wait_metric_at_least("s3fp_config_reloads_total{result=\"success\"}", 1.0)
         .await;
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     assert_eq!(
         metric_sample(&metrics, "s3fp_config_reloads_total{result=\"failure\"}"),
         Some(0.0)
@@ -214,7 +217,10 @@ async fn backend_kubernetes_removed_or_changed_live_keeps_discovery_as_started()
     // The section removed: the pod discovery found still gets the requests.
     proxy.write_config(&file("", "5s"));
     proxy.signal("-HUP");
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 5.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 5.0)
+        .await;
     put("after-removal").await.expect("still sent to the pod");
     support::wait_until(
         Duration::from_secs(10),
@@ -232,32 +238,29 @@ async fn backend_kubernetes_removed_or_changed_live_keeps_discovery_as_started()
         );
     proxy.write_config(&file(&changed, "4s"));
     proxy.signal("-HUP");
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 4.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 4.0)
+        .await;
     put("after-change").await.expect("still sent to the pod");
-    assert_eq!(proxy.status().await["state"], "up");
+    assert_eq!(proxy.admin.status().await["state"], "up");
 
     // The section as started is what runs: putting it back changes nothing.
     let warned = kept_discovery_warnings(&proxy);
     proxy.write_config(&file(&discovery, "6s"));
     proxy.signal("-HUP");
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 6.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 6.0)
+        .await;
     put("after-restore").await.expect("still sent to the pod");
     assert_eq!(kept_discovery_warnings(&proxy), warned, "nothing to keep");
 }
 
 /// The status a `GET /admin/status` carrying `token` gets.
 async fn status_with_token(proxy: &ProxyProcess, token: &str) -> u16 {
-    let authorization = support::bearer(token);
-    raw_request(
-        proxy.admin,
-        "GET",
-        "/admin/status",
-        &[("authorization", authorization.as_str())],
-        Bytes::new(),
-    )
-    .await
-    .unwrap()
-    .0
+    let admin = proxy.admin.with_token(token);
+    admin.request("GET", "/admin/status").await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,6 +282,7 @@ async fn a_rotated_admin_token_replaces_the_old_one_and_a_broken_one_is_rejected
     // The Secret is rotated; the config file is untouched.
     support::write_secret(&token_file, "second-token\n");
     proxy
+        .admin
         .wait_metric_at_least("s3fp_config_reloads_total{result=\"success\"}", 1.0)
         .await;
     assert_eq!(status_with_token(&proxy, "second-token").await, 200);
@@ -287,6 +291,7 @@ async fn a_rotated_admin_token_replaces_the_old_one_and_a_broken_one_is_rejected
     // An empty token file fails the reload; the running token stays.
     support::write_secret(&token_file, "");
     proxy
+        .admin
         .wait_metric_at_least("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
         .await;
     assert_eq!(status_with_token(&proxy, "second-token").await, 200);
@@ -316,9 +321,13 @@ async fn a_world_writable_config_file_is_rejected_on_reload_until_fixed() {
     std::fs::set_permissions(proxy.config.path(), world_writable).unwrap();
     proxy.signal("-HUP");
     proxy
+        .admin
         .wait_metric_at_least("s3fp_config_reloads_total{result=\"failure\"}", 1.0)
         .await;
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 30.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 30.0)
+        .await;
     assert!(
         proxy
             .log_lines()
@@ -331,5 +340,8 @@ async fn a_world_writable_config_file_is_rejected_on_reload_until_fixed() {
     let private = std::fs::Permissions::from_mode(0o600);
     std::fs::set_permissions(proxy.config.path(), private).unwrap();
     proxy.signal("-HUP");
-    proxy.wait_metric("s3fp_hold_timeout_seconds", 5.0).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_timeout_seconds", 5.0)
+        .await;
 }

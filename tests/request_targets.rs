@@ -5,8 +5,6 @@
 //! requests on one keep-alive connection, to s3s-fs through the proxy, with a
 //! recording relay showing what the backend received.
 
-mod support;
-
 use std::net::SocketAddr;
 
 use support::relay::Relay;

@@ -6,8 +6,6 @@
 //! HTTP/1.1 answer with `Connection: close` so clients reconnect: PutObject
 //! every 100 ms and a keep-alive GET loop, SDK retries off, see no failure.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,7 +82,7 @@ async fn a_rolling_update_of_the_proxy_costs_no_request() {
         Arc::clone(&stop_reads),
     );
     wait_until(Duration::from_secs(10), "writes under way", || async {
-        old.metrics().await.contains("s3fp_requests_total")
+        old.admin.metrics().await.contains("s3fp_requests_total")
     })
     .await
     .unwrap();
@@ -92,7 +90,7 @@ async fn a_rolling_update_of_the_proxy_costs_no_request() {
     old.signal("-TERM");
     // The old pod is unready at once.
     wait_until(Duration::from_secs(5), "the old proxy unready", || async {
-        support::http_status(old.admin, "GET", "/readyz").await != Some(200)
+        support::http_status(old.admin.address, "GET", "/readyz").await != Some(200)
     })
     .await
     .unwrap();

@@ -2,8 +2,6 @@
 //! every operation an S3 application uses arrives byte-exact (signatures
 //! verify, checksums match).
 
-mod support;
-
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use support::{ProxyUnderTest, S3Backend, metric_sample, object_content, s3_client};
@@ -195,8 +193,11 @@ async fn one_client_after_another_reuses_the_backend_connection() {
         assert_eq!(got.body.collect().await.unwrap().into_bytes(), content);
     }
 
-    let opened = metric_sample(&proxy.metrics().await, "s3fp_backend_connections_total")
-        .expect("the connection counter is exposed");
+    let opened = metric_sample(
+        &proxy.admin.metrics().await,
+        "s3fp_backend_connections_total",
+    )
+    .expect("the connection counter is exposed");
     assert!(
         opened <= 3.0,
         "{opened} backend connections for {} sequential requests",

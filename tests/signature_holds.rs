@@ -7,8 +7,6 @@
 //! request is the backend's to judge: it gets the backend's answer, as it
 //! would without the proxy.
 
-mod support;
-
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::error::ProvideErrorMetadata;
@@ -33,7 +31,7 @@ fn client_signing_in_the_past(endpoint: &str, ago: Duration) -> aws_sdk_s3::Clie
 
 async fn hold_outcome(proxy: &ProxyUnderTest, outcome: &str) -> f64 {
     metric_sample(
-        &proxy.metrics().await,
+        &proxy.admin.metrics().await,
         &format!("s3fp_hold_outcomes_total{{outcome=\"{outcome}\"}}"),
     )
     .unwrap_or(0.0)

@@ -3,8 +3,6 @@
 //! certificate while requests are held, an HTTPS-only backend with its own CA,
 //! and a client that speaks garbage instead of TLS.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -124,7 +122,7 @@ async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive(
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
 
     // cert-manager writes a new pair for the same files.
     let renewed = ca.issue("renewed", &["localhost", "127.0.0.1"]);
@@ -143,13 +141,17 @@ async fn a_rotated_certificate_serves_new_connections_and_held_requests_survive(
     .await
     .unwrap();
     assert_ne!(before, renewed.der);
-    assert_eq!(proxy.held().await, 1, "the held request is still held");
+    assert_eq!(
+        proxy.admin.held().await,
+        1,
+        "the held request is still held"
+    );
 
     backend.restart().await.unwrap();
     held.await
         .unwrap()
         .expect("the request held across the rotation succeeds");
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     assert_eq!(
         metric_sample(
             &metrics,
@@ -177,7 +179,7 @@ async fn a_broken_certificate_file_is_rejected_and_the_old_pair_keeps_serving() 
         "the broken pair to be rejected",
         || async {
             metric_sample(
-                &proxy.metrics().await,
+                &proxy.admin.metrics().await,
                 "s3fp_tls_certificate_reloads_total{result=\"failure\"}",
             )
             .is_some_and(|failures| failures >= 1.0)
@@ -225,7 +227,7 @@ async fn an_http2_client_is_held_through_an_outage() {
     }
     let put = h2.send_request(request.body(Full::new(body.clone())).unwrap());
     let put = tokio::spawn(put);
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.restart().await.unwrap();
     let response = put.await.unwrap().unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
@@ -279,7 +281,7 @@ async fn an_https_only_backend_with_its_own_ca_is_proxied_and_probed_over_tls() 
                 .await
         }
     });
-    proxy.wait_held(1).await;
+    proxy.admin.wait_held(1).await;
     backend.restart().await.unwrap();
     front.restart().await;
     put.await
@@ -308,7 +310,7 @@ async fn a_backend_whose_certificate_is_not_trusted_is_not_up() {
         .unwrap();
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
-        proxy.status().await["state"],
+        proxy.admin.status().await["state"],
         "down",
         "a failed handshake is not frontend-up"
     );
@@ -331,7 +333,10 @@ async fn garbage_instead_of_a_handshake_closes_that_connection_only() {
     assert!(read.is_ok(), "the proxy closes the connection");
     assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
     assert_eq!(
-        metric_sample(&proxy.metrics().await, "s3fp_tls_handshake_failures_total"),
+        metric_sample(
+            &proxy.admin.metrics().await,
+            "s3fp_tls_handshake_failures_total"
+        ),
         Some(1.0)
     );
 

@@ -10,8 +10,6 @@
 //! is one test function per check. The suite collects every
 //! difference of every case and fails once with one report.
 
-mod support;
-
 use support::S3Backend;
 use support::radosgw::RadosGw;
 
@@ -80,9 +78,9 @@ mod suite {
 
     use crate::corpus::{self, Case, Fixture};
     use crate::diff::{self, Captured, Observed};
-    use crate::support::ProxyUnderTest;
-    use crate::support::relay::{Mark, Relay};
     use crate::wire::{self, Message, Role};
+    use support::ProxyUnderTest;
+    use support::relay::{Mark, Relay};
 
     /// Longest wait for one complete answer.
     const ANSWER_LIMIT: Duration = Duration::from_secs(20);
@@ -217,8 +215,8 @@ mod corpus {
     use crate::codec;
     use crate::diff::Captured;
     use crate::sigv4::{Auth, Framing, HOST, Payload, Req, Signer};
-    use crate::support::{object_content, s3_client};
     use crate::wire::{Exchange, Response};
+    use support::{object_content, s3_client};
 
     pub type BuildRequest = Box<dyn Fn(&Captured) -> Exchange + Send + Sync>;
     pub type Capture = fn(&Response) -> Vec<(String, String)>;
@@ -1879,8 +1877,8 @@ mod sigv4 {
     use bytes::Bytes;
 
     use crate::codec;
-    use crate::support::{ACCESS_KEY, REGION, SECRET_KEY};
     use crate::wire::{Exchange, Sending};
+    use support::{ACCESS_KEY, REGION, SECRET_KEY};
 
     pub const HOST: &str = "s3.test";
     const WRONG_SECRET: &str = "not-the-secret-key-0123456789";
@@ -2309,9 +2307,9 @@ mod smuggling {
     use crate::codec;
     use crate::corpus::Fixture;
     use crate::sigv4::{Auth, Req};
-    use crate::support::ProxyUnderTest;
-    use crate::support::relay::{ConnectionRecord, Relay};
     use crate::wire::{self, Exchange, Sending};
+    use support::ProxyUnderTest;
+    use support::relay::{ConnectionRecord, Relay};
 
     const SMUGGLED: &[u8] = b"GET /some-bucket HTTP/1.1\r\nHost: x\r\n\r\n";
     const ROUNDS: usize = 5;
@@ -2429,8 +2427,8 @@ mod early_answers {
 
     use crate::corpus::Fixture;
     use crate::sigv4::{Auth, Payload};
-    use crate::support::ProxyUnderTest;
     use crate::wire;
+    use support::ProxyUnderTest;
 
     const TRIES: usize = 20;
     const SIZE: usize = 16 << 20;

@@ -3,8 +3,6 @@
 //! client gets an error, never a 200 for data not stored, never a duplicate,
 //! never a truncated body passed off as complete.
 
-mod support;
-
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -127,7 +125,7 @@ async fn a_backend_killed_mid_download_and_not_back_in_time_aborts_the_client_co
         "the truncated download must fail, got {received} bytes and a clean end"
     );
     assert!(received < content.len());
-    let metrics = proxy.metrics().await;
+    let metrics = proxy.admin.metrics().await;
     let failed = r#"s3fp_download_resumes_total{outcome="failed"}"#;
     assert_eq!(support::metric_sample(&metrics, failed), Some(1.0));
 }

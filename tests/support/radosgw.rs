@@ -188,7 +188,7 @@ impl RadosGw {
     }
 
     /// radosgw's own log (one request line each, errors), kept after the run.
-    pub fn log_path(&self) -> PathBuf {
+    fn log_path(&self) -> PathBuf {
         self.cluster
             .dir
             .join("log")

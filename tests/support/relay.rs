@@ -55,15 +55,14 @@ struct Recorded {
 }
 
 impl Recorded {
-    /// When connections `which` will all have been quiet long enough, or
+    /// When every open connection will have been quiet long enough, or
     /// `None` if they are all closed already.
-    fn quiet_at(&self, which: &dyn Fn(usize) -> bool, quiet: Duration) -> Option<Instant> {
+    fn quiet_at(&self, quiet: Duration) -> Option<Instant> {
         self.connections
             .iter()
             .zip(&self.touched)
-            .enumerate()
-            .filter(|(index, (connection, _))| which(*index) && !connection.closed)
-            .map(|(_, (_, touched))| *touched + quiet)
+            .filter(|(connection, _)| !connection.closed)
+            .map(|(_, touched)| *touched + quiet)
             .max()
     }
 }
@@ -166,43 +165,11 @@ impl Relay {
     /// Waits until every connection is closed or has been quiet (moved no
     /// byte) for `quiet`; gives up after `limit`.
     pub async fn wait_settled(&self, quiet: Duration, limit: Duration) -> anyhow::Result<()> {
-        self.wait_quiet(&|_| true, quiet, limit).await
-    }
-
-    /// Waits until connection `index` exists and is closed or has been quiet
-    /// for `quiet`; gives up after `limit`.
-    pub async fn wait_closed_or_quiet(
-        &self,
-        index: usize,
-        quiet: Duration,
-        limit: Duration,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + limit;
-        let mut activity = self.shared.activity.subscribe();
-        while self.shared.recorded.lock().unwrap().connections.len() <= index {
-            activity.mark_unchanged();
-            if tokio::time::timeout_at(deadline, activity.changed())
-                .await
-                .is_err()
-            {
-                anyhow::bail!("no connection {index} within {limit:?}");
-            }
-        }
-        self.wait_quiet(&|i| i == index, quiet, deadline - Instant::now())
-            .await
-    }
-
-    async fn wait_quiet(
-        &self,
-        which: &dyn Fn(usize) -> bool,
-        quiet: Duration,
-        limit: Duration,
-    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         let mut activity = self.shared.activity.subscribe();
         loop {
             activity.mark_unchanged();
-            let Some(quiet_at) = self.shared.recorded.lock().unwrap().quiet_at(which, quiet) else {
+            let Some(quiet_at) = self.shared.recorded.lock().unwrap().quiet_at(quiet) else {
                 return Ok(());
             };
             let now = Instant::now();

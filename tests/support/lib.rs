@@ -1,11 +1,12 @@
-//! Test harness: a real S3 backend process (`s3s-fs`) that a test can kill with
+//! Test harness, a library the integration tests in `tests/` link (as
+//! `support`): a real S3 backend process (`s3s-fs`) that a test can kill with
 //! SIGKILL, stop, and restart on the same port and data directory; the real
 //! proxy running in-process on loopback sockets, or as its binary with a
-//! config file, signals and a captured log; an `aws-sdk-s3` client with
-//! retries off; and small helpers to talk raw HTTP and SigV4.
+//! config file, signals and a captured log, each with an [`AdminClient`];
+//! an `aws-sdk-s3` client with retries off; and small helpers to talk raw
+//! HTTP and SigV4. The other backends and tools are in the modules below.
 
-#![allow(dead_code)]
-
+pub mod admin;
 pub mod fake_kube;
 pub mod radosgw;
 pub mod relay;
@@ -23,6 +24,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use s3_failover_proxy::{Config, Listeners};
+
+pub use admin::AdminClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -55,11 +58,6 @@ pub fn write_secret(path: &std::path::Path, content: &str) {
     std::fs::write(&staged, content).unwrap();
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::rename(&staged, path).unwrap();
-}
-
-/// The `Authorization` value that carries `token`.
-pub fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
 }
 
 /// A port nobody listens on right now (for a process that must bind it itself).
@@ -189,7 +187,7 @@ impl S3Backend {
 }
 
 /// SIGKILL and reap a backend process: a crash, no clean shutdown.
-pub fn kill_now(child: &mut Option<Child>) {
+pub(crate) fn kill_now(child: &mut Option<Child>) {
     if let Some(mut child) = child.take() {
         let _ = child.kill();
         let _ = child.wait();
@@ -197,7 +195,7 @@ pub fn kill_now(child: &mut Option<Child>) {
 }
 
 /// Sends `which` (`-STOP`, `-CONT`) to a running backend process.
-pub fn send_signal(child: &Child, which: &str) {
+pub(crate) fn send_signal(child: &Child, which: &str) {
     let status = Command::new("kill")
         .arg(which)
         .arg(child.id().to_string())
@@ -228,7 +226,7 @@ pub struct ProxyUnderTest {
     pub address: SocketAddr,
     /// The HTTPS listener, when the config has `[listener.tls]`.
     pub tls_address: Option<SocketAddr>,
-    pub admin: SocketAddr,
+    pub admin: AdminClient,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -256,7 +254,7 @@ impl ProxyUnderTest {
     /// fresh loopback ports whatever the text says. Waits until it is ready.
     pub async fn start_raw(text: &str) -> anyhow::Result<ProxyUnderTest> {
         let proxy = ProxyUnderTest::start_unready(text).await?;
-        let admin = proxy.admin;
+        let admin = proxy.admin.address;
         wait_until(
             Duration::from_secs(10),
             "the proxy to be ready",
@@ -301,7 +299,7 @@ impl ProxyUnderTest {
         let proxy = ProxyUnderTest {
             address,
             tls_address,
-            admin: admin_address,
+            admin: AdminClient::new(admin_address),
             shutdown: Some(shutdown),
             task: Some(task),
         };
@@ -316,54 +314,6 @@ impl ProxyUnderTest {
         format!("http://{}", self.address)
     }
 
-    /// `GET /admin/status` as JSON.
-    pub async fn status(&self) -> serde_json::Value {
-        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new())
-            .await
-            .unwrap();
-        serde_json::from_slice(&body).expect("status is JSON")
-    }
-
-    /// The Prometheus exposition of `/metrics`.
-    pub async fn metrics(&self) -> String {
-        scrape_metrics(self.admin).await
-    }
-
-    /// The outages the proxy counted, every reason but admin pauses and
-    /// discovery.
-    pub async fn outages(&self) -> f64 {
-        let text = self.metrics().await;
-        ["refused", "reset", "hang_timeout", "probe_failed"]
-            .iter()
-            .filter_map(|reason| {
-                metric_sample(&text, &format!("s3fp_outages_total{{reason=\"{reason}\"}}"))
-            })
-            .sum()
-    }
-
-    pub async fn held(&self) -> u64 {
-        self.status().await["held"].as_u64().unwrap()
-    }
-
-    pub async fn admin_post(&self, path: &str) -> serde_json::Value {
-        let (status, body) = raw_request(self.admin, "POST", path, &[], Bytes::new())
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
-        serde_json::from_slice(&body).expect("admin answers JSON")
-    }
-
-    /// Waits until `held` requests are held.
-    pub async fn wait_held(&self, held: u64) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{held} held requests"),
-            || async { self.held().await == held },
-        )
-        .await
-        .unwrap();
-    }
-
     /// A proxy that notices a hung backend quickly (no response for 500 ms,
     /// probes give up after 200 ms) and holds for up to 20 s.
     pub async fn start_quick_to_notice_hangs(backend: SocketAddr) -> ProxyUnderTest {
@@ -376,17 +326,6 @@ impl ProxyUnderTest {
         .unwrap()
     }
 
-    /// Waits until the gate reports `reason` (e.g. `hang_timeout`).
-    pub async fn wait_reason(&self, reason: &str) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("the gate to report {reason}"),
-            || async { self.status().await["reason"] == reason },
-        )
-        .await
-        .unwrap();
-    }
-
     /// Runs `request` while the backend is frozen (SIGSTOP), so it reaches the
     /// backend and hangs; thaws the backend once the proxy saw the hang.
     pub async fn through_a_hang<T, F>(&self, backend: &S3Backend, request: F) -> T
@@ -396,7 +335,7 @@ impl ProxyUnderTest {
     {
         backend.freeze();
         let running = tokio::spawn(request);
-        self.wait_reason("hang_timeout").await;
+        self.admin.wait_reason("hang_timeout").await;
         backend.thaw();
         running.await.unwrap()
     }
@@ -648,11 +587,34 @@ impl FedUpload {
     }
 }
 
+/// The proxy binary cargo built for this test run. `CARGO_BIN_EXE_*` names it
+/// only to a test of the proxy's own package at compile time, and this
+/// harness is a crate of its own: where cargo does not set it at run time,
+/// the binary is the one in the profile directory above the running test's
+/// `deps/` (`target/debug/s3-failover-proxy`).
+fn proxy_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CARGO_BIN_EXE_s3-failover-proxy") {
+        return path.into();
+    }
+    let test = std::env::current_exe().expect("the running test's path");
+    let profile = test
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("a test under target/<profile>/deps/");
+    let binary = profile.join("s3-failover-proxy");
+    assert!(
+        binary.exists(),
+        "{} missing: run the test through cargo test, which builds it",
+        binary.display()
+    );
+    binary
+}
+
 /// The proxy binary as an operator runs it: a separate process with a config
 /// file the test can rewrite, and signals.
 pub struct ProxyProcess {
     pub port: u16,
-    pub admin: SocketAddr,
+    pub admin: AdminClient,
     pub config: tempfile::NamedTempFile,
     /// Everything the process wrote to stderr: its log.
     log: tempfile::NamedTempFile,
@@ -663,7 +625,7 @@ impl ProxyProcess {
     /// Starts the binary with `[listener]` and `[admin]` on free loopback ports
     /// plus `body` (which must name the backend), and waits until it is ready.
     pub async fn start(body: &str) -> anyhow::Result<ProxyProcess> {
-        ProxyProcess::start_as(body, Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))).await
+        ProxyProcess::start_as(body, Command::new(proxy_binary())).await
     }
 
     /// Like [`ProxyProcess::start`], with at most `descriptors` open files
@@ -676,7 +638,7 @@ impl ProxyProcess {
         command
             .arg("-c")
             .arg(format!("ulimit -n {descriptors} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_s3-failover-proxy"));
+            .arg(proxy_binary());
         ProxyProcess::start_as(body, command).await
     }
 
@@ -686,7 +648,7 @@ impl ProxyProcess {
         let config = tempfile::NamedTempFile::new()?;
         let mut process = ProxyProcess {
             port,
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            admin: AdminClient::new(SocketAddr::from(([127, 0, 0, 1], admin_port))),
             config,
             log: tempfile::NamedTempFile::new()?,
             child: Command::new("true").spawn()?,
@@ -697,7 +659,7 @@ impl ProxyProcess {
             .arg(process.config.path())
             .stderr(process.log.reopen()?)
             .spawn()?;
-        let admin = process.admin;
+        let admin = process.admin.address;
         wait_until(
             Duration::from_secs(10),
             "the proxy process to be ready",
@@ -715,7 +677,7 @@ impl ProxyProcess {
         let config = tempfile::NamedTempFile::new()?;
         std::fs::copy(self.config.path(), config.path())?;
         let log = tempfile::NamedTempFile::new()?;
-        let child = Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
+        let child = Command::new(proxy_binary())
             .arg("--config")
             .arg(config.path())
             .arg("--take-over")
@@ -723,7 +685,7 @@ impl ProxyProcess {
             .spawn()?;
         let successor = ProxyProcess {
             port: self.port,
-            admin: self.admin,
+            admin: self.admin.clone(),
             config,
             log,
             child,
@@ -752,7 +714,7 @@ impl ProxyProcess {
         };
         let text = format!(
             "[listener]\naddress = \"127.0.0.1:{}\"\n{listener}\n[admin]\naddress = \"{}\"\n{rest}",
-            self.port, self.admin
+            self.port, self.admin.address
         );
         self.replace_config(&text);
     }
@@ -782,50 +744,6 @@ impl ProxyProcess {
             .status()
             .unwrap();
         assert!(status.success());
-    }
-
-    pub async fn status(&self) -> serde_json::Value {
-        let (_, body) = raw_request(self.admin, "GET", "/admin/status", &[], Bytes::new())
-            .await
-            .unwrap();
-        serde_json::from_slice(&body).expect("status is JSON")
-    }
-
-    pub async fn wait_held(&self, held: u64) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{held} held requests"),
-            || async { self.status().await["held"] == held },
-        )
-        .await
-        .unwrap();
-    }
-
-    pub async fn metrics(&self) -> String {
-        scrape_metrics(self.admin).await
-    }
-
-    /// Waits until the exposition has `series` with `value`.
-    pub async fn wait_metric(&self, series: &str, value: f64) {
-        self.wait_sample(series, &format!("= {value}"), |v| v == value)
-            .await;
-    }
-
-    /// Waits until the exposition has `series` at `minimum` or more: a signal
-    /// and the file watcher may both pick up one edit.
-    pub async fn wait_metric_at_least(&self, series: &str, minimum: f64) {
-        self.wait_sample(series, &format!(">= {minimum}"), |v| v >= minimum)
-            .await;
-    }
-
-    async fn wait_sample(&self, series: &str, what: &str, holds: impl Fn(f64) -> bool) {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{series} {what}"),
-            || async { metric_sample(&self.metrics().await, series).is_some_and(&holds) },
-        )
-        .await
-        .unwrap();
     }
 
     /// True until the process has exited.
@@ -886,15 +804,6 @@ impl Drop for ProxyProcess {
 }
 
 /// The value of one sample, `name{labels}` exactly as exposed.
-/// `GET /metrics` on an admin listener, which must answer 200.
-pub async fn scrape_metrics(admin: SocketAddr) -> String {
-    let (status, body) = raw_request(admin, "GET", "/metrics", &[], Bytes::new())
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
 pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?
