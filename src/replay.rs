@@ -147,6 +147,22 @@ where
         !shared.client_failed && !shared.overflowed && !shared.committed
     }
 
+    /// The data of the whole body, when every byte of it is kept (the
+    /// client's body ended and fit the replay buffer): shared, not copied.
+    pub fn kept_whole(&self) -> Option<Vec<Bytes>> {
+        let shared = lock(&self.shared);
+        if !shared.source_done || shared.overflowed || shared.committed || shared.client_failed {
+            return None;
+        }
+        Some(
+            shared
+                .kept
+                .iter()
+                .filter_map(|frame| frame.data_ref().cloned())
+                .collect(),
+        )
+    }
+
     pub fn client_failed(&self) -> bool {
         lock(&self.shared).client_failed
     }
