@@ -1077,8 +1077,8 @@ impl ReadBack<'_> {
         }
     }
 
-    /// A Complete is done when its upload is gone and the object carries
-    /// the multipart ETag of the parts the client listed.
+    /// A Complete is done when its upload is gone (or holds no part) and
+    /// the object carries the multipart ETag of the parts the client listed.
     async fn settle_complete(
         &self,
         connector: &Connector,
@@ -1089,8 +1089,11 @@ impl ReadBack<'_> {
             .credentials
             .ask(connector, Method::GET, host, list_parts)
             .await?;
+        // s3s-fs answers a completed upload's ListParts with an empty list;
+        // an upload that still holds parts lists at least one.
         match upload.status {
             StatusCode::NOT_FOUND => {}
+            StatusCode::OK if !write_settle::lists_a_part(&upload.body) => {}
             StatusCode::OK => return Ok(Settlement::Absent),
             status => return Err(ReadBackError::Status(status)),
         }

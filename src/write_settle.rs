@@ -67,9 +67,13 @@ impl Write {
         }
         let upload_id = query_value(uri, "uploadId");
         let part_number = query_value(uri, "partNumber");
+        // The AWS SDKs add `x-id=<operation>`, which S3 ignores.
         let other_query = uri.query().is_some_and(|q| {
-            q.split('&')
-                .any(|p| !p.starts_with("uploadId=") && !p.starts_with("partNumber="))
+            q.split('&').any(|p| {
+                !["uploadId=", "partNumber=", "x-id="]
+                    .iter()
+                    .any(|known| p.starts_with(known))
+            })
         });
         match (method, upload_id, part_number, other_query) {
             (&Method::PUT, None, None, false) => Some(Write::PutObject),
@@ -472,6 +476,11 @@ pub fn multipart_etag(part_etags: &[String]) -> Option<String> {
     ))
 }
 
+/// True when a ListParts page lists at least one part.
+pub fn lists_a_part(page: &[u8]) -> bool {
+    page.windows(6).any(|w| w == b"<Part>")
+}
+
 /// The part ETags a CompleteMultipartUpload body lists, in order.
 pub fn listed_parts(body: &[u8]) -> Option<Vec<String>> {
     let xml = std::str::from_utf8(body).ok()?;
@@ -719,6 +728,10 @@ mod tests {
             Some(Write::CompleteMultipartUpload {
                 upload_id: "xyz".into()
             })
+        );
+        assert_eq!(
+            Write::of(&Method::PUT, &uri("/b/k?x-id=PutObject"), &plain),
+            Some(Write::PutObject)
         );
         assert_eq!(Write::of(&Method::POST, &uri("/b/k?uploads"), &plain), None);
         assert_eq!(Write::of(&Method::PUT, &uri("/b/k?tagging"), &plain), None);
