@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::admin_token::AdminToken;
 use crate::backend_address::BackendAddress;
 use crate::trusted_file::{self, FileError, FilePolicy};
+use crate::write_settle::SettleCredentials;
 
 /// A configuration that could not be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub quarantine: QuarantineConfig,
     pub log: LogConfig,
+    /// The proxy's own key for reading back ambiguous writes (`[settle]`);
+    /// `None`: writes whose answer was lost are not settled.
+    pub settle: Option<SettleCredentials>,
     /// Which config, certificate, key and token files are accepted: from the
     /// command line, never from the file itself.
     pub files: FilePolicy,
@@ -281,6 +285,15 @@ pub struct RawConfig {
     quarantine: RawQuarantine,
     #[serde(default)]
     log: RawLog,
+    settle: Option<RawSettle>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettle {
+    access_key_id: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+    region: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -889,9 +902,36 @@ impl Config {
                 )?,
             },
             log,
+            settle: raw.settle.map(|raw| settle(raw, files)).transpose()?,
             files,
         })
     }
+}
+
+/// The read-back key: an access key id and the file holding its secret
+/// (a mounted Secret), both required once the section is there.
+fn settle(raw: RawSettle, files: FilePolicy) -> Result<SettleCredentials, ConfigError> {
+    let access_key_id = raw
+        .access_key_id
+        .filter(|id| !id.trim().is_empty())
+        .ok_or_else(|| invalid("settle.access_key_id", "required in [settle]"))?;
+    let file = raw
+        .secret_access_key_file
+        .ok_or_else(|| invalid("settle.secret_access_key_file", "required in [settle]"))?;
+    let secret = trusted_file::read_to_string(&file, files)
+        .map_err(|e| invalid("settle.secret_access_key_file", e.to_string()))?;
+    let secret_access_key = secret.trim().to_owned();
+    if secret_access_key.is_empty() {
+        return Err(invalid(
+            "settle.secret_access_key_file",
+            format!("{} holds no key", file.display()),
+        ));
+    }
+    Ok(SettleCredentials {
+        access_key_id: access_key_id.trim().to_owned(),
+        secret_access_key,
+        region: raw.region.unwrap_or_else(|| "us-east-1".to_owned()),
+    })
 }
 
 /// The admin listener: a token (read now) whenever it is set, and required

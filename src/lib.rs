@@ -13,7 +13,8 @@
 //! [`probe`] confirms the backend does not serve (slow is not dead, a silent
 //! client is the client's fault). The request is then held (nothing sent),
 //! replayed (idempotent, body still kept) or answered with an S3 error from
-//! [`s3_error`]; a request that crashes the backend twice is stopped by the
+//! [`s3_error`]; a write whose answer was lost is first read back
+//! ([`write_settle`]) and answered as stored when the backend has its bytes; a request that crashes the backend twice is stopped by the
 //! [`quarantine`], and the operations S3 servers take long to answer are
 //! named in [`s3_operation`]. While Down, new requests wait in the gate's
 //! bounded FIFO queue; the probe asks the backend at a short interval whether
@@ -82,6 +83,7 @@ pub mod signature_expiry;
 pub mod tls;
 pub mod trusted_file;
 pub mod upstream;
+pub mod write_settle;
 
 pub use config::Config;
 pub use server::{Listeners, run, run_with_reload};

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::gate::{DownReason, GateStatus, Phase, Transition};
 use crate::outcome::{
     CheckVerdict, HoldOutcome, ProbeResult, QuarantineOutcome, ReloadResult, ReplayOutcome,
-    ResumeOutcome,
+    ResumeOutcome, SettleOutcome,
 };
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
@@ -56,6 +56,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     replays: IntCounterVec,
     download_resumes: IntCounterVec,
+    write_settles: IntCounterVec,
     probes: IntCounterVec,
     outage_checks: IntCounterVec,
     quarantine: IntCounterVec,
@@ -187,6 +188,12 @@ impl Metrics {
                 &["outcome"],
                 r
             )),
+            write_settles: registered(register_int_counter_vec_with_registry!(
+                "s3fp_write_settles_total",
+                "Writes whose response was lost in a backend failure, read back once the backend served, by outcome: stored (answered success), answered (the original's own answer came), absent, different, no_proof (replayed if kept, else 503), failed (the read-back got no answer).",
+                &["outcome"],
+                r
+            )),
             probes: registered(register_int_counter_vec_with_registry!(
                 "s3fp_probes_total",
                 "Backend probes while the gate was not up, by result (serving, not_serving).",
@@ -286,6 +293,9 @@ impl Metrics {
         for outcome in ResumeOutcome::ALL {
             self.download_resumes.with_label_values(&[outcome.as_str()]);
         }
+        for outcome in SettleOutcome::ALL {
+            self.write_settles.with_label_values(&[outcome.as_str()]);
+        }
         for result in ProbeResult::ALL {
             self.probes.with_label_values(&[result.as_str()]);
         }
@@ -353,6 +363,13 @@ impl Metrics {
     /// A download cut by a backend failure ended as `outcome`.
     pub fn download_resume(&self, outcome: ResumeOutcome) {
         self.download_resumes
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// An ambiguous write was settled as `outcome`.
+    pub fn write_settle(&self, outcome: SettleOutcome) {
+        self.write_settles
             .with_label_values(&[outcome.as_str()])
             .inc();
     }

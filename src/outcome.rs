@@ -75,6 +75,9 @@ labels! {
         /// Held until its signature was about to end (S3's
         /// `RequestTimeTooSkewed`, or an expired presigned URL).
         SignatureExpired => "signature_expired",
+        /// Its response was lost in a backend failure; read back, the
+        /// backend stores its bytes: answered the success it would have got.
+        Settled => "settled",
     }
 }
 
@@ -111,7 +114,7 @@ impl HoldOutcome {
             RequestOutcome::ClientGone => Some(HoldOutcome::ClientGone),
             RequestOutcome::ShuttingDown => Some(HoldOutcome::ShuttingDown),
             RequestOutcome::SignatureExpired => Some(HoldOutcome::SignatureExpired),
-            RequestOutcome::Ok if was_held => Some(HoldOutcome::Released),
+            RequestOutcome::Ok | RequestOutcome::Settled if was_held => Some(HoldOutcome::Released),
             _ if was_held => Some(HoldOutcome::ReleasedFailed),
             _ => None,
         }
@@ -140,6 +143,27 @@ labels! {
         NotResumable => "not_resumable",
         /// A resume was tried and failed (hold timeout, mismatched answer,
         /// backend failure, no resume left).
+        Failed => "failed",
+    }
+}
+
+labels! {
+    /// How an ambiguous write was settled (`s3fp_write_settles_total`,
+    /// [`crate::write_settle`]): a PutObject, UploadPart or
+    /// CompleteMultipartUpload that reached a failing backend.
+    pub enum SettleOutcome {
+        /// The backend stores exactly the client's bytes: answered success.
+        Stored => "stored",
+        /// The original's own answer arrived once the backend resumed.
+        Answered => "answered",
+        /// Not stored: replayed if its body was kept, else `503`.
+        Absent => "absent",
+        /// Something else stored: replayed if kept, else `503`.
+        Different => "different",
+        /// Stored, but nothing proves the bytes equal: replayed if kept
+        /// (not possible for a kept body with an MD5 ETag), else `503`.
+        NoProof => "no_proof",
+        /// The read-back got no usable answer (or the hold ended first).
         Failed => "failed",
     }
 }

@@ -6,18 +6,23 @@
 //! a failure that sent nothing takes the gate down and holds the request again;
 //! a failure after bytes reached the backend replays only an idempotent request
 //! whose body is still fully kept, at most `hold.max_replays` times; anything
-//! else becomes an S3 error via [`ProxyError`]. A download whose body is cut
+//! else becomes an S3 error via [`ProxyError`]. Before a write that reached
+//! a failed backend is replayed or refused, it is settled ([`Proxy::settle`],
+//! [`crate::write_settle`]): a hung attempt's own late answer, or a
+//! read-back that proves the backend stores the client's bytes, answers the
+//! client instead. A download whose body is cut
 //! by a backend failure is resumed ([`crate::download_resume`]): [`Rest`]
 //! holds like a request does and asks the backend for the missing bytes.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, Request, Response, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -25,6 +30,7 @@ use tokio::time::Instant;
 use crate::access_log::{RequestRecord, next_request_id};
 use crate::client_identity::client_key;
 use crate::config::ForwardingConfig;
+use crate::connector::Connector;
 use crate::delivery::{self, Delivery, Expectation};
 use crate::download_resume::{
     self, Continuation, Download, NotResumable, Refetch, ResumeError, Resumes, ResumingBody,
@@ -35,7 +41,7 @@ use crate::headers;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, outbound};
 use crate::outcome::{
-    CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome, ResumeOutcome,
+    CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome, ResumeOutcome, SettleOutcome,
 };
 use crate::peer::Peer;
 use crate::probe::Prober;
@@ -46,6 +52,9 @@ use crate::s3_error::ProxyError;
 use crate::s3_operation;
 use crate::signature_expiry;
 use crate::upstream::{PooledBody, Upstream, UpstreamError};
+use crate::write_settle::{
+    self, Declared, KeptBody, ReadBackError, SettleCredentials, Settlement, Stored, Write,
+};
 
 /// Request-path settings; replaced as a whole on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +71,9 @@ pub struct ProxySettings {
     pub first_byte_timeout: Duration,
     /// The same for operations known to be slow ([`s3_operation::is_slow`]).
     pub slow_first_byte_timeout: Duration,
+    /// The key ambiguous writes are read back with (`[settle]`); `None`:
+    /// they are not settled.
+    pub settle: Option<SettleCredentials>,
 }
 
 /// Longest the proxy reads and drops the rest of a body the backend answered
@@ -75,6 +87,9 @@ const MAX_UNSENT_RETRIES: u32 = 3;
 type ClientBody = ReplayableBody<Incoming>;
 type BackendBody = PooledBody<AttemptBody<Incoming>>;
 type BackendResponse = Response<BackendBody>;
+/// An attempt still waiting for its answer on its own connection.
+type Pending<'a> =
+    Pin<Box<dyn Future<Output = Result<BackendResponse, UpstreamError>> + Send + 'a>>;
 
 /// The shared state of the S3 listener.
 pub struct Proxy {
@@ -104,8 +119,10 @@ struct Watch<'a> {
 }
 
 /// One failed attempt, for `after_failure`.
-struct Failed<'a> {
+struct Failed<'a, 'p> {
     error: &'a UpstreamError,
+    /// The attempt's answer, still awaitable (a hang).
+    pending: Option<Pending<'p>>,
     generation: u64,
     idempotent: bool,
     /// The attempt was a crash suspect's, alone in the suspect lane.
@@ -138,11 +155,30 @@ struct Answered {
 }
 
 /// Why one attempt produced no backend response.
-enum AttemptFailure {
+enum AttemptFailure<'a> {
     /// The upstream failed; what it means is decided in `after_failure`.
-    Upstream(UpstreamError),
+    /// A hung attempt keeps its connection open and its answer awaitable:
+    /// a frozen backend that resumes finishes the request and answers it.
+    Upstream(UpstreamError, Option<Pending<'a>>),
     /// The proxy answers at once (client too slow, backend too slow).
     Answer(ProxyError),
+}
+
+/// What follows a failed attempt that the client is not answered an error for.
+enum Next {
+    /// Hold (if the backend is down) and send again; with a [`SuspectDue`]
+    /// when the request is a crash suspect (others wait for it).
+    SendAgain(Option<SuspectDue>),
+    /// The hung attempt's own answer came after all.
+    Answered(BackendResponse),
+    /// Read back: the backend stores the write; this is the client's answer.
+    Settled(Response<Bytes>),
+}
+
+/// What [`Proxy::attempts`] ends with.
+enum Reply {
+    Backend(Answered),
+    Settled(Response<Bytes>),
 }
 
 /// What one request's failure says about the backend.
@@ -258,7 +294,10 @@ impl Proxy {
             .attempts(&outbound, &body, peer, settings, &mut progress)
             .await
         {
-            Ok(answered) => self.stream(answered, outbound, body, peer.address, progress),
+            Ok(Reply::Backend(answered)) => {
+                self.stream(answered, outbound, body, peer.address, progress)
+            }
+            Ok(Reply::Settled(response)) => self.settled(response, &outbound, &body, &progress),
             Err(error) => self.answer(error, &outbound, &body, &progress, settings),
         }
     }
@@ -271,7 +310,7 @@ impl Proxy {
         peer: &Peer,
         settings: &ProxySettings,
         progress: &mut Progress,
-    ) -> Result<Answered, ProxyError> {
+    ) -> Result<Reply, ProxyError> {
         let ticket = self.gate.ticket();
         let idempotent = replay::is_idempotent(&outbound.method, &outbound.headers);
         let first_byte_timeout =
@@ -335,19 +374,20 @@ impl Proxy {
                     if suspect {
                         self.quarantine.answered(outbound.fingerprint());
                     }
-                    return Ok(Answered {
+                    return Ok(Reply::Backend(Answered {
                         response,
-                        delivery,
+                        delivery: Arc::clone(&delivery),
                         in_flight,
                         generation,
                         ticket,
-                    });
+                    }));
                 }
                 Err(AttemptFailure::Answer(error)) => return Err(error),
-                Err(AttemptFailure::Upstream(error)) => {
+                Err(AttemptFailure::Upstream(error, pending)) => {
                     drop(in_flight);
                     let failed = Failed {
                         error: &error,
+                        pending,
                         generation,
                         idempotent,
                         suspect,
@@ -355,10 +395,25 @@ impl Proxy {
                         // was not working on this request when it died.
                         blamable: delivery.complete() || !body.stall().on_client,
                     };
+                    let holder = Holder { ticket, peer };
                     // The previous due (if any) ends once this is decided.
-                    replay_due = self
-                        .after_failure(failed, outbound, body, settings, progress)
-                        .await?;
+                    replay_due = match self
+                        .after_failure(failed, holder, outbound, body, settings, progress)
+                        .await?
+                    {
+                        Next::SendAgain(due) => due,
+                        Next::Settled(response) => return Ok(Reply::Settled(response)),
+                        Next::Answered(response) => {
+                            self.gate.backend_answered();
+                            return Ok(Reply::Backend(Answered {
+                                response,
+                                delivery: Arc::clone(&delivery),
+                                in_flight: self.in_flight.enter(),
+                                generation: self.gate.generation(),
+                                ticket,
+                            }));
+                        }
+                    };
                 }
             }
         }
@@ -392,19 +447,20 @@ impl Proxy {
     }
 
     /// Decides what a failed attempt means: `Ok` to hold (if the backend is
-    /// down) and send again, with a [`SuspectDue`] when the request is a
-    /// crash suspect (others wait for it), or `Err` with the answer the
-    /// client gets.
-    async fn after_failure(
+    /// down) and send again, or with the answer a settled write gets (see
+    /// [`Proxy::settle`]), or `Err` with the error the client gets.
+    async fn after_failure<'p>(
         &self,
-        failed: Failed<'_>,
+        failed: Failed<'_, 'p>,
+        holder: Holder<'_>,
         outbound: &Outbound,
         body: &ClientBody,
         settings: &ProxySettings,
         progress: &mut Progress,
-    ) -> Result<Option<SuspectDue>, ProxyError> {
+    ) -> Result<Next, ProxyError> {
         let Failed {
             error,
+            pending,
             generation,
             idempotent,
             suspect,
@@ -442,18 +498,102 @@ impl Proxy {
                     return Err(ProxyError::BadGateway);
                 }
             }
-            return Ok(None);
+            return Ok(Next::SendAgain(None));
+        }
+        if let Some(credentials) = &settings.settle
+            && let Some(write) = Write::of(&outbound.method, &outbound.uri, &outbound.headers)
+        {
+            let ask = ReadBack {
+                credentials,
+                write,
+                outbound,
+                body,
+            };
+            if let Some(next) = self
+                .settle(ask, pending, holder, settings, progress)
+                .await?
+            {
+                return Ok(next);
+            }
         }
         if idempotent && body.can_replay() && progress.replays < settings.max_replays {
             progress.replays += 1;
             self.metrics.replay(ReplayOutcome::Replayed);
-            return Ok(died_with_it.then(|| self.gate.suspect_due()));
+            return Ok(Next::SendAgain(
+                died_with_it.then(|| self.gate.suspect_due()),
+            ));
         }
         self.metrics.replay(ReplayOutcome::RefusedUnsafe);
         Err(match verdict {
             Verdict::Outage => ProxyError::NotReplayable,
             Verdict::Alone => ProxyError::BadGateway,
         })
+    }
+
+    /// Settles a write whose answer was lost, before any replay. A hung
+    /// attempt's own answer is awaited first while its connection stays
+    /// open (a frozen backend that resumes finishes the write and answers
+    /// it: the answer is the truth, and no read-back can race it). Then the
+    /// request holds until the backend serves and the write is read back
+    /// ([`crate::write_settle`]). `Ok(Some)` answers the client; `Ok(None)`
+    /// leaves it to the replay rule. The time spent counts against the
+    /// request's `hold.timeout`.
+    async fn settle<'p>(
+        &self,
+        ask: ReadBack<'_>,
+        pending: Option<Pending<'p>>,
+        holder: Holder<'_>,
+        settings: &ProxySettings,
+        progress: &mut Progress,
+    ) -> Result<Option<Next>, ProxyError> {
+        let deadline = progress.started + settings.hold_timeout;
+        if let Some(pending) = pending {
+            let original = async { tokio::time::timeout_at(deadline, pending).await.ok() };
+            let ended = self
+                .held_for(original, ask.outbound, holder.peer, progress)
+                .await;
+            match ended {
+                Ok(Ok(response)) => {
+                    self.metrics.write_settle(SettleOutcome::Answered);
+                    tracing::info!(
+                        status = response.status().as_u16(),
+                        "the hung write was answered once the backend resumed"
+                    );
+                    return Ok(Some(Next::Answered(response)));
+                }
+                Ok(Err(error)) => {
+                    tracing::info!(%error, "the hung write's connection ended without an answer");
+                }
+                Err(error) => {
+                    self.metrics.write_settle(SettleOutcome::Failed);
+                    return Err(error);
+                }
+            }
+        }
+        let mut admission = self
+            .admit(holder.ticket, ask.outbound, progress.started, holder.peer)
+            .await
+            .inspect_err(|_| self.metrics.write_settle(SettleOutcome::Failed))?;
+        progress.held += admission.held_for;
+        progress.was_held |= admission.was_held();
+        let connector = self.upstream.connector();
+        let read = tokio::time::timeout_at(deadline, ask.settle(&connector)).await;
+        admission.settle();
+        let verdict = match read {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the write could not be read back");
+                self.metrics.write_settle(SettleOutcome::Failed);
+                return Ok(None);
+            }
+            Err(_) => {
+                self.metrics.write_settle(SettleOutcome::Failed);
+                return Err(ProxyError::Held(Rejection::HoldTimeout));
+            }
+        };
+        self.metrics.write_settle(verdict.outcome());
+        tracing::info!(outcome = verdict.outcome().as_str(), method = %ask.outbound.method, path = ask.outbound.uri.path(), "a write whose answer was lost was read back");
+        Ok(ask.answer(verdict).map(Next::Settled))
     }
 
     /// Whether one request's failure is an outage. A failed connect is, by
@@ -547,14 +687,13 @@ impl Proxy {
     /// keeps waiting up to its first-byte timeout (then `504`, nothing
     /// replayed: the backend may still be executing it); a backend that does
     /// not serve takes the gate down (`Hang`).
-    async fn send_watched(
-        &self,
+    async fn send_watched<'a>(
+        &'a self,
         request: Request<AttemptBody<Incoming>>,
-        watch: Watch<'_>,
-    ) -> Result<BackendResponse, AttemptFailure> {
+        watch: Watch<'a>,
+    ) -> Result<BackendResponse, AttemptFailure<'a>> {
         let settings = watch.settings;
-        let send = self.upstream.send(request, watch.delivery);
-        tokio::pin!(send);
+        let mut send: Pending<'a> = Box::pin(self.upstream.send(request, watch.delivery));
         // When the backend was last confirmed serving during this attempt.
         let mut confirmed_at = Instant::now();
         loop {
@@ -571,7 +710,7 @@ impl Proxy {
             // the client meanwhile, and its timeout must not wait for this one.
             let wake = deadline.min(Instant::now() + settings.client_body_timeout);
             tokio::select! {
-                result = &mut send => return result.map_err(AttemptFailure::Upstream),
+                result = &mut send => return result.map_err(|e| AttemptFailure::Upstream(e, None)),
                 () = tokio::time::sleep_until(wake) => {}
             }
             let now = Instant::now();
@@ -586,16 +725,15 @@ impl Proxy {
                 return Err(AttemptFailure::Answer(ProxyError::SlowBackend));
             }
             let serving = tokio::select! {
-                result = &mut send => return result.map_err(AttemptFailure::Upstream),
+                result = &mut send => return result.map_err(|e| AttemptFailure::Upstream(e, None)),
                 serving = self.prober.confirm(now) => serving,
             };
             self.metrics
                 .outage_check(DownReason::HangTimeout, CheckVerdict::of(serving));
             if !serving {
                 self.go_down(DownReason::HangTimeout, watch.generation);
-                return Err(AttemptFailure::Upstream(UpstreamError::Hang(
-                    settings.response_timeout,
-                )));
+                let hang = UpstreamError::Hang(settings.response_timeout);
+                return Err(AttemptFailure::Upstream(hang, Some(send)));
             }
             tracing::info!(waited = ?now - stall.since, "no answer yet but the backend serves: slow, not dead");
             confirmed_at = Instant::now();
@@ -737,7 +875,7 @@ impl Proxy {
                 Err(AttemptFailure::Answer(error)) => {
                     return Err(ResumeError::Failed(error.into()));
                 }
-                Err(AttemptFailure::Upstream(error)) => error,
+                Err(AttemptFailure::Upstream(error, _)) => error,
             };
             tries += 1;
             if tries > MAX_UNSENT_RETRIES || error.down_reason().is_none() {
@@ -802,6 +940,26 @@ impl Proxy {
         }
     }
 
+    /// The answer of a write settled by reading it back.
+    fn settled(
+        &self,
+        response: Response<Bytes>,
+        outbound: &Outbound,
+        body: &ClientBody,
+        progress: &Progress,
+    ) -> Response<ProxyBody> {
+        let request_id = response_request_id(response.headers());
+        let record = self.record(
+            outbound,
+            response.status().as_u16(),
+            request_id,
+            body.clone(),
+            progress,
+            RequestOutcome::Settled,
+        );
+        response.map(|bytes| ProxyBody::full(bytes, record))
+    }
+
     fn answer(
         &self,
         error: ProxyError,
@@ -827,6 +985,158 @@ impl Proxy {
             error.outcome(),
         );
         response.map(|bytes: Bytes| ProxyBody::full(bytes, record))
+    }
+}
+
+/// What holding a request for a settle needs: its place in the queue and
+/// its client.
+struct Holder<'a> {
+    ticket: Ticket,
+    peer: &'a Peer,
+}
+
+/// One ambiguous write to read back.
+struct ReadBack<'a> {
+    credentials: &'a SettleCredentials,
+    write: Write,
+    outbound: &'a Outbound,
+    body: &'a ClientBody,
+}
+
+impl ReadBack<'_> {
+    /// The `Host` the client addressed (virtual-hosted buckets live in it).
+    fn host(&self, connector: &Connector) -> String {
+        self.outbound
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| connector.address().to_string(), str::to_owned)
+    }
+
+    /// What the kept body proves (its MD5, its `aws-chunked` trailer).
+    fn kept(&self) -> Option<KeptBody> {
+        let frames = self.body.kept_whole()?;
+        KeptBody::of(
+            &frames,
+            write_settle::is_aws_chunked(&self.outbound.headers),
+        )
+    }
+
+    /// What the client declared, the trailer of a kept body included.
+    fn declared(&self) -> Declared {
+        let declared = Declared::of(&self.outbound.headers);
+        match declared.checksum.is_some() || !write_settle::is_aws_chunked(&self.outbound.headers) {
+            true => declared,
+            false => declared.with_trailer(self.kept().and_then(|kept| kept.trailer)),
+        }
+    }
+
+    /// Reads the write back and judges it.
+    async fn settle(&self, connector: &Connector) -> Result<Settlement, ReadBackError> {
+        let host = self.host(connector);
+        let path = self.outbound.uri.path();
+        let target = self.write.read_back(path);
+        match &self.write {
+            Write::PutObject => {
+                let answer = self
+                    .credentials
+                    .ask(connector, Method::HEAD, &host, &target)
+                    .await?;
+                let stored = match answer.status {
+                    StatusCode::OK => {
+                        Stored::of_head(&answer.headers).ok_or(ReadBackError::Body)?
+                    }
+                    StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
+                    status => return Err(ReadBackError::Status(status)),
+                };
+                Ok(write_settle::compare(
+                    &self.declared(),
+                    || self.kept(),
+                    stored,
+                ))
+            }
+            Write::UploadPart { part_number, .. } => {
+                let answer = self
+                    .credentials
+                    .ask(connector, Method::GET, &host, &target)
+                    .await?;
+                match answer.status {
+                    StatusCode::OK => {}
+                    StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
+                    status => return Err(ReadBackError::Status(status)),
+                }
+                let xml = std::str::from_utf8(&answer.body).map_err(|_| ReadBackError::Body)?;
+                Ok(match Stored::of_part(xml, *part_number, &answer.headers) {
+                    Some(stored) => write_settle::compare(&self.declared(), || self.kept(), stored),
+                    None => Settlement::Absent,
+                })
+            }
+            Write::CompleteMultipartUpload { .. } => {
+                self.settle_complete(connector, &host, &target).await
+            }
+        }
+    }
+
+    /// A Complete is done when its upload is gone (or holds no part) and
+    /// the object carries the multipart ETag of the parts the client listed.
+    async fn settle_complete(
+        &self,
+        connector: &Connector,
+        host: &str,
+        list_parts: &str,
+    ) -> Result<Settlement, ReadBackError> {
+        let upload = self
+            .credentials
+            .ask(connector, Method::GET, host, list_parts)
+            .await?;
+        // s3s-fs answers a completed upload's ListParts with an empty list;
+        // an upload that still holds parts lists at least one.
+        match upload.status {
+            StatusCode::NOT_FOUND => {}
+            StatusCode::OK if !write_settle::lists_a_part(&upload.body) => {}
+            StatusCode::OK => return Ok(Settlement::Absent),
+            status => return Err(ReadBackError::Status(status)),
+        }
+        let path = self.outbound.uri.path();
+        let head = self
+            .credentials
+            .ask(connector, Method::HEAD, host, path)
+            .await?;
+        let stored = match head.status {
+            StatusCode::OK => Stored::of_head(&head.headers).ok_or(ReadBackError::Body)?,
+            StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
+            status => return Err(ReadBackError::Status(status)),
+        };
+        let listed = self
+            .body
+            .kept_whole()
+            .and_then(|frames| write_settle::listed_parts(&frames.concat()));
+        Ok(
+            match listed.and_then(|parts| write_settle::multipart_etag(&parts)) {
+                Some(etag) if etag == stored.etag => Settlement::Stored(stored),
+                Some(_) => Settlement::Different,
+                None => Settlement::NoProof,
+            },
+        )
+    }
+
+    /// The success the client gets for a write proven stored.
+    fn answer(&self, verdict: Settlement) -> Option<Response<Bytes>> {
+        let Settlement::Stored(stored) = verdict else {
+            return None;
+        };
+        Some(match self.write {
+            Write::CompleteMultipartUpload { .. } => {
+                let host = self
+                    .outbound
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                write_settle::complete_success(&stored, host, self.outbound.uri.path())
+            }
+            _ => write_settle::success(&stored, &self.declared()),
+        })
     }
 }
 

@@ -147,6 +147,25 @@ where
         !shared.client_failed && !shared.overflowed && !shared.committed
     }
 
+    /// The data of the whole body, when every byte of it is kept (the
+    /// client's body ended, or reached its `Content-Length`, and fit the
+    /// replay buffer): shared, not copied. hyper stops polling a body once
+    /// its length is sent, so the end is not always seen.
+    pub fn kept_whole(&self) -> Option<Vec<Bytes>> {
+        let shared = lock(&self.shared);
+        let ended = shared.source_done || shared.hint.exact() == Some(shared.kept_len as u64);
+        if !ended || shared.overflowed || shared.committed || shared.client_failed {
+            return None;
+        }
+        Some(
+            shared
+                .kept
+                .iter()
+                .filter_map(|frame| frame.data_ref().cloned())
+                .collect(),
+        )
+    }
+
     pub fn client_failed(&self) -> bool {
         lock(&self.shared).client_failed
     }

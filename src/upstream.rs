@@ -173,6 +173,11 @@ where
         *self.settings.write().unwrap() = Arc::new(settings);
     }
 
+    /// Where connections go now (the backend target's connector).
+    pub fn connector(&self) -> Arc<Connector> {
+        self.target.connector()
+    }
+
     /// Connections opened to the backend so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)

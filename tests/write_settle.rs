@@ -1,0 +1,492 @@
+//! A write whose answer was lost is settled by reading it back, exactly once.
+//!
+//! Between the proxy and s3s-fs stands a front of the test's own that counts
+//! the request lines reaching the backend and, for one chosen request, either
+//! loses the backend's answer (the backend stored the write; the test then
+//! SIGKILLs and restarts it: the answer is gone for good) or holds back the
+//! body's last byte until the test has frozen the backend with SIGSTOP (the
+//! backend finishes the write only once thawed, as a paused pod would).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use md5::{Digest, Md5};
+use support::{
+    ProxyUnderTest, REGION, S3Backend, SECRET_KEY, metric_sample, s3_client, s3_code,
+    sign_unsigned_payload, wait_until,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+const BUCKET: &str = "settle";
+
+/// What the front does to the one request it watches for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Forwards the request whole, drops the backend's answer to it.
+    LoseAnswer,
+    /// Holds back the body's last byte until [`Front::go`].
+    WithholdLastByte,
+}
+
+/// A relay in front of the backend that counts request lines and meddles
+/// with the first request whose line starts with its trigger.
+struct Front {
+    address: SocketAddr,
+    shared: Arc<FrontShared>,
+}
+
+struct FrontShared {
+    backend: SocketAddr,
+    plan: Plan,
+    trigger: String,
+    armed: AtomicBool,
+    /// The watched request reached its chosen point.
+    reached: Notify,
+    go: Notify,
+    lines: Mutex<Vec<String>>,
+}
+
+impl Front {
+    async fn start(backend: SocketAddr, plan: Plan, trigger: &str) -> Front {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shared = Arc::new(FrontShared {
+            backend,
+            plan,
+            trigger: trigger.to_owned(),
+            armed: AtomicBool::new(true),
+            reached: Notify::new(),
+            go: Notify::new(),
+            lines: Mutex::default(),
+        });
+        let serving = Arc::clone(&shared);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay(client, Arc::clone(&serving)));
+            }
+        });
+        Front { address, shared }
+    }
+
+    async fn reached(&self) {
+        self.shared.reached.notified().await;
+    }
+
+    fn go(&self) {
+        self.shared.go.notify_one();
+    }
+
+    /// How many request lines starting with `prefix` reached the backend.
+    fn count(&self, prefix: &str) -> usize {
+        let lines = self.shared.lines.lock().unwrap();
+        lines.iter().filter(|line| line.starts_with(prefix)).count()
+    }
+}
+
+async fn relay(mut client: TcpStream, shared: Arc<FrontShared>) {
+    let Ok(mut upstream) = TcpStream::connect(shared.backend).await else {
+        return;
+    };
+    let watched = AtomicBool::new(false);
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let requests = async {
+        let mut buffer = vec![0u8; 64 << 10];
+        // Body bytes of the watched request still to come.
+        let mut remaining: Option<usize> = None;
+        loop {
+            let n = client_read.read(&mut buffer).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            let mut read = &buffer[..n];
+            let lines = request_lines(read);
+            shared.lines.lock().unwrap().extend(lines.iter().cloned());
+            if lines.iter().any(|l| l.starts_with(&shared.trigger))
+                && shared.armed.swap(false, Ordering::SeqCst)
+            {
+                watched.store(true, Ordering::SeqCst);
+                let head_end = find(read, b"\r\n\r\n").unwrap() + 4;
+                remaining = Some(content_length(&read[..head_end]) + head_end);
+            }
+            if shared.plan == Plan::WithholdLastByte
+                && let Some(left) = remaining
+            {
+                if read.len() >= left {
+                    let (most, last) = read.split_at(left - 1);
+                    if upstream_write.write_all(most).await.is_err() {
+                        return;
+                    }
+                    shared.reached.notify_one();
+                    shared.go.notified().await;
+                    remaining = None;
+                    read = last;
+                } else {
+                    remaining = Some(left - read.len());
+                }
+            }
+            if upstream_write.write_all(read).await.is_err() {
+                return;
+            }
+        }
+    };
+    let responses = async {
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            let n = upstream_read.read(&mut buffer).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            if shared.plan == Plan::LoseAnswer && watched.load(Ordering::SeqCst) {
+                // The answer is lost: read and drop it until the backend dies.
+                shared.reached.notify_one();
+                continue;
+            }
+            if client_write.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = requests => {}
+        () = responses => {}
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// The request lines (`PUT /bucket/key HTTP/1.1`) in a read.
+fn request_lines(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| line.ends_with(b" HTTP/1.1\r"))
+        .map(|line| String::from_utf8_lossy(&line[..line.len() - 1]).into_owned())
+        .collect()
+}
+
+/// The `[settle]` section with the test user's key, its secret in a file.
+fn settle_section(dir: &std::path::Path) -> String {
+    let secret = dir.join("settle-secret");
+    support::write_secret(&secret, SECRET_KEY);
+    format!(
+        "[settle]\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\nregion = \"{REGION}\"\n",
+        support::ACCESS_KEY,
+        secret.display()
+    )
+}
+
+/// The proxy in front of `front`, quick to notice a hang, holding up to 30 s.
+async fn proxy(front: &Front, dir: &std::path::Path, settle: bool) -> ProxyUnderTest {
+    let section = if settle {
+        settle_section(dir)
+    } else {
+        String::new()
+    };
+    ProxyUnderTest::start_with(
+        front.address,
+        "response_timeout = \"500ms\"",
+        &format!("[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"30s\"\n{section}"),
+    )
+    .await
+    .unwrap()
+}
+
+fn md5_of(bytes: &[u8]) -> [u8; 16] {
+    Md5::digest(bytes).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// CRC-32 (ISO-HDLC, as S3's `x-amz-checksum-crc32`), big-endian.
+fn crc32(bytes: &[u8]) -> [u8; 4] {
+    let table: Vec<u32> = (0..256u32)
+        .map(|mut c| {
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            c
+        })
+        .collect();
+    let crc = bytes.iter().fold(0xFFFF_FFFFu32, |crc, &b| {
+        table[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8)
+    });
+    (!crc).to_be_bytes()
+}
+
+fn content(size: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..size)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn settles(proxy: &ProxyUnderTest, outcome: &str) -> f64 {
+    let series = format!("s3fp_write_settles_total{{outcome=\"{outcome}\"}}");
+    metric_sample(&proxy.admin.metrics().await, &series).unwrap_or(0.0)
+}
+
+/// Runs `write` through a front that loses its answer; SIGKILLs and
+/// restarts the backend once the backend has answered it.
+async fn across_a_lost_answer<T: Send + 'static>(
+    backend: &mut S3Backend,
+    front: &Front,
+    write: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let running = tokio::spawn(write);
+    front.reached().await;
+    backend.kill9();
+    backend.restart().await.unwrap();
+    running.await.unwrap()
+}
+
+struct Setup {
+    backend: S3Backend,
+    front: Front,
+    proxy: ProxyUnderTest,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(plan: Plan, trigger: &str, settle: bool) -> Setup {
+    let backend = S3Backend::start().await.unwrap();
+    let front = Front::start(backend.address, plan, trigger).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy(&front, dir.path(), settle).await;
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket(BUCKET)
+        .send()
+        .await
+        .unwrap();
+    Setup {
+        backend,
+        front,
+        proxy,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_put_with_content_md5_whose_answer_was_lost_is_answered_as_stored() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/big-md5", true).await;
+    let body = content(64 << 20, 1);
+    let md5 = md5_of(&body);
+    let declared = BASE64.encode(md5);
+    let proxy_address = setup.proxy.address;
+    let sent = body.clone();
+    let write = async move {
+        let proxy = ProxyAt(proxy_address);
+        proxy
+            .put("big-md5", sent, &[("content-md5", &declared)])
+            .await
+    };
+    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    assert_eq!(response.status(), 200, "{:?}", response.body());
+    assert_eq!(response.headers()["etag"], format!("\"{}\"", hex(&md5)));
+    assert_eq!(setup.front.count("PUT /settle/big-md5"), 1, "sent once");
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+    let stored = support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, "big-md5").await;
+    assert!(stored == body, "the object is the client's bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_with_a_crc32_header_whose_answer_was_lost_is_answered_as_stored() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/crc32", true).await;
+    let body = content(4 << 20, 2);
+    let declared = BASE64.encode(crc32(&body));
+    let proxy_address = setup.proxy.address;
+    let sent = body.clone();
+    let value = declared.clone();
+    let write = async move {
+        let proxy = ProxyAt(proxy_address);
+        proxy
+            .put("crc32", sent, &[("x-amz-checksum-crc32", &value)])
+            .await
+    };
+    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    assert_eq!(response.status(), 200, "{:?}", response.body());
+    assert_eq!(
+        response.headers()["x-amz-checksum-crc32"],
+        declared.as_str()
+    );
+    assert_eq!(
+        response.headers()["etag"],
+        format!("\"{}\"", hex(&md5_of(&body)))
+    );
+    assert_eq!(setup.front.count("PUT /settle/crc32"), 1);
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_put_without_a_checksum_is_proven_by_the_md5_of_its_copy_not_replayed() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/kept", true).await;
+    let body = content(100 << 10, 7);
+    let proxy_address = setup.proxy.address;
+    let sent = body.clone();
+    let write = async move { ProxyAt(proxy_address).put("kept", sent, &[]).await };
+    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    assert_eq!(response.status(), 200, "{:?}", response.body());
+    assert_eq!(
+        response.headers()["etag"],
+        format!("\"{}\"", hex(&md5_of(&body)))
+    );
+    assert_eq!(setup.front.count("PUT /settle/kept"), 1, "not replayed");
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_without_a_checksum_and_not_kept_stays_503() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/no-proof", true).await;
+    let body = content(4 << 20, 3);
+    let proxy_address = setup.proxy.address;
+    let write = async move { ProxyAt(proxy_address).put("no-proof", body, &[]).await };
+    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(s3_code(response.body()), "ServiceUnavailable");
+    assert_eq!(
+        setup.front.count("PUT /settle/no-proof"),
+        1,
+        "never replayed"
+    );
+    assert_eq!(settles(&setup.proxy, "no_proof").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_multipart_upload_whose_answer_was_lost_is_answered_with_its_result() {
+    let mut setup = setup(Plan::LoseAnswer, "POST /settle/multi?uploadId", true).await;
+    let s3 = s3_client(&setup.proxy.endpoint());
+    let upload = s3
+        .create_multipart_upload()
+        .bucket(BUCKET)
+        .key("multi")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap().to_owned();
+    let parts = [content(5 << 20, 4), content(1 << 10, 5)];
+    let mut completed = Vec::new();
+    for (index, part) in parts.iter().enumerate() {
+        let number = index as i32 + 1;
+        let uploaded = s3
+            .upload_part()
+            .bucket(BUCKET)
+            .key("multi")
+            .upload_id(&upload_id)
+            .part_number(number)
+            .body(part.clone().into())
+            .send()
+            .await
+            .unwrap();
+        completed.push(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(number)
+                .e_tag(uploaded.e_tag().unwrap())
+                .build(),
+        );
+    }
+    let digests: Vec<u8> = parts.iter().flat_map(|p| md5_of(p)).collect();
+    let expected = format!("\"{}-2\"", hex(&md5_of(&digests)));
+    let complete = s3
+        .complete_multipart_upload()
+        .bucket(BUCKET)
+        .key("multi")
+        .upload_id(&upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .set_parts(Some(completed))
+                .build(),
+        )
+        .send();
+    let result = across_a_lost_answer(&mut setup.backend, &setup.front, complete).await;
+    let result = result.expect("the Complete result");
+    assert_eq!(result.e_tag(), Some(expected.as_str()));
+    assert_eq!(result.key(), Some("multi"));
+    assert_eq!(setup.front.count("POST /settle/multi?uploadId"), 1);
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_a_frozen_backend_that_resumes_is_stored_once() {
+    let setup = setup(Plan::WithholdLastByte, "PUT /settle/frozen", true).await;
+    let body = content(100 << 10, 6);
+    let proxy_address = setup.proxy.address;
+    let sent = body.clone();
+    let write = tokio::spawn(async move { ProxyAt(proxy_address).put("frozen", sent, &[]).await });
+    setup.front.reached().await;
+    setup.backend.freeze();
+    setup.front.go();
+    setup.proxy.admin.wait_reason("hang_timeout").await;
+    setup.backend.thaw();
+    let response = write.await.unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.body());
+    assert_eq!(
+        response.headers()["etag"],
+        format!("\"{}\"", hex(&md5_of(&body)))
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the settle to be counted",
+        || async { settles(&setup.proxy, "answered").await == 1.0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(setup.front.count("PUT /settle/frozen"), 1, "sent once");
+    let stored = support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, "frozen").await;
+    assert!(stored == body);
+}
+
+/// The proxy's S3 address, for a request sent from a spawned task.
+struct ProxyAt(SocketAddr);
+
+impl ProxyAt {
+    async fn put(&self, key: &str, body: Bytes, fields: &[(&str, &str)]) -> http::Response<Bytes> {
+        put_to(self.0, key, body, fields).await
+    }
+}
+
+/// A SigV4-signed PUT (payload unsigned) of `body` with `fields`.
+async fn put_to(
+    address: SocketAddr,
+    key: &str,
+    body: Bytes,
+    fields: &[(&str, &str)],
+) -> http::Response<Bytes> {
+    let path = format!("/{BUCKET}/{key}");
+    let host = address.to_string();
+    let url = format!("http://{host}{path}");
+    let signed = sign_unsigned_payload("PUT", &url, &host, fields);
+    let mut headers: Vec<(&str, &str)> = fields.to_vec();
+    headers.extend(signed.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    let response = support::send(address, "PUT", &path, &headers, body)
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
