@@ -16,7 +16,6 @@ use serde::Deserialize;
 use crate::admin_token::AdminToken;
 use crate::backend_address::BackendAddress;
 use crate::trusted_file::{self, FileError, FilePolicy};
-use crate::write_settle::SettleCredentials;
 
 /// A configuration that could not be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +32,25 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.into(),
+    }
+}
+
+/// The proxy's own key for read-backs (`[settle]` in the config).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SettleCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// The SigV4 signing region (`us-east-1` unless set).
+    pub region: String,
+}
+
+impl std::fmt::Debug for SettleCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SettleCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("region", &self.region)
+            .finish()
     }
 }
 
@@ -202,6 +220,9 @@ pub struct HoldConfig {
     pub fail_fast_after: Duration,
     /// Request body bytes kept so a request that reached the backend can be replayed.
     pub replay_buffer: usize,
+    /// Request body bytes kept for replay by all requests together; past
+    /// it, new bytes are not kept (those requests are not replayable).
+    pub replay_memory: usize,
     /// How often one request that reached the backend may be sent again.
     pub max_replays: u32,
     /// Held requests sent to a freshly recovered backend at once.
@@ -382,6 +403,7 @@ struct RawHold {
     #[serde(default, with = "humantime_serde")]
     fail_fast_after: Option<Duration>,
     replay_buffer: Option<ByteSize>,
+    replay_memory: Option<ByteSize>,
     max_replays: Option<u32>,
     release_concurrency: Option<usize>,
     #[serde(default, with = "humantime_serde")]
@@ -502,6 +524,18 @@ fn positive_duration(
         return Err(invalid(key, "must be greater than zero"));
     }
     Ok(value)
+}
+
+/// `hold.replay_memory`: 256 MiB unless set; at least 1 byte.
+fn replay_memory(size: Option<ByteSize>) -> Result<usize, ConfigError> {
+    let bytes = size.map_or(256 << 20, |size| size.0);
+    if bytes == 0 {
+        return Err(invalid(
+            "hold.replay_memory",
+            "must be at least 1 byte (use hold.replay_buffer = 0 to keep no copy at all)",
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| invalid("hold.replay_memory", "too large"))
 }
 
 /// Longest path a UNIX socket address holds (`sun_path`, 108 bytes on
@@ -753,6 +787,7 @@ impl Config {
             )?,
             replay_buffer: usize::try_from(raw.hold.replay_buffer.map_or(1 << 20, |b| b.0))
                 .map_err(|_| invalid("hold.replay_buffer", "too large"))?,
+            replay_memory: replay_memory(raw.hold.replay_memory)?,
             max_replays: raw.hold.max_replays.unwrap_or(1),
             release_concurrency: positive_count(
                 "hold.release_concurrency",
@@ -982,6 +1017,7 @@ mod tests {
         assert_eq!(config.hold.max_requests_per_client, 5_000);
         assert_eq!(config.hold.fail_fast_after, Duration::from_secs(120));
         assert_eq!(config.hold.replay_buffer, 1 << 20);
+        assert_eq!(config.hold.replay_memory, 256 << 20);
         assert!(config.probe.interval < Duration::from_millis(100));
         assert_eq!(config.admin.address, "127.0.0.1:9090".parse().unwrap());
     }

@@ -5,7 +5,8 @@
 //! handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool, its body wrapped by
-//! [`replay`] so a second attempt stays possible and sent as its [`delivery`]
+//! [`replay`] so a second attempt stays possible (within the
+//! [`replay_memory`] budget) and sent as its [`delivery`]
 //! allows (`Expect: 100-continue` honoured end to end; a connection answered
 //! before the body ended is never reused). When an attempt fails, the
 //! upstream error says whether any byte reached the backend; a refused
@@ -71,6 +72,7 @@ pub mod proxy;
 pub mod quarantine;
 pub mod reload;
 pub mod replay;
+pub mod replay_memory;
 pub mod request_target;
 pub mod response;
 pub mod s3_error;

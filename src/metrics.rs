@@ -24,6 +24,7 @@ use crate::outcome::{
     CheckVerdict, HoldOutcome, ProbeResult, QuarantineOutcome, ReloadResult, ReplayOutcome,
     ResumeOutcome, SettleOutcome,
 };
+use crate::replay_memory::ReplayMemory;
 
 /// Buckets from milliseconds to minutes: a hold can last 5 ms or 5 minutes.
 const PAUSE_BUCKETS: [f64; 16] = [
@@ -54,6 +55,8 @@ pub struct Metrics {
     request_bytes: IntCounter,
     response_bytes: IntCounter,
     in_flight: IntGauge,
+    replay_memory: IntGauge,
+    replay_memory_exhausted: IntCounter,
     replays: IntCounterVec,
     download_resumes: IntCounterVec,
     write_settles: IntCounterVec,
@@ -174,6 +177,16 @@ impl Metrics {
             in_flight: registered(register_int_gauge_with_registry!(
                 "s3fp_backend_in_flight_requests",
                 "Requests sent to the backend whose response has not ended.",
+                r
+            )),
+            replay_memory: registered(register_int_gauge_with_registry!(
+                "s3fp_replay_memory_bytes",
+                "Request body bytes kept for replay now, by all requests together (at most hold.replay_memory).",
+                r
+            )),
+            replay_memory_exhausted: registered(register_int_counter_with_registry!(
+                "s3fp_replay_memory_exhausted_total",
+                "Times a request body's bytes could not be kept for replay because hold.replay_memory was in use: that request streamed on without a copy.",
                 r
             )),
             replays: registered(register_int_counter_vec_with_registry!(
@@ -354,6 +367,16 @@ impl Metrics {
             .observe(duration.as_secs_f64());
         self.request_bytes.inc_by(bytes_in);
         self.response_bytes.inc_by(bytes_out);
+    }
+
+    /// The replay memory budget of `limit` bytes, reported in
+    /// `s3fp_replay_memory_bytes` and `s3fp_replay_memory_exhausted_total`.
+    pub fn replay_memory(&self, limit: usize) -> ReplayMemory {
+        ReplayMemory::new(
+            limit,
+            self.replay_memory.clone(),
+            self.replay_memory_exhausted.clone(),
+        )
     }
 
     pub fn replay(&self, outcome: ReplayOutcome) {

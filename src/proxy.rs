@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{RequestRecord, next_request_id};
 use crate::client_identity::client_key;
-use crate::config::ForwardingConfig;
+use crate::config::{ForwardingConfig, SettleCredentials};
 use crate::connector::Connector;
 use crate::delivery::{self, Delivery, Expectation};
 use crate::download_resume::{
@@ -47,20 +47,21 @@ use crate::peer::Peer;
 use crate::probe::Prober;
 use crate::quarantine::Quarantine;
 use crate::replay::{self, AttemptBody, ReplayableBody};
+use crate::replay_memory::ReplayMemory;
 use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
 use crate::s3_operation;
 use crate::signature_expiry;
 use crate::upstream::{PooledBody, Upstream, UpstreamError};
-use crate::write_settle::{
-    self, Declared, KeptBody, ReadBackError, SettleCredentials, Settlement, Stored, Write,
-};
+use crate::write_settle::{self, Declared, KeptBody, ReadBackError, Settlement, Stored, Write};
 
 /// Request-path settings; replaced as a whole on reload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
     pub hold_timeout: Duration,
     pub replay_buffer: usize,
+    /// `hold.replay_memory`: bytes kept for replay by all requests together.
+    pub replay_memory: usize,
     pub max_replays: u32,
     pub response_timeout: Duration,
     pub retry_after: Duration,
@@ -102,6 +103,8 @@ pub struct Proxy {
     /// Replaced on reload; held requests watch it to pick up a new hold timeout.
     settings: watch::Sender<Arc<ProxySettings>>,
     in_flight: InFlight,
+    /// What all requests' replay copies may take together.
+    replay_memory: Arc<ReplayMemory>,
     metrics: Arc<Metrics>,
     /// Turned on when the shutdown grace is over: held requests get
     /// `ShuttingDown` instead of losing their connection.
@@ -205,6 +208,7 @@ impl Proxy {
             quarantine,
             prober,
             upstream,
+            replay_memory: Arc::new(metrics.replay_memory(settings.replay_memory)),
             settings: watch::Sender::new(Arc::new(settings)),
             in_flight: InFlight::default(),
             metrics,
@@ -248,6 +252,7 @@ impl Proxy {
     }
 
     pub fn update_settings(&self, settings: ProxySettings) {
+        self.replay_memory.set_limit(settings.replay_memory);
         self.settings.send_replace(Arc::new(settings));
     }
 
@@ -269,7 +274,11 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let refusal = refusal(&parts, peer);
         let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
-        let body = ReplayableBody::new(body, settings.replay_buffer);
+        let body = ReplayableBody::new(
+            body,
+            settings.replay_buffer,
+            Arc::clone(&self.replay_memory),
+        );
         if let Some(refusal) = refusal {
             return self.answer(refusal, &outbound, &body, &progress, &settings);
         }

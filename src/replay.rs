@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::delivery::Delivery;
+use crate::replay_memory::ReplayMemory;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,6 +58,8 @@ struct Shared<B> {
     kept: Vec<Frame<Bytes>>,
     kept_len: usize,
     limit: usize,
+    /// The budget all requests' copies share (`hold.replay_memory`).
+    memory: Arc<ReplayMemory>,
     overflowed: bool,
     /// The backend answered: nothing more will be replayed, keep nothing.
     committed: bool,
@@ -92,7 +95,9 @@ impl<B> ReplayableBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    pub fn new(source: B, limit: usize) -> Self {
+    /// Keeps at most `limit` bytes of the body for replay, and only while
+    /// `memory` has room for them.
+    pub fn new(source: B, limit: usize, memory: Arc<ReplayMemory>) -> Self {
         let hint = source.size_hint();
         let source_done = source.is_end_stream();
         ReplayableBody {
@@ -102,6 +107,7 @@ where
                 kept: Vec::new(),
                 kept_len: 0,
                 limit,
+                memory,
                 overflowed: false,
                 committed: false,
                 source_done,
@@ -174,8 +180,7 @@ where
     pub fn commit(&self) {
         let mut shared = lock(&self.shared);
         shared.committed = true;
-        shared.kept = Vec::new();
-        shared.kept_len = 0;
+        shared.drop_copy();
     }
 
     /// When a body byte last moved (or the attempt began), and whether the
@@ -324,15 +329,27 @@ impl<B> Shared<B> {
         if self.overflowed || self.committed {
             return false;
         }
-        if self.kept_len + len > self.limit {
+        if self.kept_len + len > self.limit || !self.memory.try_reserve(len) {
             self.overflowed = true;
-            self.kept = Vec::new();
-            self.kept_len = 0;
+            self.drop_copy();
             return false;
         }
         self.kept_len += len;
         self.kept.push(clone_frame(frame));
         true
+    }
+
+    /// Frees the copy and gives its bytes back to the budget.
+    fn drop_copy(&mut self) {
+        self.memory.release(self.kept_len);
+        self.kept = Vec::new();
+        self.kept_len = 0;
+    }
+}
+
+impl<B> Drop for Shared<B> {
+    fn drop(&mut self) {
+        self.memory.release(self.kept_len);
     }
 }
 
@@ -363,6 +380,10 @@ mod tests {
         }
     }
 
+    fn unlimited() -> Arc<ReplayMemory> {
+        Arc::new(ReplayMemory::unmetered(usize::MAX))
+    }
+
     fn delivery() -> Arc<Delivery> {
         Arc::new(Delivery::default())
     }
@@ -386,7 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_untouched_body_can_be_sent_whatever_its_size() {
-        let body = ReplayableBody::new(Full::new(Bytes::from(vec![7u8; 4096])), 16);
+        let body = ReplayableBody::new(Full::new(Bytes::from(vec![7u8; 4096])), 16, unlimited());
         let first = body.attempt(delivery()).unwrap();
         drop(first);
         assert!(body.untouched());
@@ -396,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_body_is_replayed_byte_for_byte() {
-        let body = ReplayableBody::new(chunks(&["hello ", "world"]), 1024);
+        let body = ReplayableBody::new(chunks(&["hello ", "world"]), 1024, unlimited());
         assert_eq!(
             collect(body.attempt(delivery()).unwrap()).await.unwrap(),
             "hello world"
@@ -410,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_partly_sent_body_is_replayed_from_the_start() {
-        let body = ReplayableBody::new(chunks(&["abc", "def", "ghi"]), 1024);
+        let body = ReplayableBody::new(chunks(&["abc", "def", "ghi"]), 1024, unlimited());
         let mut first = body.attempt(delivery()).unwrap();
         let frame = first.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "abc");
@@ -423,7 +444,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_past_the_buffer_cannot_be_replayed() {
-        let body = ReplayableBody::new(chunks(&["0123456789", "0123456789"]), 15);
+        let body = ReplayableBody::new(chunks(&["0123456789", "0123456789"]), 15, unlimited());
         assert_eq!(
             collect(body.attempt(delivery()).unwrap())
                 .await
@@ -439,8 +460,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn copies_share_the_memory_budget_and_give_it_back() {
+        let memory = Arc::new(ReplayMemory::unmetered(15));
+        let first = ReplayableBody::new(chunks(&["0123456789"]), 1024, Arc::clone(&memory));
+        let second = ReplayableBody::new(chunks(&["0123456789"]), 1024, Arc::clone(&memory));
+        collect(first.attempt(delivery()).unwrap()).await.unwrap();
+        collect(second.attempt(delivery()).unwrap()).await.unwrap();
+        assert!(first.can_replay(), "the first copy fits");
+        assert!(
+            !second.can_replay(),
+            "no room left: streamed without a copy"
+        );
+        assert_eq!(memory.used(), 10);
+        first.commit();
+        assert_eq!(memory.used(), 0, "the backend answered: the copy is freed");
+        let third = ReplayableBody::new(chunks(&["abc"]), 1024, Arc::clone(&memory));
+        collect(third.attempt(delivery()).unwrap()).await.unwrap();
+        drop(third);
+        assert_eq!(memory.used(), 0, "a request that ends gives its copy back");
+    }
+
+    #[tokio::test]
     async fn a_superseded_attempt_fails() {
-        let body = ReplayableBody::new(chunks(&["abc"]), 1024);
+        let body = ReplayableBody::new(chunks(&["abc"]), 1024, unlimited());
         let mut old = body.attempt(delivery()).unwrap();
         let _new = body.attempt(delivery()).unwrap();
         assert!(matches!(

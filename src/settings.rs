@@ -63,6 +63,7 @@ fn proxy(config: &Config) -> ProxySettings {
     ProxySettings {
         hold_timeout: config.hold.timeout,
         replay_buffer: config.hold.replay_buffer,
+        replay_memory: config.hold.replay_memory,
         max_replays: config.hold.max_replays,
         response_timeout: config.backend.response_timeout,
         retry_after: config.hold.retry_after,

@@ -34,6 +34,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use md5::{Digest, Md5};
 
+use crate::config::SettleCredentials;
 use crate::connector::Connector;
 use crate::outcome::SettleOutcome;
 
@@ -544,25 +545,6 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// The proxy's own key for read-backs (`[settle]` in the config).
-#[derive(Clone, PartialEq, Eq)]
-pub struct SettleCredentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    /// The SigV4 signing region (`us-east-1` unless set).
-    pub region: String,
-}
-
-impl fmt::Debug for SettleCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SettleCredentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .field("region", &self.region)
-            .finish()
-    }
 }
 
 /// Why a read-back got no usable answer.
