@@ -4,8 +4,10 @@
 //! States are `Up` (requests pass), `Down` (with a [`DownReason`]; requests are
 //! held) and `Resuming` (the backend is back; held requests are released in
 //! arrival order, at most `release_concurrency` at a time, and new arrivals
-//! queue behind them). The proxy handler asks [`Gate::admit`] before every
-//! attempt; a confirmed failure ([`Gate::mark_down`]), an answer
+//! queue behind them). Held requests for one S3 object (one [`ObjectLane`])
+//! are released one at a time, each once the one before it was answered;
+//! which request goes next is a row of the table of [`queue::step`]. The
+//! proxy handler asks [`Gate::admit`] before every attempt; a confirmed failure ([`Gate::mark_down`]), an answer
 //! ([`Gate::backend_answered`]), the probe ([`Gate::probe_result`]), the
 //! admin API ([`Gate::pause`], [`Gate::resume`]) and discovery move the
 //! state, and crash suspects due to be sent again go before every other
@@ -17,10 +19,11 @@
 //! (`gate/tests.rs`).
 
 mod machine;
+mod queue;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +34,7 @@ use tokio::time::Instant;
 
 use crate::outcome::labels;
 use machine::{Event, Machine, State};
+use queue::{Held, HoldQueue};
 
 labels! {
     /// Why the backend is considered down.
@@ -110,17 +114,19 @@ impl Admission {
     }
 }
 
-/// One of the `release_concurrency` slots of a resuming gate.
+/// One of the `release_concurrency` slots of a resuming gate; while it
+/// lives, the other held requests of its lane wait.
 #[derive(Debug)]
 struct ReleaseSlot {
     gate: Arc<Gate>,
+    lane: Option<ObjectLane>,
     armed: bool,
 }
 
 impl Drop for ReleaseSlot {
     fn drop(&mut self) {
         if self.armed {
-            self.gate.slot_done();
+            self.gate.slot_done(self.lane);
         }
     }
 }
@@ -164,7 +170,6 @@ type Observer = Box<dyn Fn(&Transition) + Send + Sync>;
 
 #[derive(Debug)]
 struct Waiter {
-    ticket: Ticket,
     client: ClientKey,
     tx: oneshot::Sender<ReleaseSlot>,
 }
@@ -174,10 +179,26 @@ struct Waiter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey(pub u64);
 
+/// The S3 object a held request names, for its order on release: held
+/// requests of one lane are released one at a time, in arrival order. See
+/// [`crate::object_lane`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectLane(pub u64);
+
+/// What a request is held as, asked only if it is to be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldAs {
+    /// Its client, for the client's share of the queue.
+    pub client: ClientKey,
+    /// Its object, for its order on release; `None`: released in arrival
+    /// order with no wait for another request.
+    pub lane: Option<ObjectLane>,
+}
+
 struct Inner {
     settings: GateSettings,
     machine: Machine,
-    queue: VecDeque<Waiter>,
+    queue: HoldQueue<Waiter>,
     /// Queued requests per client.
     held_by: HashMap<ClientKey, usize>,
     /// Released requests that have not settled yet.
@@ -212,7 +233,7 @@ impl Gate {
             inner: Mutex::new(Inner {
                 settings,
                 machine: Machine::new(Instant::now()),
-                queue: VecDeque::new(),
+                queue: HoldQueue::default(),
                 held_by: HashMap::new(),
                 releasing: 0,
             }),
@@ -262,20 +283,25 @@ impl Gate {
         ticket: Ticket,
         deadline: Instant,
     ) -> Result<Admission, Rejection> {
-        self.admit_from(ticket, || ClientKey(0), deadline).await
+        let held_as = || HeldAs {
+            client: ClientKey(0),
+            lane: None,
+        };
+        self.admit_from(ticket, held_as, deadline).await
     }
 
-    /// [`Gate::admit`] for a request from `client` (asked only if the
+    /// [`Gate::admit`] for a request held as `held_as` (asked only if the
     /// request is to be held): a client that already holds
     /// `max_held_per_client` requests is refused ([`Rejection::ClientShare`]),
-    /// while others may still queue.
+    /// while others may still queue; a request of a lane is released once
+    /// the one of its lane released before it was answered.
     pub async fn admit_from(
         self: &Arc<Self>,
         ticket: Ticket,
-        client: impl FnOnce() -> ClientKey,
+        held_as: impl FnOnce() -> HeldAs,
         deadline: Instant,
     ) -> Result<Admission, Rejection> {
-        let mut rx = {
+        let (mut rx, lane) = {
             let mut inner = self.lock();
             if inner.machine.state == State::Up && inner.queue.is_empty() {
                 return Ok(Admission {
@@ -283,13 +309,17 @@ impl Gate {
                     slot: None,
                 });
             }
-            let rx = inner.enqueue(ticket, client)?;
+            let queued = inner.enqueue(ticket, held_as)?;
             let transition = self.release_more(&mut inner);
             self.notify(transition);
-            rx
+            queued
         };
         let started = Instant::now();
-        let queued = Queued { gate: self, ticket };
+        let queued = Queued {
+            gate: self,
+            ticket,
+            lane,
+        };
         let released = match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(Ok(slot)) => Some(slot),
             Ok(Err(_)) => None,
@@ -444,19 +474,20 @@ impl Gate {
             return None;
         }
         while inner.releasing < inner.settings.release_concurrency {
-            let Some(waiter) = inner.queue.pop_front() else {
+            let Some(held) = queue::step(&mut inner.queue, queue::Event::SlotFree) else {
                 break;
             };
-            inner.left_queue(waiter.client);
+            inner.left_queue(held.waiter.client);
             inner.releasing += 1;
             let slot = ReleaseSlot {
                 gate: Arc::clone(self),
+                lane: held.lane,
                 armed: true,
             };
-            if let Err(mut unsent) = waiter.tx.send(slot) {
+            if let Err(mut unsent) = held.waiter.tx.send(slot) {
                 // The waiter is being dropped right now; reuse its slot.
                 unsent.armed = false;
-                inner.releasing -= 1;
+                inner.slot_done(held.lane);
             }
         }
         if !inner.queue.is_empty() {
@@ -467,19 +498,23 @@ impl Gate {
         up
     }
 
-    fn slot_done(self: &Arc<Self>) {
+    /// A released request was answered (or ended): its slot and its lane
+    /// are free for the next.
+    fn slot_done(self: &Arc<Self>, lane: Option<ObjectLane>) {
         let mut inner = self.lock();
-        inner.releasing = inner.releasing.saturating_sub(1);
+        inner.slot_done(lane);
         let transition = self.release_more(&mut inner);
         self.notify(transition);
     }
 
-    fn dequeue(&self, ticket: Ticket) {
+    fn dequeue(self: &Arc<Self>, ticket: Ticket, lane: Option<ObjectLane>) {
         let mut inner = self.lock();
-        if let Some(position) = inner.queue.iter().position(|w| w.ticket == ticket)
-            && let Some(waiter) = inner.queue.remove(position)
-        {
-            inner.left_queue(waiter.client);
+        let left = queue::Event::Left { ticket, lane };
+        if let Some(held) = queue::step(&mut inner.queue, left) {
+            inner.left_queue(held.waiter.client);
+            // The lane's next request may go in its place.
+            let transition = self.release_more(&mut inner);
+            self.notify(transition);
         }
     }
 
@@ -500,14 +535,15 @@ impl Gate {
 }
 
 impl Inner {
-    /// Queues a request in ticket order, or says why it may not wait:
-    /// fail-fast in a long outage (not during a pause), a full queue, or a
-    /// client that holds its share.
+    /// Queues a request in ticket order (behind its lane), or says why it
+    /// may not wait: fail-fast in a long outage (not during a pause), a full
+    /// queue, or a client that holds its share. Returns the channel its
+    /// release slot comes on, and its lane.
     fn enqueue(
         &mut self,
         ticket: Ticket,
-        client: impl FnOnce() -> ClientKey,
-    ) -> Result<oneshot::Receiver<ReleaseSlot>, Rejection> {
+        held_as: impl FnOnce() -> HeldAs,
+    ) -> Result<(oneshot::Receiver<ReleaseSlot>, Option<ObjectLane>), Rejection> {
         if let State::Down { since, .. } = self.machine.state
             && self.machine.pause.is_none()
             && since.elapsed() >= self.settings.fail_fast_after
@@ -517,16 +553,30 @@ impl Inner {
         if self.queue.len() >= self.settings.max_held {
             return Err(Rejection::QueueFull);
         }
-        let client = client();
+        let HeldAs { client, lane } = held_as();
         let held = self.held_by.entry(client).or_insert(0);
         if *held >= self.settings.max_held_per_client {
             return Err(Rejection::ClientShare);
         }
         *held += 1;
         let (tx, rx) = oneshot::channel();
-        let position = self.queue.partition_point(|w| w.ticket < ticket);
-        self.queue.insert(position, Waiter { ticket, client, tx });
-        Ok(rx)
+        let waiter = Waiter { client, tx };
+        let held = Held {
+            ticket,
+            lane,
+            waiter,
+        };
+        queue::step(&mut self.queue, queue::Event::Held(held));
+        Ok((rx, lane))
+    }
+
+    /// A released request was answered: one release slot fewer in use, and
+    /// its lane's next request may join the release order.
+    fn slot_done(&mut self, lane: Option<ObjectLane>) {
+        self.releasing = self.releasing.saturating_sub(1);
+        if let Some(lane) = lane {
+            queue::step(&mut self.queue, queue::Event::Answered(lane));
+        }
     }
 
     /// A request of `client` left the queue (released, or gone).
@@ -565,10 +615,11 @@ impl Drop for SuspectDue {
 struct Queued<'a> {
     gate: &'a Arc<Gate>,
     ticket: Ticket,
+    lane: Option<ObjectLane>,
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.gate.dequeue(self.ticket);
+        self.gate.dequeue(self.ticket, self.lane);
     }
 }

@@ -20,7 +20,8 @@
 //! named in [`s3_operation`]. While Down, new requests wait in the gate's
 //! bounded FIFO queue; the probe asks the backend at a short interval whether
 //! it serves again, and on its first yes the gate resumes and releases the
-//! queue in arrival order, a few at a time. The [`admin`] listener pauses and
+//! queue in arrival order, a few at a time (held requests for one object,
+//! its [`object_lane`], one after the other). The [`admin`] listener pauses and
 //! resumes the gate for planned switch-overs and reports status; [`drain`]
 //! counts what is in flight; [`peer`] notices clients that leave while held;
 //! [`headers`] does the RFC 9110 hop-by-hop and forwarding work and
@@ -64,6 +65,7 @@ pub mod kubernetes;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod object_lane;
 pub mod outbound;
 pub mod outcome;
 pub mod peer;

@@ -14,7 +14,7 @@
 //! by a backend failure is resumed ([`crate::download_resume`]): [`Rest`]
 //! holds like a request does and asks the backend for the missing bytes.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,9 +36,10 @@ use crate::download_resume::{
     self, Continuation, Download, NotResumable, Refetch, ResumeError, Resumes, ResumingBody,
 };
 use crate::drain::{InFlight, InFlightGuard};
-use crate::gate::{Admission, DownReason, Gate, Rejection, SuspectDue, Ticket};
+use crate::gate::{Admission, DownReason, Gate, HeldAs, Rejection, SuspectDue, Ticket};
 use crate::headers;
 use crate::metrics::Metrics;
+use crate::object_lane::object_lane;
 use crate::outbound::{Outbound, outbound};
 use crate::outcome::{
     CheckVerdict, QuarantineOutcome, ReplayOutcome, RequestOutcome, ResumeOutcome, SettleOutcome,
@@ -670,7 +671,7 @@ impl Proxy {
         started: Instant,
         peer: &Peer,
     ) -> Result<Admission, ProxyError> {
-        let client = || client_key(&outbound.headers, &outbound.uri, peer.address.ip());
+        let held_as = || held_as(outbound, peer.address.ip());
         let mut reloads = self.settings.subscribe();
         let mut holding_ended = self.holding_ended.subscribe();
         loop {
@@ -678,7 +679,7 @@ impl Proxy {
             tokio::select! {
                 biased;
                 _ = holding_ended.wait_for(|ended| *ended) => return Err(ProxyError::ShuttingDown),
-                admitted = self.gate.admit_from(ticket, client, deadline) => return admitted.map_err(ProxyError::Held),
+                admitted = self.gate.admit_from(ticket, held_as, deadline) => return admitted.map_err(ProxyError::Held),
                 // Polled only once the request is queued: a request admitted
                 // at once never has its signature read.
                 expired = signature_ends(outbound) => return Err(expired),
@@ -907,7 +908,7 @@ impl Proxy {
         let since = Instant::now();
         let deadline = since + settings.hold_timeout.saturating_sub(used);
         let outbound = &resend.outbound;
-        let client = || client_key(&outbound.headers, &outbound.uri, resend.client.ip());
+        let held_as = || held_as(outbound, resend.client.ip());
         let mut holding_ended = self.holding_ended.subscribe();
         let admitted = tokio::select! {
             biased;
@@ -916,7 +917,7 @@ impl Proxy {
                 if self.gate.suspects_due() {
                     self.gate.suspects_sent(deadline).await.ok_or(Rejection::HoldTimeout)?;
                 }
-                self.gate.admit_from(resend.ticket, client, deadline).await
+                self.gate.admit_from(resend.ticket, held_as, deadline).await
             } => admitted.map_err(ProxyError::Held),
         };
         resend.resumes.add_held(since.elapsed());
@@ -1203,6 +1204,15 @@ fn refusal(parts: &http::request::Parts, peer: &Peer) -> Option<ProxyError> {
     match delivery::expectation(parts.version, &parts.headers) {
         Expectation::Unsupported => Some(ProxyError::ExpectationFailed),
         _ => None,
+    }
+}
+
+/// What `outbound` from `address` is held as: its client, for the
+/// client's share of the queue; its object, for its order on release.
+fn held_as(outbound: &Outbound, address: IpAddr) -> HeldAs {
+    HeldAs {
+        client: client_key(&outbound.headers, &outbound.uri, address),
+        lane: object_lane(&outbound.uri),
     }
 }
 

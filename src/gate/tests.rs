@@ -1,5 +1,5 @@
 //! Tests of the gate: its queue and public methods with paused time, and
-//! [`machine::step`] row by row against its table.
+//! [`machine::step`] and [`queue::step`] row by row against their tables.
 
 use super::*;
 
@@ -40,7 +40,15 @@ fn hold_from(
 ) -> tokio::task::JoinHandle<Result<Admission, Rejection>> {
     let gate = Arc::clone(gate);
     let ticket = gate.ticket();
-    tokio::spawn(async move { gate.admit_from(ticket, || ClientKey(client), far()).await })
+    tokio::spawn(async move { gate.admit_from(ticket, || from(client), far()).await })
+}
+
+/// Held as a request of `client`, with no lane.
+fn from(client: u64) -> HeldAs {
+    HeldAs {
+        client: ClientKey(client),
+        lane: None,
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -53,7 +61,7 @@ async fn a_client_holding_its_share_is_refused_while_others_still_queue() {
     let first = hold_from(&gate, 1);
     let second = hold_from(&gate, 1);
     settle_tasks().await;
-    let third = gate.admit_from(gate.ticket(), || ClientKey(1), far()).await;
+    let third = gate.admit_from(gate.ticket(), || from(1), far()).await;
     assert_eq!(third.unwrap_err(), Rejection::ClientShare);
     let other = hold_from(&gate, 2);
     settle_tasks().await;
@@ -327,6 +335,277 @@ async fn other_requests_wait_until_every_due_suspect_was_sent_again() {
         gate.suspects_sent(deadline).await.is_none(),
         "waits no longer than the deadline"
     );
+}
+
+/// Holds a request for the object `lane` (client 0).
+fn hold_for(gate: &Arc<Gate>, lane: u64) -> tokio::task::JoinHandle<Result<Admission, Rejection>> {
+    let gate = Arc::clone(gate);
+    let ticket = gate.ticket();
+    let held_as = move || HeldAs {
+        client: ClientKey(0),
+        lane: Some(ObjectLane(lane)),
+    };
+    tokio::spawn(async move { gate.admit_from(ticket, held_as, far()).await })
+}
+
+/// Holds requests for the objects `lanes`, one after the other (each
+/// queued before the next arrives), on a gate that is down.
+async fn held_in_order(
+    gate: &Arc<Gate>,
+    lanes: &[u64],
+) -> Vec<tokio::task::JoinHandle<Result<Admission, Rejection>>> {
+    let mut held = Vec::new();
+    for &lane in lanes {
+        held.push(hold_for(gate, lane));
+        settle_tasks().await;
+    }
+    held
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_requests_for_one_object_go_one_at_a_time_in_arrival_order() {
+    let gate = Gate::new(settings());
+    down(&gate, DownReason::Refused);
+    let mut held = held_in_order(&gate, &[1, 1, 1]).await.into_iter();
+    let (first, second, third) = (
+        held.next().unwrap(),
+        held.next().unwrap(),
+        held.next().unwrap(),
+    );
+    gate.probe_result(true);
+    settle_tasks().await;
+    assert!(first.is_finished());
+    assert!(!second.is_finished(), "waits for the first to be answered");
+    let mut first = first.await.unwrap().unwrap();
+    first.settle();
+    let second = second.await.unwrap().unwrap();
+    settle_tasks().await;
+    assert!(!third.is_finished(), "waits for the second");
+    drop(second);
+    third.await.unwrap().unwrap();
+    assert_eq!(gate.status().phase, Phase::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_for_its_object_holds_no_slot_and_blocks_no_other_object() {
+    let gate = Gate::new(GateSettings {
+        max_held: 4,
+        max_held_per_client: 4,
+        ..settings()
+    });
+    down(&gate, DownReason::Refused);
+    let held = held_in_order(&gate, &[1, 1, 2, 3]).await;
+    let [put, delete, other, last] = <[_; 4]>::try_from(held).unwrap();
+    gate.probe_result(true);
+    settle_tasks().await;
+    assert!(
+        put.is_finished() && other.is_finished(),
+        "two slots, two objects"
+    );
+    assert!(!delete.is_finished() && !last.is_finished());
+    let mut other = other.await.unwrap().unwrap();
+    other.settle();
+    settle_tasks().await;
+    assert!(last.is_finished(), "the free slot goes to the next object");
+    assert!(
+        !delete.is_finished(),
+        "its object's request is still unanswered"
+    );
+    let mut put = put.await.unwrap().unwrap();
+    put.settle();
+    assert!(delete.await.unwrap().unwrap().was_held());
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_arriving_while_one_waits_for_its_object_queue_and_pass_it() {
+    let gate = Gate::new(settings());
+    down(&gate, DownReason::Refused);
+    let [put, delete] = <[_; 2]>::try_from(held_in_order(&gate, &[1, 1]).await).unwrap();
+    gate.probe_result(true);
+    settle_tasks().await;
+    assert_eq!(gate.status().phase, Phase::Resuming, "one still held");
+    let late = hold_for(&gate, 2);
+    settle_tasks().await;
+    assert!(
+        late.await.unwrap().unwrap().was_held(),
+        "queued, then released"
+    );
+    assert!(!delete.is_finished());
+    drop(put.await.unwrap().unwrap());
+    delete.await.unwrap().unwrap();
+    assert_eq!(gate.status().phase, Phase::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_leaves_while_waiting_for_its_object_frees_its_place() {
+    let gate = Gate::new(settings());
+    down(&gate, DownReason::Refused);
+    let [put, delete] = <[_; 2]>::try_from(held_in_order(&gate, &[1, 1]).await).unwrap();
+    gate.probe_result(true);
+    settle_tasks().await;
+    delete.abort();
+    settle_tasks().await;
+    assert_eq!(gate.status().held, 0);
+    assert_eq!(gate.status().phase, Phase::Up, "nothing left to release");
+    drop(put.await.unwrap().unwrap());
+    let again = hold_for(&gate, 1);
+    assert!(!again.await.unwrap().unwrap().was_held(), "the gate is up");
+}
+
+/// [`queue::step`], one test per row of its table (pure: no gate).
+mod queue_table {
+    use super::*;
+    use queue::{Event, Held, HoldQueue, step};
+
+    const LANE: ObjectLane = ObjectLane(7);
+
+    fn held(ticket: u64, lane: Option<ObjectLane>) -> Event<u64> {
+        Event::Held(Held {
+            ticket: Ticket(ticket),
+            lane,
+            waiter: ticket,
+        })
+    }
+
+    /// A queue that was given `events` in order.
+    fn queue(events: Vec<Event<u64>>) -> HoldQueue<u64> {
+        let mut queue = HoldQueue::default();
+        for event in events {
+            step(&mut queue, event);
+        }
+        queue
+    }
+
+    /// The tickets released, one `SlotFree` at a time, until none goes.
+    fn released(queue: &mut HoldQueue<u64>) -> Vec<u64> {
+        std::iter::from_fn(|| step(queue, Event::SlotFree).map(|held| held.waiter)).collect()
+    }
+
+    fn left(ticket: u64, lane: Option<ObjectLane>) -> Event<u64> {
+        Event::Left {
+            ticket: Ticket(ticket),
+            lane,
+        }
+    }
+
+    #[test]
+    fn a_request_without_a_lane_goes_at_its_tickets_place() {
+        let mut queue = queue(vec![held(2, None), held(1, None), held(3, None)]);
+        assert_eq!(queue.len(), 3);
+        assert_eq!(released(&mut queue), [1, 2, 3]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_request_behind_one_of_its_lane_is_set_aside() {
+        let mut queue = queue(vec![
+            held(1, Some(LANE)),
+            held(2, Some(LANE)),
+            held(3, None),
+        ]);
+        assert_eq!(released(&mut queue), [1, 3], "2 waits for 1, 3 passes it");
+        assert_eq!(queue.len(), 1);
+        step(&mut queue, held(4, Some(LANE)));
+        assert_eq!(
+            released(&mut queue),
+            [] as [u64; 0],
+            "1 is not answered yet"
+        );
+        assert_eq!(queue.len(), 2);
+    }
+
+    #[test]
+    fn a_request_held_again_goes_before_the_later_ones_of_its_lane() {
+        let mut queue = queue(vec![held(2, Some(LANE)), held(1, Some(LANE))]);
+        assert_eq!(released(&mut queue), [1]);
+        step(&mut queue, Event::Answered(LANE));
+        assert_eq!(released(&mut queue), [2]);
+    }
+
+    #[test]
+    fn the_first_of_an_idle_lane_goes_in_the_release_order() {
+        let other = ObjectLane(8);
+        let mut queue = queue(vec![
+            held(1, Some(LANE)),
+            held(2, Some(other)),
+            held(3, None),
+        ]);
+        assert_eq!(released(&mut queue), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_free_slot_with_only_set_aside_requests_releases_nothing() {
+        let mut queue = queue(vec![]);
+        assert!(step(&mut queue, Event::SlotFree).is_none());
+        let mut queue = queue_with_one_released_and_two_set_aside();
+        assert!(step(&mut queue, Event::SlotFree).is_none());
+        assert_eq!(queue.len(), 2);
+    }
+
+    /// Lane 7: ticket 1 released and unanswered; 2 and 3 set aside.
+    fn queue_with_one_released_and_two_set_aside() -> HoldQueue<u64> {
+        let mut queue = queue(vec![
+            held(1, Some(LANE)),
+            held(2, Some(LANE)),
+            held(3, Some(LANE)),
+        ]);
+        assert_eq!(released(&mut queue), [1]);
+        queue
+    }
+
+    #[test]
+    fn a_released_request_goes_with_its_lane() {
+        let mut queue = queue(vec![held(1, Some(LANE))]);
+        let first = step(&mut queue, Event::SlotFree).unwrap();
+        assert_eq!(first.ticket, Ticket(1));
+        assert_eq!(first.lane, Some(LANE));
+    }
+
+    #[test]
+    fn an_answer_lets_the_next_of_its_lane_go_one_at_a_time() {
+        let mut queue = queue_with_one_released_and_two_set_aside();
+        step(&mut queue, Event::Answered(LANE));
+        assert_eq!(released(&mut queue), [2]);
+        step(&mut queue, Event::Answered(LANE));
+        assert_eq!(released(&mut queue), [3]);
+        step(&mut queue, Event::Answered(LANE));
+        assert!(queue.is_empty());
+        assert_eq!(
+            format!("{queue:?}"),
+            format!("{:?}", HoldQueue::<u64>::default()),
+            "idle lanes are forgotten"
+        );
+    }
+
+    #[test]
+    fn one_that_leaves_the_release_order_makes_way_for_the_next_of_its_lane() {
+        let mut queue = queue(vec![held(1, Some(LANE)), held(2, Some(LANE))]);
+        let gone = step(&mut queue, left(1, Some(LANE))).unwrap();
+        assert_eq!(gone.waiter, 1);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(released(&mut queue), [2]);
+    }
+
+    #[test]
+    fn one_that_leaves_while_set_aside_is_removed() {
+        let mut queue = queue_with_one_released_and_two_set_aside();
+        assert_eq!(step(&mut queue, left(2, Some(LANE))).unwrap().waiter, 2);
+        assert_eq!(queue.len(), 1);
+        step(&mut queue, Event::Answered(LANE));
+        assert_eq!(released(&mut queue), [3]);
+    }
+
+    #[test]
+    fn one_that_leaves_after_its_release_changes_nothing() {
+        let mut queue = queue_with_one_released_and_two_set_aside();
+        assert!(step(&mut queue, left(1, Some(LANE))).is_none());
+        assert!(step(&mut queue, left(9, None)).is_none());
+        assert_eq!(queue.len(), 2);
+        assert!(
+            step(&mut queue, Event::SlotFree).is_none(),
+            "1 is still unanswered"
+        );
+    }
 }
 
 /// [`machine::step`], one test per row of its table (pure: no gate, no
