@@ -280,6 +280,10 @@ impl Proxy {
             settings.replay_buffer,
             Arc::clone(&self.replay_memory),
         );
+        if settings.settle.is_some() && write_settle::is_aws_chunked(&outbound.headers) {
+            // Its trailer may prove a write the proxy did not keep.
+            body.keep_tail();
+        }
         if let Some(refusal) = refusal {
             return self.answer(refusal, &outbound, &body, &progress, &settings);
         }
@@ -1037,7 +1041,11 @@ impl ReadBack<'_> {
         let declared = Declared::of(&self.outbound.headers);
         match declared.checksum.is_some() || !write_settle::is_aws_chunked(&self.outbound.headers) {
             true => declared,
-            false => declared.with_trailer(self.kept().and_then(|kept| kept.trailer)),
+            false => declared.with_trailer(
+                self.kept()
+                    .and_then(|kept| kept.trailer)
+                    .or_else(|| write_settle::trailer_in_tail(&self.body.tail()?)),
+            ),
         }
     }
 

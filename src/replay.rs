@@ -24,6 +24,11 @@ use crate::replay_memory::ReplayMemory;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Bytes of a body's end kept by [`ReplayableBody::keep_tail`]: room for an
+/// `aws-chunked` body's last chunk line and its trailer (a checksum and a
+/// trailer signature take about 200).
+pub const TAIL_BYTES: usize = 1024;
+
 /// Whether sending this request twice can change its outcome, judged from the
 /// method and headers alone (S3 semantics). Bodies are judged separately.
 pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
@@ -60,6 +65,9 @@ struct Shared<B> {
     limit: usize,
     /// The budget all requests' copies share (`hold.replay_memory`).
     memory: Arc<ReplayMemory>,
+    /// The last [`TAIL_BYTES`] pulled, whatever was kept, when asked for
+    /// ([`ReplayableBody::keep_tail`]): an `aws-chunked` body's trailer.
+    tail: Option<Vec<u8>>,
     overflowed: bool,
     /// The backend answered: nothing more will be replayed, keep nothing.
     committed: bool,
@@ -108,6 +116,7 @@ where
                 kept_len: 0,
                 limit,
                 memory,
+                tail: None,
                 overflowed: false,
                 committed: false,
                 source_done,
@@ -140,6 +149,22 @@ where
             position: 0,
             delivery,
         })
+    }
+
+    /// Keeps the last [`TAIL_BYTES`] of the body from now on, whether or not
+    /// the body fits the replay buffer (an `aws-chunked` body's trailer, to
+    /// settle a write the proxy did not keep).
+    pub fn keep_tail(&self) {
+        lock(&self.shared).tail.get_or_insert_with(Vec::new);
+    }
+
+    /// The last [`TAIL_BYTES`] of the body, once all of it was read (the
+    /// client's body ended, or reached its `Content-Length`); `None` if
+    /// [`ReplayableBody::keep_tail`] was not asked for.
+    pub fn tail(&self) -> Option<Vec<u8>> {
+        let shared = lock(&self.shared);
+        let ended = shared.source_done || shared.hint.exact() == Some(shared.bytes_pulled);
+        ended.then(|| shared.tail.clone()).flatten()
     }
 
     /// True when no byte of the body has been read from the client yet.
@@ -326,6 +351,9 @@ impl<B> Shared<B> {
         let len = frame.data_ref().map_or(0, Bytes::len);
         self.bytes_pulled += len as u64;
         self.last_progress = Instant::now();
+        if let (Some(tail), Some(data)) = (&mut self.tail, frame.data_ref()) {
+            keep_end(tail, data);
+        }
         if self.overflowed || self.committed {
             return false;
         }
@@ -344,6 +372,19 @@ impl<B> Shared<B> {
         self.memory.release(self.kept_len);
         self.kept = Vec::new();
         self.kept_len = 0;
+    }
+}
+
+/// Appends `data` to `tail`, keeping only the last [`TAIL_BYTES`].
+fn keep_end(tail: &mut Vec<u8>, data: &[u8]) {
+    if data.len() >= TAIL_BYTES {
+        tail.clear();
+        tail.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+        return;
+    }
+    tail.extend_from_slice(data);
+    if tail.len() > TAIL_BYTES {
+        tail.drain(..tail.len() - TAIL_BYTES);
     }
 }
 
@@ -478,6 +519,21 @@ mod tests {
         collect(third.attempt(delivery()).unwrap()).await.unwrap();
         drop(third);
         assert_eq!(memory.used(), 0, "a request that ends gives its copy back");
+    }
+
+    #[tokio::test]
+    async fn the_tail_is_kept_past_the_replay_buffer() {
+        let body = ReplayableBody::new(chunks(&["0123456789", "abc"]), 4, unlimited());
+        body.keep_tail();
+        assert_eq!(body.tail(), None, "not read yet");
+        collect(body.attempt(delivery()).unwrap()).await.unwrap();
+        assert!(!body.can_replay());
+        assert_eq!(body.tail().unwrap(), b"0123456789abc");
+        let mut tail = Vec::new();
+        keep_end(&mut tail, &vec![1u8; TAIL_BYTES - 1]);
+        keep_end(&mut tail, &[2, 3]);
+        assert_eq!(tail.len(), TAIL_BYTES);
+        assert_eq!(&tail[TAIL_BYTES - 3..], &[1, 2, 3]);
     }
 
     #[tokio::test]

@@ -219,6 +219,19 @@ pub fn decode_aws_chunked(encoded: &[u8]) -> Option<(Vec<u8>, HeaderMap)> {
     }
 }
 
+/// The checksum in the trailer of an `aws-chunked` body whose last bytes
+/// are `tail`: the fields after its last chunk line that is `0` or `0;...`
+/// (the zero-size chunk; no trailer line looks like it).
+pub fn trailer_in_tail(tail: &[u8]) -> Option<Checksum> {
+    let lines: Vec<&[u8]> = tail.split(|&b| b == b'\n').collect();
+    let last_chunk = lines.iter().rposition(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line == b"0" || line.starts_with(b"0;")
+    })?;
+    let fields = lines[last_chunk + 1..].join(&b'\n');
+    Checksum::in_fields(&trailer_fields(&fields))
+}
+
 /// `name:value` lines up to the first empty one.
 fn trailer_fields(block: &[u8]) -> HeaderMap {
     let mut fields = HeaderMap::new();
@@ -808,6 +821,18 @@ mod tests {
             compare(&declared, kept, stored(HELLO_ETAG, 5, &[])),
             Settlement::Stored(_)
         ));
+    }
+
+    #[test]
+    fn the_trailer_is_found_in_the_last_bytes_of_a_body() {
+        let end = b"a\r\n0\r\nxyz\r\n0;chunk-signature=ab\r\nx-amz-checksum-crc32:NhCmhg==\r\nx-amz-trailer-signature:cd\r\n\r\n";
+        let whole = decode_aws_chunked(
+            b"3\r\nhel\r\n0;chunk-signature=ab\r\nx-amz-checksum-crc32:NhCmhg==\r\n\r\n",
+        )
+        .map(|(_, fields)| Checksum::in_fields(&fields));
+        assert_eq!(trailer_in_tail(end), whole.flatten());
+        assert!(trailer_in_tail(end).is_some());
+        assert_eq!(trailer_in_tail(b"no chunk line here"), None);
     }
 
     #[test]
