@@ -161,10 +161,15 @@ async fn take_over_with_no_proxy_running_starts_as_usual() {
 /// for it to exit, and returns its stderr; one that starts serving instead
 /// is stopped and fails the test.
 async fn take_over_expecting_failure(config: &std::path::Path) -> String {
+    start_expecting_failure(config, &["--take-over"]).await
+}
+
+/// [`take_over_expecting_failure`] with any extra arguments.
+async fn start_expecting_failure(config: &std::path::Path, extra: &[&str]) -> String {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_s3-failover-proxy"))
         .arg("--config")
         .arg(config)
-        .arg("--take-over")
+        .args(extra)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -292,6 +297,9 @@ async fn a_paused_proxy_refuses_a_take_over_and_serves_on() {
     assert_eq!(status, 200);
     let message = take_over_expecting_failure(proxy.config.path()).await;
     assert!(message.contains("paused"), "{message}");
+    // Without --take-over, a second proxy is told to use it.
+    let message = start_expecting_failure(proxy.config.path(), &[]).await;
+    assert!(message.contains("--take-over"), "{message}");
     let (status, _) = support::raw_request(
         proxy.admin.address,
         "POST",
