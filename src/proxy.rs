@@ -522,6 +522,7 @@ impl Proxy {
                 write,
                 outbound,
                 body,
+                arrived: std::time::SystemTime::now() - progress.started.elapsed(),
             };
             if let Some(next) = self
                 .settle(ask, pending, holder, settings, progress)
@@ -1015,6 +1016,8 @@ struct ReadBack<'a> {
     write: Write,
     outbound: &'a Outbound,
     body: &'a ClientBody,
+    /// When the write reached the proxy (wall clock).
+    arrived: std::time::SystemTime,
 }
 
 impl ReadBack<'_> {
@@ -1067,6 +1070,9 @@ impl ReadBack<'_> {
                     StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
                     status => return Err(ReadBackError::Status(status)),
                 };
+                if stored.predates(self.arrived) {
+                    return Ok(Settlement::Absent);
+                }
                 Ok(write_settle::compare(
                     &self.declared(),
                     || self.kept(),

@@ -291,6 +291,8 @@ pub struct Stored {
     /// The header fields to give the client: `x-amz-request-id`,
     /// `x-amz-id-2`, `x-amz-version-id`, `x-amz-server-side-encryption*`.
     pub fields: HeaderMap,
+    /// HeadObject's `Last-Modified` (whole seconds).
+    pub last_modified: Option<SystemTime>,
 }
 
 /// Response fields copied from the read-back to the client's answer.
@@ -326,6 +328,9 @@ impl Stored {
             length,
             checksums,
             fields: copied_fields(headers),
+            last_modified: headers
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok()),
         })
     }
 
@@ -350,7 +355,19 @@ impl Stored {
             length: element(part, "Size").and_then(|s| s.parse().ok()),
             checksums,
             fields: copied_fields(headers),
+            last_modified: None,
         })
+    }
+
+    /// True when what is stored was written before `arrived` (the write's
+    /// arrival at the proxy, less a second for `Last-Modified`'s whole
+    /// seconds and the two clocks): an object left by an earlier write,
+    /// not by this one, whatever its bytes.
+    pub fn predates(&self, arrived: SystemTime) -> bool {
+        let earliest = arrived
+            .checked_sub(std::time::Duration::from_secs(1))
+            .unwrap_or(arrived);
+        self.last_modified.is_some_and(|at| at < earliest)
     }
 
     /// The ETag as an MD5 digest, when it is one (a single-part object not
@@ -443,6 +460,20 @@ pub fn compare(
     {
         return Settlement::Different;
     }
+    let mut kept = Some(kept);
+    let mut cached: Option<Option<KeptBody>> = None;
+    let mut kept = move || {
+        cached
+            .get_or_insert_with(|| kept.take().and_then(|kept| kept()))
+            .clone()
+    };
+    // A copy that does not match its own Content-MD5 was refused by the
+    // backend (`BadDigest`): whatever is stored is not this write.
+    if let (Some(md5), Some(copy)) = (declared.md5, declared.md5.and_then(|_| kept()))
+        && copy.md5 != md5
+    {
+        return Settlement::Different;
+    }
     let mut proven = false;
     if let Some(checksum) = &declared.checksum
         && let Some(same) = stored
@@ -532,6 +563,8 @@ pub fn success(stored: &Stored, declared: &Declared) -> Response<Bytes> {
 pub fn complete_success(stored: &Stored, host: &str, path: &str) -> Response<Bytes> {
     let trimmed = path.trim_start_matches('/');
     let (bucket, key) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    // The result names the key as stored, not as escaped in the path.
+    let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
          <CompleteMultipartUploadResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
@@ -541,7 +574,7 @@ pub fn complete_success(stored: &Stored, host: &str, path: &str) -> Response<Byt
         etag = escape(&stored.etag),
         path = escape(path),
         bucket = escape(bucket),
-        key = escape(key),
+        key = escape(&key),
     );
     let mut response = Response::new(Bytes::from(xml));
     let headers = response.headers_mut();
@@ -622,7 +655,8 @@ impl SettleCredentials {
     /// payload's SHA-256 (`x-amz-content-sha256`, which S3 requires).
     fn sign(&self, request: &mut Request<Empty<Bytes>>, host: &str) -> Result<(), ReadBackError> {
         use aws_sigv4::http_request::{
-            PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings, sign,
+            PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
+            SigningSettings, UriPathNormalizationMode, sign,
         };
         use aws_sigv4::sign::v4;
         let failed = |e: &dyn fmt::Display| ReadBackError::Sign(e.to_string());
@@ -636,6 +670,10 @@ impl SettleCredentials {
         .into();
         let mut settings = SigningSettings::default();
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        // S3's canonical request takes the path as sent: encoded once, not
+        // normalised (`a%20b`, `dir//x`, `dir/./x` stay as they are).
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
@@ -692,6 +730,7 @@ mod tests {
                 })
                 .collect(),
             fields: HeaderMap::new(),
+            last_modified: None,
         }
     }
 
@@ -759,6 +798,30 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_body_that_does_not_match_its_content_md5_is_different() {
+        // The backend refused it (BadDigest): the object there, with the
+        // declared MD5, is an earlier one.
+        let declared = Declared::of(&headers(&[("content-md5", HELLO_MD5)]));
+        let other_bytes = || KeptBody::of(&[Bytes::from_static(b"jello")], false);
+        assert_eq!(
+            compare(&declared, other_bytes, stored(HELLO_ETAG, 5, &[])),
+            Settlement::Different
+        );
+    }
+
+    #[test]
+    fn an_object_older_than_the_write_predates_it() {
+        let at = |seconds| std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        let mut object = stored(HELLO_ETAG, 5, &[]);
+        object.last_modified = Some(at(100));
+        assert!(object.predates(at(102)), "written two seconds before");
+        assert!(!object.predates(at(101)), "within Last-Modified's second");
+        assert!(!object.predates(at(99)));
+        object.last_modified = None;
+        assert!(!object.predates(at(102)), "unknown: not judged by time");
+    }
+
+    #[test]
     fn another_md5_or_length_is_different() {
         let declared = Declared::of(&headers(&[
             ("content-md5", HELLO_MD5),
@@ -814,11 +877,17 @@ mod tests {
     }
 
     #[test]
-    fn the_kept_body_is_not_digested_when_the_declaration_proves_it() {
-        let declared = Declared::of(&headers(&[("content-md5", HELLO_MD5)]));
+    fn the_kept_body_is_not_digested_when_a_declared_checksum_proves_it() {
+        // A Content-MD5 is checked against the kept copy (the backend
+        // refuses a body that does not match it); a checksum needs no copy.
+        let declared = Declared::of(&headers(&[("x-amz-checksum-crc32", "NhCmhg==")]));
         let kept = || -> Option<KeptBody> { panic!("digested on the way") };
         assert!(matches!(
-            compare(&declared, kept, stored(HELLO_ETAG, 5, &[])),
+            compare(
+                &declared,
+                kept,
+                stored(HELLO_ETAG, 5, &[("crc32", "NhCmhg==")])
+            ),
             Settlement::Stored(_)
         ));
     }

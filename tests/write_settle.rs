@@ -376,6 +376,39 @@ async fn a_put_with_a_crc32_header_whose_answer_was_lost_is_answered_as_stored()
     assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
 }
 
+/// A key that must be escaped in the path is read back under the same
+/// escaping (the read-back's signature covers the path as sent, encoded
+/// once, not normalised).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_a_key_that_needs_escaping_is_settled_too() {
+    const KEY: &str = "odd key+\u{fc}&c";
+    const ESCAPED: &str = "odd%20key%2B%C3%BC%26c";
+    let mut setup = setup(Plan::LoseAnswer, &format!("PUT /settle/{ESCAPED}"), true).await;
+    let body = content(4 << 20, 12);
+    let s3 = s3_client(&setup.proxy.endpoint());
+    let sent = body.clone();
+    let write = async move {
+        s3.put_object()
+            .bucket(BUCKET)
+            .key(KEY)
+            .body(sent.to_vec().into())
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32)
+            .send()
+            .await
+    };
+    let settled = tokio::time::timeout(
+        Duration::from_secs(60),
+        across_a_lost_answer(&mut setup.backend, &setup.front, write),
+    )
+    .await
+    .expect("the write reached the front");
+    settled.expect("answered as stored");
+    assert_eq!(setup.front.count(&format!("PUT /settle/{ESCAPED}")), 1);
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+    let stored = support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, KEY).await;
+    assert!(stored == body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_put_without_a_checksum_is_proven_by_the_md5_of_its_copy_not_replayed() {
     let mut setup = setup(Plan::LoseAnswer, "PUT /settle/kept", true).await;
