@@ -344,7 +344,7 @@ impl Predecessor {
 /// Asks the proxy serving at `path` for its listening sockets. `None` when
 /// no proxy answers there (no socket file, or a stale one). An old process
 /// that goes away in the middle of the exchange (it was exiting) is asked
-/// again until it is gone, for at most [`RETRY_FOR`].
+/// again until it is gone, for at most 10 s (`RETRY_FOR`).
 pub async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
     let give_up = tokio::time::Instant::now() + RETRY_FOR;
     loop {

@@ -15,10 +15,12 @@
 //! client is the client's fault). The request is then held (nothing sent),
 //! replayed (idempotent, body still kept) or answered with an S3 error from
 //! [`s3_error`]; a write whose answer was lost is first read back
-//! ([`write_settle`]) and answered as stored when the backend has its bytes; a request that crashes the backend twice is stopped by the
+//! ([`write_settle`]) and answered as stored when the backend has its
+//! bytes; a request that crashes the backend twice is stopped by the
 //! [`quarantine`], and the operations S3 servers take long to answer are
 //! named in [`s3_operation`]. While Down, new requests wait in the gate's
-//! bounded FIFO queue; the probe asks the backend at a short interval whether
+//! bounded FIFO queue, each no longer than its signature allows
+//! ([`signature_expiry`]), its outcome named in [`outcome`]; the probe asks the backend at a short interval whether
 //! it serves again, and on its first yes the gate resumes and releases the
 //! queue in arrival order, a few at a time (held requests for one object,
 //! its [`object_lane`], one after the other). The [`admin`] listener pauses and
