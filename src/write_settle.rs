@@ -339,7 +339,9 @@ impl Stored {
         let part = xml.split("<Part>").skip(1).find(|part| {
             element(part, "PartNumber").and_then(|n| n.parse().ok()) == Some(part_number)
         })?;
-        let etag = unescape(element(part, "ETag")?);
+        // A part listed without its ETag (s3s-fs) is there, but only a
+        // checksum can prove it.
+        let etag = element(part, "ETag").map(unescape).unwrap_or_default();
         let checksums = ["CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256"]
             .iter()
             .zip(ALGORITHMS)
@@ -500,7 +502,8 @@ pub fn compare(
             None => {}
         }
     }
-    match proven {
+    // The client's answer needs the ETag (a part's, for its Complete).
+    match proven && !stored.etag.is_empty() {
         true => Settlement::Stored(stored),
         false => Settlement::NoProof,
     }
@@ -927,6 +930,22 @@ mod tests {
         assert_eq!(part.length, Some(5));
         assert_eq!(part.checksums[0].value, "NhCmhg==");
         assert_eq!(Stored::of_part(xml, 3, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_part_listed_without_its_etag_is_there_but_not_proven_by_md5() {
+        let xml = "<ListPartsResult><Part><PartNumber>1</PartNumber><Size>5</Size></Part></ListPartsResult>";
+        let part = Stored::of_part(xml, 1, &HeaderMap::new()).expect("listed");
+        let declared = Declared::of(&headers(&[("content-md5", HELLO_MD5)]));
+        assert_eq!(compare(&declared, no_kept, part), Settlement::NoProof);
+        let xml = "<ListPartsResult><Part><PartNumber>1</PartNumber><Size>5</Size><ChecksumCRC32>NhCmhg==</ChecksumCRC32></Part></ListPartsResult>";
+        let part = Stored::of_part(xml, 1, &HeaderMap::new()).expect("listed");
+        let declared = Declared::of(&headers(&[("x-amz-checksum-crc32", "NhCmhg==")]));
+        assert_eq!(
+            compare(&declared, no_kept, part),
+            Settlement::NoProof,
+            "proven, but no ETag to answer with"
+        );
     }
 
     #[test]
