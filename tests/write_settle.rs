@@ -567,30 +567,45 @@ fn assert_sent_with_a_crc32_trailer(front: &Front) {
     assert_eq!(front.watched_field("content-md5"), None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aws_chunked_put_with_a_crc32_trailer_whose_answer_was_lost_is_answered_as_stored() {
-    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/trailer", true).await;
-    // Fits the replay buffer (1 MiB) with its chunk framing: the trailer is kept.
-    let body = content(512 << 10, 8);
-    let put = sdk_put_of_a_file(&setup.proxy, setup.dir.path(), "trailer", &body).await;
+/// An SDK upload of `size` bytes from a file (aws-chunked, CRC32 trailer,
+/// no Content-MD5) to `key`, its answer lost: answered as stored, with the
+/// trailer's CRC32, sent once, counted `stored`, stored byte-exact.
+async fn a_trailer_put_is_settled(
+    key: &str,
+    size: usize,
+    seed: u8,
+) -> aws_sdk_s3::operation::put_object::PutObjectOutput {
+    let line = format!("PUT /settle/{key}");
+    let mut setup = setup(Plan::LoseAnswer, &line, true).await;
+    let body = content(size, seed);
+    let put = sdk_put_of_a_file(&setup.proxy, setup.dir.path(), key, &body).await;
     let output = across_a_lost_answer(&mut setup.backend, &setup.front, put)
         .await
         .expect("answered as stored");
     assert_sent_with_a_crc32_trailer(&setup.front);
-    // The checksum answered is the trailer's: read from the kept body and
-    // proven equal to the CRC32 HeadObject reports.
+    // The checksum answered is the trailer's, proven equal to the CRC32
+    // HeadObject reports.
     assert_eq!(
         output.checksum_crc32(),
         Some(BASE64.encode(crc32(&body)).as_str())
     );
+    assert_eq!(setup.front.count(&line), 1, "not replayed");
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+    let stored = support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, key).await;
+    assert!(stored == body);
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_chunked_put_with_a_crc32_trailer_whose_answer_was_lost_is_answered_as_stored() {
+    // Fits the replay buffer (1 MiB) with its chunk framing: the trailer is
+    // read from the kept body.
+    let body = content(512 << 10, 8);
+    let output = a_trailer_put_is_settled("trailer", body.len(), 8).await;
     assert_eq!(
         output.e_tag(),
         Some(format!("\"{}\"", hex(&md5_of(&body))).as_str())
     );
-    assert_eq!(setup.front.count("PUT /settle/trailer"), 1, "not replayed");
-    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
-    let stored = support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, "trailer").await;
-    assert!(stored == body);
 }
 
 /// An `aws-chunked` body over the replay buffer is not kept, but its last
@@ -599,26 +614,7 @@ async fn an_aws_chunked_put_with_a_crc32_trailer_whose_answer_was_lost_is_answer
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aws_chunked_put_over_the_replay_buffer_whose_answer_was_lost_is_proven_by_its_trailer()
 {
-    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/big-trailer", true).await;
-    let body = content(3 << 20, 9);
-    let put = sdk_put_of_a_file(&setup.proxy, setup.dir.path(), "big-trailer", &body).await;
-    let output = across_a_lost_answer(&mut setup.backend, &setup.front, put)
-        .await
-        .expect("answered as stored");
-    assert_sent_with_a_crc32_trailer(&setup.front);
-    assert_eq!(
-        output.checksum_crc32(),
-        Some(BASE64.encode(crc32(&body)).as_str())
-    );
-    assert_eq!(
-        setup.front.count("PUT /settle/big-trailer"),
-        1,
-        "not replayed"
-    );
-    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
-    let stored =
-        support::read_object(&s3_client(&setup.proxy.endpoint()), BUCKET, "big-trailer").await;
-    assert!(stored == body);
+    a_trailer_put_is_settled("big-trailer", 3 << 20, 9).await;
 }
 
 /// radosgw (a gateway of the test binary's one-node Ceph cluster), the
