@@ -15,9 +15,10 @@
 //! client is the client's fault). The request is then held (nothing sent),
 //! replayed (idempotent, body still kept) or answered with an S3 error from
 //! [`s3_error`]; a write whose answer was lost is first read back
-//! ([`write_settle`]) and answered as stored when the backend has its
-//! bytes; a request that crashes the backend twice is stopped by the
-//! [`quarantine`], and the operations S3 servers take long to answer are
+//! ([`write_settle`], with a key [`settle_key`] checks at start) and
+//! answered as stored when the backend has its bytes; a request that
+//! crashes the backend twice is stopped by the [`quarantine`], and the
+//! operations S3 servers take long to answer are
 //! named in [`s3_operation`]. While Down, new requests wait in the gate's
 //! bounded FIFO queue, each no longer than its signature allows
 //! ([`signature_expiry`]), its outcome named in [`outcome`]; the probe asks the backend at a short interval whether
@@ -84,6 +85,7 @@ pub mod s3_operation;
 pub mod send_timeout;
 pub mod server;
 pub mod settings;
+pub mod settle_key;
 pub mod shutdown;
 pub mod signature_expiry;
 pub mod tls;

@@ -57,6 +57,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     replay_memory: IntGauge,
     replay_memory_exhausted: IntCounter,
+    settle_key_rejected: IntGauge,
     replays: IntCounterVec,
     download_resumes: IntCounterVec,
     write_settles: IntCounterVec,
@@ -187,6 +188,11 @@ impl Metrics {
             replay_memory_exhausted: registered(register_int_counter_with_registry!(
                 "s3fp_replay_memory_exhausted_total",
                 "Times a request body's bytes could not be kept for replay because hold.replay_memory was in use: that request streamed on without a copy.",
+                r
+            )),
+            settle_key_rejected: registered(register_int_gauge_with_registry!(
+                "s3fp_settle_key_rejected",
+                "1 when the backend rejected the [settle] key at its last check (InvalidAccessKeyId, SignatureDoesNotMatch): ambiguous writes cannot be read back; else 0.",
                 r
             )),
             replays: registered(register_int_counter_vec_with_registry!(
@@ -388,6 +394,11 @@ impl Metrics {
         self.download_resumes
             .with_label_values(&[outcome.as_str()])
             .inc();
+    }
+
+    /// Whether the backend rejected the `[settle]` key at its last check.
+    pub fn settle_key_rejected(&self, rejected: bool) {
+        self.settle_key_rejected.set(i64::from(rejected));
     }
 
     /// An ambiguous write was settled as `outcome`.

@@ -248,6 +248,16 @@ impl Proxy {
         Arc::clone(&self.settings.borrow())
     }
 
+    /// The settings as they change (a reload replaces them).
+    pub fn watch_settings(&self) -> watch::Receiver<Arc<ProxySettings>> {
+        self.settings.subscribe()
+    }
+
+    /// How the backend is reached now.
+    pub fn backend_connector(&self) -> Arc<Connector> {
+        self.upstream.connector()
+    }
+
     pub fn update_upstream(&self, settings: crate::upstream::UpstreamSettings) {
         self.upstream.update_settings(settings);
     }
@@ -1059,25 +1069,31 @@ impl ReadBack<'_> {
         let target = self.write.read_back(path);
         match &self.write {
             Write::PutObject => {
-                let answer = self
-                    .credentials
-                    .ask(connector, Method::HEAD, &host, &target)
-                    .await?;
-                let stored = match answer.status {
-                    StatusCode::OK => {
-                        Stored::of_head(&answer.headers).ok_or(ReadBackError::Body)?
-                    }
-                    StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
-                    status => return Err(ReadBackError::Status(status)),
-                };
-                if stored.predates(self.arrived) {
+                let Some(stored) = self.head_written(connector, &host, &target).await? else {
                     return Ok(Settlement::Absent);
-                }
+                };
                 Ok(write_settle::compare(
                     &self.declared(),
                     || self.kept(),
                     stored,
                 ))
+            }
+            Write::CopyObject { source } => {
+                let Some(copy) = self.head_written(connector, &host, &target).await? else {
+                    return Ok(Settlement::Absent);
+                };
+                // The source is named path-style (`bucket/key`): asked for
+                // by the backend's own address, never a virtual host.
+                let backend = connector.address().to_string();
+                Ok(
+                    match self
+                        .head(connector, &backend, &source.path_and_query)
+                        .await?
+                    {
+                        Some(original) => write_settle::compare_copy(source, &original, copy),
+                        None => Settlement::NoProof,
+                    },
+                )
             }
             Write::UploadPart { part_number, .. } => {
                 let answer = self
@@ -1101,6 +1117,38 @@ impl ReadBack<'_> {
         }
     }
 
+    /// HeadObject of `target`: what is stored there, `None` when nothing is.
+    async fn head(
+        &self,
+        connector: &Connector,
+        host: &str,
+        target: &str,
+    ) -> Result<Option<Stored>, ReadBackError> {
+        let answer = self
+            .credentials
+            .ask(connector, Method::HEAD, host, target)
+            .await?;
+        match answer.status {
+            StatusCode::OK => Ok(Some(
+                Stored::of_head(&answer.headers).ok_or(ReadBackError::Body)?,
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            status => Err(ReadBackError::Status(status)),
+        }
+    }
+
+    /// The object at `target` if this write may have stored it: `None`
+    /// when nothing is there or what is there predates the write.
+    async fn head_written(
+        &self,
+        connector: &Connector,
+        host: &str,
+        target: &str,
+    ) -> Result<Option<Stored>, ReadBackError> {
+        let stored = self.head(connector, host, target).await?;
+        Ok(stored.filter(|stored| !stored.predates(self.arrived)))
+    }
+
     /// A Complete is done when its upload is gone (or holds no part) and
     /// the object carries the multipart ETag of the parts the client listed.
     async fn settle_complete(
@@ -1121,15 +1169,8 @@ impl ReadBack<'_> {
             StatusCode::OK => return Ok(Settlement::Absent),
             status => return Err(ReadBackError::Status(status)),
         }
-        let path = self.outbound.uri.path();
-        let head = self
-            .credentials
-            .ask(connector, Method::HEAD, host, path)
-            .await?;
-        let stored = match head.status {
-            StatusCode::OK => Stored::of_head(&head.headers).ok_or(ReadBackError::Body)?,
-            StatusCode::NOT_FOUND => return Ok(Settlement::Absent),
-            status => return Err(ReadBackError::Status(status)),
+        let Some(stored) = self.head(connector, host, self.outbound.uri.path()).await? else {
+            return Ok(Settlement::Absent);
         };
         let listed = self
             .body
@@ -1159,6 +1200,7 @@ impl ReadBack<'_> {
                     .unwrap_or("");
                 write_settle::complete_success(&stored, host, self.outbound.uri.path())
             }
+            Write::CopyObject { .. } => write_settle::copy_success(&stored),
             _ => write_settle::success(&stored, &self.declared()),
         })
     }

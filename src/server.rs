@@ -38,6 +38,7 @@ use crate::proxy::Proxy;
 use crate::quarantine::Quarantine;
 use crate::reload::{self, LiveParts, ReloadSource};
 use crate::settings::Settings;
+use crate::settle_key;
 use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerCertificate};
 use crate::upstream::Upstream;
@@ -248,6 +249,7 @@ pub async fn run_with_reload(
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
+    let settle_key_task = tokio::spawn(settle_key::watch(Arc::clone(&proxy), Arc::clone(&metrics)));
     let ready = Arc::new(AtomicBool::new(true));
     let synced = Arc::new(AtomicBool::new(config.backend.kubernetes.is_none()));
     let discovery_tasks = match &config.backend.kubernetes {
@@ -462,6 +464,7 @@ pub async fn run_with_reload(
         let _ = task.await;
     }
     probe_task.abort();
+    settle_key_task.abort();
     for task in [reload_task, certificate_task]
         .into_iter()
         .flatten()

@@ -1,7 +1,7 @@
 //! Settling an ambiguous write by reading back.
 //!
-//! A PutObject, UploadPart or CompleteMultipartUpload whose request reached
-//! the backend but whose response was lost (a crash, a cut connection, a
+//! A PutObject, UploadPart, CopyObject or CompleteMultipartUpload whose
+//! request reached the backend but whose response was lost (a crash, a cut connection, a
 //! hang) may or may not have been executed. Replaying it blindly stores it
 //! twice when it was (two versions in a versioned bucket); answering `503`
 //! fails a write that succeeded. Once the backend serves again the proxy
@@ -11,7 +11,9 @@
 //! `aws-chunked` trailer, the length) or, for a body the proxy still keeps,
 //! with the MD5 of the kept copy (a single-part ETag is the MD5 of the
 //! object, except under SSE-KMS or SSE-C, where it never matches and the
-//! write is treated as not proven). Only bytes proven equal make a
+//! write is treated as not proven). A copy is compared with its source
+//! ([`compare_copy`]: the same ETag and length, the copy's conditions
+//! holding for the source). Only bytes proven equal make a
 //! [`Settlement::Stored`]; [`crate::proxy`] then answers the client the success
 //! it would have got ([`success`]), and otherwise applies the replay rule.
 //!
@@ -51,18 +53,20 @@ pub enum Write {
     PutObject,
     /// `PUT /bucket/key?partNumber=N&uploadId=U` with a body.
     UploadPart { upload_id: String, part_number: u32 },
+    /// `PUT /bucket/key` with `x-amz-copy-source` (not a part).
+    CopyObject { source: CopySource },
     /// `POST /bucket/key?uploadId=U`.
     CompleteMultipartUpload { upload_id: String },
 }
 
 impl Write {
     /// The write this request is, if it can be settled; conditional writes
-    /// (`If-Match`, `If-None-Match`) and copies cannot: equal bytes do not
-    /// prove their condition held.
+    /// (`If-Match`, `If-None-Match`) cannot: equal bytes do not prove their
+    /// condition held. Nor can UploadPartCopy (a range of the source is
+    /// not read back).
     pub fn of(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Write> {
-        let conditional = headers.contains_key(header::IF_MATCH)
-            || headers.contains_key(header::IF_NONE_MATCH)
-            || headers.contains_key("x-amz-copy-source");
+        let conditional =
+            headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_NONE_MATCH);
         if conditional {
             return None;
         }
@@ -76,7 +80,12 @@ impl Write {
                     .any(|known| p.starts_with(known))
             })
         });
+        let copy = headers.contains_key("x-amz-copy-source");
         match (method, upload_id, part_number, other_query) {
+            (&Method::PUT, None, None, false) if copy => Some(Write::CopyObject {
+                source: CopySource::of(headers)?,
+            }),
+            (&Method::PUT, _, _, _) if copy => None,
             (&Method::PUT, None, None, false) => Some(Write::PutObject),
             (&Method::PUT, Some(upload_id), Some(number), false) => Some(Write::UploadPart {
                 upload_id,
@@ -93,7 +102,7 @@ impl Write {
     /// ListParts of the upload (from the part asked about, one part).
     pub fn read_back(&self, path: &str) -> String {
         match self {
-            Write::PutObject => path.to_owned(),
+            Write::PutObject | Write::CopyObject { .. } => path.to_owned(),
             Write::UploadPart {
                 upload_id,
                 part_number,
@@ -114,6 +123,80 @@ fn query_value(uri: &Uri, name: &str) -> Option<String> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (key == name).then(|| value.to_owned())
     })
+}
+
+/// What a CopyObject copies, and on which conditions: `x-amz-copy-source`
+/// and the `x-amz-copy-source-if-*` fields (S3 API Reference, CopyObject).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySource {
+    /// The HeadObject target of the source: `/bucket/key`, escaped as the
+    /// client sent it, with its `?versionId=` if any.
+    pub path_and_query: String,
+    /// `x-amz-copy-source-if-match`: the source's ETag must be this.
+    pub if_match: Option<String>,
+    /// `x-amz-copy-source-if-none-match`: the source's ETag must not be this.
+    pub if_none_match: Option<String>,
+    /// `x-amz-copy-source-if-modified-since`.
+    pub if_modified_since: Option<SystemTime>,
+    /// `x-amz-copy-source-if-unmodified-since`.
+    pub if_unmodified_since: Option<SystemTime>,
+}
+
+impl CopySource {
+    /// From a CopyObject's fields; `None` when the source is not a
+    /// `bucket/key` or a condition is unreadable (nothing to compare with).
+    pub fn of(headers: &HeaderMap) -> Option<CopySource> {
+        let source = headers.get("x-amz-copy-source")?.to_str().ok()?;
+        let source = source.strip_prefix('/').unwrap_or(source);
+        let (path, query) = source.split_once('?').unwrap_or((source, ""));
+        if !path.contains('/') || path.contains(|c: char| c.is_ascii_whitespace()) {
+            return None;
+        }
+        let version = query.split('&').find(|pair| pair.starts_with("versionId="));
+        let text = |name: &str| -> Result<Option<String>, ()> {
+            match headers.get(name) {
+                None => Ok(None),
+                Some(value) => value
+                    .to_str()
+                    .map(|v| Some(v.trim().to_owned()))
+                    .map_err(|_| ()),
+            }
+        };
+        let date = |name: &str| -> Result<Option<SystemTime>, ()> {
+            text(name)?
+                .map(|v| httpdate::parse_http_date(&v).map_err(|_| ()))
+                .transpose()
+        };
+        Some(CopySource {
+            path_and_query: match version {
+                Some(version) => format!("/{path}?{version}"),
+                None => format!("/{path}"),
+            },
+            if_match: text("x-amz-copy-source-if-match").ok()?,
+            if_none_match: text("x-amz-copy-source-if-none-match").ok()?,
+            if_modified_since: date("x-amz-copy-source-if-modified-since").ok()?,
+            if_unmodified_since: date("x-amz-copy-source-if-unmodified-since").ok()?,
+        })
+    }
+
+    /// True when the conditions hold for `source` as it is now.
+    fn holds_for(&self, source: &Stored) -> bool {
+        let same_etag = |wanted: &str| {
+            wanted.split(',').any(|tag| {
+                let tag = tag.trim();
+                tag == "*" || tag.trim_matches('"') == source.etag.trim_matches('"')
+            })
+        };
+        let modified = source.last_modified;
+        self.if_match.as_deref().is_none_or(same_etag)
+            && self.if_none_match.as_deref().is_none_or(|t| !same_etag(t))
+            && self
+                .if_modified_since
+                .is_none_or(|since| modified.is_some_and(|at| at > since))
+            && self
+                .if_unmodified_since
+                .is_none_or(|since| modified.is_some_and(|at| at <= since))
+    }
 }
 
 /// One `x-amz-checksum-<algorithm>` value: the algorithm's lower-case name
@@ -509,6 +592,30 @@ pub fn compare(
     }
 }
 
+/// Compares a copy with its source: proven when the copy carries the
+/// source's ETag (the MD5 of its bytes, or of its parts' digests) and
+/// length, and the copy's `x-amz-copy-source-if-*` conditions hold for the
+/// source. A source that no longer meets them, or that has no ETag, leaves
+/// nothing to prove the copy by. A proven copy carries the source's version
+/// id as `x-amz-copy-source-version-id`, for the client's answer.
+pub fn compare_copy(conditions: &CopySource, source: &Stored, mut copy: Stored) -> Settlement {
+    if source.etag.is_empty() || !conditions.holds_for(source) {
+        return Settlement::NoProof;
+    }
+    let same_length = source
+        .length
+        .zip(copy.length)
+        .is_none_or(|(source, copy)| source == copy);
+    if copy.etag != source.etag || !same_length {
+        return Settlement::Different;
+    }
+    if let Some(version) = source.fields.get("x-amz-version-id") {
+        copy.fields
+            .insert("x-amz-copy-source-version-id", version.clone());
+    }
+    Settlement::Stored(copy)
+}
+
 /// The ETag S3 gives an object completed from parts: the MD5 of the
 /// concatenated MD5 digests of the parts (their ETags), then `-<count>`.
 /// `None` when a part's ETag is not an MD5.
@@ -579,6 +686,27 @@ pub fn complete_success(stored: &Stored, host: &str, path: &str) -> Response<Byt
         bucket = escape(bucket),
         key = escape(&key),
     );
+    xml_success(xml, stored)
+}
+
+/// The `CopyObjectResult` the client would have got: the copy's ETag and
+/// `LastModified`, its version id and the source's (see [`compare_copy`]).
+pub fn copy_success(copy: &Stored) -> Response<Bytes> {
+    let last_modified = copy
+        .last_modified
+        .map(|at| humantime::format_rfc3339_millis(at).to_string())
+        .unwrap_or_default();
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <CopyObjectResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+         <LastModified>{last_modified}</LastModified><ETag>{etag}</ETag></CopyObjectResult>",
+        etag = escape(&copy.etag),
+    );
+    xml_success(xml, copy)
+}
+
+/// A `200` carrying `xml` and the read-back's fields of `stored`.
+fn xml_success(xml: String, stored: &Stored) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(xml));
     let headers = response.headers_mut();
     headers.extend(stored.fields.clone());
@@ -773,7 +901,12 @@ mod tests {
         assert_eq!(Write::of(&Method::POST, &uri("/b/k?uploads"), &plain), None);
         assert_eq!(Write::of(&Method::PUT, &uri("/b/k?tagging"), &plain), None);
         let copy = headers(&[("x-amz-copy-source", "/b/other")]);
-        assert_eq!(Write::of(&Method::PUT, &uri("/b/k"), &copy), None);
+        assert!(matches!(
+            Write::of(&Method::PUT, &uri("/b/k?x-id=CopyObject"), &copy),
+            Some(Write::CopyObject { .. })
+        ));
+        let part_copy = "/b/k?partNumber=1&uploadId=xyz";
+        assert_eq!(Write::of(&Method::PUT, &uri(part_copy), &copy), None);
         let conditional = headers(&[("if-none-match", "*")]);
         assert_eq!(Write::of(&Method::PUT, &uri("/b/k"), &conditional), None);
     }
@@ -980,6 +1113,108 @@ mod tests {
         assert_eq!(response.headers()["etag"], HELLO_ETAG);
         assert_eq!(response.headers()["x-amz-checksum-crc32"], "NhCmhg==");
         assert_eq!(response.headers()["x-amz-request-id"], "tx1");
+    }
+
+    const MONDAY: &str = "Mon, 30 Nov 2026 10:00:00 GMT";
+    const TUESDAY: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
+
+    fn source_as(fields: &[(&str, &str)]) -> CopySource {
+        let mut all = vec![("x-amz-copy-source", "src/dir/a%20b?versionId=v7")];
+        all.extend_from_slice(fields);
+        CopySource::of(&headers(&all)).unwrap()
+    }
+
+    fn modified_on(mut stored: Stored, date: &str) -> Stored {
+        stored.last_modified = Some(httpdate::parse_http_date(date).unwrap());
+        stored
+    }
+
+    #[test]
+    fn a_copy_source_is_read_back_as_sent_with_its_version() {
+        assert_eq!(source_as(&[]).path_and_query, "/src/dir/a%20b?versionId=v7");
+        let plain = headers(&[("x-amz-copy-source", "/src/key")]);
+        assert_eq!(CopySource::of(&plain).unwrap().path_and_query, "/src/key");
+        let no_key = headers(&[("x-amz-copy-source", "bucket-only")]);
+        assert_eq!(CopySource::of(&no_key), None);
+        let bad_date = headers(&[
+            ("x-amz-copy-source", "/src/key"),
+            ("x-amz-copy-source-if-modified-since", "yesterday"),
+        ]);
+        assert_eq!(CopySource::of(&bad_date), None);
+    }
+
+    #[test]
+    fn a_copy_with_its_sources_etag_and_length_is_stored_with_the_source_version() {
+        let mut source = stored(HELLO_ETAG, 5, &[]);
+        source
+            .fields
+            .insert("x-amz-version-id", HeaderValue::from_static("v7"));
+        let verdict = compare_copy(&source_as(&[]), &source, stored(HELLO_ETAG, 5, &[]));
+        let Settlement::Stored(copy) = verdict else {
+            panic!("{verdict:?}");
+        };
+        assert_eq!(copy.fields["x-amz-copy-source-version-id"], "v7");
+        let other = stored("\"0123456789abcdef0123456789abcdef\"", 5, &[]);
+        assert_eq!(
+            compare_copy(&source_as(&[]), &source, other),
+            Settlement::Different
+        );
+        let shorter = stored(HELLO_ETAG, 4, &[]);
+        assert_eq!(
+            compare_copy(&source_as(&[]), &source, shorter),
+            Settlement::Different
+        );
+    }
+
+    #[test]
+    fn a_copy_whose_conditions_fail_for_the_source_now_is_not_proven() {
+        let source = modified_on(stored(HELLO_ETAG, 5, &[]), MONDAY);
+        let copy = || stored(HELLO_ETAG, 5, &[]);
+        let proven = |fields: &[(&str, &str)]| {
+            matches!(
+                compare_copy(&source_as(fields), &source, copy()),
+                Settlement::Stored(_)
+            )
+        };
+        assert!(proven(&[("x-amz-copy-source-if-match", HELLO_ETAG)]));
+        assert!(!proven(&[("x-amz-copy-source-if-match", "\"other\"")]));
+        assert!(proven(&[("x-amz-copy-source-if-none-match", "\"other\"")]));
+        assert!(!proven(&[("x-amz-copy-source-if-none-match", HELLO_ETAG)]));
+        assert!(proven(&[(
+            "x-amz-copy-source-if-unmodified-since",
+            TUESDAY
+        )]));
+        assert!(!proven(&[("x-amz-copy-source-if-modified-since", TUESDAY)]));
+        assert!(proven(&[(
+            "x-amz-copy-source-if-modified-since",
+            "Sun, 29 Nov 2026 10:00:00 GMT"
+        )]));
+        let untagged = stored("", 5, &[]);
+        assert_eq!(
+            compare_copy(&source_as(&[]), &untagged, copy()),
+            Settlement::NoProof
+        );
+    }
+
+    #[test]
+    fn a_settled_copy_is_answered_with_its_copy_object_result() {
+        let mut copy = modified_on(stored(HELLO_ETAG, 5, &[]), MONDAY);
+        copy.fields.insert(
+            "x-amz-copy-source-version-id",
+            HeaderValue::from_static("v7"),
+        );
+        let response = copy_success(&copy);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-amz-copy-source-version-id"], "v7");
+        let xml = std::str::from_utf8(response.body()).unwrap();
+        assert!(
+            xml.contains("<LastModified>2026-11-30T10:00:00.000Z</LastModified>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<ETag>&quot;5d41402abc4b2a76b9719d911017c592&quot;</ETag>"),
+            "{xml}"
+        );
     }
 
     #[test]

@@ -497,6 +497,48 @@ async fn a_complete_multipart_upload_whose_answer_was_lost_is_answered_with_its_
     assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
 }
 
+/// Puts `body` at `key` through the proxy (an SDK PutObject), its ETag.
+async fn put_source(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: &Bytes) -> String {
+    let put = s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(body.to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    put.e_tag().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_object_whose_answer_was_lost_is_answered_with_its_result() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/copy-destination", true).await;
+    let s3 = s3_client(&setup.proxy.endpoint());
+    let body = content(3 << 20, 13);
+    let etag = put_source(&s3, BUCKET, "copy-source", &body).await;
+    let copy = s3
+        .copy_object()
+        .bucket(BUCKET)
+        .key("copy-destination")
+        .copy_source(format!("{BUCKET}/copy-source"))
+        .copy_source_if_match(&etag)
+        .send();
+    let result = across_a_lost_answer(&mut setup.backend, &setup.front, copy)
+        .await
+        .expect("the CopyObject result");
+    let copied = result.copy_object_result().expect("a CopyObjectResult");
+    assert_eq!(copied.e_tag(), Some(etag.as_str()));
+    assert!(copied.last_modified().is_some());
+    assert_eq!(
+        setup.front.count("PUT /settle/copy-destination"),
+        1,
+        "sent once"
+    );
+    assert_eq!(settles(&setup.proxy, "stored").await, 1.0);
+    let stored = support::read_object(&s3, BUCKET, "copy-destination").await;
+    assert!(stored == body, "the copy is the source's bytes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_to_a_frozen_backend_that_resumes_is_stored_once() {
     let setup = setup(Plan::WithholdLastByte, "PUT /settle/frozen", true).await;
@@ -770,6 +812,162 @@ async fn a_content_md5_put_to_radosgw_killed_once_sent_is_answered_as_it_ended()
         1,
         "not replayed"
     );
+}
+
+/// A CopyObject in a versioned bucket, radosgw SIGKILLed after it copied
+/// and before its answer reached the proxy: read back against its source,
+/// answered with its result, one version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_object_on_radosgw_killed_after_copying_is_one_version() {
+    let mut rgw = OnRadosGw::start(Plan::LoseAnswer, "settle-copy", true).await;
+    let body = content(300 << 10, 14);
+    let etag = put_source(&rgw.s3, rgw.bucket, "source", &body).await;
+    let copy = rgw
+        .s3
+        .copy_object()
+        .bucket(rgw.bucket)
+        .key("object")
+        .copy_source(format!("{}/source", rgw.bucket))
+        .copy_source_if_match(&etag)
+        .send();
+    let copy = tokio::spawn(copy);
+    rgw.front.reached().await;
+    rgw.gateway.kill9();
+    rgw.gateway.restart().await.unwrap();
+    let result = copy.await.unwrap().expect("the CopyObject result");
+    assert_eq!(
+        result.copy_object_result().and_then(|r| r.e_tag()),
+        Some(etag.as_str())
+    );
+    assert!(result.version_id().is_some(), "the copy's version id");
+    assert!(
+        result.copy_source_version_id().is_some(),
+        "the source's version id"
+    );
+    assert_eq!(rgw.versions().await, [etag], "exactly one version");
+    assert_eq!(
+        rgw.front.count("PUT /settle-copy/object"),
+        1,
+        "not replayed"
+    );
+    assert_eq!(settles(&rgw.proxy, "stored").await, 1.0);
+}
+
+/// An UploadPart whose answer radosgw lost in its SIGKILL: ListParts lists
+/// the part with its ETag, the MD5 of the proxy's copy proves it; the part
+/// is answered as stored, not sent again, and completes into the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_part_to_radosgw_killed_after_storing_it_is_settled() {
+    let mut rgw = OnRadosGw::start(Plan::LoseAnswer, "settle-part", true).await;
+    let upload = rgw
+        .s3
+        .create_multipart_upload()
+        .bucket(rgw.bucket)
+        .key("object")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap().to_owned();
+    let part = content(512 << 10, 15);
+    let etag = format!("\"{}\"", hex(&md5_of(&part)));
+    let upload_part = rgw
+        .s3
+        .upload_part()
+        .bucket(rgw.bucket)
+        .key("object")
+        .upload_id(&upload_id)
+        .part_number(1)
+        .body(part.clone().into())
+        .send();
+    let upload_part = tokio::spawn(upload_part);
+    rgw.front.reached().await;
+    rgw.gateway.kill9();
+    rgw.gateway.restart().await.unwrap();
+    let uploaded = upload_part.await.unwrap().expect("answered as stored");
+    assert_eq!(uploaded.e_tag(), Some(etag.as_str()));
+    assert_eq!(
+        rgw.front.count("PUT /settle-part/object"),
+        1,
+        "not replayed"
+    );
+    assert_eq!(settles(&rgw.proxy, "stored").await, 1.0);
+    rgw.s3
+        .complete_multipart_upload()
+        .bucket(rgw.bucket)
+        .key("object")
+        .upload_id(&upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .parts(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(etag)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let stored = support::read_object(&rgw.s3, rgw.bucket, "object").await;
+    assert!(stored == part);
+}
+
+/// A `[settle]` secret the backend does not accept shows at once, not at
+/// the first crash: once the backend answers (it may start after the
+/// proxy) the proxy logs the rejection naming the keys, and sets
+/// `s3fp_settle_key_rejected`; a reload with the right secret clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_settle_secret_is_reported_once_the_backend_answers() {
+    let mut backend = S3Backend::stopped().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("settle-secret");
+    support::write_secret(&secret, "not-the-secret");
+    let config = format!(
+        "[backend]\naddress = \"{}\"\n[settle]\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\nregion = \"{REGION}\"\n",
+        backend.address,
+        support::ACCESS_KEY,
+        secret.display()
+    );
+    let proxy = support::ProxyProcess::start(&config).await.unwrap();
+    let rejected =
+        || async { metric_sample(&proxy.admin.metrics().await, "s3fp_settle_key_rejected") };
+    assert_eq!(
+        rejected().await,
+        Some(0.0),
+        "nothing known before the backend answers"
+    );
+    backend.restart().await.unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the key to be rejected",
+        || async { rejected().await == Some(1.0) },
+    )
+    .await
+    .unwrap();
+    let logged = proxy
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("rejects the [settle] key"));
+    let logged = logged.expect("an error line");
+    assert!(logged.contains("ERROR"), "{logged}");
+    assert!(logged.contains("SignatureDoesNotMatch"), "{logged}");
+    assert!(logged.contains("settle.secret_access_key_file"), "{logged}");
+    support::write_secret(&secret, SECRET_KEY);
+    proxy.signal("-HUP");
+    wait_until(
+        Duration::from_secs(20),
+        "the right key to be accepted",
+        || async {
+            proxy
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("accepts the [settle] key"))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(rejected().await, Some(0.0));
 }
 
 /// The proxy's S3 address, for a request sent from a spawned task.
