@@ -42,6 +42,8 @@ pub struct SettleCredentials {
     pub secret_access_key: String,
     /// The SigV4 signing region (`us-east-1` unless set).
     pub region: String,
+    /// The file the secret was read from (watched for a new secret).
+    pub secret_access_key_file: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SettleCredentials {
@@ -966,6 +968,7 @@ fn settle(raw: RawSettle, files: FilePolicy) -> Result<SettleCredentials, Config
         access_key_id: access_key_id.trim().to_owned(),
         secret_access_key,
         region: raw.region.unwrap_or_else(|| "us-east-1".to_owned()),
+        secret_access_key_file: file,
     })
 }
 

@@ -185,14 +185,19 @@ pub async fn run(mut source: ReloadSource, initial: Config, parts: LiveParts) {
     }
 }
 
-/// What the config file and the running admin token file hold now (or why
-/// they cannot be read): a change of either is a reason to reload.
-/// The watched files' contents (or why they could not be read); `None` when
-/// the process is out of file descriptors, which says nothing about them.
+/// What the config file, the running admin token file and `[settle]`
+/// secret file hold now (or why they cannot be read): a change of any is a
+/// reason to reload. `None` when the process is out of file descriptors,
+/// which says nothing about them.
 fn watched_files(path: &Path, current: &Config) -> Option<Vec<Result<Vec<u8>, String>>> {
     let token_file = current.admin.token.as_ref().map(|token| token.file());
+    let settle_secret = current
+        .settle
+        .as_ref()
+        .map(|settle| settle.secret_access_key_file.as_path());
     std::iter::once(path)
         .chain(token_file)
+        .chain(settle_secret)
         .map(|file| match trusted_file::read(file, current.files) {
             Err(error) if error.is_descriptor_shortage() => None,
             read => Some(read.map_err(|e| e.to_string())),

@@ -63,7 +63,7 @@ impl Write {
     /// The write this request is, if it can be settled; conditional writes
     /// (`If-Match`, `If-None-Match`) cannot: equal bytes do not prove their
     /// condition held. Nor can UploadPartCopy (a range of the source is
-    /// not read back).
+    /// not read back), nor a copy onto its own source.
     pub fn of(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Write> {
         let conditional =
             headers.contains_key(header::IF_MATCH) || headers.contains_key(header::IF_NONE_MATCH);
@@ -82,9 +82,11 @@ impl Write {
         });
         let copy = headers.contains_key("x-amz-copy-source");
         match (method, upload_id, part_number, other_query) {
-            (&Method::PUT, None, None, false) if copy => Some(Write::CopyObject {
-                source: CopySource::of(headers)?,
-            }),
+            (&Method::PUT, None, None, false) if copy => {
+                let source = CopySource::of(headers)?;
+                // An in-place copy proves nothing by its ETag.
+                (!source.is_destination(uri.path())).then_some(Write::CopyObject { source })
+            }
             (&Method::PUT, _, _, _) if copy => None,
             (&Method::PUT, None, None, false) => Some(Write::PutObject),
             (&Method::PUT, Some(upload_id), Some(number), false) => Some(Write::UploadPart {
@@ -179,7 +181,12 @@ impl CopySource {
         })
     }
 
-    /// True when the conditions hold for `source` as it is now.
+    /// True when the conditions hold for `source` as it is now, with S3's
+    /// precedence (CopyObject, "Conditional requests"): an ETag condition
+    /// present decides alone (`if-match` true copies whatever
+    /// `if-unmodified-since` says; `if-none-match` false refuses whatever
+    /// `if-modified-since` says). `Last-Modified` has whole seconds, so a
+    /// date in the same second as it is taken either way.
     fn holds_for(&self, source: &Stored) -> bool {
         let same_etag = |wanted: &str| {
             wanted.split(',').any(|tag| {
@@ -188,14 +195,36 @@ impl CopySource {
             })
         };
         let modified = source.last_modified;
-        self.if_match.as_deref().is_none_or(same_etag)
-            && self.if_none_match.as_deref().is_none_or(|t| !same_etag(t))
-            && self
-                .if_modified_since
-                .is_none_or(|since| modified.is_some_and(|at| at > since))
-            && self
-                .if_unmodified_since
-                .is_none_or(|since| modified.is_some_and(|at| at <= since))
+        let dates_hold = || {
+            self.if_modified_since
+                .is_none_or(|since| modified.is_some_and(|at| at >= since))
+                && self
+                    .if_unmodified_since
+                    .is_none_or(|since| modified.is_some_and(|at| at <= since))
+        };
+        match (&self.if_match, &self.if_none_match) {
+            (Some(wanted), _) => same_etag(wanted),
+            (None, Some(unwanted)) => !same_etag(unwanted),
+            (None, None) => dates_hold(),
+        }
+    }
+
+    /// True when the source is the copy's own destination (a metadata
+    /// update in place, or a version restored over its key): whatever the
+    /// copy did, the destination carries the source's ETag, so it proves
+    /// nothing. `destination` is the request's path as sent; a
+    /// virtual-hosted path (`/key`) is compared with the source's key.
+    pub fn is_destination(&self, destination: &str) -> bool {
+        let decoded = |path: &str| percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
+        let source = self.path_and_query.split('?').next().unwrap_or_default();
+        let source = decoded(source);
+        let destination = decoded(destination);
+        let key = source
+            .iter()
+            .skip(1)
+            .position(|&b| b == b'/')
+            .map(|slash| &source[slash + 1..]);
+        source == destination || key.is_some_and(|key| key == destination.as_slice())
     }
 }
 
@@ -724,6 +753,35 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Bytes a SigV4 canonical URI leaves as they are in a path (RFC 3986
+/// unreserved characters, and `/`); AWS Signature Version 4, "Create a
+/// canonical request".
+const PATH_KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// `path_and_query` with its path in SigV4's canonical form: decoded, then
+/// every byte but the unreserved ones and `/` percent-encoded, never
+/// normalised (`//` and `/./` stay). S3 servers differ in how they form the
+/// canonical URI of a path that arrives with raw `+`, `=`, `@`, `'`: s3s-fs
+/// takes the path as received, radosgw re-encodes it; a path sent already
+/// in canonical form is the same to both. The key it names does not change.
+fn canonical_target(path_and_query: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    let path = percent_encoding::percent_encode(&decoded, PATH_KEPT).to_string();
+    match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    }
+}
+
 /// Why a read-back got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadBackError {
@@ -758,7 +816,7 @@ impl SettleCredentials {
     ) -> Result<Answer, ReadBackError> {
         let mut request = Request::builder()
             .method(method)
-            .uri(path_and_query)
+            .uri(canonical_target(path_and_query))
             .header(header::HOST, host)
             .header("x-amz-checksum-mode", "ENABLED")
             .body(Empty::<Bytes>::new())
@@ -1185,6 +1243,22 @@ mod tests {
             TUESDAY
         )]));
         assert!(!proven(&[("x-amz-copy-source-if-modified-since", TUESDAY)]));
+        assert!(
+            proven(&[("x-amz-copy-source-if-modified-since", MONDAY)]),
+            "same second"
+        );
+        // S3's precedence: an ETag condition decides alone.
+        assert!(proven(&[
+            ("x-amz-copy-source-if-match", HELLO_ETAG),
+            (
+                "x-amz-copy-source-if-unmodified-since",
+                "Sun, 29 Nov 2026 10:00:00 GMT"
+            ),
+        ]));
+        assert!(proven(&[
+            ("x-amz-copy-source-if-none-match", "\"other\""),
+            ("x-amz-copy-source-if-modified-since", TUESDAY),
+        ]));
         assert!(proven(&[(
             "x-amz-copy-source-if-modified-since",
             "Sun, 29 Nov 2026 10:00:00 GMT"
@@ -1194,6 +1268,20 @@ mod tests {
             compare_copy(&source_as(&[]), &untagged, copy()),
             Settlement::NoProof
         );
+    }
+
+    #[test]
+    fn a_copy_onto_its_own_source_is_not_settled() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let onto = |source: &str, destination: &str| {
+            let copy = headers(&[("x-amz-copy-source", source)]);
+            Write::of(&Method::PUT, &uri(destination), &copy).is_none()
+        };
+        assert!(onto("b/dir/k%2B1", "/b/dir/k+1"));
+        assert!(onto("/b/k?versionId=v1", "/b/k"));
+        assert!(onto("b/k", "/k"), "virtual-hosted: the same key");
+        assert!(!onto("b/k", "/b/k2"));
+        assert!(!onto("b/k", "/c/k"));
     }
 
     #[test]
@@ -1218,11 +1306,26 @@ mod tests {
     }
 
     #[test]
+    fn a_read_back_path_is_in_canonical_form_whatever_the_client_escaped() {
+        assert_eq!(
+            canonical_target("/b/a+b=c@d'(1)!"),
+            "/b/a%2Bb%3Dc%40d%27%281%29%21"
+        );
+        assert_eq!(
+            canonical_target("/b/odd%20key%2B%C3%BC%26c?uploadId=x%2By"),
+            "/b/odd%20key%2B%C3%BC%26c?uploadId=x%2By"
+        );
+        assert_eq!(canonical_target("/b/dir//./k~1"), "/b/dir//./k~1");
+        assert_eq!(canonical_target("/b/%ff%2f"), "/b/%FF/");
+    }
+
+    #[test]
     fn credentials_never_show_their_secret() {
         let credentials = SettleCredentials {
             access_key_id: "AK".into(),
             secret_access_key: "very-secret".into(),
             region: "us-east-1".into(),
+            secret_access_key_file: "/run/secret".into(),
         };
         assert!(!format!("{credentials:?}").contains("very-secret"));
     }

@@ -43,6 +43,10 @@ enum Plan {
     LoseAnswerOnceSent,
     /// Holds back the body's last byte until [`Front::go`].
     WithholdLastByte,
+    /// Never forwards the request (a bodiless one, read whole), and keeps
+    /// the connection open until the backend's side closes (the test kills
+    /// the backend); its line is not counted.
+    Swallow,
 }
 
 /// A relay in front of the backend that counts request lines and meddles
@@ -132,10 +136,14 @@ async fn relay(mut client: TcpStream, shared: Arc<FrontShared>) {
             }
             let mut read = &buffer[..n];
             let lines = request_lines(read);
+            let triggered = lines.iter().any(|l| l.starts_with(&shared.trigger))
+                && shared.armed.swap(false, Ordering::SeqCst);
+            if triggered && shared.plan == Plan::Swallow {
+                shared.reached.notify_one();
+                std::future::pending::<()>().await;
+            }
             shared.lines.lock().unwrap().extend(lines.iter().cloned());
-            if lines.iter().any(|l| l.starts_with(&shared.trigger))
-                && shared.armed.swap(false, Ordering::SeqCst)
-            {
+            if triggered {
                 watched.store(true, Ordering::SeqCst);
                 let head_end = find(read, b"\r\n\r\n").unwrap() + 4;
                 *shared.head.lock().unwrap() =
@@ -539,6 +547,50 @@ async fn a_copy_object_whose_answer_was_lost_is_answered_with_its_result() {
     assert!(stored == body, "the copy is the source's bytes");
 }
 
+/// A copy of an object onto itself (a metadata update in place) sent but
+/// never executed (the backend crashed first): its destination carries the
+/// source's ETag, as it would had the copy run, so it is not settled (the
+/// ETag proves nothing) but sent again, and the metadata is the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_onto_itself_that_never_ran_is_sent_again_not_taken_for_done() {
+    let mut setup = setup(Plan::Swallow, "PUT /settle/in-place?x-id=CopyObject", true).await;
+    let s3 = s3_client(&setup.proxy.endpoint());
+    s3.put_object()
+        .bucket(BUCKET)
+        .key("in-place")
+        .body(b"same bytes".to_vec().into())
+        .metadata("state", "old")
+        .send()
+        .await
+        .unwrap();
+    let copy = s3
+        .copy_object()
+        .bucket(BUCKET)
+        .key("in-place")
+        .copy_source(format!("{BUCKET}/in-place"))
+        .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+        .metadata("state", "new")
+        .send();
+    across_a_lost_answer(&mut setup.backend, &setup.front, copy)
+        .await
+        .expect("the copy, sent again");
+    let head = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key("in-place")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.metadata()
+            .and_then(|m| m.get("state"))
+            .map(String::as_str),
+        Some("new"),
+        "the copy ran"
+    );
+    assert_eq!(settles(&setup.proxy, "stored").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_to_a_frozen_backend_that_resumes_is_stored_once() {
     let setup = setup(Plan::WithholdLastByte, "PUT /settle/frozen", true).await;
@@ -853,6 +905,44 @@ async fn a_copy_object_on_radosgw_killed_after_copying_is_one_version() {
     assert_eq!(settles(&rgw.proxy, "stored").await, 1.0);
 }
 
+/// A PUT to a key the client left unescaped (`+`, `=`, `@`: Go's
+/// `url.PathEscape` and JavaScript's `encodeURI` leave them), answer lost
+/// in a SIGKILL: radosgw checks the read-back's signature over the
+/// canonical (escaped) path, as it did the client's, and the write is
+/// settled once, not replayed into a second version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_an_unescaped_key_on_radosgw_is_settled_once() {
+    let mut rgw = OnRadosGw::start(Plan::LoseAnswer, "settle-raw", true).await;
+    let body = content(200 << 10, 16);
+    let md5 = md5_of(&body);
+    let proxy = ProxyAt(rgw.proxy.address);
+    let sent = body.clone();
+    let write = tokio::spawn(async move {
+        let declared = BASE64.encode(md5);
+        proxy
+            .put_in(
+                "settle-raw",
+                "object+1=2@x",
+                sent,
+                &[("content-md5", &declared)],
+            )
+            .await
+    });
+    rgw.front.reached().await;
+    rgw.gateway.kill9();
+    rgw.gateway.restart().await.unwrap();
+    let response = write.await.unwrap();
+    assert_eq!(response.status(), 200, "{:?}", response.body());
+    assert_eq!(
+        rgw.front.count("PUT /settle-raw/object+1=2@x"),
+        1,
+        "not replayed"
+    );
+    assert_eq!(settles(&rgw.proxy, "stored").await, 1.0);
+    let stored = support::read_object(&rgw.s3, rgw.bucket, "object+1=2@x").await;
+    assert!(stored == body);
+}
+
 /// An UploadPart whose answer radosgw lost in its SIGKILL: ListParts lists
 /// the part with its ETag, the MD5 of the proxy's copy proves it; the part
 /// is answered as stored, not sent again, and completes into the object.
@@ -916,7 +1006,8 @@ async fn an_upload_part_to_radosgw_killed_after_storing_it_is_settled() {
 /// A `[settle]` secret the backend does not accept shows at once, not at
 /// the first crash: once the backend answers (it may start after the
 /// proxy) the proxy logs the rejection naming the keys, and sets
-/// `s3fp_settle_key_rejected`; a reload with the right secret clears it.
+/// `s3fp_settle_key_rejected`; the right secret written to the file clears
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_settle_secret_is_reported_once_the_backend_answers() {
     let mut backend = S3Backend::stopped().unwrap();
@@ -953,8 +1044,8 @@ async fn a_wrong_settle_secret_is_reported_once_the_backend_answers() {
     assert!(logged.contains("ERROR"), "{logged}");
     assert!(logged.contains("SignatureDoesNotMatch"), "{logged}");
     assert!(logged.contains("settle.secret_access_key_file"), "{logged}");
+    // A rotated Secret: the file changes, no signal.
     support::write_secret(&secret, SECRET_KEY);
-    proxy.signal("-HUP");
     wait_until(
         Duration::from_secs(20),
         "the right key to be accepted",
