@@ -1,8 +1,9 @@
 //! s3-failover-proxy: an S3 ingress that makes a restart of its one backend
 //! invisible to clients.
 //!
-//! A request arrives on the S3 listener ([`server`], [`listener`]) and is
-//! handled by the [`proxy`]: it asks the [`gate`] for admission. While the
+//! A request arrives on the S3 listener ([`server`], [`listener`]; an idle
+//! HTTP/1.1 connection holds no buffers between requests, [`keep_alive`])
+//! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool, its body wrapped by
 //! [`replay`] so a second attempt stays possible (within the
@@ -64,6 +65,7 @@ pub mod gate;
 pub mod h2_heads;
 pub mod handover;
 pub mod headers;
+pub mod keep_alive;
 pub mod kubernetes;
 pub mod listener;
 pub mod logging;

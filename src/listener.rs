@@ -19,20 +19,22 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::keep_alive::{self, Prefixed, Rounds};
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::request_target::{Silence, TargetWatch};
@@ -153,6 +155,7 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
     };
     let slot = ConnectionSlot::new(permit, Arc::clone(proxy.metrics()));
     let (stream, peer) = ClientSocket::new(stream, address);
+    let socket = stream.shared();
     let connection = Connection {
         peer,
         proxy: Arc::clone(proxy),
@@ -163,13 +166,13 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
     };
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, connection));
+            tokio::spawn(serve(stream, connection, Some(socket)));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
                 let metrics = Arc::clone(connection.proxy.metrics());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, connection).await,
+                    Ok(Ok(tls)) => serve(tls, connection, None).await,
                     Ok(Err(error)) => {
                         metrics.tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
@@ -238,7 +241,67 @@ struct GoAway {
     due: Notify,
 }
 
-async fn serve<I>(io: I, connection: Connection)
+/// How a client socket is wrapped for hyper: the send timeout, then the
+/// request-target watch (see [`TargetWatch`] and [`Silence`]).
+struct ClientLayers {
+    peer: Arc<Peer>,
+    limits: ClientLimits,
+}
+
+impl ClientLayers {
+    fn watch<I>(&self, socket: I) -> TargetWatch<SendTimeout<I>> {
+        let (limits, peer) = (&self.limits, &self.peer);
+        TargetWatch::new(
+            SendTimeout::new(socket, limits.send_timeout),
+            Arc::clone(&peer.cut_targets),
+            limits.max_head_bytes,
+            Silence::new(
+                limits.header_timeout,
+                (
+                    Arc::clone(&peer.requests_in_progress),
+                    Arc::clone(&peer.requests_started),
+                ),
+                Arc::clone(&peer.paces),
+                limits.send_timeout,
+            ),
+        )
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> for ClientLayers {
+    type Inner = SendTimeout<I>;
+
+    fn wrap(&self, socket: I) -> TargetWatch<SendTimeout<I>> {
+        self.watch(socket).after_a_rest()
+    }
+
+    fn unwrap(&self, io: TargetWatch<SendTimeout<I>>) -> I {
+        io.into_inner().into_inner()
+    }
+
+    fn http1(&self) -> http1::Builder {
+        let limits = &self.limits;
+        let mut builder = http1::Builder::new();
+        builder
+            // Header names reach the backend, and come back, as written.
+            .preserve_header_case(true)
+            // A client that half-closes after its request still gets the answer.
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_headers(limits.max_headers)
+            .max_buf_size(limits.max_head_bytes);
+        builder
+    }
+}
+
+/// A connection's serving, boxed (see [`serve`]).
+type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + 'a>>;
+
+/// Serves one client connection. Each stage is boxed and built in a block
+/// of its own: the task is sized for what an idle connection keeps (its
+/// place, its shutdown watch, its peer), not for the stages.
+async fn serve<I>(io: I, connection: Connection, socket: Option<Arc<TcpStream>>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -250,85 +313,135 @@ where
         mut shutdown,
         _slot,
     } = connection;
-    let address = peer.address;
-    let io = TargetWatch::new(
-        SendTimeout::new(io, limits.send_timeout),
-        Arc::clone(&peer.cut_targets),
-        limits.max_head_bytes,
-        Silence::new(
-            limits.header_timeout,
-            (
-                Arc::clone(&peer.requests_in_progress),
-                Arc::clone(&peer.requests_started),
-            ),
-            Arc::clone(&peer.paces),
-            limits.send_timeout,
-        ),
-    );
-    let go_away = Arc::new(GoAway::default());
-    let service = service_fn({
-        let shutdown = shutdown.clone();
-        let go_away = Arc::clone(&go_away);
-        move |request: hyper::Request<Incoming>| {
-            if request.version() >= hyper::Version::HTTP_2 {
-                go_away.http2.store(true, Ordering::Relaxed);
-                if *shutdown.borrow() != Phase::Serving {
-                    go_away.due.notify_one();
+    let since = tokio::time::Instant::now();
+    let layers = ClientLayers {
+        peer: Arc::clone(&peer),
+        limits,
+    };
+    // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after ALPN
+    // `h2`, or with prior knowledge over plain TCP).
+    let sniffed = { Box::pin(first_bytes(layers.watch(io), &mut shutdown, &peer)) };
+    let Some((io, first)) = sniffed.await else {
+        return;
+    };
+    let serving: Serving<'_> = {
+        let go_away = Arc::new(GoAway::default());
+        let service = service_fn({
+            let shutdown = shutdown.clone();
+            let go_away = Arc::clone(&go_away);
+            let peer = Arc::clone(&peer);
+            move |request: hyper::Request<Incoming>| -> Answer {
+                if request.version() >= hyper::Version::HTTP_2 {
+                    go_away.http2.store(true, Ordering::Relaxed);
+                    if *shutdown.borrow() != Phase::Serving {
+                        go_away.due.notify_one();
+                    }
                 }
+                Box::pin(respond(
+                    request,
+                    Arc::clone(&proxy),
+                    Arc::clone(&peer),
+                    scheme,
+                    shutdown.clone(),
+                ))
             }
-            respond(
-                request,
-                Arc::clone(&proxy),
-                Arc::clone(&peer),
-                scheme,
-                shutdown.clone(),
-            )
+        });
+        if io.is_http2() {
+            let io = TokioIo::new(Prefixed::new(first, io));
+            Box::pin(serve_http2(io, service, limits, shutdown.clone(), go_away))
+        } else {
+            let rounds = Rounds {
+                layers,
+                in_progress: Arc::clone(&peer.requests_in_progress),
+                started: Arc::clone(&peer.requests_started),
+                socket,
+                header_timeout: limits.header_timeout,
+            };
+            let start = Box::new((io, since, first));
+            Box::pin(keep_alive::serve_http1(
+                start,
+                service,
+                rounds,
+                &mut shutdown,
+            ))
         }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    };
+    if let Err(error) = serving.await {
+        tracing::debug!(%error, client = %peer.address, "client connection ended with an error");
+    }
+}
+
+/// The connection's first bytes, read through its watch, and the watch;
+/// `None` when the connection ended first (closed, timed out, refused, or
+/// the proxy closing).
+async fn first_bytes<I: AsyncRead + AsyncWrite + Unpin>(
+    mut io: TargetWatch<I>,
+    shutdown: &mut ShutdownWatch,
+    peer: &Peer,
+) -> Option<(TargetWatch<I>, bytes::Bytes)> {
+    let first = tokio::select! {
+        first = keep_alive::first_bytes(&mut io) => first,
+        _ = shutdown.wait_for(|phase| *phase == Phase::Closing) => return None,
+    };
+    match first {
+        Ok(first) if !first.is_empty() => Some((io, first)),
+        Ok(_) => {
+            // The client closed, or its first request line was refused:
+            // the refusal is written as the connection shuts down.
+            let _ = io.shutdown().await;
+            None
+        }
+        Err(error) => {
+            tracing::debug!(%error, client = %peer.address, "client connection ended before its first request");
+            None
+        }
+    }
+}
+
+/// A request's answer, boxed: hyper keeps a slot the size of the service's
+/// future on every connection, idle or not.
+type Answer = Pin<Box<dyn Future<Output = Result<hyper::Response<ProxyBody>, Infallible>> + Send>>;
+
+/// Serves an HTTP/2 connection until it ends: GOAWAY when the drain begins
+/// (or at its first request after), and once the proxy closes.
+async fn serve_http2<I, S>(
+    io: I,
+    service: S,
+    limits: ClientLimits,
+    mut shutdown: ShutdownWatch,
+    go_away: Arc<GoAway>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        // Header names reach the backend, and come back, as written.
-        .preserve_header_case(true)
-        // A client that half-closes after its request still gets the answer.
-        .half_close(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_headers(limits.max_headers)
-        .max_buf_size(limits.max_head_bytes);
-    builder
-        .http2()
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header_timeout)
         .keep_alive_timeout(PING_TIMEOUT);
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
+    let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
-    // Each connection is shut down gracefully at most once: HTTP/2 when the
-    // drain begins (or at its first request after), HTTP/1.1 (and a
-    // connection that has not said which) once accepting stops.
+    // Each connection is shut down gracefully at most once.
     let mut shut = false;
-    let ended = loop {
+    loop {
         tokio::select! {
-            ended = connection.as_mut() => break ended,
+            ended = connection.as_mut() => return ended,
             _ = go_away.due.notified(), if !shut => {
                 connection.as_mut().graceful_shutdown();
                 shut = true;
             }
             changed = shutdown.changed(), if !shut => {
                 let phase = if changed.is_ok() { *shutdown.borrow_and_update() } else { Phase::Closing };
-                let http2 = go_away.http2.load(Ordering::Relaxed);
-                if phase == Phase::Closing || (phase == Phase::Draining && http2) {
+                if phase != Phase::Serving {
                     connection.as_mut().graceful_shutdown();
                     shut = true;
                 }
             }
         }
-    };
-    if let Err(error) = ended {
-        tracing::debug!(%error, client = %address, "client connection ended with an error");
     }
 }
 

@@ -236,6 +236,11 @@ impl ClientSocket {
         });
         (ClientSocket { stream }, peer)
     }
+
+    /// The socket itself, to wait on for readability while no one reads it.
+    pub fn shared(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.stream)
+    }
 }
 
 /// Retries `io` until it does not block, waiting for readiness with `ready`.

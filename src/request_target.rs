@@ -128,6 +128,9 @@ pub struct TargetWatch<I> {
     silence: Silence,
     /// The request heads of an HTTP/2 connection.
     h2: Option<Box<H2Heads>>,
+    /// Set while the stream rests between HTTP/1.1 requests with hyper
+    /// waiting for the next one (see [`TargetWatch::rest_signal`]).
+    resting: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The framing fields of a head taken line by line, and its length so far.
@@ -268,6 +271,58 @@ impl<I> TargetWatch<I> {
             refusal: None,
             started: false,
             h2: None,
+            resting: None,
+        }
+    }
+
+    /// The watch of a connection that served a request and rested (its
+    /// first bytes were HTTP/1.1): nothing of the last request is left to
+    /// follow.
+    pub fn after_a_rest(mut self) -> TargetWatch<I> {
+        self.started = true;
+        self.silence.handed = true;
+        self
+    }
+
+    /// The I/O object watched.
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+
+    /// True once the connection's first bytes were HTTP/2's preface.
+    pub fn is_http2(&self) -> bool {
+        self.framing == Framing::H2
+    }
+
+    /// True once the connection's first bytes said which protocol it speaks.
+    pub fn has_started(&self) -> bool {
+        self.started
+    }
+
+    /// A flag the watch keeps set while the connection rests between
+    /// HTTP/1.1 requests: every byte of the last request was handed to
+    /// hyper, none of the next was read, and hyper's last read found nothing
+    /// to read (it waits for the next request). Cleared by any byte read or
+    /// written.
+    pub fn rest_signal(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(self.resting.get_or_insert_with(Arc::default))
+    }
+
+    /// Between two HTTP/1.1 requests, with nothing of the next one read.
+    fn between_requests(&self) -> bool {
+        self.started
+            && self.framing == Framing::Head
+            && self.pending.is_empty()
+            && self.withheld.is_empty()
+            && self.released.is_empty()
+            && self.refusal.is_none()
+    }
+
+    /// Records whether a read (or write) left the connection at rest.
+    fn mark_rest(&self, waiting: bool) {
+        if let Some(resting) = &self.resting {
+            let at_rest = waiting && self.between_requests();
+            resting.store(at_rest, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -811,6 +866,19 @@ impl<I: AsyncRead + Unpin> AsyncRead for TargetWatch<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let polled = self.as_mut().read_followed(cx, buf);
+        self.mark_rest(polled.is_pending());
+        polled
+    }
+}
+
+impl<I: AsyncRead + Unpin> TargetWatch<I> {
+    /// Reads what hyper may have (see [`TargetWatch::follow`]).
+    fn read_followed(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.released.is_empty() {
@@ -856,6 +924,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.mark_rest(false);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -864,6 +933,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TargetWatch<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.mark_rest(false);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

@@ -33,6 +33,11 @@ impl<I> SendTimeout<I> {
         }
     }
 
+    /// The I/O object.
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+
     /// Passes on a write's outcome; a pending one counts against the limit.
     fn progress<T>(
         &mut self,

@@ -1,0 +1,376 @@
+//! An idle HTTP/1.1 keep-alive connection that holds no buffers.
+//!
+//! hyper keeps a connection's read buffer (8-16 KiB), write buffer (8 KiB)
+//! and a slot for the service's future for as long as the connection is
+//! open, idle or not: 30 KB and more per idle keep-alive connection, where
+//! nginx and HAProxy spend under 1.2 KB. So a plain-HTTP/1.1 connection is
+//! served in rounds ([`serve_http1`]): a hyper connection serves requests
+//! until the stream rests between two requests (every byte of the last one
+//! read, its answer written, hyper waiting for the next, see
+//! [`TargetWatch::rest_signal`]); then that hyper connection is ended
+//! without touching the socket (`graceful_shutdown` of an idle hyper
+//! connection closes nothing but itself, and its answer headers were
+//! written long before, so a client sees the same bytes) and its buffers
+//! are freed. The socket waits for readability on its own, under
+//! `listener.header_timeout` like hyper's header timer, and the next bytes
+//! start the next round. Bytes hyper had read ahead are handed to the next
+//! round first ([`Prefixed`]). The watches the socket is wrapped in are
+//! rebuilt for each round too ([`Layers`]), and every stage is boxed, so a
+//! resting connection's task keeps little more than its socket (about 3 KB
+//! in all, from 34 KB). Over TLS the session keeps buffers of its own, so a
+//! TLS connection is served in one round.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::request_target::TargetWatch;
+use crate::shutdown::{Phase, ShutdownWatch};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An I/O object whose first bytes are `prefix`: bytes already read from
+/// it, given back.
+pub struct Prefixed<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Prefixed<I> {
+    pub fn new(prefix: Bytes, inner: I) -> Prefixed<I> {
+        Prefixed { prefix, inner }
+    }
+
+    /// The bytes not read yet, and the I/O object.
+    pub fn into_parts(self) -> (Bytes, I) {
+        (self.prefix, self.inner)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            // Frees the allocation the prefix came in.
+            self.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Most bytes read to tell HTTP/1.1 from HTTP/2 (they go to hyper after).
+const FIRST_READ: usize = 4 << 10;
+
+/// Reads the connection's first bytes, until they say which protocol it
+/// speaks ([`TargetWatch::is_http2`]); empty if the client closed first.
+pub async fn first_bytes<I: AsyncRead + Unpin>(io: &mut TargetWatch<I>) -> io::Result<Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut first = BytesMut::with_capacity(FIRST_READ);
+    while first.is_empty() || !io.has_started() {
+        if io.read_buf(&mut first).await? == 0 {
+            break;
+        }
+    }
+    Ok(first.freeze())
+}
+
+/// The layers a client socket is wrapped in while hyper has it. Between
+/// requests they hold nothing worth keeping (no byte, no timer), so a
+/// resting connection keeps only its socket and they are built anew for
+/// each round.
+pub trait Layers<R> {
+    type Inner: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The socket wrapped for a round after a rest.
+    fn wrap(&self, socket: R) -> TargetWatch<Self::Inner>;
+    /// The socket back, at a rest.
+    fn unwrap(&self, io: TargetWatch<Self::Inner>) -> R;
+    /// hyper's HTTP/1.1 settings for a round.
+    fn http1(&self) -> http1::Builder;
+}
+
+/// What a connection's rounds share.
+pub struct Rounds<L> {
+    pub layers: L,
+    /// The connection's requests being handled or answered now.
+    pub in_progress: Arc<AtomicUsize>,
+    /// The connection's requests started so far.
+    pub started: Arc<AtomicU64>,
+    /// The TCP socket to wait on between rounds; `None` (TLS): one round.
+    pub socket: Option<Arc<TcpStream>>,
+    /// How long a request head may take, from the connection's start or
+    /// the previous answer (`listener.header_timeout`): also how long an
+    /// idle connection waits for its next request.
+    pub header_timeout: Duration,
+}
+
+/// How a round ended.
+enum RoundEnd {
+    /// The connection rested: serve the next request in a new round.
+    Rested,
+    /// hyper ended the connection (`Connection: close`, the client left)
+    /// or the proxy is closing: shut the socket down.
+    Over,
+}
+
+/// What a connection's first round starts from: its I/O object, when the
+/// connection started, and the first bytes read through it.
+pub type Start<I> = (TargetWatch<I>, Instant, Bytes);
+
+/// Serves an HTTP/1.1 connection from its [`Start`], in rounds. (The start
+/// comes boxed: the arguments of an `async fn` stay in its future for as
+/// long as it runs, and this one runs while the connection rests.)
+pub async fn serve_http1<R, L, S, B>(
+    start: Box<Start<L::Inner>>,
+    service: S,
+    rounds: Rounds<L>,
+    shutdown: &mut ShutdownWatch,
+) -> Result<(), hyper::Error>
+where
+    L: Layers<R>,
+    S: HttpService<Incoming, ResBody = B> + Clone + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // Each wait is boxed, so that the connection's task is sized for what
+    // a resting connection keeps (its socket), not for what a round needs.
+    // (Each future is made in a block of its own: a future stored in a
+    // local for the length of the function would be kept in the task too.)
+    let first_round = {
+        let (io, since, first) = *start;
+        let head_due = since + rounds.header_timeout;
+        Box::pin(one_round(
+            io,
+            first,
+            service.clone(),
+            &rounds,
+            head_due,
+            shutdown,
+        ))
+    };
+    let mut rested = first_round.await?;
+    while let Some((socket, ahead)) = rested {
+        // The next request's head is due by then.
+        let head_due = Instant::now() + rounds.header_timeout;
+        if ahead.is_empty()
+            && let Some(tcp) = &rounds.socket
+            && !Box::pin(next_bytes(tcp, head_due, shutdown)).await
+        {
+            Box::pin(shut_down(rounds.layers.wrap(socket))).await;
+            return Ok(());
+        }
+        let round = {
+            let io = rounds.layers.wrap(socket);
+            Box::pin(one_round(
+                io,
+                ahead,
+                service.clone(),
+                &rounds,
+                head_due,
+                shutdown,
+            ))
+        };
+        rested = round.await?;
+    }
+    Ok(())
+}
+
+/// Shuts the connection's write side down (a refusal the watch still owes
+/// is written first, see [`TargetWatch`]).
+async fn shut_down<I: AsyncWrite + Unpin>(mut io: I) {
+    let _ = io.shutdown().await;
+}
+
+/// Waits for the resting connection's next bytes: `false` when none came
+/// by `head_due` or the proxy closes.
+async fn next_bytes(socket: &TcpStream, head_due: Instant, shutdown: &mut ShutdownWatch) -> bool {
+    tokio::select! {
+        readable = socket.readable() => readable.is_ok(),
+        () = tokio::time::sleep_until(head_due) => false,
+        () = closing(shutdown) => false,
+    }
+}
+
+/// Serves `io` with one hyper connection until it rests (the socket and
+/// the bytes read ahead of hyper) or ends (`None`, the socket shut down).
+async fn one_round<L, R, S, B>(
+    mut io: TargetWatch<L::Inner>,
+    ahead: Bytes,
+    service: S,
+    rounds: &Rounds<L>,
+    head_due: Instant,
+    shutdown: &mut ShutdownWatch,
+) -> Result<Option<(R, Bytes)>, hyper::Error>
+where
+    L: Layers<R>,
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let resting = io.rest_signal();
+    let connection = rounds
+        .layers
+        .http1()
+        .serve_connection(TokioIo::new(Prefixed::new(ahead, io)), service);
+    let mut round = Round {
+        connection: Box::new(connection),
+        resting: &resting,
+        in_progress: &rounds.in_progress,
+        started: &rounds.started,
+        started_before: rounds.started.load(Ordering::Acquire),
+        head_due,
+        may_rest: rounds.socket.is_some(),
+        rested: false,
+        closing: false,
+    };
+    let end = round.run(shutdown).await?;
+    let parts = round.connection.into_parts();
+    let (unread, io) = parts.io.into_inner().into_parts();
+    match end {
+        RoundEnd::Rested => {
+            let ahead = [unread, parts.read_buf].concat().into();
+            Ok(Some((rounds.layers.unwrap(io), ahead)))
+        }
+        RoundEnd::Over => {
+            shut_down(io).await;
+            Ok(None)
+        }
+    }
+}
+
+/// One hyper connection over the socket, until it rests or ends.
+struct Round<'a, C> {
+    connection: Box<C>,
+    resting: &'a AtomicBool,
+    in_progress: &'a AtomicUsize,
+    started: &'a AtomicU64,
+    /// `started` when the round began.
+    started_before: u64,
+    /// When the round's first request head is due: hyper's header timer
+    /// starts with the round, so the time already waited is counted here.
+    head_due: Instant,
+    /// Whether this connection is served in rounds (plain TCP).
+    may_rest: bool,
+    /// hyper was asked to end at a rest.
+    rested: bool,
+    /// hyper was asked to end because the proxy closes.
+    closing: bool,
+}
+
+impl<I, S, B> Round<'_, http1::Connection<TokioIo<Prefixed<TargetWatch<I>>>, S>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    async fn run(&mut self, shutdown: &mut ShutdownWatch) -> Result<RoundEnd, hyper::Error> {
+        let head_due = self.head_due;
+        let mut head_timer = true;
+        loop {
+            tokio::select! {
+                ended = std::future::poll_fn(|cx| self.poll_until_rest(cx)) => {
+                    ended?;
+                    return Ok(match self.rested && !self.closing {
+                        true => RoundEnd::Rested,
+                        false => RoundEnd::Over,
+                    });
+                }
+                () = closing(shutdown), if !self.closing => {
+                    // Answers in progress are finished; an idle
+                    // connection ends at once.
+                    Pin::new(&mut *self.connection).graceful_shutdown();
+                    self.closing = true;
+                }
+                () = tokio::time::sleep_until(head_due), if head_timer => {
+                    // No head by its time: closed, as hyper's timer does.
+                    if !self.has_a_request() {
+                        return Ok(RoundEnd::Over);
+                    }
+                    head_timer = false;
+                }
+            }
+        }
+    }
+
+    /// Whether a request of this round reached the proxy.
+    fn has_a_request(&self) -> bool {
+        self.started.load(Ordering::Acquire) != self.started_before
+    }
+
+    /// Drives hyper; when the stream rests with no request in progress,
+    /// asks hyper to end (it does at once: it is idle).
+    fn poll_until_rest(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        loop {
+            let polled = self.connection.poll_without_shutdown(cx);
+            let at_rest = self.resting.load(Ordering::Relaxed)
+                && self.in_progress.load(Ordering::Acquire) == 0;
+            if polled.is_ready() || self.rested || !self.may_rest || !at_rest {
+                return polled;
+            }
+            self.rested = true;
+            Pin::new(&mut *self.connection).graceful_shutdown();
+        }
+    }
+}
+
+/// Resolves once the proxy closes its connections ([`Phase::Closing`]).
+async fn closing(shutdown: &mut ShutdownWatch) {
+    let _ = shutdown.wait_for(|phase| *phase == Phase::Closing).await;
+}
