@@ -67,7 +67,7 @@ impl Drop for RequestRecord {
             self.metrics.hold_outcome(outcome, held);
         }
         tracing::info!(
-            target: "s3_failover_proxy::access",
+            target: crate::logging::ACCESS_TARGET,
             method = %self.method,
             path = %self.path,
             status = self.status,
