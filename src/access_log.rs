@@ -147,10 +147,7 @@ mod tests {
     #[test]
     fn a_backend_id_that_is_not_text_is_replaced_by_one_the_proxy_makes() {
         let text = HeaderValue::from_static("tx000abc");
-        assert_eq!(
-            RequestId::from_backend(Some(&text)).to_string(),
-            "tx000abc"
-        );
+        assert_eq!(RequestId::from_backend(Some(&text)).to_string(), "tx000abc");
         let binary = HeaderValue::from_bytes(b"tx\xff").unwrap();
         assert!(
             RequestId::from_backend(Some(&binary))

@@ -243,7 +243,10 @@ mod tests {
             let text = sink.text();
             let lines: Vec<&str> = text.lines().collect();
             assert_eq!(lines.len(), 3, "{text}");
-            assert!(lines[0].contains("n=1") && lines[1].contains("n=2"), "{text}");
+            assert!(
+                lines[0].contains("n=1") && lines[1].contains("n=2"),
+                "{text}"
+            );
             assert!(lines[2].contains("backend state change"), "{text}");
             tracing::info!(target: ACCESS_TARGET, n = 3, "request");
         });
