@@ -33,6 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$DIR/www" "$DIR/tmp"
+# mktemp's 0700 would keep nginx's worker (user nobody) out: 403, not the file.
+chmod 755 "$DIR" "$DIR/www"
 printf 'ok' > "$DIR/www/small"
 cat > "$DIR/nginx.conf" <<EOT
 worker_processes 1; pid $DIR/nginx.pid; error_log $DIR/tmp/error.log;
