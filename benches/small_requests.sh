@@ -3,7 +3,11 @@
 # the bottleneck: nginx (one worker) serving a 2-byte file, reached directly,
 # through s3-failover-proxy and through HAProxy (2 threads).
 #
-#   bash benches/small_requests.sh [proxy-binary] [connections] [seconds] [repetitions]
+#   bash benches/small_requests.sh [proxy-binary[,proxy-binary...]] [connections] [seconds] [repetitions]
+#
+# Several proxy binaries, comma-separated, are measured side by side in the
+# same repetitions (a change against its baseline: the machine's noise falls
+# on both alike); each line names the binary's position in the list.
 #
 # Each repetition runs wrk -t1 against the three in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
@@ -29,6 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 mkdir -p "$DIR/www" "$DIR/tmp"
+# mktemp's 0700 would keep nginx's worker (user nobody) out: 403, not the file.
+chmod 755 "$DIR" "$DIR/www"
 printf 'ok' > "$DIR/www/small"
 cat > "$DIR/nginx.conf" <<EOT
 worker_processes 1; pid $DIR/nginx.pid; error_log $DIR/tmp/error.log;
@@ -63,13 +69,20 @@ address = "127.0.0.1:18103"
 [backend]
 address = "127.0.0.1:18100"
 EOT
-"$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
-PIDS+=($!)
-PROXY_PID=$!
-for _ in $(seq 1 200); do curl -s -o /dev/null http://127.0.0.1:18103/readyz && break; sleep 0.05; done
+IFS=, read -r -a PROXY_BINS <<< "$PROXY"
+PROXY_PIDS=()
+for i in "${!PROXY_BINS[@]}"; do
+  port=$((18110 + 2 * i)); admin=$((18111 + 2 * i))
+  sed -e "s/18101/$port/" -e "s/18103/$admin/" "$DIR/proxy.toml" > "$DIR/proxy$i.toml"
+  "${PROXY_BINS[$i]}" --config "$DIR/proxy$i.toml" 2>"$DIR/proxy$i.log" &
+  PIDS+=($!)
+  PROXY_PIDS+=($!)
+  for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.05; done
+  echo "proxy[$i]: ${PROXY_BINS[$i]}"
+done
 
 ticks() { local total=0; for pid in "$@"; do total=$((total + $(awk '{print $14+$15}' "/proc/$pid/stat"))); done; echo "$total"; }
-nginx_workers() { pgrep -f "nginx: worker" | tr '\n' ' '; }
+nginx_workers() { pgrep -f "nginx: worker" -P "$(cat "$DIR/nginx.pid")" | tr '\n' ' '; }
 run() { # name url pids...
   local name=$1 url=$2; shift 2
   local before; before=$(ticks "$@")
@@ -79,12 +92,25 @@ run() { # name url pids...
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local hz; hz=$(getconf CLK_TCK)
   python3 -c "print(f'$name: {float($rps):.0f} req/s, {($after-$before)/$hz*1e6/$requests:.1f} us CPU per request')"
+  LAST_RPS=$rps
+  LAST_US=$(python3 -c "print(($after-$before)/$hz*1e6/$requests)")
 }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $CONNS connections, ${SECONDS_PER_RUN}s runs"
 for rep in $(seq 1 "$REPS"); do
   echo "repetition $rep"
   # shellcheck disable=SC2046
   run "  nginx direct" http://127.0.0.1:18100/small $(nginx_workers)
-  run "  s3-failover-proxy" http://127.0.0.1:18101/small "$PROXY_PID"
+  RESULTS=()
+  # The binaries take turns going first, so none always runs after HAProxy.
+  n=${#PROXY_BINS[@]}
+  for k in $(seq 0 $((n - 1))); do
+    i=$(((k + rep) % n))
+    run "  s3-failover-proxy[$i]" "http://127.0.0.1:$((18110 + 2 * i))/small" "${PROXY_PIDS[$i]}"
+    RESULTS[i]="$LAST_RPS $LAST_US"
+  done
   run "  HAProxy" http://127.0.0.1:18102/small "$(cat "$DIR/haproxy.pid")"
+  for i in "${!RESULTS[@]}"; do
+    read -r rps us <<< "${RESULTS[$i]}"
+    python3 -c "print(f'  proxy[$i] / HAProxy: {$us/$LAST_US:.2f}x CPU per request, {$rps/$LAST_RPS:.2f}x req/s')"
+  done
 done

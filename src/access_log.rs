@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::Method;
+use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
 use crate::download_resume::Resumes;
@@ -19,15 +19,66 @@ use crate::outcome::{HoldOutcome, RequestOutcome};
 
 /// Request ids for answers the proxy makes itself: unique per process run.
 pub fn next_request_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    });
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("P{start:X}{n:08X}")
+    ProxyRequestId::next().to_string()
+}
+
+/// A request id the proxy made: the process's start time and a counter,
+/// formatted only when written.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyRequestId {
+    start: u64,
+    n: u64,
+}
+
+impl ProxyRequestId {
+    pub fn next() -> ProxyRequestId {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        ProxyRequestId {
+            start,
+            n: COUNTER.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyRequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "P{:X}{:08X}", self.start, self.n)
+    }
+}
+
+/// The S3 request id a request is logged with, kept as it came (a header
+/// value is a reference-counted copy) and formatted only into the line.
+#[derive(Debug, Clone)]
+pub enum RequestId {
+    /// The backend's `x-amz-request-id`, checked to be visible ASCII.
+    Backend(HeaderValue),
+    Proxy(ProxyRequestId),
+}
+
+impl RequestId {
+    /// The backend's id, if `value` is one that can be logged as text;
+    /// else one the proxy makes.
+    pub fn from_backend(value: Option<&HeaderValue>) -> RequestId {
+        match value {
+            Some(value) if value.to_str().is_ok() => RequestId::Backend(value.clone()),
+            _ => RequestId::Proxy(ProxyRequestId::next()),
+        }
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestId::Backend(value) => f.write_str(value.to_str().unwrap_or_default()),
+            RequestId::Proxy(id) => id.fmt(f),
+        }
+    }
 }
 
 /// What is known about one request; logged on drop.
@@ -35,7 +86,7 @@ pub struct RequestRecord {
     pub method: Method,
     pub path: String,
     pub status: u16,
-    pub request_id: String,
+    pub request_id: RequestId,
     pub held: Duration,
     /// The request met the hold queue (held, or turned away by it).
     pub was_held: bool,
@@ -67,7 +118,7 @@ impl Drop for RequestRecord {
             self.metrics.hold_outcome(outcome, held);
         }
         tracing::info!(
-            target: "s3_failover_proxy::access",
+            target: crate::logging::ACCESS_TARGET,
             method = %self.method,
             path = %self.path,
             status = self.status,
@@ -91,5 +142,18 @@ mod tests {
     #[test]
     fn request_ids_are_unique() {
         assert_ne!(next_request_id(), next_request_id());
+    }
+
+    #[test]
+    fn a_backend_id_that_is_not_text_is_replaced_by_one_the_proxy_makes() {
+        let text = HeaderValue::from_static("tx000abc");
+        assert_eq!(RequestId::from_backend(Some(&text)).to_string(), "tx000abc");
+        let binary = HeaderValue::from_bytes(b"tx\xff").unwrap();
+        assert!(
+            RequestId::from_backend(Some(&binary))
+                .to_string()
+                .starts_with('P')
+        );
+        assert!(RequestId::from_backend(None).to_string().starts_with('P'));
     }
 }

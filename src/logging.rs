@@ -2,14 +2,122 @@
 //! so files and `kubectl logs` get plain text), JSON on request, filtered by a
 //! tracing directive (`log.level`, overridable with `RUST_LOG`). The filter can
 //! be changed while running, through the [`LogLevel`] handle the reload uses.
+//!
+//! Request lines (target [`ACCESS_TARGET`]) are gathered in a [`WRITE_BUFFER`]
+//! buffer and written to stderr when it fills, when any other line is logged
+//! (which is written at once, after the request lines before it), and at
+//! least every [`FLUSH_INTERVAL`] by a small thread: one `write` for many
+//! requests instead of one each (nginx's `access_log ... buffer= flush=`).
+//! Nothing is dropped: a logger that finds the buffer full writes it out
+//! itself, waiting for stderr as every logger did before. [`LogFlush`] writes
+//! what is left at the end of `main`, and a panic writes it before its
+//! message.
 
-use std::io::IsTerminal;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
 use crate::config::{LogConfig, LogFormat};
+
+/// The target of the one line per request ([`crate::access_log`]).
+pub const ACCESS_TARGET: &str = "s3_failover_proxy::access";
+
+/// Request lines gathered before a write: some 250 of them.
+pub const WRITE_BUFFER: usize = 64 << 10;
+
+/// Longest a request line waits in the buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// stderr (or, in tests, another sink) behind the request-line buffer;
+/// every line is one `write_all` under the lock, so lines never interleave.
+struct Buffered<W: Write>(Arc<Mutex<BufWriter<W>>>);
+
+type BufferedStderr = Buffered<std::io::Stderr>;
+
+impl<W: Write> Clone for Buffered<W> {
+    fn clone(&self) -> Self {
+        Buffered(Arc::clone(&self.0))
+    }
+}
+
+impl<W: Write> Buffered<W> {
+    fn new(sink: W) -> Buffered<W> {
+        Buffered(Arc::new(Mutex::new(BufWriter::with_capacity(
+            WRITE_BUFFER,
+            sink,
+        ))))
+    }
+
+    fn flush(&self) {
+        // A poisoned lock only means a logger panicked mid-line.
+        let mut stderr = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = stderr.flush();
+    }
+}
+
+/// One line's writer: `write_through` for every line but a request's.
+struct LineWriter<'a, W: Write> {
+    stderr: &'a Mutex<BufWriter<W>>,
+    write_through: bool,
+}
+
+impl<W: Write> Write for LineWriter<'_, W> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut stderr = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        stderr.write_all(line)?;
+        if self.write_through {
+            stderr.flush()?;
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush()
+    }
+}
+
+impl<'a, W: Write + 'a> MakeWriter<'a> for Buffered<W> {
+    type Writer = LineWriter<'a, W>;
+
+    fn make_writer(&'a self) -> LineWriter<'a, W> {
+        LineWriter {
+            stderr: &self.0,
+            write_through: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter<'a, W> {
+        LineWriter {
+            stderr: &self.0,
+            write_through: meta.target() != ACCESS_TARGET,
+        }
+    }
+}
+
+/// Writes the request lines still buffered, on [`LogFlush::now`] and when
+/// dropped.
+#[derive(Clone)]
+pub struct LogFlush(BufferedStderr);
+
+impl LogFlush {
+    pub fn now(&self) {
+        self.0.flush();
+    }
+}
+
+impl Drop for LogFlush {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
 
 /// Changes the active log filter.
 #[derive(Clone)]
@@ -37,19 +145,45 @@ impl LogLevel {
     }
 }
 
-/// Installs the global subscriber; call once, from `main`.
-pub fn init(config: &LogConfig) -> LogLevel {
+/// Installs the global subscriber and starts the flush thread; call once,
+/// from `main`, and keep the [`LogFlush`] until the runtime has stopped.
+pub fn init(config: &LogConfig) -> (LogLevel, LogFlush) {
     let from_env = EnvFilter::try_from_default_env().ok();
     let pinned_by_env = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| EnvFilter::new(&config.level));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    let writer = BufferedStderr::new(std::io::stderr());
+    let flusher = writer.clone();
+    let spawned = std::thread::Builder::new()
+        .name("s3fp-log-flush".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(FLUSH_INTERVAL);
+                flusher.flush();
+            }
+        });
+    if let Err(error) = spawned {
+        // Without the thread, request lines wait for a full buffer or the
+        // next other line: later, never lost.
+        eprintln!("s3-failover-proxy: cannot start the log flush thread: {error}");
+    }
+    let on_panic = writer.clone();
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // The lines before the panic come before its message; `try_lock`,
+        // as the panic may have struck while the lock was held.
+        if let Ok(mut stderr) = on_panic.0.try_lock() {
+            let _ = stderr.flush();
+        }
+        previous_hook(info);
+    }));
     match config.format {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer.clone()),
             )
             .init(),
         LogFormat::Json => registry
@@ -57,12 +191,66 @@ pub fn init(config: &LogConfig) -> LogLevel {
                 fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer.clone()),
             )
             .init(),
     }
-    LogLevel {
+    let level = LogLevel {
         handle,
         pinned_by_env,
+    };
+    (level, LogFlush(writer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the test can read while the writer holds it.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn request_lines_wait_for_the_next_other_line_or_a_flush_and_keep_their_order() {
+        let sink = Sink::default();
+        let writer = Buffered::new(sink.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: ACCESS_TARGET, n = 1, "request");
+            tracing::info!(target: ACCESS_TARGET, n = 2, "request");
+            assert_eq!(sink.text(), "", "request lines are buffered");
+            tracing::warn!("backend state change");
+            let text = sink.text();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 3, "{text}");
+            assert!(
+                lines[0].contains("n=1") && lines[1].contains("n=2"),
+                "{text}"
+            );
+            assert!(lines[2].contains("backend state change"), "{text}");
+            tracing::info!(target: ACCESS_TARGET, n = 3, "request");
+        });
+        writer.flush();
+        assert!(sink.text().lines().nth(3).unwrap().contains("n=3"));
     }
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use std::time::Duration;
 
 use s3_failover_proxy::config::LogFormat;
-use s3_failover_proxy::logging::{self, LogLevel};
+use s3_failover_proxy::logging::{self, LogFlush, LogLevel};
 use s3_failover_proxy::reload::ReloadSource;
 use s3_failover_proxy::trusted_file::FilePolicy;
 use s3_failover_proxy::{Config, Listeners, run_with_reload};
@@ -67,15 +67,27 @@ fn main() -> ExitCode {
         Some(LogFormatArg::Text) => config.log.format = LogFormat::Text,
         None => {}
     }
-    let log_level = logging::init(&config.log);
+    let (log_level, log_flush) = logging::init(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
+            drop(log_flush);
             eprintln!("s3-failover-proxy: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, cli.config, log_level, cli.take_over)) {
+    let served = runtime.block_on(serve(
+        config,
+        cli.config,
+        log_level,
+        log_flush.clone(),
+        cli.take_over,
+    ));
+    // Every task has logged its last line once the runtime is gone; then the
+    // queued lines are written, before the exit status (and its message).
+    drop(runtime);
+    drop(log_flush);
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("s3-failover-proxy: {error}");
@@ -88,6 +100,7 @@ async fn serve(
     config: Config,
     path: PathBuf,
     log_level: LogLevel,
+    log_flush: LogFlush,
     take_over: bool,
 ) -> anyhow::Result<()> {
     let listeners = if take_over {
@@ -101,7 +114,7 @@ async fn serve(
         poll: Duration::from_secs(1),
         log_level: Some(log_level),
     };
-    run_with_reload(listeners, config, shutdown_signal(), Some(reload)).await?;
+    run_with_reload(listeners, config, shutdown_signal(log_flush), Some(reload)).await?;
     Ok(())
 }
 
@@ -120,7 +133,7 @@ fn reload_requests() -> anyhow::Result<mpsc::Receiver<()>> {
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once
 /// (also after a handover, when the proxy drains without having been asked).
-async fn shutdown_signal() {
+async fn shutdown_signal(log_flush: LogFlush) {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -141,6 +154,7 @@ async fn shutdown_signal() {
                     let _ = first.send(());
                 }
                 None => {
+                    log_flush.now();
                     eprintln!("s3-failover-proxy: second signal, exiting now");
                     std::process::exit(130);
                 }

@@ -7,6 +7,7 @@
 //! Values that already live elsewhere (held now, in flight, state age,
 //! backend connects) are read from their owners at scrape time.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -33,9 +34,25 @@ const PAUSE_BUCKETS: [f64; 16] = [
 
 /// The methods that get a label of their own; any other is `other`.
 const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"];
+const _: () = assert!(METHOD_LABELS.len() == METHODS.len() + 1);
 
 /// The status classes of `s3fp_requests_total` created at zero.
 const STATUS_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// Every method label, `other` last: the index of [`method_index`].
+const METHOD_LABELS: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "other"];
+
+/// Every status class label: the index of [`status_class_index`].
+const CLASS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The series each answered request counts in, looked up in their vectors
+/// once (a lookup hashes the label values under the vector's lock) and each
+/// made on first use, so none appears in a scrape before it is wanted.
+#[derive(Default)]
+struct RequestSeries {
+    requests: [[OnceLock<IntCounter>; CLASS_LABELS.len()]; METHOD_LABELS.len()],
+    duration: [OnceLock<Histogram>; METHOD_LABELS.len()],
+}
 
 /// The outage reasons a single request's failure is checked for.
 const CHECKED_SUSPICIONS: [DownReason; 2] = [DownReason::Reset, DownReason::HangTimeout];
@@ -52,6 +69,7 @@ pub struct Metrics {
     hold_duration: Histogram,
     requests: IntCounterVec,
     request_duration: HistogramVec,
+    request_series: RequestSeries,
     request_bytes: IntCounter,
     response_bytes: IntCounter,
     in_flight: IntGauge,
@@ -279,6 +297,7 @@ impl Metrics {
                 "Client connections refused because listener.max_connections were open.",
                 r
             )),
+            request_series: RequestSeries::default(),
             registry,
         };
         metrics.set_phase(Phase::Up);
@@ -301,7 +320,7 @@ impl Metrics {
                     .with_label_values(&[suspicion.as_str(), verdict.as_str()]);
             }
         }
-        for method in METHODS.iter().chain(&["other"]) {
+        for method in METHOD_LABELS {
             for class in STATUS_CLASSES {
                 self.requests.with_label_values(&[method, class]);
             }
@@ -364,12 +383,19 @@ impl Metrics {
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        let method = method_label(method);
-        self.requests
-            .with_label_values(&[method, status_class(status)])
+        let method = method_index(method);
+        let class = status_class_index(status);
+        self.request_series.requests[method][class]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[METHOD_LABELS[method], CLASS_LABELS[class]])
+            })
             .inc();
-        self.request_duration
-            .with_label_values(&[method])
+        self.request_series.duration[method]
+            .get_or_init(|| {
+                self.request_duration
+                    .with_label_values(&[METHOD_LABELS[method]])
+            })
             .observe(duration.as_secs_f64());
         self.request_bytes.inc_by(bytes_in);
         self.response_bytes.inc_by(bytes_out);
@@ -499,21 +525,22 @@ impl Metrics {
     }
 }
 
-/// Methods as a bounded label.
-fn method_label(method: &http::Method) -> &'static str {
+/// Methods as a bounded label: the index in [`METHOD_LABELS`].
+fn method_index(method: &http::Method) -> usize {
     METHODS
-        .into_iter()
-        .find(|known| *known == method.as_str())
-        .unwrap_or("other")
+        .iter()
+        .position(|known| *known == method.as_str())
+        .unwrap_or(METHODS.len())
 }
 
-fn status_class(status: u16) -> &'static str {
+/// The index in [`CLASS_LABELS`].
+fn status_class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::access_log::{RequestRecord, next_request_id};
+use crate::access_log::{ProxyRequestId, RequestId, RequestRecord};
 use crate::client_identity::client_key;
 use crate::config::{ForwardingConfig, SettleCredentials};
 use crate::connector::Connector;
@@ -943,7 +943,7 @@ impl Proxy {
         &self,
         outbound: &Outbound,
         status: u16,
-        request_id: String,
+        request_id: RequestId,
         body: ClientBody,
         progress: &Progress,
         outcome: RequestOutcome,
@@ -993,18 +993,18 @@ impl Proxy {
         progress: &Progress,
         settings: &ProxySettings,
     ) -> Response<ProxyBody> {
-        let request_id = next_request_id();
+        let request_id = ProxyRequestId::next();
         let response = error.to_response(
             &outbound.method,
             outbound.uri.path(),
-            &request_id,
+            &request_id.to_string(),
             settings.retry_after,
         );
         let status = response.status().as_u16();
         let record = self.record(
             outbound,
             status,
-            request_id,
+            RequestId::Proxy(request_id),
             body.clone(),
             progress,
             error.outcome(),
@@ -1275,11 +1275,8 @@ fn held_as(outbound: &Outbound, address: IpAddr) -> HeldAs {
 /// The S3 request id of a backend response, for the request log; one made
 /// by the proxy when the backend sent none. The response itself is never
 /// changed: the client sees the headers the backend sent.
-fn response_request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-amz-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(next_request_id, str::to_owned)
+fn response_request_id(headers: &HeaderMap) -> RequestId {
+    RequestId::from_backend(headers.get("x-amz-request-id"))
 }
 
 /// How long before its signature ends a held request is answered: the
@@ -1311,13 +1308,13 @@ mod tests {
     fn the_backends_request_id_is_logged() {
         let mut headers = HeaderMap::new();
         headers.insert("x-amz-request-id", HeaderValue::from_static("tx000abc"));
-        assert_eq!(response_request_id(&headers), "tx000abc");
+        assert_eq!(response_request_id(&headers).to_string(), "tx000abc");
     }
 
     #[test]
     fn a_response_without_a_request_id_is_logged_with_one_and_left_alone() {
         let headers = HeaderMap::new();
-        assert!(!response_request_id(&headers).is_empty());
+        assert!(!response_request_id(&headers).to_string().is_empty());
         assert!(headers.is_empty());
     }
 }
