@@ -102,6 +102,8 @@ measure() { # port count pids...
   coproc CLIENTS { python3 "$HERE/idle_clients.py" 127.0.0.1 "$port" /small "$count"; }
   local line; read -r line <&"${CLIENTS[0]}"
   [ "$line" = "ready $count" ] || { echo "clients: $line" >&2; exit 1; }
+  # The proxy frees an idle connection's buffers once it rested 100 ms.
+  sleep 1
   local held; held=$(rss_kib "$@")
   exec {CLIENTS[1]}>&-
   wait "$CLIENTS_PID" || true

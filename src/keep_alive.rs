@@ -5,9 +5,10 @@
 //! open, idle or not: 30 KB and more per idle keep-alive connection, where
 //! nginx and HAProxy spend under 1.2 KB. So a plain-HTTP/1.1 connection is
 //! served in rounds ([`serve_http1`]): a hyper connection serves requests
-//! until the stream rests between two requests (every byte of the last one
-//! read, its answer written, hyper waiting for the next, see
-//! [`TargetWatch::rest_signal`]); then that hyper connection is ended
+//! until the stream has rested between two requests for [`REST_GRACE`]
+//! (every byte of the last one read, its answer written, hyper waiting for
+//! the next, see [`TargetWatch::rest_signal`]); then that hyper connection
+//! is ended
 //! without touching the socket (`graceful_shutdown` of an idle hyper
 //! connection closes nothing but itself, and its answer headers were
 //! written long before, so a client sees the same bytes) and its buffers
@@ -17,7 +18,7 @@
 //! round first ([`Prefixed`]). The watches the socket is wrapped in are
 //! rebuilt for each round too ([`Layers`]), and every stage is boxed, so a
 //! resting connection's task keeps little more than its socket (about 3 KB
-//! in all, from 34 KB). Over TLS the session keeps buffers of its own, so a
+//! in all once freed, from 34 KB). Over TLS the session keeps buffers of its own, so a
 //! TLS connection is served in one round.
 
 use std::io;
@@ -108,6 +109,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// How long a connection rests before its hyper connection is ended: a
+/// client that sends its next request at once (a benchmark, an SDK in a
+/// loop) keeps its hyper connection, since a new one per request costs CPU
+/// (15-25 % more per small request, `benches/small_requests.sh`); one that
+/// stays idle longer frees its buffers.
+pub const REST_GRACE: Duration = Duration::from_millis(100);
 
 /// Most bytes read to tell HTTP/1.1 from HTTP/2 (they go to hyper after).
 const FIRST_READ: usize = 4 << 10;
@@ -274,6 +282,8 @@ where
         started_before: rounds.started.load(Ordering::Acquire),
         head_due,
         may_rest: rounds.socket.is_some(),
+        rest_timer: None,
+        timing_rest: false,
         rested: false,
         closing: false,
     };
@@ -305,6 +315,10 @@ struct Round<'a, C> {
     head_due: Instant,
     /// Whether this connection is served in rounds (plain TCP).
     may_rest: bool,
+    /// Set at a rest: when it ends the round ([`REST_GRACE`]).
+    rest_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The rest `rest_timer` is armed for is going on.
+    timing_rest: bool,
     /// hyper was asked to end at a rest.
     rested: bool,
     /// hyper was asked to end because the proxy closes.
@@ -354,19 +368,41 @@ where
         self.started.load(Ordering::Acquire) != self.started_before
     }
 
-    /// Drives hyper; when the stream rests with no request in progress,
-    /// asks hyper to end (it does at once: it is idle).
+    /// Drives hyper; when the stream has rested with no request in
+    /// progress for [`REST_GRACE`], asks hyper to end (it does at once: it
+    /// is idle).
     fn poll_until_rest(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
         loop {
             let polled = self.connection.poll_without_shutdown(cx);
             let at_rest = self.resting.load(Ordering::Relaxed)
                 && self.in_progress.load(Ordering::Acquire) == 0;
-            if polled.is_ready() || self.rested || !self.may_rest || !at_rest {
+            if polled.is_ready() || self.rested || !self.may_rest {
+                return polled;
+            }
+            if !at_rest {
+                self.timing_rest = false;
+                return polled;
+            }
+            if !self.rest_over(cx) {
                 return polled;
             }
             self.rested = true;
             Pin::new(&mut *self.connection).graceful_shutdown();
         }
+    }
+
+    /// Whether the rest going on has lasted [`REST_GRACE`]; arms the timer
+    /// (one per round, reset for each rest) when it begins.
+    fn rest_over(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = Instant::now() + REST_GRACE;
+        let timer = self
+            .rest_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if !self.timing_rest {
+            timer.as_mut().reset(due);
+            self.timing_rest = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
