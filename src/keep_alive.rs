@@ -287,17 +287,23 @@ where
         rested: false,
         closing: false,
     };
-    let end = round.run(shutdown).await?;
+    let end = round.run(shutdown).await;
     let parts = round.connection.into_parts();
     let (unread, io) = parts.io.into_inner().into_parts();
     match end {
-        RoundEnd::Rested => {
+        Ok(RoundEnd::Rested) => {
             let ahead = [unread, parts.read_buf].concat().into();
             Ok(Some((rounds.layers.unwrap(io), ahead)))
         }
-        RoundEnd::Over => {
+        Ok(RoundEnd::Over) => {
             shut_down(io).await;
             Ok(None)
+        }
+        Err(error) => {
+            // hyper answered what it refused (`400`, `431`) and leaves the
+            // socket to its owner: shut down as hyper's own close would.
+            shut_down(io).await;
+            Err(error)
         }
     }
 }

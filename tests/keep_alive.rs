@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use support::{ProxyProcess, S3Backend, read_response, sign_unsigned_payload};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The bytes of a signed request (payload unsigned) for `path` on `proxy`.
@@ -148,4 +148,41 @@ async fn idle_keep_alive_connections_hold_no_buffers() {
         stream.write_all(&get).await.unwrap();
         assert_eq!(read_response(&mut stream).await.0, 200);
     }
+}
+
+/// The state of the local TCP socket on `port` in /proc/net/tcp (proc(5):
+/// `01` established, `08` close-wait), if it is still there.
+fn tcp_state(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 3 && fields[1].ends_with(&local)).then(|| fields[3].to_owned())
+    })
+}
+
+/// A head hyper refuses (`400`), followed by bytes the proxy never reads:
+/// the answer comes, then a clean close (FIN), as without the proxy, not a
+/// reset that could destroy the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_is_answered_and_the_connection_closed_cleanly() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_in_front_of(&backend).await;
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    let port = stream.local_addr().unwrap().port();
+    let mut refused = b"GET /rests/k HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_vec();
+    refused.extend(std::iter::repeat_n(b'z', 20_000));
+    stream.write_all(&refused).await.unwrap();
+    // Read nothing until the proxy has closed its side.
+    support::wait_until(
+        std::time::Duration::from_secs(10),
+        "the proxy to close the connection",
+        || async { tcp_state(port).as_deref() != Some("01") },
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer).await;
+    assert!(read.is_ok(), "the connection was reset: {read:?}");
+    assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
 }
