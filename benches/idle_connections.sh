@@ -93,7 +93,7 @@ EOT
   sleep 0.2
   PORT=18204 TARGET="$(pgrep -f "nginx: worker process" -P "$(cat "$DIR/ingress.pid")" | tr '\n' ' ')"
 }
-stop() { kill "$(cat "$DIR/$1.pid")"; while kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; do sleep 0.05; done; }
+stop() { local pid; pid=$(cat "$DIR/$1.pid"); kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done; }
 
 # Opens COUNT idle connections to PORT; prints KiB of growth of PIDS.
 measure() { # port count pids...
