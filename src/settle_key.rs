@@ -146,10 +146,12 @@ async fn verdict(proxy: &Proxy, key: &SettleCredentials) -> KeyVerdict {
 
 fn report(metrics: &Metrics, key: &SettleCredentials, verdict: &KeyVerdict) {
     match verdict {
-        KeyVerdict::Accepted | KeyVerdict::Unknown(_) => {
+        KeyVerdict::Accepted => {
             metrics.settle_key_rejected(false);
             tracing::info!(access_key_id = %key.access_key_id, "the backend accepts the [settle] key");
         }
+        // Never reported: [`verdict`] asks again until it has one.
+        KeyVerdict::Unknown(_) => {}
         KeyVerdict::Rejected(code) => {
             metrics.settle_key_rejected(true);
             tracing::error!(
