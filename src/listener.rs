@@ -320,7 +320,7 @@ where
     };
     // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after ALPN
     // `h2`, or with prior knowledge over plain TCP).
-    let sniffed = { Box::pin(first_bytes(layers.watch(io), &mut shutdown, &peer)) };
+    let sniffed = { Box::pin(sniff(layers.watch(io), &mut shutdown, &peer)) };
     let Some((io, first)) = sniffed.await else {
         return;
     };
@@ -374,7 +374,7 @@ where
 /// The connection's first bytes, read through its watch, and the watch;
 /// `None` when the connection ended first (closed, timed out, refused, or
 /// the proxy closing).
-async fn first_bytes<I: AsyncRead + AsyncWrite + Unpin>(
+async fn sniff<I: AsyncRead + AsyncWrite + Unpin>(
     mut io: TargetWatch<I>,
     shutdown: &mut ShutdownWatch,
     peer: &Peer,

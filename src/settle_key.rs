@@ -74,10 +74,7 @@ impl KeyVerdict {
 
 /// The `<Code>` of an S3 error body.
 fn s3_error_code(body: &[u8]) -> Option<&str> {
-    let xml = std::str::from_utf8(body).ok()?;
-    let start = xml.find("<Code>")? + "<Code>".len();
-    let end = start + xml[start..].find("</Code>")?;
-    Some(xml[start..end].trim())
+    crate::write_settle::element(std::str::from_utf8(body).ok()?, "Code")
 }
 
 /// What a check was about: the key, and the backend it was checked at.

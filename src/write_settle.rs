@@ -504,7 +504,7 @@ fn copied_fields(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// The text of the first `<tag>..</tag>` in `xml`.
-fn element<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+pub(crate) fn element<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let start = xml.find(&format!("<{tag}>"))? + tag.len() + 2;
     let end = start + xml[start..].find(&format!("</{tag}>"))?;
     Some(xml[start..end].trim())
