@@ -103,7 +103,7 @@ measure() { # port count pids...
   local line; read -r line <&"${CLIENTS[0]}"
   [ "$line" = "ready $count" ] || { echo "clients: $line" >&2; exit 1; }
   # The proxy frees an idle connection's buffers once it rested 100 ms.
-  sleep 1
+  sleep 3
   local held; held=$(rss_kib "$@")
   exec {CLIENTS[1]}>&-
   wait "$CLIENTS_PID" || true

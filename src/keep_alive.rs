@@ -37,6 +37,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::heap_trim;
 use crate::request_target::TargetWatch;
 use crate::shutdown::{Phase, ShutdownWatch};
 
@@ -197,7 +198,7 @@ where
     // (Each future is made in a block of its own: a future stored in a
     // local for the length of the function would be kept in the task too.)
     let first_round = {
-        let (io, since, first) = *start;
+        let (io, since, first) = unbox(start);
         let head_due = since + rounds.header_timeout;
         Box::pin(one_round(
             io,
@@ -210,6 +211,7 @@ where
     };
     let mut rested = first_round.await?;
     while let Some((socket, ahead)) = rested {
+        heap_trim::released();
         // The next request's head is due by then.
         let head_due = Instant::now() + rounds.header_timeout;
         if ahead.is_empty()
@@ -235,6 +237,17 @@ where
     Ok(())
 }
 
+/// The value out of its box, the box freed now. (A box moved out of in
+/// place is freed when its binding ends: for an argument of an `async fn`,
+/// when the future ends.)
+#[expect(
+    clippy::boxed_local,
+    reason = "taking the box is the point: it is freed here"
+)]
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
 /// Shuts the connection's write side down (a refusal the watch still owes
 /// is written first, see [`TargetWatch`]).
 async fn shut_down<I: AsyncWrite + Unpin>(mut io: I) {
@@ -244,11 +257,21 @@ async fn shut_down<I: AsyncWrite + Unpin>(mut io: I) {
 /// Waits for the resting connection's next bytes: `false` when none came
 /// by `head_due` or the proxy closes.
 async fn next_bytes(socket: &TcpStream, head_due: Instant, shutdown: &mut ShutdownWatch) -> bool {
-    tokio::select! {
-        readable = socket.readable() => readable.is_ok(),
-        () = tokio::time::sleep_until(head_due) => false,
-        () = closing(shutdown) => false,
-    }
+    // The socket's own read-readiness slot keeps the waker (nobody reads it
+    // meanwhile), so the wait keeps no future of its own for it.
+    let head_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
+    let closing = std::pin::pin!(closing(shutdown));
+    let (mut head_timer, mut closing) = (head_timer, closing);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(readable) = socket.poll_read_ready(cx) {
+            return Poll::Ready(readable.is_ok());
+        }
+        if head_timer.as_mut().poll(cx).is_ready() || closing.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Serves `io` with one hyper connection until it rests (the socket and

@@ -301,35 +301,39 @@ type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send 
 /// Serves one client connection. Each stage is boxed and built in a block
 /// of its own: the task is sized for what an idle connection keeps (its
 /// place, its shutdown watch, its peer), not for the stages.
-async fn serve<I>(io: I, connection: Connection, socket: Option<Arc<TcpStream>>)
+async fn serve<I>(io: I, mut connection: Connection, socket: Option<Arc<TcpStream>>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Connection {
-        peer,
-        proxy,
-        scheme,
-        limits,
-        mut shutdown,
-        _slot,
-    } = connection;
-    let since = tokio::time::Instant::now();
-    let layers = ClientLayers {
-        peer: Arc::clone(&peer),
-        limits,
-    };
-    // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after ALPN
-    // `h2`, or with prior knowledge over plain TCP).
-    let sniffed = { Box::pin(sniff(layers.watch(io), &mut shutdown, &peer)) };
-    let Some((io, first)) = sniffed.await else {
-        return;
-    };
+    // `connection` is used in place, not destructured: an `async fn` keeps
+    // its arguments for as long as it runs, and would keep the parts too.
     let serving: Serving<'_> = {
+        let since = tokio::time::Instant::now();
+        let peer = &connection.peer;
+        let layers = ClientLayers {
+            peer: Arc::clone(peer),
+            limits: connection.limits,
+        };
+        // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after
+        // ALPN `h2`, or with prior knowledge over plain TCP). Read in this
+        // block, so that the space for what it returns is not kept in the
+        // task for the length of the connection.
+        let sniffed = { Box::pin(sniff(layers.watch(io), &mut connection.shutdown, peer)) };
+        let Some((io, first)) = sniffed.await else {
+            return;
+        };
+        let (peer, limits, shutdown) = (
+            &connection.peer,
+            connection.limits,
+            &mut connection.shutdown,
+        );
         let go_away = Arc::new(GoAway::default());
         let service = service_fn({
             let shutdown = shutdown.clone();
             let go_away = Arc::clone(&go_away);
-            let peer = Arc::clone(&peer);
+            let peer = Arc::clone(peer);
+            let proxy = Arc::clone(&connection.proxy);
+            let scheme = connection.scheme;
             move |request: hyper::Request<Incoming>| -> Answer {
                 if request.version() >= hyper::Version::HTTP_2 {
                     go_away.http2.store(true, Ordering::Relaxed);
@@ -358,16 +362,13 @@ where
                 header_timeout: limits.header_timeout,
             };
             let start = Box::new((io, since, first));
-            Box::pin(keep_alive::serve_http1(
-                start,
-                service,
-                rounds,
-                &mut shutdown,
-            ))
+            Box::pin(keep_alive::serve_http1(start, service, rounds, shutdown))
         }
     };
-    if let Err(error) = serving.await {
-        tracing::debug!(%error, client = %peer.address, "client connection ended with an error");
+    let served = serving.await;
+    crate::heap_trim::released();
+    if let Err(error) = served {
+        tracing::debug!(%error, client = %connection.peer.address, "client connection ended with an error");
     }
 }
 

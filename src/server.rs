@@ -308,6 +308,7 @@ pub async fn run_with_reload(
         backend = %config.backend.target(),
         "s3-failover-proxy serving"
     );
+    crate::heap_trim::start();
 
     let shutdown_phases = Shutdown::default();
     let (stop_accepting, stop) = watch::channel(false);
