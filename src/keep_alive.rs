@@ -155,12 +155,31 @@ pub struct Rounds<L> {
     pub in_progress: Arc<AtomicUsize>,
     /// The connection's requests started so far.
     pub started: Arc<AtomicU64>,
-    /// The TCP socket to wait on between rounds; `None` (TLS): one round.
-    pub socket: Option<Arc<TcpStream>>,
+    /// Where the connection waits between rounds; `None` (TLS): it is
+    /// served in one round.
+    pub rest: Option<RestAt>,
     /// How long a request head may take, from the connection's start or
     /// the previous answer (`listener.header_timeout`): also how long an
     /// idle connection waits for its next request.
     pub header_timeout: Duration,
+}
+
+/// Where a connection waits for its next bytes once it has rested.
+pub enum RestAt {
+    /// In its task, on this socket ([`next_bytes`]).
+    Task(Arc<TcpStream>),
+    /// Wherever the caller puts it: [`serve_http1`] returns the socket
+    /// ([`Served::Rested`]).
+    Caller,
+}
+
+/// How serving a connection ended.
+pub enum Served<R> {
+    /// The connection is over (its socket shut down).
+    Ended,
+    /// It rested with no byte read ahead ([`RestAt::Caller`]): the socket,
+    /// and when the next request's head is due.
+    Rested { socket: R, head_due: Instant },
 }
 
 /// How a round ended.
@@ -172,8 +191,8 @@ enum RoundEnd {
     Over,
 }
 
-/// What a connection's first round starts from: its I/O object, when the
-/// connection started, and the first bytes read through it.
+/// What a connection's first round starts from: its I/O object, when its
+/// first request head is due, and the bytes already read through it.
 pub type Start<I> = (TargetWatch<I>, Instant, Bytes);
 
 /// Serves an HTTP/1.1 connection from its [`Start`], in rounds. (The start
@@ -184,7 +203,7 @@ pub async fn serve_http1<R, L, S, B>(
     service: S,
     rounds: Rounds<L>,
     shutdown: &mut ShutdownWatch,
-) -> Result<(), hyper::Error>
+) -> Result<Served<R>, hyper::Error>
 where
     L: Layers<R>,
     S: HttpService<Incoming, ResBody = B> + Clone + Unpin,
@@ -198,8 +217,7 @@ where
     // (Each future is made in a block of its own: a future stored in a
     // local for the length of the function would be kept in the task too.)
     let first_round = {
-        let (io, since, first) = unbox(start);
-        let head_due = since + rounds.header_timeout;
+        let (io, head_due, first) = unbox(start);
         Box::pin(one_round(
             io,
             first,
@@ -214,12 +232,15 @@ where
         heap_trim::released();
         // The next request's head is due by then.
         let head_due = Instant::now() + rounds.header_timeout;
-        if ahead.is_empty()
-            && let Some(tcp) = &rounds.socket
-            && !Box::pin(next_bytes(tcp, head_due, shutdown)).await
-        {
-            Box::pin(shut_down(rounds.layers.wrap(socket))).await;
-            return Ok(());
+        if ahead.is_empty() {
+            match &rounds.rest {
+                Some(RestAt::Caller) => return Ok(Served::Rested { socket, head_due }),
+                Some(RestAt::Task(tcp)) if !Box::pin(next_bytes(tcp, head_due, shutdown)).await => {
+                    Box::pin(shut_down(rounds.layers.wrap(socket))).await;
+                    return Ok(Served::Ended);
+                }
+                _ => {}
+            }
         }
         let round = {
             let io = rounds.layers.wrap(socket);
@@ -234,7 +255,7 @@ where
         };
         rested = round.await?;
     }
-    Ok(())
+    Ok(Served::Ended)
 }
 
 /// The value out of its box, the box freed now. (A box moved out of in
@@ -250,13 +271,17 @@ fn unbox<T>(boxed: Box<T>) -> T {
 
 /// Shuts the connection's write side down (a refusal the watch still owes
 /// is written first, see [`TargetWatch`]).
-async fn shut_down<I: AsyncWrite + Unpin>(mut io: I) {
+pub async fn shut_down<I: AsyncWrite + Unpin>(mut io: I) {
     let _ = io.shutdown().await;
 }
 
 /// Waits for the resting connection's next bytes: `false` when none came
 /// by `head_due` or the proxy closes.
-async fn next_bytes(socket: &TcpStream, head_due: Instant, shutdown: &mut ShutdownWatch) -> bool {
+pub async fn next_bytes(
+    socket: &TcpStream,
+    head_due: Instant,
+    shutdown: &mut ShutdownWatch,
+) -> bool {
     // The socket's own read-readiness slot keeps the waker (nobody reads it
     // meanwhile), so the wait keeps no future of its own for it.
     let head_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
@@ -304,7 +329,7 @@ where
         started: &rounds.started,
         started_before: rounds.started.load(Ordering::Acquire),
         head_due,
-        may_rest: rounds.socket.is_some(),
+        may_rest: rounds.rest.is_some(),
         rest_timer: None,
         timing_rest: false,
         rested: false,

@@ -85,6 +85,7 @@ pub mod replay;
 pub mod replay_memory;
 pub mod request_target;
 pub mod response;
+pub mod resting;
 pub mod s3_error;
 pub mod s3_operation;
 pub mod send_timeout;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -39,6 +40,7 @@ use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::request_target::{Silence, TargetWatch};
 use crate::response::ProxyBody;
+use crate::resting::Resting;
 use crate::s3_error::ProxyError;
 use crate::send_timeout::SendTimeout;
 use crate::shutdown::{Phase, ShutdownWatch};
@@ -67,6 +69,9 @@ pub struct S3Listener {
     /// connections get GOAWAY, so clients reconnect (elsewhere, once the
     /// load balancer knows, or to the process that took the sockets over).
     pub shutdown: ShutdownWatch,
+    /// Where plain-HTTP/1.1 connections rest between requests; `None` for
+    /// TLS (a TLS connection is served in its task throughout).
+    pub resting: Option<RestingConnections>,
 }
 
 /// What a client connection may send and how long it may take: a larger
@@ -155,7 +160,6 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
     };
     let slot = ConnectionSlot::new(permit, Arc::clone(proxy.metrics()));
     let (stream, peer) = ClientSocket::new(stream, address);
-    let socket = stream.shared();
     let connection = Connection {
         peer,
         proxy: Arc::clone(proxy),
@@ -163,16 +167,17 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
         limits: listener.limits,
         shutdown: listener.shutdown.clone(),
         _slot: slot,
+        resting: listener.resting.clone(),
     };
     match listener.tls.clone() {
         None => {
-            tokio::spawn(serve(stream, connection, Some(socket)));
+            tokio::spawn(serve(stream, connection));
         }
         Some(acceptor) => {
             tokio::spawn(async move {
                 let metrics = Arc::clone(connection.proxy.metrics());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, connection, None).await,
+                    Ok(Ok(tls)) => serve(tls, connection).await,
                     Ok(Err(error)) => {
                         metrics.tls_handshake_failed();
                         tracing::debug!(%error, client = %address, "TLS handshake failed");
@@ -231,6 +236,8 @@ struct Connection {
     limits: ClientLimits,
     shutdown: ShutdownWatch,
     _slot: ConnectionSlot,
+    /// Where the connection rests between requests (plain TCP only).
+    resting: Option<RestingConnections>,
 }
 
 /// What the requests of one connection tell its shutdown watch: that it
@@ -295,81 +302,290 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
     }
 }
 
-/// A connection's serving, boxed (see [`serve`]).
-type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + 'a>>;
+/// A connection's serving once its protocol is known, boxed (see [`serve`]).
+type Serving = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A client socket that may rest without a task ([`Resting`]): the plain
+/// TCP one; a TLS session keeps state of its own and never rests.
+trait Parkable: Sized {
+    fn into_client_socket(self) -> Result<ClientSocket, Self>;
+}
+
+impl Parkable for ClientSocket {
+    fn into_client_socket(self) -> Result<ClientSocket, Self> {
+        Ok(self)
+    }
+}
+
+impl Parkable for tokio_rustls::server::TlsStream<ClientSocket> {
+    fn into_client_socket(self) -> Result<ClientSocket, Self> {
+        Err(self)
+    }
+}
 
 /// Serves one client connection. Each stage is boxed and built in a block
-/// of its own: the task is sized for what an idle connection keeps (its
-/// place, its shutdown watch, its peer), not for the stages.
-async fn serve<I>(io: I, mut connection: Connection, socket: Option<Arc<TcpStream>>)
+/// of its own: the task is sized for what it keeps between stages, not for
+/// the stages.
+async fn serve<I>(io: I, mut connection: Connection)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Parkable + Unpin + Send + 'static,
 {
-    // `connection` is used in place, not destructured: an `async fn` keeps
-    // its arguments for as long as it runs, and would keep the parts too.
-    let serving: Serving<'_> = {
-        let since = tokio::time::Instant::now();
-        let peer = &connection.peer;
+    let serving: Serving = {
+        let head_due = tokio::time::Instant::now() + connection.limits.header_timeout;
         let layers = ClientLayers {
-            peer: Arc::clone(peer),
+            peer: Arc::clone(&connection.peer),
             limits: connection.limits,
         };
         // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after
         // ALPN `h2`, or with prior knowledge over plain TCP). Read in this
         // block, so that the space for what it returns is not kept in the
         // task for the length of the connection.
-        let sniffed = { Box::pin(sniff(layers.watch(io), &mut connection.shutdown, peer)) };
+        let sniffed = {
+            let peer = &connection.peer;
+            Box::pin(sniff(layers.watch(io), &mut connection.shutdown, peer))
+        };
         let Some((io, first)) = sniffed.await else {
+            crate::heap_trim::released();
             return;
         };
-        let (peer, limits, shutdown) = (
-            &connection.peer,
-            connection.limits,
-            &mut connection.shutdown,
-        );
-        let go_away = Arc::new(GoAway::default());
-        let service = service_fn({
-            let shutdown = shutdown.clone();
-            let go_away = Arc::clone(&go_away);
-            let peer = Arc::clone(peer);
-            let proxy = Arc::clone(&connection.proxy);
-            let scheme = connection.scheme;
-            move |request: hyper::Request<Incoming>| -> Answer {
-                if request.version() >= hyper::Version::HTTP_2 {
-                    go_away.http2.store(true, Ordering::Relaxed);
-                    if *shutdown.borrow() != Phase::Serving {
-                        go_away.due.notify_one();
-                    }
-                }
-                Box::pin(respond(
-                    request,
-                    Arc::clone(&proxy),
-                    Arc::clone(&peer),
-                    scheme,
-                    shutdown.clone(),
-                ))
-            }
-        });
         if io.is_http2() {
-            let io = TokioIo::new(Prefixed::new(first, io));
-            Box::pin(serve_http2(io, service, limits, shutdown.clone(), go_away))
+            Box::pin(serve_http2_connection(io, first, connection))
         } else {
-            let rounds = Rounds {
-                layers,
-                in_progress: Arc::clone(&peer.requests_in_progress),
-                started: Arc::clone(&peer.requests_started),
-                socket,
-                header_timeout: limits.header_timeout,
-            };
-            let start = Box::new((io, since, first));
-            Box::pin(keep_alive::serve_http1(start, service, rounds, shutdown))
+            let start = Box::new((io, head_due, first));
+            Box::pin(serve_http1_connection(start, layers, connection))
         }
     };
-    let served = serving.await;
+    serving.await;
     crate::heap_trim::released();
-    if let Err(error) = served {
+}
+
+/// The service a connection's requests go to.
+fn service(
+    connection: &Connection,
+    go_away: &Arc<GoAway>,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<ProxyBody>,
+    Error = Infallible,
+    Future = Answer,
+> + Clone
++ Unpin
++ Send
++ use<> {
+    let shutdown = connection.shutdown.clone();
+    let go_away = Arc::clone(go_away);
+    let peer = Arc::clone(&connection.peer);
+    let proxy = Arc::clone(&connection.proxy);
+    let scheme = connection.scheme;
+    service_fn(move |request: hyper::Request<Incoming>| -> Answer {
+        if request.version() >= hyper::Version::HTTP_2 {
+            go_away.http2.store(true, Ordering::Relaxed);
+            if *shutdown.borrow() != Phase::Serving {
+                go_away.due.notify_one();
+            }
+        }
+        Box::pin(respond(
+            request,
+            Arc::clone(&proxy),
+            Arc::clone(&peer),
+            scheme,
+            shutdown.clone(),
+        ))
+    })
+}
+
+async fn serve_http2_connection<I>(
+    io: TargetWatch<SendTimeout<I>>,
+    first: Bytes,
+    connection: Connection,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let go_away = Arc::new(GoAway::default());
+    let service = service(&connection, &go_away);
+    let io = TokioIo::new(Prefixed::new(first, io));
+    let shutdown = connection.shutdown.clone();
+    if let Err(error) = serve_http2(io, service, connection.limits, shutdown, go_away).await {
         tracing::debug!(%error, client = %connection.peer.address, "client connection ended with an error");
     }
+}
+
+/// Serves an HTTP/1.1 connection in rounds ([`keep_alive`]). A plain TCP
+/// connection that rests leaves this task for [`Resting`] ([`rest`]).
+/// (A function that returns its future boxed: it and [`rest`] call each
+/// other.)
+fn serve_http1_connection<I>(
+    start: Box<keep_alive::Start<SendTimeout<I>>>,
+    layers: ClientLayers,
+    connection: Connection,
+) -> Serving
+where
+    I: AsyncRead + AsyncWrite + Parkable + Unpin + Send + 'static,
+{
+    Box::pin(serve_http1_rounds(start, layers, connection))
+}
+
+async fn serve_http1_rounds<I>(
+    start: Box<keep_alive::Start<SendTimeout<I>>>,
+    layers: ClientLayers,
+    mut connection: Connection,
+) where
+    I: AsyncRead + AsyncWrite + Parkable + Unpin + Send + 'static,
+{
+    let served = {
+        let go_away = Arc::new(GoAway::default());
+        let rounds = Rounds {
+            in_progress: Arc::clone(&connection.peer.requests_in_progress),
+            started: Arc::clone(&connection.peer.requests_started),
+            layers,
+            rest: connection
+                .resting
+                .is_some()
+                .then_some(keep_alive::RestAt::Caller),
+            header_timeout: connection.limits.header_timeout,
+        };
+        let service = service(&connection, &go_away);
+        Box::pin(keep_alive::serve_http1(
+            start,
+            service,
+            rounds,
+            &mut connection.shutdown,
+        ))
+        .await
+    };
+    match served {
+        Ok(keep_alive::Served::Ended) => {}
+        Ok(keep_alive::Served::Rested { socket, head_due }) => match socket.into_client_socket() {
+            Ok(socket) => rest(socket, head_due, connection).await,
+            // Only plain TCP rests (`RestAt::Caller` is given to no other).
+            Err(socket) => drop(socket),
+        },
+        Err(error) => {
+            tracing::debug!(%error, client = %connection.peer.address, "client connection ended with an error");
+        }
+    }
+}
+
+/// A rested connection: parked in [`Resting`] until its next bytes, its
+/// head timeout or the proxy closing, without its task or its [`Peer`]
+/// (a new one is made when it resumes). Should the socket not leave
+/// tokio, it waits here instead.
+fn rest(socket: ClientSocket, head_due: tokio::time::Instant, connection: Connection) -> Serving {
+    Box::pin(rest_until_next_bytes(socket, head_due, connection))
+}
+
+async fn rest_until_next_bytes(
+    socket: ClientSocket,
+    head_due: tokio::time::Instant,
+    mut connection: Connection,
+) {
+    let Some(resting) = connection.resting.clone() else {
+        return;
+    };
+    match socket.into_std() {
+        Ok(Ok(socket)) => {
+            let kept = ParkedConnection::from(connection);
+            let parked = resting.park(socket, head_due.into_std(), kept);
+            if let Err((socket, kept)) = parked
+                && let Ok(stream) = TcpStream::from_std(socket)
+            {
+                resting.resume(stream, head_due.into_std(), kept).await;
+            }
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, client = %connection.peer.address, "a resting connection could not leave the runtime: closed");
+        }
+        Err(socket) => {
+            let tcp = socket.shared();
+            let layers = ClientLayers {
+                peer: Arc::clone(&connection.peer),
+                limits: connection.limits,
+            };
+            let next = keep_alive::next_bytes(&tcp, head_due, &mut connection.shutdown).await;
+            drop(tcp);
+            if !next {
+                keep_alive::shut_down(keep_alive::Layers::wrap(&layers, socket)).await;
+                return;
+            }
+            let io = keep_alive::Layers::wrap(&layers, socket);
+            let start = Box::new((io, head_due, Bytes::new()));
+            serve_http1_connection(start, layers, connection).await;
+        }
+    }
+}
+
+/// Where plain-HTTP/1.1 connections rest between requests.
+pub type RestingConnections = Resting<ParkedConnection>;
+
+/// What a parked connection keeps of its [`Connection`]: what is the same
+/// for every connection (the proxy, the limits) is kept once, by
+/// [`resting_connections`], and a new [`Peer`] is made when it resumes.
+pub struct ParkedConnection {
+    address: SocketAddr,
+    shutdown: ShutdownWatch,
+    slot: ConnectionSlot,
+}
+
+impl From<Connection> for ParkedConnection {
+    fn from(connection: Connection) -> ParkedConnection {
+        ParkedConnection {
+            address: connection.peer.address,
+            shutdown: connection.shutdown,
+            slot: connection._slot,
+        }
+    }
+}
+
+/// Starts the resting place of the plain-HTTP listener's connections.
+pub fn resting_connections(
+    proxy: Arc<Proxy>,
+    limits: ClientLimits,
+) -> std::io::Result<RestingConnections> {
+    Resting::start(
+        tokio::runtime::Handle::current(),
+        Box::new(move |resting, stream, head_due, kept| {
+            let resumed = Resumed {
+                proxy: Arc::clone(&proxy),
+                limits,
+                resting,
+            };
+            Box::pin(resume(stream, head_due.into(), kept, resumed))
+        }),
+    )
+}
+
+/// What a resumed connection gets back besides what it kept.
+struct Resumed {
+    proxy: Arc<Proxy>,
+    limits: ClientLimits,
+    resting: RestingConnections,
+}
+
+/// A parked connection back from [`Resting`]: its socket had bytes.
+async fn resume(
+    stream: TcpStream,
+    head_due: tokio::time::Instant,
+    kept: ParkedConnection,
+    resumed: Resumed,
+) {
+    let (socket, peer) = ClientSocket::new(stream, kept.address);
+    let connection = Connection {
+        peer,
+        proxy: resumed.proxy,
+        scheme: "http",
+        limits: resumed.limits,
+        shutdown: kept.shutdown,
+        _slot: kept.slot,
+        resting: Some(resumed.resting),
+    };
+    let layers = ClientLayers {
+        peer: Arc::clone(&connection.peer),
+        limits: connection.limits,
+    };
+    let io = keep_alive::Layers::wrap(&layers, socket);
+    let start = Box::new((io, head_due, Bytes::new()));
+    serve_http1_connection(start, layers, connection).await;
+    crate::heap_trim::released();
 }
 
 /// The connection's first bytes, read through its watch, and the watch;

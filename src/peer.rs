@@ -175,7 +175,14 @@ impl DepartureWatcher {
         // Edge-triggered on the FIN only: unread request bytes are hyper's
         // and do not wake the thread. A FIN already there is reported at once.
         let flags = epoll::EventFlags::RDHUP | epoll::EventFlags::ET | epoll::EventFlags::ONESHOT;
-        if let Err(error) = epoll::add(&self.epoll, socket, epoll::EventData::new_u64(key), flags) {
+        let data = epoll::EventData::new_u64(key);
+        // A socket that rested (`crate::resting`) comes back with a new
+        // `Peer`; an earlier one's registration is then replaced.
+        let added = match epoll::add(&self.epoll, socket, data, flags) {
+            Err(rustix::io::Errno::EXIST) => epoll::modify(&self.epoll, socket, data, flags),
+            added => added,
+        };
+        if let Err(error) = added {
             self.forget(key);
             return Err(error.into());
         }
@@ -240,6 +247,17 @@ impl ClientSocket {
     /// The socket itself, to wait on for readability while no one reads it.
     pub fn shared(&self) -> Arc<TcpStream> {
         Arc::clone(&self.stream)
+    }
+
+    /// The socket taken out of tokio's event loop (to rest in
+    /// [`crate::resting`]); an error if that failed (the socket is then
+    /// closed). The same socket back (`Err`) while it is shared, as it is
+    /// while a departure watch is being registered.
+    pub fn into_std(self) -> Result<io::Result<std::net::TcpStream>, ClientSocket> {
+        match Arc::try_unwrap(self.stream) {
+            Ok(stream) => Ok(stream.into_std()),
+            Err(stream) => Err(ClientSocket { stream }),
+        }
     }
 }
 

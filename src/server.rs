@@ -31,7 +31,7 @@ use crate::config::{Config, KubernetesConfig};
 use crate::gate::{Gate, Transition};
 use crate::handover::{self, HandoverListener, ListenerRole, ListenerSockets, Predecessor};
 use crate::kubernetes::{self, Steering};
-use crate::listener::{ConnectionSlots, S3Listener, accept_loop};
+use crate::listener::{ConnectionSlots, S3Listener, accept_loop, resting_connections};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
@@ -39,7 +39,7 @@ use crate::quarantine::Quarantine;
 use crate::reload::{self, LiveParts, ReloadSource};
 use crate::settings::Settings;
 use crate::settle_key;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Phase, Shutdown};
 use crate::tls::{self, ServerCertificate};
 use crate::upstream::Upstream;
 
@@ -314,12 +314,23 @@ pub async fn run_with_reload(
     let (stop_accepting, stop) = watch::channel(false);
     let limits = settings.client_limits;
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
+    let resting = resting_connections(Arc::clone(&proxy), limits)?;
+    // Resting connections are closed with the idle ones.
+    tokio::spawn({
+        let resting = resting.clone();
+        let mut phase = shutdown_phases.watch();
+        async move {
+            let _ = phase.wait_for(|phase| *phase == Phase::Closing).await;
+            resting.close_all();
+        }
+    });
     let plain = S3Listener {
         socket: listeners.s3,
         tls: None,
         limits,
         slots: Arc::clone(&slots),
         shutdown: shutdown_phases.watch(),
+        resting: Some(resting),
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -330,6 +341,7 @@ pub async fn run_with_reload(
                 limits,
                 slots,
                 shutdown: shutdown_phases.watch(),
+                resting: None,
             })
         }
         _ => None,
