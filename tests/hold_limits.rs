@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::{ProxyUnderTest, S3Backend, metric_sample, raw_request, s3_code, send, wait_until};
+use support::{
+    ProxyUnderTest, S3Backend, metric_sample, raw_request, read_response, s3_code, send, wait_until,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -231,6 +233,36 @@ async fn a_client_that_leaves_while_held_frees_its_slot_and_nothing_reaches_the_
         first, "GET /bucket/after HTTP/1.1",
         "the abandoned PUT never reached the backend"
     );
+}
+
+/// A keep-alive connection rests between its requests outside its task
+/// (`src/resting.rs`) and comes back with a new watch on its socket: a
+/// client that leaves while its second request is held is still seen
+/// leaving (its socket was watched for its first held request too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_held_is_seen_after_its_connection_rested() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "[hold]\ntimeout = \"60s\"\n")
+        .await
+        .unwrap();
+    // Any answer will do (unsigned: s3s-fs refuses it), on a kept-alive
+    // connection.
+    let get = b"GET /bucket/k HTTP/1.1\r\nHost: s3\r\n\r\n";
+    let mut client = TcpStream::connect(proxy.address).await.unwrap();
+    proxy.admin.post("/admin/pause?wait=1s").await;
+    client.write_all(get).await.unwrap();
+    proxy.admin.wait_held(1).await;
+    proxy.admin.post("/admin/resume").await;
+    let (status, _) = read_response(&mut client).await;
+    assert_eq!(status, 403, "answered by the backend");
+    // The client idles (the input under test): the connection rests.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.admin.post("/admin/pause?wait=1s").await;
+    client.write_all(get).await.unwrap();
+    proxy.admin.wait_held(1).await;
+    drop(client);
+    // Seen leaving well before the hold timeout (60 s).
+    proxy.admin.wait_held(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,40 @@ async fn memory_of_a_burst_goes_back_once_its_connections_rest() {
     drop(idle);
 }
 
+/// A connection resting between requests (outside any task, see
+/// `src/resting.rs`) is closed when the proxy closes its connections, as an
+/// idle one is, and the proxy then exits at once, not at its grace's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resting_connection_is_closed_when_the_proxy_shuts_down() {
+    let backend = S3Backend::start().await.unwrap();
+    let config = format!(
+        "[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"200ms\"\ngrace = \"60s\"\n",
+        backend.address
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut idle = TcpStream::connect(proxy.address()).await.unwrap();
+    idle.write_all(&request(proxy.address(), "GET", "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut idle).await.0, 200);
+    // The client idles (the input under test): the connection rests.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    proxy.signal("-TERM");
+    let mut byte = [0u8; 1];
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed by the proxy (FIN): {closed:?}"
+    );
+    let exited =
+        tokio::time::timeout(std::time::Duration::from_secs(10), proxy.exit_status()).await;
+    assert!(
+        exited.is_ok_and(|status| status.success()),
+        "the proxy exits once its connections are closed"
+    );
+}
+
 /// The state of the local TCP socket on `port` in /proc/net/tcp (proc(5):
 /// `01` established, `08` close-wait), if it is still there.
 fn tcp_state(port: u16) -> Option<String> {
