@@ -12,14 +12,15 @@
 //! without touching the socket (`graceful_shutdown` of an idle hyper
 //! connection closes nothing but itself, and its answer headers were
 //! written long before, so a client sees the same bytes) and its buffers
-//! are freed. The socket waits for readability on its own, under
+//! are freed. Bytes hyper had read ahead start the next round at once
+//! ([`Prefixed`]); with none, the socket goes back to the caller
+//! ([`RestAt::Caller`]: the listener parks it in [`crate::resting`], outside
+//! any task) or waits for readability in its task ([`RestAt::Task`]), under
 //! `listener.header_timeout` like hyper's header timer, and the next bytes
-//! start the next round. Bytes hyper had read ahead are handed to the next
-//! round first ([`Prefixed`]). The watches the socket is wrapped in are
-//! rebuilt for each round too ([`Layers`]), and every stage is boxed, so a
-//! resting connection's task keeps little more than its socket (about 3 KB
-//! in all once freed, from 34 KB). Over TLS the session keeps buffers of its own, so a
-//! TLS connection is served in one round.
+//! start the next round. The watches the socket is wrapped in are rebuilt
+//! for each round too ([`Layers`]), and every stage is boxed. Over TLS the
+//! session keeps buffers of its own, so a TLS connection is served in one
+//! round.
 
 use std::io;
 use std::pin::Pin;
