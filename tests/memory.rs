@@ -348,3 +348,57 @@ fn accepted_and_read(port: u16) -> usize {
         })
         .count()
 }
+
+/// A backend that answers every request on a connection with `200` and a
+/// head of about `head` bytes (one long field), keeping the connection.
+async fn backend_with_heads_of(head: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    request.clear();
+                    let filler = "a".repeat(head - 100);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nx-amz-meta-filler: {filler}\r\ncontent-length: 2\r\n\r\nok"
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// `backend.max_head_bytes` (64 KiB by default) bounds a response head
+/// although the proxy reads from the backend in reads of up to 512 KiB: a
+/// head just under it comes through, one just over it is answered `502`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_over_backend_max_head_bytes_is_a_bad_gateway() {
+    for (head, expected) in [(60 << 10, 200), (70 << 10, 502)] {
+        let backend = backend_with_heads_of(head).await;
+        let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{backend}\"\n"))
+            .await
+            .unwrap();
+        let mut client = tokio::net::TcpStream::connect(proxy.address())
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, _) = support::read_response(&mut client).await;
+        assert_eq!(status, expected, "a head of {head} bytes");
+    }
+}
