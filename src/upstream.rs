@@ -40,14 +40,8 @@ use crate::delivery::Delivery;
 use crate::gate::DownReason;
 use crate::replay::BoxError;
 
-/// Largest read from a backend connection. hyper reads a response body in
-/// reads that grow up to its `max_buf_size`, which is also its limit on a
-/// response head, so the head limit (`backend.max_head_bytes`) is checked
-/// on its own ([`head_size`]). Measured for a 2 GiB GET against nginx
-/// (CPU seconds per GiB; peak resident memory after 16 parallel 1 MiB
-/// GETs, each pooled connection keeping its last buffer): 64 KiB 0.9-1.5,
-/// 256 KiB 0.75 (21 MiB), 512 KiB 0.5 (30 MiB), 1 MiB 0.4 (41 MiB).
-const READ_BUFFER: usize = 512 << 10;
+/// hyper's smallest read buffer (its `max_buf_size` panics below this).
+const MIN_BUF_SIZE: usize = 8192;
 
 /// Longest one checkout waits for pooled connections to turn ready.
 const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
@@ -66,8 +60,6 @@ pub enum UpstreamError {
     Failed(hyper::Error),
     #[error("the backend made no progress for {0:?}")]
     Hang(Duration),
-    #[error("the backend's response head is over backend.max_head_bytes ({limit} bytes)")]
-    HeadTooLarge { limit: usize },
 }
 
 impl UpstreamError {
@@ -78,10 +70,7 @@ impl UpstreamError {
 
     /// True when some byte of the request may have reached the backend.
     pub fn reached_backend(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Failed(_) | UpstreamError::Hang(_) | UpstreamError::HeadTooLarge { .. }
-        )
+        matches!(self, UpstreamError::Failed(_) | UpstreamError::Hang(_))
     }
 
     /// What this failure says about the backend; `None` when it says nothing
@@ -96,7 +85,6 @@ impl UpstreamError {
             UpstreamError::Failed(error) if error.is_parse() || error.is_user() => None,
             UpstreamError::Failed(_) => Some(DownReason::Reset),
             UpstreamError::Hang(_) => Some(DownReason::HangTimeout),
-            UpstreamError::HeadTooLarge { .. } => None,
         }
     }
 }
@@ -212,7 +200,7 @@ where
         let http10 = request.version() == http::Version::HTTP_10;
         while let Some(mut connection) = self.checkout().await {
             match connection.sender.try_send_request(request).await {
-                Ok(response) => return self.answered(response, connection, delivery, http10),
+                Ok(response) => return Ok(self.pooled(response, connection, delivery, http10)),
                 Err(mut error) => match error.take_message() {
                     // The pooled connection was already closing: nothing sent.
                     Some(unsent) => request = unsent,
@@ -222,7 +210,7 @@ where
         }
         let mut connection = self.connect().await?;
         match connection.sender.try_send_request(request).await {
-            Ok(response) => self.answered(response, connection, delivery, http10),
+            Ok(response) => Ok(self.pooled(response, connection, delivery, http10)),
             Err(mut error) => match error.take_message() {
                 Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
                 None => Err(UpstreamError::Failed(error.into_error())),
@@ -279,7 +267,7 @@ where
         let (sender, connection) = http1::Builder::new()
             .preserve_header_case(true)
             .max_headers(settings.max_headers)
-            .max_buf_size(settings.max_head_bytes.max(READ_BUFFER))
+            .max_buf_size(settings.max_head_bytes.max(MIN_BUF_SIZE))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::ClosedBeforeSend)?;
@@ -293,22 +281,6 @@ where
             connector,
             task: Some(task.abort_handle()),
         })
-    }
-
-    /// The response, unless its head is over `backend.max_head_bytes` (the
-    /// connection is then closed).
-    fn answered(
-        &self,
-        response: Response<Incoming>,
-        connection: Connection<B>,
-        delivery: &Delivery,
-        http10: bool,
-    ) -> Result<Response<PooledBody<B>>, UpstreamError> {
-        let limit = self.settings().max_head_bytes;
-        if head_size(&response) > limit {
-            return Err(UpstreamError::HeadTooLarge { limit });
-        }
-        Ok(self.pooled(response, connection, delivery, http10))
     }
 
     /// The response, with a body that returns the connection to the pool
@@ -356,26 +328,6 @@ where
         }
         Response::from_parts(parts, pooled)
     }
-}
-
-/// The size of a response head as it came: status line, fields and line
-/// ends (RFC 9112 section 2.1), less any whitespace hyper trimmed around
-/// field values. (The reason phrase hyper keeps only when it is not the
-/// usual one; the usual one is counted in its place.)
-fn head_size<T>(response: &Response<T>) -> usize {
-    let status = response.status();
-    let reason = response
-        .extensions()
-        .get::<hyper::ext::ReasonPhrase>()
-        .map(|reason| reason.as_bytes().len())
-        .unwrap_or_else(|| status.canonical_reason().map_or(0, str::len));
-    let status_line = "HTTP/1.1 200 ".len() + reason + 2;
-    let fields: usize = response
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
-        .sum();
-    status_line + fields + 2
 }
 
 /// A response body that returns its connection to the pool once read to the end.
