@@ -16,6 +16,11 @@
 //! progress for as long, is closed ([`Silence`]). At most
 //! `listener.max_connections` connections are open at once: one more gets
 //! `503 SlowDown` (plain HTTP) or is closed (HTTPS) at once.
+//!
+//! A plain-HTTP/1.1 connection that has rested between requests leaves its
+//! task for [`crate::resting`] (`rest`), keeping only what a
+//! [`ParkedConnection`] holds, and comes back in a new task with a new
+//! [`Peer`] when its next bytes arrive ([`resting_connections`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -517,7 +522,7 @@ async fn rest_until_next_bytes(
 /// Where plain-HTTP/1.1 connections rest between requests.
 pub type RestingConnections = Resting<ParkedConnection>;
 
-/// What a parked connection keeps of its [`Connection`]: what is the same
+/// What a parked connection keeps of its `Connection`: what is the same
 /// for every connection (the proxy, the limits) is kept once, by
 /// [`resting_connections`], and a new [`Peer`] is made when it resumes.
 pub struct ParkedConnection {
