@@ -14,10 +14,10 @@
 //! written long before, so a client sees the same bytes) and its buffers
 //! are freed. Bytes hyper had read ahead start the next round at once
 //! ([`Prefixed`]); with none, the socket goes back to the caller
-//! ([`RestAt::Caller`]: the listener parks it in [`crate::resting`], outside
-//! any task) or waits for readability in its task ([`RestAt::Task`]), under
-//! `listener.header_timeout` like hyper's header timer, and the next bytes
-//! start the next round. The watches the socket is wrapped in are rebuilt
+//! ([`Served::Rested`]: the listener parks it in [`crate::resting`], outside
+//! any task, or waits in the task with [`next_bytes`]) with its head due
+//! `listener.header_timeout` later, like hyper's header timer, and the
+//! caller starts the next round when the next bytes come. The watches the socket is wrapped in are rebuilt
 //! for each round too ([`Layers`]), and every stage is boxed. Over TLS the
 //! session keeps buffers of its own, so a TLS connection is served in one
 //! round.
@@ -156,30 +156,21 @@ pub struct Rounds<L> {
     pub in_progress: Arc<AtomicUsize>,
     /// The connection's requests started so far.
     pub started: Arc<AtomicU64>,
-    /// Where the connection waits between rounds; `None` (TLS): it is
-    /// served in one round.
-    pub rest: Option<RestAt>,
+    /// Whether the connection may rest between rounds (plain TCP); a TLS
+    /// connection is served in one round.
+    pub rests: bool,
     /// How long a request head may take, from the connection's start or
     /// the previous answer (`listener.header_timeout`): also how long an
     /// idle connection waits for its next request.
     pub header_timeout: Duration,
 }
 
-/// Where a connection waits for its next bytes once it has rested.
-pub enum RestAt {
-    /// In its task, on this socket ([`next_bytes`]).
-    Task(Arc<TcpStream>),
-    /// Wherever the caller puts it: [`serve_http1`] returns the socket
-    /// ([`Served::Rested`]).
-    Caller,
-}
-
 /// How serving a connection ended.
 pub enum Served<R> {
     /// The connection is over (its socket shut down).
     Ended,
-    /// It rested with no byte read ahead ([`RestAt::Caller`]): the socket,
-    /// and when the next request's head is due.
+    /// It rested with no byte read ahead: the socket, for the caller to
+    /// wait on, and when the next request's head is due.
     Rested { socket: R, head_due: Instant },
 }
 
@@ -234,14 +225,7 @@ where
         // The next request's head is due by then.
         let head_due = Instant::now() + rounds.header_timeout;
         if ahead.is_empty() {
-            match &rounds.rest {
-                Some(RestAt::Caller) => return Ok(Served::Rested { socket, head_due }),
-                Some(RestAt::Task(tcp)) if !Box::pin(next_bytes(tcp, head_due, shutdown)).await => {
-                    Box::pin(shut_down(rounds.layers.wrap(socket))).await;
-                    return Ok(Served::Ended);
-                }
-                _ => {}
-            }
+            return Ok(Served::Rested { socket, head_due });
         }
         let round = {
             let io = rounds.layers.wrap(socket);
@@ -330,7 +314,7 @@ where
         started: &rounds.started,
         started_before: rounds.started.load(Ordering::Acquire),
         head_due,
-        may_rest: rounds.rest.is_some(),
+        may_rest: rounds.rests,
         rest_timer: None,
         timing_rest: false,
         rested: false,

@@ -443,10 +443,7 @@ async fn serve_http1_rounds<I>(
             in_progress: Arc::clone(&connection.peer.requests_in_progress),
             started: Arc::clone(&connection.peer.requests_started),
             layers,
-            rest: connection
-                .resting
-                .is_some()
-                .then_some(keep_alive::RestAt::Caller),
+            rests: connection.resting.is_some(),
             header_timeout: connection.limits.header_timeout,
         };
         let service = service(&connection, &go_away);
@@ -462,7 +459,7 @@ async fn serve_http1_rounds<I>(
         Ok(keep_alive::Served::Ended) => {}
         Ok(keep_alive::Served::Rested { socket, head_due }) => match socket.into_client_socket() {
             Ok(socket) => rest(socket, head_due, connection).await,
-            // Only plain TCP rests (`RestAt::Caller` is given to no other).
+            // Only plain TCP rests (`rests` is false for any other).
             Err(socket) => drop(socket),
         },
         Err(error) => {
