@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
 use rustix::event::epoll;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -262,16 +262,39 @@ impl ClientSocket {
 }
 
 /// Retries `io` until it does not block, waiting for readiness with `ready`.
-fn poll_io<T>(
+///
+/// `io` returns how many bytes it moved and whether that drained the socket:
+/// a read that left room in the buffer, or a write that took less than it
+/// was given (epoll is edge-triggered, so the socket then has nothing more
+/// for now). Readiness is then cleared, as tokio's own `TcpStream::poll_read`
+/// and `poll_write` do, so the next poll waits for the next event instead of
+/// trying a system call that can only fail with `EAGAIN` (one per request on
+/// a keep-alive connection otherwise).
+fn poll_io(
+    stream: &TcpStream,
+    interest: Interest,
     cx: &mut Context<'_>,
-    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
-    mut io: impl FnMut() -> io::Result<T>,
-) -> Poll<io::Result<T>> {
+    mut io: impl FnMut() -> io::Result<(usize, bool)>,
+) -> Poll<io::Result<usize>> {
     loop {
-        std::task::ready!(ready(cx))?;
-        match io() {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
+        let ready = match interest {
+            Interest::READABLE => stream.poll_read_ready(cx),
+            _ => stream.poll_write_ready(cx),
+        };
+        std::task::ready!(ready)?;
+        let mut drained = None;
+        let tried = stream.try_io(interest, || match io() {
+            Ok((moved, true)) if moved > 0 => {
+                drained = Some(moved);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok((moved, _)) => Ok(moved),
+            Err(error) => Err(error),
+        });
+        match (tried, drained) {
+            (_, Some(moved)) => return Poll::Ready(Ok(moved)),
+            (Err(error), None) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            (result, None) => return Poll::Ready(result),
         }
     }
 }
@@ -283,11 +306,10 @@ impl AsyncRead for ClientSocket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let stream = &self.stream;
-        poll_io(
-            cx,
-            |cx| stream.poll_read_ready(cx),
-            || stream.try_read_buf(buf),
-        )
+        let room = buf.remaining();
+        poll_io(stream, Interest::READABLE, cx, || {
+            stream.try_read_buf(buf).map(|read| (read, read < room))
+        })
         .map_ok(|_| ())
     }
 }
@@ -299,11 +321,11 @@ impl AsyncWrite for ClientSocket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let stream = &self.stream;
-        poll_io(
-            cx,
-            |cx| stream.poll_write_ready(cx),
-            || stream.try_write(buf),
-        )
+        poll_io(stream, Interest::WRITABLE, cx, || {
+            stream
+                .try_write(buf)
+                .map(|wrote| (wrote, wrote < buf.len()))
+        })
     }
 
     fn poll_write_vectored(
@@ -312,11 +334,12 @@ impl AsyncWrite for ClientSocket {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let stream = &self.stream;
-        poll_io(
-            cx,
-            |cx| stream.poll_write_ready(cx),
-            || stream.try_write_vectored(bufs),
-        )
+        let given: usize = bufs.iter().map(|buf| buf.len()).sum();
+        poll_io(stream, Interest::WRITABLE, cx, || {
+            stream
+                .try_write_vectored(bufs)
+                .map(|wrote| (wrote, wrote < given))
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -397,5 +420,54 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"pong");
+    }
+
+    /// Polls the socket's read readiness once, as the connection's task would.
+    fn readable_now(socket: &ClientSocket) -> bool {
+        let shared = socket.shared();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        shared.poll_read_ready(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_read_that_drains_the_socket_waits_for_the_next_bytes_without_trying_again() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut socket, _peer) = connected().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buffer = [0u8; 8192];
+        let read = socket.read(&mut buffer).await.unwrap();
+        assert_eq!(&buffer[..read], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(
+            !readable_now(&socket),
+            "a short read drained the socket: the next read waits for epoll \
+             instead of a read that can only fail with EAGAIN"
+        );
+        client.write_all(b"next").await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
+            .await
+            .expect("new bytes wake the reader")
+            .unwrap();
+        assert_eq!(&buffer[..read], b"next");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_fills_the_buffer_reads_again_at_once() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut socket, _peer) = connected().await;
+        client.write_all(b"0123456789").await.unwrap();
+        let mut four = [0u8; 4];
+        let deadline = Duration::from_secs(5);
+        for expected in [&b"0123"[..], b"4567"] {
+            let read = tokio::time::timeout(deadline, socket.read(&mut four))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&four[..read], expected);
+        }
+        let read = tokio::time::timeout(deadline, socket.read(&mut four))
+            .await
+            .expect("the bytes left are read, not waited for")
+            .unwrap();
+        assert_eq!(&four[..read], b"89");
     }
 }
