@@ -8,19 +8,20 @@
 use std::net::IpAddr;
 
 use http::header::Entry;
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::config::ForwardingConfig;
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Named once, so removing them needs no name parsing per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
 
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1), but keeps a
@@ -40,7 +41,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .cloned()
         .collect();
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     let plain = |value: &HeaderValue| {
@@ -79,8 +80,12 @@ pub fn add_forwarded(
         tracing::debug!("request head near the backend's limits: no forwarding headers added");
         return;
     }
-    let signed = signed_headers(headers, query);
-    if !signed.iter().any(|name| name == X_FORWARDED_FOR) {
+    let signed = signed_list(headers, query);
+    let (for_signed, proto_signed) = (
+        is_signed(signed, X_FORWARDED_FOR),
+        is_signed(signed, X_FORWARDED_PROTO),
+    );
+    if !for_signed {
         append_forwarded_for(headers, client);
     }
     let trusted = forwarding
@@ -88,7 +93,7 @@ pub fn add_forwarded(
         .iter()
         .any(|net| net.contains(&client));
     let kept = trusted && headers.contains_key(X_FORWARDED_PROTO);
-    if !kept && !signed.iter().any(|name| name == X_FORWARDED_PROTO) {
+    if !kept && !proto_signed {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     }
 }
@@ -120,14 +125,13 @@ const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
-            if let Ok(value) = HeaderValue::from_str(&client.to_string()) {
-                entry.insert(value);
-            }
+            entry.insert(address_value(client));
         }
         Entry::Occupied(mut entry) => {
             if let Some(last) = entry.iter_mut().last() {
                 let mut value = last.as_bytes().to_vec();
-                value.extend_from_slice(format!(", {client}").as_bytes());
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(address_value(client).as_bytes());
                 if let Ok(appended) = HeaderValue::from_bytes(&value) {
                     *last = appended;
                 }
@@ -136,27 +140,62 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     }
 }
 
-/// The header names a SigV4 signature covers, lowercase: `SignedHeaders=` of
-/// the `Authorization` header, or the `X-Amz-SignedHeaders` query parameter
-/// of a presigned URL (AWS, "Signature Version 4 signing process").
-pub fn signed_headers(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+/// `client` as `X-Forwarded-For` writes it: dotted decimal for IPv4
+/// (written digit by digit, the common case of every request), RFC 5952
+/// text for IPv6.
+fn address_value(client: IpAddr) -> HeaderValue {
+    let text = match client {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(itoa::Buffer::new().format(octet));
+            }
+            text
+        }
+        IpAddr::V6(_) => client.to_string(),
+    };
+    HeaderValue::try_from(text).expect("an IP address is a valid header value")
+}
+
+/// The `SignedHeaders` list of a SigV4 signature as it appears: in the
+/// `Authorization` header, or the `X-Amz-SignedHeaders` query parameter of a
+/// presigned URL (its `;` then percent-encoded) (AWS, "Signature Version 4
+/// signing process").
+fn signed_list<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
     let from_authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.split([',', ' '])
                 .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
-                .map(str::to_owned)
         });
-    let from_query = || {
+    from_authorization.or_else(|| {
         query?
             .split('&')
             .find_map(|pair| pair.strip_prefix("X-Amz-SignedHeaders="))
-            .map(|v| v.replace("%3B", ";").replace("%3b", ";"))
-    };
-    from_authorization
-        .or_else(from_query)
-        .map(|list| list.split(';').map(str::to_ascii_lowercase).collect())
+    })
+}
+
+/// The names of a [`signed_list`], as written.
+fn signed_names(list: &str) -> impl Iterator<Item = &str> {
+    list.split(';')
+        .flat_map(|part| part.split("%3B"))
+        .flat_map(|part| part.split("%3b"))
+}
+
+/// Whether the signature's list names `name` (lowercase).
+fn is_signed(list: Option<&str>, name: &str) -> bool {
+    list.is_some_and(|list| signed_names(list).any(|signed| signed.eq_ignore_ascii_case(name)))
+}
+
+/// The header names a SigV4 signature covers, lowercase (see
+/// [`signed_list`]).
+pub fn signed_headers(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+    signed_list(headers, query)
+        .map(|list| signed_names(list).map(str::to_ascii_lowercase).collect())
         .unwrap_or_default()
 }
 
@@ -252,6 +291,20 @@ mod tests {
 
     fn forward(headers: &mut HeaderMap, query: Option<&str>, config: &ForwardingConfig) {
         add_forwarded(headers, query, CLIENT.parse().unwrap(), "http", config);
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_their_standard_text() {
+        for address in [
+            "0.0.0.0",
+            "10.0.12.3",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = address.parse().unwrap();
+            assert_eq!(address_value(ip), address);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version, header};
 use hyper::body::Incoming;
 
@@ -51,16 +52,15 @@ impl Outbound {
     }
 }
 
-/// The request target as hyper parsed it: absolute-form (RFC 9112 section
-/// 3.2.2) when the client sent one, else origin-form.
-fn request_target(uri: &Uri) -> String {
-    match uri.scheme() {
-        Some(_) => uri.to_string(),
-        None => uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
-    }
+/// The path and query of `uri` alone (RFC 9112 section 3.2.1).
+fn origin_form(uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// The request as the backend should see it: the target as the client sent
@@ -92,17 +92,16 @@ pub fn outbound(
             headers.insert(header::HOST, value);
         }
     }
-    let target = match version {
+    let uri = match version {
         // HTTP/2 always carries scheme and authority: the backend gets origin-form.
-        Version::HTTP_2 => uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
-        _ => request_target(&uri),
+        Version::HTTP_2 => origin_form(&uri),
+        // As hyper parsed it: absolute-form (RFC 9112 section 3.2.2) when
+        // the client sent one, else origin-form.
+        _ => uri,
     };
     Outbound {
         method,
-        uri: target.parse().unwrap_or_else(|_| Uri::from_static("/")),
+        uri,
         version: match version {
             Version::HTTP_10 => Version::HTTP_10,
             _ => Version::HTTP_11,
