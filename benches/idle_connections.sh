@@ -23,7 +23,10 @@ ulimit -n "$(ulimit -Hn)"
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() {
+  # The proxy drains for shutdown.drain_delay (5 s) after SIGTERM, still
+  # listening: wait for it, so a run started next can bind the same ports.
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   rm -rf "$DIR"
 }

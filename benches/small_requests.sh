@@ -25,7 +25,10 @@ done
 DIR=$(mktemp -d)
 PIDS=()
 cleanup() {
+  # The proxy drains for shutdown.drain_delay (5 s) after SIGTERM, still
+  # listening: wait for it, so a run started next can bind the same ports.
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   [ -f "$DIR/haproxy.pid" ] && kill "$(cat "$DIR/haproxy.pid")" 2>/dev/null || true
   [ -f "$DIR/nginx.pid" ] && kill "$(cat "$DIR/nginx.pid")" 2>/dev/null || true
   rm -rf "$DIR"

@@ -854,7 +854,7 @@ impl Config {
                 raw.backend.slow_first_byte_timeout,
                 Duration::from_secs(1800),
             )?,
-            max_idle_connections: raw.backend.max_idle_connections.unwrap_or(64),
+            max_idle_connections: raw.backend.max_idle_connections.unwrap_or(512),
             idle_timeout: positive_duration(
                 "backend.idle_timeout",
                 raw.backend.idle_timeout,

@@ -5,6 +5,7 @@
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use support::{ProxyUnderTest, S3Backend, metric_sample, object_content, s3_client};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_head_list_delete_pass_through_with_checksums() {
@@ -206,6 +207,82 @@ async fn one_client_after_another_reuses_the_backend_connection() {
     proxy.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("busy").send().await.unwrap();
+    let content = object_content(3, 1024);
+    s3.put_object()
+        .bucket("busy")
+        .key("object")
+        .body(ByteStream::from(content))
+        .send()
+        .await
+        .unwrap();
+    let presigned = s3
+        .get_object()
+        .bucket("busy")
+        .key("object")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(std::time::Duration::from_secs(
+                300,
+            ))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        uri.authority().unwrap()
+    );
+    let opened = || async {
+        metric_sample(
+            &proxy.admin.metrics().await,
+            "s3fp_backend_connections_total",
+        )
+        .expect("the connection counter is exposed")
+    };
+
+    // 100 clients (more than 64, fewer than the connections the stopped
+    // backend's listen queue takes), each with a GET, twice; while the
+    // backend is stopped (SIGSTOP) all 100 wait on it at once, each on a
+    // backend connection of its own.
+    let clients: u16 = 100;
+    let mut connections = Vec::new();
+    for _ in 0..clients {
+        connections.push(tokio::net::TcpStream::connect(proxy.address).await.unwrap());
+    }
+    let mut opened_by_first = 0.0;
+    for round in 0..2 {
+        backend.freeze();
+        for connection in &mut connections {
+            connection.write_all(request.as_bytes()).await.unwrap();
+        }
+        proxy
+            .admin
+            .wait_metric("s3fp_backend_in_flight_requests", f64::from(clients))
+            .await;
+        if round == 0 {
+            opened_by_first = opened().await;
+        }
+        backend.thaw();
+        for connection in &mut connections {
+            let (status, _) = support::read_response(connection).await;
+            assert_eq!(status, 200);
+        }
+    }
+    assert_eq!(
+        opened().await,
+        opened_by_first,
+        "the second round found the first one's backend connections kept"
+    );
+    proxy.stop().await.unwrap();
+}
+
 /// A chunked PUT (no `Content-Length`) to a presigned URL.
 async fn chunked_put(s3: &aws_sdk_s3::Client, key: &str, body: &[u8]) -> Vec<u8> {
     let presigned = s3
@@ -235,7 +312,6 @@ async fn chunked_put(s3: &aws_sdk_s3::Client, key: &str, body: &[u8]) -> Vec<u8>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_1_0_keep_alive_client_does_not_downgrade_later_clients() {
-    use tokio::io::AsyncWriteExt;
     let backend = S3Backend::start().await.unwrap();
     let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
     let s3 = s3_client(&proxy.endpoint());

@@ -1,0 +1,106 @@
+//! The floor of a hyper 1.x HTTP/1.1 proxy, for `benches/small_requests.sh`:
+//! accept, forward on a pooled backend connection, stream the answer back;
+//! nothing else (no hold, no log, no metrics, no header rewriting). It uses
+//! the proxy's hyper settings (header-name case kept, 500-field heads), so
+//! the difference between the two is the proxy's own work per request.
+//!
+//!     cargo build --release --example hyper_floor
+//!     bash benches/small_requests.sh target/release/s3-failover-proxy,target/release/examples/hyper_floor
+//!
+//! Reads `listener.address` and `backend.address` from the `--config` file
+//! the bench script writes. Not a product: a failed backend is a 502 and
+//! nothing more.
+
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+type Pool = Arc<Mutex<Vec<SendRequest<Incoming>>>>;
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+#[derive(serde::Deserialize)]
+struct Config {
+    listener: Address,
+    backend: Address,
+}
+
+#[derive(serde::Deserialize)]
+struct Address {
+    address: String,
+}
+
+/// A ready pooled connection, or a new one.
+async fn checkout(pool: &Pool, backend: &str) -> std::io::Result<SendRequest<Incoming>> {
+    loop {
+        let pooled = pool.lock().unwrap().pop();
+        let Some(mut sender) = pooled else { break };
+        if sender.ready().await.is_ok() {
+            return Ok(sender);
+        }
+    }
+    let stream = TcpStream::connect(backend).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .max_headers(500)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+async fn forward(pool: Pool, backend: Arc<str>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let answer = match checkout(&pool, &backend).await {
+        Ok(mut sender) => {
+            let answer = sender.send_request(request).await;
+            pool.lock().unwrap().push(sender);
+            answer.ok()
+        }
+        Err(_) => None,
+    };
+    match answer {
+        Some(response) => response.map(BodyExt::boxed),
+        None => {
+            let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let path = std::env::args()
+        .skip_while(|arg| arg != "--config")
+        .nth(1)
+        .ok_or("usage: hyper_floor --config FILE")?;
+    let config: Config = toml::from_str(&std::fs::read_to_string(path)?)?;
+    let backend: Arc<str> = config.backend.address.into();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = TcpListener::bind(&config.listener.address).await?;
+        let pool = Pool::default();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let (pool, backend) = (Arc::clone(&pool), Arc::clone(&backend));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let (pool, backend) = (Arc::clone(&pool), Arc::clone(&backend));
+                    async move {
+                        Ok::<_, std::convert::Infallible>(forward(pool, backend, request).await)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .preserve_header_case(true)
+                    .max_headers(500)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
