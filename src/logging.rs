@@ -199,10 +199,13 @@ impl Visit for AccessVisitor<'_> {
             return;
         }
         let separator = self.separator();
-        self.result = match field.name() {
-            "message" => write!(self.writer, "{separator}{value:?}"),
-            name => write!(self.writer, "{separator}{name}={value:?}"),
+        let name = match field.name() {
+            "message" => None,
+            name => Some(name),
         };
+        self.result = self
+            .write_name(separator, name)
+            .and_then(|()| write!(self.writer, "{value:?}"));
     }
 }
 
@@ -222,9 +225,20 @@ impl AccessVisitor<'_> {
             return;
         }
         let separator = self.separator();
-        self.result = [separator, field.name(), "=", value]
-            .into_iter()
-            .try_for_each(|part| self.writer.write_str(part));
+        self.result = self
+            .write_name(separator, Some(field.name()))
+            .and_then(|()| self.writer.write_str(value));
+    }
+
+    /// What comes before a value: the separator, and `name=` unless the
+    /// field is the message.
+    fn write_name(&mut self, separator: &str, name: Option<&str>) -> std::fmt::Result {
+        self.writer.write_str(separator)?;
+        if let Some(name) = name {
+            self.writer.write_str(name)?;
+            self.writer.write_str("=")?;
+        }
+        Ok(())
     }
 }
 
