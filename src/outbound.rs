@@ -52,6 +52,19 @@ impl Outbound {
     }
 }
 
+/// The request target the backend gets: as hyper parsed it when it is in
+/// absolute-form (RFC 9112 section 3.2.2) or origin-form; else (HTTP/2's
+/// scheme and authority, an authority-form target) its path and query, `/`
+/// when it has none.
+fn target(uri: Uri, version: Version) -> Uri {
+    let as_parsed = uri.scheme().is_some() || uri.authority().is_none();
+    if as_parsed && version != Version::HTTP_2 {
+        uri
+    } else {
+        origin_form(&uri)
+    }
+}
+
 /// The path and query of `uri` alone (RFC 9112 section 3.2.1).
 fn origin_form(uri: &Uri) -> Uri {
     let mut parts = http::uri::Parts::default();
@@ -92,13 +105,7 @@ pub fn outbound(
             headers.insert(header::HOST, value);
         }
     }
-    let uri = match version {
-        // HTTP/2 always carries scheme and authority: the backend gets origin-form.
-        Version::HTTP_2 => origin_form(&uri),
-        // As hyper parsed it: absolute-form (RFC 9112 section 3.2.2) when
-        // the client sent one, else origin-form.
-        _ => uri,
-    };
+    let uri = target(uri, version);
     Outbound {
         method,
         uri,
@@ -109,5 +116,31 @@ pub fn outbound(
         headers,
         extensions,
         fingerprint: std::sync::OnceLock::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(target: &str, version: Version) -> String {
+        super::target(target.parse().unwrap(), version).to_string()
+    }
+
+    #[test]
+    fn origin_and_absolute_form_targets_go_as_the_client_sent_them() {
+        let http11 = Version::HTTP_11;
+        assert_eq!(sent("/bucket/key?uploads", http11), "/bucket/key?uploads");
+        assert_eq!(sent("*", http11), "*");
+        assert_eq!(
+            sent("http://s3.local/bucket/key?x=1", http11),
+            "http://s3.local/bucket/key?x=1"
+        );
+    }
+
+    #[test]
+    fn authority_form_and_http2_targets_become_origin_form() {
+        assert_eq!(sent("s3.local:80", Version::HTTP_11), "/");
+        assert_eq!(sent("https://s3.local/b/k?x", Version::HTTP_2), "/b/k?x");
     }
 }

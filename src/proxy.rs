@@ -667,6 +667,17 @@ impl Proxy {
         })
     }
 
+    /// Closes idle backend connections past `backend.idle_timeout`, checking
+    /// twice per timeout (a reloaded timeout applies from the next check).
+    /// Runs until aborted.
+    pub async fn close_idle_backend_connections(self: Arc<Self>) {
+        loop {
+            let every = (self.upstream.idle_timeout() / 2).max(Duration::from_millis(100));
+            tokio::time::sleep(every).await;
+            self.upstream.close_expired();
+        }
+    }
+
     /// Takes the gate down for `reason`, unless it already went down since
     /// `generation`; the idle connections went down with the backend.
     fn go_down(&self, reason: DownReason, generation: u64) {

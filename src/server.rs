@@ -249,6 +249,7 @@ pub async fn run_with_reload(
         Arc::clone(&metrics),
     ));
     let probe_task = tokio::spawn(Arc::clone(&prober).run());
+    let idle_reaper = tokio::spawn(Arc::clone(&proxy).close_idle_backend_connections());
     let settle_key_task = tokio::spawn(settle_key::watch(Arc::clone(&proxy), Arc::clone(&metrics)));
     let ready = Arc::new(AtomicBool::new(true));
     let synced = Arc::new(AtomicBool::new(config.backend.kubernetes.is_none()));
@@ -477,6 +478,7 @@ pub async fn run_with_reload(
         let _ = task.await;
     }
     probe_task.abort();
+    idle_reaper.abort();
     settle_key_task.abort();
     for task in [reload_task, certificate_task]
         .into_iter()

@@ -218,6 +218,34 @@ where
         }
     }
 
+    /// Closes the idle connections unused for `idle_timeout`. Checkout
+    /// skips them too, but a pool no request draws from would otherwise keep
+    /// them, each with its socket and its read buffer (up to
+    /// `max_head_bytes`), for as long as the process lives.
+    pub fn close_expired(&self) -> usize {
+        let idle_timeout = self.settings().idle_timeout;
+        let expired: Vec<Idle<B>> = {
+            let mut idle = self.idle.lock().unwrap();
+            let (kept, expired) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|idle| idle.since.elapsed() <= idle_timeout);
+            *idle = kept;
+            expired
+        };
+        // Dropped outside the lock: each drop aborts its connection's task.
+        let closed = expired.len();
+        drop(expired);
+        for _ in 0..closed {
+            crate::heap_trim::released();
+        }
+        closed
+    }
+
+    /// How long an idle connection may wait for its next request.
+    pub fn idle_timeout(&self) -> Duration {
+        self.settings().idle_timeout
+    }
+
     /// Drops every idle connection (after the backend went away).
     pub fn clear_idle(&self) {
         self.idle.lock().unwrap().clear();
@@ -393,34 +421,70 @@ mod tests {
     /// A pooled connection that never turns ready: its connection task is
     /// alive but never runs (as one stuck behind a busy socket).
     async fn stale() -> Idle<Empty<Bytes>> {
-        let (ours, _theirs) = tokio::io::duplex(64);
+        stale_with_peer().await.0
+    }
+
+    /// [`stale`], and the backend's end of its connection.
+    async fn stale_with_peer() -> (Idle<Empty<Bytes>>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64);
         let (sender, connection) = http1::handshake(TokioIo::new(ours)).await.unwrap();
         let task = tokio::spawn(async move {
             let _never_polled = connection;
             std::future::pending::<()>().await
         });
         let connector = Arc::new(Connector::plain("127.0.0.1:9".parse().unwrap()));
-        Idle {
+        let idle = Idle {
             connection: Connection {
                 sender,
                 connector,
                 task: Some(task.abort_handle()),
             },
             since: Instant::now(),
-        }
+        };
+        (idle, theirs)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_pool_of_stale_connections_costs_one_wait_not_one_per_connection() {
+    fn pool(idle_timeout: Duration) -> Upstream<Empty<Bytes>> {
         let target = BackendTarget::new(Connector::plain("127.0.0.1:9".parse().unwrap()), false);
         let settings = UpstreamSettings {
             connect_timeout: Duration::from_secs(1),
             max_idle: 64,
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout,
             max_headers: 100,
             max_head_bytes: 64 * 1024,
         };
-        let upstream: Upstream<Empty<Bytes>> = Upstream::new(settings, target);
+        Upstream::new(settings, target)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_idle_for_the_idle_timeout_are_closed_even_if_no_request_comes() {
+        use tokio::io::AsyncReadExt;
+        let upstream = pool(Duration::from_secs(30));
+        let (old, mut old_backend) = stale_with_peer().await;
+        upstream.idle.lock().unwrap().push(old);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let (recent, mut recent_backend) = stale_with_peer().await;
+        upstream.idle.lock().unwrap().push(recent);
+        tokio::time::advance(Duration::from_secs(11)).await;
+
+        assert_eq!(upstream.close_expired(), 1);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(1), old_backend.read(&mut byte))
+            .await
+            .expect("the backend sees the old connection closed");
+        assert_eq!(read.unwrap(), 0);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), recent_backend.read(&mut byte))
+                .await
+                .is_err(),
+            "the recent one stays open"
+        );
+        assert_eq!(upstream.idle.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_of_stale_connections_costs_one_wait_not_one_per_connection() {
+        let upstream = pool(Duration::from_secs(30));
         for _ in 0..64 {
             let idle = stale().await;
             upstream.idle.lock().unwrap().push(idle);
