@@ -331,7 +331,14 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        // A body of known length has ended once its last byte was read:
+        // hyper then stops polling it (it would not ask for the `None` that
+        // marks the delivery complete, and the connection, not known to be
+        // past the body, would not be reused).
+        if !shared.source_done && shared.source.is_end_stream() {
+            shared.source_done = true;
+        }
         let ended = shared.source_done && self.position >= shared.kept.len();
         if ended {
             // hyper stops polling a body that says it has ended.

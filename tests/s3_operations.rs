@@ -208,6 +208,42 @@ async fn one_client_after_another_reuses_the_backend_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upload_after_another_reuses_the_backend_connection() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("uploads").send().await.unwrap();
+
+    let uploads = 20;
+    for i in 0..uploads {
+        let content = object_content(i, 1024);
+        s3.put_object()
+            .bucket("uploads")
+            .key(format!("object-{i}"))
+            .body(ByteStream::from(content.clone()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            support::read_object(&s3, "uploads", &format!("object-{i}")).await,
+            content.as_slice()
+        );
+    }
+
+    let opened = metric_sample(
+        &proxy.admin.metrics().await,
+        "s3fp_backend_connections_total",
+    )
+    .expect("the connection counter is exposed");
+    assert!(
+        opened <= 3.0,
+        "{opened} backend connections for {} sequential uploads and reads",
+        uploads * 2 + 1
+    );
+    proxy.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones() {
     let backend = S3Backend::start().await.unwrap();
     let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
