@@ -167,6 +167,15 @@ async fn an_aws_chunked_upload_with_signed_chunks_and_a_crc_trailer_verifies() {
     );
 }
 
+/// Connections the proxy has opened to the backend so far.
+async fn backend_connections_opened(proxy: &ProxyUnderTest) -> f64 {
+    metric_sample(
+        &proxy.admin.metrics().await,
+        "s3fp_backend_connections_total",
+    )
+    .expect("the connection counter is exposed")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_after_another_reuses_the_backend_connection() {
     let backend = S3Backend::start().await.unwrap();
@@ -194,11 +203,7 @@ async fn one_client_after_another_reuses_the_backend_connection() {
         assert_eq!(got.body.collect().await.unwrap().into_bytes(), content);
     }
 
-    let opened = metric_sample(
-        &proxy.admin.metrics().await,
-        "s3fp_backend_connections_total",
-    )
-    .expect("the connection counter is exposed");
+    let opened = backend_connections_opened(&proxy).await;
     assert!(
         opened <= 3.0,
         "{opened} backend connections for {} sequential requests",
@@ -230,11 +235,7 @@ async fn one_upload_after_another_reuses_the_backend_connection() {
         );
     }
 
-    let opened = metric_sample(
-        &proxy.admin.metrics().await,
-        "s3fp_backend_connections_total",
-    )
-    .expect("the connection counter is exposed");
+    let opened = backend_connections_opened(&proxy).await;
     assert!(
         opened <= 3.0,
         "{opened} backend connections for {} sequential uploads and reads",
@@ -275,13 +276,7 @@ async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones(
         uri.path_and_query().unwrap(),
         uri.authority().unwrap()
     );
-    let opened = || async {
-        metric_sample(
-            &proxy.admin.metrics().await,
-            "s3fp_backend_connections_total",
-        )
-        .expect("the connection counter is exposed")
-    };
+    let opened = || backend_connections_opened(&proxy);
 
     // 100 clients (more than 64, fewer than the connections the stopped
     // backend's listen queue takes), each with a GET, twice; while the
