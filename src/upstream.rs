@@ -11,7 +11,9 @@
 //! Each request comes with its [`Delivery`]: `Expect: 100-continue` holds its
 //! body back until the backend's `100`, and a connection goes back to the pool
 //! only when the request body had ended before the response head arrived
-//! (otherwise the backend may read the rest as the next request). Header name
+//! and, for a request with a body, the answer is a success (otherwise the
+//! backend may not have read the body, and would read the rest as the next
+//! request). Header name
 //! case is kept both ways (hyper's `preserve_header_case`, carried in the
 //! request and response extensions).
 //!
@@ -140,6 +142,15 @@ impl<B> Drop for Connection<B> {
     }
 }
 
+/// What was sent that decides whether the connection may be reused.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// The request went out as HTTP/1.0.
+    http10: bool,
+    /// The request had a body (not known empty when sent).
+    body: bool,
+}
+
 /// What a response body needs to return its connection to the pool.
 struct GiveBack<B> {
     connection: Connection<B>,
@@ -197,10 +208,13 @@ where
                 released.release();
             }
         });
-        let http10 = request.version() == http::Version::HTTP_10;
+        let sent = Sent {
+            http10: request.version() == http::Version::HTTP_10,
+            body: !request.body().is_end_stream(),
+        };
         while let Some(mut connection) = self.checkout().await {
             match connection.sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(response, connection, delivery, http10)),
+                Ok(response) => return Ok(self.pooled(response, connection, delivery, sent)),
                 Err(mut error) => match error.take_message() {
                     // The pooled connection was already closing: nothing sent.
                     Some(unsent) => request = unsent,
@@ -210,7 +224,7 @@ where
         }
         let mut connection = self.connect().await?;
         match connection.sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, connection, delivery, http10)),
+            Ok(response) => Ok(self.pooled(response, connection, delivery, sent)),
             Err(mut error) => match error.take_message() {
                 Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
                 None => Err(UpstreamError::Failed(error.into_error())),
@@ -318,7 +332,7 @@ where
         response: Response<Incoming>,
         connection: Connection<B>,
         delivery: &Delivery,
-        http10: bool,
+        sent: Sent,
     ) -> Response<PooledBody<B>> {
         let (parts, body) = response.into_parts();
         let keep_alive = !parts
@@ -331,8 +345,14 @@ where
         // A connection that carried HTTP/1.0 either way stays HTTP/1.0 in
         // hyper's client: later requests on it would go out as HTTP/1.0, and
         // a chunked body would lose its framing. It is not reused.
-        let http11 = !http10 && parts.version == http::Version::HTTP_11;
-        let reusable = keep_alive && http11 && delivery.complete();
+        let http11 = !sent.http10 && parts.version == http::Version::HTTP_11;
+        // A body handed over whole is not a body the backend read: one that
+        // answers early (an error before reading, as radosgw can after
+        // `100 Continue`) and neither drains nor closes would take the rest
+        // as the start of the next request, from any client. Only a success
+        // says the body was consumed (S3 reads the whole body to store it).
+        let consumed = !sent.body || parts.status.is_success();
+        let reusable = keep_alive && http11 && delivery.complete() && consumed;
         let (give_back, closing) = if reusable {
             let give_back = GiveBack {
                 connection,

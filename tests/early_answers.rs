@@ -7,6 +7,7 @@
 //! does not read the body of a request it refuses.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -16,8 +17,8 @@ use support::{
     ProxyUnderTest, S3Backend, read_response, s3_client, sign_unsigned_payload,
     sign_unsigned_payload_with,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 const TRIES: usize = 50;
 const UPLOAD: usize = 16 << 20;
@@ -222,4 +223,89 @@ async fn forged_uploads_over_http2_get_403(backend: SocketAddr, bucket: &str) {
         0.0,
         "a refused upload is no outage"
     );
+}
+
+/// A backend that answers a PUT with `403` as soon as it has its head, reads
+/// nothing of its body and keeps the connection open (what radosgw can do
+/// after `100 Continue`), and answers anything else `200`. Returns the
+/// request lines it parsed, in order: bytes it never read are parsed as the
+/// next request on their connection.
+async fn early_refusing_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut connection, _)) = listener.accept().await {
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+                        buffer.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or_default().to_owned();
+                        let status = if line.starts_with("PUT ") {
+                            "403 Forbidden"
+                        } else {
+                            "200 OK"
+                        };
+                        seen.lock().unwrap().push(line);
+                        let answer = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                        if connection.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match connection.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (address, recorded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_before_its_body_was_read_leaves_nothing_for_the_next_client() {
+    let (backend, seen) = early_refusing_backend().await;
+    let proxy = ProxyUnderTest::start(backend, "").await.unwrap();
+
+    // An upload whose body looks like the start of a request.
+    let body = format!(
+        "GET /smuggled HTTP/1.1\r\nHost: backend\r\nX-Pad: {}",
+        "a".repeat(200)
+    );
+    let mut uploader = TcpStream::connect(proxy.address).await.unwrap();
+    let put = format!(
+        "PUT /bucket/key HTTP/1.1\r\nHost: s3\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    uploader.write_all(put.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut uploader).await.0, 403);
+    drop(uploader);
+
+    for _ in 0..3 {
+        let mut other = TcpStream::connect(proxy.address).await.unwrap();
+        other
+            .write_all(b"GET /bucket/mine HTTP/1.1\r\nHost: s3\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut other).await.0, 200);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.iter().any(|line| line.contains("/smuggled")),
+        "the refused upload's body reached the backend as a request: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|line| line.starts_with("GET /bucket/mine"))
+            .count(),
+        3,
+        "{seen:?}"
+    );
+    proxy.stop().await.unwrap();
 }
