@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, Uri};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::download_resume::Resumes;
 use crate::metrics::Metrics;
 use crate::outcome::{HoldOutcome, RequestOutcome};
+use crate::replay::ReplayableBody;
 
 /// Request ids for answers the proxy makes itself: unique per process run.
 pub fn next_request_id() -> String {
@@ -84,7 +86,8 @@ impl std::fmt::Display for RequestId {
 /// What is known about one request; logged on drop.
 pub struct RequestRecord {
     pub method: Method,
-    pub path: String,
+    /// The target as sent to the backend: its path is logged.
+    pub uri: Uri,
     pub status: u16,
     pub request_id: RequestId,
     pub held: Duration,
@@ -94,8 +97,8 @@ pub struct RequestRecord {
     /// Cuts of the response body resumed ([`crate::download_resume`]).
     pub resumes: Resumes,
     pub bytes_out: u64,
-    /// Reads the request body bytes taken from the client.
-    pub bytes_in: Box<dyn Fn() -> u64 + Send>,
+    /// The request body: how many bytes were taken from the client.
+    pub body: ReplayableBody<Incoming>,
     pub started: Instant,
     /// `ok`, or why the proxy answered itself or the response broke.
     pub outcome: RequestOutcome,
@@ -104,7 +107,7 @@ pub struct RequestRecord {
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
-        let bytes_in = (self.bytes_in)();
+        let bytes_in = self.body.bytes_in();
         let duration = self.started.elapsed();
         self.metrics.request(
             &self.method,
@@ -120,7 +123,7 @@ impl Drop for RequestRecord {
         tracing::info!(
             target: crate::logging::ACCESS_TARGET,
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             status = self.status,
             held_ms = held.as_millis() as u64,
             replays = self.replays,

@@ -12,8 +12,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::config::ForwardingConfig;
 
+const HOP_BY_HOP_COUNT: usize = 8;
 /// Named once, so removing them needs no name parsing per request.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -36,13 +37,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// conditional write into an overwrite, or `Connection: Content-MD5` skip
 /// the integrity check, where the backend alone would have honoured them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let connection: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // Most heads carry none but `Connection`: one pass over the names finds
+    // them, and nothing is looked up by name that is not there.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[index] = true;
+        }
     }
     let plain = |value: &HeaderValue| {
         value.as_bytes().split(|&b| b == b',').all(|token| {
@@ -50,10 +51,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
         })
     };
-    if !connection.is_empty() && connection.iter().all(plain) {
-        for value in connection {
-            headers.append(header::CONNECTION, value);
-        }
+    // `HOP_BY_HOP[0]` is `Connection`: kept, where it stands, when plain.
+    present[0] = present[0] && !headers.get_all(header::CONNECTION).iter().all(plain);
+    for (name, _) in HOP_BY_HOP
+        .iter()
+        .zip(present)
+        .filter(|(_, present)| *present)
+    {
+        headers.remove(name);
     }
 }
 
@@ -242,6 +247,17 @@ mod tests {
             "*",
             "the condition still applies"
         );
+    }
+
+    #[test]
+    fn fields_keep_their_order_around_a_plain_connection_header() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "s3.local".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        headers.insert("x-amz-date", "20260101T000000Z".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "connection", "x-amz-date"]);
     }
 
     #[test]

@@ -138,12 +138,43 @@ where
             return self.default.format_event(context, writer, event);
         }
         // The default's layout with colours off: time, level, target, fields.
-        SystemTime.format_time(&mut writer)?;
-        write!(writer, " {:>5} {}: ", metadata.level(), metadata.target())?;
+        write_time(&mut writer, std::time::SystemTime::now())?;
+        writer.write_str(" ")?;
+        writer.write_str(padded_level(metadata.level()))?;
+        writer.write_str(" ")?;
+        writer.write_str(metadata.target())?;
+        writer.write_str(": ")?;
         let mut fields = AccessFields.make_visitor(writer.by_ref());
         event.record(&mut fields);
         fields.finish()?;
         writeln!(writer)
+    }
+}
+
+/// Seconds from the Unix epoch to the year 10 000, from which on (as before
+/// 1970) the default's own timestamp is written.
+const YEAR_10000: u64 = 253_402_300_800;
+
+/// `now` as the default text format writes it (RFC 3339, UTC, microseconds:
+/// `2026-11-30T20:28:07.123456Z`), written by humantime in one piece rather
+/// than field by field through the formatting machinery.
+fn write_time(writer: &mut Writer<'_>, now: std::time::SystemTime) -> std::fmt::Result {
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) if since.as_secs() < YEAR_10000 => {
+            write!(writer, "{}", humantime::format_rfc3339_micros(now))
+        }
+        _ => SystemTime.format_time(writer),
+    }
+}
+
+/// A level right-aligned in five columns, as the default writes it.
+fn padded_level(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::TRACE => "TRACE",
+        tracing::Level::DEBUG => "DEBUG",
+        tracing::Level::INFO => " INFO",
+        tracing::Level::WARN => " WARN",
+        tracing::Level::ERROR => "ERROR",
     }
 }
 
@@ -405,6 +436,45 @@ mod tests {
         });
         writer.flush();
         assert!(sink.text().lines().nth(3).unwrap().contains("n=3"));
+    }
+
+    #[test]
+    fn timestamps_are_written_in_the_default_form() {
+        let written = |since_epoch: Duration| {
+            let mut text = String::new();
+            let now = std::time::UNIX_EPOCH + since_epoch;
+            write_time(&mut Writer::new(&mut text), now).unwrap();
+            text
+        };
+        assert_eq!(
+            written(Duration::new(1_796_070_487, 123_456_789)),
+            "2026-11-30T20:28:07.123456Z"
+        );
+        assert_eq!(written(Duration::ZERO), "1970-01-01T00:00:00.000000Z");
+        let mut default = String::new();
+        SystemTime
+            .format_time(&mut Writer::new(&mut default))
+            .unwrap();
+        let ours = written(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap(),
+        );
+        let shape = |text: &str| text.replace(|c: char| c.is_ascii_digit(), "0");
+        assert_eq!(shape(&ours), shape(&default));
+    }
+
+    #[test]
+    fn levels_are_padded_as_the_default_pads_them() {
+        for level in [
+            tracing::Level::TRACE,
+            tracing::Level::DEBUG,
+            tracing::Level::INFO,
+            tracing::Level::WARN,
+            tracing::Level::ERROR,
+        ] {
+            assert_eq!(padded_level(&level), format!("{level:>5}"));
+        }
     }
 
     /// Lines as `format` writes them, without their timestamps.

@@ -961,7 +961,7 @@ impl Proxy {
     ) -> RequestRecord {
         RequestRecord {
             method: outbound.method.clone(),
-            path: outbound.uri.path().to_owned(),
+            uri: outbound.uri.clone(),
             status,
             request_id,
             held: progress.held,
@@ -969,7 +969,7 @@ impl Proxy {
             replays: progress.replays,
             resumes: Resumes::default(),
             bytes_out: 0,
-            bytes_in: Box::new(move || body.bytes_in()),
+            body,
             started: progress.started,
             outcome,
             metrics: Arc::clone(&self.metrics),

@@ -29,6 +29,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -587,12 +588,14 @@ enum Head {
 /// Parses a request head as hyper does (httparse), with room for as many
 /// fields as any listener allows.
 fn parse_head(bytes: &[u8]) -> Head {
-    let mut few = [httparse::EMPTY_HEADER; 128];
+    // Uninitialised, as hyper's: httparse writes a field before it is read.
+    let mut few = [const { MaybeUninit::uninit() }; 128];
     match head_of(&mut few, bytes) {
         Ok(head) => head,
         Err(httparse::Error::TooManyHeaders) => {
             // A field takes at least 4 bytes (`a:` CRLF).
-            let mut many = vec![httparse::EMPTY_HEADER; bytes.len() / 4 + 1];
+            let mut many = Vec::with_capacity(bytes.len() / 4 + 1);
+            many.resize_with(bytes.len() / 4 + 1, MaybeUninit::uninit);
             head_of(&mut many, bytes).unwrap_or(Head::Invalid)
         }
         Err(_) => Head::Invalid,
@@ -600,11 +603,11 @@ fn parse_head(bytes: &[u8]) -> Head {
 }
 
 fn head_of<'b>(
-    fields: &mut [httparse::Header<'b>],
+    fields: &mut [MaybeUninit<httparse::Header<'b>>],
     bytes: &'b [u8],
 ) -> Result<Head, httparse::Error> {
-    let mut request = httparse::Request::new(fields);
-    let parsed = request.parse(bytes);
+    let mut request = httparse::Request::new(&mut []);
+    let parsed = request.parse_with_uninit_headers(bytes, fields);
     // As hyper tells them apart: a bad token after the method is the target's.
     if parsed == Err(httparse::Error::Token) && request.method.is_some() {
         return Ok(Head::RefusedTarget);

@@ -202,12 +202,16 @@ where
         mut request: Request<B>,
         delivery: &Arc<Delivery>,
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
-        let released = Arc::clone(delivery);
-        hyper::ext::on_informational(&mut request, move |response| {
-            if response.status() == http::StatusCode::CONTINUE {
-                released.release();
-            }
-        });
+        // Only a withheld body waits for `100 Continue`; hyper skips the
+        // 1xx answers of a request with no callback.
+        if delivery.is_withheld() {
+            let released = Arc::clone(delivery);
+            hyper::ext::on_informational(&mut request, move |response| {
+                if response.status() == http::StatusCode::CONTINUE {
+                    released.release();
+                }
+            });
+        }
         let sent = Sent {
             http10: request.version() == http::Version::HTTP_10,
             body: !request.body().is_end_stream(),
