@@ -6,6 +6,7 @@
 //! when dropped, so the line carries the bytes really streamed and notes a
 //! response cut short.
 
+use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -120,27 +121,158 @@ impl Drop for RequestRecord {
         if let Some(outcome) = HoldOutcome::of(self.outcome, self.was_held) {
             self.metrics.hold_outcome(outcome, held);
         }
+        RequestLine {
+            method: &self.method,
+            path: self.uri.path(),
+            status: self.status,
+            held_ms: held.as_millis() as u64,
+            replays: self.replays,
+            resumes: self.resumes.count(),
+            bytes_in,
+            bytes_out: self.bytes_out,
+            duration_ms: duration.as_millis() as u64,
+            request_id: &self.request_id,
+            outcome: self.outcome,
+        }
+        .log();
+    }
+}
+
+/// The fields of one request line.
+struct RequestLine<'a> {
+    method: &'a Method,
+    path: &'a str,
+    status: u16,
+    held_ms: u64,
+    replays: u32,
+    resumes: u32,
+    bytes_in: u64,
+    bytes_out: u64,
+    duration_ms: u64,
+    request_id: &'a RequestId,
+    outcome: RequestOutcome,
+}
+
+impl RequestLine<'_> {
+    /// Logs the line: as plain text straight into the log buffer when the
+    /// text format is in use, else as a tracing event.
+    fn log(&self) {
+        if !tracing::enabled!(target: crate::logging::ACCESS_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        if !crate::logging::write_request_line(|line| self.write_fields(line)) {
+            self.event();
+        }
+    }
+
+    fn event(&self) {
         tracing::info!(
             target: crate::logging::ACCESS_TARGET,
             method = %self.method,
-            path = %self.uri.path(),
+            path = %self.path,
             status = self.status,
-            held_ms = held.as_millis() as u64,
+            held_ms = self.held_ms,
             replays = self.replays,
-            resumes = self.resumes.count(),
-            bytes_in,
+            resumes = self.resumes,
+            bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = duration.as_millis() as u64,
+            duration_ms = self.duration_ms,
             request_id = %self.request_id,
             outcome = self.outcome.as_str(),
             "request"
         );
+    }
+
+    /// The message and fields as the text format writes [`Self::event`]'s.
+    fn write_fields(&self, line: &mut String) {
+        let mut number = itoa::Buffer::new();
+        line.push_str("request method=");
+        line.push_str(self.method.as_str());
+        line.push_str(" path=");
+        line.push_str(self.path);
+        for (name, value) in [
+            (" status=", u64::from(self.status)),
+            (" held_ms=", self.held_ms),
+            (" replays=", u64::from(self.replays)),
+            (" resumes=", u64::from(self.resumes)),
+            (" bytes_in=", self.bytes_in),
+            (" bytes_out=", self.bytes_out),
+            (" duration_ms=", self.duration_ms),
+        ] {
+            line.push_str(name);
+            line.push_str(number.format(value));
+        }
+        line.push_str(" request_id=");
+        // Writing to a `String` cannot fail.
+        let _ = write!(line, "{}", self.request_id);
+        line.push_str(" outcome=\"");
+        line.push_str(self.outcome.as_str());
+        line.push('"');
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the default text format writes after `target: ` for `line`'s event.
+    fn as_the_default_writes(line: &RequestLine<'_>) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.event());
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let prefix = format!(" INFO {}: ", crate::logging::ACCESS_TARGET);
+        text.strip_prefix(&prefix)
+            .expect("one request line")
+            .to_owned()
+    }
+
+    #[test]
+    fn request_lines_written_directly_read_as_the_default_text_format_writes_them() {
+        let backend_id = RequestId::from_backend(Some(&HeaderValue::from_static("tx00-ab")));
+        let proxy_id = RequestId::Proxy(ProxyRequestId::next());
+        for (method, path, request_id) in [
+            (Method::GET, "/bucket/key", &backend_id),
+            (Method::PUT, "/bucket/a b/ü\"q", &proxy_id),
+            (Method::from_bytes(b"PROPFIND").unwrap(), "/", &backend_id),
+        ] {
+            for &outcome in RequestOutcome::ALL {
+                let line = RequestLine {
+                    method: &method,
+                    path,
+                    status: 503,
+                    held_ms: 1500,
+                    replays: 2,
+                    resumes: 1,
+                    bytes_in: 0,
+                    bytes_out: u64::MAX,
+                    duration_ms: 12,
+                    request_id,
+                    outcome,
+                };
+                let mut direct = String::new();
+                line.write_fields(&mut direct);
+                direct.push('\n');
+                assert_eq!(direct, as_the_default_writes(&line));
+            }
+        }
+    }
 
     #[test]
     fn request_ids_are_unique() {

@@ -3,11 +3,16 @@
 //! tracing directive (`log.level`, overridable with `RUST_LOG`). The filter can
 //! be changed while running, through the [`LogLevel`] handle the reload uses.
 //!
-//! Request lines (target [`ACCESS_TARGET`]) have their fields written by
-//! [`AccessFields`], in the default text format's shape (`name=value`,
-//! values as `Debug`) but without its styling: the default field formatter
-//! paints every name and `=` even with colours off, which was a third of a
-//! request line's cost. Every other line keeps the default formatter.
+//! Request lines (target [`ACCESS_TARGET`]) in the text format, not to a
+//! terminal, are written by [`crate::access_log`] straight into the log
+//! buffer ([`write_request_line`]), in the default text format's shape
+//! (`name=value`, values as `Debug`): tracing's dispatch, visitors and
+//! formatting machinery were most of a request line's cost (tests compare
+//! the bytes with the default's). Through tracing (tests' own subscribers),
+//! their fields are written by [`AccessFields`], the same shape without the
+//! default's styling: it paints every name and `=` even with colours off.
+//! Every other line keeps the default formatter, and JSON lines are
+//! tracing-subscriber's.
 //!
 //! Request lines are gathered in a [`WRITE_BUFFER`]
 //! buffer and written to stderr when it fills, when any other line is logged
@@ -19,8 +24,9 @@
 //! what is left at the end of `main`, and a panic writes it before its
 //! message.
 
+use std::cell::RefCell;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -149,6 +155,55 @@ where
         fields.finish()?;
         writeln!(writer)
     }
+}
+
+/// The request-line buffer, set by [`init`] when lines are plain text (the
+/// text format, not to a terminal): request lines then go straight into it
+/// ([`write_request_line`]), past tracing's dispatch and visitors.
+static PLAIN_REQUEST_LINES: OnceLock<BufferedStderr> = OnceLock::new();
+
+thread_local! {
+    /// One request line being written, kept for the thread's next one.
+    static REQUEST_LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+}
+
+/// Writes a request line as the text format writes it (time, level, target,
+/// then what `fields` writes: the message and fields, as
+/// [`AccessFields`] would) into the request-line buffer. False, and nothing
+/// written, when lines are not plain text: the caller logs through tracing.
+/// The caller checks that request lines are enabled.
+pub fn write_request_line(fields: impl Fn(&mut String)) -> bool {
+    let Some(buffer) = PLAIN_REQUEST_LINES.get() else {
+        return false;
+    };
+    let write = |line: &mut String| write_request_line_to(buffer, line, &fields);
+    // The thread's line, unless the thread is being torn down.
+    if REQUEST_LINE
+        .try_with(|line| write(&mut line.borrow_mut()))
+        .is_err()
+    {
+        write(&mut String::new());
+    }
+    true
+}
+
+fn write_request_line_to<W: Write>(
+    buffer: &Buffered<W>,
+    line: &mut String,
+    fields: impl Fn(&mut String),
+) {
+    line.clear();
+    // Writing to a `String` cannot fail.
+    let _ = write_time(&mut Writer::new(line), std::time::SystemTime::now());
+    line.push(' ');
+    line.push_str(padded_level(&tracing::Level::INFO));
+    line.push(' ');
+    line.push_str(ACCESS_TARGET);
+    line.push_str(": ");
+    fields(line);
+    line.push('\n');
+    let mut stderr = buffer.0.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = stderr.write_all(line.as_bytes());
 }
 
 /// Seconds from the Unix epoch to the year 10 000, from which on (as before
@@ -361,11 +416,15 @@ pub fn init(config: &LogConfig) -> (LogLevel, LogFlush) {
         }
         previous_hook(info);
     }));
+    let ansi = std::io::stderr().is_terminal();
+    if config.format == LogFormat::Text && !ansi {
+        let _ = PLAIN_REQUEST_LINES.set(writer.clone());
+    }
     match config.format {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
-                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_ansi(ansi)
                     .event_format(TextLines::default())
                     .with_writer(writer.clone()),
             )
@@ -462,6 +521,30 @@ mod tests {
         );
         let shape = |text: &str| text.replace(|c: char| c.is_ascii_digit(), "0");
         assert_eq!(shape(&ours), shape(&default));
+    }
+
+    #[test]
+    fn request_lines_written_directly_start_as_the_default_starts_them() {
+        let sink = Sink::default();
+        let writer = Buffered::new(sink.clone());
+        write_request_line_to(&writer, &mut String::new(), |line| {
+            line.push_str("request n=1")
+        });
+        assert_eq!(sink.text(), "", "request lines are buffered");
+        writer.flush();
+        let direct = sink.text();
+        let default = Sink::default();
+        let dispatch = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(Buffered::new(default.clone()))
+            .into();
+        tracing::dispatcher::with_default(
+            &dispatch,
+            || tracing::info!(target: ACCESS_TARGET, n = 1, "request"),
+        );
+        drop(dispatch);
+        let shape = |text: &str| text.replace(|c: char| c.is_ascii_digit(), "0");
+        assert_eq!(shape(&direct), shape(&default.text()));
     }
 
     #[test]
