@@ -51,15 +51,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
         })
     };
-    // `HOP_BY_HOP[0]` is `Connection`: kept, where it stands, when plain.
+    // `HOP_BY_HOP[0]` is `Connection`: kept when plain.
     present[0] = present[0] && !headers.get_all(header::CONNECTION).iter().all(plain);
-    for (name, _) in HOP_BY_HOP
-        .iter()
-        .zip(present)
-        .filter(|(_, present)| *present)
-    {
-        headers.remove(name);
+    if present.contains(&true) {
+        let removed = |name: &HeaderName| {
+            HOP_BY_HOP
+                .iter()
+                .zip(present)
+                .any(|(hop, present)| present && hop == name)
+        };
+        *headers = without(std::mem::take(headers), removed);
     }
+}
+
+/// `headers` without the fields `removed` names, the others in their order
+/// (`HeaderMap::remove` would move the last field into the gap).
+fn without(headers: HeaderMap, removed: impl Fn(&HeaderName) -> bool) -> HeaderMap {
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    // `into_iter` names a field's first value only; the rest follow it.
+    let mut name: Option<HeaderName> = None;
+    for (first, value) in headers {
+        if first.is_some() {
+            name = first;
+        }
+        if let Some(name) = name.as_ref().filter(|name| !removed(name)) {
+            kept.append(name.clone(), value);
+        }
+    }
+    kept
 }
 
 /// Adds the client to `X-Forwarded-For` and states `X-Forwarded-Proto`,
@@ -258,6 +277,35 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["host", "connection", "x-amz-date"]);
+    }
+
+    #[test]
+    fn the_fields_left_keep_their_order_when_hop_by_hop_ones_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "s3.local".parse().unwrap());
+        headers.insert("x-a", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        headers.insert("x-b", "2".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.append("x-c", "3".parse().unwrap());
+        headers.append("x-c", "4".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let fields: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("host", "s3.local"),
+                ("x-a", "1"),
+                ("connection", "keep-alive"),
+                ("x-b", "2"),
+                ("x-c", "3"),
+                ("x-c", "4"),
+            ]
+        );
     }
 
     #[test]

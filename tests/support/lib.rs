@@ -60,13 +60,24 @@ pub fn write_secret(path: &std::path::Path, content: &str) {
     std::fs::rename(&staged, path).unwrap();
 }
 
-/// A port nobody listens on right now (for a process that must bind it itself).
+/// A port nobody listens on right now (for a process that must bind it
+/// itself), on 127.0.0.1 nor on 127.0.0.2, and never handed out before in
+/// this test process. A stopped backend keeps its port, and a moved one
+/// takes it to 127.0.0.2 (`S3Backend::move_to`): a test running alongside
+/// must not start a server there meanwhile, or a probe meant to find nothing
+/// finds that server (two Kubernetes tests once did: one's pod took the
+/// other's traffic).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let free_on_the_other_address = std::net::TcpListener::bind(("127.0.0.2", port)).is_ok();
+        if free_on_the_other_address && HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 fn s3s_fs_binary() -> PathBuf {
