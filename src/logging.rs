@@ -187,6 +187,7 @@ pub fn write_request_line(fields: impl Fn(&mut String)) -> bool {
     true
 }
 
+/// Writes one request line into `buffer`, built in `line`.
 fn write_request_line_to<W: Write>(
     buffer: &Buffered<W>,
     line: &mut String,
