@@ -11,8 +11,10 @@ use http_body_util::BodyExt;
 
 use crate::{metric_sample, send, wait_until};
 
-/// How long a wait on the admin API may take before the test fails.
-const WAIT: Duration = Duration::from_secs(10);
+/// How long a wait on the admin API may take before the test fails:
+/// generous, as only a failing test waits it out, and a loaded machine
+/// once took more than 10 s to get 100 requests to a frozen backend.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// Requests to one admin listener, with a bearer token when given one.
 #[derive(Debug, Clone)]
@@ -130,10 +132,13 @@ impl AdminClient {
     }
 
     async fn wait_sample(&self, series: &str, what: &str, holds: impl Fn(f64) -> bool) {
-        wait_until(WAIT, &format!("{series} {what}"), || async {
+        let waited = wait_until(WAIT, &format!("{series} {what}"), || async {
             metric_sample(&self.metrics().await, series).is_some_and(&holds)
         })
-        .await
-        .unwrap();
+        .await;
+        if let Err(error) = waited {
+            let last = metric_sample(&self.metrics().await, series);
+            panic!("{error}; last seen: {last:?}");
+        }
     }
 }
