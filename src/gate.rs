@@ -290,6 +290,16 @@ impl Gate {
         self.admit_from(ticket, held_as, deadline).await
     }
 
+    /// The admission [`Gate::admit_from`] would give at once (the backend up
+    /// and nobody queued), if so: no future to build or poll for the
+    /// common case.
+    pub fn admit_at_once(&self) -> Option<Admission> {
+        self.lock().admits_at_once().then_some(Admission {
+            held_for: Duration::ZERO,
+            slot: None,
+        })
+    }
+
     /// [`Gate::admit`] for a request held as `held_as` (asked only if the
     /// request is to be held): a client that already holds
     /// `max_held_per_client` requests is refused ([`Rejection::ClientShare`]),
@@ -303,7 +313,7 @@ impl Gate {
     ) -> Result<Admission, Rejection> {
         let (mut rx, lane) = {
             let mut inner = self.lock();
-            if inner.machine.state == State::Up && inner.queue.is_empty() {
+            if inner.admits_at_once() {
                 return Ok(Admission {
                     held_for: Duration::ZERO,
                     slot: None,
@@ -535,6 +545,12 @@ impl Gate {
 }
 
 impl Inner {
+    /// A request arriving now goes to the backend at once: it is up and
+    /// nobody is queued before it.
+    fn admits_at_once(&self) -> bool {
+        self.machine.state == State::Up && self.queue.is_empty()
+    }
+
     /// Queues a request in ticket order (behind its lane), or says why it
     /// may not wait: fail-fast in a long outage (not during a pause), a full
     /// queue, or a client that holds its share. Returns the channel its

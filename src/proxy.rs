@@ -366,12 +366,12 @@ impl Proxy {
                     Some(lane) => Some(lane),
                     None => {
                         let lane = self.quarantine.enter_lane(deadline);
-                        Some(self.held_for(lane, outbound, peer, progress).await?)
+                        Some(Box::pin(self.held_for(lane, outbound, peer, progress)).await?)
                     }
                 },
                 false if replay_due.is_none() && self.gate.suspects_due() => {
                     let replayed = self.gate.suspects_sent(deadline);
-                    self.held_for(replayed, outbound, peer, progress).await?;
+                    Box::pin(self.held_for(replayed, outbound, peer, progress)).await?;
                     None
                 }
                 false => None,
@@ -389,7 +389,8 @@ impl Proxy {
                 first_byte_timeout,
                 generation,
             };
-            let result = self.send_watched(outbound.request(attempt), watch).await;
+            let send = self.send(outbound.request(attempt), &delivery);
+            let result = self.send_watched(send, watch).await;
             admission.settle();
             match result {
                 Ok(response) => {
@@ -421,9 +422,10 @@ impl Proxy {
                     };
                     let holder = Holder { ticket, peer };
                     // The previous due (if any) ends once this is decided.
-                    replay_due = match self
-                        .after_failure(failed, holder, outbound, body, settings, progress)
-                        .await?
+                    replay_due = match Box::pin(
+                        self.after_failure(failed, holder, outbound, body, settings, progress),
+                    )
+                    .await?
                     {
                         Next::SendAgain(due) => due,
                         Next::Settled(response) => return Ok(Reply::Settled(response)),
@@ -697,6 +699,24 @@ impl Proxy {
         started: Instant,
         peer: &Peer,
     ) -> Result<Admission, ProxyError> {
+        // The common case, as the wait below would decide it at once (its
+        // first two branches), without building the wait.
+        if !*self.holding_ended.borrow()
+            && let Some(admission) = self.gate.admit_at_once()
+        {
+            return Ok(admission);
+        }
+        Box::pin(self.admit_held(ticket, outbound, started, peer)).await
+    }
+
+    /// [`Proxy::admit`] for a request that may be held.
+    async fn admit_held(
+        &self,
+        ticket: Ticket,
+        outbound: &Outbound,
+        started: Instant,
+        peer: &Peer,
+    ) -> Result<Admission, ProxyError> {
         let held_as = || held_as(outbound, peer.address.ip());
         let mut reloads = self.settings.subscribe();
         let mut holding_ended = self.holding_ended.subscribe();
@@ -715,6 +735,16 @@ impl Proxy {
         }
     }
 
+    /// One attempt's sending, boxed: the request is not kept in the future
+    /// of the attempt that waits for it.
+    fn send<'a>(
+        &'a self,
+        request: Request<AttemptBody<Incoming>>,
+        delivery: &'a Arc<Delivery>,
+    ) -> Pending<'a> {
+        Box::pin(self.upstream.send(request, delivery))
+    }
+
     /// Sends one attempt and watches it. Time the request spends waiting for
     /// the client is the client's: silent for `client_body_timeout` mid-body,
     /// it gets `408`. Time spent waiting for the backend (to accept body bytes,
@@ -725,11 +755,10 @@ impl Proxy {
     /// not serve takes the gate down (`Hang`).
     async fn send_watched<'a>(
         &'a self,
-        request: Request<AttemptBody<Incoming>>,
+        mut send: Pending<'a>,
         watch: Watch<'a>,
     ) -> Result<BackendResponse, AttemptFailure<'a>> {
         let settings = watch.settings;
-        let mut send: Pending<'a> = Box::pin(self.upstream.send(request, watch.delivery));
         // When the backend was last confirmed serving during this attempt.
         let mut confirmed_at = Instant::now();
         loop {
@@ -762,7 +791,7 @@ impl Proxy {
             }
             let serving = tokio::select! {
                 result = &mut send => return result.map_err(|e| AttemptFailure::Upstream(e, None)),
-                serving = self.prober.confirm(now) => serving,
+                serving = Box::pin(self.prober.confirm(now)) => serving,
             };
             self.metrics
                 .outage_check(DownReason::HangTimeout, CheckVerdict::of(serving));
@@ -896,7 +925,8 @@ impl Proxy {
                 first_byte_timeout: settings.first_byte_timeout,
                 generation,
             };
-            let result = self.send_watched(request, watch).await;
+            let send = self.send(request, &delivery);
+            let result = self.send_watched(send, watch).await;
             admission.settle();
             let error = match result {
                 Ok(response) => {

@@ -226,7 +226,7 @@ where
                 },
             }
         }
-        let mut connection = self.connect().await?;
+        let mut connection = Box::pin(self.connect()).await?;
         match connection.sender.try_send_request(request).await {
             Ok(response) => Ok(self.pooled(response, connection, delivery, sent)),
             Err(mut error) => match error.take_message() {

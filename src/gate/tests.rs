@@ -86,6 +86,26 @@ async fn an_up_gate_admits_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn only_an_up_gate_with_nobody_queued_admits_without_waiting() {
+    let gate = Gate::new(settings());
+    assert!(gate.admit_at_once().is_some_and(|a| !a.was_held()));
+    down(&gate, DownReason::Refused);
+    assert!(gate.admit_at_once().is_none(), "down");
+    let held: Vec<_> = (0..3).map(|_| hold(&gate)).collect();
+    settle_tasks().await;
+    gate.probe_result(true);
+    settle_tasks().await;
+    assert!(
+        gate.admit_at_once().is_none(),
+        "one held request still waits its turn to be released"
+    );
+    for request in held {
+        request.await.unwrap().unwrap().settle();
+    }
+    assert!(gate.admit_at_once().is_some());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_down_gate_holds_until_the_probe_sees_the_backend() {
     let gate = Gate::new(settings());
     down(&gate, DownReason::Refused);
