@@ -176,20 +176,30 @@ async fn backend_connections_opened(proxy: &ProxyUnderTest) -> f64 {
     .expect("the connection counter is exposed")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_client_after_another_reuses_the_backend_connection() {
+/// s3s-fs behind the proxy, with `bucket/object` (1 KiB of `object_content(seed, ..)`)
+/// stored through it; the object's bytes come back with them.
+async fn one_object_through_the_proxy(
+    bucket: &str,
+    seed: usize,
+) -> (S3Backend, ProxyUnderTest, aws_sdk_s3::Client, Vec<u8>) {
     let backend = S3Backend::start().await.unwrap();
     let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
     let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("reuse").send().await.unwrap();
-    let content = object_content(2, 1024);
+    s3.create_bucket().bucket(bucket).send().await.unwrap();
+    let content = object_content(seed, 1024);
     s3.put_object()
-        .bucket("reuse")
+        .bucket(bucket)
         .key("object")
         .body(ByteStream::from(content.clone()))
         .send()
         .await
         .unwrap();
+    (backend, proxy, s3, content)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_after_another_reuses_the_backend_connection() {
+    let (_backend, proxy, s3, content) = one_object_through_the_proxy("reuse", 2).await;
 
     let requests = 20;
     for _ in 0..requests {
@@ -246,18 +256,7 @@ async fn one_upload_after_another_reuses_the_backend_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones() {
-    let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyUnderTest::start(backend.address, "").await.unwrap();
-    let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("busy").send().await.unwrap();
-    let content = object_content(3, 1024);
-    s3.put_object()
-        .bucket("busy")
-        .key("object")
-        .body(ByteStream::from(content))
-        .send()
-        .await
-        .unwrap();
+    let (backend, proxy, s3, _) = one_object_through_the_proxy("busy", 3).await;
     let presigned = s3
         .get_object()
         .bucket("busy")
