@@ -82,6 +82,7 @@ pub mod peer;
 pub mod probe;
 pub mod proxy;
 pub mod quarantine;
+pub mod read_budget;
 pub mod reload;
 pub mod replay;
 pub mod replay_memory;

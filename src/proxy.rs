@@ -53,7 +53,7 @@ use crate::response::{ProxyBody, StreamFailure};
 use crate::s3_error::ProxyError;
 use crate::s3_operation;
 use crate::signature_expiry;
-use crate::upstream::{PooledBody, Upstream, UpstreamError};
+use crate::upstream::{LARGE_READS_REST, PooledBody, Upstream, UpstreamError};
 use crate::write_settle::{self, Declared, KeptBody, ReadBackError, Settlement, Stored, Write};
 
 /// Request-path settings; replaced as a whole on reload.
@@ -670,13 +670,17 @@ impl Proxy {
     }
 
     /// Closes idle backend connections past `backend.idle_timeout`, checking
-    /// twice per timeout (a reloaded timeout applies from the next check).
-    /// Runs until aborted.
+    /// twice per timeout (a reloaded timeout applies from the next check),
+    /// and frees the large read buffers of those that rested
+    /// [`LARGE_READS_REST`] (checking twice per rest). Runs until aborted.
     pub async fn close_idle_backend_connections(self: Arc<Self>) {
         loop {
-            let every = (self.upstream.idle_timeout() / 2).max(Duration::from_millis(100));
+            let every = (self.upstream.idle_timeout() / 2)
+                .min(LARGE_READS_REST / 2)
+                .max(Duration::from_millis(100));
             tokio::time::sleep(every).await;
             self.upstream.close_expired();
+            self.upstream.free_rested_large_reads(LARGE_READS_REST);
         }
     }
 

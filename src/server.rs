@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::proxy::Proxy;
 use crate::quarantine::Quarantine;
+use crate::read_budget::ReadBudget;
 use crate::reload::{self, LiveParts, ReloadSource};
 use crate::settings::Settings;
 use crate::settle_key;
@@ -233,7 +234,11 @@ pub async fn run_with_reload(
         move |transition| metrics.transition(transition)
     });
     let target = BackendTarget::new(settings.connector, config.backend.kubernetes.is_some());
-    let upstream = Upstream::new(settings.upstream, Arc::clone(&target));
+    let read_budget = Arc::new(ReadBudget::new(
+        config.backend.large_read_memory,
+        config.backend.max_read_bytes,
+    ));
+    let upstream = Upstream::new(settings.upstream, Arc::clone(&target), read_budget);
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
         Arc::clone(&target),

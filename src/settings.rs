@@ -82,6 +82,7 @@ fn upstream(config: &Config) -> UpstreamSettings {
         idle_timeout: config.backend.idle_timeout,
         max_headers: config.backend.max_headers,
         max_head_bytes: config.backend.max_head_bytes,
+        max_read_bytes: config.backend.max_read_bytes,
     }
 }
 

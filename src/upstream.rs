@@ -19,11 +19,18 @@
 //!
 //! Where connections go is the [`BackendTarget`]'s, read at each connect; a
 //! connection is reused only while the target is the one it was opened to.
+//!
+//! Response bodies that arrive fast are read in large reads, within the
+//! [`ReadBudget`] (see [`crate::read_budget`]); hyper's buffer is then as
+//! large as `backend.max_read_bytes`, so a response head is held to
+//! `backend.max_head_bytes` here rather than by hyper's buffer, and a
+//! connection that read in large reads goes back to the pool with hyper's
+//! side of it built again on the same socket, which frees the buffer.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,17 +40,23 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
 use crate::backend_target::BackendTarget;
-use crate::connector::Connector;
+use crate::connector::{BackendStream, Connector};
 use crate::delivery::Delivery;
 use crate::gate::DownReason;
+use crate::read_budget::{BudgetedRead, LargeReads, ReadBudget};
 use crate::replay::BoxError;
 
 /// hyper's smallest read buffer (its `max_buf_size` panics below this).
 const MIN_BUF_SIZE: usize = 8192;
+
+/// How long a pooled connection that read in large reads keeps its buffer
+/// and budget share for the next response before they are freed.
+pub const LARGE_READS_REST: Duration = Duration::from_secs(1);
 
 /// Longest one checkout waits for pooled connections to turn ready.
 const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
@@ -62,6 +75,10 @@ pub enum UpstreamError {
     Failed(hyper::Error),
     #[error("the backend made no progress for {0:?}")]
     Hang(Duration),
+    #[error(
+        "the backend's response head is {bytes} bytes, more than backend.max_head_bytes ({limit})"
+    )]
+    HeadTooLarge { bytes: usize, limit: usize },
 }
 
 impl UpstreamError {
@@ -72,7 +89,10 @@ impl UpstreamError {
 
     /// True when some byte of the request may have reached the backend.
     pub fn reached_backend(&self) -> bool {
-        matches!(self, UpstreamError::Failed(_) | UpstreamError::Hang(_))
+        matches!(
+            self,
+            UpstreamError::Failed(_) | UpstreamError::Hang(_) | UpstreamError::HeadTooLarge { .. }
+        )
     }
 
     /// What this failure says about the backend; `None` when it says nothing
@@ -87,6 +107,7 @@ impl UpstreamError {
             UpstreamError::Failed(error) if error.is_parse() || error.is_user() => None,
             UpstreamError::Failed(_) => Some(DownReason::Reset),
             UpstreamError::Hang(_) => Some(DownReason::HangTimeout),
+            UpstreamError::HeadTooLarge { .. } => None,
         }
     }
 }
@@ -99,8 +120,11 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     /// Most header fields accepted in a response head.
     pub max_headers: usize,
-    /// Most bytes accepted in a response head.
+    /// Most bytes accepted in a response head (as written with `name:
+    /// value` lines, RFC 9112 section 2.1).
     pub max_head_bytes: usize,
+    /// Largest read of a response body that arrives fast, within the budget.
+    pub max_read_bytes: usize,
 }
 
 /// A pool of keep-alive connections to the backend.
@@ -109,6 +133,8 @@ pub struct Upstream<B> {
     target: Arc<BackendTarget>,
     idle: Arc<Mutex<Vec<Idle<B>>>>,
     connects: AtomicU64,
+    /// Shared by every connection's large reads.
+    budget: Arc<ReadBudget>,
 }
 
 struct Idle<B> {
@@ -125,12 +151,24 @@ struct Connection<B> {
     connector: Arc<Connector>,
     /// `None` once detached: the task then ends by itself.
     task: Option<tokio::task::AbortHandle>,
+    /// Whether the connection took a share of the read budget.
+    large: LargeReads,
+    /// Set when the connection is handed back to its task to be built again.
+    rebuild: Arc<AtomicBool>,
 }
 
 impl<B> Connection<B> {
     /// Lets the task finish what it is sending and close by itself.
     fn detach(mut self) {
         self.task = None;
+    }
+
+    /// Hands the socket back to the task, which builds hyper's side of the
+    /// connection again (freeing its read buffer and budget share) and puts
+    /// it in the pool.
+    fn rebuild(self) {
+        self.rebuild.store(true, Ordering::Relaxed);
+        self.detach();
     }
 }
 
@@ -160,18 +198,174 @@ struct GiveBack<B> {
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
 
+/// Puts `connection` in the pool, or closes it when the pool is full.
+fn put_back<B>(pool: &IdlePool<B>, connection: Connection<B>, max_idle: usize) {
+    let mut idle = pool.lock().unwrap();
+    if idle.len() < max_idle {
+        idle.push(Idle {
+            connection,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// What building hyper's side of a backend connection takes.
+struct Handshake<B> {
+    settings: Arc<UpstreamSettings>,
+    connector: Arc<Connector>,
+    budget: Arc<ReadBudget>,
+    /// Where a connection built again goes.
+    pool: IdlePool<B>,
+}
+
+type BackendIo = TokioIo<BudgetedRead<BackendStream>>;
+
+impl<B> Handshake<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// hyper's side of a connection on `stream`, and the task that drives it.
+    async fn build(self, stream: BackendStream) -> Result<Connection<B>, hyper::Error> {
+        let (sender, connection, large) = self.open(stream).await?;
+        let task_handle = Arc::new(OnceLock::new());
+        let rebuild = Arc::new(AtomicBool::new(false));
+        let connector = Arc::clone(&self.connector);
+        let task = tokio::spawn(drive(
+            connection,
+            Arc::clone(&rebuild),
+            self,
+            Arc::clone(&task_handle),
+        ));
+        let task = task_handle.get_or_init(|| task.abort_handle()).clone();
+        Ok(Connection {
+            sender,
+            connector,
+            task: Some(task),
+            large,
+            rebuild,
+        })
+    }
+
+    /// hyper's handshake on `stream`, its reads within the budget.
+    async fn open(
+        &self,
+        stream: BackendStream,
+    ) -> Result<(SendRequest<B>, http1::Connection<BackendIo, B>, LargeReads), hyper::Error> {
+        let settings = &self.settings;
+        let large = LargeReads::default();
+        let io = BudgetedRead::new(
+            stream,
+            Arc::clone(&self.budget),
+            settings.max_head_bytes,
+            large.clone(),
+        );
+        // hyper's largest read is also its head limit: the head limit is
+        // checked apart (`head_bytes`), and the budget keeps reads under it
+        // until a connection takes a share.
+        let max_buf_size = settings
+            .max_head_bytes
+            .max(settings.max_read_bytes)
+            .max(MIN_BUF_SIZE);
+        let (sender, connection) = http1::Builder::new()
+            .preserve_header_case(true)
+            .max_headers(settings.max_headers)
+            .max_buf_size(max_buf_size)
+            .handshake(TokioIo::new(io))
+            .await?;
+        Ok((sender, connection, large))
+    }
+}
+
+/// Drives one backend connection until hyper is done with it; then closes
+/// the socket (as hyper would), or, when the connection was handed back to
+/// be built again and nothing is left unread, builds hyper's side again on
+/// the same socket, pools it and drives that.
+async fn drive<B>(
+    mut connection: http1::Connection<BackendIo, B>,
+    mut rebuild: Arc<AtomicBool>,
+    handshake: Handshake<B>,
+    task_handle: Arc<OnceLock<tokio::task::AbortHandle>>,
+) where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let parts = match connection.without_shutdown().await {
+            Ok(parts) => parts,
+            Err(error) => {
+                tracing::debug!(%error, "backend connection ended");
+                return;
+            }
+        };
+        let mut stream = parts.io.into_inner().into_inner();
+        let task = task_handle.get().cloned();
+        let (true, true, Some(task)) = (
+            rebuild.load(Ordering::Relaxed),
+            parts.read_buf.is_empty(),
+            task,
+        ) else {
+            if let Err(error) = stream.shutdown().await {
+                tracing::debug!(%error, "backend connection ended");
+            }
+            return;
+        };
+        drop(parts.read_buf);
+        crate::heap_trim::released();
+        let (sender, opened, large) = match handshake.open(stream).await {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::debug!(%error, "backend connection ended");
+                return;
+            }
+        };
+        connection = opened;
+        rebuild = Arc::new(AtomicBool::new(false));
+        let rebuilt = Connection {
+            sender,
+            connector: Arc::clone(&handshake.connector),
+            task: Some(task),
+            large,
+            rebuild: Arc::clone(&rebuild),
+        };
+        put_back(&handshake.pool, rebuilt, handshake.settings.max_idle);
+    }
+}
+
+/// The size of a response head as written with `name: value` lines (RFC
+/// 9112 section 2.1): what `backend.max_head_bytes` limits.
+fn head_bytes<T>(response: &Response<T>) -> usize {
+    let reason = match response.extensions().get::<hyper::ext::ReasonPhrase>() {
+        Some(reason) => reason.as_bytes().len(),
+        None => response.status().canonical_reason().map_or(0, str::len),
+    };
+    let status_line = "HTTP/1.1 200 \r\n".len() + reason;
+    response
+        .headers()
+        .iter()
+        .fold(status_line + "\r\n".len(), |bytes, (name, value)| {
+            bytes + name.as_str().len() + ": \r\n".len() + value.len()
+        })
+}
+
 impl<B> Upstream<B>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     /// A pool of connections to wherever `target` points.
-    pub fn new(settings: UpstreamSettings, target: Arc<BackendTarget>) -> Self {
+    /// Large reads share `budget`.
+    pub fn new(
+        settings: UpstreamSettings,
+        target: Arc<BackendTarget>,
+        budget: Arc<ReadBudget>,
+    ) -> Self {
         Upstream {
             settings: RwLock::new(Arc::new(settings)),
             target,
             idle: Arc::new(Mutex::new(Vec::new())),
             connects: AtomicU64::new(0),
+            budget,
         }
     }
 
@@ -216,9 +410,12 @@ where
             http10: request.version() == http::Version::HTTP_10,
             body: !request.body().is_end_stream(),
         };
-        while let Some(mut connection) = self.checkout().await {
+        let settings = self.settings();
+        while let Some(mut connection) = self.checkout(&settings).await {
             match connection.sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(response, connection, delivery, sent)),
+                Ok(response) => {
+                    return self.answered(&settings, response, connection, delivery, sent);
+                }
                 Err(mut error) => match error.take_message() {
                     // The pooled connection was already closing: nothing sent.
                     Some(unsent) => request = unsent,
@@ -226,9 +423,9 @@ where
                 },
             }
         }
-        let mut connection = Box::pin(self.connect()).await?;
+        let mut connection = Box::pin(self.connect(&settings)).await?;
         match connection.sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(response, connection, delivery, sent)),
+            Ok(response) => self.answered(&settings, response, connection, delivery, sent),
             Err(mut error) => match error.take_message() {
                 Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
                 None => Err(UpstreamError::Failed(error.into_error())),
@@ -259,6 +456,26 @@ where
         closed
     }
 
+    /// Frees the read buffers and budget shares of the idle connections
+    /// that read in large reads and have rested `rest` (the proxy's is
+    /// [`LARGE_READS_REST`]): their tasks build them again and put them back.
+    /// Returns how many.
+    pub fn free_rested_large_reads(&self, rest: Duration) -> usize {
+        let rested: Vec<Idle<B>> = {
+            let mut idle = self.idle.lock().unwrap();
+            let (rested, kept) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|idle| idle.connection.large.taken() && idle.since.elapsed() >= rest);
+            *idle = kept;
+            rested
+        };
+        let count = rested.len();
+        for idle in rested {
+            idle.connection.rebuild();
+        }
+        count
+    }
+
     /// How long an idle connection may wait for its next request.
     pub fn idle_timeout(&self) -> Duration {
         self.settings().idle_timeout
@@ -274,8 +491,7 @@ where
     /// connection: past it each remaining connection gets one poll, so a pool
     /// full of stale connections costs at most that wait. Connections to an
     /// earlier target are dropped on the way.
-    async fn checkout(&self) -> Option<Connection<B>> {
-        let settings = self.settings();
+    async fn checkout(&self, settings: &UpstreamSettings) -> Option<Connection<B>> {
         let target = self.target.connector();
         let deadline = Instant::now() + CHECKOUT_WAIT;
         loop {
@@ -296,8 +512,10 @@ where
         }
     }
 
-    async fn connect(&self) -> Result<Connection<B>, UpstreamError> {
-        let settings = self.settings();
+    async fn connect(
+        &self,
+        settings: &Arc<UpstreamSettings>,
+    ) -> Result<Connection<B>, UpstreamError> {
         let connector = self.target.connector();
         let addr = connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
@@ -310,34 +528,37 @@ where
                 return Err(UpstreamError::Connect { addr, source });
             }
         };
-        let (sender, connection) = http1::Builder::new()
-            .preserve_header_case(true)
-            .max_headers(settings.max_headers)
-            .max_buf_size(settings.max_head_bytes.max(MIN_BUF_SIZE))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::ClosedBeforeSend)?;
-        let task = tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "backend connection ended");
-            }
-        });
-        Ok(Connection {
-            sender,
+        let handshake = Handshake {
+            settings: Arc::clone(settings),
             connector,
-            task: Some(task.abort_handle()),
-        })
+            budget: Arc::clone(&self.budget),
+            pool: Arc::clone(&self.idle),
+        };
+        handshake
+            .build(stream)
+            .await
+            .map_err(UpstreamError::ClosedBeforeSend)
     }
 
     /// The response, with a body that returns the connection to the pool
-    /// when it ends, if the connection may carry another request.
-    fn pooled(
+    /// when it ends, if the connection may carry another request; an error
+    /// when its head is over `backend.max_head_bytes` (the connection is
+    /// closed then: its body is not read).
+    fn answered(
         &self,
+        settings: &UpstreamSettings,
         response: Response<Incoming>,
         connection: Connection<B>,
         delivery: &Delivery,
         sent: Sent,
-    ) -> Response<PooledBody<B>> {
+    ) -> Result<Response<PooledBody<B>>, UpstreamError> {
+        let bytes = head_bytes(&response);
+        if bytes > settings.max_head_bytes {
+            return Err(UpstreamError::HeadTooLarge {
+                bytes,
+                limit: settings.max_head_bytes,
+            });
+        }
         let (parts, body) = response.into_parts();
         let keep_alive = !parts
             .headers
@@ -361,7 +582,7 @@ where
             let give_back = GiveBack {
                 connection,
                 pool: Arc::clone(&self.idle),
-                max_idle: self.settings().max_idle,
+                max_idle: settings.max_idle,
             };
             (Some(give_back), None)
         } else if delivery.is_withheld() {
@@ -378,7 +599,7 @@ where
         if pooled.inner.is_end_stream() {
             pooled.give_back();
         }
-        Response::from_parts(parts, pooled)
+        Ok(Response::from_parts(parts, pooled))
     }
 }
 
@@ -393,13 +614,7 @@ pub struct PooledBody<B> {
 impl<B> PooledBody<B> {
     fn give_back(&mut self) {
         if let Some(back) = self.give_back.take() {
-            let mut idle = back.pool.lock().unwrap();
-            if idle.len() < back.max_idle {
-                idle.push(Idle {
-                    connection: back.connection,
-                    since: Instant::now(),
-                });
-            }
+            put_back(&back.pool, back.connection, back.max_idle);
         }
     }
 }
@@ -462,6 +677,8 @@ mod tests {
                 sender,
                 connector,
                 task: Some(task.abort_handle()),
+                large: LargeReads::default(),
+                rebuild: Arc::default(),
             },
             since: Instant::now(),
         };
@@ -476,8 +693,10 @@ mod tests {
             idle_timeout,
             max_headers: 100,
             max_head_bytes: 64 * 1024,
+            max_read_bytes: 512 * 1024,
         };
-        Upstream::new(settings, target)
+        let budget = Arc::new(ReadBudget::new(32 << 20, 512 << 10));
+        Upstream::new(settings, target, budget)
     }
 
     #[tokio::test(start_paused = true)]
@@ -514,9 +733,133 @@ mod tests {
             upstream.idle.lock().unwrap().push(idle);
         }
         let started = Instant::now();
-        assert!(upstream.checkout().await.is_none());
+        assert!(upstream.checkout(&upstream.settings()).await.is_none());
         // Paused time: the clock moved only by the waits checkout made.
         assert_eq!(started.elapsed(), CHECKOUT_WAIT);
         assert!(upstream.idle.lock().unwrap().is_empty());
+    }
+
+    /// A backend on 127.0.0.1 that answers every request on a connection
+    /// with `head` and then `body_bytes` bytes, and counts its connections.
+    async fn backend(head: String, body_bytes: usize) -> (Connector, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&accepted);
+        let answer = Bytes::from([head.into_bytes(), vec![b'x'; body_bytes]].concat());
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::Relaxed);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n @ 1..) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        request.extend_from_slice(&buf[..n]);
+                        if request.windows(4).any(|w| w == b"\r\n\r\n") {
+                            request.clear();
+                            if socket.write_all(&answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (Connector::plain(address.into()), accepted)
+    }
+
+    fn upstream_to(connector: Connector, budget: &Arc<ReadBudget>) -> Upstream<Empty<Bytes>> {
+        let settings = UpstreamSettings {
+            connect_timeout: Duration::from_secs(5),
+            max_idle: 64,
+            idle_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_head_bytes: 64 << 10,
+            max_read_bytes: 512 << 10,
+        };
+        Upstream::new(
+            settings,
+            BackendTarget::new(connector, false),
+            Arc::clone(budget),
+        )
+    }
+
+    /// A GET with nothing left to send.
+    async fn get(upstream: &Upstream<Empty<Bytes>>) -> Result<Bytes, UpstreamError> {
+        use http_body_util::BodyExt;
+        let request = Request::get("/bucket/key")
+            .header("host", "backend")
+            .body(Empty::new())
+            .unwrap();
+        let delivery = Arc::new(Delivery::for_request(request.version(), request.headers()));
+        delivery.mark_complete();
+        let response = upstream.send(request, &delivery).await?;
+        Ok(response.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    fn ok_head(body_bytes: usize, extra: &str) -> String {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {body_bytes}\r\n{extra}\r\n")
+    }
+
+    #[tokio::test]
+    async fn a_response_head_over_the_head_limit_is_refused_though_reads_are_larger() {
+        let filler = format!("X-Amz-Meta-Filler: {}\r\n", "f".repeat(70 << 10));
+        let (connector, _) = backend(ok_head(2, &filler), 2).await;
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let upstream = upstream_to(connector, &budget);
+        match get(&upstream).await {
+            Err(UpstreamError::HeadTooLarge { bytes, limit }) => {
+                assert_eq!(bytes, ok_head(2, &filler).len());
+                assert_eq!(limit, 64 << 10);
+            }
+            other => panic!("expected HeadTooLarge, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_within_the_limit_is_counted_as_written() {
+        let (connector, _) = backend(ok_head(2, "ETag: \"abc\"\r\n"), 2).await;
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let upstream = upstream_to(connector, &budget);
+        let request = Request::get("/").body(Empty::new()).unwrap();
+        let delivery = Arc::new(Delivery::for_request(request.version(), request.headers()));
+        delivery.mark_complete();
+        let response = upstream.send(request, &delivery).await.unwrap();
+        assert_eq!(head_bytes(&response), ok_head(2, "ETag: \"abc\"\r\n").len());
+    }
+
+    #[tokio::test]
+    async fn a_fast_body_is_read_in_large_reads_whose_buffer_is_freed_once_the_connection_rests() {
+        const BODY: usize = 8 << 20;
+        let (connector, accepted) = backend(ok_head(BODY, ""), BODY).await;
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let upstream = upstream_to(connector, &budget);
+
+        assert_eq!(get(&upstream).await.unwrap().len(), BODY);
+        assert_eq!(
+            budget.available(),
+            (4 << 20) - budget.share(),
+            "one share taken"
+        );
+        assert_eq!(upstream.free_rested_large_reads(Duration::ZERO), 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget.available() != 4 << 20 || upstream.idle.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the share never came back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        assert_eq!(get(&upstream).await.unwrap().len(), BODY);
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "the same socket served both"
+        );
+        assert_eq!(upstream.connects(), 1);
     }
 }
