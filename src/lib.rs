@@ -7,7 +7,9 @@
 //! they freed back to the system)
 //! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
-//! backend through the [`upstream`] connection pool, its body wrapped by
+//! backend through the [`upstream`] connection pool (a response body that
+//! arrives fast is read in large reads within the [`read_budget`]), its
+//! body wrapped by
 //! [`replay`] so a second attempt stays possible (within the
 //! [`replay_memory`] budget) and sent as its [`delivery`]
 //! allows (`Expect: 100-continue` honoured end to end; a connection answered

@@ -644,6 +644,11 @@ where
         .keep_alive_timeout(PING_TIMEOUT);
     let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
+    // The watch is a clone of the listener's, which saw only the phase the
+    // proxy started in: a connection opened during the drain would see the
+    // drain as news and get GOAWAY before the first request it is owed
+    // (`go_away.due` sends it after that request).
+    shutdown.borrow_and_update();
     // Each connection is shut down gracefully at most once.
     let mut shut = false;
     loop {
