@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::admin_token::AdminToken;
 use crate::backend_address::BackendAddress;
+use crate::read_budget::READS_HELD;
 use crate::trusted_file::{self, FileError, FilePolicy};
 
 /// A configuration that could not be used, with the key at fault.
@@ -556,6 +557,24 @@ fn max_read_bytes(value: Option<ByteSize>) -> Result<usize, ConfigError> {
     usize::try_from(bytes).map_err(|_| invalid("backend.max_read_bytes", "too large"))
 }
 
+/// `backend.large_read_memory`: 0 (large reads off) or room for at least
+/// one connection's large reads ([`READS_HELD`] reads of `max_read_bytes`).
+fn large_read_memory(value: Option<ByteSize>, max_read_bytes: usize) -> Result<usize, ConfigError> {
+    let key = "backend.large_read_memory";
+    let bytes = value.map_or(DEFAULT_LARGE_READ_MEMORY, |b| b.0);
+    let bytes = usize::try_from(bytes).map_err(|_| invalid(key, "too large"))?;
+    let share = max_read_bytes.saturating_mul(READS_HELD);
+    if bytes != 0 && bytes < share {
+        return Err(invalid(
+            key,
+            format!(
+                "{bytes} bytes is less than one connection's large reads ({share} bytes: three reads of backend.max_read_bytes); give at least that, or 0 to turn large reads off"
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// `hold.replay_memory`: 256 MiB unless set; at least 1 byte.
 fn replay_memory(size: Option<ByteSize>) -> Result<usize, ConfigError> {
     let bytes = size.map_or(256 << 20, |size| size.0);
@@ -895,12 +914,10 @@ impl Config {
             )?,
             max_head_bytes: head_bytes("backend.max_head_bytes", raw.backend.max_head_bytes)?,
             max_read_bytes: max_read_bytes(raw.backend.max_read_bytes)?,
-            large_read_memory: usize::try_from(
-                raw.backend
-                    .large_read_memory
-                    .map_or(DEFAULT_LARGE_READ_MEMORY, |size| size.0),
-            )
-            .map_err(|_| invalid("backend.large_read_memory", "too large"))?,
+            large_read_memory: large_read_memory(
+                raw.backend.large_read_memory,
+                max_read_bytes(raw.backend.max_read_bytes)?,
+            )?,
             tls: raw
                 .backend
                 .tls
@@ -1145,6 +1162,30 @@ mod tests {
         ))
         .unwrap();
         assert!(config.admin.token.unwrap().authorizes(b"Bearer t0ken"));
+    }
+
+    #[test]
+    fn large_reads_default_to_sixteen_connections_of_512_kib() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.backend.max_read_bytes, 512 << 10);
+        assert_eq!(config.backend.large_read_memory, 24 << 20);
+    }
+
+    #[test]
+    fn large_read_limits_outside_their_range_name_the_key() {
+        let error = error_of("[backend]\nmax_read_bytes = \"4KiB\"\n");
+        assert!(error.contains("backend.max_read_bytes"), "{error}");
+        assert!(error.contains("at least 8KiB"), "{error}");
+        let error = error_of("[backend]\nmax_read_bytes = \"32MiB\"\n");
+        assert!(error.contains("at most 16MiB"), "{error}");
+        let error = error_of("[backend]\nlarge_read_memory = \"1KiB\"\n");
+        assert!(error.contains("backend.large_read_memory"), "{error}");
+        assert!(
+            error.contains("less than one connection's large reads"),
+            "{error}"
+        );
+        let off = Config::parse("[backend]\nlarge_read_memory = 0\n").unwrap();
+        assert_eq!(off.backend.large_read_memory, 0);
     }
 
     #[test]

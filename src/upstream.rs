@@ -29,7 +29,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -153,8 +153,10 @@ struct Connection<B> {
     task: Option<tokio::task::AbortHandle>,
     /// Whether the connection took a share of the read budget.
     large: LargeReads,
-    /// Set when the connection is handed back to its task to be built again.
-    rebuild: Arc<AtomicBool>,
+    /// Set when the connection is handed back to its task to be built
+    /// again: to when it went idle, which the rebuilt one keeps (its
+    /// `backend.idle_timeout` counts from there).
+    rebuild: Rebuild,
 }
 
 impl<B> Connection<B> {
@@ -165,9 +167,9 @@ impl<B> Connection<B> {
 
     /// Hands the socket back to the task, which builds hyper's side of the
     /// connection again (freeing its read buffer and budget share) and puts
-    /// it in the pool.
-    fn rebuild(self) {
-        self.rebuild.store(true, Ordering::Relaxed);
+    /// it in the pool as idle since `since`.
+    fn rebuild(self, since: Instant) {
+        let _ = self.rebuild.set(since);
         self.detach();
     }
 }
@@ -189,6 +191,9 @@ struct Sent {
     body: bool,
 }
 
+/// When a connection handed back to be built again went idle.
+type Rebuild = Arc<OnceLock<Instant>>;
+
 /// What a response body needs to return its connection to the pool.
 struct GiveBack<B> {
     connection: Connection<B>,
@@ -198,14 +203,12 @@ struct GiveBack<B> {
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
 
-/// Puts `connection` in the pool, or closes it when the pool is full.
-fn put_back<B>(pool: &IdlePool<B>, connection: Connection<B>, max_idle: usize) {
+/// Puts `connection`, idle since `since`, in the pool, or closes it when
+/// the pool is full.
+fn put_back<B>(pool: &IdlePool<B>, connection: Connection<B>, since: Instant, max_idle: usize) {
     let mut idle = pool.lock().unwrap();
     if idle.len() < max_idle {
-        idle.push(Idle {
-            connection,
-            since: Instant::now(),
-        });
+        idle.push(Idle { connection, since });
     }
 }
 
@@ -229,7 +232,7 @@ where
     async fn build(self, stream: BackendStream) -> Result<Connection<B>, hyper::Error> {
         let (sender, connection, large) = self.open(stream).await?;
         let task_handle = Arc::new(OnceLock::new());
-        let rebuild = Arc::new(AtomicBool::new(false));
+        let rebuild = Rebuild::default();
         let connector = Arc::clone(&self.connector);
         let task = tokio::spawn(drive(
             connection,
@@ -283,7 +286,7 @@ where
 /// the same socket, pools it and drives that.
 async fn drive<B>(
     mut connection: http1::Connection<BackendIo, B>,
-    mut rebuild: Arc<AtomicBool>,
+    mut rebuild: Rebuild,
     handshake: Handshake<B>,
     task_handle: Arc<OnceLock<tokio::task::AbortHandle>>,
 ) where
@@ -300,11 +303,8 @@ async fn drive<B>(
         };
         let mut stream = parts.io.into_inner().into_inner();
         let task = task_handle.get().cloned();
-        let (true, true, Some(task)) = (
-            rebuild.load(Ordering::Relaxed),
-            parts.read_buf.is_empty(),
-            task,
-        ) else {
+        let (Some(&since), true, Some(task)) = (rebuild.get(), parts.read_buf.is_empty(), task)
+        else {
             if let Err(error) = stream.shutdown().await {
                 tracing::debug!(%error, "backend connection ended");
             }
@@ -320,7 +320,7 @@ async fn drive<B>(
             }
         };
         connection = opened;
-        rebuild = Arc::new(AtomicBool::new(false));
+        rebuild = Rebuild::default();
         let rebuilt = Connection {
             sender,
             connector: Arc::clone(&handshake.connector),
@@ -328,7 +328,7 @@ async fn drive<B>(
             large,
             rebuild: Arc::clone(&rebuild),
         };
-        put_back(&handshake.pool, rebuilt, handshake.settings.max_idle);
+        put_back(&handshake.pool, rebuilt, since, handshake.settings.max_idle);
     }
 }
 
@@ -463,6 +463,9 @@ where
     pub fn free_rested_large_reads(&self, rest: Duration) -> usize {
         let rested: Vec<Idle<B>> = {
             let mut idle = self.idle.lock().unwrap();
+            if !idle.iter().any(|idle| idle.connection.large.taken()) {
+                return 0;
+            }
             let (rested, kept) = std::mem::take(&mut *idle)
                 .into_iter()
                 .partition(|idle| idle.connection.large.taken() && idle.since.elapsed() >= rest);
@@ -471,7 +474,7 @@ where
         };
         let count = rested.len();
         for idle in rested {
-            idle.connection.rebuild();
+            idle.connection.rebuild(idle.since);
         }
         count
     }
@@ -554,6 +557,11 @@ where
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let bytes = head_bytes(&response);
         if bytes > settings.max_head_bytes {
+            tracing::warn!(
+                bytes,
+                limit = settings.max_head_bytes,
+                "the backend's response head is over backend.max_head_bytes: answered 502"
+            );
             return Err(UpstreamError::HeadTooLarge {
                 bytes,
                 limit: settings.max_head_bytes,
@@ -614,7 +622,7 @@ pub struct PooledBody<B> {
 impl<B> PooledBody<B> {
     fn give_back(&mut self) {
         if let Some(back) = self.give_back.take() {
-            put_back(&back.pool, back.connection, back.max_idle);
+            put_back(&back.pool, back.connection, Instant::now(), back.max_idle);
         }
     }
 }
@@ -847,12 +855,18 @@ mod tests {
             (4 << 20) - budget.share(),
             "one share taken"
         );
+        let idle_since = upstream.idle.lock().unwrap()[0].since;
         assert_eq!(upstream.free_rested_large_reads(Duration::ZERO), 1);
         let deadline = Instant::now() + Duration::from_secs(10);
         while budget.available() != 4 << 20 || upstream.idle.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the share never came back");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert_eq!(
+            upstream.idle.lock().unwrap()[0].since,
+            idle_since,
+            "backend.idle_timeout still counts from when the connection went idle"
+        );
 
         assert_eq!(get(&upstream).await.unwrap().len(), BODY);
         assert_eq!(
