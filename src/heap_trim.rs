@@ -8,8 +8,9 @@
 //! thread asks glibc to return its free pages (`malloc_trim(0)`, which
 //! since glibc 2.8 releases whole free pages anywhere in every arena, see
 //! malloc_trim(3)) at most once per [`TRIM_INTERVAL`], and only when at
-//! least [`TRIM_AFTER`] connections freed their buffers since the last
-//! time: a busy proxy whose connections stay busy never trims. Other
+//! least [`TRIM_AFTER`] bytes were freed since the last time (64 client
+//! connections' buffers, or two backend connections' large read buffers):
+//! a busy proxy whose connections stay busy never trims. Other
 //! allocators manage this themselves; this module does nothing there.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,15 +19,24 @@ use std::time::Duration;
 /// Longest time between a burst's end and its memory going back.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Connections that freed their buffers before a trim is worth it (each
-/// frees some 30 KB).
-pub const TRIM_AFTER: u64 = 64;
+/// What one connection's buffers come to when it rests or closes.
+const CONNECTION_BUFFERS: usize = 30 << 10;
 
+/// Bytes freed before a trim is worth it: 64 connections' buffers.
+pub const TRIM_AFTER: u64 = 64 * CONNECTION_BUFFERS as u64;
+
+/// Bytes freed since the last trim.
 static RELEASED: AtomicU64 = AtomicU64::new(0);
 
 /// Notes that a connection freed its buffers (it rested or closed).
 pub fn released() {
-    RELEASED.fetch_add(1, Ordering::Relaxed);
+    released_bytes(CONNECTION_BUFFERS);
+}
+
+/// Notes that about `bytes` were freed (a backend connection's large read
+/// buffers: two of them make a trim worth it).
+pub fn released_bytes(bytes: usize) {
+    RELEASED.fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
 /// Starts the trimming thread (once per process; later calls do nothing).

@@ -55,8 +55,10 @@ use crate::replay::BoxError;
 const MIN_BUF_SIZE: usize = 8192;
 
 /// How long a pooled connection that read in large reads keeps its buffer
-/// and budget share for the next response before they are freed.
-pub const LARGE_READS_REST: Duration = Duration::from_secs(1);
+/// and budget share for the next response before they are freed: long
+/// enough for a client's next part or range request, short enough that a
+/// burst's buffers do not outlive it.
+pub const LARGE_READS_REST: Duration = Duration::from_millis(250);
 
 /// Longest one checkout waits for pooled connections to turn ready.
 const CHECKOUT_WAIT: Duration = Duration::from_millis(50);
@@ -311,7 +313,7 @@ async fn drive<B>(
             return;
         };
         drop(parts.read_buf);
-        crate::heap_trim::released();
+        crate::heap_trim::released_bytes(handshake.budget.share());
         let (sender, opened, large) = match handshake.open(stream).await {
             Ok(opened) => opened,
             Err(error) => {
