@@ -1,13 +1,14 @@
 //! radosgw (Ceph's S3 gateway, the code s3gw runs) as a second real backend:
 //! the harness brings it up, the real SDK client talks to it, and its objects
-//! survive a SIGKILL and restart; plus one wire habit of radosgw that a proxy
-//! must carry through, seen on a raw connection.
+//! survive a SIGKILL and restart; a large object of it comes through the
+//! proxy byte for byte; plus one wire habit of radosgw that a proxy must
+//! carry through, seen on a raw connection.
 
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
 use support::radosgw::RadosGw;
-use support::{object_content, read_object, s3_client, sign_unsigned_payload};
+use support::{ProxyUnderTest, object_content, read_object, s3_client, sign_unsigned_payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -48,6 +49,45 @@ async fn objects_survive_a_sigkill_and_restart() {
 
 /// radosgw writes header names in mixed case (`ETag`, `Content-Length`);
 /// HTTP/1.1 names are case-insensitive, and a proxy is free to lower-case them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_from_radosgw_comes_through_the_proxy_byte_for_byte() {
+    let gateway = RadosGw::start().await.unwrap();
+    let proxy = ProxyUnderTest::start(gateway.address, "").await.unwrap();
+    let direct = s3_client(&gateway.endpoint());
+    let proxied = s3_client(&proxy.endpoint());
+    direct.create_bucket().bucket("large").send().await.unwrap();
+    // Many of radosgw's 4 MiB stripes, read in the proxy's large reads.
+    let content = object_content(3, 40 * 1024 * 1024 + 3);
+    direct
+        .put_object()
+        .bucket("large")
+        .key("object")
+        .body(ByteStream::from(content.clone()))
+        .send()
+        .await
+        .unwrap();
+
+    assert!(read_object(&proxied, "large", "object").await == content);
+    let range = proxied
+        .get_object()
+        .bucket("large")
+        .key("object")
+        .range("bytes=4194000-12583000")
+        .send()
+        .await
+        .unwrap();
+    let ranged = range.body.collect().await.unwrap().into_bytes();
+    assert!(ranged[..] == content[4194000..=12583000], "the range");
+    // And the next small request on what the large reads left behind.
+    let listed = proxied
+        .list_objects_v2()
+        .bucket("large")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.contents().len(), 1);
+}
+
 #[tokio::test]
 async fn response_header_names_arrive_in_mixed_case() {
     let gateway = RadosGw::start().await.unwrap();
