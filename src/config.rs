@@ -87,6 +87,10 @@ pub struct ListenerConfig {
     pub max_headers: usize,
     /// Most bytes in a request head (HTTP/1.1), or in an HTTP/2 header list.
     pub max_head_bytes: usize,
+    /// Largest read of a request body of at least this many bytes, over
+    /// plain HTTP/1.1, within `backend.large_read_memory` (see
+    /// `request_target::BodyReads`). Restart-only.
+    pub max_read_bytes: usize,
     /// A client silent this long in the middle of its request body gets
     /// `408 RequestTimeout` (nginx's `client_body_timeout`).
     pub client_body_timeout: Duration,
@@ -179,7 +183,9 @@ pub struct BackendConfig {
     /// Largest read of a response body that arrives faster than it is read.
     pub max_read_bytes: usize,
     /// Memory all connections together may hold in reads larger than
-    /// `max_head_bytes` (see `read_budget`); 0 keeps reads under it.
+    /// their head limit (see `read_budget`): backend connections reading
+    /// response bodies, and client connections reading large request
+    /// bodies (`listener.max_read_bytes`); 0 keeps reads under it.
     pub large_read_memory: usize,
     pub tls: Option<BackendTlsConfig>,
     /// Find the backend through a Service's EndpointSlices instead of `address`.
@@ -332,6 +338,7 @@ struct RawListener {
     tls: Option<RawListenerTls>,
     max_headers: Option<usize>,
     max_head_bytes: Option<ByteSize>,
+    max_read_bytes: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     client_body_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -536,29 +543,30 @@ fn positive_duration(
     Ok(value)
 }
 
-/// `backend.max_read_bytes` by default: a GiB streamed in reads of 512 KiB
-/// costs about half the CPU it costs in reads of 64 KiB (README,
-/// "Benchmarks").
+/// `backend.max_read_bytes` and `listener.max_read_bytes` by default: a GiB
+/// streamed in reads of 512 KiB costs about half the CPU it costs in reads
+/// of 64 KiB (README, "Benchmarks").
 const DEFAULT_MAX_READ_BYTES: u64 = 512 << 10;
-/// The largest `backend.max_read_bytes`.
+/// The largest `backend.max_read_bytes` and `listener.max_read_bytes`.
 const MAX_READ_BYTES: u64 = 16 << 20;
 /// `backend.large_read_memory` by default: 16 connections reading in reads
 /// of 512 KiB at once (each holds about three reads, see `read_budget`).
 const DEFAULT_LARGE_READ_MEMORY: u64 = 24 << 20;
 
-fn max_read_bytes(value: Option<ByteSize>) -> Result<usize, ConfigError> {
+fn max_read_bytes(key: &'static str, value: Option<ByteSize>) -> Result<usize, ConfigError> {
     let bytes = value.map_or(DEFAULT_MAX_READ_BYTES, |b| b.0);
     if bytes < MIN_HEAD_BYTES {
-        return Err(invalid("backend.max_read_bytes", "must be at least 8KiB"));
+        return Err(invalid(key, "must be at least 8KiB"));
     }
     if bytes > MAX_READ_BYTES {
-        return Err(invalid("backend.max_read_bytes", "must be at most 16MiB"));
+        return Err(invalid(key, "must be at most 16MiB"));
     }
-    usize::try_from(bytes).map_err(|_| invalid("backend.max_read_bytes", "too large"))
+    usize::try_from(bytes).map_err(|_| invalid(key, "too large"))
 }
 
 /// `backend.large_read_memory`: 0 (large reads off) or room for at least
-/// one connection's large reads ([`READS_HELD`] reads of `max_read_bytes`).
+/// one connection's large reads ([`READS_HELD`] reads of the larger of
+/// `backend.max_read_bytes` and `listener.max_read_bytes`).
 fn large_read_memory(value: Option<ByteSize>, max_read_bytes: usize) -> Result<usize, ConfigError> {
     let key = "backend.large_read_memory";
     let bytes = value.map_or(DEFAULT_LARGE_READ_MEMORY, |b| b.0);
@@ -568,7 +576,7 @@ fn large_read_memory(value: Option<ByteSize>, max_read_bytes: usize) -> Result<u
         return Err(invalid(
             key,
             format!(
-                "{bytes} bytes is less than one connection's large reads ({share} bytes: three reads of backend.max_read_bytes); give at least that, or 0 to turn large reads off"
+                "{bytes} bytes is less than one connection's large reads ({share} bytes: three reads of backend.max_read_bytes or listener.max_read_bytes, the larger); give at least that, or 0 to turn large reads off"
             ),
         ));
     }
@@ -913,10 +921,12 @@ impl Config {
                 DEFAULT_MAX_HEADERS,
             )?,
             max_head_bytes: head_bytes("backend.max_head_bytes", raw.backend.max_head_bytes)?,
-            max_read_bytes: max_read_bytes(raw.backend.max_read_bytes)?,
+            max_read_bytes: max_read_bytes("backend.max_read_bytes", raw.backend.max_read_bytes)?,
             large_read_memory: large_read_memory(
                 raw.backend.large_read_memory,
-                max_read_bytes(raw.backend.max_read_bytes)?,
+                max_read_bytes("backend.max_read_bytes", raw.backend.max_read_bytes)?.max(
+                    max_read_bytes("listener.max_read_bytes", raw.listener.max_read_bytes)?,
+                ),
             )?,
             tls: raw
                 .backend
@@ -938,6 +948,7 @@ impl Config {
                 DEFAULT_MAX_HEADERS,
             )?,
             max_head_bytes: head_bytes("listener.max_head_bytes", raw.listener.max_head_bytes)?,
+            max_read_bytes: max_read_bytes("listener.max_read_bytes", raw.listener.max_read_bytes)?,
             client_body_timeout: positive_duration(
                 "listener.client_body_timeout",
                 raw.listener.client_body_timeout,
@@ -1168,6 +1179,7 @@ mod tests {
     fn large_reads_default_to_sixteen_connections_of_512_kib() {
         let config = Config::parse("").unwrap();
         assert_eq!(config.backend.max_read_bytes, 512 << 10);
+        assert_eq!(config.listener.max_read_bytes, 512 << 10);
         assert_eq!(config.backend.large_read_memory, 24 << 20);
     }
 
@@ -1184,6 +1196,14 @@ mod tests {
             error.contains("less than one connection's large reads"),
             "{error}"
         );
+        let error = error_of("[listener]\nmax_read_bytes = \"32MiB\"\n");
+        assert!(error.contains("listener.max_read_bytes"), "{error}");
+        assert!(error.contains("at most 16MiB"), "{error}");
+        // The budget holds one connection's reads of the larger of the two.
+        let error = error_of(
+            "[listener]\nmax_read_bytes = \"8MiB\"\n[backend]\nlarge_read_memory = \"20MiB\"\n",
+        );
+        assert!(error.contains("backend.large_read_memory"), "{error}");
         let off = Config::parse("[backend]\nlarge_read_memory = 0\n").unwrap();
         assert_eq!(off.backend.large_read_memory, 0);
     }

@@ -21,6 +21,14 @@
 //! for each round too ([`Layers`]), and every stage is boxed. Over TLS the
 //! session keeps buffers of its own, so a TLS connection is served in one
 //! round.
+//!
+//! A round's hyper reads at most `listener.max_head_bytes` at once, which
+//! is also its limit on a request head. A large request body over plain TCP
+//! is read in a round of its own whose reads are larger (see
+//! [`crate::request_target::BodyReads`]): the watch stops before its head
+//! (and, in that round, before the first other head) and, once hyper has
+//! answered everything before, the round ends at once and the next begins
+//! with the same watch, which then hands hyper the bytes it kept.
 
 use std::io;
 use std::pin::Pin;
@@ -124,11 +132,28 @@ const FIRST_READ: usize = 4 << 10;
 
 /// Reads the connection's first bytes, until they say which protocol it
 /// speaks ([`TargetWatch::is_http2`]); empty if the client closed first.
+/// (Empty too when the first request starts a round of its own: see
+/// [`TargetWatch::switch_pending`].)
 pub async fn first_bytes<I: AsyncRead + Unpin>(io: &mut TargetWatch<I>) -> io::Result<Bytes> {
     use tokio::io::AsyncReadExt;
+    let switch = io.switch_signal();
+    let switch_due = || {
+        switch
+            .as_ref()
+            .is_some_and(|due| due.load(Ordering::Relaxed))
+    };
     let mut first = BytesMut::with_capacity(FIRST_READ);
     while first.is_empty() || !io.has_started() {
-        if io.read_buf(&mut first).await? == 0 {
+        let mut read = std::pin::pin!(io.read_buf(&mut first));
+        // The watch holds a head for a round of its own: nothing more comes.
+        let read = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+            Poll::Pending if switch_due() => Poll::Ready(None),
+            polled => polled.map(Some),
+        });
+        let Some(read) = read.await else {
+            break;
+        };
+        if read? == 0 {
             break;
         }
     }
@@ -145,8 +170,9 @@ pub trait Layers<R> {
     fn wrap(&self, socket: R) -> TargetWatch<Self::Inner>;
     /// The socket back, at a rest.
     fn unwrap(&self, io: TargetWatch<Self::Inner>) -> R;
-    /// hyper's HTTP/1.1 settings for a round.
-    fn http1(&self) -> http1::Builder;
+    /// hyper's HTTP/1.1 settings for a round, whose reads are large or not
+    /// ([`TargetWatch::reads_large`]).
+    fn http1(&self, large_reads: bool) -> http1::Builder;
 }
 
 /// What a connection's rounds share.
@@ -178,6 +204,8 @@ pub enum Served<R> {
 enum RoundEnd {
     /// The connection rested: serve the next request in a new round.
     Rested,
+    /// The watch holds a head for a round of the other kind.
+    Switched,
     /// hyper ended the connection (`Connection: close`, the client left)
     /// or the proxy is closing: shut the socket down.
     Over,
@@ -186,6 +214,16 @@ enum RoundEnd {
 /// What a connection's first round starts from: its I/O object, when its
 /// first request head is due, and the bytes already read through it.
 pub type Start<I> = (TargetWatch<I>, Instant, Bytes);
+
+/// What comes after a round, with the bytes hyper had read ahead.
+enum Next<R, I> {
+    /// The connection rested: its socket.
+    Rested(R, Bytes),
+    /// A round of the other kind, over the same watch.
+    Switch(Box<TargetWatch<I>>, Bytes),
+    /// Nothing: the socket is shut down.
+    Over,
+}
 
 /// Serves an HTTP/1.1 connection from its [`Start`], in rounds. (The start
 /// comes boxed: the arguments of an `async fn` stay in its future for as
@@ -209,7 +247,11 @@ where
     // (Each future is made in a block of its own: a future stored in a
     // local for the length of the function would be kept in the task too.)
     let first_round = {
-        let (io, head_due, first) = unbox(start);
+        let (mut io, head_due, first) = unbox(start);
+        if first.is_empty() && io.switch_pending() {
+            // The first request needs a round of its own.
+            io.switch_round();
+        }
         Box::pin(one_round(
             io,
             first,
@@ -219,16 +261,26 @@ where
             shutdown,
         ))
     };
-    let mut rested = first_round.await?;
-    while let Some((socket, ahead)) = rested {
-        heap_trim::released();
+    let mut next = first_round.await?;
+    loop {
         // The next request's head is due by then.
         let head_due = Instant::now() + rounds.header_timeout;
-        if ahead.is_empty() {
-            return Ok(Served::Rested { socket, head_due });
-        }
         let round = {
-            let io = rounds.layers.wrap(socket);
+            let (io, ahead) = match next {
+                Next::Over => return Ok(Served::Ended),
+                Next::Switch(io, ahead) => {
+                    let mut io = unbox(io);
+                    io.switch_round();
+                    (io, ahead)
+                }
+                Next::Rested(socket, ahead) => {
+                    heap_trim::released();
+                    if ahead.is_empty() {
+                        return Ok(Served::Rested { socket, head_due });
+                    }
+                    (rounds.layers.wrap(socket), ahead)
+                }
+            };
             Box::pin(one_round(
                 io,
                 ahead,
@@ -238,9 +290,8 @@ where
                 shutdown,
             ))
         };
-        rested = round.await?;
+        next = round.await?;
     }
-    Ok(Served::Ended)
 }
 
 /// The value out of its box, the box freed now. (A box moved out of in
@@ -285,7 +336,8 @@ pub async fn next_bytes(
 }
 
 /// Serves `io` with one hyper connection until it rests (the socket and
-/// the bytes read ahead of hyper) or ends (`None`, the socket shut down).
+/// the bytes read ahead of hyper), needs a round of the other kind (the
+/// watch), or ends (the socket shut down).
 async fn one_round<L, R, S, B>(
     mut io: TargetWatch<L::Inner>,
     ahead: Bytes,
@@ -293,7 +345,7 @@ async fn one_round<L, R, S, B>(
     rounds: &Rounds<L>,
     head_due: Instant,
     shutdown: &mut ShutdownWatch,
-) -> Result<Option<(R, Bytes)>, hyper::Error>
+) -> Result<Next<R, L::Inner>, hyper::Error>
 where
     L: Layers<R>,
     S: HttpService<Incoming, ResBody = B> + Unpin,
@@ -303,13 +355,16 @@ where
     B::Error: Into<BoxError>,
 {
     let resting = io.rest_signal();
+    let switch = io.switch_signal();
     let connection = rounds
         .layers
-        .http1()
+        .http1(io.reads_large())
         .serve_connection(TokioIo::new(Prefixed::new(ahead, io)), service);
     let mut round = Round {
         connection: Box::new(connection),
         resting: &resting,
+        switch: switch.as_deref(),
+        switched: false,
         in_progress: &rounds.in_progress,
         started: &rounds.started,
         started_before: rounds.started.load(Ordering::Acquire),
@@ -326,11 +381,15 @@ where
     match end {
         Ok(RoundEnd::Rested) => {
             let ahead = [unread, parts.read_buf].concat().into();
-            Ok(Some((rounds.layers.unwrap(io), ahead)))
+            Ok(Next::Rested(rounds.layers.unwrap(io), ahead))
+        }
+        Ok(RoundEnd::Switched) => {
+            let ahead = [unread, parts.read_buf].concat().into();
+            Ok(Next::Switch(Box::new(io), ahead))
         }
         Ok(RoundEnd::Over) => {
             shut_down(io).await;
-            Ok(None)
+            Ok(Next::Over)
         }
         Err(error) => {
             // hyper answered what it refused (`400`, `431`) and leaves the
@@ -345,6 +404,11 @@ where
 struct Round<'a, C> {
     connection: Box<C>,
     resting: &'a AtomicBool,
+    /// Set when the watch holds a head for a round of the other kind
+    /// ([`TargetWatch::switch_signal`]).
+    switch: Option<&'a AtomicBool>,
+    /// hyper was asked to end for a round of the other kind.
+    switched: bool,
     in_progress: &'a AtomicUsize,
     started: &'a AtomicU64,
     /// `started` when the round began.
@@ -380,9 +444,10 @@ where
             tokio::select! {
                 ended = std::future::poll_fn(|cx| self.poll_until_rest(cx)) => {
                     ended?;
-                    return Ok(match self.rested && !self.closing {
-                        true => RoundEnd::Rested,
-                        false => RoundEnd::Over,
+                    return Ok(match (self.closing, self.switched, self.rested) {
+                        (false, true, _) => RoundEnd::Switched,
+                        (false, false, true) => RoundEnd::Rested,
+                        _ => RoundEnd::Over,
                     });
                 }
                 () = closing(shutdown), if !self.closing => {
@@ -408,15 +473,21 @@ where
     }
 
     /// Drives hyper; when the stream has rested with no request in
-    /// progress for [`REST_GRACE`], asks hyper to end (it does at once: it
-    /// is idle).
+    /// progress for [`REST_GRACE`], or at once when the watch holds a head
+    /// for a round of the other kind and no request is in progress, asks
+    /// hyper to end (it does at once: it is idle).
     fn poll_until_rest(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
         loop {
             let polled = self.connection.poll_without_shutdown(cx);
-            let at_rest = self.resting.load(Ordering::Relaxed)
-                && self.in_progress.load(Ordering::Acquire) == 0;
-            if polled.is_ready() || self.rested || !self.may_rest {
+            let idle = self.in_progress.load(Ordering::Acquire) == 0;
+            let at_rest = self.resting.load(Ordering::Relaxed) && idle;
+            if polled.is_ready() || self.rested || self.switched || !self.may_rest {
                 return polled;
+            }
+            if idle && self.switch.is_some_and(|due| due.load(Ordering::Relaxed)) {
+                self.switched = true;
+                Pin::new(&mut *self.connection).graceful_shutdown();
+                continue;
             }
             if !at_rest {
                 self.timing_rest = false;

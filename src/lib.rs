@@ -4,7 +4,8 @@
 //! A request arrives on the S3 listener ([`server`], [`listener`]; an idle
 //! HTTP/1.1 connection holds no buffers between requests, [`keep_alive`],
 //! and rests outside any task, [`resting`]; [`heap_trim`] gives the memory
-//! they freed back to the system)
+//! they freed back to the system; a large request body is read in large
+//! reads within the [`read_budget`])
 //! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool (a response body that

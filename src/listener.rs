@@ -43,7 +43,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::keep_alive::{self, Prefixed, Rounds};
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
-use crate::request_target::{Silence, TargetWatch};
+use crate::read_budget::ReadBudget;
+use crate::request_target::{BodyReads, Silence, TargetWatch};
 use crate::response::ProxyBody;
 use crate::resting::Resting;
 use crate::s3_error::ProxyError;
@@ -77,15 +78,22 @@ pub struct S3Listener {
     /// Where plain-HTTP/1.1 connections rest between requests; `None` for
     /// TLS (a TLS connection is served in its task throughout).
     pub resting: Option<RestingConnections>,
+    /// The memory large request bodies are read in (see [`BodyReads`]):
+    /// plain HTTP/1.1 only, whose connections are served in rounds; `None`
+    /// for TLS, or with large reads off.
+    pub read_budget: Option<Arc<ReadBudget>>,
 }
 
 /// What a client connection may send and how long it may take: a larger
-/// head than `max_headers` / `max_head_bytes` gets `431`; the timeouts are
+/// head than `max_headers` / `max_head_bytes` gets `431`; a request body of
+/// at least `max_read_bytes` is read in reads of up to that many bytes
+/// (plain HTTP/1.1, see [`BodyReads`]); the timeouts are
 /// `listener.header_timeout` and `listener.send_timeout`.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
     pub max_headers: usize,
     pub max_head_bytes: usize,
+    pub max_read_bytes: usize,
     pub header_timeout: Duration,
     pub send_timeout: Duration,
 }
@@ -173,6 +181,7 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
         shutdown: listener.shutdown.clone(),
         _slot: slot,
         resting: listener.resting.clone(),
+        read_budget: listener.read_budget.clone(),
     };
     match listener.tls.clone() {
         None => {
@@ -243,6 +252,19 @@ struct Connection {
     _slot: ConnectionSlot,
     /// Where the connection rests between requests (plain TCP only).
     resting: Option<RestingConnections>,
+    /// For large request bodies (plain TCP only, see [`BodyReads`]).
+    read_budget: Option<Arc<ReadBudget>>,
+}
+
+impl Connection {
+    /// How this connection's socket is wrapped for hyper.
+    fn layers(&self) -> ClientLayers {
+        ClientLayers {
+            peer: Arc::clone(&self.peer),
+            limits: self.limits,
+            read_budget: self.read_budget.clone(),
+        }
+    }
 }
 
 /// What the requests of one connection tell its shutdown watch: that it
@@ -258,12 +280,13 @@ struct GoAway {
 struct ClientLayers {
     peer: Arc<Peer>,
     limits: ClientLimits,
+    read_budget: Option<Arc<ReadBudget>>,
 }
 
 impl ClientLayers {
     fn watch<I>(&self, socket: I) -> TargetWatch<SendTimeout<I>> {
         let (limits, peer) = (&self.limits, &self.peer);
-        TargetWatch::new(
+        let watch = TargetWatch::new(
             SendTimeout::new(socket, limits.send_timeout),
             Arc::clone(&peer.cut_targets),
             limits.max_head_bytes,
@@ -276,7 +299,13 @@ impl ClientLayers {
                 Arc::clone(&peer.paces),
                 limits.send_timeout,
             ),
-        )
+        );
+        match &self.read_budget {
+            Some(budget) if limits.max_read_bytes > limits.max_head_bytes => {
+                watch.with_body_reads(BodyReads::new(Arc::clone(budget), limits.max_read_bytes))
+            }
+            _ => watch,
+        }
     }
 }
 
@@ -291,8 +320,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
         io.into_inner().into_inner()
     }
 
-    fn http1(&self) -> http1::Builder {
+    fn http1(&self, large_reads: bool) -> http1::Builder {
         let limits = &self.limits;
+        // hyper's largest read is also its limit on a head and on the
+        // response bytes it queues: larger only in a round the watch keeps
+        // to one large request body at a time (see `BodyReads`).
+        let max_buf_size = match large_reads {
+            true => limits.max_head_bytes.max(limits.max_read_bytes),
+            false => limits.max_head_bytes,
+        };
         let mut builder = http1::Builder::new();
         builder
             // Header names reach the backend, and come back, as written.
@@ -302,7 +338,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .max_headers(limits.max_headers)
-            .max_buf_size(limits.max_head_bytes);
+            .max_buf_size(max_buf_size);
         builder
     }
 }
@@ -337,10 +373,7 @@ where
 {
     let serving: Serving = {
         let head_due = tokio::time::Instant::now() + connection.limits.header_timeout;
-        let layers = ClientLayers {
-            peer: Arc::clone(&connection.peer),
-            limits: connection.limits,
-        };
+        let layers = connection.layers();
         // The first bytes say HTTP/1.1, or HTTP/2 by its preface (after
         // ALPN `h2`, or with prior knowledge over plain TCP). Read in this
         // block, so that the space for what it returns is not kept in the
@@ -499,10 +532,7 @@ async fn rest_until_next_bytes(
         }
         Err(socket) => {
             let tcp = socket.shared();
-            let layers = ClientLayers {
-                peer: Arc::clone(&connection.peer),
-                limits: connection.limits,
-            };
+            let layers = connection.layers();
             let next = keep_alive::next_bytes(&tcp, head_due, &mut connection.shutdown).await;
             drop(tcp);
             if !next {
@@ -542,6 +572,7 @@ impl From<Connection> for ParkedConnection {
 pub fn resting_connections(
     proxy: Arc<Proxy>,
     limits: ClientLimits,
+    read_budget: Option<Arc<ReadBudget>>,
 ) -> std::io::Result<RestingConnections> {
     Resting::start(
         tokio::runtime::Handle::current(),
@@ -550,6 +581,7 @@ pub fn resting_connections(
                 proxy: Arc::clone(&proxy),
                 limits,
                 resting,
+                read_budget: read_budget.clone(),
             };
             Box::pin(resume(stream, head_due.into(), kept, resumed))
         }),
@@ -561,6 +593,7 @@ struct Resumed {
     proxy: Arc<Proxy>,
     limits: ClientLimits,
     resting: RestingConnections,
+    read_budget: Option<Arc<ReadBudget>>,
 }
 
 /// A parked connection back from [`Resting`]: its socket had bytes.
@@ -579,11 +612,9 @@ async fn resume(
         shutdown: kept.shutdown,
         _slot: kept.slot,
         resting: Some(resumed.resting),
+        read_budget: resumed.read_budget,
     };
-    let layers = ClientLayers {
-        peer: Arc::clone(&connection.peer),
-        limits: connection.limits,
-    };
+    let layers = connection.layers();
     let io = keep_alive::Layers::wrap(&layers, socket);
     let start = Box::new((io, head_due, Bytes::new()));
     serve_http1_connection(start, layers, connection).await;
@@ -603,7 +634,8 @@ async fn sniff<I: AsyncRead + AsyncWrite + Unpin>(
         _ = shutdown.wait_for(|phase| *phase == Phase::Closing) => return None,
     };
     match first {
-        Ok(first) if !first.is_empty() => Some((io, first)),
+        // (Empty, and the first request waits for a round of its own.)
+        Ok(first) if !first.is_empty() || io.switch_pending() => Some((io, first)),
         Ok(_) => {
             // The client closed, or its first request line was refused:
             // the refusal is written as the connection shuts down.

@@ -1,5 +1,5 @@
-//! Large reads of backend response bodies, within one memory budget for
-//! the whole process.
+//! Large reads of bodies (backend responses, and client uploads over plain
+//! HTTP/1.1), within one memory budget for the whole process.
 //!
 //! hyper reads a connection into one buffer, whose largest size
 //! (`max_buf_size`) is also its limit on a message head, and a buffer once
@@ -12,7 +12,9 @@
 //! read comes back full (the body arrives faster than it is read) and the
 //! [`ReadBudget`] has room for one more large buffer; from then on as much
 //! as hyper asks. The connection keeps its share until the upstream rebuilds
-//! hyper's side of it (which frees the buffer) or closes it.
+//! hyper's side of it (which frees the buffer) or closes it. A client's
+//! large request body takes a share of the same budget for the round of
+//! its own it is read in ([`crate::keep_alive`]).
 
 use std::io;
 use std::pin::Pin;
@@ -57,29 +59,35 @@ impl ReadBudget {
         self.available.load(Ordering::Relaxed)
     }
 
-    fn take(self: &Arc<Self>) -> Option<Share> {
+    /// `bytes` of the budget, if it has them left.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> Option<Share> {
         self.available
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(self.share)
+                left.checked_sub(bytes)
             })
             .ok()?;
         Some(Share {
             budget: Arc::clone(self),
+            bytes,
         })
     }
 }
 
-/// One connection's part of the budget, given back when dropped.
+/// One connection's part of the budget, given back when dropped (the
+/// large buffers it stood for are freed by then, and counted toward the
+/// next heap trim).
 #[derive(Debug)]
-struct Share {
+pub struct Share {
     budget: Arc<ReadBudget>,
+    bytes: usize,
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
         self.budget
             .available
-            .fetch_add(self.budget.share, Ordering::AcqRel);
+            .fetch_add(self.bytes, Ordering::AcqRel);
+        crate::heap_trim::released_bytes(self.bytes);
     }
 }
 
@@ -157,7 +165,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BudgetedRead<T> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         if buf.filled().len() - before == this.small_read {
-            this.share = this.budget.take();
+            this.share = this.budget.take(this.budget.share);
             if this.share.is_some() {
                 this.large.0.store(true, Ordering::Relaxed);
             }

@@ -74,6 +74,7 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("listener.tls", listener.tls);
     keep!("listener.max_headers", listener.max_headers);
     keep!("listener.max_head_bytes", listener.max_head_bytes);
+    keep!("listener.max_read_bytes", listener.max_read_bytes);
     keep!("listener.header_timeout", listener.header_timeout);
     keep!("listener.send_timeout", listener.send_timeout);
     if keep!("listener.max_connections", listener.max_connections) {

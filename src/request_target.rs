@@ -22,6 +22,12 @@
 //! connection. Until a request line is whole, its bytes are held back from
 //! hyper, so it never holds part of a refused request.
 //!
+//! A large request body over plain HTTP/1.1 is read in a hyper connection
+//! of its own whose reads are large ([`BodyReads`]): the watch stops before
+//! the head of such a request, and before the first other head after it,
+//! until hyper has answered everything before, and the connection's next
+//! round starts there ([`crate::keep_alive`]).
+//!
 //! On an HTTP/2 connection the request heads are followed frame by frame
 //! and decoded ([`crate::h2_heads`]): a `:path` with a raw `#` is recorded
 //! and refused the same way. Bytes hyper refuses for another reason end the
@@ -43,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access_log::next_request_id;
 use crate::h2_heads::{self, H2Heads, RequestHead};
+use crate::read_budget::{READS_HELD, ReadBudget, Share};
 use crate::s3_error::ProxyError;
 
 /// Refused request lines remembered at once per connection; a client that
@@ -132,6 +139,80 @@ pub struct TargetWatch<I> {
     /// Set while the stream rests between HTTP/1.1 requests with hyper
     /// waiting for the next one (see [`TargetWatch::rest_signal`]).
     resting: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Large request bodies in rounds of their own (plain HTTP/1.1).
+    body_reads: Option<Box<BodyReads>>,
+}
+
+/// How a plain HTTP/1.1 connection reads large request bodies.
+///
+/// hyper's largest read (`max_buf_size`) is also its limit on a request
+/// head and on the response bytes it queues, so the rounds a connection is
+/// served in ([`crate::keep_alive`]) keep it at `listener.max_head_bytes`;
+/// a request whose `Content-Length` body is at least
+/// `listener.max_read_bytes` and whose head fits that limit is served in a
+/// round whose hyper reads up to `listener.max_read_bytes` at once, while
+/// the [`ReadBudget`] has room for one more connection's large reads. That
+/// round takes only such requests: at any other head the watch stops, and
+/// the next round is an ordinary one. A head that does not come whole in
+/// one read goes to an ordinary round.
+#[derive(Debug)]
+pub struct BodyReads {
+    budget: Arc<ReadBudget>,
+    /// What one connection's large reads take from the budget.
+    share_bytes: usize,
+    /// The smallest body read in a round of its own (`listener.max_read_bytes`).
+    min_body: u64,
+    /// Held while the connection may read large (hyper's buffer may grow).
+    share: Option<Share>,
+    /// The round being served reads large.
+    large_round: bool,
+    /// Read, not followed yet: from a head that needs a round of the other
+    /// kind on; followed when that round starts (`replay`).
+    unfollowed: Vec<u8>,
+    /// The round `unfollowed` waits for has started.
+    replay: bool,
+    /// hyper has everything before `unfollowed` and waits for more: the
+    /// round may end (see [`TargetWatch::switch_signal`]).
+    switch_due: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BodyReads {
+    /// Large reads of up to `max_read_bytes` within `budget`.
+    pub fn new(budget: Arc<ReadBudget>, max_read_bytes: usize) -> BodyReads {
+        BodyReads {
+            budget,
+            share_bytes: max_read_bytes.saturating_mul(READS_HELD),
+            min_body: max_read_bytes as u64,
+            share: None,
+            large_round: false,
+            unfollowed: Vec::new(),
+            replay: false,
+            switch_due: Arc::default(),
+        }
+    }
+
+    /// Whether a complete head of `length` bytes whose body is framed so
+    /// goes to a round of the other kind than this one (taking the share a
+    /// large round needs).
+    fn switches_at(&mut self, length: usize, body: Framing, max_head: usize) -> bool {
+        let large_body =
+            length <= max_head && matches!(body, Framing::Body(bytes) if bytes >= self.min_body);
+        match (self.large_round, large_body) {
+            (false, true) => {
+                if self.share.is_none() {
+                    self.share = self.budget.take(self.share_bytes);
+                }
+                self.share.is_some()
+            }
+            (true, false) => true,
+            _ => false,
+        }
+    }
+
+    /// Waiting for a round of the other kind.
+    fn switching(&self) -> bool {
+        !self.unfollowed.is_empty() && !self.replay
+    }
 }
 
 /// The framing fields of a head taken line by line, and its length so far.
@@ -226,6 +307,9 @@ enum Stop {
     Withhold(usize),
     /// A request line hyper would refuse starts at this offset.
     Refuse(usize),
+    /// A head that needs a round of the other kind starts at this offset
+    /// (see [`BodyReads`]).
+    Switch(usize),
 }
 
 /// Where the connection's byte stream is.
@@ -273,7 +357,51 @@ impl<I> TargetWatch<I> {
             started: false,
             h2: None,
             resting: None,
+            body_reads: None,
         }
+    }
+
+    /// Reads large request bodies in rounds of their own (see [`BodyReads`]).
+    pub fn with_body_reads(mut self, reads: BodyReads) -> TargetWatch<I> {
+        self.body_reads = Some(Box::new(reads));
+        self
+    }
+
+    /// A flag the watch sets when it waits for a round of the other kind
+    /// (see [`BodyReads`]): hyper has every byte before the head that needs
+    /// it and asked for more. `None` without large body reads.
+    pub fn switch_signal(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        let reads = self.body_reads.as_deref()?;
+        Some(Arc::clone(&reads.switch_due))
+    }
+
+    /// The watch waits for a round of the other kind.
+    pub fn switch_pending(&self) -> bool {
+        self.body_reads.as_deref().is_some_and(BodyReads::switching)
+    }
+
+    /// The round being served reads large (hyper's buffer may be as large
+    /// as `listener.max_read_bytes`).
+    pub fn reads_large(&self) -> bool {
+        self.body_reads
+            .as_deref()
+            .is_some_and(|reads| reads.large_round)
+    }
+
+    /// A round of the other kind starts: the bytes held for it are followed
+    /// now, and leaving a large round gives its share back.
+    pub fn switch_round(&mut self) {
+        let Some(reads) = self.body_reads.as_deref_mut() else {
+            return;
+        };
+        reads.large_round = !reads.large_round;
+        if !reads.large_round {
+            reads.share = None;
+        }
+        reads.replay = true;
+        reads
+            .switch_due
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The watch of a connection that served a request and rested (its
@@ -317,6 +445,10 @@ impl<I> TargetWatch<I> {
             && self.withheld.is_empty()
             && self.released.is_empty()
             && self.refusal.is_none()
+            && self
+                .body_reads
+                .as_deref()
+                .is_none_or(|reads| reads.unfollowed.is_empty())
     }
 
     /// Records whether a read (or write) left the connection at rest.
@@ -352,6 +484,7 @@ impl<I> TargetWatch<I> {
                         return Some(match stop {
                             Stop::Withhold(_) => Stop::Withhold(at),
                             Stop::Refuse(_) => Stop::Refuse(at),
+                            Stop::Switch(_) => Stop::Switch(at),
                         });
                     }
                 },
@@ -407,7 +540,20 @@ impl<I> TargetWatch<I> {
             return Ok(read);
         }
         // The common case, a head within one read, is parsed in place.
-        match parse_head(read) {
+        let parsed = parse_head(read);
+        if let Some(reads) = self.body_reads.as_deref_mut() {
+            let switches = match &parsed {
+                Head::Complete { length, body, .. } => {
+                    reads.switches_at(*length, *body, self.max_head)
+                }
+                // A large round takes only heads whole in one read.
+                _ => reads.large_round,
+            };
+            if switches {
+                return Err(Stop::Switch(0));
+            }
+        }
+        match parsed {
             Head::RefusedTarget => Err(Stop::Refuse(0)),
             Head::Invalid => Ok(self.lose()),
             Head::Complete { length, cut, body } => {
@@ -736,7 +882,38 @@ impl<I> TargetWatch<I> {
                 self.lose();
                 at
             }
+            Some(Stop::Switch(at)) => {
+                if let Some(reads) = self.body_reads.as_deref_mut() {
+                    reads.unfollowed = read[at..].to_vec();
+                    reads.replay = false;
+                }
+                at
+            }
         }
+    }
+
+    /// Bytes held for a round of the other kind: followed once it started
+    /// (queued for hyper as far as approved); until then, `true` (and hyper
+    /// is told to wait).
+    fn held_for_a_switch(&mut self) -> bool {
+        let Some(reads) = self.body_reads.as_deref_mut() else {
+            return false;
+        };
+        if reads.unfollowed.is_empty() {
+            return false;
+        }
+        if !reads.replay {
+            reads
+                .switch_due
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        reads.replay = false;
+        let mut bytes = std::mem::take(&mut reads.unfollowed);
+        let approved = self.follow(&bytes);
+        bytes.truncate(approved);
+        self.released = bytes;
+        false
     }
 
     /// Follows bytes read after a withheld request start, and queues what
@@ -892,6 +1069,13 @@ impl<I: AsyncRead + Unpin> TargetWatch<I> {
             if this.refusal.is_some() {
                 // hyper's input ends before the refused request.
                 return Poll::Ready(Ok(()));
+            }
+            if this.held_for_a_switch() {
+                // The round ends once hyper has answered what it has.
+                return Poll::Pending;
+            }
+            if !this.released.is_empty() {
+                continue;
             }
             if let Poll::Ready(stalled) = this.client_stalled(cx) {
                 return Poll::Ready(Err(stalled));
@@ -1073,6 +1257,128 @@ mod tests {
         watch.read_to_end(&mut hyper_read).await.unwrap();
         watch.shutdown().await.unwrap();
         (hyper_read, watch.inner.written)
+    }
+
+    const HEAD_LIMIT: usize = 64 << 10;
+    const MAX_READ: usize = 512 << 10;
+    const SHARE: usize = READS_HELD * MAX_READ;
+
+    /// A watch with large body reads over a client that sends `reads`.
+    fn large_body_watch(budget: &Arc<ReadBudget>, reads: Vec<Vec<u8>>) -> TargetWatch<Client> {
+        let client = Client {
+            reads: reads.into(),
+            written: Vec::new(),
+        };
+        TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
+            .with_body_reads(BodyReads::new(Arc::clone(budget), MAX_READ))
+    }
+
+    /// One read by hyper with room for `MAX_READ` bytes: what it got, or
+    /// `None` when told to wait.
+    fn hyper_reads(watch: &mut TargetWatch<Client>) -> Option<Vec<u8>> {
+        let mut room = vec![0u8; MAX_READ];
+        let mut buf = ReadBuf::new(&mut room);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(watch).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(read) => {
+                read.unwrap();
+                Some(buf.filled().to_vec())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    fn put_head(body: usize) -> Vec<u8> {
+        format!("PUT /b/k HTTP/1.1\r\nHost: s3\r\nContent-Length: {body}\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn a_large_body_is_read_in_a_round_of_its_own_with_a_share_of_the_budget() {
+        let budget = Arc::new(ReadBudget::new(4 * SHARE, MAX_READ));
+        let get = b"GET /b/small HTTP/1.1\r\nHost: s3\r\n\r\n".to_vec();
+        let body = vec![7u8; 1 << 20];
+        let first_read = [get.clone(), put_head(body.len()), body[..1000].to_vec()].concat();
+        let rest_of_body = body[1000..].to_vec();
+        let mut watch = large_body_watch(&budget, vec![first_read, rest_of_body, get.clone()]);
+        let switch = watch.switch_signal().unwrap();
+
+        assert_eq!(
+            hyper_reads(&mut watch).unwrap(),
+            get,
+            "what comes before goes as it is"
+        );
+        assert_eq!(
+            hyper_reads(&mut watch),
+            None,
+            "hyper waits for the next round"
+        );
+        assert!(switch.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(watch.switch_pending() && !watch.reads_large());
+        assert_eq!(
+            budget.available(),
+            3 * SHARE,
+            "the large round's share is taken"
+        );
+
+        watch.switch_round();
+        assert!(watch.reads_large());
+        assert!(!switch.load(std::sync::atomic::Ordering::Relaxed));
+        let mut large_round = Vec::new();
+        while let Some(read) = hyper_reads(&mut watch) {
+            large_round.extend(read);
+        }
+        assert_eq!(
+            large_round,
+            [put_head(body.len()), body].concat(),
+            "the PUT whole, nothing after it"
+        );
+        assert!(switch.load(std::sync::atomic::Ordering::Relaxed));
+
+        watch.switch_round();
+        assert!(!watch.reads_large());
+        assert_eq!(
+            budget.available(),
+            4 * SHARE,
+            "an ordinary round gives the share back"
+        );
+        assert_eq!(hyper_reads(&mut watch).unwrap(), get);
+    }
+
+    #[test]
+    fn a_head_over_the_limit_in_pieces_or_past_the_budget_stays_in_an_ordinary_round() {
+        let long_head = [
+            b"PUT /b/k HTTP/1.1\r\nX-Amz-Meta-Long: ".to_vec(),
+            vec![b'a'; HEAD_LIMIT],
+            b"\r\nContent-Length: 1048576\r\n\r\n".to_vec(),
+        ]
+        .concat();
+        let in_pieces = put_head(1 << 20);
+        let (start, end) = in_pieces.split_at(20);
+        let cases = [
+            ("a head over listener.max_head_bytes", vec![long_head]),
+            ("a head in two reads", vec![start.to_vec(), end.to_vec()]),
+            (
+                "a body under listener.max_read_bytes",
+                vec![put_head(MAX_READ - 1)],
+            ),
+        ];
+        for (case, reads) in cases {
+            let budget = Arc::new(ReadBudget::new(4 * SHARE, MAX_READ));
+            let mut watch = large_body_watch(&budget, reads);
+            while hyper_reads(&mut watch).is_some_and(|read| !read.is_empty()) {}
+            assert!(!watch.switch_pending(), "{case}");
+            assert_eq!(budget.available(), 4 * SHARE, "{case}");
+        }
+
+        let spent = Arc::new(ReadBudget::new(4 * SHARE, MAX_READ));
+        let _others: Vec<_> = (0..4).map(|_| spent.take(SHARE).unwrap()).collect();
+        let mut watch = large_body_watch(&spent, vec![put_head(1 << 20)]);
+        assert_eq!(
+            hyper_reads(&mut watch).unwrap(),
+            put_head(1 << 20),
+            "past the budget"
+        );
+        assert!(!watch.switch_pending());
     }
 
     #[tokio::test]

@@ -238,7 +238,14 @@ pub async fn run_with_reload(
         config.backend.large_read_memory,
         config.backend.max_read_bytes,
     ));
-    let upstream = Upstream::new(settings.upstream, Arc::clone(&target), read_budget);
+    let upstream = Upstream::new(
+        settings.upstream,
+        Arc::clone(&target),
+        Arc::clone(&read_budget),
+    );
+    // Large request bodies share it (plain HTTP/1.1: a TLS connection is
+    // served in one round).
+    let body_budget = (config.backend.large_read_memory > 0).then_some(read_budget);
     let prober = Arc::new(Prober::new(
         Arc::clone(&gate),
         Arc::clone(&target),
@@ -320,7 +327,7 @@ pub async fn run_with_reload(
     let (stop_accepting, stop) = watch::channel(false);
     let limits = settings.client_limits;
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
-    let resting = resting_connections(Arc::clone(&proxy), limits)?;
+    let resting = resting_connections(Arc::clone(&proxy), limits, body_budget.clone())?;
     // Resting connections are closed with the idle ones.
     tokio::spawn({
         let resting = resting.clone();
@@ -337,6 +344,7 @@ pub async fn run_with_reload(
         slots: Arc::clone(&slots),
         shutdown: shutdown_phases.watch(),
         resting: Some(resting),
+        read_budget: body_budget,
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -348,6 +356,7 @@ pub async fn run_with_reload(
                 slots,
                 shutdown: shutdown_phases.watch(),
                 resting: None,
+                read_budget: None,
             })
         }
         _ => None,

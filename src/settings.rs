@@ -105,6 +105,7 @@ fn client_limits(config: &Config) -> ClientLimits {
     ClientLimits {
         max_headers: config.listener.max_headers,
         max_head_bytes: config.listener.max_head_bytes,
+        max_read_bytes: config.listener.max_read_bytes,
         header_timeout: config.listener.header_timeout,
         send_timeout: config.listener.send_timeout,
     }

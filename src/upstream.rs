@@ -313,7 +313,6 @@ async fn drive<B>(
             return;
         };
         drop(parts.read_buf);
-        crate::heap_trim::released_bytes(handshake.budget.share());
         let (sender, opened, large) = match handshake.open(stream).await {
             Ok(opened) => opened,
             Err(error) => {

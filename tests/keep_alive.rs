@@ -2,6 +2,8 @@
 //! that follow on it are served as if it had never rested: one after
 //! another, pipelined in one write, or a head trickled in pieces, each
 //! answered in order with the backend's answer (s3s-fs, through the binary).
+//! Large uploads, which are read in rounds of their own with large reads,
+//! are answered in order among the other requests however they arrive.
 
 use std::net::SocketAddr;
 
@@ -98,6 +100,94 @@ async fn requests_after_a_rest_are_answered_in_order_however_they_arrive() {
         read_response(&mut stream).await,
         (200, "trickled value".to_owned())
     );
+}
+
+/// A body of `length` printable bytes that starts with `tag`.
+fn content(tag: &str, length: usize) -> String {
+    let mut body = tag.to_owned();
+    while body.len() < length {
+        body.push_str("0123456789abcdefghijklmnopqrstuvwxyz");
+    }
+    body.truncate(length);
+    body
+}
+
+/// Uploads over `listener.max_read_bytes` (512 KiB) go to a hyper connection
+/// of their own with large reads, and back: as a connection's first
+/// request, pipelined between other requests, two in a row, and with
+/// `Expect: 100-continue`, each answered in order, every object stored
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_uploads_among_other_requests_are_answered_in_order_and_stored_whole() {
+    const LARGE: usize = 3 << 20;
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_in_front_of(&backend).await;
+    let address = proxy.address();
+    let put = |key: &str, body: &str| request(address, "PUT", &format!("/rests/{key}"), body);
+    let get = |key: &str| request(address, "GET", &format!("/rests/{key}"), "");
+    let first = content("first", LARGE);
+    let second = content("second", LARGE);
+    let third = content("third", LARGE + 1);
+
+    // The connection's first request.
+    let (mut reader, mut writer) = TcpStream::connect(address).await.unwrap().into_split();
+    writer.write_all(&put("first", &first)).await.unwrap();
+    assert_eq!(read_response(&mut reader).await.0, 200, "PUT first");
+
+    // Pipelined in one write (answers read meanwhile, as a pipelining
+    // client must): a GET, a large PUT, a GET of it, two large PUTs in a
+    // row, a small PUT.
+    let pipelined = [
+        get("first"),
+        put("second", &second),
+        get("second"),
+        put("third", &third),
+        put("fourth", &first),
+        put("small", "small value"),
+    ]
+    .concat();
+    let sending = tokio::spawn(async move {
+        writer.write_all(&pipelined).await.unwrap();
+        writer
+    });
+    let answers = [
+        (200, first.clone()),
+        (200, String::new()),
+        (200, second.clone()),
+        (200, String::new()),
+        (200, String::new()),
+        (200, String::new()),
+    ];
+    for (i, expected) in answers.into_iter().enumerate() {
+        assert_eq!(read_response(&mut reader).await, expected, "answer {i}");
+    }
+    let mut writer = sending.await.unwrap();
+
+    // With `Expect: 100-continue`: the body goes once the 100 came.
+    let expecting = put("expected", &second);
+    let head_end = expecting.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(expecting[..head_end].to_vec()).unwrap();
+    let head = format!("{head}\r\nExpect: 100-continue\r\n\r\n");
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    reader.read_exact(&mut interim).await.unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    writer.write_all(second.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut reader).await.0, 200, "PUT expected");
+
+    for (key, value) in [
+        ("third", &third),
+        ("fourth", &first),
+        ("expected", &second),
+        ("small", &"small value".to_owned()),
+    ] {
+        writer.write_all(&get(key)).await.unwrap();
+        assert_eq!(
+            read_response(&mut reader).await,
+            (200, value.clone()),
+            "GET {key}"
+        );
+    }
 }
 
 /// Each of 2 000 idle keep-alive connections that served one request costs
