@@ -300,6 +300,16 @@ struct Refusal {
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
 
+/// What the bytes held for a round of the other kind came to.
+enum Held {
+    /// None are held.
+    Nothing,
+    /// They wait for the round to start.
+    Waiting,
+    /// The round started and they were followed.
+    Followed,
+}
+
 /// Where following a read stopped short of its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -892,28 +902,28 @@ impl<I> TargetWatch<I> {
         }
     }
 
-    /// Bytes held for a round of the other kind: followed once it started
-    /// (queued for hyper as far as approved); until then, `true` (and hyper
-    /// is told to wait).
-    fn held_for_a_switch(&mut self) -> bool {
+    /// Bytes held for a round of the other kind: until it starts, hyper
+    /// is told to wait; once it has, they are followed as if just read
+    /// (queued for hyper as far as approved).
+    fn held_for_a_switch(&mut self) -> Held {
         let Some(reads) = self.body_reads.as_deref_mut() else {
-            return false;
+            return Held::Nothing;
         };
         if reads.unfollowed.is_empty() {
-            return false;
+            return Held::Nothing;
         }
         if !reads.replay {
             reads
                 .switch_due
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            return true;
+            return Held::Waiting;
         }
         reads.replay = false;
         let mut bytes = std::mem::take(&mut reads.unfollowed);
         let approved = self.follow(&bytes);
         bytes.truncate(approved);
         self.released = bytes;
-        false
+        Held::Followed
     }
 
     /// Follows bytes read after a withheld request start, and queues what
@@ -1070,12 +1080,12 @@ impl<I: AsyncRead + Unpin> TargetWatch<I> {
                 // hyper's input ends before the refused request.
                 return Poll::Ready(Ok(()));
             }
-            if this.held_for_a_switch() {
+            match this.held_for_a_switch() {
                 // The round ends once hyper has answered what it has.
-                return Poll::Pending;
-            }
-            if !this.released.is_empty() {
-                continue;
+                Held::Waiting => return Poll::Pending,
+                // Approved, refused, or held again: as after a read.
+                Held::Followed => continue,
+                Held::Nothing => {}
             }
             if let Poll::Ready(stalled) = this.client_stalled(cx) {
                 return Poll::Ready(Err(stalled));
@@ -1206,6 +1216,9 @@ mod tests {
     struct Client {
         reads: VecDeque<Vec<u8>>,
         written: Vec<u8>,
+        /// Past `reads`, the client waits (its connection open) instead of
+        /// ending it.
+        stays_open: bool,
     }
 
     impl AsyncRead for Client {
@@ -1214,6 +1227,9 @@ mod tests {
             _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
+            if self.reads.is_empty() && self.stays_open {
+                return Poll::Pending;
+            }
             if let Some(mut read) = self.reads.pop_front() {
                 if read.len() > buf.remaining() {
                     let rest = read.split_off(buf.remaining());
@@ -1250,7 +1266,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let client = Client {
             reads: reads.iter().map(|read| read.to_vec()).collect(),
-            written: Vec::new(),
+            ..Client::default()
         };
         let mut watch = TargetWatch::new(client, Arc::default(), 1 << 20, silence());
         let mut hyper_read = Vec::new();
@@ -1267,7 +1283,8 @@ mod tests {
     fn large_body_watch(budget: &Arc<ReadBudget>, reads: Vec<Vec<u8>>) -> TargetWatch<Client> {
         let client = Client {
             reads: reads.into(),
-            written: Vec::new(),
+            stays_open: true,
+            ..Client::default()
         };
         TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
             .with_body_reads(BodyReads::new(Arc::clone(budget), MAX_READ))
@@ -1342,6 +1359,31 @@ mod tests {
             "an ordinary round gives the share back"
         );
         assert_eq!(hyper_reads(&mut watch).unwrap(), get);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_target_right_after_a_large_body_is_answered_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let budget = Arc::new(ReadBudget::new(4 * SHARE, MAX_READ));
+        let body = vec![7u8; 1 << 20];
+        let refused = b"GET /a<b HTTP/1.1\r\nHost: s3\r\n\r\n".to_vec();
+        let read = [put_head(body.len()), body.clone(), refused].concat();
+        let mut watch = large_body_watch(&budget, vec![read]);
+        assert_eq!(hyper_reads(&mut watch), None);
+        watch.switch_round();
+        let mut large_round = Vec::new();
+        while let Some(read) = hyper_reads(&mut watch) {
+            large_round.extend(read);
+        }
+        assert_eq!(large_round, [put_head(body.len()), body].concat());
+        watch.switch_round();
+        assert_eq!(
+            hyper_reads(&mut watch),
+            Some(Vec::new()),
+            "hyper's input ends before the refused request, while the client stays"
+        );
+        watch.shutdown().await.unwrap();
+        assert!(watch.inner.written.starts_with(b"HTTP/1.1 400"));
     }
 
     #[test]
