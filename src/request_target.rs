@@ -22,6 +22,12 @@
 //! connection. Until a request line is whole, its bytes are held back from
 //! hyper, so it never holds part of a refused request.
 //!
+//! A request head longer than `listener.max_head_bytes`, counted as sent,
+//! is refused the same way, with hyper's own `431` and its bytes: hyper's
+//! own check counts its read buffer, which grows past the limit on a
+//! connection that has served requests (heads of up to about 120 KiB got
+//! through).
+//!
 //! A large request body over plain HTTP/1.1 is read in a hyper connection
 //! of its own whose reads are large ([`BodyReads`]): the watch stops before
 //! the head of such a request, and before the first other head after it,
@@ -320,6 +326,20 @@ enum Stop {
     /// A head that needs a round of the other kind starts at this offset
     /// (see [`BodyReads`]).
     Switch(usize),
+    /// The head being read passes `listener.max_head_bytes` at this offset.
+    TooLarge(usize),
+}
+
+impl Stop {
+    /// The same stop at offset `at` of a read.
+    fn at(self, at: usize) -> Stop {
+        match self {
+            Stop::Withhold(_) => Stop::Withhold(at),
+            Stop::Refuse(_) => Stop::Refuse(at),
+            Stop::Switch(_) => Stop::Switch(at),
+            Stop::TooLarge(_) => Stop::TooLarge(at),
+        }
+    }
 }
 
 /// Where the connection's byte stream is.
@@ -345,8 +365,9 @@ enum Framing {
 }
 
 impl<I> TargetWatch<I> {
-    /// Follows `inner`; heads longer than `max_head` bytes (which hyper
-    /// refuses too, `listener.max_head_bytes`) end the watch.
+    /// Follows `inner`; a head longer than `max_head` bytes
+    /// (`listener.max_head_bytes`) is refused with hyper's own `431`, before
+    /// hyper holds that many bytes of it.
     pub fn new(
         inner: I,
         cut: Arc<CutTargets>,
@@ -490,17 +511,14 @@ impl<I> TargetWatch<I> {
                 }
                 Framing::Head => match self.head(read) {
                     Ok(rest) => rest,
-                    Err(stop) => {
-                        return Some(match stop {
-                            Stop::Withhold(_) => Stop::Withhold(at),
-                            Stop::Refuse(_) => Stop::Refuse(at),
-                            Stop::Switch(_) => Stop::Switch(at),
-                        });
-                    }
+                    Err(stop) => return Some(stop.at(at)),
                 },
                 Framing::ChunkSize => self.chunk_size(read),
                 Framing::Trailers => self.trailer_line(read),
-                Framing::Fields => self.field_line(read),
+                Framing::Fields => match self.field_line(read) {
+                    Ok(rest) => rest,
+                    Err(stop) => return Some(stop.at(at)),
+                },
                 Framing::H2 => self.h2_frames(read),
             };
         }
@@ -551,6 +569,9 @@ impl<I> TargetWatch<I> {
         }
         // The common case, a head within one read, is parsed in place.
         let parsed = parse_head(read);
+        if matches!(parsed, Head::Complete { length, .. } if length > self.max_head) {
+            return Err(Stop::TooLarge(0));
+        }
         if let Some(reads) = self.body_reads.as_deref_mut() {
             let switches = match &parsed {
                 Head::Complete { length, body, .. } => {
@@ -586,6 +607,9 @@ impl<I> TargetWatch<I> {
         let Some(line_end) = request_line_end(read) else {
             return Err(Stop::Withhold(0));
         };
+        if line_end >= self.max_head {
+            return Err(Stop::TooLarge(0));
+        }
         let mut line = read[..line_end].to_vec();
         line.extend_from_slice(b"\r\n");
         match parse_head(&line) {
@@ -607,23 +631,25 @@ impl<I> TargetWatch<I> {
 
     /// Takes one header field line; the empty line ends the head and moves
     /// to the body its fields frame.
-    fn field_line<'r>(&mut self, read: &'r [u8]) -> &'r [u8] {
+    fn field_line<'r>(&mut self, read: &'r [u8]) -> Result<&'r [u8], Stop> {
         let before = self.pending.len();
         let Some(rest) = self.take_line(read) else {
-            return self.count_head_bytes(read.len());
+            self.count_head_bytes(read.len(), false)?;
+            return Ok(&[]);
         };
-        self.count_head_bytes(self.pending.len() - before);
+        let last = matches!(self.pending.as_slice(), b"\r\n" | b"\n");
+        self.count_head_bytes(self.pending.len() - before, last)?;
         if self.framing == Framing::Off {
-            return &[];
+            return Ok(&[]);
         }
-        if matches!(self.pending.as_slice(), b"\r\n" | b"\n") {
+        if last {
             let fields = std::mem::take(&mut self.fields);
             self.framing = framing_of(
                 fields.transfer_encoding.as_deref(),
                 fields.content_length.as_deref(),
             );
             self.pending.clear();
-            return rest;
+            return Ok(rest);
         }
         // One field, read as hyper reads it (an invalid one: hyper refuses
         // the request too).
@@ -631,7 +657,7 @@ impl<I> TargetWatch<I> {
         let mut field = [httparse::EMPTY_HEADER; 1];
         let parsed = httparse::parse_headers(&self.pending, &mut field);
         let Ok(httparse::Status::Complete((_, [field]))) = parsed else {
-            return self.lose();
+            return Ok(self.lose());
         };
         let value = || {
             String::from_utf8_lossy(field.value)
@@ -646,17 +672,19 @@ impl<I> TargetWatch<I> {
             self.fields.content_length = Some(value());
         }
         self.pending.clear();
-        rest
+        Ok(rest)
     }
 
-    /// Counts head bytes taken line by line; past `max_head` the watch ends
-    /// (hyper refuses such a head too).
-    fn count_head_bytes<'r>(&mut self, taken: usize) -> &'r [u8] {
+    /// Counts head bytes taken line by line: a head refused as hyper
+    /// refuses one, once `max_head` bytes of it are not the whole of it
+    /// (so hyper never holds that many of an unfinished head, and never
+    /// answers it itself).
+    fn count_head_bytes(&mut self, taken: usize, whole: bool) -> Result<(), Stop> {
         self.fields.bytes += taken;
-        if self.fields.bytes > self.max_head {
-            return self.lose();
+        if self.fields.bytes > self.max_head || (!whole && self.fields.bytes >= self.max_head) {
+            return Err(Stop::TooLarge(0));
         }
-        &[]
+        Ok(())
     }
 
     /// Takes a chunk-size line (RFC 9112 section 7.1).
@@ -878,6 +906,10 @@ impl<I> TargetWatch<I> {
     fn follow(&mut self, read: &[u8]) -> usize {
         match self.scan(read) {
             None => read.len(),
+            Some(Stop::Withhold(at)) if read.len() - at >= self.max_head => {
+                self.refuse_too_large();
+                at
+            }
             Some(Stop::Withhold(at)) => {
                 self.withheld = read[at..].to_vec();
                 if self.withheld.len() > MAX_REQUEST_LINE {
@@ -890,6 +922,10 @@ impl<I> TargetWatch<I> {
             Some(Stop::Refuse(at)) => {
                 self.refusal = Some(Refusal::invalid_uri(&read[at..]));
                 self.lose();
+                at
+            }
+            Some(Stop::TooLarge(at)) => {
+                self.refuse_too_large();
                 at
             }
             Some(Stop::Switch(at)) => {
@@ -926,6 +962,15 @@ impl<I> TargetWatch<I> {
         Held::Followed
     }
 
+    /// Ends hyper's input before a head longer than `listener.max_head_bytes`
+    /// and answers it as hyper answers one, `431` (hyper's own check counts
+    /// its buffer, which can be larger than the limit once it has grown).
+    fn refuse_too_large(&mut self) {
+        self.refusal = Some(Refusal::head_too_large());
+        self.withheld = Vec::new();
+        self.lose();
+    }
+
     /// Follows bytes read after a withheld request start, and queues what
     /// hyper may have of both.
     fn follow_withheld(&mut self, read: &[u8]) {
@@ -933,7 +978,7 @@ impl<I> TargetWatch<I> {
             // The line is still not whole: only its new bytes were looked at
             // (a line read a few bytes at a time costs its length, not more).
             self.withheld.extend_from_slice(read);
-            if self.withheld.len() <= MAX_REQUEST_LINE {
+            if self.withheld.len() <= MAX_REQUEST_LINE && self.withheld.len() < self.max_head {
                 return;
             }
         }
@@ -1031,6 +1076,21 @@ impl<I> TargetWatch<I> {
 }
 
 impl Refusal {
+    /// hyper's answer to a head over its limit, byte for byte.
+    fn head_too_large() -> Refusal {
+        tracing::debug!("request head over listener.max_head_bytes refused");
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let response = format!(
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+        );
+        Refusal {
+            response: response.into_bytes(),
+            written: 0,
+            lingering: None,
+            dropped: 0,
+        }
+    }
+
     /// `400 InvalidURI` for the request that starts with `request`.
     fn invalid_uri(request: &[u8]) -> Refusal {
         let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -1359,6 +1419,83 @@ mod tests {
             "an ordinary round gives the share back"
         );
         assert_eq!(hyper_reads(&mut watch).unwrap(), get);
+    }
+
+    /// A head of `length` bytes, whole.
+    fn head_of_length(length: usize) -> Vec<u8> {
+        let start = b"GET /b/k HTTP/1.1\r\nX-Pad: ".to_vec();
+        let pad = length - start.len() - 4;
+        [start, vec![b'p'; pad], b"\r\n\r\n".to_vec()].concat()
+    }
+
+    /// What hyper reads and what the client gets, as `through_the_watch`,
+    /// with the listener's default head limit.
+    async fn through_the_head_limit(reads: &[&[u8]]) -> (Vec<u8>, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let client = Client {
+            reads: reads.iter().map(|read| read.to_vec()).collect(),
+            ..Client::default()
+        };
+        let mut watch = TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence());
+        // With room for more than the limit, as hyper's grown buffer has.
+        let (mut hyper_read, mut room) = (Vec::new(), vec![0u8; 2 * HEAD_LIMIT]);
+        loop {
+            let n = watch.read(&mut room).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hyper_read.extend_from_slice(&room[..n]);
+        }
+        watch.shutdown().await.unwrap();
+        (hyper_read, watch.inner.written)
+    }
+
+    fn is_hypers_431(answer: &[u8]) -> bool {
+        let answer = String::from_utf8_lossy(answer);
+        let (head, date) = answer.split_once("date: ").unwrap_or_default();
+        head == "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n"
+            && date.len() == "Tue, 01 Dec 2026 01:34:17 GMT\r\n\r\n".len()
+            && date.ends_with(" GMT\r\n\r\n")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_over_the_limit_is_answered_431_however_it_arrives() {
+        let ok = b"GET /ok HTTP/1.1\r\n\r\n".to_vec();
+        let over = head_of_length(HEAD_LIMIT + 1);
+        let (read, answer) = through_the_head_limit(&[&[ok.clone(), over.clone()].concat()]).await;
+        assert!(
+            read == ok,
+            "hyper answers what came before, then its input ends: {} bytes",
+            read.len()
+        );
+        assert!(
+            is_hypers_431(&answer),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        // In pieces: hyper gets part of it, never the limit's worth (which
+        // it would answer itself), then its input ends.
+        let pieces: Vec<&[u8]> = over.chunks(10_000).collect();
+        let (read, answer) = through_the_head_limit(&pieces).await;
+        assert!(read.len() < HEAD_LIMIT, "{}", read.len());
+        assert!(is_hypers_431(&answer));
+
+        // A request line longer than the limit, never finished.
+        let line = [b"GET /".to_vec(), vec![b'a'; HEAD_LIMIT]].concat();
+        let (read, answer) = through_the_head_limit(&[&line[..30_000], &line[30_000..]]).await;
+        assert!(read.is_empty(), "{} bytes", read.len());
+        assert!(is_hypers_431(&answer));
+    }
+
+    #[tokio::test]
+    async fn a_head_of_exactly_the_limit_goes_to_hyper_whole() {
+        let exact = head_of_length(HEAD_LIMIT);
+        for reads in [vec![&exact[..]], exact.chunks(10_000).collect()] {
+            let (read, answer) = through_the_head_limit(&reads).await;
+            assert!(read == exact, "{} bytes", read.len());
+            assert!(answer.is_empty());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -342,6 +342,55 @@ fn tcp_state(port: u16) -> Option<String> {
     })
 }
 
+/// `listener.max_head_bytes` (64 KiB) holds on a connection that has served
+/// requests too, where hyper's own check, which counts its read buffer,
+/// let heads of up to about 120 KiB through: one of exactly the limit is
+/// forwarded, one byte more gets hyper's own `431`, and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_limit_holds_on_a_connection_that_served_requests() {
+    const LIMIT: usize = 64 << 10;
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_in_front_of(&backend).await;
+    let address = proxy.address();
+    let get = request(address, "GET", "/rests/k", "");
+    // The signed GET with an `X-Pad` field that makes its head `length` bytes.
+    let padded = |length: usize| {
+        let head_end = get.len() - 2;
+        let pad = length - get.len() - "X-Pad: \r\n".len();
+        let field = format!("X-Pad: {}\r\n", "p".repeat(pad));
+        [&get[..head_end], field.as_bytes(), b"\r\n"].concat()
+    };
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(&request(address, "PUT", "/rests/k", "value"))
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    for length in [LIMIT, LIMIT - 1] {
+        stream.write_all(&padded(length)).await.unwrap();
+        assert_eq!(
+            read_response(&mut stream).await,
+            (200, "value".to_owned()),
+            "a {length}-byte head"
+        );
+    }
+    for length in [LIMIT + 1, 70 << 10, 100 << 10] {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream.write_all(&get).await.unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200);
+        stream.write_all(&padded(length)).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(
+                "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: "
+            ) && answer.ends_with(" GMT\r\n\r\n"),
+            "a {length}-byte head: {answer}"
+        );
+    }
+}
+
 /// A head hyper refuses (`400`), followed by bytes the proxy never reads:
 /// the answer comes, then a clean close (FIN), as without the proxy, not a
 /// reset that could destroy the answer.
