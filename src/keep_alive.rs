@@ -388,12 +388,16 @@ where
             Ok(Next::Switch(Box::new(io), ahead))
         }
         Ok(RoundEnd::Over) => {
+            // hyper's buffer is freed first: a refusal the watch writes
+            // lingers (see `TargetWatch`).
+            drop(parts.read_buf);
             shut_down(io).await;
             Ok(Next::Over)
         }
         Err(error) => {
             // hyper answered what it refused (`400`, `431`) and leaves the
             // socket to its owner: shut down as hyper's own close would.
+            drop(parts.read_buf);
             shut_down(io).await;
             Err(error)
         }
