@@ -911,12 +911,14 @@ impl<I> TargetWatch<I> {
                 at
             }
             Some(Stop::Withhold(at)) => {
-                self.withheld = read[at..].to_vec();
-                if self.withheld.len() > MAX_REQUEST_LINE {
-                    // Too long to be judged: hyper judges it.
+                if read.len() - at > MAX_REQUEST_LINE {
+                    // Too long to be judged: hyper judges it (and has it
+                    // once: nothing of it stays withheld).
+                    self.withheld = Vec::new();
                     self.lose();
                     return read.len();
                 }
+                self.withheld = read[at..].to_vec();
                 at
             }
             Some(Stop::Refuse(at)) => {
@@ -1575,6 +1577,24 @@ mod tests {
         assert!(answer.contains("connection: close\r\n"), "{answer}");
         assert!(answer.ends_with("</Error>"), "{answer}");
         assert!(answer.contains("<Code>InvalidURI</Code>"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_request_line_too_long_to_judge_reaches_hyper_once() {
+        let line = [
+            b"GET /".to_vec(),
+            vec![b'a'; 70_000],
+            b" HTTP/1.1\r\n\r\n".to_vec(),
+        ]
+        .concat();
+        let (read, _) =
+            through_the_watch(&[&line[..8192], &line[8192..68_000], &line[68_000..]]).await;
+        assert!(
+            read == line,
+            "hyper read {} bytes of {}",
+            read.len(),
+            line.len()
+        );
     }
 
     #[tokio::test]
