@@ -89,7 +89,7 @@ pub struct ListenerConfig {
     pub max_head_bytes: usize,
     /// Largest read of a request body of at least this many bytes, over
     /// plain HTTP/1.1, within `backend.large_read_memory` (see
-    /// `request_target::BodyReads`). Restart-only.
+    /// `round_kind`). Restart-only.
     pub max_read_bytes: usize,
     /// A client silent this long in the middle of its request body gets
     /// `408 RequestTimeout` (nginx's `client_body_timeout`).

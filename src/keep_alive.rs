@@ -19,16 +19,14 @@
 //! `listener.header_timeout` later, like hyper's header timer, and the
 //! caller starts the next round when the next bytes come. The watches the socket is wrapped in are rebuilt
 //! for each round too ([`Layers`]), and every stage is boxed. Over TLS the
-//! session keeps buffers of its own, so a TLS connection is served in one
-//! round.
+//! session keeps buffers of its own, so a TLS connection never rests.
 //!
-//! A round's hyper reads at most `listener.max_head_bytes` at once, which
-//! is also its limit on a request head. A large request body over plain TCP
-//! is read in a round of its own whose reads are larger (see
-//! [`crate::request_target::BodyReads`]): the watch stops before its head
-//! (and, in that round, before the first other head) and, once hyper has
-//! answered everything before, the round ends at once and the next begins
-//! with the same watch, which then hands hyper the bytes it kept.
+//! hyper keeps some settings for a whole connection: its limit on header
+//! fields, and its largest read. A head that needs other settings (more
+//! than 100 fields, a large body: [`crate::round_kind`]) starts a round of
+//! another kind: the watch stops before it and, once hyper has answered
+//! everything before, the round ends at once and the next begins with the
+//! same watch, which then hands hyper the bytes it kept.
 
 use std::io;
 use std::pin::Pin;
@@ -48,6 +46,7 @@ use tokio::time::Instant;
 
 use crate::heap_trim;
 use crate::request_target::TargetWatch;
+use crate::round_kind::RoundKind;
 use crate::shutdown::{Phase, ShutdownWatch};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -170,9 +169,9 @@ pub trait Layers<R> {
     fn wrap(&self, socket: R) -> TargetWatch<Self::Inner>;
     /// The socket back, at a rest.
     fn unwrap(&self, io: TargetWatch<Self::Inner>) -> R;
-    /// hyper's HTTP/1.1 settings for a round, whose reads are large or not
-    /// ([`TargetWatch::reads_large`]).
-    fn http1(&self, large_reads: bool) -> http1::Builder;
+    /// hyper's HTTP/1.1 settings for a round of this kind
+    /// ([`TargetWatch::round_kind`]).
+    fn http1(&self, kind: RoundKind) -> http1::Builder;
 }
 
 /// What a connection's rounds share.
@@ -358,7 +357,7 @@ where
     let switch = io.switch_signal();
     let connection = rounds
         .layers
-        .http1(io.reads_large())
+        .http1(io.round_kind())
         .serve_connection(TokioIo::new(Prefixed::new(ahead, io)), service);
     let mut round = Round {
         connection: Box::new(connection),

@@ -4,8 +4,9 @@
 //! A request arrives on the S3 listener ([`server`], [`listener`]; an idle
 //! HTTP/1.1 connection holds no buffers between requests, [`keep_alive`],
 //! and rests outside any task, [`resting`]; [`heap_trim`] gives the memory
-//! they freed back to the system; a large request body is read in large
-//! reads within the [`read_budget`])
+//! they freed back to the system; a head with many fields or a large body
+//! is served by a hyper connection of another kind, [`round_kind`], large
+//! bodies in large reads within the [`read_budget`])
 //! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool (a response body that
@@ -92,6 +93,7 @@ pub mod replay_memory;
 pub mod request_target;
 pub mod response;
 pub mod resting;
+pub mod round_kind;
 pub mod s3_error;
 pub mod s3_operation;
 pub mod send_timeout;

@@ -44,9 +44,10 @@ use crate::keep_alive::{self, Prefixed, Rounds};
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::read_budget::ReadBudget;
-use crate::request_target::{BodyReads, Silence, TargetWatch};
+use crate::request_target::{Silence, TargetWatch};
 use crate::response::ProxyBody;
 use crate::resting::Resting;
+use crate::round_kind::{COMMON_FIELDS, LargeBodyReads, RoundKind, RoundKinds};
 use crate::s3_error::ProxyError;
 use crate::send_timeout::SendTimeout;
 use crate::shutdown::{Phase, ShutdownWatch};
@@ -78,7 +79,7 @@ pub struct S3Listener {
     /// Where plain-HTTP/1.1 connections rest between requests; `None` for
     /// TLS (a TLS connection is served in its task throughout).
     pub resting: Option<RestingConnections>,
-    /// The memory large request bodies are read in (see [`BodyReads`]):
+    /// The memory large request bodies are read in (see [`crate::round_kind`]):
     /// plain HTTP/1.1 only, whose connections are served in rounds; `None`
     /// for TLS, or with large reads off.
     pub read_budget: Option<Arc<ReadBudget>>,
@@ -300,12 +301,13 @@ impl ClientLayers {
                 limits.send_timeout,
             ),
         );
-        match &self.read_budget {
-            Some(budget) if limits.max_read_bytes > limits.max_head_bytes => {
-                watch.with_body_reads(BodyReads::new(Arc::clone(budget), limits.max_read_bytes))
-            }
-            _ => watch,
-        }
+        let large = match &self.read_budget {
+            Some(budget) if limits.max_read_bytes > limits.max_head_bytes => Some(
+                LargeBodyReads::new(Arc::clone(budget), limits.max_read_bytes),
+            ),
+            _ => None,
+        };
+        watch.with_rounds(RoundKinds::new(limits.max_headers, large))
     }
 }
 
@@ -320,14 +322,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
         io.into_inner().into_inner()
     }
 
-    fn http1(&self, large_reads: bool) -> http1::Builder {
+    fn http1(&self, kind: RoundKind) -> http1::Builder {
         let limits = &self.limits;
         // hyper's largest read is also its limit on a head and on the
         // response bytes it queues: larger only in a round the watch keeps
-        // to one large request body at a time (see `BodyReads`).
-        let max_buf_size = match large_reads {
-            true => limits.max_head_bytes.max(limits.max_read_bytes),
-            false => limits.max_head_bytes,
+        // to large request bodies (see `round_kind`).
+        let max_buf_size = match kind {
+            RoundKind::LargeBodies => limits.max_head_bytes.max(limits.max_read_bytes),
+            RoundKind::Common | RoundKind::ManyFields => limits.max_head_bytes,
         };
         let mut builder = http1::Builder::new();
         builder
@@ -337,8 +339,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
             .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .max_headers(limits.max_headers)
             .max_buf_size(max_buf_size);
+        // Unset, hyper parses into its 100 field slots on the stack; set, it
+        // allocates and fills that many per head (see `round_kind`).
+        if kind != RoundKind::Common || limits.max_headers < COMMON_FIELDS {
+            builder.max_headers(limits.max_headers);
+        }
         builder
     }
 }

@@ -28,11 +28,10 @@
 //! connection that has served requests (heads of up to about 120 KiB got
 //! through).
 //!
-//! A large request body over plain HTTP/1.1 is read in a hyper connection
-//! of its own whose reads are large ([`BodyReads`]): the watch stops before
-//! the head of such a request, and before the first other head after it,
-//! until hyper has answered everything before, and the connection's next
-//! round starts there ([`crate::keep_alive`]).
+//! A request head that needs hyper settings of another kind (many header
+//! fields, a large body: [`crate::round_kind`]) is held: the watch stops
+//! before it until hyper has answered everything before, and the
+//! connection's next round starts there ([`crate::keep_alive`]).
 //!
 //! On an HTTP/2 connection the request heads are followed frame by frame
 //! and decoded ([`crate::h2_heads`]): a `:path` with a raw `#` is recorded
@@ -55,7 +54,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access_log::next_request_id;
 use crate::h2_heads::{self, H2Heads, RequestHead};
-use crate::read_budget::{READS_HELD, ReadBudget, Share};
+use crate::round_kind::{COMMON_FIELDS, HeadSeen, RoundKind, RoundKinds};
 use crate::s3_error::ProxyError;
 
 /// Refused request lines remembered at once per connection; a client that
@@ -145,80 +144,8 @@ pub struct TargetWatch<I> {
     /// Set while the stream rests between HTTP/1.1 requests with hyper
     /// waiting for the next one (see [`TargetWatch::rest_signal`]).
     resting: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// Large request bodies in rounds of their own (plain HTTP/1.1).
-    body_reads: Option<Box<BodyReads>>,
-}
-
-/// How a plain HTTP/1.1 connection reads large request bodies.
-///
-/// hyper's largest read (`max_buf_size`) is also its limit on a request
-/// head and on the response bytes it queues, so the rounds a connection is
-/// served in ([`crate::keep_alive`]) keep it at `listener.max_head_bytes`;
-/// a request whose `Content-Length` body is at least
-/// `listener.max_read_bytes` and whose head fits that limit is served in a
-/// round whose hyper reads up to `listener.max_read_bytes` at once, while
-/// the [`ReadBudget`] has room for one more connection's large reads. That
-/// round takes only such requests: at any other head the watch stops, and
-/// the next round is an ordinary one. A head that does not come whole in
-/// one read goes to an ordinary round.
-#[derive(Debug)]
-pub struct BodyReads {
-    budget: Arc<ReadBudget>,
-    /// What one connection's large reads take from the budget.
-    share_bytes: usize,
-    /// The smallest body read in a round of its own (`listener.max_read_bytes`).
-    min_body: u64,
-    /// Held while the connection may read large (hyper's buffer may grow).
-    share: Option<Share>,
-    /// The round being served reads large.
-    large_round: bool,
-    /// Read, not followed yet: from a head that needs a round of the other
-    /// kind on; followed when that round starts (`replay`).
-    unfollowed: Vec<u8>,
-    /// The round `unfollowed` waits for has started.
-    replay: bool,
-    /// hyper has everything before `unfollowed` and waits for more: the
-    /// round may end (see [`TargetWatch::switch_signal`]).
-    switch_due: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl BodyReads {
-    /// Large reads of up to `max_read_bytes` within `budget`.
-    pub fn new(budget: Arc<ReadBudget>, max_read_bytes: usize) -> BodyReads {
-        BodyReads {
-            budget,
-            share_bytes: max_read_bytes.saturating_mul(READS_HELD),
-            min_body: max_read_bytes as u64,
-            share: None,
-            large_round: false,
-            unfollowed: Vec::new(),
-            replay: false,
-            switch_due: Arc::default(),
-        }
-    }
-
-    /// Whether a complete head of `length` bytes whose body is framed so
-    /// goes to a round of the other kind than this one (taking the share a
-    /// large round needs).
-    fn switches_at(&mut self, length: usize, body: Framing, max_head: usize) -> bool {
-        let large_body =
-            length <= max_head && matches!(body, Framing::Body(bytes) if bytes >= self.min_body);
-        match (self.large_round, large_body) {
-            (false, true) => {
-                if self.share.is_none() {
-                    self.share = self.budget.take(self.share_bytes);
-                }
-                self.share.is_some()
-            }
-            (true, false) => true,
-            _ => false,
-        }
-    }
-
-    /// Waiting for a round of the other kind.
-    fn switching(&self) -> bool {
-        !self.unfollowed.is_empty() && !self.replay
-    }
+    /// Rounds of hyper connections of more than one kind.
+    rounds: Option<Box<RoundKinds>>,
 }
 
 /// The framing fields of a head taken line by line, and its length so far.
@@ -324,7 +251,7 @@ enum Stop {
     /// A request line hyper would refuse starts at this offset.
     Refuse(usize),
     /// A head that needs a round of the other kind starts at this offset
-    /// (see [`BodyReads`]).
+    /// (see [`RoundKinds`]).
     Switch(usize),
     /// The head being read passes `listener.max_head_bytes` at this offset.
     TooLarge(usize),
@@ -388,51 +315,42 @@ impl<I> TargetWatch<I> {
             started: false,
             h2: None,
             resting: None,
-            body_reads: None,
+            rounds: None,
         }
     }
 
-    /// Reads large request bodies in rounds of their own (see [`BodyReads`]).
-    pub fn with_body_reads(mut self, reads: BodyReads) -> TargetWatch<I> {
-        self.body_reads = Some(Box::new(reads));
+    /// Serves heads in rounds of the kind each needs (see [`RoundKinds`]);
+    /// without, every round is [`RoundKind::ManyFields`].
+    pub fn with_rounds(mut self, rounds: Option<RoundKinds>) -> TargetWatch<I> {
+        self.rounds = rounds.map(Box::new);
         self
     }
 
-    /// A flag the watch sets when it waits for a round of the other kind
-    /// (see [`BodyReads`]): hyper has every byte before the head that needs
-    /// it and asked for more. `None` without large body reads.
+    /// A flag the watch sets when it waits for a round of another kind:
+    /// hyper has every byte before the head that needs it and asked for
+    /// more. `None` when every round is of one kind.
     pub fn switch_signal(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
-        let reads = self.body_reads.as_deref()?;
-        Some(Arc::clone(&reads.switch_due))
+        Some(self.rounds.as_deref()?.switch_signal())
     }
 
-    /// The watch waits for a round of the other kind.
+    /// The watch waits for a round of another kind.
     pub fn switch_pending(&self) -> bool {
-        self.body_reads.as_deref().is_some_and(BodyReads::switching)
+        self.rounds.as_deref().is_some_and(RoundKinds::switching)
     }
 
-    /// The round being served reads large (hyper's buffer may be as large
-    /// as `listener.max_read_bytes`).
-    pub fn reads_large(&self) -> bool {
-        self.body_reads
+    /// The kind of the round being served.
+    pub fn round_kind(&self) -> RoundKind {
+        self.rounds
             .as_deref()
-            .is_some_and(|reads| reads.large_round)
+            .map_or(RoundKind::ManyFields, RoundKinds::kind)
     }
 
-    /// A round of the other kind starts: the bytes held for it are followed
-    /// now, and leaving a large round gives its share back.
+    /// A round of the kind the held head needs starts: the bytes held for
+    /// it are followed now.
     pub fn switch_round(&mut self) {
-        let Some(reads) = self.body_reads.as_deref_mut() else {
-            return;
-        };
-        reads.large_round = !reads.large_round;
-        if !reads.large_round {
-            reads.share = None;
+        if let Some(rounds) = self.rounds.as_deref_mut() {
+            rounds.start_next();
         }
-        reads.replay = true;
-        reads
-            .switch_due
-            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The watch of a connection that served a request and rested (its
@@ -477,9 +395,9 @@ impl<I> TargetWatch<I> {
             && self.released.is_empty()
             && self.refusal.is_none()
             && self
-                .body_reads
+                .rounds
                 .as_deref()
-                .is_none_or(|reads| reads.unfollowed.is_empty())
+                .is_none_or(|rounds| rounds.unfollowed.is_empty())
     }
 
     /// Records whether a read (or write) left the connection at rest.
@@ -572,22 +490,17 @@ impl<I> TargetWatch<I> {
         if matches!(parsed, Head::Complete { length, .. } if length > self.max_head) {
             return Err(Stop::TooLarge(0));
         }
-        if let Some(reads) = self.body_reads.as_deref_mut() {
-            let switches = match &parsed {
-                Head::Complete { length, body, .. } => {
-                    reads.switches_at(*length, *body, self.max_head)
-                }
-                // A large round takes only heads whole in one read.
-                _ => reads.large_round,
-            };
-            if switches {
-                return Err(Stop::Switch(0));
-            }
+        if let Some(rounds) = self.rounds.as_deref_mut()
+            && rounds.switch_for(parsed.seen()).is_some()
+        {
+            return Err(Stop::Switch(0));
         }
         match parsed {
             Head::RefusedTarget => Err(Stop::Refuse(0)),
-            Head::Invalid => Ok(self.lose()),
-            Head::Complete { length, cut, body } => {
+            Head::Invalid { .. } => Ok(self.lose()),
+            Head::Complete {
+                length, cut, body, ..
+            } => {
                 if let Some(line) = cut {
                     self.cut.record(line);
                 }
@@ -619,7 +532,7 @@ impl<I> TargetWatch<I> {
                     self.cut.record(line);
                 }
             }
-            Head::Partial | Head::Invalid => return Ok(self.lose()),
+            Head::Partial | Head::Invalid { .. } => return Ok(self.lose()),
         }
         self.framing = Framing::Fields;
         self.fields = FieldsSoFar {
@@ -755,7 +668,10 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 enum Head {
     /// More bytes are needed.
     Partial,
-    Invalid,
+    Invalid {
+        /// httparse stopped at more than [`COMMON_FIELDS`] fields first.
+        many_fields: bool,
+    },
     /// hyper would refuse the request target (RFC 9112 section 3.2 as the
     /// `http` crate's URI parser reads it).
     RefusedTarget,
@@ -766,29 +682,56 @@ enum Head {
         cut: Option<Vec<u8>>,
         /// How the body is framed.
         body: Framing,
+        /// More than [`COMMON_FIELDS`] fields.
+        many_fields: bool,
     },
 }
 
-/// Parses a request head as hyper does (httparse), with room for as many
-/// fields as any listener allows.
+impl Head {
+    /// What the kind of round it is served in goes by.
+    fn seen(&self) -> HeadSeen {
+        let (whole, many_fields, body) = match *self {
+            Head::Partial => (false, false, Framing::Off),
+            Head::Invalid { many_fields } => (true, many_fields, Framing::Off),
+            Head::RefusedTarget => (true, false, Framing::Off),
+            Head::Complete {
+                body, many_fields, ..
+            } => (true, many_fields, body),
+        };
+        HeadSeen {
+            whole,
+            many_fields,
+            content_length: match body {
+                Framing::Body(length) => Some(length),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Parses a request head as hyper does (httparse): first into as many
+/// field slots as hyper has by default, as an error past them in hyper's
+/// parse would be its `431`, then, when that is too few, into as many as
+/// the head could hold.
 fn parse_head(bytes: &[u8]) -> Head {
     // Uninitialised, as hyper's: httparse writes a field before it is read.
-    let mut few = [const { MaybeUninit::uninit() }; 128];
-    match head_of(&mut few, bytes) {
+    let mut few = [const { MaybeUninit::uninit() }; COMMON_FIELDS];
+    match head_of(&mut few, bytes, false) {
         Ok(head) => head,
         Err(httparse::Error::TooManyHeaders) => {
             // A field takes at least 4 bytes (`a:` CRLF).
             let mut many = Vec::with_capacity(bytes.len() / 4 + 1);
             many.resize_with(bytes.len() / 4 + 1, MaybeUninit::uninit);
-            head_of(&mut many, bytes).unwrap_or(Head::Invalid)
+            head_of(&mut many, bytes, true).unwrap_or(Head::Invalid { many_fields: true })
         }
-        Err(_) => Head::Invalid,
+        Err(_) => Head::Invalid { many_fields: false },
     }
 }
 
 fn head_of<'b>(
     fields: &mut [MaybeUninit<httparse::Header<'b>>],
     bytes: &'b [u8],
+    many_fields: bool,
 ) -> Result<Head, httparse::Error> {
     let mut request = httparse::Request::new(&mut []);
     let parsed = request.parse_with_uninit_headers(bytes, fields);
@@ -806,7 +749,7 @@ fn head_of<'b>(
         }
     };
     let (Some(method), Some(path)) = (request.method, request.path) else {
-        return Ok(Head::Invalid);
+        return Ok(Head::Invalid { many_fields });
     };
     let cut = path.find('#').map(|hash| {
         let kept = origin_form(&path.as_bytes()[..hash]);
@@ -816,6 +759,7 @@ fn head_of<'b>(
         length,
         cut,
         body: body_framing(request.headers),
+        many_fields,
     })
 }
 
@@ -931,9 +875,9 @@ impl<I> TargetWatch<I> {
                 at
             }
             Some(Stop::Switch(at)) => {
-                if let Some(reads) = self.body_reads.as_deref_mut() {
-                    reads.unfollowed = read[at..].to_vec();
-                    reads.replay = false;
+                if let Some(rounds) = self.rounds.as_deref_mut() {
+                    rounds.unfollowed = read[at..].to_vec();
+                    rounds.replay = false;
                 }
                 at
             }
@@ -944,20 +888,18 @@ impl<I> TargetWatch<I> {
     /// is told to wait; once it has, they are followed as if just read
     /// (queued for hyper as far as approved).
     fn held_for_a_switch(&mut self) -> Held {
-        let Some(reads) = self.body_reads.as_deref_mut() else {
+        let Some(rounds) = self.rounds.as_deref_mut() else {
             return Held::Nothing;
         };
-        if reads.unfollowed.is_empty() {
+        if rounds.unfollowed.is_empty() {
             return Held::Nothing;
         }
-        if !reads.replay {
-            reads
-                .switch_due
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !rounds.replay {
+            rounds.switch_is_due();
             return Held::Waiting;
         }
-        reads.replay = false;
-        let mut bytes = std::mem::take(&mut reads.unfollowed);
+        rounds.replay = false;
+        let mut bytes = std::mem::take(&mut rounds.unfollowed);
         let approved = self.follow(&bytes);
         bytes.truncate(approved);
         self.released = bytes;
@@ -1339,6 +1281,8 @@ mod tests {
 
     const HEAD_LIMIT: usize = 64 << 10;
     const MAX_READ: usize = 512 << 10;
+    use crate::read_budget::{READS_HELD, ReadBudget};
+    use crate::round_kind::LargeBodyReads;
     const SHARE: usize = READS_HELD * MAX_READ;
 
     /// A watch with large body reads over a client that sends `reads`.
@@ -1348,8 +1292,10 @@ mod tests {
             stays_open: true,
             ..Client::default()
         };
+        // At most 100 fields: every other round is a common one.
+        let large = LargeBodyReads::new(Arc::clone(budget), MAX_READ);
         TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
-            .with_body_reads(BodyReads::new(Arc::clone(budget), MAX_READ))
+            .with_rounds(RoundKinds::new(COMMON_FIELDS, Some(large)))
     }
 
     /// One read by hyper with room for `MAX_READ` bytes: what it got, or
@@ -1392,7 +1338,7 @@ mod tests {
             "hyper waits for the next round"
         );
         assert!(switch.load(std::sync::atomic::Ordering::Relaxed));
-        assert!(watch.switch_pending() && !watch.reads_large());
+        assert!(watch.switch_pending() && watch.round_kind() == RoundKind::Common);
         assert_eq!(
             budget.available(),
             3 * SHARE,
@@ -1400,7 +1346,7 @@ mod tests {
         );
 
         watch.switch_round();
-        assert!(watch.reads_large());
+        assert_eq!(watch.round_kind(), RoundKind::LargeBodies);
         assert!(!switch.load(std::sync::atomic::Ordering::Relaxed));
         let mut large_round = Vec::new();
         while let Some(read) = hyper_reads(&mut watch) {
@@ -1414,7 +1360,7 @@ mod tests {
         assert!(switch.load(std::sync::atomic::Ordering::Relaxed));
 
         watch.switch_round();
-        assert!(!watch.reads_large());
+        assert_eq!(watch.round_kind(), RoundKind::Common);
         assert_eq!(
             budget.available(),
             4 * SHARE,
@@ -1498,6 +1444,65 @@ mod tests {
             assert!(read == exact, "{} bytes", read.len());
             assert!(answer.is_empty());
         }
+    }
+
+    /// A watch whose rounds are common until a head needs many fields.
+    fn many_fields_watch(reads: Vec<Vec<u8>>) -> TargetWatch<Client> {
+        let client = Client {
+            reads: reads.into(),
+            stays_open: true,
+            ..Client::default()
+        };
+        TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
+            .with_rounds(RoundKinds::new(500, None))
+    }
+
+    fn get_with_fields(fields: usize) -> Vec<u8> {
+        let extra: String = (1..fields).map(|n| format!("X-{n}: {n}\r\n")).collect();
+        format!("GET /b/k HTTP/1.1\r\nHost: s3\r\n{extra}\r\n").into_bytes()
+    }
+
+    /// Everything hyper reads until it is told to wait.
+    fn hyper_reads_all(watch: &mut TargetWatch<Client>) -> Vec<u8> {
+        let mut all = Vec::new();
+        while let Some(read) = hyper_reads(watch).filter(|read| !read.is_empty()) {
+            all.extend(read);
+        }
+        all
+    }
+
+    #[test]
+    fn a_head_of_more_than_a_hundred_fields_waits_for_a_round_that_takes_them() {
+        let (common, many) = (get_with_fields(100), get_with_fields(101));
+        let read = [common.clone(), many.clone(), common.clone()].concat();
+        let mut watch = many_fields_watch(vec![read]);
+        assert_eq!(watch.round_kind(), RoundKind::Common);
+        assert_eq!(
+            hyper_reads_all(&mut watch),
+            common,
+            "100 fields go as they are"
+        );
+        assert!(watch.switch_pending(), "101 wait for the next round");
+        watch.switch_round();
+        assert_eq!(watch.round_kind(), RoundKind::ManyFields);
+        assert_eq!(
+            hyper_reads_all(&mut watch),
+            [many, common].concat(),
+            "that round keeps what comes after"
+        );
+        assert!(!watch.switch_pending());
+    }
+
+    #[test]
+    fn a_head_in_pieces_waits_for_a_round_that_takes_many_fields() {
+        let head = get_with_fields(3);
+        let (start, end) = head.split_at(30);
+        let mut watch = many_fields_watch(vec![start.to_vec(), end.to_vec()]);
+        assert_eq!(hyper_reads(&mut watch), None);
+        assert!(watch.switch_pending());
+        watch.switch_round();
+        assert_eq!(watch.round_kind(), RoundKind::ManyFields);
+        assert_eq!(hyper_reads_all(&mut watch), head);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,270 @@
+//! Which kind of hyper connection serves a round of an HTTP/1.1 client
+//! connection ([`crate::keep_alive`]), chosen head by head by the watch that
+//! follows the connection's bytes ([`crate::request_target::TargetWatch`]).
+//!
+//! hyper takes two of its settings for a whole connection, and each costs
+//! every request what only a few need:
+//! - `max_headers`: once set, hyper allocates and fills two arrays of that
+//!   many field slots for every head it parses; unset, it parses into 100
+//!   slots on the stack. At the proxy's default of 500 that was 6 000 of
+//!   78 000 instructions per small GET (callgrind, `benches/small_requests.sh`
+//!   against nginx). So a round is [`RoundKind::Common`] (hyper's default)
+//!   until a head has more than [`COMMON_FIELDS`] fields (radosgw takes
+//!   hundreds; `listener.max_headers` allows 500 by default) or does not
+//!   come whole in one read (its fields are then counted by hyper as they
+//!   come): that head and the rest of the round's connection go to a
+//!   [`RoundKind::ManyFields`] round.
+//! - `max_buf_size`: hyper's largest read is also its limit on a request
+//!   head and on the response bytes it queues. A request whose
+//!   `Content-Length` body is at least `listener.max_read_bytes` goes to a
+//!   [`RoundKind::LargeBodies`] round, whose reads are that large, while the
+//!   [`ReadBudget`] has room for one more connection's large reads; the first
+//!   other head goes back.
+//!
+//! A switch happens only between requests: the watch holds the head that
+//! needs another kind until hyper has answered every request before it,
+//! the round ends, and the next one starts with the held bytes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::read_budget::{READS_HELD, ReadBudget, Share};
+
+/// Header fields per request head in a [`RoundKind::Common`] round: hyper's
+/// own default (`DEFAULT_MAX_HEADERS` in hyper's `proto::h1::role`).
+pub const COMMON_FIELDS: usize = 100;
+
+/// The hyper settings of one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundKind {
+    /// At most [`COMMON_FIELDS`] fields per head (fewer when
+    /// `listener.max_headers` is lower), reads up to
+    /// `listener.max_head_bytes`.
+    Common,
+    /// Up to `listener.max_headers` fields per head.
+    ManyFields,
+    /// Up to `listener.max_headers` fields, reads up to
+    /// `listener.max_read_bytes`: requests with large bodies only.
+    LargeBodies,
+}
+
+/// What the watch saw of a request head, as far as the kind of round goes.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadSeen {
+    /// Whole in one read (else its fields are hyper's to count).
+    pub whole: bool,
+    /// More than [`COMMON_FIELDS`] fields.
+    pub many_fields: bool,
+    /// Its `Content-Length` body, when it has one.
+    pub content_length: Option<u64>,
+}
+
+/// Large request bodies read in rounds of their own, within a budget.
+#[derive(Debug)]
+pub struct LargeBodyReads {
+    budget: Arc<ReadBudget>,
+    /// What one connection's large reads take from the budget.
+    share_bytes: usize,
+    /// The smallest body read in a round of its own (`listener.max_read_bytes`).
+    min_body: u64,
+    /// Held while the connection may read large (hyper's buffer may grow).
+    share: Option<Share>,
+}
+
+impl LargeBodyReads {
+    /// Large reads of up to `max_read_bytes` within `budget`.
+    pub fn new(budget: Arc<ReadBudget>, max_read_bytes: usize) -> LargeBodyReads {
+        LargeBodyReads {
+            budget,
+            share_bytes: max_read_bytes.saturating_mul(READS_HELD),
+            min_body: max_read_bytes as u64,
+            share: None,
+        }
+    }
+
+    /// Whether a body of `length` bytes is read large; takes the share
+    /// that needs, if the budget has it.
+    fn takes(&mut self, length: u64) -> bool {
+        if length < self.min_body {
+            return false;
+        }
+        if self.share.is_none() {
+            self.share = self.budget.take(self.share_bytes);
+        }
+        self.share.is_some()
+    }
+}
+
+/// The kind of round a connection is served in, and the switch to another.
+#[derive(Debug)]
+pub struct RoundKinds {
+    kind: RoundKind,
+    /// The kind the held head waits for.
+    next: RoundKind,
+    /// `listener.max_headers` is over [`COMMON_FIELDS`].
+    many_fields: bool,
+    large: Option<LargeBodyReads>,
+    /// Read, not followed yet: from a head that needs a round of another
+    /// kind on; followed when that round starts (`replay`).
+    pub(crate) unfollowed: Vec<u8>,
+    /// The round `unfollowed` waits for has started.
+    pub(crate) replay: bool,
+    /// hyper has everything before `unfollowed` and waits for more: the
+    /// round may end (see [`RoundKinds::switch_signal`]).
+    switch_due: Arc<AtomicBool>,
+}
+
+impl RoundKinds {
+    /// Rounds for a listener that takes `max_headers` fields per head
+    /// (`listener.max_headers`), with `large` body reads or not; `None` when
+    /// every round would be of one kind (the `ManyFields` one).
+    pub fn new(max_headers: usize, large: Option<LargeBodyReads>) -> Option<RoundKinds> {
+        let many_fields = max_headers > COMMON_FIELDS;
+        if !many_fields && large.is_none() {
+            return None;
+        }
+        Some(RoundKinds {
+            kind: RoundKind::Common,
+            next: RoundKind::Common,
+            many_fields,
+            large,
+            unfollowed: Vec::new(),
+            replay: false,
+            switch_due: Arc::default(),
+        })
+    }
+
+    /// The kind of the round being served.
+    pub fn kind(&self) -> RoundKind {
+        self.kind
+    }
+
+    /// The kind of round a head needs, when not this round's. (A
+    /// `ManyFields` round keeps what it has: heads of many fields tend to
+    /// come together, and a switch waits for every answer before it.)
+    pub(crate) fn switch_for(&mut self, head: HeadSeen) -> Option<RoundKind> {
+        let large = head.whole
+            && head
+                .content_length
+                .zip(self.large.as_mut())
+                .is_some_and(|(length, large)| large.takes(length));
+        let many_fields = self.many_fields
+            && (head.many_fields || !head.whole || self.kind == RoundKind::ManyFields);
+        let kind = match (large, many_fields) {
+            (true, _) => RoundKind::LargeBodies,
+            (false, true) => RoundKind::ManyFields,
+            (false, false) => RoundKind::Common,
+        };
+        if kind == self.kind {
+            return None;
+        }
+        self.next = kind;
+        Some(kind)
+    }
+
+    /// Waiting for a round of another kind.
+    pub(crate) fn switching(&self) -> bool {
+        !self.unfollowed.is_empty() && !self.replay
+    }
+
+    /// The round the held head waits for starts: leaving a large round
+    /// gives its share back.
+    pub(crate) fn start_next(&mut self) {
+        self.kind = self.next;
+        if self.kind != RoundKind::LargeBodies
+            && let Some(large) = self.large.as_mut()
+        {
+            large.share = None;
+        }
+        self.replay = true;
+        self.switch_due.store(false, Ordering::Relaxed);
+    }
+
+    /// A flag set while the watch waits for a round of another kind: hyper
+    /// has every byte before the head that needs it and asked for more.
+    pub(crate) fn switch_signal(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.switch_due)
+    }
+
+    /// Tells the round it may end (see [`RoundKinds::switch_signal`]).
+    pub(crate) fn switch_is_due(&self) {
+        self.switch_due.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(fields: usize, whole: bool, content_length: Option<u64>) -> HeadSeen {
+        HeadSeen {
+            whole,
+            many_fields: fields > COMMON_FIELDS,
+            content_length,
+        }
+    }
+
+    fn switched(rounds: &mut RoundKinds, seen: HeadSeen) -> Option<RoundKind> {
+        let next = rounds.switch_for(seen);
+        if next.is_some() {
+            rounds.start_next();
+        }
+        next
+    }
+
+    #[test]
+    fn a_head_of_many_fields_or_in_pieces_moves_to_a_many_fields_round_for_good() {
+        let mut rounds = RoundKinds::new(500, None).expect("rounds differ");
+        assert_eq!(rounds.kind(), RoundKind::Common);
+        assert_eq!(switched(&mut rounds, head(100, true, None)), None);
+        assert_eq!(
+            switched(&mut rounds, head(101, true, None)),
+            Some(RoundKind::ManyFields)
+        );
+        assert_eq!(switched(&mut rounds, head(3, true, None)), None);
+        let mut rounds = RoundKinds::new(500, None).expect("rounds differ");
+        assert_eq!(
+            switched(&mut rounds, head(3, false, None)),
+            Some(RoundKind::ManyFields)
+        );
+    }
+
+    #[test]
+    fn with_at_most_a_hundred_fields_allowed_every_round_is_common() {
+        assert!(RoundKinds::new(100, None).is_none());
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let large = LargeBodyReads::new(Arc::clone(&budget), 512 << 10);
+        let mut rounds = RoundKinds::new(64, Some(large)).expect("large rounds");
+        assert_eq!(switched(&mut rounds, head(101, false, None)), None);
+        assert_eq!(
+            switched(&mut rounds, head(3, true, Some(1 << 20))),
+            Some(RoundKind::LargeBodies)
+        );
+        assert_eq!(
+            switched(&mut rounds, head(3, true, None)),
+            Some(RoundKind::Common)
+        );
+    }
+
+    #[test]
+    fn a_large_body_takes_a_share_and_gives_it_back_when_the_round_ends() {
+        let budget = Arc::new(ReadBudget::new(3 * (512 << 10), 512 << 10));
+        let large = LargeBodyReads::new(Arc::clone(&budget), 512 << 10);
+        let mut rounds = RoundKinds::new(500, Some(large)).expect("rounds differ");
+        assert_eq!(
+            switched(&mut rounds, head(3, true, Some((512 << 10) - 1))),
+            None
+        );
+        assert_eq!(
+            switched(&mut rounds, head(120, true, Some(512 << 10))),
+            Some(RoundKind::LargeBodies)
+        );
+        assert!(budget.take(1).is_none(), "the share is taken");
+        assert_eq!(switched(&mut rounds, head(3, true, Some(1 << 30))), None);
+        assert_eq!(
+            switched(&mut rounds, head(120, true, None)),
+            Some(RoundKind::ManyFields)
+        );
+        assert!(budget.take(1).is_some(), "the share is back");
+    }
+}
