@@ -85,15 +85,17 @@ fn without(headers: HeaderMap, removed: impl Fn(&HeaderName) -> bool) -> HeaderM
 /// never touching a header the request's signature covers.
 ///
 /// `X-Forwarded-For`: every line the client sent is kept; the client address
-/// is appended to the last one (no new field line when one exists, so the
-/// request does not grow by a header the backend counts), or added as the
-/// only one. `X-Forwarded-Proto`: kept when the hop is a trusted proxy (a
+/// (`client`, as `written` makes it: [`address_value`], made once per
+/// connection) is appended to the last one (no new field line when one
+/// exists, so the request does not grow by a header the backend counts), or
+/// added as the only one. `X-Forwarded-Proto`: kept when the hop is a trusted proxy (a
 /// TLS-terminating load balancer in front; radosgw's
 /// `rgw_trust_forwarded_https` relies on it), else set to `scheme`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     query: Option<&str>,
     client: IpAddr,
+    written: impl FnOnce() -> HeaderValue,
     scheme: &'static str,
     forwarding: &ForwardingConfig,
 ) {
@@ -106,11 +108,11 @@ pub fn add_forwarded(
     }
     let signed = signed_list(headers, query);
     let (for_signed, proto_signed) = (
-        is_signed(signed, X_FORWARDED_FOR),
-        is_signed(signed, X_FORWARDED_PROTO),
+        is_signed(signed, X_FORWARDED_FOR.as_str()),
+        is_signed(signed, X_FORWARDED_PROTO.as_str()),
     );
     if !for_signed {
-        append_forwarded_for(headers, client);
+        append_forwarded_for(headers, written);
     }
     let trusted = forwarding
         .trusted_proxies
@@ -143,19 +145,21 @@ fn room_for_forwarding(
         && request_line + fields + FORWARDING_BYTES <= forwarding.backend_max_head_bytes
 }
 
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+// Names made once: a name given as text is parsed for every lookup, and
+// copied into an allocation of its own when inserted.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, client: impl FnOnce() -> HeaderValue) {
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Vacant(entry) => {
-            entry.insert(address_value(client));
+            entry.insert(client());
         }
         Entry::Occupied(mut entry) => {
             if let Some(last) = entry.iter_mut().last() {
                 let mut value = last.as_bytes().to_vec();
                 value.extend_from_slice(b", ");
-                value.extend_from_slice(address_value(client).as_bytes());
+                value.extend_from_slice(client().as_bytes());
                 if let Ok(appended) = HeaderValue::from_bytes(&value) {
                     *last = appended;
                 }
@@ -167,7 +171,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
 /// `client` as `X-Forwarded-For` writes it: dotted decimal for IPv4
 /// (written digit by digit, the common case of every request), RFC 5952
 /// text for IPv6.
-fn address_value(client: IpAddr) -> HeaderValue {
+pub fn address_value(client: IpAddr) -> HeaderValue {
     let text = match client {
         IpAddr::V4(v4) => {
             let mut text = String::with_capacity(15);
@@ -354,7 +358,15 @@ mod tests {
     const CLIENT: &str = "192.0.2.1";
 
     fn forward(headers: &mut HeaderMap, query: Option<&str>, config: &ForwardingConfig) {
-        add_forwarded(headers, query, CLIENT.parse().unwrap(), "http", config);
+        let client = CLIENT.parse().unwrap();
+        add_forwarded(
+            headers,
+            query,
+            client,
+            || address_value(client),
+            "http",
+            config,
+        );
     }
 
     #[test]

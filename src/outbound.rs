@@ -82,6 +82,7 @@ fn origin_form(uri: &Uri) -> Uri {
 pub fn outbound(
     parts: http::request::Parts,
     client: SocketAddr,
+    forwarded_for: impl FnOnce() -> HeaderValue,
     scheme: &'static str,
     forwarding: &ForwardingConfig,
 ) -> Outbound {
@@ -94,7 +95,15 @@ pub fn outbound(
         ..
     } = parts;
     headers::strip_hop_by_hop(&mut headers);
-    headers::add_forwarded(&mut headers, uri.query(), client.ip(), scheme, forwarding);
+    let client = client.ip();
+    headers::add_forwarded(
+        &mut headers,
+        uri.query(),
+        client,
+        forwarded_for,
+        scheme,
+        forwarding,
+    );
     if version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
         // An HTTP/1.1 request without Host reaches the backend without one.

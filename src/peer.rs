@@ -46,6 +46,9 @@ pub struct Peer {
     pub requests_started: Arc<AtomicU64>,
     /// How the client takes its HTTP/2 responses.
     pub paces: Arc<crate::client_pace::Paces>,
+    /// `address` as `X-Forwarded-For` writes it, once a request needs it
+    /// (the same for every request of the connection).
+    forwarded_for: OnceLock<http::HeaderValue>,
 }
 
 /// One request of a connection in progress, until dropped (its response
@@ -82,6 +85,12 @@ impl Departure {
 }
 
 impl Peer {
+    /// The client's address as `X-Forwarded-For` writes it.
+    pub fn forwarded_for(&self) -> http::HeaderValue {
+        let value = || crate::headers::address_value(self.address.ip());
+        self.forwarded_for.get_or_init(value).clone()
+    }
+
     /// Resolves once the client has closed its side of the connection.
     /// Never resolves when the socket could not be watched.
     pub async fn gone(&self) {
@@ -240,6 +249,7 @@ impl ClientSocket {
             requests_in_progress: Arc::default(),
             requests_started: Arc::default(),
             paces: Arc::default(),
+            forwarded_for: OnceLock::new(),
         });
         (ClientSocket { stream }, peer)
     }

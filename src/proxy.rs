@@ -284,7 +284,14 @@ impl Proxy {
         };
         let (parts, body) = request.into_parts();
         let refusal = refusal(&parts, peer);
-        let outbound = outbound(parts, peer.address, scheme, &settings.forwarding);
+        let forwarded_for = || peer.forwarded_for();
+        let outbound = outbound(
+            parts,
+            peer.address,
+            forwarded_for,
+            scheme,
+            &settings.forwarding,
+        );
         let body = ReplayableBody::new(
             body,
             settings.replay_buffer,
