@@ -156,6 +156,10 @@ pub async fn first_bytes<I: AsyncRead + Unpin>(io: &mut TargetWatch<I>) -> io::R
             break;
         }
     }
+    if first.is_empty() {
+        // Not kept for the round: the first request waits for its own.
+        return Ok(Bytes::new());
+    }
     Ok(first.freeze())
 }
 
@@ -484,7 +488,7 @@ where
             let polled = self.connection.poll_without_shutdown(cx);
             let idle = self.in_progress.load(Ordering::Acquire) == 0;
             let at_rest = self.resting.load(Ordering::Relaxed) && idle;
-            if polled.is_ready() || self.rested || self.switched || !self.may_rest {
+            if polled.is_ready() || self.rested || self.switched {
                 return polled;
             }
             if idle && self.switch.is_some_and(|due| due.load(Ordering::Relaxed)) {
@@ -492,7 +496,8 @@ where
                 Pin::new(&mut *self.connection).graceful_shutdown();
                 continue;
             }
-            if !at_rest {
+            // (A connection that never rests, TLS, still switches rounds.)
+            if !self.may_rest || !at_rest {
                 self.timing_rest = false;
                 return polled;
             }

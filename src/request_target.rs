@@ -1016,6 +1016,10 @@ impl<I> TargetWatch<I> {
         let n = self.released.len().min(buf.remaining());
         buf.put_slice(&self.released[..n]);
         self.released.drain(..n);
+        if self.released.is_empty() {
+            // Its memory is not kept for the rest of the round.
+            self.released = Vec::new();
+        }
     }
 }
 

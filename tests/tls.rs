@@ -1,7 +1,8 @@
 //! TLS at the edge and towards the backend: HTTPS clients (aws-sdk-s3 and an
 //! HTTP/2 client) through restarts, certificate rotation and a broken
 //! certificate while requests are held, an HTTPS-only backend with its own CA,
-//! and a client that speaks garbage instead of TLS.
+//! a client that speaks garbage instead of TLS, and request heads that need
+//! another kind of hyper connection on a connection that served requests.
 
 use std::time::Duration;
 
@@ -9,9 +10,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ChecksumAlgorithm;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use support::tls::{TestCa, TlsFront, h2_connect, https_proxy, s3_client_tls, write_pair};
+use support::tls::{
+    TestCa, TlsFront, h2_connect, http1_connect, https_proxy, s3_client_tls, write_pair,
+};
 use support::{
-    ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, s3_client, wait_until,
+    ProxyUnderTest, S3Backend, metric_sample, object_content, raw_request, read_response,
+    s3_client, sign_unsigned_payload, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -346,4 +350,49 @@ async fn garbage_instead_of_a_handshake_closes_that_connection_only() {
         .send()
         .await
         .unwrap();
+}
+
+/// A signed request (payload unsigned) for `path` on `host`, with `extra`
+/// unsigned fields.
+fn signed_request(host: &str, method: &str, path: &str, extra: &str, body: &str) -> Vec<u8> {
+    let url = format!("https://{host}{path}");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (name, value) in sign_unsigned_payload(method, &url, host, &[]) {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n{extra}\r\n", body.len()));
+    [head.as_bytes(), body.as_bytes()].concat()
+}
+
+/// Over HTTPS, where a connection never rests, a head that needs another
+/// kind of hyper connection (one over 16 KiB, so in more than one TLS
+/// record and read; one of more than 100 fields) is served after requests
+/// on the same connection, as over plain HTTP (`src/round_kind.rs`).
+/// (s3s-fs answers more than 100 fields with its own `431`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_heads_and_heads_of_many_fields_are_served_on_a_used_https_connection() {
+    let backend = S3Backend::start().await.unwrap();
+    let ca = TestCa::new("edge CA");
+    let proxy = https_proxy(backend.address, &ca, "").await;
+    let address = proxy.tls_address.unwrap();
+    let host = address.to_string();
+    let mut tls = http1_connect(address, &ca).await.unwrap();
+    let mut exchange = async |request: Vec<u8>| {
+        tls.write_all(&request).await.unwrap();
+        let answer = read_response(&mut tls);
+        tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("answered")
+    };
+    let put = |path: &str, body: &str| signed_request(&host, "PUT", path, "", body);
+    let get = |extra: &str| signed_request(&host, "GET", "/rounds/k", extra, "");
+    assert_eq!(exchange(put("/rounds", "")).await.0, 200);
+    assert_eq!(exchange(put("/rounds/k", "value")).await.0, 200);
+    let value = (200, "value".to_owned());
+    assert_eq!(exchange(get("")).await, value);
+    let long = format!("X-Pad: {}\r\n", "p".repeat(20 << 10));
+    assert_eq!(exchange(get(&long)).await, value, "a 20 KiB head");
+    assert_eq!(exchange(get("")).await, value);
+    let many: String = (0..100).map(|n| format!("X-Extra-{n}: {n}\r\n")).collect();
+    assert_eq!(exchange(get(&many)).await.0, 431, "s3s-fs's answer");
 }

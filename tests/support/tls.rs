@@ -210,6 +210,17 @@ impl Drop for TlsFront {
     }
 }
 
+/// A TLS connection to `address` that speaks HTTP/1.1 (ALPN http/1.1).
+pub async fn http1_connect(
+    address: SocketAddr,
+    ca: &TestCa,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let connector = TlsConnector::from(Arc::new(ca.client_config(&[b"http/1.1"])));
+    let tcp = TcpStream::connect(address).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    Ok(connector.connect(name, tcp).await?)
+}
+
 /// An HTTP/2 connection over TLS (ALPN h2) to `address`.
 pub async fn h2_connect<B>(
     address: SocketAddr,
