@@ -95,6 +95,18 @@ pub fn outbound(
         ..
     } = parts;
     headers::strip_hop_by_hop(&mut headers);
+    if version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
+        // An HTTP/1.1 request without Host reaches the backend without one.
+        // (Before the forwarding headers: it counts toward the backend's
+        // limits they are kept within.)
+        if let Some(value) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, value);
+        }
+    }
     let client = client.ip();
     headers::add_forwarded(
         &mut headers,
@@ -104,16 +116,6 @@ pub fn outbound(
         scheme,
         forwarding,
     );
-    if version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
-        // An HTTP/1.1 request without Host reaches the backend without one.
-        if let Some(value) = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, value);
-        }
-    }
     let uri = target(uri, version);
     Outbound {
         method,
@@ -145,6 +147,28 @@ mod tests {
             sent("http://s3.local/bucket/key?x=1", http11),
             "http://s3.local/bucket/key?x=1"
         );
+    }
+
+    /// An HTTP/2 request whose fields, with the Host it gets from
+    /// `:authority`, reach the backend's limit gets no forwarding headers.
+    #[test]
+    fn an_http2_host_counts_toward_the_backends_limit_on_fields() {
+        let forwarding = ForwardingConfig {
+            enabled: true,
+            trusted_proxies: Vec::new(),
+            backend_max_headers: 100,
+            backend_max_head_bytes: 16 << 10,
+        };
+        let mut request = Request::get("https://s3.local/b/k").version(Version::HTTP_2);
+        for n in 0..98 {
+            request = request.header(format!("x-extra-{n}"), "v");
+        }
+        let (parts, ()) = request.body(()).unwrap().into_parts();
+        let client = "192.0.2.1:5000".parse().unwrap();
+        let value = || HeaderValue::from_static("192.0.2.1");
+        let sent = outbound(parts, client, value, "https", &forwarding);
+        assert_eq!(sent.headers.len(), 99, "98 fields and Host");
+        assert!(!sent.headers.contains_key("x-forwarded-for"));
     }
 
     #[test]
