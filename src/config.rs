@@ -110,6 +110,11 @@ pub struct ListenerConfig {
     /// True when `max_connections` was set in the file (not the default):
     /// then a file-descriptor limit too low for it stops start-up.
     pub max_connections_set: bool,
+    /// Threads that serve client connections, each running its own event
+    /// loop with its share of the connections and of the backend pool
+    /// ([`crate::lanes`]; HAProxy's `nbthread`, nginx's `worker_processes`).
+    /// By default one per core the process may use. Restart-only.
+    pub threads: usize,
     /// A UNIX socket where the running proxy hands its listening sockets to
     /// a new process started with `--take-over` (a hot binary upgrade on one
     /// host, as HAProxy's `expose-fd listeners`); unset, there is none.
@@ -346,6 +351,7 @@ struct RawListener {
     #[serde(default, with = "humantime_serde")]
     send_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    threads: Option<usize>,
     handover_socket: Option<PathBuf>,
 }
 
@@ -636,6 +642,24 @@ fn positive_count<T: Default + PartialEq>(
         return Err(invalid(key, "must be greater than zero"));
     }
     Ok(value)
+}
+
+/// Most `listener.threads`: far more than cores is only context switches.
+const MAX_THREADS: usize = 1024;
+
+/// `listener.threads`: by default the cores this process may run on
+/// (`std::thread::available_parallelism`, which follows CPU affinity and
+/// cgroup quotas).
+fn threads(value: Option<usize>) -> Result<usize, ConfigError> {
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    let threads = positive_count("listener.threads", value, cores.min(MAX_THREADS))?;
+    if threads > MAX_THREADS {
+        return Err(invalid(
+            "listener.threads",
+            format!("{threads} is more than {MAX_THREADS}"),
+        ));
+    }
+    Ok(threads)
 }
 
 /// Header fields per message head, by default: S3 allows about 2 KB of user
@@ -970,6 +994,7 @@ impl Config {
                 DEFAULT_MAX_CONNECTIONS,
             )?,
             max_connections_set: raw.listener.max_connections.is_some(),
+            threads: threads(raw.listener.threads)?,
             handover_socket: handover_socket(raw.listener.handover_socket)?,
         };
         let forwarding = forwarding(raw.forwarding)?;
@@ -1139,6 +1164,21 @@ mod tests {
         assert!(error_of("[hold]\nmax_requests = 0\n").contains("hold.max_requests"));
         assert!(error_of("[hold]\ntimeout = \"0s\"\n").contains("hold.timeout"));
         assert!(error_of("[hold]\nrelease_concurrency = 0\n").contains("hold.release_concurrency"));
+    }
+
+    #[test]
+    fn client_connections_are_served_by_one_thread_per_core_unless_set() {
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(Config::parse("").unwrap().listener.threads, cores);
+        let config = Config::parse("[listener]\nthreads = 3\n").unwrap();
+        assert_eq!(config.listener.threads, 3);
+        let message = error_of("[listener]\nthreads = 0\n");
+        assert!(message.contains("listener.threads"), "{message}");
+        let message = error_of("[listener]\nthreads = 5000\n");
+        assert!(
+            message.contains("listener.threads") && message.contains("1024"),
+            "{message}"
+        );
     }
 
     #[test]

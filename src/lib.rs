@@ -1,7 +1,9 @@
 //! s3-failover-proxy: an S3 ingress that makes a restart of its one backend
 //! invisible to clients.
 //!
-//! A request arrives on the S3 listener ([`server`], [`listener`]; an idle
+//! A request arrives on the S3 listener ([`server`], [`listener`]; each
+//! connection is served on one of the [`lanes`], a thread with an event loop
+//! of its own and its part of the backend pool; an idle
 //! HTTP/1.1 connection holds no buffers between requests, [`keep_alive`],
 //! and rests outside any task, [`resting`]; [`heap_trim`] gives the memory
 //! they freed back to the system; a head with many fields or a large body
@@ -76,6 +78,7 @@ pub mod headers;
 pub mod heap_trim;
 pub mod keep_alive;
 pub mod kubernetes;
+pub mod lanes;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

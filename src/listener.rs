@@ -41,6 +41,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::keep_alive::{self, Prefixed, Rounds};
+use crate::lanes::Lanes;
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::read_budget::ReadBudget;
@@ -83,6 +84,8 @@ pub struct S3Listener {
     /// plain HTTP/1.1 only, whose connections are served in rounds; `None`
     /// for TLS, or with large reads off.
     pub read_budget: Option<Arc<ReadBudget>>,
+    /// Where accepted connections are served, each on one lane throughout.
+    pub lanes: Arc<Lanes>,
 }
 
 /// What a client connection may send and how long it may take: a larger
@@ -173,36 +176,61 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
         return;
     };
     let slot = ConnectionSlot::new(permit, Arc::clone(proxy.metrics()));
-    let (stream, peer) = ClientSocket::new(stream, address);
-    let connection = Connection {
-        peer,
-        proxy: Arc::clone(proxy),
-        scheme: listener.scheme(),
-        limits: listener.limits,
-        shutdown: listener.shutdown.clone(),
-        _slot: slot,
-        resting: listener.resting.clone(),
-        read_budget: listener.read_budget.clone(),
-    };
-    match listener.tls.clone() {
-        None => {
-            tokio::spawn(serve(stream, connection));
+    // The socket moves to the lane's event loop.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%error, client = %address, "an accepted connection could not be handed to a lane");
+            return;
         }
-        Some(acceptor) => {
-            tokio::spawn(async move {
-                let metrics = Arc::clone(connection.proxy.metrics());
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve(tls, connection).await,
-                    Ok(Err(error)) => {
-                        metrics.tls_handshake_failed();
-                        tracing::debug!(%error, client = %address, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        metrics.tls_handshake_failed();
-                        tracing::debug!(client = %address, "TLS handshake timed out");
-                    }
-                }
-            });
+    };
+    let proxy = Arc::clone(proxy);
+    let scheme = listener.scheme();
+    let limits = listener.limits;
+    let shutdown = listener.shutdown.clone();
+    let resting = listener.resting.clone();
+    let read_budget = listener.read_budget.clone();
+    let tls = listener.tls.clone();
+    listener.lanes.spawn(async move {
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, client = %address, "an accepted connection could not join a lane");
+                return;
+            }
+        };
+        let (stream, peer) = ClientSocket::new(stream, address);
+        let connection = Connection {
+            peer,
+            proxy,
+            scheme,
+            limits,
+            shutdown,
+            _slot: slot,
+            resting,
+            read_budget,
+        };
+        match tls {
+            None => serve(stream, connection).await,
+            Some(acceptor) => handshake_and_serve(acceptor, stream, connection).await,
+        }
+    });
+}
+
+/// Serves an HTTPS connection once its TLS handshake is done, within
+/// [`HANDSHAKE_TIMEOUT`].
+async fn handshake_and_serve(acceptor: TlsAcceptor, stream: ClientSocket, connection: Connection) {
+    let metrics = Arc::clone(connection.proxy.metrics());
+    let address = connection.peer.address;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => serve(tls, connection).await,
+        Ok(Err(error)) => {
+            metrics.tls_handshake_failed();
+            tracing::debug!(%error, client = %address, "TLS handshake failed");
+        }
+        Err(_) => {
+            metrics.tls_handshake_failed();
+            tracing::debug!(client = %address, "TLS handshake timed out");
         }
     }
 }
@@ -579,9 +607,10 @@ pub fn resting_connections(
     proxy: Arc<Proxy>,
     limits: ClientLimits,
     read_budget: Option<Arc<ReadBudget>>,
+    lanes: Arc<Lanes>,
 ) -> std::io::Result<RestingConnections> {
     Resting::start(
-        tokio::runtime::Handle::current(),
+        Box::new(move |resumed| lanes.spawn(resumed)),
         Box::new(move |resting, stream, head_due, kept| {
             let resumed = Resumed {
                 proxy: Arc::clone(&proxy),

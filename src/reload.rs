@@ -80,6 +80,7 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     if keep!("listener.max_connections", listener.max_connections) {
         new.listener.max_connections_set = running.listener.max_connections_set;
     }
+    keep!("listener.threads", listener.threads);
     keep!("listener.handover_socket", listener.handover_socket);
     keep!("admin.address", admin.address);
     keep!("log.format", log.format);

@@ -35,6 +35,10 @@ pub type Resume<T> = Box<
     dyn Fn(Resting<T>, tokio::net::TcpStream, Instant, T) -> BoxFuture<'static, ()> + Send + Sync,
 >;
 
+/// Where a connection that resumes runs: given the future that takes its
+/// socket back into a runtime (on the thread it runs on) and serves it.
+pub type Spawn = Box<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+
 /// The parked connections (each keeping a `T`) and the thread that
 /// watches them.
 pub struct Resting<T> {
@@ -54,7 +58,7 @@ struct Shared<T> {
     /// Wakes the thread: a nearer deadline, or closing.
     wake: OwnedFd,
     state: Mutex<State<T>>,
-    runtime: tokio::runtime::Handle,
+    spawn: Spawn,
     resume: Resume<T>,
 }
 
@@ -81,9 +85,9 @@ const WAKE_KEY: u64 = 0;
 const EVENTS: usize = 256;
 
 impl<T: Send + 'static> Resting<T> {
-    /// Starts the watching thread; parked connections resume on `runtime`,
+    /// Starts the watching thread; parked connections resume through `spawn`,
     /// through `resume`.
-    pub fn start(runtime: tokio::runtime::Handle, resume: Resume<T>) -> io::Result<Resting<T>> {
+    pub fn start(spawn: Spawn, resume: Resume<T>) -> io::Result<Resting<T>> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         epoll::add(
@@ -101,7 +105,7 @@ impl<T: Send + 'static> Resting<T> {
                 next_key: WAKE_KEY + 1,
                 closing: false,
             }),
-            runtime,
+            spawn,
             resume,
         });
         let watched = Resting {
@@ -233,16 +237,15 @@ impl<T: Send + 'static> Resting<T> {
             return;
         };
         let _ = epoll::delete(&self.shared.epoll, &parked.socket);
-        let runtime = &self.shared.runtime;
-        let _entered = runtime.enter();
-        match tokio::net::TcpStream::from_std(parked.socket) {
-            Ok(stream) => {
-                runtime.spawn(self.resume(stream, parked.head_due, parked.kept));
+        let resting = self.clone();
+        (self.shared.spawn)(Box::pin(async move {
+            match tokio::net::TcpStream::from_std(parked.socket) {
+                Ok(stream) => resting.resume(stream, parked.head_due, parked.kept).await,
+                Err(error) => {
+                    tracing::debug!(%error, "a resting connection could not rejoin the runtime: closed");
+                }
             }
-            Err(error) => {
-                tracing::debug!(%error, "a resting connection could not rejoin the runtime: closed");
-            }
-        }
+        }));
     }
 
     /// Closes the connections whose head is due by `now`, or all of them

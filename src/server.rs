@@ -31,6 +31,7 @@ use crate::config::{Config, KubernetesConfig};
 use crate::gate::{Gate, Transition};
 use crate::handover::{self, HandoverListener, ListenerRole, ListenerSockets, Predecessor};
 use crate::kubernetes::{self, Steering};
+use crate::lanes::Lanes;
 use crate::listener::{ConnectionSlots, S3Listener, accept_loop, resting_connections};
 use crate::metrics::Metrics;
 use crate::probe::Prober;
@@ -238,8 +239,10 @@ pub async fn run_with_reload(
         config.backend.large_read_memory,
         config.backend.max_read_bytes,
     ));
+    let lanes = Arc::new(Lanes::start(settings.lanes)?);
     let upstream = Upstream::new(
         settings.upstream,
+        lanes.count(),
         Arc::clone(&target),
         Arc::clone(&read_budget),
     );
@@ -327,7 +330,12 @@ pub async fn run_with_reload(
     let (stop_accepting, stop) = watch::channel(false);
     let limits = settings.client_limits;
     let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
-    let resting = resting_connections(Arc::clone(&proxy), limits, body_budget.clone())?;
+    let resting = resting_connections(
+        Arc::clone(&proxy),
+        limits,
+        body_budget.clone(),
+        Arc::clone(&lanes),
+    )?;
     // Resting connections are closed with the idle ones.
     tokio::spawn({
         let resting = resting.clone();
@@ -345,6 +353,7 @@ pub async fn run_with_reload(
         shutdown: shutdown_phases.watch(),
         resting: Some(resting),
         read_budget: body_budget,
+        lanes: Arc::clone(&lanes),
     };
     let secure = match (listeners.s3_tls, &certificate) {
         (Some(socket), Some(certificate)) => {
@@ -357,6 +366,7 @@ pub async fn run_with_reload(
                 shutdown: shutdown_phases.watch(),
                 resting: None,
                 read_budget: None,
+                lanes: Arc::clone(&lanes),
             })
         }
         _ => None,
@@ -501,6 +511,7 @@ pub async fn run_with_reload(
     {
         task.abort();
     }
+    lanes.stop();
     Ok(())
 }
 

@@ -30,6 +30,8 @@ pub struct Settings {
     pub connector: Connector,
     /// The client connection limits; restart-only.
     pub client_limits: ClientLimits,
+    /// Threads serving client connections (see [`crate::lanes`]); restart-only.
+    pub lanes: usize,
 }
 
 impl Settings {
@@ -45,6 +47,7 @@ impl Settings {
             quarantine: config.quarantine.duration,
             connector: Connector::from_config(&config.backend)?,
             client_limits: client_limits(config),
+            lanes: config.listener.threads,
         })
     }
 }

@@ -133,7 +133,9 @@ pub struct UpstreamSettings {
 pub struct Upstream<B> {
     settings: RwLock<Arc<UpstreamSettings>>,
     target: Arc<BackendTarget>,
-    idle: Arc<Mutex<Vec<Idle<B>>>>,
+    /// One pool per lane ([`crate::lanes`]), whose connections' tasks run
+    /// there, and one last for requests off the lanes.
+    idle: Box<[IdlePool<B>]>,
     connects: AtomicU64,
     /// Shared by every connection's large reads.
     budget: Arc<ReadBudget>,
@@ -219,8 +221,10 @@ struct Handshake<B> {
     settings: Arc<UpstreamSettings>,
     connector: Arc<Connector>,
     budget: Arc<ReadBudget>,
-    /// Where a connection built again goes.
+    /// Where a connection built again goes, and how many that part of
+    /// the pool keeps.
     pool: IdlePool<B>,
+    max_idle: usize,
 }
 
 type BackendIo = TokioIo<BudgetedRead<BackendStream>>;
@@ -329,7 +333,7 @@ async fn drive<B>(
             large,
             rebuild: Arc::clone(&rebuild),
         };
-        put_back(&handshake.pool, rebuilt, since, handshake.settings.max_idle);
+        put_back(&handshake.pool, rebuilt, since, handshake.max_idle);
     }
 }
 
@@ -354,17 +358,18 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    /// A pool of connections to wherever `target` points.
-    /// Large reads share `budget`.
+    /// A pool of connections to wherever `target` points, in a part for
+    /// each of `lanes` lanes. Large reads share `budget`.
     pub fn new(
         settings: UpstreamSettings,
+        lanes: usize,
         target: Arc<BackendTarget>,
         budget: Arc<ReadBudget>,
     ) -> Self {
         Upstream {
             settings: RwLock::new(Arc::new(settings)),
             target,
-            idle: Arc::new(Mutex::new(Vec::new())),
+            idle: (0..=lanes).map(|_| IdlePool::default()).collect(),
             connects: AtomicU64::new(0),
             budget,
         }
@@ -372,6 +377,19 @@ where
 
     fn settings(&self) -> Arc<UpstreamSettings> {
         Arc::clone(&self.settings.read().unwrap())
+    }
+
+    /// The calling lane's part of the pool.
+    fn pool(&self) -> &IdlePool<B> {
+        let off_lanes = self.idle.len() - 1;
+        let lane = crate::lanes::current().filter(|lane| *lane < off_lanes);
+        &self.idle[lane.unwrap_or(off_lanes)]
+    }
+
+    /// Most idle connections one part of the pool keeps: an even share of
+    /// `backend.max_idle_connections`.
+    fn max_idle_per_pool(&self, settings: &UpstreamSettings) -> usize {
+        settings.max_idle.div_ceil((self.idle.len() - 1).max(1))
     }
 
     /// Applies new settings (on reload).
@@ -440,14 +458,15 @@ where
     /// `max_head_bytes`), for as long as the process lives.
     pub fn close_expired(&self) -> usize {
         let idle_timeout = self.settings().idle_timeout;
-        let expired: Vec<Idle<B>> = {
-            let mut idle = self.idle.lock().unwrap();
-            let (kept, expired) = std::mem::take(&mut *idle)
+        let mut expired: Vec<Idle<B>> = Vec::new();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap();
+            let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut *idle)
                 .into_iter()
                 .partition(|idle| idle.since.elapsed() <= idle_timeout);
             *idle = kept;
-            expired
-        };
+            expired.extend(gone);
+        }
         // Dropped outside the lock: each drop aborts its connection's task.
         let closed = expired.len();
         drop(expired);
@@ -462,17 +481,18 @@ where
     /// [`LARGE_READS_REST`]): their tasks build them again and put them back.
     /// Returns how many.
     pub fn free_rested_large_reads(&self, rest: Duration) -> usize {
-        let rested: Vec<Idle<B>> = {
-            let mut idle = self.idle.lock().unwrap();
+        let mut rested: Vec<Idle<B>> = Vec::new();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap();
             if !idle.iter().any(|idle| idle.connection.large.taken()) {
-                return 0;
+                continue;
             }
-            let (rested, kept) = std::mem::take(&mut *idle)
+            let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *idle)
                 .into_iter()
                 .partition(|idle| idle.connection.large.taken() && idle.since.elapsed() >= rest);
             *idle = kept;
-            rested
-        };
+            rested.extend(done);
+        }
         let count = rested.len();
         for idle in rested {
             idle.connection.rebuild(idle.since);
@@ -487,7 +507,9 @@ where
 
     /// Drops every idle connection (after the backend went away).
     pub fn clear_idle(&self) {
-        self.idle.lock().unwrap().clear();
+        for pool in &self.idle {
+            pool.lock().unwrap().clear();
+        }
     }
 
     /// An idle connection ready for a request, if one is. The wait for
@@ -499,7 +521,7 @@ where
         let target = self.target.connector();
         let deadline = Instant::now() + CHECKOUT_WAIT;
         loop {
-            let mut idle = self.idle.lock().unwrap().pop()?;
+            let mut idle = self.pool().lock().unwrap().pop()?;
             if idle.connection.sender.is_closed()
                 || idle.since.elapsed() > settings.idle_timeout
                 || *idle.connection.connector != *target
@@ -536,7 +558,8 @@ where
             settings: Arc::clone(settings),
             connector,
             budget: Arc::clone(&self.budget),
-            pool: Arc::clone(&self.idle),
+            pool: Arc::clone(self.pool()),
+            max_idle: self.max_idle_per_pool(settings),
         };
         handshake
             .build(stream)
@@ -590,8 +613,8 @@ where
         let (give_back, closing) = if reusable {
             let give_back = GiveBack {
                 connection,
-                pool: Arc::clone(&self.idle),
-                max_idle: settings.max_idle,
+                pool: Arc::clone(self.pool()),
+                max_idle: self.max_idle_per_pool(settings),
             };
             (Some(give_back), None)
         } else if delivery.is_withheld() {
@@ -705,7 +728,7 @@ mod tests {
             max_read_bytes: 512 * 1024,
         };
         let budget = Arc::new(ReadBudget::new(32 << 20, 512 << 10));
-        Upstream::new(settings, target, budget)
+        Upstream::new(settings, 0, target, budget)
     }
 
     #[tokio::test(start_paused = true)]
@@ -713,10 +736,10 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let upstream = pool(Duration::from_secs(30));
         let (old, mut old_backend) = stale_with_peer().await;
-        upstream.idle.lock().unwrap().push(old);
+        upstream.pool().lock().unwrap().push(old);
         tokio::time::advance(Duration::from_secs(20)).await;
         let (recent, mut recent_backend) = stale_with_peer().await;
-        upstream.idle.lock().unwrap().push(recent);
+        upstream.pool().lock().unwrap().push(recent);
         tokio::time::advance(Duration::from_secs(11)).await;
 
         assert_eq!(upstream.close_expired(), 1);
@@ -731,7 +754,7 @@ mod tests {
                 .is_err(),
             "the recent one stays open"
         );
-        assert_eq!(upstream.idle.lock().unwrap().len(), 1);
+        assert_eq!(upstream.pool().lock().unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,13 +762,13 @@ mod tests {
         let upstream = pool(Duration::from_secs(30));
         for _ in 0..64 {
             let idle = stale().await;
-            upstream.idle.lock().unwrap().push(idle);
+            upstream.pool().lock().unwrap().push(idle);
         }
         let started = Instant::now();
         assert!(upstream.checkout(&upstream.settings()).await.is_none());
         // Paused time: the clock moved only by the waits checkout made.
         assert_eq!(started.elapsed(), CHECKOUT_WAIT);
-        assert!(upstream.idle.lock().unwrap().is_empty());
+        assert!(upstream.pool().lock().unwrap().is_empty());
     }
 
     /// A backend on 127.0.0.1 that answers every request on a connection
@@ -794,6 +817,7 @@ mod tests {
         };
         Upstream::new(
             settings,
+            0,
             BackendTarget::new(connector, false),
             Arc::clone(budget),
         )
@@ -856,15 +880,15 @@ mod tests {
             (4 << 20) - budget.share(),
             "one share taken"
         );
-        let idle_since = upstream.idle.lock().unwrap()[0].since;
+        let idle_since = upstream.pool().lock().unwrap()[0].since;
         assert_eq!(upstream.free_rested_large_reads(Duration::ZERO), 1);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while budget.available() != 4 << 20 || upstream.idle.lock().unwrap().is_empty() {
+        while budget.available() != 4 << 20 || upstream.pool().lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "the share never came back");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(
-            upstream.idle.lock().unwrap()[0].since,
+            upstream.pool().lock().unwrap()[0].since,
             idle_since,
             "backend.idle_timeout still counts from when the connection went idle"
         );

@@ -113,6 +113,48 @@ fn a_missing_config_file_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_over_the_listener_threads() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nthreads = 3\n[backend]\naddress = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let before = proxy.thread_cpu_ticks("s3fp-lane-");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["s3fp-lane-0", "s3fp-lane-1", "s3fp-lane-2"],
+        "one thread per listener.threads"
+    );
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket("lanes")
+        .send()
+        .await
+        .unwrap();
+    // Six clients, each on a keep-alive connection of its own: two per thread.
+    let clients = (0..6).map(|_| {
+        let s3 = s3_client(&proxy.endpoint());
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                s3.head_bucket().bucket("lanes").send().await.unwrap();
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.unwrap();
+    }
+    let after = proxy.thread_cpu_ticks("s3fp-lane-");
+    for (lane, ticks) in &after {
+        assert!(
+            *ticks > before[lane],
+            "{lane} served none of the connections: {before:?} then {after:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_held_request_finish_then_exits() {
     let mut backend = S3Backend::start().await.unwrap();
     let proxy = ProxyProcess::start(&format!(

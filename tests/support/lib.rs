@@ -772,6 +772,29 @@ impl ProxyProcess {
         self.memory_status("VmRSS:")
     }
 
+    /// CPU time (user and system, in clock ticks) each thread of the
+    /// process whose name starts with `prefix` has used, by thread name.
+    pub fn thread_cpu_ticks(&self, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut ticks = std::collections::BTreeMap::new();
+        for task in std::fs::read_dir(tasks).unwrap() {
+            let task = task.unwrap().path();
+            let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+                continue;
+            };
+            let name = name.trim_end().to_owned();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+            // After the name in parentheses: state is field 3, utime 14, stime 15.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            let used = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+            ticks.insert(name, used);
+        }
+        ticks
+    }
+
     fn memory_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let kib: u64 = status
