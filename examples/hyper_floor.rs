@@ -4,7 +4,9 @@
 //! the proxy's hyper settings (header-name case kept; request heads in
 //! hyper's default 100 field slots, as the proxy's common rounds parse them,
 //! response heads of up to 500 fields), so the difference between the two is
-//! the proxy's own work per request.
+//! the proxy's own work per request. Connections are served as the proxy
+//! serves them: each on one of the proxy's lanes (one current-thread runtime
+//! per core, `s3_failover_proxy::lanes`), with a backend pool per lane.
 //!
 //!     cargo build --release --example hyper_floor
 //!     bash benches/small_requests.sh target/release/s3-failover-proxy,target/release/examples/hyper_floor
@@ -20,6 +22,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use s3_failover_proxy::lanes::{self, Lanes};
 use tokio::net::{TcpListener, TcpStream};
 
 type Pool = Arc<Mutex<Vec<SendRequest<Incoming>>>>;
@@ -83,25 +86,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: hyper_floor --config FILE")?;
     let config: Config = toml::from_str(&std::fs::read_to_string(path)?)?;
     let backend: Arc<str> = config.backend.address.into();
-    tokio::runtime::Runtime::new()?.block_on(async move {
-        let listener = TcpListener::bind(&config.listener.address).await?;
-        let pool = Pool::default();
-        loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            let (pool, backend) = (Arc::clone(&pool), Arc::clone(&backend));
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let (pool, backend) = (Arc::clone(&pool), Arc::clone(&backend));
-                    async move {
-                        Ok::<_, std::convert::Infallible>(forward(pool, backend, request).await)
-                    }
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    let lanes = Lanes::start(cores)?;
+    let pools: Arc<Vec<Pool>> = Arc::new((0..cores).map(|_| Pool::default()).collect());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = TcpListener::bind(&config.listener.address).await?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                let stream = stream.into_std()?;
+                let (pools, backend) = (Arc::clone(&pools), Arc::clone(&backend));
+                lanes.spawn(async move {
+                    let Ok(stream) = TcpStream::from_std(stream) else {
+                        return;
+                    };
+                    let pool = Arc::clone(&pools[lanes::current().unwrap_or(0)]);
+                    let service = hyper::service::service_fn(move |request| {
+                        let (pool, backend) = (Arc::clone(&pool), Arc::clone(&backend));
+                        async move {
+                            Ok::<_, std::convert::Infallible>(forward(pool, backend, request).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .preserve_header_case(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .preserve_header_case(true)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    })
+            }
+        })
 }
