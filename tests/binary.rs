@@ -1,4 +1,5 @@
-//! The `s3-failover-proxy` binary as an operator runs it: config validation
+//! The `s3-failover-proxy` binary as an operator runs it: client connections
+//! spread over `listener.threads` threads, config validation
 //! with `--check`, clear errors naming the bad key, and a graceful SIGTERM:
 //! a held request finishes within the grace, or is answered 503 at its end;
 //! an admin listener out of file descriptors says so and serves again;
