@@ -30,6 +30,12 @@ thread_local! {
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// File descriptors each lane keeps open (counted with 101 lanes): its event
+/// loop's epoll set twice (tokio keeps a duplicate for registering
+/// sockets), the eventfd that wakes it, and its end of tokio's signal
+/// pipe.
+pub const FILE_DESCRIPTORS_PER_LANE: u64 = 4;
+
 /// The lane the calling thread runs, or `None` off the lanes (the main
 /// runtime, tests).
 pub fn current() -> Option<usize> {
@@ -73,8 +79,18 @@ impl Lanes {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        self.lanes[lane].handle.spawn(task);
+        let lane = self.next.fetch_add(1, Ordering::Relaxed);
+        self.spawn_on(lane, task);
+    }
+
+    /// Runs `task` on lane `lane` (modulo the lanes): a connection that
+    /// comes back from rest goes back to the lane that served it, where
+    /// its part of the backend pool is.
+    pub fn spawn_on<F>(&self, lane: usize, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.lanes[lane % self.lanes.len()].handle.spawn(task);
     }
 
     /// Stops every lane: the tasks still on them (connections past the

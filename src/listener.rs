@@ -554,7 +554,9 @@ async fn rest_until_next_bytes(
     match socket.into_std() {
         Ok(Ok(socket)) => {
             let kept = ParkedConnection::from(connection);
-            let parked = resting.park(socket, head_due.into_std(), kept);
+            // Back to this lane when it resumes: its backend connections are here.
+            let lane = crate::lanes::current().unwrap_or(0);
+            let parked = resting.park(socket, head_due.into_std(), lane, kept);
             if let Err((socket, kept)) = parked
                 && let Ok(stream) = TcpStream::from_std(socket)
             {
@@ -610,7 +612,7 @@ pub fn resting_connections(
     lanes: Arc<Lanes>,
 ) -> std::io::Result<RestingConnections> {
     Resting::start(
-        Box::new(move |resumed| lanes.spawn(resumed)),
+        Box::new(move |lane, resumed| lanes.spawn_on(lane, resumed)),
         Box::new(move |resting, stream, head_due, kept| {
             let resumed = Resumed {
                 proxy: Arc::clone(&proxy),

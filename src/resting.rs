@@ -35,9 +35,10 @@ pub type Resume<T> = Box<
     dyn Fn(Resting<T>, tokio::net::TcpStream, Instant, T) -> BoxFuture<'static, ()> + Send + Sync,
 >;
 
-/// Where a connection that resumes runs: given the future that takes its
-/// socket back into a runtime (on the thread it runs on) and serves it.
-pub type Spawn = Box<dyn Fn(BoxFuture<'static, ()>) + Send + Sync>;
+/// Where a connection that resumes runs: given the lane it was parked from
+/// (see [`Resting::park`]) and the future that takes its socket back into a
+/// runtime (on the thread it runs on) and serves it.
+pub type Spawn = Box<dyn Fn(usize, BoxFuture<'static, ()>) + Send + Sync>;
 
 /// The parked connections (each keeping a `T`) and the thread that
 /// watches them.
@@ -75,6 +76,8 @@ struct State<T> {
 struct Parked<T> {
     socket: std::net::TcpStream,
     head_due: Instant,
+    /// Handed back to [`Spawn`] when the connection resumes.
+    lane: usize,
     kept: T,
 }
 
@@ -118,13 +121,14 @@ impl<T: Send + 'static> Resting<T> {
     }
 
     /// Parks a connection, keeping `kept`, until its socket turns readable
-    /// (then it resumes on the runtime), until `head_due` (then it is
-    /// closed), or until [`Resting::close_all`]. Both come back (`Err`) if
-    /// the socket cannot be watched.
+    /// (then it resumes through `Spawn`, given `lane`), until `head_due`
+    /// (then it is closed), or until [`Resting::close_all`]. Both come back
+    /// (`Err`) if the socket cannot be watched.
     pub fn park(
         &self,
         socket: std::net::TcpStream,
         head_due: Instant,
+        lane: usize,
         kept: T,
     ) -> Result<(), (std::net::TcpStream, T)> {
         let mut state = self.shared.state.lock().unwrap();
@@ -154,6 +158,7 @@ impl<T: Send + 'static> Resting<T> {
             Parked {
                 socket,
                 head_due,
+                lane,
                 kept,
             },
         );
@@ -238,14 +243,18 @@ impl<T: Send + 'static> Resting<T> {
         };
         let _ = epoll::delete(&self.shared.epoll, &parked.socket);
         let resting = self.clone();
-        (self.shared.spawn)(Box::pin(async move {
-            match tokio::net::TcpStream::from_std(parked.socket) {
-                Ok(stream) => resting.resume(stream, parked.head_due, parked.kept).await,
-                Err(error) => {
-                    tracing::debug!(%error, "a resting connection could not rejoin the runtime: closed");
+        let lane = parked.lane;
+        (self.shared.spawn)(
+            lane,
+            Box::pin(async move {
+                match tokio::net::TcpStream::from_std(parked.socket) {
+                    Ok(stream) => resting.resume(stream, parked.head_due, parked.kept).await,
+                    Err(error) => {
+                        tracing::debug!(%error, "a resting connection could not rejoin the runtime: closed");
+                    }
                 }
-            }
-        }));
+            }),
+        );
     }
 
     /// Closes the connections whose head is due by `now`, or all of them

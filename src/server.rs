@@ -239,7 +239,12 @@ pub async fn run_with_reload(
         config.backend.large_read_memory,
         config.backend.max_read_bytes,
     ));
-    let lanes = Arc::new(Lanes::start(settings.lanes)?);
+    let lanes = Arc::new(Lanes::start(settings.lanes).map_err(|error| {
+        io::Error::other(format!(
+            "listener.threads = {}: cannot start the threads: {error}",
+            settings.lanes
+        ))
+    })?);
     let upstream = Upstream::new(
         settings.upstream,
         lanes.count(),
@@ -606,35 +611,39 @@ const RESERVED_FDS: u64 = 32;
 
 /// The client connection cap in force: `listener.max_connections`, if the
 /// process may open two file descriptors for each (client and backend) on top
-/// of [`RESERVED_FDS`]. The soft limit (`ulimit -n`) is raised toward the
+/// of [`RESERVED_FDS`] and the lanes' own. The soft limit (`ulimit -n`) is raised toward the
 /// hard one when needed. A limit too low stops start-up when the key was set,
 /// and lowers the default cap (with a warning) when it was not.
 fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize> {
     use rlimit::Resource;
     let wanted = listener.max_connections as u64;
+    // Kept for the process itself, and for the lanes' event loops.
+    let reserved = RESERVED_FDS
+        + crate::lanes::FILE_DESCRIPTORS_PER_LANE.saturating_mul(listener.threads as u64);
     // Two per connection (client, backend), and one per eighth of them for
     // the connections being refused past the cap.
     let needed = wanted
         .saturating_mul(17)
         .div_ceil(8)
-        .saturating_add(RESERVED_FDS);
+        .saturating_add(reserved);
     let (soft, hard) = Resource::NOFILE.get()?;
     if soft < needed {
         // Best effort: a hard limit below `needed` still leaves more room.
         let _ = Resource::NOFILE.set(needed.min(hard), hard);
     }
     let (soft, _) = Resource::NOFILE.get()?;
-    let fits = soft.saturating_sub(RESERVED_FDS) * 8 / 17;
+    let fits = soft.saturating_sub(reserved) * 8 / 17;
     if fits == 0 {
         return Err(io::Error::other(format!(
-            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections after the {RESERVED_FDS} the proxy keeps for itself; raise the limit"
+            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections after the {reserved} the proxy keeps for itself and its listener.threads ({}); raise the limit or lower the key",
+            listener.threads
         )));
     }
     let cap = if fits >= wanted {
         wanted
     } else if listener.max_connections_set {
         return Err(io::Error::other(format!(
-            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection, one per eighth of them for refusals, and {RESERVED_FDS} more), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
+            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection, one per eighth of them for refusals, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
         )));
     } else {
         tracing::warn!(

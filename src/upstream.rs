@@ -207,6 +207,18 @@ struct GiveBack<B> {
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
 
+/// Part `index` of a pool split over `lanes` lanes (part `lanes` is off
+/// them): its share of `max_idle`, the shares adding up to `max_idle`.
+fn idle_share(max_idle: usize, lanes: usize, index: usize) -> usize {
+    if lanes == 0 {
+        max_idle
+    } else if index >= lanes {
+        0
+    } else {
+        max_idle / lanes + usize::from(index < max_idle % lanes)
+    }
+}
+
 /// Puts `connection`, idle since `since`, in the pool, or closes it when
 /// the pool is full.
 fn put_back<B>(pool: &IdlePool<B>, connection: Connection<B>, since: Instant, max_idle: usize) {
@@ -381,15 +393,23 @@ where
 
     /// The calling lane's part of the pool.
     fn pool(&self) -> &IdlePool<B> {
-        let off_lanes = self.idle.len() - 1;
-        let lane = crate::lanes::current().filter(|lane| *lane < off_lanes);
-        &self.idle[lane.unwrap_or(off_lanes)]
+        &self.idle[self.pool_index()]
     }
 
-    /// Most idle connections one part of the pool keeps: an even share of
-    /// `backend.max_idle_connections`.
+    /// Which part of the pool the calling lane uses (the last: off the lanes).
+    fn pool_index(&self) -> usize {
+        let off_lanes = self.idle.len() - 1;
+        crate::lanes::current()
+            .filter(|lane| *lane < off_lanes)
+            .unwrap_or(off_lanes)
+    }
+
+    /// Most idle connections the calling lane's part of the pool keeps: an
+    /// even share of `backend.max_idle_connections` (the remainder to the
+    /// first lanes), so that the parts together keep no more than it. Off
+    /// the lanes nothing is kept while lanes serve.
     fn max_idle_per_pool(&self, settings: &UpstreamSettings) -> usize {
-        settings.max_idle.div_ceil((self.idle.len() - 1).max(1))
+        idle_share(settings.max_idle, self.idle.len() - 1, self.pool_index())
     }
 
     /// Applies new settings (on reload).
@@ -715,6 +735,20 @@ mod tests {
             since: Instant::now(),
         };
         (idle, theirs)
+    }
+
+    #[test]
+    fn the_lanes_shares_of_idle_connections_add_up_to_the_limit() {
+        for (max_idle, lanes) in [(512, 2), (1, 4), (5, 3), (0, 2), (7, 1)] {
+            let shares: Vec<usize> = (0..=lanes)
+                .map(|i| idle_share(max_idle, lanes, i))
+                .collect();
+            assert_eq!(shares.iter().sum::<usize>(), max_idle, "{shares:?}");
+            assert!(
+                shares[..lanes].iter().max().unwrap() - shares[..lanes].iter().min().unwrap() <= 1
+            );
+        }
+        assert_eq!(idle_share(64, 0, 0), 64, "one pool without lanes");
     }
 
     fn pool(idle_timeout: Duration) -> Upstream<Empty<Bytes>> {

@@ -258,6 +258,20 @@ async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
     let (started, log) = start_up_under_descriptor_limit(30, "").await;
     assert!(!started, "{log}");
     assert!(log.contains("no room for client connections"), "{log}");
+
+    // Each of listener.threads keeps descriptors of its own: 300
+    // connections need 670, and 200 threads 800 more.
+    let (started, log) =
+        start_up_under_descriptor_limit(1000, "max_connections = 300\nthreads = 200").await;
+    assert!(!started, "{log}");
+    assert!(
+        log.contains("listener.max_connections") && log.contains("listener.threads"),
+        "{log}"
+    );
+    // More threads than the limit allows at all.
+    let (started, log) = start_up_under_descriptor_limit(200, "threads = 100").await;
+    assert!(!started, "{log}");
+    assert!(log.contains("listener.threads = 100"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use support::relay::Relay;
-use support::{ProxyProcess, S3Backend, read_response, sign_unsigned_payload};
+use support::{ProxyProcess, S3Backend, metric_sample, read_response, sign_unsigned_payload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,6 +63,51 @@ fn allow_open_files(count: usize) {
             .set(needed.min(hard), hard)
             .unwrap();
     }
+}
+
+/// A connection that rests between requests comes back to the thread
+/// (`listener.threads`) that served it, where its backend connection waits
+/// in that thread's part of the pool: a client that pauses between its
+/// requests keeps using one backend connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_back_from_rest_reuses_its_backend_connection() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nthreads = 4\n[backend]\naddress = \"{}\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let opened = || async {
+        metric_sample(
+            &proxy.admin.metrics().await,
+            "s3fp_backend_connections_total",
+        )
+        .unwrap()
+    };
+    let address = proxy.address();
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(&request(address, "PUT", "/rests", ""))
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200, "bucket made");
+    let after_first = opened().await;
+    for i in 0..3 {
+        // The client thinks for three times the 100 ms after which a
+        // connection rests (the scenario, not a wait for the proxy).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stream
+            .write_all(&request(address, "GET", "/rests", ""))
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut stream).await.0, 200, "GET {i}");
+    }
+    assert_eq!(
+        opened().await,
+        after_first,
+        "the backend connection of the first request served the others"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
