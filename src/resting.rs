@@ -9,8 +9,8 @@
 //! one epoll set, which one small thread waits on (as [`crate::peer`]'s
 //! departure watch does), with what resuming it takes.
 //!
-//! The thread hands a parked connection back to the runtime when its socket
-//! turns readable (a request, or the client's FIN: either is the next
+//! The thread hands a parked connection back to the lane that served it
+//! ([`crate::lanes`]) when its socket turns readable (a request, or the client's FIN: either is the next
 //! round's to read), closes it (`FIN`) when its head is due
 //! (`listener.header_timeout` since the rest began, as hyper's header timer
 //! and the in-task wait did), and closes every parked connection once the
