@@ -1,41 +1,59 @@
 //! In-flight accounting: how many requests are at the backend right now, and
 //! a way to wait until none are (admin pause, shutdown).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// Counts requests in flight to the backend.
-#[derive(Debug, Clone)]
+///
+/// A plain atomic count: every request enters and leaves it, on every lane,
+/// so it must cost no lock and wake no one unless a drain is waiting (a
+/// `watch` channel took a lock and notified its eight waiter lists twice per
+/// request).
+#[derive(Debug, Clone, Default)]
 pub struct InFlight {
-    count: watch::Sender<usize>,
+    shared: Arc<Shared>,
 }
 
-impl Default for InFlight {
-    fn default() -> Self {
-        InFlight {
-            count: watch::Sender::new(0),
-        }
-    }
+#[derive(Debug, Default)]
+struct Shared {
+    count: AtomicUsize,
+    /// Notified when the count drops to zero.
+    none_left: Notify,
 }
 
 impl InFlight {
     /// Counts one request until the guard is dropped.
     pub fn enter(&self) -> InFlightGuard {
-        self.count.send_modify(|n| *n += 1);
+        self.shared.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard {
-            count: self.count.clone(),
+            shared: Arc::clone(&self.shared),
         }
     }
 
     pub fn current(&self) -> usize {
-        *self.count.borrow()
+        self.shared.count.load(Ordering::Acquire)
     }
 
     /// Waits until nothing is in flight or `limit` passes; returns what is left.
     pub async fn drained_within(&self, limit: Duration) -> usize {
-        let mut rx = self.count.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        let none_left = async {
+            loop {
+                let notified = self.shared.none_left.notified();
+                tokio::pin!(notified);
+                // Registered before the count is read: a drop to zero in
+                // between still wakes this wait.
+                notified.as_mut().enable();
+                if self.current() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, none_left).await;
         self.current()
     }
 }
@@ -43,12 +61,14 @@ impl InFlight {
 /// One request in flight; dropping it ends the count.
 #[derive(Debug)]
 pub struct InFlightGuard {
-    count: watch::Sender<usize>,
+    shared: Arc<Shared>,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.count.send_modify(|n| *n = n.saturating_sub(1));
+        if self.shared.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.none_left.notify_waiters();
+        }
     }
 }
 
@@ -67,6 +87,27 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         drop(guard);
         assert_eq!(waiter.await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_waits_for_every_request_and_requests_entering_meanwhile() {
+        let in_flight = InFlight::default();
+        let first = in_flight.enter();
+        let second = in_flight.enter();
+        let waiter = {
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move { in_flight.drained_within(Duration::from_secs(5)).await })
+        };
+        tokio::time::advance(Duration::from_millis(100)).await;
+        drop(first);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        drop(second);
+        let third = in_flight.enter();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        drop(third);
+        assert_eq!(waiter.await.unwrap(), 0);
+        assert_eq!(in_flight.drained_within(Duration::ZERO).await, 0);
     }
 
     #[tokio::test(start_paused = true)]

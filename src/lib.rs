@@ -36,7 +36,8 @@
 //! its [`object_lane`], one after the other). The [`admin`] listener pauses and
 //! resumes the gate for planned switch-overs and reports status; [`drain`]
 //! counts what is in flight; [`peer`] notices clients that leave while held;
-//! [`headers`] does the RFC 9110 hop-by-hop and forwarding work and
+//! [`headers`] does the RFC 9110 hop-by-hop and forwarding work ([`s3_header`]
+//! names the S3 fields read on every request) and
 //! [`request_target`] refuses targets the URI parser would cut; [`response`]
 //! streams answers back ([`download_resume`] continues a download cut by a
 //! crash once the backend is back) and [`access_log`] writes one line per
@@ -98,6 +99,7 @@ pub mod response;
 pub mod resting;
 pub mod round_kind;
 pub mod s3_error;
+pub mod s3_header;
 pub mod s3_operation;
 pub mod send_timeout;
 pub mod server;

@@ -1328,7 +1328,7 @@ fn held_as(outbound: &Outbound, address: IpAddr) -> HeldAs {
 /// by the proxy when the backend sent none. The response itself is never
 /// changed: the client sees the headers the backend sent.
 fn response_request_id(headers: &HeaderMap) -> RequestId {
-    RequestId::from_backend(headers.get("x-amz-request-id"))
+    RequestId::from_backend(headers.get(crate::s3_header::X_AMZ_REQUEST_ID))
 }
 
 /// How long before its signature ends a held request is answered: the

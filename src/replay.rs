@@ -34,7 +34,7 @@ pub const TAIL_BYTES: usize = 1024;
 pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
     let conditional_write = headers.contains_key(header::IF_NONE_MATCH)
         || headers.contains_key(header::IF_MATCH)
-        || headers.contains_key("x-amz-write-offset-bytes");
+        || headers.contains_key(crate::s3_header::X_AMZ_WRITE_OFFSET_BYTES);
     match *method {
         Method::GET | Method::HEAD | Method::OPTIONS => true,
         Method::PUT | Method::DELETE => !conditional_write,

@@ -21,7 +21,7 @@ pub fn is_slow(method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         // CompleteMultipartUpload; DeleteObjects.
         Method::POST => has_key("uploadId") || has_key("delete"),
         // CopyObject and UploadPartCopy.
-        Method::PUT => headers.contains_key("x-amz-copy-source"),
+        Method::PUT => headers.contains_key(crate::s3_header::X_AMZ_COPY_SOURCE),
         // DeleteBucket: a path-style bucket path (or `/` in virtual-hosted style).
         Method::DELETE => is_bucket_path(uri.path()) && query.is_empty(),
         _ => false,

@@ -54,7 +54,7 @@ pub fn signature_end(headers: &HeaderMap, uri: &Uri) -> Option<SignatureEnd> {
     if !(authorization.starts_with("AWS4-") || authorization.starts_with("AWS ")) {
         return None;
     }
-    let signed_at = match headers.get("x-amz-date") {
+    let signed_at = match headers.get(crate::s3_header::X_AMZ_DATE) {
         Some(date) => amz_date(date.to_str().ok()?)
             .or_else(|| httpdate::parse_http_date(date.to_str().ok()?).ok())?,
         None => httpdate::parse_http_date(headers.get(header::DATE)?.to_str().ok()?).ok()?,

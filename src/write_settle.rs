@@ -80,7 +80,7 @@ impl Write {
                     .any(|known| p.starts_with(known))
             })
         });
-        let copy = headers.contains_key("x-amz-copy-source");
+        let copy = headers.contains_key(crate::s3_header::X_AMZ_COPY_SOURCE);
         match (method, upload_id, part_number, other_query) {
             (&Method::PUT, None, None, false) if copy => {
                 let source = CopySource::of(headers)?;
@@ -148,7 +148,10 @@ impl CopySource {
     /// From a CopyObject's fields; `None` when the source is not a
     /// `bucket/key` or a condition is unreadable (nothing to compare with).
     pub fn of(headers: &HeaderMap) -> Option<CopySource> {
-        let source = headers.get("x-amz-copy-source")?.to_str().ok()?;
+        let source = headers
+            .get(crate::s3_header::X_AMZ_COPY_SOURCE)?
+            .to_str()
+            .ok()?;
         let source = source.strip_prefix('/').unwrap_or(source);
         let (path, query) = source.split_once('?').unwrap_or((source, ""));
         if !path.contains('/') || path.contains(|c: char| c.is_ascii_whitespace()) {
