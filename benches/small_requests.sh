@@ -12,7 +12,8 @@
 # Each repetition runs wrk -t1 against the three in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
 # the ingress process alone (utime + stime from /proc, over wrk's request
-# count), and requests per second. Needs wrk, nginx and haproxy (Debian:
+# count, also shown split into user and system time), and requests per
+# second. Needs wrk, nginx and haproxy (Debian:
 # apt-get install wrk nginx-light haproxy). Everything listens on 127.0.0.1.
 set -euo pipefail
 PROXY=${1:-target/release/s3-failover-proxy}
@@ -84,19 +85,30 @@ for i in "${!PROXY_BINS[@]}"; do
   echo "proxy[$i]: ${PROXY_BINS[$i]}"
 done
 
-ticks() { local total=0; for pid in "$@"; do total=$((total + $(awk '{print $14+$15}' "/proc/$pid/stat"))); done; echo "$total"; }
+# User and system CPU ticks, summed over the given processes: "user system".
+ticks() {
+  local user=0 system=0
+  for pid in "$@"; do
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    user=$((user + u)); system=$((system + s))
+  done
+  echo "$user $system"
+}
 nginx_workers() { pgrep -f "nginx: worker" -P "$(cat "$DIR/nginx.pid")" | tr '\n' ' '; }
 run() { # name url pids...
   local name=$1 url=$2; shift 2
-  local before; before=$(ticks "$@")
+  local user0 system0 user1 system1
+  read -r user0 system0 < <(ticks "$@")
   local out; out=$(wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "$url")
-  local after; after=$(ticks "$@")
+  read -r user1 system1 < <(ticks "$@")
   local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local hz; hz=$(getconf CLK_TCK)
-  python3 -c "print(f'$name: {float($rps):.0f} req/s, {($after-$before)/$hz*1e6/$requests:.1f} us CPU per request')"
+  # The split shows where a difference is: the kernel's share (system: the
+  # same socket calls for every ingress) or the ingress's own code (user).
+  python3 -c "u=($user1-$user0)/$hz*1e6/$requests; s=($system1-$system0)/$hz*1e6/$requests; print(f'$name: {float($rps):.0f} req/s, {u+s:.1f} us CPU per request (user {u:.1f}, system {s:.1f})')"
   LAST_RPS=$rps
-  LAST_US=$(python3 -c "print(($after-$before)/$hz*1e6/$requests)")
+  LAST_US=$(python3 -c "print(($user1-$user0+$system1-$system0)/$hz*1e6/$requests)")
 }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $CONNS connections, ${SECONDS_PER_RUN}s runs"
 for rep in $(seq 1 "$REPS"); do

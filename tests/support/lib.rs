@@ -92,15 +92,32 @@ fn s3s_fs_binary() -> PathBuf {
 pub struct S3Backend {
     pub address: SocketAddr,
     data: tempfile::TempDir,
+    /// The process's standard error, across restarts (outside `data`, which
+    /// s3s-fs serves): quoted when it exits before serving.
+    stderr: tempfile::NamedTempFile,
     child: Option<Child>,
 }
 
 impl S3Backend {
-    /// Starts the backend and waits until it answers HTTP.
+    /// Starts the backend and waits until it answers HTTP. A process that
+    /// exits before serving (its port taken between [`free_port`] and its
+    /// bind, by another process's outgoing connection) is started again on
+    /// another port, twice at most.
     pub async fn start() -> anyhow::Result<S3Backend> {
         let mut backend = S3Backend::stopped()?;
-        backend.restart().await?;
-        Ok(backend)
+        let mut tries = 1;
+        loop {
+            match backend.restart().await {
+                Ok(()) => return Ok(backend),
+                Err(error) if tries < 3 && backend.exited_early() => {
+                    eprintln!("s3s-fs did not start, trying another port: {error:#}");
+                    backend.child = None;
+                    backend.address.set_port(free_port());
+                    tries += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// A backend with an address and data directory but no process yet.
@@ -108,8 +125,16 @@ impl S3Backend {
         Ok(S3Backend {
             address: SocketAddr::from(([127, 0, 0, 1], free_port())),
             data: tempfile::tempdir()?,
+            stderr: tempfile::NamedTempFile::new()?,
             child: None,
         })
+    }
+
+    /// The process ended by itself (not killed by the test).
+    fn exited_early(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))))
     }
 
     /// Moves a stopped backend to another loopback IP, same port and data
@@ -140,7 +165,7 @@ impl S3Backend {
             .arg(SECRET_KEY)
             .arg(self.data.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.stderr.reopen()?)
             .spawn()
             .with_context(|| {
                 format!("starting {} (run .ci/run to install it)", binary.display())
@@ -149,12 +174,28 @@ impl S3Backend {
         Ok(())
     }
 
+    /// Waits until the backend answers HTTP; an error at once if the process
+    /// exits first, quoting its standard error.
     pub async fn wait_serving(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let address = self.address;
-        wait_until(limit, "the S3 backend to answer", || async move {
-            http_status(address, "HEAD", "/").await.is_some()
-        })
-        .await
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if http_status(self.address, "HEAD", "/").await.is_some() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let stderr = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+                let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+                bail!(
+                    "s3s-fs on {} exited ({status}) before serving: {}",
+                    self.address,
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("timed out after {limit:?} waiting for the S3 backend to answer")
     }
 
     /// SIGKILL, as a crash: no clean shutdown, connections reset.
@@ -852,4 +893,21 @@ pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     bytes.extend_from_slice(&stream.to_be_bytes());
     bytes.extend_from_slice(payload);
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_backend_that_cannot_bind_its_port_says_so_at_once() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut backend = S3Backend::stopped().unwrap();
+        backend.address = taken.local_addr().unwrap();
+        // The process's exit, with what it wrote, rather than a wait for the
+        // whole start-up limit.
+        let error = backend.restart().await.unwrap_err().to_string();
+        assert!(error.contains("exited"), "{error}");
+        println!("{error}");
+    }
 }
