@@ -84,6 +84,20 @@ impl std::fmt::Display for RequestId {
     }
 }
 
+impl RequestId {
+    /// Writes the id as a quoted string, as `Debug` writes a `str` (quotes
+    /// and backslashes escaped): the backend's id is its text, which may
+    /// hold spaces or quotes that would otherwise read as fields of their
+    /// own (`request_id=a outcome="ok"`).
+    fn write_quoted(&self, line: &mut String) {
+        // Writing to a `String` cannot fail.
+        let _ = match self {
+            RequestId::Backend(value) => write!(line, "{:?}", value.to_str().unwrap_or_default()),
+            RequestId::Proxy(id) => write!(line, "\"{id}\""),
+        };
+    }
+}
+
 /// What is known about one request; logged on drop.
 pub struct RequestRecord {
     pub method: Method,
@@ -177,7 +191,7 @@ impl RequestLine<'_> {
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
             duration_ms = self.duration_ms,
-            request_id = %self.request_id,
+            request_id = self.request_id.to_string().as_str(),
             outcome = self.outcome.as_str(),
             "request"
         );
@@ -203,8 +217,7 @@ impl RequestLine<'_> {
             line.push_str(number.format(value));
         }
         line.push_str(" request_id=");
-        // Writing to a `String` cannot fail.
-        let _ = write!(line, "{}", self.request_id);
+        self.request_id.write_quoted(line);
         line.push_str(" outcome=\"");
         line.push_str(self.outcome.as_str());
         line.push('"');
@@ -247,10 +260,14 @@ mod tests {
     fn request_lines_written_directly_read_as_the_default_text_format_writes_them() {
         let backend_id = RequestId::from_backend(Some(&HeaderValue::from_static("tx00-ab")));
         let proxy_id = RequestId::Proxy(ProxyRequestId::next());
+        let spaced_id = RequestId::from_backend(Some(&HeaderValue::from_static("a \"b\"\t\\c")));
+        let empty_id = RequestId::from_backend(Some(&HeaderValue::from_static("")));
         for (method, path, request_id) in [
             (Method::GET, "/bucket/key", &backend_id),
             (Method::PUT, "/bucket/a b/ü\"q", &proxy_id),
             (Method::from_bytes(b"PROPFIND").unwrap(), "/", &backend_id),
+            (Method::HEAD, "/bucket/key", &spaced_id),
+            (Method::GET, "/", &empty_id),
         ] {
             for &outcome in RequestOutcome::ALL {
                 let line = RequestLine {
@@ -272,6 +289,32 @@ mod tests {
                 assert_eq!(direct, as_the_default_writes(&line));
             }
         }
+    }
+
+    #[test]
+    fn a_backend_request_id_cannot_add_fields_to_the_line() {
+        let forged = HeaderValue::from_static("tx1 outcome=\"forged\" status=200");
+        let line = RequestLine {
+            method: &Method::GET,
+            path: "/bucket/key",
+            status: 503,
+            held_ms: 0,
+            replays: 0,
+            resumes: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 1,
+            request_id: &RequestId::from_backend(Some(&forged)),
+            outcome: RequestOutcome::BadGateway,
+        };
+        let mut text = String::new();
+        line.write_fields(&mut text);
+        assert!(
+            text.ends_with(
+                r#" request_id="tx1 outcome=\"forged\" status=200" outcome="bad_gateway""#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -111,8 +111,10 @@ impl HoldOutcome {
             RequestOutcome::ClientShare => Some(HoldOutcome::ClientShare),
             RequestOutcome::FailFast => Some(HoldOutcome::FailFast),
             RequestOutcome::HoldTimeout => Some(HoldOutcome::TimedOut),
-            RequestOutcome::ClientGone => Some(HoldOutcome::ClientGone),
-            RequestOutcome::ShuttingDown => Some(HoldOutcome::ShuttingDown),
+            // A request dropped while at the backend (an HTTP/2 stream
+            // reset) was never in the queue.
+            RequestOutcome::ClientGone if was_held => Some(HoldOutcome::ClientGone),
+            RequestOutcome::ShuttingDown if was_held => Some(HoldOutcome::ShuttingDown),
             RequestOutcome::SignatureExpired => Some(HoldOutcome::SignatureExpired),
             RequestOutcome::Ok | RequestOutcome::Settled if was_held => Some(HoldOutcome::Released),
             _ if was_held => Some(HoldOutcome::ReleasedFailed),
@@ -256,6 +258,15 @@ mod tests {
         assert_eq!(
             HoldOutcome::of(RequestOutcome::ShuttingDown, true),
             Some(HoldOutcome::ShuttingDown)
+        );
+    }
+
+    #[test]
+    fn a_request_its_client_dropped_at_the_backend_has_no_hold_outcome() {
+        assert_eq!(HoldOutcome::of(RequestOutcome::ClientGone, false), None);
+        assert_eq!(
+            HoldOutcome::of(RequestOutcome::ClientGone, true),
+            Some(HoldOutcome::ClientGone)
         );
     }
 

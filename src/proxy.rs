@@ -136,7 +136,52 @@ struct Failed<'a, 'p> {
     blamable: bool,
 }
 
+/// A request waiting for its answer (held, or sent and not yet answered),
+/// logged when dropped before it has one: hyper drops the request when its
+/// HTTP/2 stream is reset (`RST_STREAM`, RFC 9113 §6.4) or its connection
+/// is cut, and the line says the client left (`client_gone`, or
+/// `shutting_down` once the shutdown grace has ended), as for an HTTP/1.1
+/// client seen leaving.
+struct Unanswered<'a> {
+    proxy: &'a Proxy,
+    outbound: &'a Outbound,
+    body: &'a ClientBody,
+    settings: &'a ProxySettings,
+    progress: Progress,
+    armed: bool,
+}
+
+impl Unanswered<'_> {
+    /// The request has its answer: nothing to log on drop.
+    fn answered(mut self) -> Progress {
+        self.armed = false;
+        self.progress
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut progress = self.progress;
+        if let Some(since) = progress.waiting_since {
+            progress.waited(since);
+        }
+        let error = match *self.proxy.holding_ended.borrow() {
+            true => ProxyError::ShuttingDown,
+            false => ProxyError::ClientGone,
+        };
+        // The answer no one will read is dropped at once, which logs it.
+        drop(
+            self.proxy
+                .answer(error, self.outbound, self.body, &progress, self.settings),
+        );
+    }
+}
+
 /// How one request went, for its log line.
+#[derive(Clone, Copy)]
 struct Progress {
     started: Instant,
     held: Duration,
@@ -144,6 +189,18 @@ struct Progress {
     replays: u32,
     /// Attempts that failed before sending anything while the backend served.
     unsent_retries: u32,
+    /// Set while the request waits in the hold queue (or for a crash's
+    /// suspects): a request dropped then was held until it was dropped.
+    waiting_since: Option<Instant>,
+}
+
+impl Progress {
+    /// Adds a wait that began at `since` and has just ended.
+    fn waited(&mut self, since: Instant) {
+        self.waiting_since = None;
+        self.was_held = true;
+        self.held += since.elapsed();
+    }
 }
 
 /// The backend's response to one attempt.
@@ -281,6 +338,7 @@ impl Proxy {
             was_held: false,
             replays: 0,
             unsent_retries: 0,
+            waiting_since: None,
         };
         let (parts, body) = request.into_parts();
         let refusal = refusal(&parts, peer);
@@ -319,12 +377,21 @@ impl Proxy {
         body: ClientBody,
         peer: &Peer,
         settings: &ProxySettings,
-        mut progress: Progress,
+        progress: Progress,
     ) -> Response<ProxyBody> {
-        match self
-            .attempts(&outbound, &body, peer, settings, &mut progress)
-            .await
-        {
+        let mut unanswered = Unanswered {
+            proxy: self,
+            outbound: &outbound,
+            body: &body,
+            settings,
+            progress,
+            armed: true,
+        };
+        let attempts = self
+            .attempts(&outbound, &body, peer, settings, &mut unanswered.progress)
+            .await;
+        let progress = unanswered.answered();
+        match attempts {
             Ok(Reply::Backend(answered)) => {
                 self.stream(answered, outbound, body, peer.address, progress)
             }
@@ -354,12 +421,13 @@ impl Proxy {
         let mut replay_due: Option<SuspectDue> = None;
         loop {
             let queued_at = Instant::now();
+            progress.waiting_since = Some(queued_at);
             let admitted = self.admit(ticket, outbound, progress.started, peer).await;
+            progress.waiting_since = None;
             if let Err(ProxyError::Held(_) | ProxyError::ClientGone | ProxyError::ShuttingDown) =
                 admitted
             {
-                progress.was_held = true;
-                progress.held += queued_at.elapsed();
+                progress.waited(queued_at);
             }
             let mut admission = admitted?;
             progress.held += admission.held_for;
@@ -466,6 +534,7 @@ impl Proxy {
         progress: &mut Progress,
     ) -> Result<T, ProxyError> {
         let since = Instant::now();
+        progress.waiting_since = Some(since);
         let mut holding_ended = self.holding_ended.subscribe();
         let waited = tokio::select! {
             biased;
@@ -474,8 +543,7 @@ impl Proxy {
             expired = signature_ends(outbound) => Err(expired),
             () = peer.gone() => Err(ProxyError::ClientGone),
         };
-        progress.was_held = true;
-        progress.held += since.elapsed();
+        progress.waited(since);
         waited
     }
 

@@ -122,3 +122,106 @@ async fn logs_are_human_readable_by_default() {
         "not JSON: {line}"
     );
 }
+
+/// An HTTP/2 connection to `proxy` (prior knowledge, cleartext).
+async fn h2c(
+    proxy: &ProxyProcess,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(proxy.address())
+        .await
+        .unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Sends a GET of `path` on `sender`'s connection, and resets its stream
+/// (`RST_STREAM` with `CANCEL`, as hyper sends for a dropped response
+/// future) once `waiting` says the proxy has the request.
+async fn reset_once<F: Future<Output = ()>>(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    proxy: &ProxyProcess,
+    path: &str,
+    waiting: F,
+) {
+    let request = http::Request::get(format!("http://{}{path}", proxy.address()))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    waiting.await;
+    response.abort();
+}
+
+/// Waits for the request line of a GET of `path`, and returns it.
+async fn request_line(proxy: &ProxyProcess, path: &str) -> String {
+    let pattern = format!(" request method=GET path={path} ");
+    let find = || proxy.log_lines().into_iter().find(|l| l.contains(&pattern));
+    wait_until(
+        Duration::from_secs(10),
+        &format!("the line of {path}"),
+        || async { find().is_some() },
+    )
+    .await
+    .unwrap();
+    find().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_http2_request_its_client_resets_is_logged_as_the_client_leaving() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[hold]\ntimeout = \"30s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let mut sender = h2c(&proxy).await;
+
+    backend.kill9();
+    reset_once(&mut sender, &proxy, "/reset/held", proxy.admin.wait_held(1)).await;
+    let line = request_line(&proxy, "/reset/held").await;
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("outcome=\"client_gone\""), "{line}");
+    assert!(!line.contains("held_ms=0 "), "the time it was held: {line}");
+    proxy
+        .admin
+        .wait_metric("s3fp_hold_outcomes_total{outcome=\"client_gone\"}", 1.0)
+        .await;
+    proxy.admin.wait_held(0).await;
+    backend.restart().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_held() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
+        .await
+        .unwrap();
+    let mut sender = h2c(&proxy).await;
+
+    // The backend takes the request and does not answer while stopped.
+    backend.freeze();
+    let at_backend = proxy
+        .admin
+        .wait_metric("s3fp_backend_in_flight_requests", 1.0);
+    reset_once(&mut sender, &proxy, "/reset/sent", at_backend).await;
+    let line = request_line(&proxy, "/reset/sent").await;
+    backend.thaw();
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("held_ms=0 "), "{line}");
+    assert!(line.contains("outcome=\"client_gone\""), "{line}");
+    let metrics = proxy.admin.metrics().await;
+    assert_eq!(
+        support::metric_sample(
+            &metrics,
+            "s3fp_hold_outcomes_total{outcome=\"client_gone\"}"
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{metrics}"
+    );
+}
