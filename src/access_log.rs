@@ -85,16 +85,36 @@ impl std::fmt::Display for RequestId {
 }
 
 impl RequestId {
-    /// Writes the id as a quoted string, as `Debug` writes a `str` (quotes
-    /// and backslashes escaped): the backend's id is its text, which may
-    /// hold spaces or quotes that would otherwise read as fields of their
-    /// own (`request_id=a outcome="ok"`).
+    /// Writes the id quoted ([`write_quoted`]): the backend's id is its
+    /// text, which may hold spaces or quotes.
     fn write_quoted(&self, line: &mut String) {
+        match self {
+            RequestId::Backend(value) => write_quoted(line, value.to_str().unwrap_or_default()),
+            RequestId::Proxy(id) => {
+                // Writing to a `String` cannot fail.
+                let _ = write!(line, "\"{id}\"");
+            }
+        }
+    }
+}
+
+/// Writes `text` as a quoted string, as `Debug` writes a `str` and as the
+/// text format writes a `str` field: quotes and backslashes escaped, and
+/// control, separator and other unprintable characters as `\u{..}`, so a
+/// value the client or the backend chose (a path with spaces or U+0085, an
+/// id holding `outcome="ok"`) cannot read as fields or lines of its own.
+fn write_quoted(line: &mut String, text: &str) {
+    let plain = text
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if plain {
+        // What `Debug` writes for it, without its formatting machinery.
+        line.push('"');
+        line.push_str(text);
+        line.push('"');
+    } else {
         // Writing to a `String` cannot fail.
-        let _ = match self {
-            RequestId::Backend(value) => write!(line, "{:?}", value.to_str().unwrap_or_default()),
-            RequestId::Proxy(id) => write!(line, "\"{id}\""),
-        };
+        let _ = write!(line, "{text:?}");
     }
 }
 
@@ -152,25 +172,26 @@ impl Drop for RequestRecord {
     }
 }
 
-/// The fields of one request line.
-struct RequestLine<'a> {
-    method: &'a Method,
-    path: &'a str,
-    status: u16,
-    held_ms: u64,
-    replays: u32,
-    resumes: u32,
-    bytes_in: u64,
-    bytes_out: u64,
-    duration_ms: u64,
-    request_id: &'a RequestId,
-    outcome: RequestOutcome,
+/// The fields of one request line (logged by [`RequestRecord`]; public for
+/// `examples/raw_floor.rs`, which logs the same line).
+pub struct RequestLine<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub status: u16,
+    pub held_ms: u64,
+    pub replays: u32,
+    pub resumes: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: u64,
+    pub request_id: &'a RequestId,
+    pub outcome: RequestOutcome,
 }
 
 impl RequestLine<'_> {
     /// Logs the line: as plain text straight into the log buffer when the
     /// text format is in use, else as a tracing event.
-    fn log(&self) {
+    pub fn log(&self) {
         if !tracing::enabled!(target: crate::logging::ACCESS_TARGET, tracing::Level::INFO) {
             return;
         }
@@ -183,7 +204,7 @@ impl RequestLine<'_> {
         tracing::info!(
             target: crate::logging::ACCESS_TARGET,
             method = %self.method,
-            path = %self.path,
+            path = self.path,
             status = self.status,
             held_ms = self.held_ms,
             replays = self.replays,
@@ -203,7 +224,7 @@ impl RequestLine<'_> {
         line.push_str("request method=");
         line.push_str(self.method.as_str());
         line.push_str(" path=");
-        line.push_str(self.path);
+        write_quoted(line, self.path);
         for (name, value) in [
             (" status=", u64::from(self.status)),
             (" held_ms=", self.held_ms),
@@ -268,6 +289,11 @@ mod tests {
             (Method::from_bytes(b"PROPFIND").unwrap(), "/", &backend_id),
             (Method::HEAD, "/bucket/key", &spaced_id),
             (Method::GET, "/", &empty_id),
+            (
+                Method::GET,
+                "/k\u{a0}status=200\u{85}\u{2028}x\t",
+                &backend_id,
+            ),
         ] {
             for &outcome in RequestOutcome::ALL {
                 let line = RequestLine {
@@ -291,28 +317,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_backend_request_id_cannot_add_fields_to_the_line() {
-        let forged = HeaderValue::from_static("tx1 outcome=\"forged\" status=200");
+    /// The text of a GET's line with `path` and `request_id`.
+    fn text_of(path: &str, request_id: &RequestId) -> String {
         let line = RequestLine {
             method: &Method::GET,
-            path: "/bucket/key",
-            status: 503,
+            path,
+            status: 403,
             held_ms: 0,
             replays: 0,
             resumes: 0,
             bytes_in: 0,
             bytes_out: 0,
             duration_ms: 1,
-            request_id: &RequestId::from_backend(Some(&forged)),
-            outcome: RequestOutcome::BadGateway,
+            request_id,
+            outcome: RequestOutcome::Ok,
         };
         let mut text = String::new();
         line.write_fields(&mut text);
+        text
+    }
+
+    #[test]
+    fn a_path_cannot_add_fields_or_lines() {
+        let id = RequestId::Proxy(ProxyRequestId::next());
+        let text = text_of("/k\u{a0}status=200\u{a0}outcome=\"ok\"\u{2028}x", &id);
         assert!(
-            text.ends_with(
-                r#" request_id="tx1 outcome=\"forged\" status=200" outcome="bad_gateway""#
+            text.starts_with(
+                r#"request method=GET path="/k\u{a0}status=200\u{a0}outcome=\"ok\"\u{2028}x" status=403 "#
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_backend_request_id_cannot_add_fields_to_the_line() {
+        let forged = HeaderValue::from_static("tx1 outcome=\"forged\" status=200");
+        let text = text_of("/bucket/key", &RequestId::from_backend(Some(&forged)));
+        assert!(
+            text.ends_with(r#" request_id="tx1 outcome=\"forged\" status=200" outcome="ok""#),
             "{text}"
         );
     }

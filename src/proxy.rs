@@ -139,14 +139,13 @@ struct Failed<'a, 'p> {
 /// A request waiting for its answer (held, or sent and not yet answered),
 /// logged when dropped before it has one: hyper drops the request when its
 /// HTTP/2 stream is reset (`RST_STREAM`, RFC 9113 §6.4) or its connection
-/// is cut, and the line says the client left (`client_gone`, or
-/// `shutting_down` once the shutdown grace has ended), as for an HTTP/1.1
-/// client seen leaving.
+/// is cut. The line says no answer was sent (status 499) and why: the
+/// client left (`client_gone`), or the shutdown grace ended and the proxy
+/// closed the connection (`shutting_down`).
 struct Unanswered<'a> {
     proxy: &'a Proxy,
     outbound: &'a Outbound,
     body: &'a ClientBody,
-    settings: &'a ProxySettings,
     progress: Progress,
     armed: bool,
 }
@@ -168,17 +167,25 @@ impl Drop for Unanswered<'_> {
         if let Some(since) = progress.waiting_since {
             progress.waited(since);
         }
-        let error = match *self.proxy.holding_ended.borrow() {
-            true => ProxyError::ShuttingDown,
-            false => ProxyError::ClientGone,
+        let outcome = match *self.proxy.holding_ended.borrow() {
+            true => RequestOutcome::ShuttingDown,
+            false => RequestOutcome::ClientGone,
         };
-        // The answer no one will read is dropped at once, which logs it.
-        drop(
-            self.proxy
-                .answer(error, self.outbound, self.body, &progress, self.settings),
-        );
+        // No answer was sent: logged with nginx's 499 for a request that
+        // got none, the outcome saying who ended it.
+        drop(self.proxy.record(
+            self.outbound,
+            NO_ANSWER,
+            RequestId::Proxy(ProxyRequestId::next()),
+            self.body.clone(),
+            &progress,
+            outcome,
+        ));
     }
 }
+
+/// The status logged for a request that got no answer (nginx's 499).
+const NO_ANSWER: u16 = 499;
 
 /// How one request went, for its log line.
 #[derive(Clone, Copy)]
@@ -383,7 +390,6 @@ impl Proxy {
             proxy: self,
             outbound: &outbound,
             body: &body,
-            settings,
             progress,
             armed: true,
         };
@@ -420,18 +426,7 @@ impl Proxy {
         // Set while this request is a suspect the proxy is to send again.
         let mut replay_due: Option<SuspectDue> = None;
         loop {
-            let queued_at = Instant::now();
-            progress.waiting_since = Some(queued_at);
-            let admitted = self.admit(ticket, outbound, progress.started, peer).await;
-            progress.waiting_since = None;
-            if let Err(ProxyError::Held(_) | ProxyError::ClientGone | ProxyError::ShuttingDown) =
-                admitted
-            {
-                progress.waited(queued_at);
-            }
-            let mut admission = admitted?;
-            progress.held += admission.held_for;
-            progress.was_held |= admission.was_held();
+            let mut admission = self.admit_counted(ticket, outbound, peer, progress).await?;
             // A suspect of a crash goes alone, so a second crash names it.
             let suspect =
                 self.quarantine.watches_any() && self.quarantine.is_suspect(outbound.fingerprint());
@@ -673,11 +668,9 @@ impl Proxy {
             }
         }
         let mut admission = self
-            .admit(holder.ticket, ask.outbound, progress.started, holder.peer)
+            .admit_counted(holder.ticket, ask.outbound, holder.peer, progress)
             .await
             .inspect_err(|_| self.metrics.write_settle(SettleOutcome::Failed))?;
-        progress.held += admission.held_for;
-        progress.was_held |= admission.was_held();
         let connector = self.upstream.connector();
         let read = tokio::time::timeout_at(deadline, ask.settle(&connector)).await;
         admission.settle();
@@ -786,6 +779,31 @@ impl Proxy {
             return Ok(admission);
         }
         Box::pin(self.admit_held(ticket, outbound, started, peer)).await
+    }
+
+    /// [`Proxy::admit`], with the time it waits in the queue added to the
+    /// request's time held, whether it ends admitted or turned away, or the
+    /// request is dropped while it waits (`Progress::waiting_since`).
+    async fn admit_counted(
+        &self,
+        ticket: Ticket,
+        outbound: &Outbound,
+        peer: &Peer,
+        progress: &mut Progress,
+    ) -> Result<Admission, ProxyError> {
+        let queued_at = Instant::now();
+        progress.waiting_since = Some(queued_at);
+        let admitted = self.admit(ticket, outbound, progress.started, peer).await;
+        progress.waiting_since = None;
+        if let Err(ProxyError::Held(_) | ProxyError::ClientGone | ProxyError::ShuttingDown) =
+            admitted
+        {
+            progress.waited(queued_at);
+        }
+        let admission = admitted?;
+        progress.held += admission.held_for;
+        progress.was_held |= admission.was_held();
+        Ok(admission)
     }
 
     /// [`Proxy::admit`] for a request that may be held.
@@ -1042,6 +1060,12 @@ impl Proxy {
         let used = resend.held_before + resend.resumes.held();
         let since = Instant::now();
         let deadline = since + settings.hold_timeout.saturating_sub(used);
+        // Counted however the wait ends: the body may be dropped while it
+        // waits (the client left), and the request line still logs it.
+        let _held = HeldWhileResuming {
+            resumes: &resend.resumes,
+            since,
+        };
         let outbound = &resend.outbound;
         let held_as = || held_as(outbound, resend.client.ip());
         let mut holding_ended = self.holding_ended.subscribe();
@@ -1055,7 +1079,6 @@ impl Proxy {
                 self.gate.admit_from(resend.ticket, held_as, deadline).await
             } => admitted.map_err(ProxyError::Held),
         };
-        resend.resumes.add_held(since.elapsed());
         admitted.map_err(|error| ResumeError::Failed(error.into()))
     }
 
@@ -1340,6 +1363,18 @@ struct Resend {
     held_before: Duration,
     resumes: Resumes,
     download: Download,
+}
+
+/// A wait for the rest of a download, added to its time held when it ends.
+struct HeldWhileResuming<'a> {
+    resumes: &'a Resumes,
+    since: Instant,
+}
+
+impl Drop for HeldWhileResuming<'_> {
+    fn drop(&mut self) {
+        self.resumes.add_held(self.since.elapsed());
+    }
 }
 
 /// The proxy's way to fetch the rest of one download.

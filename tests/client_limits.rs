@@ -148,7 +148,7 @@ async fn a_client_that_stops_reading_is_cut_and_logged_response_cut() {
             proxy
                 .log_lines()
                 .iter()
-                .any(|line| line.contains("path=/edge/large") && line.contains("response_cut"))
+                .any(|line| line.contains("path=\"/edge/large\"") && line.contains("response_cut"))
         },
     )
     .await

@@ -101,7 +101,7 @@ async fn logs_are_human_readable_by_default() {
     let request_line = |lines: &[String]| {
         lines
             .iter()
-            .find(|l| l.contains(" request method=PUT path=/text"))
+            .find(|l| l.contains(" request method=PUT path=\"/text"))
             .cloned()
     };
     wait_until(Duration::from_secs(10), "the request line", || async {
@@ -158,7 +158,7 @@ async fn reset_once<F: Future<Output = ()>>(
 
 /// Waits for the request line of a GET of `path`, and returns it.
 async fn request_line(proxy: &ProxyProcess, path: &str) -> String {
-    let pattern = format!(" request method=GET path={path} ");
+    let pattern = format!(" request method=GET path=\"{path}\" ");
     let find = || proxy.log_lines().into_iter().find(|l| l.contains(&pattern));
     wait_until(
         Duration::from_secs(10),
@@ -224,4 +224,39 @@ async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_hel
         0.0,
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+
+    // The backend takes the request and does not answer while stopped.
+    backend.freeze();
+    let sent = tokio::spawn(support::raw_request(
+        proxy.address(),
+        "GET",
+        "/cut/at-grace",
+        &[],
+        bytes::Bytes::new(),
+    ));
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_in_flight_requests", 1.0)
+        .await;
+    proxy.signal("-TERM");
+    let line = request_line(&proxy, "/cut/at-grace").await;
+    backend.thaw();
+    assert!(
+        sent.await.unwrap().is_err(),
+        "the client got no answer, its connection was closed"
+    );
+    assert!(line.contains("status=499"), "no 503 was sent: {line}");
+    assert!(line.contains("outcome=\"shutting_down\""), "{line}");
+    assert!(proxy.exit_status().await.success());
 }
