@@ -4,10 +4,16 @@
 //! (request smuggling through a pooled connection):
 //! - **`Expect: 100-continue` is honoured end to end** (RFC 9110 section
 //!   10.1.1). A request that carries it sends no body byte until the backend
-//!   answers `100 Continue`. Only then does the proxy read the client's body,
-//!   which is when hyper sends the client its own `100`. A backend that
-//!   answers with a final status instead never gets the body, and the client
-//!   is never asked for it, exactly as without the proxy.
+//!   answers `100 Continue`, or has said nothing for [`CONTINUE_WAIT`], as
+//!   long as a client waits before it sends the body anyway (the RFC lets
+//!   it; a backend may never send a `100`: radosgw with
+//!   `rgw_print_continue = false`). Only then does the proxy read the
+//!   client's body, which is when hyper sends the client its own `100`. A
+//!   backend that answers with a final status first never gets the body, and
+//!   the client is never asked for it, exactly as without the proxy. (A
+//!   connection that carried a body is reused only after a success answer,
+//!   so a backend that answered without reading a body it got unasked
+//!   cannot take it for the next request: [`crate::upstream`].)
 //! - **A connection on which the backend answered before the whole body was
 //!   delivered is never reused**: the backend may take the rest for the next
 //!   request. [`Delivery::complete`] says whether the body had ended when the
@@ -20,6 +26,11 @@ use std::task::Context;
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Version, header};
 use tokio::time::Instant;
+
+/// How long a request body waits for the backend's `100 Continue` before
+/// it is sent anyway: what curl (`--expect100-timeout`) and botocore wait
+/// before they send a body unasked.
+pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The body state of one attempt, shared by the body (which waits on it) and
 /// the upstream connection (which reads it when the response head arrives).

@@ -148,6 +148,7 @@ where
             generation: shared.generation,
             position: 0,
             delivery,
+            continue_wait: None,
         })
     }
 
@@ -266,6 +267,9 @@ pub struct AttemptBody<B> {
     position: usize,
     /// Whether the backend has asked for the body, and whether it has ended.
     delivery: Arc<Delivery>,
+    /// Runs while the body waits for the backend's `100 Continue`
+    /// ([`crate::delivery::CONTINUE_WAIT`]).
+    continue_wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Error of an attempt body: the client's own body failed, or the attempt was
@@ -296,7 +300,15 @@ where
             return Poll::Ready(Some(Err(AttemptBodyError::Superseded)));
         }
         if this.delivery.poll_withheld(cx) {
-            return Poll::Pending;
+            // A backend that never sends `100 Continue` gets the body once
+            // it has been silent as long as a client waits for one.
+            let wait = this.continue_wait.get_or_insert_with(|| {
+                Box::pin(tokio::time::sleep(crate::delivery::CONTINUE_WAIT))
+            });
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.delivery.release();
         }
         if let Some(frame) = shared.kept.get(this.position) {
             let frame = clone_frame(frame);

@@ -129,3 +129,68 @@ async fn response_header_names_arrive_in_mixed_case() {
     assert!(lines.contains(&format!("ETag: {etag}").as_str()), "{head}");
     assert!(lines.contains(&"Content-Length: 12"), "{head}");
 }
+
+/// A PUT with `Expect: 100-continue` from a client that, as curl and
+/// botocore do, waits a second for the `100` and then sends the body anyway,
+/// to a radosgw that never sends one (`rgw_print_continue = false`).
+async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8]) -> String {
+    let url = format!("http://{host}/no-continue/object");
+    let length = body.len().to_string();
+    let mut head = format!(
+        "PUT /no-continue/object HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n"
+    );
+    let signed = [
+        ("content-length", length.as_str()),
+        ("expect", "100-continue"),
+    ];
+    for (name, value) in sign_unsigned_payload("PUT", &url, host, &signed) {
+        if !["host", "content-length", "expect"].contains(&name.as_str()) {
+            head += &format!("{name}: {value}\r\n");
+        }
+    }
+    head += "Connection: close\r\n\r\n";
+    let mut stream = TcpStream::connect(to).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 64];
+    let _asked = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut interim)).await;
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response))
+        .await
+        .expect("answered within 20 s")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    // A `100 Continue` the client did not wait for may come first.
+    response
+        .split("\r\n\r\n")
+        .find(|part| part.starts_with("HTTP/1.1 ") && !part.starts_with("HTTP/1.1 100"))
+        .unwrap_or(&response)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_upload_expecting_continue_reaches_a_radosgw_that_never_sends_one() {
+    let gateway = RadosGw::start_with(&[("rgw_print_continue", "false")])
+        .await
+        .unwrap();
+    let s3 = s3_client(&gateway.endpoint());
+    s3.create_bucket()
+        .bucket("no-continue")
+        .send()
+        .await
+        .unwrap();
+    let proxy = ProxyUnderTest::start(gateway.address, "").await.unwrap();
+    let host = gateway.address.to_string();
+
+    let direct = put_expecting_continue(gateway.address, &host, b"straight").await;
+    assert_eq!(direct, "HTTP/1.1 200 OK");
+    let proxied = put_expecting_continue(proxy.address, &host, b"through the proxy").await;
+    assert_eq!(proxied, direct);
+    assert_eq!(
+        read_object(&s3, "no-continue", "object").await,
+        b"through the proxy"
+    );
+}

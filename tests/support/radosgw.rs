@@ -70,13 +70,25 @@ pub struct RadosGw {
     name: String,
     cluster: &'static Cluster,
     child: Option<Child>,
+    /// Settings of its own, as `--name value` pairs (`rgw_print_continue`).
+    settings: Vec<(String, String)>,
 }
 
 impl RadosGw {
     /// Starts a radosgw on a free port (bringing up the shared cluster first
     /// if this is the binary's first) and waits until it answers S3.
     pub async fn start() -> anyhow::Result<RadosGw> {
+        RadosGw::start_with(&[]).await
+    }
+
+    /// [`RadosGw::start`] with settings of its own (`("rgw_print_continue",
+    /// "false")`), kept across restarts.
+    pub async fn start_with(settings: &[(&str, &str)]) -> anyhow::Result<RadosGw> {
         let mut gateway = RadosGw::stopped().await?;
+        gateway.settings = settings
+            .iter()
+            .map(|(name, value)| (format!("--{name}"), (*value).to_owned()))
+            .collect();
         gateway.restart().await?;
         Ok(gateway)
     }
@@ -92,6 +104,7 @@ impl RadosGw {
             name: format!("client.rgw.gw{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             cluster,
             child: None,
+            settings: Vec::new(),
         })
     }
 
@@ -124,6 +137,9 @@ impl RadosGw {
                 "beast endpoint={} max_header_size=16384 request_timeout_ms=65000",
                 self.address
             ));
+        for (name, value) in &self.settings {
+            command.arg(name).arg(value);
+        }
         let output = self.cluster.output_file(&format!("{}.out", self.name))?;
         command
             .stdin(Stdio::null())
