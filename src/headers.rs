@@ -227,6 +227,18 @@ pub fn signed_headers(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Drops a response's `Content-Length` when it also has a
+/// `Transfer-Encoding`, which decides its framing: an intermediary that
+/// forwards such a message must remove the `Content-Length` first (RFC 9112
+/// section 6.3, item 3), or the client would wait for a length the body
+/// never had. Call before [`strip_hop_by_hop`], which drops the
+/// `Transfer-Encoding`.
+pub fn drop_overridden_content_length(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,5 +451,21 @@ mod tests {
         };
         forward(&mut headers, None, &off);
         assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn a_transfer_encoding_overrides_the_content_length_it_came_with() {
+        let mut both = HeaderMap::new();
+        both.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        both.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        drop_overridden_content_length(&mut both);
+        assert!(!both.contains_key(header::CONTENT_LENGTH));
+        let mut length_alone = HeaderMap::new();
+        length_alone.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        drop_overridden_content_length(&mut length_alone);
+        assert_eq!(length_alone[header::CONTENT_LENGTH], "100");
     }
 }
