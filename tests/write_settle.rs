@@ -1100,3 +1100,30 @@ async fn put_to(
     let (parts, body) = response.into_parts();
     http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_its_write_waits_to_be_settled_counts_as_held() {
+    let mut setup = setup(Plan::LoseAnswer, "PUT /settle/left", true).await;
+    let body = content(1 << 20, 7);
+    let declared = BASE64.encode(md5_of(&body));
+    let proxy = ProxyAt(setup.proxy.address);
+    let write =
+        tokio::spawn(async move { proxy.put("left", body, &[("content-md5", &declared)]).await });
+    setup.front.reached().await;
+    // The answer is lost and the backend gone: the read-back waits for it.
+    setup.backend.kill9();
+    wait_until(
+        Duration::from_secs(10),
+        "the write held for its read-back",
+        || async { setup.proxy.admin.held().await == 1 },
+    )
+    .await
+    .unwrap();
+    write.abort();
+    setup
+        .proxy
+        .admin
+        .wait_metric("s3fp_hold_outcomes_total{outcome=\"client_gone\"}", 1.0)
+        .await;
+    assert_eq!(setup.proxy.admin.held().await, 0);
+}
