@@ -123,6 +123,10 @@ async fn logs_are_human_readable_by_default() {
     );
 }
 
+/// How long a client waits held before it gives up, in the tests that
+/// check the time held is logged (a line counts whole milliseconds).
+const GIVES_UP_AFTER: Duration = Duration::from_millis(50);
+
 /// An HTTP/2 connection to `proxy` (prior knowledge, cleartext).
 async fn h2c(
     proxy: &ProxyProcess,
@@ -182,7 +186,11 @@ async fn a_held_http2_request_its_client_resets_is_logged_as_the_client_leaving(
     let mut sender = h2c(&proxy).await;
 
     backend.kill9();
-    reset_once(&mut sender, &proxy, "/reset/held", proxy.admin.wait_held(1)).await;
+    let held_a_while = async {
+        proxy.admin.wait_held(1).await;
+        tokio::time::sleep(GIVES_UP_AFTER).await;
+    };
+    reset_once(&mut sender, &proxy, "/reset/held", held_a_while).await;
     let line = request_line(&proxy, "/reset/held").await;
     assert!(line.contains("status=499"), "{line}");
     assert!(line.contains("outcome=\"client_gone\""), "{line}");
@@ -259,4 +267,56 @@ async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without
     assert!(line.contains("status=499"), "no 503 was sent: {line}");
     assert!(line.contains("outcome=\"shutting_down\""), "{line}");
     assert!(proxy.exit_status().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_its_client_resets_while_held_for_the_rest_logs_the_time_held() {
+    use http_body_util::BodyExt;
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n[hold]\ntimeout = \"30s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("resume").send().await.unwrap();
+    let object = support::object_content(1, 32 << 20);
+    s3.put_object()
+        .bucket("resume")
+        .key("big")
+        .body(ByteStream::from(object))
+        .send()
+        .await
+        .unwrap();
+
+    let host = proxy.address().to_string();
+    let url = format!("http://{host}/resume/big");
+    let mut request = http::Request::get(&url);
+    for (name, value) in support::sign_unsigned_payload("GET", &url, &host, &[]) {
+        if name != "host" {
+            request = request.header(name, value);
+        }
+    }
+    let request = request.body(http_body_util::Empty::new()).unwrap();
+    let mut sender = h2c(&proxy).await;
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    backend.kill9();
+    // The client reads on; the proxy holds the download for its rest.
+    let reading = tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+    proxy.admin.wait_held(1).await;
+    // The client gives up after a while held (not a wait for the proxy:
+    // what the line must count).
+    tokio::time::sleep(GIVES_UP_AFTER).await;
+    reading.abort();
+
+    let line = request_line(&proxy, "/resume/big").await;
+    assert!(line.contains("outcome=\"response_cut\""), "{line}");
+    assert!(
+        !line.contains(" held_ms=0 "),
+        "the time held for the rest: {line}"
+    );
+    backend.restart().await.unwrap();
 }
