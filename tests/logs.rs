@@ -8,6 +8,16 @@ use aws_sdk_s3::primitives::ByteStream;
 use serde_json::Value;
 use support::{ProxyProcess, S3Backend, s3_client, wait_until};
 
+/// The proxy in front of `backend`, with `extra` sections of its config.
+async fn proxy_for(backend: &S3Backend, extra: &str) -> ProxyProcess {
+    ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n{extra}",
+        backend.address
+    ))
+    .await
+    .unwrap()
+}
+
 /// The log's JSON records; every line must be one.
 fn json_records(proxy: &ProxyProcess) -> Vec<Value> {
     proxy
@@ -30,12 +40,7 @@ async fn wait_record(proxy: &ProxyProcess, what: &str, wanted: impl Fn(&Value) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_request_is_traced_to_the_outage_that_held_it_in_json_logs() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!(
-        "[backend]\naddress = \"{}\"\n[log]\nformat = \"json\"\n",
-        backend.address
-    ))
-    .await
-    .unwrap();
+    let proxy = proxy_for(&backend, "[log]\nformat = \"json\"\n").await;
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("logs").send().await.unwrap();
 
@@ -92,9 +97,7 @@ async fn a_held_request_is_traced_to_the_outage_that_held_it_in_json_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_human_readable_by_default() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
-        .await
-        .unwrap();
+    let proxy = proxy_for(&backend, "").await;
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("text").send().await.unwrap();
 
@@ -177,12 +180,7 @@ async fn request_line(proxy: &ProxyProcess, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_http2_request_its_client_resets_is_logged_as_the_client_leaving() {
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!(
-        "[backend]\naddress = \"{}\"\n[hold]\ntimeout = \"30s\"\n",
-        backend.address
-    ))
-    .await
-    .unwrap();
+    let proxy = proxy_for(&backend, "[hold]\ntimeout = \"30s\"\n").await;
     let mut sender = h2c(&proxy).await;
 
     backend.kill9();
@@ -206,9 +204,7 @@ async fn a_held_http2_request_its_client_resets_is_logged_as_the_client_leaving(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_held() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!("[backend]\naddress = \"{}\"\n", backend.address))
-        .await
-        .unwrap();
+    let proxy = proxy_for(&backend, "").await;
     let mut sender = h2c(&proxy).await;
 
     // The backend takes the request and does not answer while stopped.
@@ -237,12 +233,11 @@ async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_hel
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!(
-        "[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n",
-        backend.address
-    ))
-    .await
-    .unwrap();
+    let proxy = proxy_for(
+        &backend,
+        "[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n",
+    )
+    .await;
 
     // The backend takes the request and does not answer while stopped.
     backend.freeze();
@@ -273,12 +268,7 @@ async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without
 async fn a_download_its_client_resets_while_held_for_the_rest_logs_the_time_held() {
     use http_body_util::BodyExt;
     let mut backend = S3Backend::start().await.unwrap();
-    let proxy = ProxyProcess::start(&format!(
-        "[backend]\naddress = \"{}\"\n[hold]\ntimeout = \"30s\"\n",
-        backend.address
-    ))
-    .await
-    .unwrap();
+    let proxy = proxy_for(&backend, "[hold]\ntimeout = \"30s\"\n").await;
     let s3 = s3_client(&proxy.endpoint());
     s3.create_bucket().bucket("resume").send().await.unwrap();
     let object = support::object_content(1, 32 << 20);
