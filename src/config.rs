@@ -177,6 +177,10 @@ pub struct BackendConfig {
     pub first_byte_timeout: Duration,
     /// The same for operations known to be slow (see `s3_operation`).
     pub slow_first_byte_timeout: Duration,
+    /// How long a request body that expects `100 Continue` waits for it
+    /// before it is sent anyway; `None`: until the backend asks (see
+    /// [`crate::delivery`]).
+    pub expect_continue_timeout: Option<Duration>,
     /// Idle keep-alive connections kept to the backend.
     pub max_idle_connections: usize,
     /// Idle connections older than this are closed rather than reused.
@@ -405,6 +409,8 @@ struct RawBackend {
     first_byte_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     slow_first_byte_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    expect_continue_timeout: Option<Duration>,
     max_idle_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
@@ -933,6 +939,11 @@ impl Config {
                 raw.backend.slow_first_byte_timeout,
                 Duration::from_secs(1800),
             )?,
+            expect_continue_timeout: raw
+                .backend
+                .expect_continue_timeout
+                .map(|wait| positive_duration("backend.expect_continue_timeout", Some(wait), wait))
+                .transpose()?,
             max_idle_connections: raw.backend.max_idle_connections.unwrap_or(512),
             idle_timeout: positive_duration(
                 "backend.idle_timeout",
@@ -1164,6 +1175,24 @@ mod tests {
         assert!(error_of("[hold]\nmax_requests = 0\n").contains("hold.max_requests"));
         assert!(error_of("[hold]\ntimeout = \"0s\"\n").contains("hold.timeout"));
         assert!(error_of("[hold]\nrelease_concurrency = 0\n").contains("hold.release_concurrency"));
+    }
+
+    #[test]
+    fn a_body_waits_for_the_backends_continue_unless_a_timeout_is_set() {
+        assert_eq!(
+            Config::parse("").unwrap().backend.expect_continue_timeout,
+            None
+        );
+        let config = Config::parse("[backend]\nexpect_continue_timeout = \"1s\"\n").unwrap();
+        assert_eq!(
+            config.backend.expect_continue_timeout,
+            Some(Duration::from_secs(1))
+        );
+        let message = error_of("[backend]\nexpect_continue_timeout = \"0s\"\n");
+        assert!(
+            message.contains("backend.expect_continue_timeout"),
+            "{message}"
+        );
     }
 
     #[test]

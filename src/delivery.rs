@@ -4,16 +4,19 @@
 //! (request smuggling through a pooled connection):
 //! - **`Expect: 100-continue` is honoured end to end** (RFC 9110 section
 //!   10.1.1). A request that carries it sends no body byte until the backend
-//!   answers `100 Continue`, or has said nothing for [`CONTINUE_WAIT`], as
-//!   long as a client waits before it sends the body anyway (the RFC lets
-//!   it; a backend may never send a `100`: radosgw with
-//!   `rgw_print_continue = false`). Only then does the proxy read the
-//!   client's body, which is when hyper sends the client its own `100`. A
-//!   backend that answers with a final status first never gets the body, and
-//!   the client is never asked for it, exactly as without the proxy. (A
-//!   connection that carried a body is reused only after a success answer,
-//!   so a backend that answered without reading a body it got unasked
-//!   cannot take it for the next request: [`crate::upstream`].)
+//!   answers `100 Continue`. Only then does the proxy read the client's
+//!   body, which is when hyper sends the client its own `100`. A backend
+//!   that answers with a final status instead never gets the body, and the
+//!   client is never asked for it, exactly as without the proxy.
+//!
+//!   A backend that never sends `100` (radosgw with `rgw_print_continue =
+//!   false`) would never get the body: with `backend.expect_continue_timeout`
+//!   set, the body is sent once the backend has said nothing for that long,
+//!   as a client sends it when tired of waiting (the RFC lets it). Such a
+//!   backend may answer without reading it, even `200` (a GET with a body),
+//!   and read it as its next request: the connection is never reused
+//!   ([`Delivery::sent_unasked`]), and what the backend makes of those bytes
+//!   on that connection is what it would make of them from the client.
 //! - **A connection on which the backend answered before the whole body was
 //!   delivered is never reused**: the backend may take the rest for the next
 //!   request. [`Delivery::complete`] says whether the body had ended when the
@@ -23,14 +26,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 
+use std::time::Duration;
+
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Version, header};
 use tokio::time::Instant;
-
-/// How long a request body waits for the backend's `100 Continue` before
-/// it is sent anyway: what curl (`--expect100-timeout`) and botocore wait
-/// before they send a body unasked.
-pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The body state of one attempt, shared by the body (which waits on it) and
 /// the upstream connection (which reads it when the response head arrives).
@@ -41,6 +41,11 @@ pub struct Delivery {
     waker: AtomicWaker,
     /// When the body reported its end to the connection.
     completed_at: OnceLock<Instant>,
+    /// How long the body waits for `100 Continue` before it is sent
+    /// anyway (`backend.expect_continue_timeout`); `None`: for ever.
+    continue_timeout: Option<Duration>,
+    /// The body was sent without the backend asking for it.
+    sent_unasked: AtomicBool,
 }
 
 impl Delivery {
@@ -50,6 +55,31 @@ impl Delivery {
         let withheld = expectation(version, headers) == Expectation::Continue;
         delivery.withheld.store(withheld, Ordering::Release);
         delivery
+    }
+
+    /// The same, sending the body unasked after `timeout` without a
+    /// `100 Continue` (`None`: never).
+    pub fn with_continue_timeout(mut self, timeout: Option<Duration>) -> Delivery {
+        self.continue_timeout = timeout;
+        self
+    }
+
+    /// How long the body waits for `100 Continue` before it is sent anyway.
+    pub fn continue_timeout(&self) -> Option<Duration> {
+        self.continue_timeout
+    }
+
+    /// The backend said nothing for [`Delivery::continue_timeout`]: the body
+    /// goes unasked, and the connection must not be reused.
+    pub fn release_unasked(&self) {
+        self.sent_unasked.store(true, Ordering::Release);
+        self.release();
+    }
+
+    /// True when the body was sent without the backend asking for it: the
+    /// backend may not have read it, whatever it answered.
+    pub fn sent_unasked(&self) -> bool {
+        self.sent_unasked.load(Ordering::Acquire)
     }
 
     /// The backend asked for the body (`100 Continue`).
@@ -140,6 +170,20 @@ mod tests {
         assert!(delivery.poll_withheld(&mut cx));
         delivery.release();
         assert!(!delivery.poll_withheld(&mut cx));
+    }
+
+    #[test]
+    fn a_body_sent_unasked_is_told_apart_from_one_the_backend_asked_for() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::EXPECT, "100-continue".parse().unwrap());
+        let asked = Delivery::for_request(Version::HTTP_11, &headers);
+        assert_eq!(asked.continue_timeout(), None);
+        asked.release();
+        assert!(!asked.is_withheld() && !asked.sent_unasked());
+        let unasked = Delivery::for_request(Version::HTTP_11, &headers)
+            .with_continue_timeout(Some(Duration::from_secs(1)));
+        unasked.release_unasked();
+        assert!(!unasked.is_withheld() && unasked.sent_unasked());
     }
 
     #[test]

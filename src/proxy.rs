@@ -73,6 +73,8 @@ pub struct ProxySettings {
     pub first_byte_timeout: Duration,
     /// The same for operations known to be slow ([`s3_operation::is_slow`]).
     pub slow_first_byte_timeout: Duration,
+    /// `backend.expect_continue_timeout`.
+    pub expect_continue_timeout: Option<Duration>,
     /// The key ambiguous writes are read back with (`[settle]`); `None`:
     /// they are not settled.
     pub settle: Option<SettleCredentials>,
@@ -446,7 +448,10 @@ impl Proxy {
                 }
                 false => None,
             };
-            let delivery = Arc::new(Delivery::for_request(outbound.version, &outbound.headers));
+            let delivery = Arc::new(
+                Delivery::for_request(outbound.version, &outbound.headers)
+                    .with_continue_timeout(settings.expect_continue_timeout),
+            );
             let attempt = body
                 .attempt(Arc::clone(&delivery))
                 .map_err(|_| ProxyError::NotReplayable)?;

@@ -268,7 +268,7 @@ pub struct AttemptBody<B> {
     /// Whether the backend has asked for the body, and whether it has ended.
     delivery: Arc<Delivery>,
     /// Runs while the body waits for the backend's `100 Continue`
-    /// ([`crate::delivery::CONTINUE_WAIT`]).
+    /// ([`Delivery::continue_timeout`]).
     continue_wait: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -301,14 +301,17 @@ where
         }
         if this.delivery.poll_withheld(cx) {
             // A backend that never sends `100 Continue` gets the body once
-            // it has been silent as long as a client waits for one.
-            let wait = this.continue_wait.get_or_insert_with(|| {
-                Box::pin(tokio::time::sleep(crate::delivery::CONTINUE_WAIT))
-            });
+            // it has been silent for `backend.expect_continue_timeout`.
+            let Some(timeout) = this.delivery.continue_timeout() else {
+                return Poll::Pending;
+            };
+            let wait = this
+                .continue_wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
             if wait.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            this.delivery.release();
+            this.delivery.release_unasked();
         }
         if let Some(frame) = shared.kept.get(this.position) {
             let frame = clone_frame(frame);

@@ -74,6 +74,7 @@ fn proxy(config: &Config) -> ProxySettings {
         client_body_timeout: config.listener.client_body_timeout,
         first_byte_timeout: config.backend.first_byte_timeout,
         slow_first_byte_timeout: config.backend.slow_first_byte_timeout,
+        expect_continue_timeout: config.backend.expect_continue_timeout,
         settle: config.settle.clone(),
     }
 }

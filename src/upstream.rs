@@ -629,7 +629,9 @@ where
         // as the start of the next request, from any client. Only a success
         // says the body was consumed (S3 reads the whole body to store it).
         let consumed = !sent.body || parts.status.is_success();
-        let reusable = keep_alive && http11 && delivery.complete() && consumed;
+        // A body sent unasked may be unread whatever the answer.
+        let reusable =
+            keep_alive && http11 && delivery.complete() && consumed && !delivery.sent_unasked();
         let (give_back, closing) = if reusable {
             let give_back = GiveBack {
                 connection,

@@ -132,8 +132,9 @@ async fn response_header_names_arrive_in_mixed_case() {
 
 /// A PUT with `Expect: 100-continue` from a client that, as curl and
 /// botocore do, waits a second for the `100` and then sends the body anyway,
-/// to a radosgw that never sends one (`rgw_print_continue = false`).
-async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8]) -> String {
+/// to a radosgw that never sends one (`rgw_print_continue = false`), through
+/// a proxy with `backend.expect_continue_timeout` set.
+async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8]) -> u16 {
     let url = format!("http://{host}/no-continue/object");
     let length = body.len().to_string();
     let mut head = format!(
@@ -148,27 +149,26 @@ async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8
             head += &format!("{name}: {value}\r\n");
         }
     }
-    head += "Connection: close\r\n\r\n";
+    head += "\r\n";
     let mut stream = TcpStream::connect(to).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut interim = [0u8; 64];
-    let _asked = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut interim)).await;
+    let mut interim = [0u8; 1];
+    let asked = tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut interim)).await;
     stream.write_all(body).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response))
+    let answer = async {
+        loop {
+            let (status, _) = support::read_response(&mut stream).await;
+            // A `100 Continue` the client did not wait for comes first.
+            if status != 100 {
+                return status;
+            }
+        }
+    };
+    let status = tokio::time::timeout(Duration::from_secs(20), answer)
         .await
-        .expect("answered within 20 s")
-        .unwrap();
-    let response = String::from_utf8_lossy(&response).into_owned();
-    // A `100 Continue` the client did not wait for may come first.
-    response
-        .split("\r\n\r\n")
-        .find(|part| part.starts_with("HTTP/1.1 ") && !part.starts_with("HTTP/1.1 100"))
-        .unwrap_or(&response)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+        .expect("answered within 20 s");
+    drop(asked);
+    status
 }
 
 #[tokio::test]
@@ -182,15 +182,39 @@ async fn an_upload_expecting_continue_reaches_a_radosgw_that_never_sends_one() {
         .send()
         .await
         .unwrap();
-    let proxy = ProxyUnderTest::start(gateway.address, "").await.unwrap();
+    let proxy = ProxyUnderTest::start_with(
+        gateway.address,
+        "expect_continue_timeout = \"1s\"",
+        // One lane: one pool, which a reusable connection goes back to.
+        "[listener]\nthreads = 1",
+    )
+    .await
+    .unwrap();
     let host = gateway.address.to_string();
+    let connections = || async {
+        support::metric_sample(
+            &proxy.admin.metrics().await,
+            "s3fp_backend_connections_total",
+        )
+        .unwrap_or(0.0)
+    };
 
     let direct = put_expecting_continue(gateway.address, &host, b"straight").await;
-    assert_eq!(direct, "HTTP/1.1 200 OK");
+    assert_eq!(direct, 200);
     let proxied = put_expecting_continue(proxy.address, &host, b"through the proxy").await;
     assert_eq!(proxied, direct);
     assert_eq!(
         read_object(&s3, "no-continue", "object").await,
         b"through the proxy"
+    );
+    // The body went unasked: radosgw may not have read it, whatever it
+    // answered, so its connection is not reused for the next request.
+    let before = connections().await;
+    let again = put_expecting_continue(proxy.address, &host, b"again").await;
+    assert_eq!(again, 200);
+    assert_eq!(
+        connections().await,
+        before + 1.0,
+        "a new backend connection"
     );
 }
