@@ -25,7 +25,6 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
-
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
