@@ -152,8 +152,10 @@ async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8
     head += "\r\n";
     let mut stream = TcpStream::connect(to).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
+    // The client's own wait for the `100` (the scenario, not a wait for
+    // the proxy): a second, then it sends the body whatever came.
     let mut interim = [0u8; 1];
-    let asked = tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut interim)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut interim)).await;
     stream.write_all(body).await.unwrap();
     let answer = async {
         loop {
@@ -167,7 +169,6 @@ async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8
     let status = tokio::time::timeout(Duration::from_secs(20), answer)
         .await
         .expect("answered within 20 s");
-    drop(asked);
     status
 }
 
