@@ -166,10 +166,9 @@ async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8
             }
         }
     };
-    let status = tokio::time::timeout(Duration::from_secs(20), answer)
+    tokio::time::timeout(Duration::from_secs(20), answer)
         .await
-        .expect("answered within 20 s");
-    status
+        .expect("answered within 20 s")
 }
 
 #[tokio::test]
