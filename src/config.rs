@@ -121,6 +121,11 @@ pub struct ListenerConfig {
     /// Created with mode 0600; only a process of the same user is served.
     /// Restart-only.
     pub handover_socket: Option<PathBuf>,
+    /// Plain-HTTP/1.1 GET and HEAD requests with no body, while the backend
+    /// is up, are forwarded as the bytes that came, without hyper
+    /// ([`crate::raw_http1`]): about half the CPU per small request. Off by
+    /// default. Restart-only.
+    pub raw_http1: bool,
 }
 
 /// The `X-Forwarded-For` / `X-Forwarded-Proto` headers the proxy adds.
@@ -357,6 +362,7 @@ struct RawListener {
     max_connections: Option<usize>,
     threads: Option<usize>,
     handover_socket: Option<PathBuf>,
+    raw_http1: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1007,6 +1013,7 @@ impl Config {
             max_connections_set: raw.listener.max_connections.is_some(),
             threads: threads(raw.listener.threads)?,
             handover_socket: handover_socket(raw.listener.handover_socket)?,
+            raw_http1: raw.listener.raw_http1.unwrap_or(false),
         };
         let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {

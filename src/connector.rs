@@ -104,6 +104,11 @@ impl Connector {
         }
     }
 
+    /// True when the backend is reached over plain TCP (no TLS).
+    pub fn is_plain(&self) -> bool {
+        self.tls.is_none()
+    }
+
     pub fn address(&self) -> &BackendAddress {
         &self.address
     }

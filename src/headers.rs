@@ -140,9 +140,54 @@ fn room_for_forwarding(
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
+    room_for_lines(headers.len(), fields, query, forwarding)
+}
+
+/// [`room_for_forwarding`] for `lines` field lines of `bytes` bytes.
+fn room_for_lines(
+    lines: usize,
+    bytes: usize,
+    query: Option<&str>,
+    forwarding: &ForwardingConfig,
+) -> bool {
     let request_line = 32 + query.map_or(0, str::len);
-    headers.len() + FORWARDING_LINES <= forwarding.backend_max_headers
-        && request_line + fields + FORWARDING_BYTES <= forwarding.backend_max_head_bytes
+    lines + FORWARDING_LINES <= forwarding.backend_max_headers
+        && request_line + bytes + FORWARDING_BYTES <= forwarding.backend_max_head_bytes
+}
+
+/// Which of `X-Forwarded-For` and `X-Forwarded-Proto` [`add_forwarded`]
+/// would add to a request head of these field lines that carries neither
+/// (the raw path, [`crate::raw_http1`], appends them as lines of its own:
+/// where `add_forwarded` puts them in such a head).
+pub fn forwarding_lines(
+    fields: &[httparse::Header<'_>],
+    query: Option<&str>,
+    forwarding: &ForwardingConfig,
+) -> (bool, bool) {
+    if !forwarding.enabled {
+        return (false, false);
+    }
+    let bytes = fields
+        .iter()
+        .map(|field| field.name.len() + field.value.len() + 4)
+        .sum();
+    if !room_for_lines(fields.len(), bytes, query, forwarding) {
+        tracing::debug!("request head near the backend's limits: no forwarding headers added");
+        return (false, false);
+    }
+    let authorization = fields
+        .iter()
+        .find(|field| {
+            field
+                .name
+                .eq_ignore_ascii_case(header::AUTHORIZATION.as_str())
+        })
+        .and_then(|field| std::str::from_utf8(field.value).ok());
+    let signed = signed_list_of(authorization, query);
+    (
+        !is_signed(signed, X_FORWARDED_FOR.as_str()),
+        !is_signed(signed, X_FORWARDED_PROTO.as_str()),
+    )
 }
 
 // Names made once: a name given as text is parsed for every lookup, and
@@ -193,13 +238,18 @@ pub fn address_value(client: IpAddr) -> HeaderValue {
 /// presigned URL (its `;` then percent-encoded) (AWS, "Signature Version 4
 /// signing process").
 fn signed_list<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
-    let from_authorization = headers
+    let authorization = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.split([',', ' '])
-                .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
-        });
+        .and_then(|v| v.to_str().ok());
+    signed_list_of(authorization, query)
+}
+
+/// [`signed_list`] of a request with this `Authorization` value.
+fn signed_list_of<'a>(authorization: Option<&'a str>, query: Option<&'a str>) -> Option<&'a str> {
+    let from_authorization = authorization.and_then(|v| {
+        v.split([',', ' '])
+            .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
+    });
     from_authorization.or_else(|| {
         query?
             .split('&')

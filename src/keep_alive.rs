@@ -45,6 +45,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::heap_trim;
+use crate::raw_http1::{RawEnd, RawPath};
 use crate::request_target::TargetWatch;
 use crate::round_kind::RoundKind;
 use crate::shutdown::{Phase, ShutdownWatch};
@@ -192,6 +193,9 @@ pub struct Rounds<L> {
     /// the previous answer (`listener.header_timeout`): also how long an
     /// idle connection waits for its next request.
     pub header_timeout: Duration,
+    /// Serves what it takes of each round before hyper does
+    /// (`listener.raw_http1`, see [`crate::raw_http1`]).
+    pub raw: Option<RawPath>,
 }
 
 /// How serving a connection ended.
@@ -255,7 +259,7 @@ where
             // The first request needs a round of its own.
             io.switch_round();
         }
-        Box::pin(one_round(
+        Box::pin(round(
             io,
             first,
             service.clone(),
@@ -284,7 +288,7 @@ where
                     (rounds.layers.wrap(socket), ahead)
                 }
             };
-            Box::pin(one_round(
+            Box::pin(round(
                 io,
                 ahead,
                 service.clone(),
@@ -336,6 +340,52 @@ pub async fn next_bytes(
         Poll::Pending
     })
     .await
+}
+
+/// Serves a round: what the raw path takes of it first, when it is on
+/// and the round is of the common kind, then the rest with hyper
+/// ([`one_round`]).
+async fn round<L, R, S, B>(
+    mut io: TargetWatch<L::Inner>,
+    ahead: Bytes,
+    service: S,
+    rounds: &Rounds<L>,
+    head_due: Instant,
+    shutdown: &mut ShutdownWatch,
+) -> Result<Next<R, L::Inner>, hyper::Error>
+where
+    L: Layers<R>,
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let ahead = match &rounds.raw {
+        Some(raw) if io.round_kind() == RoundKind::Common && !io.switch_pending() => {
+            let served = Box::pin(raw.serve(
+                &mut io,
+                ahead,
+                head_due,
+                rounds.rests.then_some(REST_GRACE),
+                shutdown,
+            ));
+            match served.await {
+                RawEnd::HandOver(ahead) => ahead,
+                RawEnd::Switch(ahead) => {
+                    io.switch_round();
+                    ahead
+                }
+                RawEnd::Rested => return Ok(Next::Rested(rounds.layers.unwrap(io), Bytes::new())),
+                RawEnd::Over => {
+                    shut_down(io).await;
+                    return Ok(Next::Over);
+                }
+            }
+        }
+        _ => ahead,
+    };
+    one_round(io, ahead, service, rounds, head_due, shutdown).await
 }
 
 /// Serves `io` with one hyper connection until it rests (the socket and

@@ -44,6 +44,7 @@ use crate::keep_alive::{self, Prefixed, Rounds};
 use crate::lanes::Lanes;
 use crate::peer::{ClientSocket, Peer, RequestInProgress};
 use crate::proxy::Proxy;
+use crate::raw_http1::RawPath;
 use crate::read_budget::ReadBudget;
 use crate::request_target::{Silence, TargetWatch};
 use crate::response::ProxyBody;
@@ -100,6 +101,9 @@ pub struct ClientLimits {
     pub max_read_bytes: usize,
     pub header_timeout: Duration,
     pub send_timeout: Duration,
+    /// Plain GET and HEAD requests take the raw path
+    /// (`listener.raw_http1`, [`crate::raw_http1`]).
+    pub raw_http1: bool,
 }
 
 /// One open client connection's place, counted in `s3fp_client_connections`.
@@ -512,6 +516,16 @@ async fn serve_http1_rounds<I>(
             layers,
             rests: connection.resting.is_some(),
             header_timeout: connection.limits.header_timeout,
+            // Plain TCP only, at first.
+            raw: (connection.limits.raw_http1 && connection.resting.is_some()).then(|| {
+                RawPath::new(
+                    Arc::clone(&connection.proxy),
+                    Arc::clone(&connection.peer),
+                    connection.scheme,
+                    connection.limits.header_timeout,
+                    connection.limits.max_head_bytes,
+                )
+            }),
         };
         let service = service(&connection, &go_away);
         Box::pin(keep_alive::serve_http1(

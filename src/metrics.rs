@@ -72,6 +72,7 @@ pub struct Metrics {
     request_series: RequestSeries,
     request_bytes: IntCounter,
     response_bytes: IntCounter,
+    raw_requests: IntCounter,
     in_flight: IntGauge,
     replay_memory: IntGauge,
     replay_memory_exhausted: IntCounter,
@@ -191,6 +192,11 @@ impl Metrics {
             response_bytes: registered(register_int_counter_with_registry!(
                 "s3fp_response_bytes_total",
                 "Response body bytes sent to clients.",
+                r
+            )),
+            raw_requests: registered(register_int_counter_with_registry!(
+                "s3fp_raw_http1_requests_total",
+                "Requests forwarded as the bytes that came, without hyper (listener.raw_http1).",
                 r
             )),
             in_flight: registered(register_int_gauge_with_registry!(
@@ -399,6 +405,11 @@ impl Metrics {
             .observe(duration.as_secs_f64());
         self.request_bytes.inc_by(bytes_in);
         self.response_bytes.inc_by(bytes_out);
+    }
+
+    /// A request the raw path forwarded ([`crate::raw_http1`]).
+    pub fn raw_request(&self) {
+        self.raw_requests.inc();
     }
 
     /// The replay memory budget of `limit` bytes, reported in

@@ -47,6 +47,7 @@ use crate::outcome::{
 use crate::peer::Peer;
 use crate::probe::Prober;
 use crate::quarantine::Quarantine;
+use crate::raw_backend::RawBackend;
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::replay_memory::ReplayMemory;
 use crate::response::{ProxyBody, StreamFailure};
@@ -112,6 +113,8 @@ pub struct Proxy {
     /// Turned on when the shutdown grace is over: held requests get
     /// `ShuttingDown` instead of losing their connection.
     holding_ended: watch::Sender<bool>,
+    /// Plain backend connections of the raw path ([`crate::raw_http1`]).
+    raw_backend: RawBackend,
 }
 
 /// What the watchdog of one attempt needs.
@@ -270,6 +273,7 @@ impl Proxy {
         quarantine: Quarantine,
         metrics: Arc<Metrics>,
     ) -> Proxy {
+        let upstream_lanes = upstream.lanes();
         Proxy {
             gate,
             quarantine,
@@ -280,6 +284,7 @@ impl Proxy {
             in_flight: InFlight::default(),
             metrics,
             holding_ended: watch::Sender::new(false),
+            raw_backend: RawBackend::new(upstream_lanes),
         }
     }
 
@@ -742,6 +747,44 @@ impl Proxy {
         })
     }
 
+    /// A raw-path answer body broke ([`crate::raw_http1`]): judged as a
+    /// streamed body that breaks on the hyper path is.
+    pub(crate) fn body_broke(self: &Arc<Self>, generation: u64) {
+        let proxy = Arc::clone(self);
+        tokio::spawn(async move {
+            proxy.judge(DownReason::Reset, false, generation).await;
+        });
+    }
+
+    /// Whether the backend serves, asked when a raw-path answer is late
+    /// (as `send_watched` asks): counted as a hang check, and the gate goes
+    /// down when it does not serve.
+    pub(crate) async fn late_answer_serving(&self, now: Instant, generation: u64) -> bool {
+        let serving = Box::pin(self.prober.confirm(now)).await;
+        self.metrics
+            .outage_check(DownReason::HangTimeout, CheckVerdict::of(serving));
+        if !serving {
+            self.go_down(DownReason::HangTimeout, generation);
+        }
+        serving
+    }
+
+    /// Confirms the cut of a raw-path download before it is resumed (as
+    /// `fetch_rest` does).
+    pub(crate) async fn judge_cut(&self, generation: u64) {
+        self.judge(DownReason::Reset, false, generation).await;
+    }
+
+    /// The raw path's backend connections.
+    pub(crate) fn raw_backend(&self) -> &RawBackend {
+        &self.raw_backend
+    }
+
+    /// The backend connection settings now.
+    pub(crate) fn upstream_settings(&self) -> Arc<crate::upstream::UpstreamSettings> {
+        self.upstream.settings()
+    }
+
     /// Closes idle backend connections past `backend.idle_timeout`, checking
     /// twice per timeout (a reloaded timeout applies from the next check),
     /// and frees the large read buffers of those that rested
@@ -753,6 +796,7 @@ impl Proxy {
                 .max(Duration::from_millis(100));
             tokio::time::sleep(every).await;
             self.upstream.close_expired();
+            self.raw_backend.close_expired(self.upstream.idle_timeout());
             self.upstream.free_rested_large_reads(LARGE_READS_REST);
         }
     }

@@ -84,6 +84,11 @@ impl ProxyError {
         }
     }
 
+    /// The HTTP status this error is answered with.
+    pub fn status(self) -> StatusCode {
+        self.status_and_code().0
+    }
+
     fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Held(Rejection::QueueFull | Rejection::ClientShare)

@@ -112,5 +112,6 @@ fn client_limits(config: &Config) -> ClientLimits {
         max_read_bytes: config.listener.max_read_bytes,
         header_timeout: config.listener.header_timeout,
         send_timeout: config.listener.send_timeout,
+        raw_http1: config.listener.raw_http1,
     }
 }

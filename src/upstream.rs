@@ -387,7 +387,12 @@ where
         }
     }
 
-    fn settings(&self) -> Arc<UpstreamSettings> {
+    /// The lanes the pool has a part for.
+    pub fn lanes(&self) -> usize {
+        self.idle.len() - 1
+    }
+
+    pub(crate) fn settings(&self) -> Arc<UpstreamSettings> {
         Arc::clone(&self.settings.read().unwrap())
     }
 

@@ -20,6 +20,12 @@ async fn s3s_fs_answers_and_receives_the_same_straight_and_through_the_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3s_fs_answers_and_receives_the_same_straight_and_on_the_raw_path() {
+    let backend = S3Backend::start().await.unwrap();
+    suite::assert_no_differences_on_the_raw_path(backend.address, "tx-raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_smuggled_past_expect_never_reaches_s3s_fs() {
     let backend = S3Backend::start().await.unwrap();
     smuggling::assert_smuggled_request_never_reaches(backend.address, "tx-smuggle").await;
@@ -46,6 +52,13 @@ async fn radosgw_answers_and_receives_the_same_straight_and_through_the_proxy() 
     let _alone = RADOSGW.lock().await;
     let gateway = RadosGw::start().await.unwrap();
     suite::assert_no_differences(gateway.address, "tx-suite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn radosgw_answers_and_receives_the_same_straight_and_on_the_raw_path() {
+    let _alone = RADOSGW.lock().await;
+    let gateway = RadosGw::start().await.unwrap();
+    suite::assert_no_differences_on_the_raw_path(gateway.address, "tx-raw").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +103,7 @@ mod suite {
     const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
     pub async fn assert_no_differences(backend: SocketAddr, bucket: &str) {
-        let (cases, differences) = run(backend, bucket).await;
+        let (cases, differences, _) = run(backend, bucket, "").await;
         assert!(
             differences.is_empty(),
             "{}",
@@ -98,17 +111,40 @@ mod suite {
         );
     }
 
-    /// Runs every case; returns how many ran and every difference found.
-    pub async fn run(backend: SocketAddr, bucket: &str) -> (usize, Vec<diff::Difference>) {
+    /// The same, with the raw HTTP/1.1 path on (`listener.raw_http1`): it
+    /// must take some of the corpus's requests (its GETs and HEADs), and
+    /// answer them as straight access does.
+    pub async fn assert_no_differences_on_the_raw_path(backend: SocketAddr, bucket: &str) {
+        let listener = "[listener]\nraw_http1 = true\n";
+        let (cases, differences, raw) = run(backend, bucket, listener).await;
+        assert!(
+            differences.is_empty(),
+            "{}",
+            diff::report(cases, &differences)
+        );
+        assert!(raw >= 10, "the raw path took {raw} of {cases} requests");
+    }
+
+    /// Runs every case through proxies with `extra` in their config;
+    /// returns how many ran, every difference found, and how many requests
+    /// the raw path took.
+    pub async fn run(
+        backend: SocketAddr,
+        bucket: &str,
+        extra: &str,
+    ) -> (usize, Vec<diff::Difference>, u64) {
         let fixture = Fixture::create(backend, bucket).await;
         let relay = Relay::start(backend).await.unwrap();
         let cases = corpus::cases(&fixture);
         let mut ids = (Captured::default(), Captured::default());
         let mut differences = Vec::new();
+        let mut raw = 0;
         for case in &cases {
-            differences.extend(run_case(&relay, &fixture, case, &mut ids).await);
+            let (found, taken) = run_case(&relay, &fixture, case, &mut ids, extra).await;
+            differences.extend(found);
+            raw += taken;
         }
-        (cases.len(), differences)
+        (cases.len(), differences, raw)
     }
 
     /// Straight first, then through a fresh proxy, same bucket and key.
@@ -117,9 +153,10 @@ mod suite {
         fixture: &Fixture,
         case: &Case,
         (straight_ids, proxied_ids): &mut (Captured, Captured),
-    ) -> Vec<diff::Difference> {
+        extra: &str,
+    ) -> (Vec<diff::Difference>, u64) {
         let straight = straight_path(relay, fixture, case, straight_ids).await;
-        let proxied = proxied_path(relay, fixture, case, proxied_ids).await;
+        let (proxied, raw) = proxied_path(relay, fixture, case, proxied_ids, extra).await;
         // Shown with a failure: what each path got, case by case.
         println!(
             "{:<72} straight: {} | proxied: {}",
@@ -130,11 +167,12 @@ mod suite {
         if std::env::var_os("S3FP_TRANSPARENCY_DUMP").is_some() {
             println!("straight:\n{}proxied:\n{}", straight.dump(), proxied.dump());
         }
-        diff::compare(
+        let differences = diff::compare(
             case,
             &straight.normalized(straight_ids, case.dependent),
             &proxied.normalized(proxied_ids, case.dependent),
-        )
+        );
+        (differences, raw)
     }
 
     /// Client -> relay -> backend.
@@ -167,18 +205,21 @@ mod suite {
         fixture: &Fixture,
         case: &Case,
         ids: &mut Captured,
-    ) -> Observed {
+        extra: &str,
+    ) -> (Observed, u64) {
         fixture.prepare(case).await;
         let exchange = (case.request)(ids);
-        let proxy = ProxyUnderTest::start(relay.address, "").await.unwrap();
+        let proxy = ProxyUnderTest::start(relay.address, extra).await.unwrap();
         let mark = relay.mark();
         let answer = wire::send(proxy.address, &exchange, ANSWER_LIMIT).await;
+        let metrics = proxy.admin.metrics().await;
+        let raw = support::metric_sample(&metrics, "s3fp_raw_http1_requests_total").unwrap_or(0.0);
         // Stopping the proxy closes its backend connections, which ends the
         // relay's records sooner than waiting for them to be quiet.
         let _ = tokio::time::timeout(SETTLE_LIMIT, proxy.stop()).await;
         let proxied = observed(relay, &mark, answer).await;
         ids.capture(case, &proxied);
-        proxied
+        (proxied, raw as u64)
     }
 
     /// The answer, and every request the backend received after `mark`.

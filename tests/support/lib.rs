@@ -326,6 +326,10 @@ impl ProxyUnderTest {
                 .try_init();
         }
         let mut config = Config::parse(text)?;
+        if std::env::var_os("S3FP_TEST_RAW_HTTP1").is_some() {
+            // The suite run again with the raw path on (see `.ci/run`).
+            config.listener.raw_http1 = true;
+        }
         if !text.contains("drain_delay") {
             // No load balancer to wait for: a test's stop is at once.
             config.shutdown.drain_delay = Duration::ZERO;
@@ -764,8 +768,13 @@ impl ProxyProcess {
             Some(after) => after.split_at(after.find("\n[").map_or(after.len(), |end| end + 1)),
             None => ("", body),
         };
+        // The suite run again with the raw path on (see `.ci/run`).
+        let raw = match std::env::var_os("S3FP_TEST_RAW_HTTP1") {
+            Some(_) if !listener.contains("raw_http1") => "raw_http1 = true\n",
+            _ => "",
+        };
         let text = format!(
-            "[listener]\naddress = \"127.0.0.1:{}\"\n{listener}\n[admin]\naddress = \"{}\"\n{rest}",
+            "[listener]\naddress = \"127.0.0.1:{}\"\n{raw}{listener}\n[admin]\naddress = \"{}\"\n{rest}",
             self.port, self.admin.address
         );
         self.replace_config(&text);

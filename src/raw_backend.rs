@@ -1,0 +1,470 @@
+//! The backend side of the raw HTTP/1.1 path ([`crate::raw_http1`]): plain
+//! TCP connections to the backend kept per lane beside hyper's pool, and
+//! the backend's answer read as bytes: its head parsed with httparse (RFC
+//! 9112 section 2) to learn its framing (section 6.3), its body followed by
+//! `Content-Length`, by chunk sizes (section 7.1) or to the connection's
+//! end, and passed on unchanged.
+//!
+//! An answer this path does not pass on as it came (a hop-by-hop field
+//! other than a plain `Connection` or `Transfer-Encoding: chunked`, both a
+//! length and chunks, an HTTP/1.0 status line, more fields than
+//! [`MAX_FIELDS`], `101`) is [`NotTaken`]: the request goes to the hyper
+//! path, which sends it again (only GET and HEAD take this path).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::connector::Connector;
+
+/// Most header fields of an answer read here: hyper's own default, parsed
+/// into slots on the stack. An answer with more goes the hyper way.
+pub const MAX_FIELDS: usize = 100;
+
+/// Idle plain connections to the backend, a part per lane (and one last
+/// part for callers off the lanes), each kept with the connector it was
+/// opened by: a connection is reused only while the backend is reached the
+/// same way.
+pub struct RawBackend {
+    idle: Box<[Mutex<Vec<Idle>>]>,
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+    connector: Arc<Connector>,
+}
+
+impl RawBackend {
+    /// A pool in a part for each of `lanes` lanes.
+    pub fn new(lanes: usize) -> RawBackend {
+        RawBackend {
+            idle: (0..=lanes).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// The part of the calling lane.
+    fn part(&self) -> &Mutex<Vec<Idle>> {
+        let off_lanes = self.idle.len() - 1;
+        let index = crate::lanes::current()
+            .filter(|lane| *lane < off_lanes)
+            .unwrap_or(off_lanes);
+        &self.idle[index]
+    }
+
+    /// An idle connection opened by `connector`, idle for at most
+    /// `idle_timeout` and not closed by the backend meanwhile.
+    pub fn checkout(
+        &self,
+        connector: &Arc<Connector>,
+        idle_timeout: Duration,
+    ) -> Option<TcpStream> {
+        let mut idle = self.part().lock().unwrap();
+        while let Some(candidate) = idle.pop() {
+            let same =
+                Arc::ptr_eq(&candidate.connector, connector) || *candidate.connector == **connector;
+            if same && candidate.since.elapsed() <= idle_timeout && is_open(&candidate.stream) {
+                return Some(candidate.stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps `stream` for the next request of this lane, within `max_idle`
+    /// (`backend.max_idle_connections`, shared by the lanes); closes it when
+    /// the part is full.
+    pub fn put_back(&self, stream: TcpStream, connector: Arc<Connector>, max_idle: usize) {
+        let lanes = self.idle.len() - 1;
+        let share = (max_idle / lanes.max(1)).max(1);
+        let mut idle = self.part().lock().unwrap();
+        if idle.len() < share {
+            idle.push(Idle {
+                stream,
+                since: Instant::now(),
+                connector,
+            });
+        }
+    }
+
+    /// Closes the idle connections unused for `idle_timeout`; returns how many.
+    pub fn close_expired(&self, idle_timeout: Duration) -> usize {
+        let mut closed = 0;
+        for part in &self.idle {
+            let mut idle = part.lock().unwrap();
+            let before = idle.len();
+            idle.retain(|idle| idle.since.elapsed() <= idle_timeout);
+            closed += before - idle.len();
+        }
+        closed
+    }
+}
+
+/// Whether an idle connection is still open: nothing to read, not even
+/// its end (a backend that closed it, or sent bytes unasked).
+fn is_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// How an answer's body is framed (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// None: an answer to HEAD, a `204` or a `304`.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the backend closes the connection.
+    UntilClose,
+}
+
+/// What the proxy needs of an answer head.
+#[derive(Debug)]
+pub struct AnswerHead {
+    /// Its length in bytes, with the empty line that ends it.
+    pub length: usize,
+    pub status: u16,
+    pub framing: BodyFraming,
+    /// The backend keeps the connection open after it (no `Connection:
+    /// close`, a framed body).
+    pub keep_alive: bool,
+    /// Where the value of its `x-amz-request-id` is, if it has one.
+    pub request_id: Option<std::ops::Range<usize>>,
+    /// It has a `Date` field.
+    pub dated: bool,
+}
+
+/// An answer head this path does not pass on as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotTaken;
+
+/// What the bytes read so far start with.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// A `1xx` other than `101`, this many bytes long: dropped, as hyper's
+    /// client drops them for a request that did not ask for them.
+    Informational(usize),
+    /// The final answer's head.
+    Final(AnswerHead),
+}
+
+/// Parses the answer head at the start of `bytes`, for a request that was
+/// a HEAD or not, of at most `max_fields` fields (`backend.max_headers`):
+/// into [`MAX_FIELDS`] slots on the stack, else into as many as allowed.
+pub fn parse_answer(
+    bytes: &[u8],
+    head_request: bool,
+    max_fields: usize,
+) -> Result<Parsed, NotTaken> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    match parse_into(bytes, head_request, &mut slots) {
+        Err(Some(httparse::Error::TooManyHeaders)) if max_fields > MAX_FIELDS => {
+            let mut slots = vec![httparse::EMPTY_HEADER; max_fields];
+            parse_into(bytes, head_request, &mut slots).map_err(|_| NotTaken)
+        }
+        parsed => parsed.map_err(|_| NotTaken),
+    }
+}
+
+/// [`parse_answer`] into `slots`; `Err(Some(_))` when httparse refused it.
+fn parse_into<'b>(
+    bytes: &'b [u8],
+    head_request: bool,
+    slots: &mut [httparse::Header<'b>],
+) -> Result<Parsed, Option<httparse::Error>> {
+    let mut response = httparse::Response::new(slots);
+    let length = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(error) => return Err(Some(error)),
+    };
+    if response.version != Some(1) {
+        return Err(None);
+    }
+    let status = response.code.ok_or(None)?;
+    match status {
+        101 => return Err(None),
+        100..=199 => return Ok(Parsed::Informational(length)),
+        _ => {}
+    }
+    let mut fields = Fields::default();
+    for field in response.headers.iter() {
+        fields.take(field, bytes).map_err(|_| None)?;
+    }
+    let framing = if head_request || status == 204 || status == 304 {
+        BodyFraming::Empty
+    } else if fields.chunked {
+        BodyFraming::Chunked
+    } else {
+        fields
+            .length
+            .map_or(BodyFraming::UntilClose, BodyFraming::Length)
+    };
+    if fields.chunked && fields.length.is_some() {
+        return Err(None);
+    }
+    Ok(Parsed::Final(AnswerHead {
+        length,
+        status,
+        framing,
+        keep_alive: !fields.close && framing != BodyFraming::UntilClose,
+        request_id: fields.request_id,
+        dated: fields.dated,
+    }))
+}
+
+/// What an answer's fields say about its framing and the connection.
+#[derive(Default)]
+struct Fields {
+    length: Option<u64>,
+    chunked: bool,
+    close: bool,
+    dated: bool,
+    request_id: Option<std::ops::Range<usize>>,
+}
+
+impl Fields {
+    fn take(&mut self, field: &httparse::Header<'_>, head: &[u8]) -> Result<(), NotTaken> {
+        let name = field.name;
+        let value = field.value.trim_ascii();
+        if name.eq_ignore_ascii_case("content-length") {
+            let length = std::str::from_utf8(value)
+                .ok()
+                .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|digits| digits.parse().ok())
+                .ok_or(NotTaken)?;
+            if self.length.is_some_and(|earlier| earlier != length) {
+                return Err(NotTaken);
+            }
+            self.length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if self.chunked || !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(NotTaken);
+            }
+            self.chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            // Kept as it came when it says only `close` or `keep-alive`, as
+            // `headers::strip_hop_by_hop` keeps it.
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Err(NotTaken);
+                }
+            }
+        } else if is_hop_by_hop(name) {
+            return Err(NotTaken);
+        } else if name.eq_ignore_ascii_case("date") {
+            self.dated = true;
+        } else if name.eq_ignore_ascii_case("x-amz-request-id") {
+            let start = field.value.as_ptr() as usize - head.as_ptr() as usize;
+            self.request_id = Some(start..start + field.value.len());
+        }
+        Ok(())
+    }
+}
+
+/// The hop-by-hop fields `headers::strip_hop_by_hop` drops, but for
+/// `Connection` and `Transfer-Encoding` (RFC 9110 section 7.6.1).
+fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ]
+    .iter()
+    .any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+/// Where a chunked body is, followed byte by byte as it passes (RFC 9112
+/// section 7.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunks {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data: this many bytes to go.
+    Data(u64),
+    /// At the CRLF after a chunk's data: this many of its bytes to go.
+    DataEnd(u8),
+    /// In the trailer section.
+    Trailers,
+    /// The body has ended.
+    Done,
+}
+
+/// Longest chunk-size or trailer line followed.
+const MAX_LINE: usize = 16 << 10;
+
+/// A chunked body that is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadChunks;
+
+impl Chunks {
+    /// Follows `bytes`, the body's next ones: how many of them it takes
+    /// (up to the body's end, and short of a line not whole yet).
+    pub fn follow(&mut self, bytes: &[u8]) -> Result<usize, BadChunks> {
+        let mut at = 0;
+        loop {
+            let rest = &bytes[at..];
+            match *self {
+                Chunks::Done => return Ok(at),
+                Chunks::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        at += used;
+                        *self = if size == 0 {
+                            Chunks::Trailers
+                        } else {
+                            Chunks::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() < MAX_LINE => return Ok(at),
+                    _ => return Err(BadChunks),
+                },
+                Chunks::Data(left) => {
+                    let taken = left.min(rest.len() as u64);
+                    if taken == 0 {
+                        return Ok(at);
+                    }
+                    at += taken as usize;
+                    *self = match left - taken {
+                        0 => Chunks::DataEnd(2),
+                        left => Chunks::Data(left),
+                    };
+                }
+                Chunks::DataEnd(left) => {
+                    let Some(&byte) = rest.first() else {
+                        return Ok(at);
+                    };
+                    if byte != if left == 2 { b'\r' } else { b'\n' } {
+                        return Err(BadChunks);
+                    }
+                    at += 1;
+                    *self = if left == 2 {
+                        Chunks::DataEnd(1)
+                    } else {
+                        Chunks::Size
+                    };
+                }
+                Chunks::Trailers => match rest.windows(2).position(|pair| pair == b"\r\n") {
+                    Some(0) => {
+                        at += 2;
+                        *self = Chunks::Done;
+                    }
+                    Some(end) => at += end + 2,
+                    None if rest.len() < MAX_LINE => return Ok(at),
+                    None => return Err(BadChunks),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8]) -> AnswerHead {
+        match parse_answer(bytes, false, MAX_FIELDS) {
+            Ok(Parsed::Final(head)) => head,
+            other => panic!("not a final head: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_framed_by_its_length_or_its_chunks_or_its_end() {
+        let length = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(length.framing, BodyFraming::Length(5));
+        assert!(length.keep_alive);
+        let chunked = head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(chunked.framing, BodyFraming::Chunked);
+        let until_close = head(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(until_close.framing, BodyFraming::UntilClose);
+        assert!(!until_close.keep_alive, "its end is the connection's");
+        let closing = head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        assert!(!closing.keep_alive);
+    }
+
+    #[test]
+    fn an_answer_to_head_has_no_body_whatever_its_length() {
+        let parsed = parse_answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            true,
+            MAX_FIELDS,
+        );
+        assert!(matches!(
+            parsed,
+            Ok(Parsed::Final(AnswerHead {
+                framing: BodyFraming::Empty,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn answers_the_hyper_path_would_change_are_not_taken() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_answer(answer, false, MAX_FIELDS).err(),
+                Some(NotTaken),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[test]
+    fn an_informational_answer_is_skipped_whole() {
+        let bytes = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n";
+        assert!(matches!(
+            parse_answer(bytes, false, MAX_FIELDS),
+            Ok(Parsed::Informational(25))
+        ));
+    }
+
+    #[test]
+    fn the_request_id_is_found_where_it_is() {
+        let bytes = b"HTTP/1.1 200 OK\r\nx-amz-request-id: tx00abc\r\nContent-Length: 0\r\n\r\n";
+        let range = head(bytes).request_id.unwrap();
+        assert_eq!(&bytes[range], b"tx00abc");
+    }
+
+    #[test]
+    fn chunks_are_followed_to_the_body_end_across_reads() {
+        let body = b"5;ext=1\r\nhello\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let mut chunks = Chunks::Size;
+            let mut carried: Vec<u8> = Vec::new();
+            let mut taken = 0;
+            for part in [&body[..split], &body[split..]] {
+                carried.extend_from_slice(part);
+                let used = chunks.follow(&carried).unwrap();
+                taken += used;
+                carried.drain(..used);
+            }
+            assert_eq!(chunks, Chunks::Done, "split at {split}");
+            assert_eq!(taken, body.len() - 4, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn chunk_data_without_its_crlf_is_refused() {
+        let mut chunks = Chunks::Size;
+        assert_eq!(chunks.follow(b"3\r\nabcXY"), Err(BadChunks));
+    }
+}

@@ -1,0 +1,168 @@
+//! One exchange with the backend on the raw HTTP/1.1 path
+//! ([`crate::raw_http1`]): a request head sent on a pooled or new plain
+//! connection ([`crate::raw_backend`]), and the answer's head read back,
+//! watched while late as the hyper path watches it (`backend.response_timeout`,
+//! the prober's check, `backend.first_byte_timeout`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::connector::Connector;
+use crate::proxy::Proxy;
+use crate::raw_backend::{AnswerHead, Parsed, parse_answer};
+
+/// Why a backend exchange ended before the client had a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The connection failed, or the answer is not one this path takes:
+    /// the hyper path may send the request again.
+    Failed,
+    /// No answer head within `backend.first_byte_timeout` from a backend
+    /// that serves: `504`, not sent again (the backend may still run it).
+    Slow,
+    /// No answer head, and the backend did not serve when checked: the gate
+    /// is down, and the hyper path holds the request.
+    Hung,
+}
+
+/// The times an exchange waits for its answer head.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    pub connect_timeout: Duration,
+    /// `backend.response_timeout`: how long an answer may be late before
+    /// the backend is checked.
+    pub response_timeout: Duration,
+    /// `backend.first_byte_timeout`.
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `backend.max_head_bytes` and `backend.max_headers`.
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl Patience {
+    /// The proxy's settings now.
+    pub fn now(proxy: &Proxy) -> Patience {
+        let settings = proxy.settings();
+        let upstream = proxy.upstream_settings();
+        Patience {
+            connect_timeout: upstream.connect_timeout,
+            response_timeout: settings.response_timeout,
+            first_byte_timeout: settings.first_byte_timeout,
+            idle_timeout: upstream.idle_timeout,
+            max_head_bytes: upstream.max_head_bytes,
+            max_headers: upstream.max_headers,
+        }
+    }
+}
+
+/// Sends `outbound` on a pooled or new plain connection and reads the
+/// answer's head into `answer` (`1xx` answers dropped). A late head is
+/// watched as `send_watched` watches it on the hyper path: checked after
+/// each `response_timeout`, [`Unanswered::Hung`] when the backend does not
+/// serve, [`Unanswered::Slow`] at `first_byte_timeout`.
+pub async fn exchange(
+    proxy: &Proxy,
+    connector: &Arc<Connector>,
+    outbound: &[u8],
+    answer: &mut Vec<u8>,
+    head_request: bool,
+    patience: Patience,
+) -> Result<(TcpStream, AnswerHead), Unanswered> {
+    let mut backend = match proxy
+        .raw_backend()
+        .checkout(connector, patience.idle_timeout)
+    {
+        Some(pooled) => pooled,
+        None => {
+            let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
+            let stream = connect
+                .await
+                .map_err(|_| Unanswered::Failed)?
+                .map_err(|_| Unanswered::Failed)?;
+            let _ = stream.set_nodelay(true);
+            stream
+        }
+    };
+    let generation = proxy.gate().generation();
+    backend
+        .write_all(outbound)
+        .await
+        .map_err(|_| Unanswered::Failed)?;
+    let head = {
+        let read_head = std::pin::pin!(read_answer_head(
+            &mut backend,
+            answer,
+            head_request,
+            patience
+        ));
+        watched(proxy, read_head, patience, generation).await?
+    };
+    Ok((backend, head))
+}
+
+/// Reads an answer head into `answer`, dropping `1xx` answers.
+async fn read_answer_head(
+    backend: &mut TcpStream,
+    answer: &mut Vec<u8>,
+    head_request: bool,
+    patience: Patience,
+) -> Result<AnswerHead, Unanswered> {
+    loop {
+        if backend
+            .read_buf(answer)
+            .await
+            .map_err(|_| Unanswered::Failed)?
+            == 0
+        {
+            return Err(Unanswered::Failed);
+        }
+        loop {
+            match parse_answer(answer, head_request, patience.max_headers)
+                .map_err(|_| Unanswered::Failed)?
+            {
+                Parsed::Partial if answer.len() <= patience.max_head_bytes => break,
+                Parsed::Partial => return Err(Unanswered::Failed),
+                Parsed::Informational(length) => drop(answer.drain(..length)),
+                Parsed::Final(head) => return Ok(head),
+            }
+        }
+    }
+}
+
+/// Waits for `read_head` as `send_watched` waits for an answer.
+async fn watched(
+    proxy: &Proxy,
+    mut read_head: std::pin::Pin<&mut impl Future<Output = Result<AnswerHead, Unanswered>>>,
+    patience: Patience,
+    generation: u64,
+) -> Result<AnswerHead, Unanswered> {
+    let sent = tokio::time::Instant::now();
+    let ceiling = sent + patience.first_byte_timeout;
+    let mut confirmed_at = sent;
+    loop {
+        let deadline = (confirmed_at + patience.response_timeout).min(ceiling);
+        tokio::select! {
+            head = read_head.as_mut() => return head,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= ceiling {
+            tracing::warn!(timeout = ?patience.first_byte_timeout, "the backend serves but did not answer in time");
+            return Err(Unanswered::Slow);
+        }
+        let serving = tokio::select! {
+            head = read_head.as_mut() => return head,
+            serving = proxy.late_answer_serving(now, generation) => serving,
+        };
+        if !serving {
+            return Err(Unanswered::Hung);
+        }
+        tracing::info!(waited = ?now - sent, "no answer yet but the backend serves: slow, not dead");
+        confirmed_at = tokio::time::Instant::now();
+    }
+}

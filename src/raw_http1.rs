@@ -1,0 +1,738 @@
+//! The raw HTTP/1.1 path (`listener.raw_http1`): plain GET and HEAD
+//! requests forwarded as the bytes that came, without hyper, while the
+//! backend is up.
+//!
+//! hyper parses every request into a `Request`, every answer into a
+//! `Response`, and writes both out again; on a small request that is most
+//! of the proxy's CPU (`benches/small_requests.sh`: the hyper floor alone
+//! costs 1.1-1.4x HAProxy's CPU per request, a floor that forwards heads as
+//! bytes 0.7-0.8x). This path serves a request head that needs nothing of
+//! what the hyper path does for it: its bytes go to the backend with the
+//! forwarding headers appended as `headers::add_forwarded` would add them,
+//! and the answer's bytes come back unchanged (names, case, order and
+//! framing as the backend sent them, as direct access gives), with `Date`
+//! added to an answer without one, as hyper adds it.
+//!
+//! It takes, at the start of each round of a plain-TCP connection
+//! ([`crate::keep_alive`]), a whole head of at most [`COMMON_FIELDS`]
+//! fields: `GET` or `HEAD`, HTTP/1.1, an origin-form target of
+//! [`is_plain_target`] bytes, no body, no `Expect`, no hop-by-hop field but
+//! `Connection: keep-alive`, no forwarding header of its own; while the
+//! gate admits at once, the quarantine watches nothing, no crash suspect
+//! is due, the proxy is not draining and the backend is plain TCP. Any
+//! other head, and any failure before a byte of the answer reached the
+//! client, hands the connection to a hyper round with every byte read
+//! (a GET or HEAD may then reach the backend twice: the hyper path sends it
+//! again, and sees the outage, holds, replays as always). A backend that
+//! fails after that ends the client connection, as hyper's does when a
+//! body breaks; this path does not resume downloads
+//! ([`crate::download_resume`]).
+//!
+//! Per request it keeps what the hyper path keeps: the connection's
+//! requests in progress, the proxy's in-flight count (drain), the gate told
+//! the backend answered, `Metrics::request` and the request line.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderValue, Method};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::access_log::{RequestId, RequestLine};
+use crate::download_resume::NotResumable;
+use crate::outcome::RequestOutcome;
+use crate::outcome::ResumeOutcome;
+use crate::peer::{Peer, RequestInProgress};
+use crate::proxy::Proxy;
+use crate::raw_backend::{AnswerHead, BodyFraming, Chunks};
+use crate::raw_exchange::{Patience, Unanswered, exchange};
+use crate::raw_resume::RawDownload;
+use crate::request_target::TargetWatch;
+use crate::round_kind::COMMON_FIELDS;
+use crate::shutdown::{Phase, ShutdownWatch};
+
+/// Bytes of an answer gathered before its first write: a small answer
+/// goes to the client in one write, head and body.
+const GATHERED: usize = 16 << 10;
+/// Largest read of a streamed answer body.
+const STREAM_READ: usize = 32 << 10;
+
+/// The raw path of one client connection.
+pub struct RawPath {
+    proxy: Arc<Proxy>,
+    peer: Arc<Peer>,
+    scheme: &'static str,
+    /// `listener.header_timeout`: how long the next head may take.
+    header_timeout: Duration,
+    /// `listener.max_head_bytes`.
+    max_head_bytes: usize,
+}
+
+/// How the raw path left a connection.
+pub enum RawEnd {
+    /// For a hyper round, with the bytes read and not served.
+    HandOver(Bytes),
+    /// For a hyper round of the kind the watch holds a head for
+    /// ([`TargetWatch::switch_pending`]), with the bytes read before it.
+    Switch(Bytes),
+    /// It rested (its rest grace passed with nothing read): nothing is kept.
+    Rested,
+    /// It is over: shut it down.
+    Over,
+}
+
+/// What reading the next request head came to.
+enum HeadRead {
+    /// A head this path takes.
+    Taken(RawRequest),
+    /// Something else: the hyper path's.
+    HandOver,
+    Switch,
+    Rest,
+    Over,
+}
+
+/// A request head this path takes, read off its bytes.
+struct RawRequest {
+    /// Its length, with the empty line that ends it.
+    length: usize,
+    method: Method,
+    /// Where its target is in the head.
+    target: std::ops::Range<usize>,
+    /// The forwarding headers to append (`X-Forwarded-For`, `-Proto`).
+    forwarding: (bool, bool),
+}
+
+/// How forwarding one request went.
+enum Forwarded {
+    /// Answered; the connection may serve the next one.
+    KeepAlive,
+    /// Answered or broken after the client had bytes: the connection ends.
+    Close,
+    /// Nothing reached the client: the hyper path's.
+    NotSent,
+}
+
+impl RawPath {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        peer: Arc<Peer>,
+        scheme: &'static str,
+        header_timeout: Duration,
+        max_head_bytes: usize,
+    ) -> RawPath {
+        RawPath {
+            proxy,
+            peer,
+            scheme,
+            header_timeout,
+            max_head_bytes,
+        }
+    }
+
+    /// Serves the requests this path takes from `io`, `ahead` being bytes
+    /// already read from it, the first head due by `head_due`; rests after
+    /// `rest_grace` with nothing read, when it may rest (plain TCP:
+    /// `keep_alive::REST_GRACE`).
+    pub async fn serve<I>(
+        &self,
+        io: &mut TargetWatch<I>,
+        ahead: Bytes,
+        mut head_due: Instant,
+        rest_grace: Option<Duration>,
+        shutdown: &mut ShutdownWatch,
+    ) -> RawEnd
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut buffer = BytesMut::from(ahead);
+        loop {
+            let request = match self
+                .read_head(io, &mut buffer, head_due, rest_grace, shutdown)
+                .await
+            {
+                HeadRead::Taken(request) => request,
+                HeadRead::HandOver => return RawEnd::HandOver(buffer.freeze()),
+                HeadRead::Switch => return RawEnd::Switch(buffer.freeze()),
+                HeadRead::Rest => return RawEnd::Rested,
+                HeadRead::Over => return RawEnd::Over,
+            };
+            if *shutdown.borrow() != Phase::Serving {
+                // Draining: the hyper path answers with `Connection: close`.
+                return RawEnd::HandOver(buffer.freeze());
+            }
+            match self
+                .forward(io, &buffer[..request.length], &request, shutdown)
+                .await
+            {
+                Forwarded::KeepAlive => {
+                    buffer.advance(request.length);
+                    head_due = Instant::now() + self.header_timeout;
+                }
+                Forwarded::Close => return RawEnd::Over,
+                Forwarded::NotSent => return RawEnd::HandOver(buffer.freeze()),
+            }
+        }
+    }
+
+    /// Reads until `buffer` starts with a whole head, and says whether this
+    /// path takes it.
+    async fn read_head<I>(
+        &self,
+        io: &mut TargetWatch<I>,
+        buffer: &mut BytesMut,
+        head_due: Instant,
+        rest_grace: Option<Duration>,
+        shutdown: &mut ShutdownWatch,
+    ) -> HeadRead
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let rest_due = rest_grace.map(|grace| Instant::now() + grace);
+        let switch = io.switch_signal();
+        loop {
+            if !buffer.is_empty() {
+                match self.parse_request(buffer) {
+                    Some(Some(request)) => return HeadRead::Taken(request),
+                    Some(None) if buffer.len() < self.max_head_bytes => {}
+                    _ => return HeadRead::HandOver,
+                }
+            }
+            let rest_due = rest_due.filter(|due| buffer.is_empty() && *due < head_due);
+            let resting = rest_due.is_some();
+            let due = rest_due.unwrap_or(head_due);
+            if buffer.capacity() - buffer.len() < 1024 {
+                buffer.reserve(4096);
+            }
+            let switch_due = || {
+                switch
+                    .as_ref()
+                    .is_some_and(|due| due.load(std::sync::atomic::Ordering::Relaxed))
+            };
+            let read = {
+                let mut read = std::pin::pin!(io.read_buf(buffer));
+                // The watch holds a head for a round of its own: nothing
+                // more comes this way.
+                let read = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+                    std::task::Poll::Pending if switch_due() => std::task::Poll::Ready(None),
+                    polled => polled.map(Some),
+                });
+                tokio::select! {
+                    read = read => read,
+                    () = tokio::time::sleep_until(due) => {
+                        return if resting { HeadRead::Rest } else { HeadRead::HandOver };
+                    }
+                    _ = shutdown.wait_for(|phase| *phase == Phase::Closing) => {
+                        return HeadRead::Over;
+                    }
+                }
+            };
+            match read {
+                None => return HeadRead::Switch,
+                // The client closed, or the watch refused what came: the
+                // hyper path ends the connection as it does now.
+                Some(Ok(0)) => return HeadRead::HandOver,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::debug!(%error, client = %self.peer.address, "client connection ended with an error");
+                    return HeadRead::Over;
+                }
+            }
+        }
+    }
+
+    /// The head at the start of `bytes`: `Some(Some(_))` taken,
+    /// `Some(None)` not whole yet, `None` for the hyper path.
+    fn parse_request(&self, bytes: &[u8]) -> Option<Option<RawRequest>> {
+        let mut slots = [httparse::EMPTY_HEADER; COMMON_FIELDS];
+        let mut head = httparse::Request::new(&mut slots);
+        let length = match head.parse(bytes).ok()? {
+            httparse::Status::Complete(length) => length,
+            httparse::Status::Partial => return Some(None),
+        };
+        let method = match head.method? {
+            "GET" => Method::GET,
+            "HEAD" => Method::HEAD,
+            _ => return None,
+        };
+        let path = head.path?;
+        if head.version != Some(1) || !is_plain_target(path) {
+            return None;
+        }
+        if !head.headers.iter().all(|field| is_plain_field(field)) {
+            return None;
+        }
+        let start = path.as_ptr() as usize - bytes.as_ptr() as usize;
+        let query = path.split_once('?').map(|(_, query)| query);
+        let settings = self.proxy.settings();
+        let forwarding =
+            crate::headers::forwarding_lines(head.headers, query, &settings.forwarding);
+        Some(Some(RawRequest {
+            length,
+            method,
+            target: start..start + path.len(),
+            forwarding,
+        }))
+    }
+
+    /// Sends the request whose head is `head` and passes its answer on.
+    async fn forward<I>(
+        &self,
+        io: &mut TargetWatch<I>,
+        head: &[u8],
+        request: &RawRequest,
+        shutdown: &mut ShutdownWatch,
+    ) -> Forwarded
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let started = std::time::Instant::now();
+        let proxy = &self.proxy;
+        let connector = proxy.backend_connector();
+        if !connector.is_plain() || proxy.quarantine().watches_any() || proxy.gate().suspects_due()
+        {
+            return Forwarded::NotSent;
+        }
+        let Some(mut admission) = proxy.gate().admit_at_once() else {
+            return Forwarded::NotSent;
+        };
+        let in_progress = RequestInProgress::start(&self.peer);
+        let in_flight = proxy.in_flight().enter();
+        let outbound = self.outbound(head, request);
+        let mut answer = Vec::with_capacity(GATHERED);
+        let head_request = request.method == Method::HEAD;
+        let patience = Patience::now(proxy);
+        let exchanged = exchange(
+            proxy,
+            &connector,
+            &outbound,
+            &mut answer,
+            head_request,
+            patience,
+        );
+        let exchanged = tokio::select! {
+            exchanged = exchanged => exchanged,
+            // The shutdown grace is over with no answer yet: the connection
+            // is closed with none, as the hyper path closes it.
+            _ = shutdown.wait_for(|phase| *phase == Phase::Closing) => {
+                let mut line = Line::new(request, head, started);
+                line.status = 499;
+                line.outcome = RequestOutcome::ShuttingDown;
+                self.log(&line, &RequestId::from_backend(None));
+                return Forwarded::Close;
+            }
+        };
+        let (mut backend, answer_head) = match exchanged {
+            Ok(exchanged) => exchanged,
+            Err(Unanswered::Slow) => {
+                let line = Line::new(request, head, started);
+                return self.slow_backend(io, line).await;
+            }
+            Err(Unanswered::Failed | Unanswered::Hung) => return Forwarded::NotSent,
+        };
+        admission.settle();
+        proxy.gate().backend_answered();
+        let request_id = match answer_head.request_id.clone() {
+            Some(range) => {
+                RequestId::from_backend(HeaderValue::from_bytes(&answer[range]).ok().as_ref())
+            }
+            None => RequestId::from_backend(None),
+        };
+        let mut download = Download::Unplanned(outbound);
+        let passed = self
+            .pass_on(io, &mut backend, &mut answer, &answer_head, &mut download)
+            .await;
+        let (bytes_out, reusable, outcome) = match passed {
+            Passed::Whole { bytes, reusable } => (bytes, reusable, RequestOutcome::Ok),
+            Passed::Broken { bytes, outcome } => (bytes, false, outcome),
+            Passed::NotSent => return Forwarded::NotSent,
+        };
+        proxy.metrics().raw_request();
+        let keep_alive = outcome == RequestOutcome::Ok && answer_head.keep_alive;
+        if keep_alive && reusable {
+            let max_idle = proxy.upstream_settings().max_idle;
+            proxy.raw_backend().put_back(backend, connector, max_idle);
+        }
+        drop(in_flight);
+        drop(in_progress);
+        let mut line = Line::new(request, head, started);
+        line.status = answer_head.status;
+        line.bytes_out = bytes_out;
+        line.outcome = outcome;
+        if let Download::Planned(download) = &download {
+            line.resumes = download.resumes;
+            line.held = download.held;
+        }
+        self.log(&line, &request_id);
+        if keep_alive {
+            Forwarded::KeepAlive
+        } else {
+            Forwarded::Close
+        }
+    }
+
+    /// Answers `504 GatewayTimeout` (S3's `SlowBackend`), as the hyper path
+    /// answers a backend that serves but did not answer in time; the
+    /// connection ends after it.
+    async fn slow_backend<I>(&self, io: &mut TargetWatch<I>, mut line: Line<'_>) -> Forwarded
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let request_id = RequestId::Proxy(crate::access_log::ProxyRequestId::next());
+        let error = crate::s3_error::ProxyError::SlowBackend;
+        line.status = error.status().as_u16();
+        line.outcome = error.outcome();
+        let answer = error.to_http1_bytes(line.method, line.path, &request_id.to_string());
+        if io.write_all(&answer).await.is_err() {
+            line.outcome = RequestOutcome::ResponseCut;
+        }
+        self.log(&line, &request_id);
+        Forwarded::Close
+    }
+
+    /// Writes the answer to the client: `answer` holds its head and the
+    /// first bytes of its body, the rest comes from `backend` (or, after a
+    /// cut, from the backend again: `download`).
+    async fn pass_on<I>(
+        &self,
+        io: &mut TargetWatch<I>,
+        backend: &mut TcpStream,
+        answer: &mut Vec<u8>,
+        head: &AnswerHead,
+        download: &mut Download,
+    ) -> Passed
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut body = Body::new(head.framing);
+        // A small answer is gathered whole, for one write; one cut before
+        // its first write goes to the hyper path.
+        while !body.ends_within(&answer[head.length..]) && answer.len() < GATHERED {
+            match backend.read_buf(answer).await {
+                Ok(0) if head.framing == BodyFraming::UntilClose => break,
+                Ok(read) if read > 0 => {}
+                _ => return Passed::NotSent,
+            }
+        }
+        let Ok(taken) = body.take(&answer[head.length..]) else {
+            return Passed::NotSent;
+        };
+        let mut reusable = answer.len() == head.length + taken;
+        if !body.done() {
+            download.plan(&answer[..head.length]);
+        }
+        answer.truncate(head.length + taken);
+        if !head.dated {
+            dated(answer, head.length);
+        }
+        if io.write_all(answer).await.is_err() {
+            return Passed::cut(0);
+        }
+        let mut sent = taken as u64;
+        let generation = self.proxy.gate().generation();
+        while !body.done() {
+            answer.clear();
+            answer.reserve(STREAM_READ);
+            match backend.read_buf(answer).await {
+                Ok(0) if head.framing == BodyFraming::UntilClose => break,
+                Ok(read) if read > 0 => {}
+                _ => match self.resume(download, sent, generation).await {
+                    Some(mut rest) => {
+                        *backend = rest.backend;
+                        *answer = rest.answer.split_off(rest.head_length);
+                        reusable = true;
+                    }
+                    None => return Passed::aborted(sent),
+                },
+            }
+            let Ok(taken) = body.take(answer) else {
+                return Passed::aborted(sent);
+            };
+            reusable &= taken == answer.len();
+            answer.truncate(taken);
+            if io.write_all(answer).await.is_err() {
+                return Passed::cut(sent);
+            }
+            sent += taken as u64;
+        }
+        Passed::Whole {
+            bytes: sent,
+            reusable,
+        }
+    }
+
+    /// The rest of a download cut after `sent` body bytes (in backend
+    /// generation `generation`), if it can be resumed; counted in
+    /// `s3fp_download_resumes_total` as the hyper path counts it.
+    async fn resume(
+        &self,
+        download: &mut Download,
+        sent: u64,
+        generation: u64,
+    ) -> Option<crate::raw_resume::Rest> {
+        let metrics = self.proxy.metrics();
+        let download = match download {
+            Download::Planned(download) => download,
+            Download::NotResumable(why) => {
+                if why.is_download() {
+                    tracing::warn!(reason = %why, "the cut download cannot be resumed");
+                    metrics.download_resume(ResumeOutcome::NotResumable);
+                }
+                self.proxy.body_broke(generation);
+                return None;
+            }
+            Download::Unplanned(_) => {
+                self.proxy.body_broke(generation);
+                return None;
+            }
+        };
+        if download.resumes >= self.proxy.settings().max_replays {
+            metrics.download_resume(ResumeOutcome::Failed);
+            return None;
+        }
+        match download
+            .refetch(&self.proxy, &self.peer, sent, generation)
+            .await
+        {
+            Ok(rest) => {
+                download.resumes += 1;
+                metrics.download_resume(ResumeOutcome::Resumed);
+                Some(rest)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the cut download was not resumed");
+                metrics.download_resume(error.outcome());
+                None
+            }
+        }
+    }
+
+    /// The head the backend gets: `head` with the forwarding headers
+    /// appended as the last field lines (in lower case, as hyper writes a
+    /// name the proxy added).
+    fn outbound(&self, head: &[u8], request: &RawRequest) -> Vec<u8> {
+        let end = head.len() - 2;
+        let mut outbound = Vec::with_capacity(head.len() + 64);
+        outbound.extend_from_slice(&head[..end]);
+        if request.forwarding.0 {
+            outbound.extend_from_slice(b"x-forwarded-for: ");
+            outbound.extend_from_slice(self.peer.forwarded_for().as_bytes());
+            outbound.extend_from_slice(b"\r\n");
+        }
+        if request.forwarding.1 {
+            outbound.extend_from_slice(b"x-forwarded-proto: ");
+            outbound.extend_from_slice(self.scheme.as_bytes());
+            outbound.extend_from_slice(b"\r\n");
+        }
+        outbound.extend_from_slice(b"\r\n");
+        outbound
+    }
+
+    /// The request's metrics and request line, as `RequestRecord` writes them.
+    fn log(&self, line: &Line<'_>, request_id: &RequestId) {
+        let duration = line.started.elapsed();
+        self.proxy
+            .metrics()
+            .request(line.method, line.status, duration, 0, line.bytes_out);
+        RequestLine {
+            method: line.method,
+            path: line.path,
+            status: line.status,
+            held_ms: line.held.as_millis() as u64,
+            replays: 0,
+            resumes: line.resumes,
+            bytes_in: 0,
+            bytes_out: line.bytes_out,
+            duration_ms: duration.as_millis() as u64,
+            request_id,
+            outcome: line.outcome,
+        }
+        .log();
+    }
+}
+
+/// What one request's line says.
+struct Line<'a> {
+    method: &'a Method,
+    /// The target's path (its query left out, as on the hyper path).
+    path: &'a str,
+    started: std::time::Instant,
+    status: u16,
+    bytes_out: u64,
+    outcome: RequestOutcome,
+    resumes: u32,
+    held: Duration,
+}
+
+impl<'a> Line<'a> {
+    fn new(request: &'a RawRequest, head: &'a [u8], started: std::time::Instant) -> Line<'a> {
+        let target = std::str::from_utf8(&head[request.target.clone()]).unwrap_or_default();
+        Line {
+            method: &request.method,
+            path: target.split_once('?').map_or(target, |(path, _)| path),
+            started,
+            status: 0,
+            bytes_out: 0,
+            outcome: RequestOutcome::Ok,
+            resumes: 0,
+            held: Duration::ZERO,
+        }
+    }
+}
+
+/// What passing an answer on came to.
+enum Passed {
+    /// The whole body went to the client: its bytes, and whether the
+    /// backend connection may serve another request (it sent nothing past
+    /// the answer).
+    Whole { bytes: u64, reusable: bool },
+    /// Cut before the client had a byte: the hyper path's.
+    NotSent,
+    /// Broken after the client had `bytes` body bytes.
+    Broken { bytes: u64, outcome: RequestOutcome },
+}
+
+impl Passed {
+    /// The client left, or took nothing for `listener.send_timeout`.
+    fn cut(bytes: u64) -> Passed {
+        Passed::Broken {
+            bytes,
+            outcome: RequestOutcome::ResponseCut,
+        }
+    }
+
+    /// The backend failed and the body could not go on.
+    fn aborted(bytes: u64) -> Passed {
+        Passed::Broken {
+            bytes,
+            outcome: RequestOutcome::ResponseAborted,
+        }
+    }
+}
+
+/// Whether a download streaming to the client could be resumed.
+enum Download {
+    /// Not looked at yet: the head sent.
+    Unplanned(Vec<u8>),
+    Planned(RawDownload),
+    NotResumable(NotResumable),
+}
+
+impl Download {
+    /// Plans the download answered with `answer_head` (its bytes).
+    fn plan(&mut self, answer_head: &[u8]) {
+        if let Download::Unplanned(outbound) = self {
+            let outbound = std::mem::take(outbound);
+            *self = match RawDownload::of(outbound, answer_head) {
+                Ok(download) => Download::Planned(download),
+                Err(why) => Download::NotResumable(why),
+            };
+        }
+    }
+}
+
+/// Adds a `Date` field at the end of the head of `answer` (`head_length`
+/// bytes long), as hyper adds one to an answer without (RFC 9110 section
+/// 6.6.1: an origin with a clock must send one).
+fn dated(answer: &mut Vec<u8>, head_length: usize) {
+    let field = format!(
+        "date: {}\r\n",
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    );
+    let at = head_length - 2;
+    answer.splice(at..at, field.into_bytes());
+}
+
+/// An answer body followed as it passes.
+enum Body {
+    Empty,
+    Length(u64),
+    Chunked(Chunks),
+    UntilClose,
+}
+
+impl Body {
+    fn new(framing: BodyFraming) -> Body {
+        match framing {
+            BodyFraming::Empty => Body::Empty,
+            BodyFraming::Length(length) => Body::Length(length),
+            BodyFraming::Chunked => Body::Chunked(Chunks::Size),
+            BodyFraming::UntilClose => Body::UntilClose,
+        }
+    }
+
+    /// Whether the body ends within `bytes` (its first bytes).
+    fn ends_within(&self, bytes: &[u8]) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Length(length) => bytes.len() as u64 >= *length,
+            Body::Chunked(chunks) => {
+                let mut chunks = *chunks;
+                chunks.follow(bytes).is_err() || chunks == Chunks::Done
+            }
+            Body::UntilClose => false,
+        }
+    }
+
+    /// Follows `bytes`, the body's next ones: how many belong to it.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, crate::raw_backend::BadChunks> {
+        match self {
+            Body::Empty => Ok(0),
+            Body::Length(left) => {
+                let taken = (*left).min(bytes.len() as u64);
+                *left -= taken;
+                Ok(taken as usize)
+            }
+            Body::Chunked(chunks) => chunks.follow(bytes),
+            Body::UntilClose => Ok(bytes.len()),
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Length(left) => *left == 0,
+            Body::Chunked(chunks) => *chunks == Chunks::Done,
+            Body::UntilClose => false,
+        }
+    }
+}
+
+/// A target this path forwards as it came: origin-form, of bytes hyper
+/// and the `http` crate take and keep as they are (unreserved, sub-delims,
+/// `:`, `@`, `/`, `?`, `%`: RFC 3986 section 3.3), not starting `//`.
+pub fn is_plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && !target.starts_with("//")
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
+}
+
+/// A request field this path forwards as it came: not one that frames a
+/// body, expects, names the connection's handling (but a plain
+/// `Connection: keep-alive`), or forwards.
+fn is_plain_field(field: &httparse::Header<'_>) -> bool {
+    const NOT_PLAIN: [&str; 11] = [
+        "content-length",
+        "transfer-encoding",
+        "expect",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "trailer",
+    ];
+    if field.name.eq_ignore_ascii_case("connection") {
+        return field.value.trim_ascii().eq_ignore_ascii_case(b"keep-alive");
+    }
+    !NOT_PLAIN
+        .iter()
+        .any(|name| field.name.eq_ignore_ascii_case(name))
+}
