@@ -334,6 +334,75 @@ async fn a_download_cut_by_a_crash_is_resumed_byte_exact() {
     assert_only_outcome(&proxy, "resumed").await;
 }
 
+/// The proxy's raw HTTP/1.1 path (`listener.raw_http1`) forwards plain GETs
+/// as bytes: a download it streams is resumed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
+    let mut backend = S3Backend::start().await.unwrap();
+    store(backend.address, "raw-resume", 7, SMALL).await;
+    let proxy = ProxyUnderTest::start(backend.address, "[listener]\nraw_http1 = true\n")
+        .await
+        .unwrap();
+    let get = signed(
+        "GET",
+        proxy.address,
+        "/raw-resume/object",
+        &[],
+        Either::Right(Empty::new()),
+        0,
+    );
+    let response = raw_client().request(get).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let download = Download::Raw(response.into_body());
+    let received = Received::new(7, 0, SMALL);
+    let (received, ended) =
+        through_a_crash(&proxy, &mut backend, download, received, SMALL / 2).await;
+    ended.expect("the download goes on after the restart");
+    assert!(received.complete(), "every byte, in order");
+    assert_only_outcome(&proxy, "resumed").await;
+    let metrics = proxy.admin.metrics().await;
+    assert_eq!(
+        metric_sample(&metrics, "s3fp_raw_http1_requests_total"),
+        Some(1.0),
+        "the download took the raw path"
+    );
+}
+
+/// On the raw path too, an object changed while the backend was away is
+/// never spliced: the client connection is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_of_an_object_changed_during_the_outage_on_the_raw_path_is_aborted() {
+    let mut backend = S3Backend::start().await.unwrap();
+    store(backend.address, "raw-changed", 8, SMALL).await;
+    let proxy = ProxyUnderTest::start(backend.address, "[listener]\nraw_http1 = true\n")
+        .await
+        .unwrap();
+    let get = signed(
+        "GET",
+        proxy.address,
+        "/raw-changed/object",
+        &[],
+        Either::Right(Empty::new()),
+        0,
+    );
+    let response = raw_client().request(get).await.unwrap();
+    let download = Download::Raw(response.into_body());
+    let received = Received::new(8, 0, SMALL);
+    let reader = crash_while_reading(&proxy, &mut backend, download, received, SMALL / 4).await;
+    // Replaced where the proxy cannot see it, as in the test above.
+    let port = backend.address.port();
+    backend.move_to("127.0.0.2");
+    backend.restart().await.unwrap();
+    upload(backend.address, "/raw-changed/object", 9, SMALL).await;
+    backend.kill9();
+    backend.move_to("127.0.0.1");
+    assert_eq!(backend.address.port(), port);
+    backend.restart().await.unwrap();
+    let (_, ended) = reader.ended().await;
+    assert!(ended.is_err(), "aborted, never spliced");
+    assert_only_outcome(&proxy, "changed").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_with_the_clients_own_unsigned_range_is_resumed_within_it() {
     let (mut backend, proxy) = s3s_fs_with_object("ranged", 2, LARGE).await;

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
 use support::workload::Workload;
 use support::{ProxyUnderTest, S3Backend, object_content, s3_client};
 
@@ -85,6 +86,47 @@ async fn a_hung_backend_is_detected_and_the_read_replayed_when_it_answers() {
         got.body.collect().await.unwrap().into_bytes().as_ref(),
         b"still here"
     );
+    proxy.stop().await.unwrap();
+}
+
+/// On the raw HTTP/1.1 path (`listener.raw_http1`) a read that meets a hang
+/// is checked the same way, then held and replayed by the hyper path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_met_on_the_raw_path_is_detected_and_the_read_replayed() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyUnderTest::start_with(
+        backend.address,
+        "response_timeout = \"500ms\"",
+        "[listener]\nraw_http1 = true\n[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
+    )
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("hang").send().await.unwrap();
+    s3.put_object()
+        .bucket("hang")
+        .key("k")
+        .body(ByteStream::from_static(b"still here"))
+        .send()
+        .await
+        .unwrap();
+    let address = proxy.address;
+    let host = address.to_string();
+    let signed =
+        support::sign_unsigned_payload("GET", &format!("http://{host}/hang/k"), &host, &[]);
+    let read = async move {
+        let fields: Vec<(&str, &str)> = signed
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        support::raw_request(address, "GET", "/hang/k", &fields, Bytes::new())
+            .await
+            .unwrap()
+    };
+    let (status, body) = proxy.through_a_hang(&backend, read).await;
+    assert_eq!((status, body.as_ref()), (200, &b"still here"[..]));
+    let outages = proxy.admin.outages().await;
+    assert_eq!(outages, 1.0, "the hang was seen as an outage");
     proxy.stop().await.unwrap();
 }
 

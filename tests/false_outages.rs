@@ -248,11 +248,24 @@ async fn a_slow_first_byte_from_a_serving_backend_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay() {
+    serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay("").await;
+}
+
+/// The same on the raw HTTP/1.1 path (`listener.raw_http1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay_on_the_raw_path() {
+    serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay(
+        "[listener]\nraw_http1 = true\n",
+    )
+    .await;
+}
+
+async fn serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay(extra: &str) {
     let (backend, mut lines) = slow_backend(Duration::from_secs(5)).await;
     let proxy = ProxyUnderTest::start_with(
         backend,
         "response_timeout = \"300ms\"\nfirst_byte_timeout = \"1s\"",
-        "",
+        extra,
     )
     .await
     .unwrap();

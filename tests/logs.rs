@@ -232,12 +232,30 @@ async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_hel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer() {
-    let backend = S3Backend::start().await.unwrap();
-    let proxy = proxy_for(
-        &backend,
-        "[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n",
+    request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer("").await;
+}
+
+/// The same on the raw HTTP/1.1 path (`listener.raw_http1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_unanswered_on_the_raw_path_when_the_shutdown_grace_ends_is_logged_without_an_answer()
+ {
+    request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer(
+        "raw_http1 = true\n",
     )
     .await;
+}
+
+/// With `listener_keys` in the proxy's `[listener]` section.
+async fn request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer(
+    listener_keys: &str,
+) {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\n{listener_keys}[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"0s\"\ngrace = \"1s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
 
     // The backend takes the request and does not answer while stopped.
     backend.freeze();
