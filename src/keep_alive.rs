@@ -362,7 +362,7 @@ where
     B::Error: Into<BoxError>,
 {
     let ahead = match &rounds.raw {
-        Some(raw) if io.round_kind() == RoundKind::Common && !io.switch_pending() => {
+        Some(raw) if io.round_kind() == RoundKind::Raw && !io.switch_pending() => {
             let served = Box::pin(raw.serve(
                 &mut io,
                 ahead,

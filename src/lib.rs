@@ -92,6 +92,7 @@ pub mod proxy;
 pub mod quarantine;
 pub mod raw_backend;
 pub mod raw_exchange;
+pub mod raw_head;
 pub mod raw_http1;
 pub mod raw_resume;
 pub mod read_budget;

@@ -296,7 +296,14 @@ impl Connection {
             peer: Arc::clone(&self.peer),
             limits: self.limits,
             read_budget: self.read_budget.clone(),
+            raw: self.raw_http1(),
         }
+    }
+
+    /// Whether the connection's plain GETs and HEADs take the raw path: plain
+    /// TCP (the connections that rest) with `listener.raw_http1`.
+    fn raw_http1(&self) -> bool {
+        self.limits.raw_http1 && self.resting.is_some()
     }
 }
 
@@ -314,6 +321,8 @@ struct ClientLayers {
     peer: Arc<Peer>,
     limits: ClientLimits,
     read_budget: Option<Arc<ReadBudget>>,
+    /// Raw rounds ([`crate::raw_http1`]): plain TCP with `listener.raw_http1`.
+    raw: bool,
 }
 
 impl ClientLayers {
@@ -339,7 +348,7 @@ impl ClientLayers {
             ),
             _ => None,
         };
-        watch.with_rounds(RoundKinds::new(limits.max_headers, large))
+        watch.with_rounds(RoundKinds::new(limits.max_headers, large, self.raw))
     }
 }
 
@@ -361,7 +370,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
         // to large request bodies (see `round_kind`).
         let max_buf_size = match kind {
             RoundKind::LargeBodies => limits.max_head_bytes.max(limits.max_read_bytes),
-            RoundKind::Common | RoundKind::ManyFields => limits.max_head_bytes,
+            RoundKind::Common | RoundKind::ManyFields | RoundKind::Raw => limits.max_head_bytes,
         };
         let mut builder = http1::Builder::new();
         builder
@@ -374,7 +383,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> keep_alive::Layers<I> f
             .max_buf_size(max_buf_size);
         // Unset, hyper parses into its 100 field slots on the stack; set, it
         // allocates and fills that many per head (see `round_kind`).
-        if kind != RoundKind::Common || limits.max_headers < COMMON_FIELDS {
+        let common = matches!(kind, RoundKind::Common | RoundKind::Raw);
+        if !common || limits.max_headers < COMMON_FIELDS {
             builder.max_headers(limits.max_headers);
         }
         builder
@@ -517,7 +527,7 @@ async fn serve_http1_rounds<I>(
             rests: connection.resting.is_some(),
             header_timeout: connection.limits.header_timeout,
             // Plain TCP only, at first.
-            raw: (connection.limits.raw_http1 && connection.resting.is_some()).then(|| {
+            raw: connection.raw_http1().then(|| {
                 RawPath::new(
                     Arc::clone(&connection.proxy),
                     Arc::clone(&connection.peer),

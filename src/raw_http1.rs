@@ -253,18 +253,14 @@ impl RawPath {
             httparse::Status::Complete(length) => length,
             httparse::Status::Partial => return Some(None),
         };
+        if !crate::raw_head::is_raw(&head) {
+            return None;
+        }
         let method = match head.method? {
-            "GET" => Method::GET,
             "HEAD" => Method::HEAD,
-            _ => return None,
+            _ => Method::GET,
         };
         let path = head.path?;
-        if head.version != Some(1) || !is_plain_target(path) {
-            return None;
-        }
-        if !head.headers.iter().all(|field| is_plain_field(field)) {
-            return None;
-        }
         let start = path.as_ptr() as usize - bytes.as_ptr() as usize;
         let query = path.split_once('?').map(|(_, query)| query);
         let settings = self.proxy.settings();
@@ -699,40 +695,4 @@ impl Body {
             Body::UntilClose => false,
         }
     }
-}
-
-/// A target this path forwards as it came: origin-form, of bytes hyper
-/// and the `http` crate take and keep as they are (unreserved, sub-delims,
-/// `:`, `@`, `/`, `?`, `%`: RFC 3986 section 3.3), not starting `//`.
-pub fn is_plain_target(target: &str) -> bool {
-    target.starts_with('/')
-        && !target.starts_with("//")
-        && target
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b))
-}
-
-/// A request field this path forwards as it came: not one that frames a
-/// body, expects, names the connection's handling (but a plain
-/// `Connection: keep-alive`), or forwards.
-fn is_plain_field(field: &httparse::Header<'_>) -> bool {
-    const NOT_PLAIN: [&str; 11] = [
-        "content-length",
-        "transfer-encoding",
-        "expect",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-        "proxy-authorization",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "trailer",
-    ];
-    if field.name.eq_ignore_ascii_case("connection") {
-        return field.value.trim_ascii().eq_ignore_ascii_case(b"keep-alive");
-    }
-    !NOT_PLAIN
-        .iter()
-        .any(|name| field.name.eq_ignore_ascii_case(name))
 }

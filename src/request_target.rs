@@ -684,23 +684,29 @@ enum Head {
         body: Framing,
         /// More than [`COMMON_FIELDS`] fields.
         many_fields: bool,
+        /// One the raw path takes ([`crate::raw_head::is_raw`]).
+        raw: bool,
     },
 }
 
 impl Head {
     /// What the kind of round it is served in goes by.
     fn seen(&self) -> HeadSeen {
-        let (whole, many_fields, body) = match *self {
-            Head::Partial => (false, false, Framing::Off),
-            Head::Invalid { many_fields } => (true, many_fields, Framing::Off),
-            Head::RefusedTarget => (true, false, Framing::Off),
+        let (whole, many_fields, body, raw) = match *self {
+            Head::Partial => (false, false, Framing::Off, false),
+            Head::Invalid { many_fields } => (true, many_fields, Framing::Off, false),
+            Head::RefusedTarget => (true, false, Framing::Off, false),
             Head::Complete {
-                body, many_fields, ..
-            } => (true, many_fields, body),
+                body,
+                many_fields,
+                raw,
+                ..
+            } => (true, many_fields, body, raw),
         };
         HeadSeen {
             whole,
             many_fields,
+            raw,
             content_length: match body {
                 Framing::Body(length) => Some(length),
                 _ => None,
@@ -760,6 +766,7 @@ fn head_of<'b>(
         cut,
         body: body_framing(request.headers),
         many_fields,
+        raw: !many_fields && crate::raw_head::is_raw(&request),
     })
 }
 
@@ -1299,7 +1306,7 @@ mod tests {
         // At most 100 fields: every other round is a common one.
         let large = LargeBodyReads::new(Arc::clone(budget), MAX_READ);
         TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
-            .with_rounds(RoundKinds::new(COMMON_FIELDS, Some(large)))
+            .with_rounds(RoundKinds::new(COMMON_FIELDS, Some(large), false))
     }
 
     /// One read by hyper with room for `MAX_READ` bytes: what it got, or
@@ -1458,7 +1465,7 @@ mod tests {
             ..Client::default()
         };
         TargetWatch::new(client, Arc::default(), HEAD_LIMIT, silence())
-            .with_rounds(RoundKinds::new(500, None))
+            .with_rounds(RoundKinds::new(500, None, false))
     }
 
     fn get_with_fields(fields: usize) -> Vec<u8> {

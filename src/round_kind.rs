@@ -46,6 +46,11 @@ pub enum RoundKind {
     /// Up to `listener.max_headers` fields, reads up to
     /// `listener.max_read_bytes`: requests with large bodies only.
     LargeBodies,
+    /// Heads the raw path takes ([`crate::raw_head::is_raw`]), served
+    /// without hyper (`listener.raw_http1`, [`crate::raw_http1`]); hyper
+    /// serves what the raw path hands over with the settings of a
+    /// [`RoundKind::Common`] round.
+    Raw,
 }
 
 /// What the watch saw of a request head, as far as the kind of round goes.
@@ -57,6 +62,8 @@ pub struct HeadSeen {
     pub many_fields: bool,
     /// Its `Content-Length` body, when it has one.
     pub content_length: Option<u64>,
+    /// One the raw path takes ([`crate::raw_head::is_raw`]).
+    pub raw: bool,
 }
 
 /// Large request bodies read in rounds of their own, within a budget.
@@ -104,6 +111,8 @@ pub struct RoundKinds {
     /// `listener.max_headers` is over [`COMMON_FIELDS`].
     many_fields: bool,
     large: Option<LargeBodyReads>,
+    /// Heads the raw path takes are served in [`RoundKind::Raw`] rounds.
+    raw: bool,
     /// Read, not followed yet: from a head that needs a round of another
     /// kind on; followed when that round starts (`replay`).
     pub(crate) unfollowed: Vec<u8>,
@@ -116,18 +125,25 @@ pub struct RoundKinds {
 
 impl RoundKinds {
     /// Rounds for a listener that takes `max_headers` fields per head
-    /// (`listener.max_headers`), with `large` body reads or not; `None` when
-    /// every round would be of one kind (the `ManyFields` one).
-    pub fn new(max_headers: usize, large: Option<LargeBodyReads>) -> Option<RoundKinds> {
+    /// (`listener.max_headers`), with `large` body reads or not, with `raw`
+    /// rounds or not (then the first round is raw); `None` when every round
+    /// would be of one kind (the `ManyFields` one).
+    pub fn new(max_headers: usize, large: Option<LargeBodyReads>, raw: bool) -> Option<RoundKinds> {
         let many_fields = max_headers > COMMON_FIELDS;
-        if !many_fields && large.is_none() {
+        if !many_fields && large.is_none() && !raw {
             return None;
         }
+        let first = if raw {
+            RoundKind::Raw
+        } else {
+            RoundKind::Common
+        };
         Some(RoundKinds {
-            kind: RoundKind::Common,
-            next: RoundKind::Common,
+            kind: first,
+            next: first,
             many_fields,
             large,
+            raw,
             unfollowed: Vec::new(),
             replay: false,
             switch_due: Arc::default(),
@@ -151,6 +167,7 @@ impl RoundKinds {
         let many_fields = self.many_fields
             && (head.many_fields || !head.whole || self.kind == RoundKind::ManyFields);
         let kind = match (large, many_fields) {
+            _ if self.raw && head.raw => RoundKind::Raw,
             (true, _) => RoundKind::LargeBodies,
             (false, true) => RoundKind::ManyFields,
             (false, false) => RoundKind::Common,
@@ -201,7 +218,28 @@ mod tests {
             whole,
             many_fields: fields > COMMON_FIELDS,
             content_length,
+            raw: false,
         }
+    }
+
+    #[test]
+    fn with_the_raw_path_on_rounds_start_raw_and_go_back_for_raw_heads() {
+        let mut rounds = RoundKinds::new(500, None, true).expect("raw rounds");
+        assert_eq!(rounds.kind(), RoundKind::Raw);
+        let raw = HeadSeen {
+            raw: true,
+            ..head(3, true, None)
+        };
+        assert_eq!(switched(&mut rounds, raw), None);
+        assert_eq!(
+            switched(&mut rounds, head(3, true, Some(5))),
+            Some(RoundKind::Common)
+        );
+        assert_eq!(
+            switched(&mut rounds, head(101, true, None)),
+            Some(RoundKind::ManyFields)
+        );
+        assert_eq!(switched(&mut rounds, raw), Some(RoundKind::Raw));
     }
 
     fn switched(rounds: &mut RoundKinds, seen: HeadSeen) -> Option<RoundKind> {
@@ -214,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_head_of_many_fields_or_in_pieces_moves_to_a_many_fields_round_for_good() {
-        let mut rounds = RoundKinds::new(500, None).expect("rounds differ");
+        let mut rounds = RoundKinds::new(500, None, false).expect("rounds differ");
         assert_eq!(rounds.kind(), RoundKind::Common);
         assert_eq!(switched(&mut rounds, head(100, true, None)), None);
         assert_eq!(
@@ -222,7 +260,7 @@ mod tests {
             Some(RoundKind::ManyFields)
         );
         assert_eq!(switched(&mut rounds, head(3, true, None)), None);
-        let mut rounds = RoundKinds::new(500, None).expect("rounds differ");
+        let mut rounds = RoundKinds::new(500, None, false).expect("rounds differ");
         assert_eq!(
             switched(&mut rounds, head(3, false, None)),
             Some(RoundKind::ManyFields)
@@ -231,10 +269,10 @@ mod tests {
 
     #[test]
     fn with_at_most_a_hundred_fields_allowed_every_round_is_common() {
-        assert!(RoundKinds::new(100, None).is_none());
+        assert!(RoundKinds::new(100, None, false).is_none());
         let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
         let large = LargeBodyReads::new(Arc::clone(&budget), 512 << 10);
-        let mut rounds = RoundKinds::new(64, Some(large)).expect("large rounds");
+        let mut rounds = RoundKinds::new(64, Some(large), false).expect("large rounds");
         assert_eq!(switched(&mut rounds, head(101, false, None)), None);
         assert_eq!(
             switched(&mut rounds, head(3, true, Some(1 << 20))),
@@ -250,7 +288,7 @@ mod tests {
     fn a_large_body_takes_a_share_and_gives_it_back_when_the_round_ends() {
         let budget = Arc::new(ReadBudget::new(3 * (512 << 10), 512 << 10));
         let large = LargeBodyReads::new(Arc::clone(&budget), 512 << 10);
-        let mut rounds = RoundKinds::new(500, Some(large)).expect("rounds differ");
+        let mut rounds = RoundKinds::new(500, Some(large), false).expect("rounds differ");
         assert_eq!(
             switched(&mut rounds, head(3, true, Some((512 << 10) - 1))),
             None

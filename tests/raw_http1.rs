@@ -1,0 +1,138 @@
+//! The raw HTTP/1.1 path (`listener.raw_http1`): plain GETs and HEADs are
+//! forwarded as bytes, everything else goes through hyper, on the same
+//! connection and in order, through the binary in front of s3s-fs.
+//! (`tests/transparency.rs` compares the path's answers and what the
+//! backend receives with straight access; `tests/download_resume.rs`,
+//! `failover.rs`, `false_outages.rs` and `logs.rs` check its outages.)
+
+use std::net::SocketAddr;
+
+use aws_sdk_s3::primitives::ByteStream;
+use support::{ProxyProcess, S3Backend, metric_sample, read_response, s3_client};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+async fn raw_proxy_for(backend: &S3Backend) -> ProxyProcess {
+    ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap()
+}
+
+/// Requests the raw path took so far.
+async fn raw_requests(proxy: &ProxyProcess) -> f64 {
+    let metrics = proxy.admin.metrics().await;
+    metric_sample(&metrics, "s3fp_raw_http1_requests_total").unwrap()
+}
+
+/// A signed request (payload unsigned) for `path` on `proxy`.
+fn request(proxy: SocketAddr, method: &str, path: &str, body: &str) -> Vec<u8> {
+    let host = proxy.to_string();
+    let signed =
+        support::sign_unsigned_payload(method, &format!("http://{host}{path}"), &host, &[]);
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (name, value) in signed {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "PUT" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    [head.as_bytes(), body.as_bytes()].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdks_reads_take_the_raw_path_and_its_writes_do_not() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = raw_proxy_for(&backend).await;
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("raw").send().await.unwrap();
+    s3.put_object()
+        .bucket("raw")
+        .key("k")
+        .body(ByteStream::from_static(b"read as bytes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw_requests(&proxy).await, 0.0, "writes go through hyper");
+
+    // On the connections that carried the writes.
+    let got = s3.get_object().bucket("raw").key("k").send().await.unwrap();
+    let body = got.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.as_ref(), b"read as bytes");
+    let head = s3
+        .head_object()
+        .bucket("raw")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_length(), Some(13));
+    let listed = s3.list_objects_v2().bucket("raw").send().await.unwrap();
+    assert_eq!(listed.contents().len(), 1);
+    assert_eq!(raw_requests(&proxy).await, 3.0, "GET, HEAD, List");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_pipelined_in_one_write_are_answered_in_order() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = raw_proxy_for(&backend).await;
+    let address = proxy.address();
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(&request(address, "PUT", "/pipelined", ""))
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200, "bucket made");
+
+    let pipelined = [
+        request(address, "PUT", "/pipelined/k", "first"),
+        request(address, "GET", "/pipelined/k", ""),
+        request(address, "PUT", "/pipelined/k", "second"),
+        request(address, "GET", "/pipelined/k", ""),
+        request(address, "HEAD", "/pipelined/k", ""),
+    ]
+    .concat();
+    stream.write_all(&pipelined).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(read_response(&mut stream).await);
+    }
+    let bodies: Vec<(u16, &str)> = answers
+        .iter()
+        .map(|(status, body)| (*status, body.as_str()))
+        .collect();
+    assert_eq!(
+        bodies,
+        [(200, ""), (200, "first"), (200, ""), (200, "second")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_rested_between_reads_is_read_on_the_raw_path_again() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = raw_proxy_for(&backend).await;
+    let address = proxy.address();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("rests").send().await.unwrap();
+    s3.put_object()
+        .bucket("rests")
+        .key("k")
+        .body(ByteStream::from_static(b"v"))
+        .send()
+        .await
+        .unwrap();
+
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    for read in 1..=3 {
+        let get = request(address, "GET", "/rests/k", "");
+        stream.write_all(&get).await.unwrap();
+        assert_eq!(read_response(&mut stream).await, (200, "v".to_owned()));
+        assert_eq!(raw_requests(&proxy).await, f64::from(read));
+        // The client idles past the rest grace (0.1 s): the connection
+        // rests, and its next bytes bring it back.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
