@@ -7,7 +7,8 @@
 #
 # Several proxy binaries, comma-separated, are measured side by side in the
 # same repetitions (a change against its baseline: the machine's noise falls
-# on both alike); each line names the binary's position in the list.
+# on both alike); each line names the binary's position in the list. A
+# binary written `path+raw` runs with `listener.raw_http1 = true`.
 #
 # Each repetition runs wrk -t1 against the three in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
@@ -78,7 +79,13 @@ PROXY_PIDS=()
 for i in "${!PROXY_BINS[@]}"; do
   port=$((18110 + 2 * i)); admin=$((18111 + 2 * i))
   sed -e "s/18101/$port/" -e "s/18103/$admin/" "$DIR/proxy.toml" > "$DIR/proxy$i.toml"
-  "${PROXY_BINS[$i]}" --config "$DIR/proxy$i.toml" 2>"$DIR/proxy$i.log" &
+  binary=${PROXY_BINS[$i]}
+  if [[ $binary == *+raw ]]; then
+    # `binary+raw`: the same binary with the raw HTTP/1.1 path on.
+    binary=${binary%+raw}
+    sed -i '/^\[listener\]/a raw_http1 = true' "$DIR/proxy$i.toml"
+  fi
+  "$binary" --config "$DIR/proxy$i.toml" 2>"$DIR/proxy$i.log" &
   PIDS+=($!)
   PROXY_PIDS+=($!)
   for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.05; done

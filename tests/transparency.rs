@@ -5,6 +5,9 @@
 //! through `Expect: 100-continue` followed by other clients' requests, and a
 //! large upload with a bad signature that must get the backend's own 403.
 //!
+//! The suite runs twice per backend: through the hyper path, and with the
+//! raw HTTP/1.1 path on (`listener.raw_http1`), which must take part of it.
+//!
 //! Every check is a function of the backend address (and a bucket of its
 //! own), so the same checks run against s3s-fs and radosgw: adding a backend
 //! is one test function per check. The suite collects every
