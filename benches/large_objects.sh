@@ -7,6 +7,8 @@
 #
 #   bash benches/large_objects.sh [proxy-binary] [large-MiB] [seconds] [repetitions]
 #
+# `proxy-binary+raw` runs the binary with `listener.raw_http1 = true`.
+#
 # Per ingress: CPU seconds per GiB streamed (utime + stime of the ingress
 # processes from /proc, over the bytes moved) for 1 MiB GETs (wrk -t1 -c16),
 # for one GET and one PUT of LARGE MiB (curl, to /dev/null and from a sparse
@@ -60,6 +62,11 @@ address = "127.0.0.1:18304"
 [backend]
 address = "127.0.0.1:18300"
 EOT
+if [[ $PROXY == *+raw ]]; then
+  # `binary+raw`: the binary with the raw HTTP/1.1 path on.
+  PROXY=${PROXY%+raw}
+  sed -i '/^\[listener\]/a raw_http1 = true' "$DIR/proxy.toml"
+fi
 "$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
 PIDS+=($!)
 PROXY_PID=$!

@@ -73,21 +73,36 @@ pub async fn exchange(
     head_request: bool,
     patience: Patience,
 ) -> Result<(TcpStream, AnswerHead), Unanswered> {
-    let mut backend = match proxy
+    // A pooled connection the backend closed just before it was taken
+    // gives no answer at all: the request is sent once more on a new one
+    // (a connection the backend closed never ran it).
+    if let Some(pooled) = proxy
         .raw_backend()
         .checkout(connector, patience.idle_timeout)
     {
-        Some(pooled) => pooled,
-        None => {
-            let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
-            let stream = connect
-                .await
-                .map_err(|_| Unanswered::Failed)?
-                .map_err(|_| Unanswered::Failed)?;
-            let _ = stream.set_nodelay(true);
-            stream
+        match send_on(proxy, pooled, outbound, answer, head_request, patience).await {
+            Err(Unanswered::Failed) if answer.is_empty() => {}
+            sent => return sent,
         }
-    };
+    }
+    let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
+    let stream = connect
+        .await
+        .map_err(|_| Unanswered::Failed)?
+        .map_err(|_| Unanswered::Failed)?;
+    let _ = stream.set_nodelay(true);
+    send_on(proxy, stream, outbound, answer, head_request, patience).await
+}
+
+/// [`exchange`] on `backend`.
+async fn send_on(
+    proxy: &Proxy,
+    mut backend: TcpStream,
+    outbound: &[u8],
+    answer: &mut Vec<u8>,
+    head_request: bool,
+    patience: Patience,
+) -> Result<(TcpStream, AnswerHead), Unanswered> {
     let generation = proxy.gate().generation();
     backend
         .write_all(outbound)
