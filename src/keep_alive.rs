@@ -342,9 +342,8 @@ pub async fn next_bytes(
     .await
 }
 
-/// Serves a round: what the raw path takes of it first, when it is on
-/// and the round is of the common kind, then the rest with hyper
-/// ([`one_round`]).
+/// Serves a round: a raw one with the raw path first (what it hands over,
+/// and every other kind of round, with hyper: [`one_round`]).
 async fn round<L, R, S, B>(
     mut io: TargetWatch<L::Inner>,
     ahead: Bytes,

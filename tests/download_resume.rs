@@ -334,26 +334,34 @@ async fn a_download_cut_by_a_crash_is_resumed_byte_exact() {
     assert_only_outcome(&proxy, "resumed").await;
 }
 
-/// The proxy's raw HTTP/1.1 path (`listener.raw_http1`) forwards plain GETs
-/// as bytes: a download it streams is resumed the same way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
-    let mut backend = S3Backend::start().await.unwrap();
-    store(backend.address, "raw-resume", 7, SMALL).await;
+/// s3s-fs with `<bucket>/object` made with `seed` (`SMALL` bytes), a proxy
+/// with its raw HTTP/1.1 path on (`listener.raw_http1`) in front, and a
+/// signed plain GET of the object through it, answered `200`.
+async fn raw_path_download(bucket: &str, seed: u64) -> (S3Backend, ProxyUnderTest, Download) {
+    let backend = S3Backend::start().await.unwrap();
+    store(backend.address, bucket, seed, SMALL).await;
     let proxy = ProxyUnderTest::start(backend.address, "[listener]\nraw_http1 = true\n")
         .await
         .unwrap();
+    let path = format!("/{bucket}/object");
     let get = signed(
         "GET",
         proxy.address,
-        "/raw-resume/object",
+        &path,
         &[],
         Either::Right(Empty::new()),
         0,
     );
     let response = raw_client().request(get).await.unwrap();
     assert_eq!(response.status(), 200);
-    let download = Download::Raw(response.into_body());
+    (backend, proxy, Download::Raw(response.into_body()))
+}
+
+/// The proxy's raw HTTP/1.1 path (`listener.raw_http1`) forwards plain GETs
+/// as bytes: a download it streams is resumed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
+    let (mut backend, proxy, download) = raw_path_download("raw-resume", 7).await;
     let received = Received::new(7, 0, SMALL);
     let (received, ended) =
         through_a_crash(&proxy, &mut backend, download, received, SMALL / 2).await;
@@ -372,21 +380,7 @@ async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
 /// never spliced: the client connection is aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_of_an_object_changed_during_the_outage_on_the_raw_path_is_aborted() {
-    let mut backend = S3Backend::start().await.unwrap();
-    store(backend.address, "raw-changed", 8, SMALL).await;
-    let proxy = ProxyUnderTest::start(backend.address, "[listener]\nraw_http1 = true\n")
-        .await
-        .unwrap();
-    let get = signed(
-        "GET",
-        proxy.address,
-        "/raw-changed/object",
-        &[],
-        Either::Right(Empty::new()),
-        0,
-    );
-    let response = raw_client().request(get).await.unwrap();
-    let download = Download::Raw(response.into_body());
+    let (mut backend, proxy, download) = raw_path_download("raw-changed", 8).await;
     let received = Received::new(8, 0, SMALL);
     let reader = crash_while_reading(&proxy, &mut backend, download, received, SMALL / 4).await;
     // Replaced where the proxy cannot see it, as in the test above.
