@@ -196,7 +196,7 @@ impl Metrics {
             )),
             raw_requests: registered(register_int_counter_with_registry!(
                 "s3fp_raw_http1_requests_total",
-                "Requests forwarded as the bytes that came, without hyper (listener.raw_http1).",
+                "Requests sent to the backend as the bytes that came, without hyper (listener.raw_http1).",
                 r
             )),
             in_flight: registered(register_int_gauge_with_registry!(

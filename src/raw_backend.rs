@@ -183,7 +183,9 @@ fn parse_into<'b>(
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(error) => return Err(Some(error)),
     };
-    if response.version != Some(1) {
+    // A `Date` is added before the head's last CRLF: a head ended with
+    // bare LFs goes the hyper way.
+    if response.version != Some(1) || !bytes[..length].ends_with(b"\r\n\r\n") {
         return Err(None);
     }
     let status = response.code.ok_or(None)?;
@@ -418,6 +420,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
         ] {
             assert_eq!(
                 parse_answer(answer, false, MAX_FIELDS).err(),

@@ -255,7 +255,9 @@ impl RawPath {
             httparse::Status::Complete(length) => length,
             httparse::Status::Partial => return Some(None),
         };
-        if !crate::raw_head::is_raw(&head) {
+        // The forwarding lines go before the head's last CRLF: a head ended
+        // with bare LFs goes the hyper way.
+        if !crate::raw_head::is_raw(&head) || !bytes[..length].ends_with(b"\r\n\r\n") {
             return None;
         }
         let method = match head.method? {
@@ -333,6 +335,8 @@ impl RawPath {
         };
         admission.settle();
         proxy.gate().backend_answered();
+        // Counted before the client can see the answer.
+        proxy.metrics().raw_request();
         let request_id = match answer_head.request_id.clone() {
             Some(range) => {
                 RequestId::from_backend(HeaderValue::from_bytes(&answer[range]).ok().as_ref())
@@ -348,7 +352,6 @@ impl RawPath {
             Passed::Broken { bytes, outcome } => (bytes, false, outcome),
             Passed::NotSent => return Forwarded::NotSent,
         };
-        proxy.metrics().raw_request();
         let keep_alive = outcome == RequestOutcome::Ok && answer_head.keep_alive;
         if keep_alive && reusable {
             let max_idle = proxy.upstream_settings().max_idle;

@@ -136,3 +136,27 @@ async fn a_connection_that_rested_between_reads_is_read_on_the_raw_path_again() 
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+/// A head whose lines end in bare LFs (which HTTP parsers take, RFC 9112
+/// section 2.2) is answered as one ended with CRLFs: the forwarding lines
+/// are never glued to its last field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_lines_end_in_bare_lf_is_answered() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = raw_proxy_for(&backend).await;
+    let address = proxy.address();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("bare-lf").send().await.unwrap();
+    s3.put_object()
+        .bucket("bare-lf")
+        .key("k")
+        .body(ByteStream::from_static(b"bare"))
+        .send()
+        .await
+        .unwrap();
+    let crlf = String::from_utf8(request(address, "GET", "/bare-lf/k", "")).unwrap();
+    let bare_lf = crlf.replace("\r\n", "\n");
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(bare_lf.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut stream).await, (200, "bare".to_owned()));
+}
