@@ -8,13 +8,16 @@
 # Counts up to 9000: the proxy needs two descriptors per connection and
 # this machine's hard `ulimit -n` is 20000.
 #
-#   bash benches/idle_connections.sh [proxy-binary] [counts...]
+#   bash benches/idle_connections.sh [proxy-binary[+raw]] [counts...]
 #
 # Needs nginx, haproxy, curl, python3 (Debian: apt-get install nginx-light
 # haproxy curl). Everything listens on 127.0.0.1.
 set -euo pipefail
 PROXY=${1:-target/release/s3-failover-proxy}
 shift || true
+# `binary+raw` runs the binary with `listener.raw_http1 = true`.
+RAW=""
+if [[ $PROXY == *+raw ]]; then PROXY=${PROXY%+raw}; RAW="raw_http1 = true"; fi
 COUNTS=("${@:-5000 9000}")
 # shellcheck disable=SC2206
 COUNTS=(${COUNTS[*]})
@@ -50,6 +53,7 @@ start_proxy() {
 [listener]
 address = "127.0.0.1:18201"
 max_connections = 9000
+$RAW
 [admin]
 address = "127.0.0.1:18203"
 [backend]
