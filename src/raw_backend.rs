@@ -11,7 +11,6 @@
 //! [`MAX_FIELDS`], `101`) is [`NotTaken`]: the request goes to the hyper
 //! path, which sends it again (only GET and HEAD take this path).
 
-use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -103,9 +102,16 @@ impl RawBackend {
 
 /// Whether an idle connection is still open: nothing to read, not even
 /// its end (a backend that closed it, or sent bytes unasked).
+///
+/// Asked of the socket itself (a peek that does not wait), not of tokio's
+/// readiness, which may not know yet of bytes that have just arrived: a
+/// backend that sent bytes unasked on an idle connection would have them
+/// read as the answer to another client's request.
 fn is_open(stream: &TcpStream) -> bool {
+    use rustix::net::RecvFlags;
     let mut byte = [0u8; 1];
-    matches!(stream.try_read(&mut byte), Err(error) if error.kind() == io::ErrorKind::WouldBlock)
+    let peeked = rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT);
+    matches!(peeked, Err(rustix::io::Errno::AGAIN))
 }
 
 /// How an answer's body is framed (RFC 9112 section 6.3).

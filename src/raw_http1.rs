@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::{HeaderValue, Method};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -409,23 +410,28 @@ impl RawPath {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let mut body = Body::new(head.framing);
-        // A small answer is gathered whole, for one write; one cut before
-        // its first write goes to the hyper path.
+        // What the backend has sent already goes in one write with the
+        // head (a small answer whole); nothing is waited for first. A cut
+        // before that write goes to the hyper path.
         while !body.ends_within(&answer[head.length..]) && answer.len() < GATHERED {
-            match backend.read_buf(answer).await {
-                Ok(0) if head.framing == BodyFraming::UntilClose => break,
-                Ok(read) if read > 0 => {}
-                _ => return Passed::NotSent,
+            match backend.read_buf(answer).now_or_never() {
+                None => break,
+                Some(Ok(0)) if head.framing == BodyFraming::UntilClose => break,
+                Some(Ok(read)) if read > 0 => {}
+                Some(_) => return Passed::NotSent,
             }
         }
         let Ok(taken) = body.take(&answer[head.length..]) else {
             return Passed::NotSent;
         };
-        let mut reusable = answer.len() == head.length + taken;
         if !body.done() {
             download.plan(&answer[..head.length]);
         }
-        answer.truncate(head.length + taken);
+        // Bytes past what the body took: the start of a line not whole
+        // yet (chunked), or, past the body's end, bytes the backend was not
+        // asked for.
+        let mut carried = answer.split_off(head.length + taken);
+        let mut reusable = carried.is_empty();
         if !head.dated {
             dated(answer, head.length);
         }
@@ -434,8 +440,8 @@ impl RawPath {
         }
         let mut sent = taken as u64;
         let generation = self.proxy.gate().generation();
+        std::mem::swap(answer, &mut carried);
         while !body.done() {
-            answer.clear();
             answer.reserve(STREAM_READ);
             match backend.read_buf(answer).await {
                 Ok(0) if head.framing == BodyFraming::UntilClose => break,
@@ -444,7 +450,6 @@ impl RawPath {
                     Some(mut rest) => {
                         *backend = rest.backend;
                         *answer = rest.answer.split_off(rest.head_length);
-                        reusable = true;
                     }
                     None => return Passed::aborted(sent),
                 },
@@ -452,12 +457,14 @@ impl RawPath {
             let Ok(taken) = body.take(answer) else {
                 return Passed::aborted(sent);
             };
-            reusable &= taken == answer.len();
-            answer.truncate(taken);
-            if io.write_all(answer).await.is_err() {
+            if io.write_all(&answer[..taken]).await.is_err() {
                 return Passed::cut(sent);
             }
             sent += taken as u64;
+            // What is left is carried to the next read; past the body's end,
+            // the connection is not reused.
+            answer.drain(..taken);
+            reusable = answer.is_empty();
         }
         Passed::Whole {
             bytes: sent,

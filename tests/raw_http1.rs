@@ -160,3 +160,144 @@ async fn a_read_whose_lines_end_in_bare_lf_is_answered() {
     stream.write_all(bare_lf.as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut stream).await, (200, "bare".to_owned()));
 }
+
+/// A backend of the test's own that answers every request on a connection
+/// with `answer`, written in the pieces given (each after the previous one
+/// was flushed, with a pause between, so that they arrive apart).
+async fn scripted_backend(pieces: Vec<Vec<u8>>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let pieces = pieces.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    head.clear();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    for piece in &pieces {
+                        stream.write_all(piece).await.unwrap();
+                        stream.flush().await.unwrap();
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Reads an answer whose body is chunked, to its last chunk and trailers:
+/// every byte as it came.
+async fn read_chunked_answer(stream: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let read = async {
+        while !bytes.ends_with(b"\r\n0\r\nx-checksum: 1\r\n\r\n") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed after {} bytes", bytes.len());
+            bytes.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("the whole answer arrives");
+    bytes
+}
+
+/// A chunked answer whose chunk-size lines and trailer arrive split across
+/// reads reaches the client byte for byte as the backend sent it, whatever
+/// its length (issue found by a break-it session: the start of a line not
+/// whole yet was dropped, past the first 16 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_answer_split_mid_line_arrives_byte_for_byte() {
+    let mut pieces = vec![
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nDate: Mon, 01 Jan 2026 00:00:00 GMT\r\n\r\n"
+            .to_vec(),
+    ];
+    for chunk in 0..40u8 {
+        pieces.push(b"3".to_vec());
+        pieces.push([&b"e8;ext=1\r\n"[..], &[b'a' + chunk % 26; 1000], b"\r\n"].concat());
+    }
+    pieces.push(b"0\r\nx-check".to_vec());
+    pieces.push(b"sum: 1\r\n\r\n".to_vec());
+    let backend = scripted_backend(pieces).await;
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{backend}\"\n"
+    ))
+    .await
+    .unwrap();
+    let get = b"GET /b/chunked HTTP/1.1\r\nHost: s3\r\n\r\n";
+    let mut straight = TcpStream::connect(backend).await.unwrap();
+    straight.write_all(get).await.unwrap();
+    let expected = read_chunked_answer(&mut straight).await;
+    let mut through = TcpStream::connect(proxy.address()).await.unwrap();
+    for _ in 0..2 {
+        through.write_all(get).await.unwrap();
+        let got = read_chunked_answer(&mut through).await;
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the same bytes as straight access");
+    }
+    assert_eq!(raw_requests(&proxy).await, 2.0);
+}
+
+/// The answer's head and the body bytes the backend has sent reach the
+/// client at once: nothing waits for more of the body first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_of_an_answer_is_passed_on_before_its_rest_comes() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut byte = [0u8; 1];
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+            head.push(byte[0]);
+        }
+        let start = b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2026 00:00:00 GMT\r\nContent-Length: 20\r\n\r\n0123456789";
+        stream.write_all(start).await.unwrap();
+        let _ = released.await;
+        stream.write_all(b"abcdefghij").await.unwrap();
+        let _ = stream.read(&mut byte).await;
+    });
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{backend}\"\n"
+    ))
+    .await
+    .unwrap();
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    stream
+        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let start = async {
+        while !got.ends_with(b"0123456789") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), start)
+        .await
+        .expect("the head and the first body bytes arrive while the backend holds the rest");
+    release.send(()).unwrap();
+    while !got.ends_with(b"abcdefghij") {
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buffer[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
