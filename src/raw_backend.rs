@@ -141,6 +141,25 @@ pub struct AnswerHead {
     pub request_id: Option<std::ops::Range<usize>>,
     /// It has a `Date` field.
     pub dated: bool,
+    /// Where its hop-by-hop field lines are (`Keep-Alive`, `TE`, ...), which
+    /// are not passed on, as `headers::strip_hop_by_hop` drops them.
+    pub dropped: Vec<std::ops::Range<usize>>,
+}
+
+impl AnswerHead {
+    /// Drops the hop-by-hop field lines from `answer`, which starts with
+    /// this head; the head's length after.
+    pub fn drop_hop_by_hop(&self, answer: &mut Vec<u8>) -> usize {
+        for line in self.dropped.iter().rev() {
+            answer.drain(line.clone());
+        }
+        self.length
+            - self
+                .dropped
+                .iter()
+                .map(ExactSizeIterator::len)
+                .sum::<usize>()
+    }
 }
 
 /// An answer head this path does not pass on as it came.
@@ -223,6 +242,7 @@ fn parse_into<'b>(
         keep_alive: !fields.close && framing != BodyFraming::UntilClose,
         request_id: fields.request_id,
         dated: fields.dated,
+        dropped: fields.dropped,
     }))
 }
 
@@ -234,6 +254,15 @@ struct Fields {
     close: bool,
     dated: bool,
     request_id: Option<std::ops::Range<usize>>,
+    dropped: Vec<std::ops::Range<usize>>,
+}
+
+/// Where the line of `field` is in `head`, its CRLF included.
+fn line_of(field: &httparse::Header<'_>, head: &[u8]) -> Option<std::ops::Range<usize>> {
+    let start = field.name.as_ptr() as usize - head.as_ptr() as usize;
+    let value_end = field.value.as_ptr() as usize - head.as_ptr() as usize + field.value.len();
+    let end = value_end + head[value_end..].iter().position(|&b| b == b'\n')? + 1;
+    Some(start..end)
 }
 
 impl Fields {
@@ -266,7 +295,7 @@ impl Fields {
                 }
             }
         } else if is_hop_by_hop(name) {
-            return Err(NotTaken);
+            self.dropped.push(line_of(field, head).ok_or(NotTaken)?);
         } else if name.eq_ignore_ascii_case("date") {
             self.dated = true;
         } else if name.eq_ignore_ascii_case("x-amz-request-id") {
@@ -278,7 +307,8 @@ impl Fields {
 }
 
 /// The hop-by-hop fields `headers::strip_hop_by_hop` drops, but for
-/// `Connection` and `Transfer-Encoding` (RFC 9110 section 7.6.1).
+/// `Connection` and `Transfer-Encoding`, which frame the answer (RFC 9110
+/// section 7.6.1).
 fn is_hop_by_hop(name: &str) -> bool {
     [
         "keep-alive",
@@ -419,8 +449,7 @@ mod tests {
     #[test]
     fn answers_the_hyper_path_would_change_are_not_taken() {
         for answer in [
-            &b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nContent-Length: 0\r\n\r\n",
+            &b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nContent-Length: 0\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
@@ -435,6 +464,22 @@ mod tests {
                 String::from_utf8_lossy(answer)
             );
         }
+    }
+
+    #[test]
+    fn hop_by_hop_field_lines_are_dropped_as_the_hyper_path_drops_them() {
+        let bytes = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nETag: \"x\"\r\nTE:  trailers \r\nContent-Length: 2\r\n\r\nok";
+        let answer_head = head(bytes);
+        let mut answer = bytes.to_vec();
+        let length = answer_head.drop_hop_by_hop(&mut answer);
+        assert_eq!(
+            String::from_utf8(answer).unwrap(),
+            "HTTP/1.1 200 OK\r\nETag: \"x\"\r\nContent-Length: 2\r\n\r\nok"
+        );
+        assert_eq!(
+            length,
+            bytes.len() - 2 - "Keep-Alive: timeout=5\r\nTE:  trailers \r\n".len()
+        );
     }
 
     #[test]

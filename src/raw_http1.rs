@@ -432,8 +432,9 @@ impl RawPath {
         // asked for.
         let mut carried = answer.split_off(head.length + taken);
         let mut reusable = carried.is_empty();
+        let head_length = head.drop_hop_by_hop(answer);
         if !head.dated {
-            dated(answer, head.length);
+            dated(answer, head_length);
         }
         if io.write_all(answer).await.is_err() {
             return Passed::cut(0);
