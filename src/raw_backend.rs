@@ -338,7 +338,9 @@ pub enum Chunks {
     Done,
 }
 
-/// Longest chunk-size or trailer line followed.
+/// Longest chunk-size or trailer line followed, with its CRLF, however it
+/// arrives: a longer one ends the body with an error (hyper refuses such
+/// lines too).
 const MAX_LINE: usize = 16 << 10;
 
 /// A chunked body that is not one.
@@ -355,7 +357,7 @@ impl Chunks {
             match *self {
                 Chunks::Done => return Ok(at),
                 Chunks::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                    Ok(httparse::Status::Complete((used, size))) if used <= MAX_LINE => {
                         at += used;
                         *self = if size == 0 {
                             Chunks::Trailers
@@ -364,6 +366,8 @@ impl Chunks {
                         };
                     }
                     Ok(httparse::Status::Partial) if rest.len() < MAX_LINE => return Ok(at),
+                    // What came before the line is passed on first.
+                    _ if at > 0 => return Ok(at),
                     _ => return Err(BadChunks),
                 },
                 Chunks::Data(left) => {
@@ -396,9 +400,10 @@ impl Chunks {
                         at += 2;
                         *self = Chunks::Done;
                     }
-                    Some(end) => at += end + 2,
+                    Some(end) if end + 2 <= MAX_LINE => at += end + 2,
                     None if rest.len() < MAX_LINE => return Ok(at),
-                    None => return Err(BadChunks),
+                    _ if at > 0 => return Ok(at),
+                    _ => return Err(BadChunks),
                 },
             }
         }
@@ -513,6 +518,38 @@ mod tests {
             }
             assert_eq!(chunks, Chunks::Done, "split at {split}");
             assert_eq!(taken, body.len() - 4, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_however_it_is_split_and_what_came_before_goes_on() {
+        let long_trailer = format!("x-tr: {}\r\n", "t".repeat(MAX_LINE));
+        let body = format!("3\r\nabc\r\n0\r\n{long_trailer}\r\n");
+        let before = "3\r\nabc\r\n0\r\n".len();
+        for split in [0, 5, before, before + 10, body.len() - 3, body.len()] {
+            let mut chunks = Chunks::Size;
+            let mut carried: Vec<u8> = Vec::new();
+            let mut taken = 0;
+            let mut refused = false;
+            for part in [&body.as_bytes()[..split], &body.as_bytes()[split..]] {
+                carried.extend_from_slice(part);
+                loop {
+                    match chunks.follow(&carried) {
+                        Ok(0) => break,
+                        Ok(used) => {
+                            taken += used;
+                            carried.drain(..used);
+                        }
+                        Err(BadChunks) => {
+                            refused = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            let at_end = chunks.follow(&carried);
+            assert!(refused || at_end.is_err(), "split at {split}");
+            assert_eq!(taken, before, "split at {split}");
         }
     }
 
