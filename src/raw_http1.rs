@@ -13,20 +13,22 @@
 //! framing as the backend sent them, as direct access gives), with `Date`
 //! added to an answer without one, as hyper adds it.
 //!
-//! It takes, at the start of each round of a plain-TCP connection
-//! ([`crate::keep_alive`]), a whole head of at most [`COMMON_FIELDS`]
-//! fields: `GET` or `HEAD`, HTTP/1.1, an origin-form target of
-//! [`is_plain_target`] bytes, no body, no `Expect`, no hop-by-hop field but
-//! `Connection: keep-alive`, no forwarding header of its own; while the
-//! gate admits at once, the quarantine watches nothing, no crash suspect
-//! is due, the proxy is not draining and the backend is plain TCP. Any
-//! other head, and any failure before a byte of the answer reached the
-//! client, hands the connection to a hyper round with every byte read
-//! (a GET or HEAD may then reach the backend twice: the hyper path sends it
-//! again, and sees the outage, holds, replays as always). A backend that
-//! fails after that ends the client connection, as hyper's does when a
-//! body breaks; this path does not resume downloads
-//! ([`crate::download_resume`]).
+//! It serves the raw rounds of a plain-TCP connection
+//! ([`crate::round_kind::RoundKind::Raw`], [`crate::keep_alive`]): the
+//! connection's watch starts one at a head [`crate::raw_head::is_raw`] takes
+//! (`GET` or `HEAD`, HTTP/1.1, a plain origin-form target, no body, no
+//! `Expect`, no hop-by-hop field but `Connection: keep-alive`, no
+//! forwarding header of its own, at most [`COMMON_FIELDS`] fields) and ends
+//! it at the first head it does not. A request is served here while the
+//! gate admits at once, the quarantine watches nothing, no crash suspect is
+//! due, the proxy is not draining and the backend is plain TCP. Any other
+//! request, and any failure before a byte of the answer reached the client,
+//! goes to a hyper round with every byte read (a GET or HEAD may then reach
+//! the backend twice: the hyper path sends it again, and sees the outage,
+//! holds, replays as always). A late answer is watched as on the hyper
+//! path ([`crate::raw_exchange`]); a download cut by a crash is resumed
+//! ([`crate::raw_resume`]); a body that breaks otherwise ends the client
+//! connection, as hyper's does.
 //!
 //! Per request it keeps what the hyper path keeps: the connection's
 //! requests in progress, the proxy's in-flight count (drain), the gate told
