@@ -8,7 +8,11 @@
 //! and rests outside any task, [`resting`]; [`heap_trim`] gives the memory
 //! they freed back to the system; a head with many fields or a large body
 //! is served by a hyper connection of another kind, [`round_kind`], large
-//! bodies in large reads within the [`read_budget`])
+//! bodies in large reads within the [`read_budget`]; with
+//! `listener.raw_http1`, plain GETs and HEADs skip hyper on the
+//! [`raw_http1`] path: heads chosen by [`raw_head`], sent and answered by
+//! [`raw_exchange`] on [`raw_backend`] connections, cut downloads resumed
+//! by [`raw_resume`])
 //! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool (a response body that
