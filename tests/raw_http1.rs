@@ -29,18 +29,7 @@ async fn raw_requests(proxy: &ProxyProcess) -> f64 {
 
 /// A signed request (payload unsigned) for `path` on `proxy`.
 fn request(proxy: SocketAddr, method: &str, path: &str, body: &str) -> Vec<u8> {
-    let host = proxy.to_string();
-    let signed =
-        support::sign_unsigned_payload(method, &format!("http://{host}{path}"), &host, &[]);
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
-    for (name, value) in signed {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if method == "PUT" {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    [head.as_bytes(), body.as_bytes()].concat()
+    support::signed_request_bytes(proxy, method, path, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

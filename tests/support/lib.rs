@@ -477,6 +477,22 @@ pub fn s3_config(endpoint: &str) -> aws_sdk_s3::config::Builder {
         )
 }
 
+/// The bytes of a SigV4-signed HTTP/1.1 request (payload unsigned) for
+/// `path` on `proxy`, with `body` (and its `Content-Length`) for a PUT.
+pub fn signed_request_bytes(proxy: SocketAddr, method: &str, path: &str, body: &str) -> Vec<u8> {
+    let host = proxy.to_string();
+    let signed = sign_unsigned_payload(method, &format!("http://{host}{path}"), &host, &[]);
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (name, value) in signed {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "PUT" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    [head.as_bytes(), body.as_bytes()].concat()
+}
+
 /// SigV4 headers for a request whose payload is sent unsigned (streaming).
 pub fn sign_unsigned_payload(
     method: &str,
