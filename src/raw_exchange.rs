@@ -42,6 +42,8 @@ pub struct Patience {
     /// `backend.max_head_bytes` and `backend.max_headers`.
     pub max_head_bytes: usize,
     pub max_headers: usize,
+    /// `backend.max_idle_connections`: how many the pool keeps after.
+    pub max_idle: usize,
 }
 
 impl Patience {
@@ -56,6 +58,7 @@ impl Patience {
             idle_timeout: upstream.idle_timeout,
             max_head_bytes: upstream.max_head_bytes,
             max_headers: upstream.max_headers,
+            max_idle: upstream.max_idle,
         }
     }
 }

@@ -357,7 +357,7 @@ impl RawPath {
         };
         let keep_alive = outcome == RequestOutcome::Ok && answer_head.keep_alive;
         if keep_alive && reusable {
-            let max_idle = proxy.upstream_settings().max_idle;
+            let max_idle = patience.max_idle;
             proxy.raw_backend().put_back(backend, connector, max_idle);
         }
         drop(in_flight);
