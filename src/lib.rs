@@ -11,8 +11,8 @@
 //! bodies in large reads within the [`read_budget`]; with
 //! `listener.raw_http1`, plain GETs and HEADs skip hyper on the
 //! [`raw_http1`] path: heads chosen by [`raw_head`], sent and answered by
-//! [`raw_exchange`] on [`raw_backend`] connections, cut downloads resumed
-//! by [`raw_resume`])
+//! [`raw_exchange`] on [`raw_backend`] connections, large bodies moved by
+//! [`splice`], cut downloads resumed by [`raw_resume`])
 //! and is handled by the [`proxy`]: it asks the [`gate`] for admission. While the
 //! backend is Up the gate admits at once and the request streams to the
 //! backend through the [`upstream`] connection pool (a response body that
@@ -116,6 +116,7 @@ pub mod settings;
 pub mod settle_key;
 pub mod shutdown;
 pub mod signature_expiry;
+pub mod splice;
 pub mod tls;
 pub mod trusted_file;
 pub mod upstream;

@@ -534,6 +534,7 @@ async fn serve_http1_rounds<I>(
                     connection.scheme,
                     connection.limits.header_timeout,
                     connection.limits.max_head_bytes,
+                    connection.limits.send_timeout,
                 )
             }),
         };

@@ -91,6 +91,12 @@ impl Peer {
         self.forwarded_for.get_or_init(value).clone()
     }
 
+    /// The client's socket while the connection has it open (to move a body
+    /// into it without a buffer: [`crate::splice`]).
+    pub fn socket(&self) -> Option<Arc<TcpStream>> {
+        self.socket.upgrade()
+    }
+
     /// Resolves once the client has closed its side of the connection.
     /// Never resolves when the socket could not be watched.
     pub async fn gone(&self) {

@@ -56,6 +56,7 @@ use crate::raw_resume::RawDownload;
 use crate::request_target::TargetWatch;
 use crate::round_kind::COMMON_FIELDS;
 use crate::shutdown::{Phase, ShutdownWatch};
+use crate::splice::{Pipe, SpliceEnd, Spliced};
 
 /// Bytes of an answer gathered before its first write: a small answer
 /// goes to the client in one write, head and body.
@@ -74,6 +75,9 @@ pub struct RawPath {
     header_timeout: Duration,
     /// `listener.max_head_bytes`.
     max_head_bytes: usize,
+    /// `listener.send_timeout`: how long the client may take no byte of an
+    /// answer.
+    send_timeout: Duration,
 }
 
 /// How the raw path left a connection.
@@ -128,6 +132,7 @@ impl RawPath {
         scheme: &'static str,
         header_timeout: Duration,
         max_head_bytes: usize,
+        send_timeout: Duration,
     ) -> RawPath {
         RawPath {
             proxy,
@@ -135,6 +140,7 @@ impl RawPath {
             scheme,
             header_timeout,
             max_head_bytes,
+            send_timeout,
         }
     }
 
@@ -445,6 +451,19 @@ impl RawPath {
         let generation = self.proxy.gate().generation();
         std::mem::swap(answer, &mut carried);
         while !body.done() {
+            if answer.is_empty() {
+                match self.splice(backend, &mut body).await {
+                    Some(Spliced {
+                        moved,
+                        end: SpliceEnd::ClientGone,
+                    }) => return Passed::cut(sent + moved),
+                    Some(Spliced { moved, .. }) => sent += moved,
+                    None => {}
+                }
+                if body.done() {
+                    break;
+                }
+            }
             answer.reserve(STREAM_READ);
             match backend.read_buf(answer).await {
                 Ok(0) if head.framing == BodyFraming::UntilClose => break,
@@ -473,6 +492,24 @@ impl RawPath {
             bytes: sent,
             reusable,
         }
+    }
+
+    /// Moves the rest of a large body of known length from `backend` to the
+    /// client without reading it ([`crate::splice`]): `None` when it is not
+    /// worth it or cannot be (no pipe), the body then goes through a buffer.
+    /// A backend that broke is left to the next read to find.
+    async fn splice(&self, backend: &TcpStream, body: &mut Body) -> Option<Spliced> {
+        let Body::Length(left) = body else {
+            return None;
+        };
+        if *left < crate::splice::WORTH_SPLICING {
+            return None;
+        }
+        let client = self.peer.socket()?;
+        let pipe = Pipe::new().ok()?;
+        let spliced = pipe.pass(backend, &client, *left, self.send_timeout).await;
+        *left -= spliced.moved;
+        Some(spliced)
     }
 
     /// The rest of a download cut after `sent` body bytes (in backend
