@@ -123,8 +123,8 @@ pub struct ListenerConfig {
     pub handover_socket: Option<PathBuf>,
     /// Plain-HTTP/1.1 GET and HEAD requests with no body, while the backend
     /// is up, are forwarded as the bytes that came, without hyper
-    /// ([`crate::raw_http1`]): about half the CPU per small request. Off by
-    /// default. Restart-only.
+    /// ([`crate::raw_http1`]): about 40 % less CPU per small request, and
+    /// large bodies moved with `splice(2)`. On by default. Restart-only.
     pub raw_http1: bool,
 }
 
@@ -1013,7 +1013,7 @@ impl Config {
             max_connections_set: raw.listener.max_connections.is_some(),
             threads: threads(raw.listener.threads)?,
             handover_socket: handover_socket(raw.listener.handover_socket)?,
-            raw_http1: raw.listener.raw_http1.unwrap_or(false),
+            raw_http1: raw.listener.raw_http1.unwrap_or(true),
         };
         let forwarding = forwarding(raw.forwarding)?;
         let log = LogConfig {

@@ -305,7 +305,9 @@ async fn store(backend: SocketAddr, bucket: &str, seed: u64, size: u64) {
     upload(backend, &format!("/{bucket}/object"), seed, size).await;
 }
 
-/// [`store`], and a proxy in front of `backend`.
+/// [`store`], and a proxy in front of `backend` whose hyper path serves
+/// every request (`listener.raw_http1 = false`; the raw path's downloads
+/// are tested apart, below).
 async fn proxy_to_object(
     backend: SocketAddr,
     bucket: &str,
@@ -313,7 +315,9 @@ async fn proxy_to_object(
     size: u64,
 ) -> ProxyUnderTest {
     store(backend, bucket, seed, size).await;
-    ProxyUnderTest::start(backend, "").await.unwrap()
+    ProxyUnderTest::start(backend, "[listener]\nraw_http1 = false\n")
+        .await
+        .unwrap()
 }
 
 async fn s3s_fs_with_object(bucket: &str, seed: u64, size: u64) -> (S3Backend, ProxyUnderTest) {

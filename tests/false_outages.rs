@@ -248,7 +248,10 @@ async fn a_slow_first_byte_from_a_serving_backend_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay() {
-    serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay("").await;
+    serving_backend_past_the_first_byte_timeout_gets_504_and_no_replay(
+        "[listener]\nraw_http1 = false\n",
+    )
+    .await;
 }
 
 /// The same on the raw HTTP/1.1 path (`listener.raw_http1`).

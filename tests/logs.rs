@@ -232,7 +232,10 @@ async fn an_http2_request_reset_while_at_the_backend_is_logged_but_was_never_hel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer() {
-    request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer("").await;
+    request_cut_unanswered_when_the_shutdown_grace_ends_is_logged_without_an_answer(
+        "raw_http1 = false\n",
+    )
+    .await;
 }
 
 /// The same on the raw HTTP/1.1 path (`listener.raw_http1`).

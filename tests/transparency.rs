@@ -5,8 +5,9 @@
 //! through `Expect: 100-continue` followed by other clients' requests, and a
 //! large upload with a bad signature that must get the backend's own 403.
 //!
-//! The suite runs twice per backend: through the hyper path, and with the
-//! raw HTTP/1.1 path on (`listener.raw_http1`), which must take part of it.
+//! The suite runs twice per backend: with the raw HTTP/1.1 path off
+//! (`listener.raw_http1 = false`: the hyper path serves every request), and
+//! with it on (the default), where it must take part of it.
 //!
 //! Every check is a function of the backend address (and a bucket of its
 //! own), so the same checks run against s3s-fs and radosgw: adding a backend
@@ -105,8 +106,10 @@ mod suite {
     const QUIET: Duration = Duration::from_millis(200);
     const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
+    /// Through the hyper path alone (`listener.raw_http1 = false`).
     pub async fn assert_no_differences(backend: SocketAddr, bucket: &str) {
-        let (cases, differences, _) = run(backend, bucket, "").await;
+        let listener = "[listener]\nraw_http1 = false\n";
+        let (cases, differences, _) = run(backend, bucket, listener).await;
         assert!(
             differences.is_empty(),
             "{}",

@@ -273,6 +273,18 @@ pub async fn http_status(address: SocketAddr, method: &str, path: &str) -> Optio
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// `listener.raw_http1` for a proxy whose config is `text`, as the run asks:
+/// `S3FP_TEST_RAW_HTTP1=0` runs the suite again with the raw path off, so the
+/// hyper path serves every request (see `.ci/run`), `=1` with it on; a test
+/// whose config names the setting keeps its own. `None`: the config decides.
+pub fn raw_path_for_the_run(text: &str) -> Option<bool> {
+    let asked = std::env::var("S3FP_TEST_RAW_HTTP1").ok()?;
+    if text.contains("raw_http1") {
+        return None;
+    }
+    Some(asked != "0")
+}
+
 /// The proxy, running in this test process on loopback sockets.
 pub struct ProxyUnderTest {
     pub address: SocketAddr,
@@ -326,9 +338,8 @@ impl ProxyUnderTest {
                 .try_init();
         }
         let mut config = Config::parse(text)?;
-        if std::env::var_os("S3FP_TEST_RAW_HTTP1").is_some() {
-            // The suite run again with the raw path on (see `.ci/run`).
-            config.listener.raw_http1 = true;
+        if let Some(raw) = raw_path_for_the_run(text) {
+            config.listener.raw_http1 = raw;
         }
         if !text.contains("drain_delay") {
             // No load balancer to wait for: a test's stop is at once.
@@ -371,12 +382,14 @@ impl ProxyUnderTest {
     }
 
     /// A proxy that notices a hung backend quickly (no response for 500 ms,
-    /// probes give up after 200 ms) and holds for up to 20 s.
+    /// probes give up after 200 ms) and holds for up to 20 s; its hyper path
+    /// serves every request (`listener.raw_http1 = false`: the raw path's
+    /// hang check is tested apart).
     pub async fn start_quick_to_notice_hangs(backend: SocketAddr) -> ProxyUnderTest {
         ProxyUnderTest::start_with(
             backend,
             "response_timeout = \"500ms\"",
-            "[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
+            "[listener]\nraw_http1 = false\n[probe]\ntimeout = \"200ms\"\n[hold]\ntimeout = \"20s\"\n",
         )
         .await
         .unwrap()
@@ -784,10 +797,10 @@ impl ProxyProcess {
             Some(after) => after.split_at(after.find("\n[").map_or(after.len(), |end| end + 1)),
             None => ("", body),
         };
-        // The suite run again with the raw path on (see `.ci/run`).
-        let raw = match std::env::var_os("S3FP_TEST_RAW_HTTP1") {
-            Some(_) if !listener.contains("raw_http1") => "raw_http1 = true\n",
-            _ => "",
+        let raw = match raw_path_for_the_run(listener) {
+            Some(true) => "raw_http1 = true\n",
+            Some(false) => "raw_http1 = false\n",
+            None => "",
         };
         let text = format!(
             "[listener]\naddress = \"127.0.0.1:{}\"\n{raw}{listener}\n[admin]\naddress = \"{}\"\n{rest}",
