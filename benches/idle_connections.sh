@@ -8,16 +8,18 @@
 # Counts up to 9000: the proxy needs two descriptors per connection and
 # this machine's hard `ulimit -n` is 20000.
 #
-#   bash benches/idle_connections.sh [proxy-binary[+raw]] [counts...]
+#   bash benches/idle_connections.sh [proxy-binary[+raw|+hyper]] [counts...]
 #
 # Needs nginx, haproxy, curl, python3 (Debian: apt-get install nginx-light
 # haproxy curl). Everything listens on 127.0.0.1.
 set -euo pipefail
 PROXY=${1:-target/release/s3-failover-proxy}
 shift || true
-# `binary+raw` runs the binary with `listener.raw_http1 = true`.
+# `binary+raw` runs the binary with `listener.raw_http1 = true` (a build
+# from before it was the default), `binary+hyper` with it false.
 RAW=""
 if [[ $PROXY == *+raw ]]; then PROXY=${PROXY%+raw}; RAW="raw_http1 = true"; fi
+if [[ $PROXY == *+hyper ]]; then PROXY=${PROXY%+hyper}; RAW="raw_http1 = false"; fi
 COUNTS=("${@:-5000 9000}")
 # shellcheck disable=SC2206
 COUNTS=(${COUNTS[*]})

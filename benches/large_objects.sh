@@ -7,7 +7,8 @@
 #
 #   bash benches/large_objects.sh [proxy-binary] [large-MiB] [seconds] [repetitions]
 #
-# `proxy-binary+raw` runs the binary with `listener.raw_http1 = true`.
+# `proxy-binary+raw` runs the binary with `listener.raw_http1 = true` (a
+# build from before it was the default), `proxy-binary+hyper` with it false.
 #
 # Per ingress: CPU seconds per GiB streamed (utime + stime of the ingress
 # processes from /proc, over the bytes moved) for 1 MiB GETs (wrk -t1 -c16),
@@ -66,6 +67,11 @@ if [[ $PROXY == *+raw ]]; then
   # `binary+raw`: the binary with the raw HTTP/1.1 path on.
   PROXY=${PROXY%+raw}
   sed -i '/^\[listener\]/a raw_http1 = true' "$DIR/proxy.toml"
+fi
+if [[ $PROXY == *+hyper ]]; then
+  # `binary+hyper`: the binary with the raw HTTP/1.1 path off.
+  PROXY=${PROXY%+hyper}
+  sed -i '/^\[listener\]/a raw_http1 = false' "$DIR/proxy.toml"
 fi
 "$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
 PIDS+=($!)

@@ -8,7 +8,8 @@
 # Several proxy binaries, comma-separated, are measured side by side in the
 # same repetitions (a change against its baseline: the machine's noise falls
 # on both alike); each line names the binary's position in the list. A
-# binary written `path+raw` runs with `listener.raw_http1 = true`.
+# binary written `path+raw` runs with `listener.raw_http1 = true` (a build
+# from before it was the default), `path+hyper` with it false.
 #
 # Each repetition runs wrk -t1 against the three in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
@@ -84,6 +85,11 @@ for i in "${!PROXY_BINS[@]}"; do
     # `binary+raw`: the same binary with the raw HTTP/1.1 path on.
     binary=${binary%+raw}
     sed -i '/^\[listener\]/a raw_http1 = true' "$DIR/proxy$i.toml"
+  fi
+  if [[ $binary == *+hyper ]]; then
+    # `binary+hyper`: the same binary with the raw HTTP/1.1 path off.
+    binary=${binary%+hyper}
+    sed -i '/^\[listener\]/a raw_http1 = false' "$DIR/proxy$i.toml"
   fi
   "$binary" --config "$DIR/proxy$i.toml" 2>"$DIR/proxy$i.log" &
   PIDS+=($!)
