@@ -53,6 +53,7 @@ use crate::round_kind::{COMMON_FIELDS, LargeBodyReads, RoundKind, RoundKinds};
 use crate::s3_error::ProxyError;
 use crate::send_timeout::SendTimeout;
 use crate::shutdown::{Phase, ShutdownWatch};
+use crate::splice::Pipes;
 
 /// Longest a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -133,17 +134,25 @@ impl Drop for ConnectionSlot {
 pub struct ConnectionSlots {
     open: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    /// The pipes the raw path splices large bodies through.
+    pipes: Arc<Pipes>,
 }
 
 impl ConnectionSlots {
-    /// `max_connections` places, and one eighth as many (at most
-    /// [`MAX_REFUSING`]) for connections being refused: the file-descriptor
-    /// budget counts both.
-    pub fn new(max_connections: usize) -> Arc<ConnectionSlots> {
+    /// `max_connections` places, one eighth as many (at most
+    /// [`MAX_REFUSING`]) for connections being refused, and `max_pipes`
+    /// pipes: the file-descriptor budget counts all three.
+    pub fn new(max_connections: usize, max_pipes: usize) -> Arc<ConnectionSlots> {
         Arc::new(ConnectionSlots {
             open: Arc::new(Semaphore::new(max_connections)),
             refusing: Arc::new(Semaphore::new((max_connections / 8).clamp(1, MAX_REFUSING))),
+            pipes: Arc::new(Pipes::new(max_pipes)),
         })
+    }
+
+    /// The pipes the raw path splices large bodies through.
+    pub fn pipes(&self) -> Arc<Pipes> {
+        Arc::clone(&self.pipes)
     }
 }
 
@@ -194,6 +203,7 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
     let shutdown = listener.shutdown.clone();
     let resting = listener.resting.clone();
     let read_budget = listener.read_budget.clone();
+    let pipes = listener.slots.pipes();
     let tls = listener.tls.clone();
     listener.lanes.spawn(async move {
         let stream = match TcpStream::from_std(stream) {
@@ -213,6 +223,7 @@ fn accept(stream: TcpStream, address: SocketAddr, listener: &S3Listener, proxy: 
             _slot: slot,
             resting,
             read_budget,
+            pipes,
         };
         match tls {
             None => serve(stream, connection).await,
@@ -287,6 +298,8 @@ struct Connection {
     resting: Option<RestingConnections>,
     /// For large request bodies (plain TCP only, see [`BodyReads`]).
     read_budget: Option<Arc<ReadBudget>>,
+    /// For large answer bodies on the raw path.
+    pipes: Arc<Pipes>,
 }
 
 impl Connection {
@@ -535,6 +548,7 @@ async fn serve_http1_rounds<I>(
                     connection.limits.header_timeout,
                     connection.limits.max_head_bytes,
                     connection.limits.send_timeout,
+                    Arc::clone(&connection.pipes),
                 )
             }),
         };
@@ -635,6 +649,7 @@ pub fn resting_connections(
     limits: ClientLimits,
     read_budget: Option<Arc<ReadBudget>>,
     lanes: Arc<Lanes>,
+    pipes: Arc<Pipes>,
 ) -> std::io::Result<RestingConnections> {
     Resting::start(
         Box::new(move |lane, resumed| lanes.spawn_on(lane, resumed)),
@@ -644,6 +659,7 @@ pub fn resting_connections(
                 limits,
                 resting,
                 read_budget: read_budget.clone(),
+                pipes: Arc::clone(&pipes),
             };
             Box::pin(resume(stream, head_due.into(), kept, resumed))
         }),
@@ -656,6 +672,7 @@ struct Resumed {
     limits: ClientLimits,
     resting: RestingConnections,
     read_budget: Option<Arc<ReadBudget>>,
+    pipes: Arc<Pipes>,
 }
 
 /// A parked connection back from [`Resting`]: its socket had bytes.
@@ -675,6 +692,7 @@ async fn resume(
         _slot: kept.slot,
         resting: Some(resumed.resting),
         read_budget: resumed.read_budget,
+        pipes: resumed.pipes,
     };
     let layers = connection.layers();
     let io = keep_alive::Layers::wrap(&layers, socket);

@@ -56,7 +56,7 @@ use crate::raw_resume::RawDownload;
 use crate::request_target::TargetWatch;
 use crate::round_kind::COMMON_FIELDS;
 use crate::shutdown::{Phase, ShutdownWatch};
-use crate::splice::{Pipe, SpliceEnd, Spliced};
+use crate::splice::{Pipes, SpliceEnd, Spliced};
 
 /// Bytes of an answer gathered before its first write: a small answer
 /// goes to the client in one write, head and body.
@@ -78,6 +78,8 @@ pub struct RawPath {
     /// `listener.send_timeout`: how long the client may take no byte of an
     /// answer.
     send_timeout: Duration,
+    /// The pipes large bodies are spliced through.
+    pipes: Arc<Pipes>,
 }
 
 /// How the raw path left a connection.
@@ -133,6 +135,7 @@ impl RawPath {
         header_timeout: Duration,
         max_head_bytes: usize,
         send_timeout: Duration,
+        pipes: Arc<Pipes>,
     ) -> RawPath {
         RawPath {
             proxy,
@@ -141,6 +144,7 @@ impl RawPath {
             header_timeout,
             max_head_bytes,
             send_timeout,
+            pipes,
         }
     }
 
@@ -450,13 +454,21 @@ impl RawPath {
         let mut sent = taken as u64;
         let generation = self.proxy.gate().generation();
         std::mem::swap(answer, &mut carried);
+        let mut may_splice = true;
         while !body.done() {
-            if answer.is_empty() {
+            if answer.is_empty() && may_splice {
                 match self.splice(backend, &mut body).await {
                     Some(Spliced {
                         moved,
                         end: SpliceEnd::ClientGone,
                     }) => return Passed::cut(sent + moved),
+                    Some(Spliced {
+                        moved,
+                        end: SpliceEnd::NotSpliceable,
+                    }) => {
+                        sent += moved;
+                        may_splice = false;
+                    }
                     Some(Spliced { moved, .. }) => sent += moved,
                     None => {}
                 }
@@ -496,8 +508,8 @@ impl RawPath {
 
     /// Moves the rest of a large body of known length from `backend` to the
     /// client without reading it ([`crate::splice`]): `None` when it is not
-    /// worth it or cannot be (no pipe), the body then goes through a buffer.
-    /// A backend that broke is left to the next read to find.
+    /// worth it or cannot be (no pipe free), the body then goes through a
+    /// buffer. A backend that broke is left to the next read to find.
     async fn splice(&self, backend: &TcpStream, body: &mut Body) -> Option<Spliced> {
         let Body::Length(left) = body else {
             return None;
@@ -506,7 +518,7 @@ impl RawPath {
             return None;
         }
         let client = self.peer.socket()?;
-        let pipe = Pipe::new().ok()?;
+        let pipe = self.pipes.open()?;
         let spliced = pipe.pass(backend, &client, *left, self.send_timeout).await;
         *left -= spliced.moved;
         Some(spliced)

@@ -334,12 +334,14 @@ pub async fn run_with_reload(
     let shutdown_phases = Shutdown::default();
     let (stop_accepting, stop) = watch::channel(false);
     let limits = settings.client_limits;
-    let slots = ConnectionSlots::new(connection_cap(&config.listener)?);
+    let cap = connection_cap(&config.listener)?;
+    let slots = ConnectionSlots::new(cap.connections, cap.pipes);
     let resting = resting_connections(
         Arc::clone(&proxy),
         limits,
         body_budget.clone(),
         Arc::clone(&lanes),
+        slots.pipes(),
     )?;
     // Resting connections are closed with the idle ones.
     tokio::spawn({
@@ -609,21 +611,39 @@ fn log_transition(transition: &Transition) {
 /// the admin API, probes, discovery, config and certificate files.
 const RESERVED_FDS: u64 = 32;
 
+/// What the file-descriptor limit is spent on: client connections, and the
+/// pipes the raw path splices large bodies through (HAProxy's `maxconn` and
+/// `maxpipes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DescriptorBudget {
+    connections: usize,
+    pipes: usize,
+}
+
+/// Eighths of a file descriptor per client connection: two (client and
+/// backend), one eighth for the connections being refused past the cap,
+/// and with `listener.raw_http1` half of one for pipes (two descriptors
+/// each, one pipe per four connections).
+fn eighths_per_connection(listener: &crate::config::ListenerConfig) -> u64 {
+    if listener.raw_http1 { 21 } else { 17 }
+}
+
 /// The client connection cap in force: `listener.max_connections`, if the
-/// process may open two file descriptors for each (client and backend) on top
-/// of [`RESERVED_FDS`] and the lanes' own. The soft limit (`ulimit -n`) is raised toward the
-/// hard one when needed. A limit too low stops start-up when the key was set,
-/// and lowers the default cap (with a warning) when it was not.
-fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize> {
+/// process may open two file descriptors for each (client and backend), a
+/// share for refusals and pipes ([`eighths_per_connection`]), on top of
+/// [`RESERVED_FDS`] and the lanes' own. The soft limit (`ulimit -n`) is
+/// raised toward the hard one when needed. A limit too low stops start-up
+/// when the key was set, and lowers the default cap (with a warning) when
+/// it was not.
+fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<DescriptorBudget> {
     use rlimit::Resource;
     let wanted = listener.max_connections as u64;
     // Kept for the process itself, and for the lanes' event loops.
     let reserved = RESERVED_FDS
         + crate::lanes::FILE_DESCRIPTORS_PER_LANE.saturating_mul(listener.threads as u64);
-    // Two per connection (client, backend), and one per eighth of them for
-    // the connections being refused past the cap.
+    let eighths = eighths_per_connection(listener);
     let needed = wanted
-        .saturating_mul(17)
+        .saturating_mul(eighths)
         .div_ceil(8)
         .saturating_add(reserved);
     let (soft, hard) = Resource::NOFILE.get()?;
@@ -632,10 +652,15 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize>
         let _ = Resource::NOFILE.set(needed.min(hard), hard);
     }
     let (soft, _) = Resource::NOFILE.get()?;
-    let fits = soft.saturating_sub(reserved) * 8 / 17;
+    let fits = soft.saturating_sub(reserved) * 8 / eighths;
+    let shares = if listener.raw_http1 {
+        "two per connection, one per eighth of them for refusals, one pipe (two) per four of them for listener.raw_http1"
+    } else {
+        "two per connection, one per eighth of them for refusals"
+    };
     if fits == 0 {
         return Err(io::Error::other(format!(
-            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections after the {reserved} the proxy keeps for itself and its listener.threads ({}); raise the limit or lower the key",
+            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections ({shares}) after the {reserved} the proxy keeps for itself and its listener.threads ({}); raise the limit or lower the key",
             listener.threads
         )));
     }
@@ -643,7 +668,7 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize>
         wanted
     } else if listener.max_connections_set {
         return Err(io::Error::other(format!(
-            "listener.max_connections = {wanted} needs {needed} file descriptors (two per connection, one per eighth of them for refusals, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
+            "listener.max_connections = {wanted} needs {needed} file descriptors ({shares}, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
         )));
     } else {
         tracing::warn!(
@@ -653,10 +678,17 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<usize>
         );
         fits
     };
+    let connections = usize::try_from(cap).unwrap_or(usize::MAX).max(1);
+    let pipes = if listener.raw_http1 {
+        connections / 4
+    } else {
+        0
+    };
     tracing::info!(
         fd_limit = soft,
-        max_connections = cap,
+        max_connections = connections,
+        max_pipes = pipes,
         "client connection cap"
     );
-    Ok(usize::try_from(cap).unwrap_or(usize::MAX).max(1))
+    Ok(DescriptorBudget { connections, pipes })
 }

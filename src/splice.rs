@@ -23,9 +23,11 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use rustix::net::RecvFlags;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// The pipe's capacity asked for, in bytes: 16 times Linux's default of
 /// 64 KiB, so a large body moves in few system calls. An unprivileged
@@ -40,11 +42,47 @@ const PIPE_CAPACITY: usize = 1 << 20;
 /// descriptors and four system calls to set up and close).
 pub const WORTH_SPLICING: u64 = 256 << 10;
 
-/// A pipe between two sockets.
-pub struct Pipe {
+/// The pipes that may be open at once. Each holds two file descriptors,
+/// counted at start with the connections' (`listener.max_connections`, as
+/// HAProxy counts its `maxpipes`): when none is free, a body goes through a
+/// buffer instead.
+#[derive(Debug)]
+pub struct Pipes {
+    free: Semaphore,
+}
+
+impl Pipes {
+    /// Room for `max` pipes at once.
+    pub fn new(max: usize) -> Pipes {
+        Pipes {
+            free: Semaphore::new(max),
+        }
+    }
+
+    /// A new pipe, non-blocking and closed on exec, when the budget has room
+    /// and the kernel gives one (`pipe2(2)` fails with `EMFILE` when the
+    /// process is out of descriptors).
+    pub fn open(&self) -> Option<Pipe<'_>> {
+        let place = self.free.try_acquire().ok()?;
+        let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
+        let capacity = fcntl_setpipe_size(&write_end, PIPE_CAPACITY)
+            .or_else(|_| fcntl_getpipe_size(&write_end))
+            .ok()?;
+        Some(Pipe {
+            read_end,
+            write_end,
+            capacity,
+            _place: place,
+        })
+    }
+}
+
+/// A pipe between two sockets, holding its place in [`Pipes`].
+pub struct Pipe<'a> {
     read_end: OwnedFd,
     write_end: OwnedFd,
     capacity: usize,
+    _place: SemaphorePermit<'a>,
 }
 
 /// How a splice of a body went.
@@ -64,24 +102,21 @@ pub enum SpliceEnd {
     BackendBroke,
     /// The client failed, or took nothing for the send timeout.
     ClientGone,
+    /// The backend's next bytes cannot be spliced: they wait behind TCP's
+    /// urgent mark (RFC 9293 section 3.8.5), where Linux's splice stops
+    /// without a byte and without blocking, and which a read passes. The rest
+    /// goes through a buffer.
+    NotSpliceable,
 }
 
-impl Pipe {
-    /// A new pipe, non-blocking, closed on exec.
-    ///
-    /// # Errors
-    /// `pipe2(2)`'s, e.g. `EMFILE` when the process is out of descriptors.
-    pub fn new() -> io::Result<Pipe> {
-        let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-        let capacity = fcntl_setpipe_size(&write_end, PIPE_CAPACITY)
-            .or_else(|_| fcntl_getpipe_size(&write_end))?;
-        Ok(Pipe {
-            read_end,
-            write_end,
-            capacity,
-        })
-    }
+/// What one splice from the backend into the pipe came to.
+enum Fill {
+    Bytes(usize),
+    /// Bytes wait that splice will not take (see [`SpliceEnd::NotSpliceable`]).
+    Stuck,
+}
 
+impl Pipe<'_> {
     /// Moves `length` bytes from `from` to `to`; a wait for `to` to take
     /// bytes that lasts `send_timeout` ends it ([`SpliceEnd::ClientGone`]),
     /// as `listener.send_timeout` ends a write on the hyper path.
@@ -96,8 +131,11 @@ impl Pipe {
         while moved < length {
             let asked = (length - moved).min(self.capacity as u64) as usize;
             let filled = match self.fill(from, asked).await {
-                Ok(0) | Err(_) => return Spliced::broken(moved, SpliceEnd::BackendBroke),
-                Ok(filled) => filled,
+                Ok(Fill::Bytes(0)) | Err(_) => {
+                    return Spliced::stopped(moved, SpliceEnd::BackendBroke);
+                }
+                Ok(Fill::Stuck) => return Spliced::stopped(moved, SpliceEnd::NotSpliceable),
+                Ok(Fill::Bytes(filled)) => filled,
             };
             let mut in_pipe = filled;
             while in_pipe > 0 {
@@ -107,7 +145,7 @@ impl Pipe {
                         in_pipe -= drained;
                         moved += drained as u64;
                     }
-                    _ => return Spliced::broken(moved, SpliceEnd::ClientGone),
+                    _ => return Spliced::stopped(moved, SpliceEnd::ClientGone),
                 }
             }
         }
@@ -117,19 +155,24 @@ impl Pipe {
         }
     }
 
-    /// Splices up to `asked` bytes from `from` into the (empty) pipe: 0 at
-    /// the end of `from`'s stream.
-    async fn fill(&self, from: &TcpStream, asked: usize) -> io::Result<usize> {
+    /// Splices up to `asked` bytes from `from` into the (empty) pipe: none
+    /// at the end of `from`'s stream.
+    async fn fill(&self, from: &TcpStream, asked: usize) -> io::Result<Fill> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         from.async_io(Interest::READABLE, || {
-            Ok(rustix::pipe::splice(
-                from,
-                None,
-                &self.write_end,
-                None,
-                asked,
-                flags,
-            )?)
+            match rustix::pipe::splice(from, None, &self.write_end, None, asked, flags) {
+                Ok(filled) => Ok(Fill::Bytes(filled)),
+                // Nothing to splice: a wait for more, unless a read would
+                // find bytes (the urgent mark).
+                Err(rustix::io::Errno::AGAIN) => {
+                    let peek = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+                    match rustix::net::recv(from, &mut [0u8; 1], peek) {
+                        Ok((read, _)) if read > 0 => Ok(Fill::Stuck),
+                        _ => Err(io::ErrorKind::WouldBlock.into()),
+                    }
+                }
+                Err(error) => Err(error.into()),
+            }
         })
         .await
     }
@@ -152,7 +195,7 @@ impl Pipe {
 }
 
 impl Spliced {
-    fn broken(moved: u64, end: SpliceEnd) -> Spliced {
+    fn stopped(moved: u64, end: SpliceEnd) -> Spliced {
         Spliced { moved, end }
     }
 }
@@ -187,7 +230,8 @@ mod tests {
             client.read_exact(&mut received).await.unwrap();
             received == body
         });
-        let pipe = Pipe::new().unwrap();
+        let pipes = Pipes::new(1);
+        let pipe = pipes.open().unwrap();
         let length = 3 * PIPE_CAPACITY as u64 + 12_345;
         let spliced = pipe.pass(&from, &to, length, Duration::from_secs(30)).await;
         assert_eq!(
@@ -207,7 +251,8 @@ mod tests {
         let (to, mut client) = socket_pair().await;
         backend.write_all(&pattern(100_000)).await.unwrap();
         drop(backend);
-        let pipe = Pipe::new().unwrap();
+        let pipes = Pipes::new(1);
+        let pipe = pipes.open().unwrap();
         let spliced = pipe
             .pass(&from, &to, 1 << 30, Duration::from_secs(30))
             .await;
@@ -225,6 +270,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_behind_an_urgent_mark_are_left_to_a_read() {
+        let (mut backend, mut from) = socket_pair().await;
+        let (to, mut client) = socket_pair().await;
+        backend.write_all(&pattern(100_000)).await.unwrap();
+        rustix::net::send(&backend, b"!", rustix::net::SendFlags::OOB).unwrap();
+        backend.write_all(&pattern(50_000)).await.unwrap();
+        let pipes = Pipes::new(1);
+        let pipe = pipes.open().unwrap();
+        let spliced = tokio::time::timeout(
+            Duration::from_secs(10),
+            pipe.pass(&from, &to, 150_000, Duration::from_secs(30)),
+        )
+        .await
+        .expect("splice does not wait at the urgent mark");
+        assert_eq!(spliced.end, SpliceEnd::NotSpliceable);
+        // What came before the mark reached the client; a read takes the rest.
+        let mut before = vec![0; spliced.moved as usize];
+        client.read_exact(&mut before).await.unwrap();
+        assert_eq!(before, pattern(100_000)[..before.len()]);
+        let mut rest = vec![0; 150_000 - before.len()];
+        from.read_exact(&mut rest).await.unwrap();
+        let expected = [pattern(100_000), pattern(50_000)].concat();
+        assert_eq!(rest, expected[before.len()..]);
+    }
+
+    #[tokio::test]
     async fn a_client_that_takes_nothing_ends_it_after_the_send_timeout() {
         let (mut backend, from) = socket_pair().await;
         let (to, _client_not_reading) = socket_pair().await;
@@ -232,7 +303,8 @@ mod tests {
         let sender = tokio::spawn(async move {
             let _ = backend.write_all(&body).await;
         });
-        let pipe = Pipe::new().unwrap();
+        let pipes = Pipes::new(1);
+        let pipe = pipes.open().unwrap();
         let spliced = pipe
             .pass(&from, &to, 64 << 20, Duration::from_millis(200))
             .await;
