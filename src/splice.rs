@@ -38,6 +38,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// through a buffer.
 const PIPE_CAPACITY: usize = 1 << 20;
 
+/// Splices that find no byte while a read would find one before the
+/// backend's bytes count as stuck at the urgent mark (bytes that arrive
+/// between a splice and the check make one such try, never three).
+const STUCK_AFTER: usize = 3;
+
 /// Bodies shorter than this, in bytes, are not worth a pipe (two file
 /// descriptors and four system calls to set up and close).
 pub const WORTH_SPLICING: u64 = 256 << 10;
@@ -160,19 +165,18 @@ impl Pipe<'_> {
     async fn fill(&self, from: &TcpStream, asked: usize) -> io::Result<Fill> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         from.async_io(Interest::READABLE, || {
-            match rustix::pipe::splice(from, None, &self.write_end, None, asked, flags) {
-                Ok(filled) => Ok(Fill::Bytes(filled)),
-                // Nothing to splice: a wait for more, unless a read would
-                // find bytes (the urgent mark).
-                Err(rustix::io::Errno::AGAIN) => {
-                    let peek = RecvFlags::PEEK | RecvFlags::DONTWAIT;
-                    match rustix::net::recv(from, &mut [0u8; 1], peek) {
-                        Ok((read, _)) if read > 0 => Ok(Fill::Stuck),
-                        _ => Err(io::ErrorKind::WouldBlock.into()),
-                    }
+            for _ in 0..STUCK_AFTER {
+                match rustix::pipe::splice(from, None, &self.write_end, None, asked, flags) {
+                    Ok(filled) => return Ok(Fill::Bytes(filled)),
+                    // Nothing to splice: a wait for more, unless a read
+                    // would find bytes, which may have come just now (try
+                    // again) or wait at the urgent mark.
+                    Err(rustix::io::Errno::AGAIN) if bytes_wait(from) => {}
+                    Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                    Err(error) => return Err(error.into()),
                 }
-                Err(error) => Err(error.into()),
             }
+            Ok(Fill::Stuck)
         })
         .await
     }
@@ -192,6 +196,12 @@ impl Pipe<'_> {
         })
         .await
     }
+}
+
+/// Whether a read of `socket` would find a byte now.
+fn bytes_wait(socket: &TcpStream) -> bool {
+    let peek = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(socket, &mut [0u8; 1], peek), Ok((read, _)) if read > 0)
 }
 
 impl Spliced {
@@ -267,6 +277,37 @@ mod tests {
         let mut received = Vec::new();
         client.read_to_end(&mut received).await.unwrap();
         assert_eq!(received, pattern(100_000));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_that_arrive_while_the_pipe_is_filled_are_spliced_too() {
+        let (mut backend, from) = socket_pair().await;
+        let (to, mut client) = socket_pair().await;
+        const LENGTH: usize = 64 << 20;
+        let sender = tokio::spawn(async move {
+            for piece in pattern(LENGTH).chunks(4096) {
+                backend.write_all(piece).await.unwrap();
+            }
+        });
+        let receiver = tokio::spawn(async move {
+            let mut received = vec![0; LENGTH];
+            client.read_exact(&mut received).await.unwrap();
+            received == pattern(LENGTH)
+        });
+        let pipes = Pipes::new(1);
+        let pipe = pipes.open().unwrap();
+        let spliced = pipe
+            .pass(&from, &to, LENGTH as u64, Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            spliced,
+            Spliced {
+                moved: LENGTH as u64,
+                end: SpliceEnd::Done
+            }
+        );
+        sender.await.unwrap();
+        assert!(receiver.await.unwrap(), "the client got other bytes");
     }
 
     #[tokio::test]
