@@ -550,6 +550,8 @@ impl RawPath {
             }
         };
         if download.resumes >= self.proxy.settings().max_replays {
+            // As the hyper path says it (`download_resume`).
+            tracing::warn!(delivered = sent, "download cut again, no resume left");
             metrics.download_resume(ResumeOutcome::Failed);
             return None;
         }

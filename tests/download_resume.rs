@@ -16,10 +16,11 @@ use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::admin::AdminClient;
 use support::radosgw::RadosGw;
 use support::{
-    ChunkFeed, ProxyUnderTest, S3Backend, metric_sample, s3_client, sign_unsigned_payload,
-    wait_until,
+    ChunkFeed, ProxyProcess, ProxyUnderTest, S3Backend, metric_sample, s3_client,
+    sign_unsigned_payload, wait_until,
 };
 
 const MIB: u64 = 1 << 20;
@@ -221,11 +222,11 @@ impl Reader {
 
     /// Waits until the proxy holds the download for the backend, or the
     /// download ended (not resumable).
-    async fn wait_held_or_ended(&self, proxy: &ProxyUnderTest) {
+    async fn wait_held_or_ended(&self, admin: &AdminClient) {
         wait_until(
             Duration::from_secs(10),
             "the download held or ended",
-            || async { self.0.is_finished() || proxy.admin.held().await == 1 },
+            || async { self.0.is_finished() || admin.held().await == 1 },
         )
         .await
         .unwrap();
@@ -240,7 +241,7 @@ impl Reader {
 /// Reads `first` bytes, crashes `backend`, and reads on in the background
 /// until the proxy holds the download for the backend (or it ended).
 async fn crash_while_reading(
-    proxy: &ProxyUnderTest,
+    admin: &AdminClient,
     backend: &mut impl Crashable,
     mut download: Download,
     mut received: Received,
@@ -250,19 +251,19 @@ async fn crash_while_reading(
     read_until(&mut download, &mut received, until).await;
     backend.kill9();
     let reader = Reader::start(download, received);
-    reader.wait_held_or_ended(proxy).await;
+    reader.wait_held_or_ended(admin).await;
     reader
 }
 
 /// [`crash_while_reading`], then restarts the backend and reads the rest.
 async fn through_a_crash(
-    proxy: &ProxyUnderTest,
+    admin: &AdminClient,
     backend: &mut impl Crashable,
     download: Download,
     received: Received,
     first: u64,
 ) -> (Received, Result<(), String>) {
-    let reader = crash_while_reading(proxy, backend, download, received, first).await;
+    let reader = crash_while_reading(admin, backend, download, received, first).await;
     backend.restart().await.unwrap();
     reader.ended().await
 }
@@ -286,16 +287,16 @@ async fn sdk_get(
 }
 
 /// The count of cut downloads with `outcome`.
-async fn resumes(proxy: &ProxyUnderTest, outcome: &str) -> f64 {
+async fn resumes(admin: &AdminClient, outcome: &str) -> f64 {
     let series = format!("s3fp_download_resumes_total{{outcome=\"{outcome}\"}}");
-    metric_sample(&proxy.admin.metrics().await, &series).unwrap()
+    metric_sample(&admin.metrics().await, &series).unwrap()
 }
 
-async fn assert_only_outcome(proxy: &ProxyUnderTest, expected: &str) {
+async fn assert_only_outcome(admin: &AdminClient, expected: &str) {
     let mut counted = Vec::new();
     let mut wanted = Vec::new();
     for outcome in ["resumed", "changed", "not_resumable", "failed"] {
-        counted.push((outcome, resumes(proxy, outcome).await));
+        counted.push((outcome, resumes(admin, outcome).await));
         wanted.push((outcome, if outcome == expected { 1.0 } else { 0.0 }));
     }
     assert_eq!(counted, wanted, "cut downloads by outcome");
@@ -335,10 +336,10 @@ async fn a_download_cut_by_a_crash_is_resumed_byte_exact() {
     let download = sdk_get(&proxy, "resume", "object", None).await;
     let received = Received::new(1, 0, LARGE);
     let (received, ended) =
-        through_a_crash(&proxy, &mut backend, download, received, LARGE / 2).await;
+        through_a_crash(&proxy.admin, &mut backend, download, received, LARGE / 2).await;
     ended.expect("the download goes on after the restart");
     assert!(received.complete(), "every byte, in order");
-    assert_only_outcome(&proxy, "resumed").await;
+    assert_only_outcome(&proxy.admin, "resumed").await;
 }
 
 /// s3s-fs with `<bucket>/object` made with `seed` (`SMALL` bytes), a proxy
@@ -371,10 +372,10 @@ async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
     let (mut backend, proxy, download) = raw_path_download("raw-resume", 7).await;
     let received = Received::new(7, 0, SMALL);
     let (received, ended) =
-        through_a_crash(&proxy, &mut backend, download, received, SMALL / 2).await;
+        through_a_crash(&proxy.admin, &mut backend, download, received, SMALL / 2).await;
     ended.expect("the download goes on after the restart");
     assert!(received.complete(), "every byte, in order");
-    assert_only_outcome(&proxy, "resumed").await;
+    assert_only_outcome(&proxy.admin, "resumed").await;
     let metrics = proxy.admin.metrics().await;
     assert_eq!(
         metric_sample(&metrics, "s3fp_raw_http1_requests_total"),
@@ -383,13 +384,72 @@ async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
     );
 }
 
+/// A download cut once more than `hold.max_replays` allows is aborted, and
+/// the proxy's log says why, on the raw path as on the hyper path: the
+/// proxy binary with `max_replays = 1`, the backend SIGKILLed and restarted
+/// twice while the client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_more_often_than_max_replays_allows_on_the_raw_path_is_aborted_and_logged() {
+    let mut backend = S3Backend::start().await.unwrap();
+    store(backend.address, "raw-twice", 10, SMALL).await;
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[hold]\nmax_replays = 1\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let get = signed(
+        "GET",
+        proxy.address(),
+        "/raw-twice/object",
+        &[],
+        Either::Right(Empty::new()),
+        0,
+    );
+    let response = raw_client().request(get).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut download = Download::Raw(response.into_body());
+    let mut received = Received::new(10, 0, SMALL);
+
+    // The first cut is resumed while the client reads on to the half.
+    read_until(&mut download, &mut received, SMALL / 4).await;
+    backend.kill9();
+    let reading = tokio::spawn(async move {
+        read_until(&mut download, &mut received, SMALL / 2).await;
+        (download, received)
+    });
+    wait_until(Duration::from_secs(10), "the download held", || async {
+        proxy.admin.held().await == 1
+    })
+    .await
+    .unwrap();
+    backend.restart().await.unwrap();
+    let (mut download, mut received) = reading.await.unwrap();
+    assert_eq!(resumes(&proxy.admin, "resumed").await, 1.0);
+
+    // The second is one too many.
+    backend.kill9();
+    let ended = read_rest(&mut download, &mut received).await;
+    backend.restart().await.unwrap();
+    assert!(ended.is_err(), "the client's connection is aborted");
+    assert!(received.next < SMALL, "the body is not passed off as whole");
+    assert_eq!(resumes(&proxy.admin, "failed").await, 1.0);
+    let reason = "download cut again, no resume left";
+    wait_until(Duration::from_secs(5), "the reason logged", || async {
+        proxy.log_lines().iter().any(|line| line.contains(reason))
+    })
+    .await
+    .unwrap();
+}
+
 /// On the raw path too, an object changed while the backend was away is
 /// never spliced: the client connection is aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_of_an_object_changed_during_the_outage_on_the_raw_path_is_aborted() {
     let (mut backend, proxy, download) = raw_path_download("raw-changed", 8).await;
     let received = Received::new(8, 0, SMALL);
-    let reader = crash_while_reading(&proxy, &mut backend, download, received, SMALL / 4).await;
+    let reader =
+        crash_while_reading(&proxy.admin, &mut backend, download, received, SMALL / 4).await;
     // Replaced where the proxy cannot see it, as in the test above.
     let port = backend.address.port();
     backend.move_to("127.0.0.2");
@@ -401,7 +461,7 @@ async fn a_download_of_an_object_changed_during_the_outage_on_the_raw_path_is_ab
     backend.restart().await.unwrap();
     let (_, ended) = reader.ended().await;
     assert!(ended.is_err(), "aborted, never spliced");
-    assert_only_outcome(&proxy, "changed").await;
+    assert_only_outcome(&proxy.admin, "changed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,10 +486,11 @@ async fn a_download_with_the_clients_own_unsigned_range_is_resumed_within_it() {
     let download = Download::Raw(response.into_body());
     let received = Received::new(2, first, last + 1);
     let half = (last + 1 - first) / 2;
-    let (received, ended) = through_a_crash(&proxy, &mut backend, download, received, half).await;
+    let (received, ended) =
+        through_a_crash(&proxy.admin, &mut backend, download, received, half).await;
     ended.expect("the range goes on after the restart");
     assert!(received.complete(), "every byte of the range, in order");
-    assert_only_outcome(&proxy, "resumed").await;
+    assert_only_outcome(&proxy.admin, "resumed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,10 +501,10 @@ async fn a_download_whose_range_is_signed_is_aborted() {
     let download = sdk_get(&proxy, "signed-range", "object", Some(range)).await;
     let received = Received::new(3, 0, SMALL);
     let (received, ended) =
-        through_a_crash(&proxy, &mut backend, download, received, SMALL / 4).await;
+        through_a_crash(&proxy.admin, &mut backend, download, received, SMALL / 4).await;
     assert!(ended.is_err(), "aborted, not ended cleanly");
     assert!(received.next < SMALL);
-    assert_only_outcome(&proxy, "not_resumable").await;
+    assert_only_outcome(&proxy.admin, "not_resumable").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +512,8 @@ async fn a_download_of_an_object_changed_during_the_outage_is_aborted() {
     let (mut backend, proxy) = s3s_fs_with_object("changed", 4, SMALL).await;
     let download = sdk_get(&proxy, "changed", "object", None).await;
     let received = Received::new(4, 0, SMALL);
-    let reader = crash_while_reading(&proxy, &mut backend, download, received, SMALL / 4).await;
+    let reader =
+        crash_while_reading(&proxy.admin, &mut backend, download, received, SMALL / 4).await;
     // The object is replaced, same size, where the proxy cannot see it; then
     // the backend comes back where the proxy looks for it. s3s-fs ignores
     // If-Match on GET: the proxy sees the new ETag in the 206 itself.
@@ -465,7 +527,7 @@ async fn a_download_of_an_object_changed_during_the_outage_is_aborted() {
     backend.restart().await.unwrap();
     let (_, ended) = reader.ended().await;
     assert!(ended.is_err(), "aborted, never spliced");
-    assert_only_outcome(&proxy, "changed").await;
+    assert_only_outcome(&proxy.admin, "changed").await;
 }
 
 async fn radosgw_with_object(bucket: &str, seed: u64, size: u64) -> (RadosGw, ProxyUnderTest) {
@@ -479,10 +541,11 @@ async fn radosgw_a_download_cut_by_a_crash_is_resumed_byte_exact() {
     let (mut gateway, proxy) = radosgw_with_object("resume-rgw", 7, SMALL * 2).await;
     let download = sdk_get(&proxy, "resume-rgw", "object", None).await;
     let received = Received::new(7, 0, SMALL * 2);
-    let (received, ended) = through_a_crash(&proxy, &mut gateway, download, received, SMALL).await;
+    let (received, ended) =
+        through_a_crash(&proxy.admin, &mut gateway, download, received, SMALL).await;
     ended.expect("the download goes on after the restart");
     assert!(received.complete(), "every byte, in order");
-    assert_only_outcome(&proxy, "resumed").await;
+    assert_only_outcome(&proxy.admin, "resumed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,14 +553,15 @@ async fn radosgw_answers_412_for_an_object_changed_during_the_outage() {
     let (mut gateway, proxy) = radosgw_with_object("changed-rgw", 8, SMALL).await;
     let download = sdk_get(&proxy, "changed-rgw", "object", None).await;
     let received = Received::new(8, 0, SMALL);
-    let reader = crash_while_reading(&proxy, &mut gateway, download, received, SMALL / 4).await;
+    let reader =
+        crash_while_reading(&proxy.admin, &mut gateway, download, received, SMALL / 4).await;
     // Another gateway of the same cluster replaces the object meanwhile.
     let other = RadosGw::start().await.unwrap();
     upload(other.address, "/changed-rgw/object", 9, SMALL).await;
     gateway.restart().await.unwrap();
     let (_, ended) = reader.ended().await;
     assert!(ended.is_err(), "aborted, never spliced");
-    assert_only_outcome(&proxy, "changed").await;
+    assert_only_outcome(&proxy.admin, "changed").await;
 }
 
 /// The proxy's continuation, sent by hand: an unsigned Range and If-Match
