@@ -14,7 +14,8 @@
 # Each repetition runs wrk -t1 against the three in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
 # the ingress process alone (utime + stime from /proc, over wrk's request
-# count, also shown split into user and system time), and requests per
+# count, also shown split into user and system time), the context switches
+# of its threads per request (voluntary: it slept for want of work), and requests per
 # second. Needs wrk, nginx and haproxy (Debian:
 # apt-get install wrk nginx-light haproxy). Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -107,19 +108,35 @@ ticks() {
   done
   echo "$user $system"
 }
+# Context switches, summed over the given processes' threads: "voluntary
+# involuntary". A voluntary one is a thread that found nothing to do and
+# slept (in epoll_wait) until the kernel woke it.
+switches() {
+  local voluntary=0 involuntary=0 v i
+  for pid in "$@"; do
+    for status in /proc/"$pid"/task/*/status; do
+      read -r v i < <(awk '/^voluntary_ctxt/ {v=$2} /^nonvoluntary_ctxt/ {i=$2} END {print v, i}' "$status")
+      voluntary=$((voluntary + v)); involuntary=$((involuntary + i))
+    done
+  done
+  echo "$voluntary $involuntary"
+}
 nginx_workers() { pgrep -f "nginx: worker" -P "$(cat "$DIR/nginx.pid")" | tr '\n' ' '; }
 run() { # name url pids...
   local name=$1 url=$2; shift 2
   local user0 system0 user1 system1
+  local voluntary0 involuntary0 voluntary1 involuntary1
   read -r user0 system0 < <(ticks "$@")
+  read -r voluntary0 involuntary0 < <(switches "$@")
   local out; out=$(wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" "$url")
   read -r user1 system1 < <(ticks "$@")
+  read -r voluntary1 involuntary1 < <(switches "$@")
   local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
   local rps; rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local hz; hz=$(getconf CLK_TCK)
   # The split shows where a difference is: the kernel's share (system: the
   # same socket calls for every ingress) or the ingress's own code (user).
-  python3 -c "u=($user1-$user0)/$hz*1e6/$requests; s=($system1-$system0)/$hz*1e6/$requests; print(f'$name: {float($rps):.0f} req/s, {u+s:.1f} us CPU per request (user {u:.1f}, system {s:.1f})')"
+  python3 -c "u=($user1-$user0)/$hz*1e6/$requests; s=($system1-$system0)/$hz*1e6/$requests; v=($voluntary1-$voluntary0)/$requests; i=($involuntary1-$involuntary0)/$requests; print(f'$name: {float($rps):.0f} req/s, {u+s:.1f} us CPU per request (user {u:.1f}, system {s:.1f}), context switches per request {v:.3f} voluntary, {i:.3f} involuntary')"
   LAST_RPS=$rps
   LAST_US=$(python3 -c "print(($user1-$user0+$system1-$system0)/$hz*1e6/$requests)")
 }
