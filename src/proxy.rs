@@ -46,7 +46,7 @@ use crate::outcome::{
 };
 use crate::peer::Peer;
 use crate::probe::Prober;
-use crate::quarantine::Quarantine;
+use crate::quarantine::{Fingerprint, Quarantine};
 use crate::raw_backend::RawBackend;
 use crate::replay::{self, AttemptBody, ReplayableBody};
 use crate::replay_memory::ReplayMemory;
@@ -773,6 +773,18 @@ impl Proxy {
     /// `fetch_rest` does).
     pub(crate) async fn judge_cut(&self, generation: u64) {
         self.judge(DownReason::Reset, false, generation).await;
+    }
+
+    /// A raw-path request cut after it reached the backend (sent in
+    /// backend generation `generation`), before any answer: judged as the
+    /// hyper path judges such a failure, and on an outage its fingerprint
+    /// becomes a suspect, so that the hyper path, which sends it again,
+    /// sends it through the suspect lane (a request that crashes the
+    /// backend crashes it at most twice, [`crate::quarantine`]).
+    pub(crate) async fn raw_request_cut(&self, fingerprint: &Fingerprint, generation: u64) {
+        if self.judge(DownReason::Reset, false, generation).await == Verdict::Outage {
+            self.quarantine.died_with(fingerprint, false);
+        }
     }
 
     /// The raw path's backend connections.

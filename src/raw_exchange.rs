@@ -18,9 +18,15 @@ use crate::raw_backend::{AnswerHead, Parsed, parse_answer};
 /// Why a backend exchange ended before the client had a byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unanswered {
-    /// The connection failed, or the answer is not one this path takes:
-    /// the hyper path may send the request again.
+    /// The request never reached the backend (no connection, or one that
+    /// failed before the head was written), or the answer is not one this
+    /// path takes: the hyper path may send the request again.
     Failed,
+    /// The head was written and the connection ended or failed before an
+    /// answer head: the backend may have died with the request (the
+    /// quarantine's suspect, once the outage is confirmed); the hyper path
+    /// may send it again.
+    Cut,
     /// No answer head within `backend.first_byte_timeout` from a backend
     /// that serves: `504`, not sent again (the backend may still run it).
     Slow,
@@ -78,21 +84,25 @@ pub async fn exchange(
 ) -> Result<(TcpStream, AnswerHead), Unanswered> {
     // A pooled connection the backend closed just before it was taken
     // gives no answer at all: the request is sent once more on a new one
-    // (a connection the backend closed never ran it).
+    // (a connection the backend closed never ran it). When no new one can
+    // be made, the backend is gone: it may have died with the request.
+    let mut unanswered = Unanswered::Failed;
     if let Some(pooled) = proxy
         .raw_backend()
         .checkout(connector, patience.idle_timeout)
     {
         match send_on(proxy, pooled, outbound, answer, head_request, patience).await {
-            Err(Unanswered::Failed) if answer.is_empty() => {}
+            Err(failed @ (Unanswered::Failed | Unanswered::Cut)) if answer.is_empty() => {
+                unanswered = failed;
+            }
             sent => return sent,
         }
     }
     let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
     let stream = connect
         .await
-        .map_err(|_| Unanswered::Failed)?
-        .map_err(|_| Unanswered::Failed)?;
+        .map_err(|_| unanswered)?
+        .map_err(|_| unanswered)?;
     let _ = stream.set_nodelay(true);
     send_on(proxy, stream, outbound, answer, head_request, patience).await
 }
@@ -134,10 +144,10 @@ async fn read_answer_head(
         if backend
             .read_buf(answer)
             .await
-            .map_err(|_| Unanswered::Failed)?
+            .map_err(|_| Unanswered::Cut)?
             == 0
         {
-            return Err(Unanswered::Failed);
+            return Err(Unanswered::Cut);
         }
         loop {
             match parse_answer(answer, head_request, patience.max_headers)

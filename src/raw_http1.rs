@@ -20,8 +20,9 @@
 //! `Expect`, no hop-by-hop field but `Connection: keep-alive`, no
 //! forwarding header of its own, at most [`COMMON_FIELDS`] fields) and ends
 //! it at the first head it does not. A request is served here while the
-//! gate admits at once, the quarantine watches nothing, no crash suspect is
-//! due, the proxy is not draining and the backend is plain TCP. Any other
+//! gate admits at once, it is neither a suspect nor quarantined
+//! ([`crate::quarantine`]), no crash suspect is due, the proxy is not
+//! draining and the backend is plain TCP. Any other
 //! request, and any failure before a byte of the answer reached the client,
 //! goes to a hyper round with every byte read (a GET or HEAD may then reach
 //! the backend twice: the hyper path sends it again, and sees the outage,
@@ -50,6 +51,7 @@ use crate::outcome::RequestOutcome;
 use crate::outcome::ResumeOutcome;
 use crate::peer::{Peer, RequestInProgress};
 use crate::proxy::Proxy;
+use crate::quarantine::Fingerprint;
 use crate::raw_backend::{AnswerHead, BodyFraming, Chunks};
 use crate::raw_exchange::{Patience, Unanswered, exchange};
 use crate::raw_resume::RawDownload;
@@ -305,8 +307,7 @@ impl RawPath {
         let started = std::time::Instant::now();
         let proxy = &self.proxy;
         let connector = proxy.backend_connector();
-        if !connector.is_plain() || proxy.quarantine().watches_any() || proxy.gate().suspects_due()
-        {
+        if !connector.is_plain() || proxy.gate().suspects_due() || self.watched(head, request) {
             return Forwarded::NotSent;
         }
         let Some(mut admission) = proxy.gate().admit_at_once() else {
@@ -318,6 +319,7 @@ impl RawPath {
         let mut answer = Vec::with_capacity(GATHERED);
         let head_request = request.method == Method::HEAD;
         let patience = Patience::now(proxy);
+        let generation = proxy.gate().generation();
         let exchanged = exchange(
             proxy,
             &connector,
@@ -344,7 +346,13 @@ impl RawPath {
                 let line = Line::new(request, head, started);
                 return self.slow_backend(io, line).await;
             }
-            Err(Unanswered::Failed | Unanswered::Hung) => return Forwarded::NotSent,
+            Err(Unanswered::Failed) => return Forwarded::NotSent,
+            Err(Unanswered::Cut | Unanswered::Hung) => {
+                if let Some(fingerprint) = fingerprint(head, request) {
+                    proxy.raw_request_cut(&fingerprint, generation).await;
+                }
+                return Forwarded::NotSent;
+            }
         };
         admission.settle();
         proxy.gate().backend_answered();
@@ -386,6 +394,21 @@ impl RawPath {
         } else {
             Forwarded::Close
         }
+    }
+
+    /// Whether the quarantine watches this request: a suspect (the hyper
+    /// path sends it through the suspect lane) or quarantined (it refuses
+    /// it). Every other request stays on this path while suspects are
+    /// remembered (`quarantine.duration`, after a crash).
+    fn watched(&self, head: &[u8], request: &RawRequest) -> bool {
+        let quarantine = self.proxy.quarantine();
+        if !quarantine.watches_any() {
+            return false;
+        }
+        let Some(fingerprint) = fingerprint(head, request) else {
+            return true;
+        };
+        quarantine.is_quarantined(&fingerprint) || quarantine.is_suspect(&fingerprint)
     }
 
     /// Answers `504 GatewayTimeout` (S3's `SlowBackend`), as the hyper path
@@ -614,6 +637,28 @@ impl RawPath {
         }
         .log();
     }
+}
+
+/// The quarantine's fingerprint of the request whose head is `head`, as
+/// the hyper path takes it ([`Fingerprint::of`]: the target, and of the
+/// fields only `x-amz-copy-source`, a head of this path having no
+/// `Content-Length`); `None` for a target the URI parser refuses.
+fn fingerprint(head: &[u8], request: &RawRequest) -> Option<Fingerprint> {
+    let target = std::str::from_utf8(&head[request.target.clone()]).ok()?;
+    let uri = target.parse::<http::Uri>().ok()?;
+    let mut slots = [httparse::EMPTY_HEADER; COMMON_FIELDS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    parsed.parse(head).ok()?;
+    let mut fields = http::HeaderMap::new();
+    for field in parsed.headers.iter() {
+        if field.name.eq_ignore_ascii_case("x-amz-copy-source") {
+            fields.append(
+                "x-amz-copy-source",
+                HeaderValue::from_bytes(field.value).ok()?,
+            );
+        }
+    }
+    Some(Fingerprint::of(&request.method, &uri, &fields))
 }
 
 /// What one request's line says.

@@ -171,10 +171,11 @@ fn request_lines(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A request line (`PUT /bucket/poison HTTP/1.1`) naming the poison key.
+/// A request line (`PUT /bucket/poison HTTP/1.1`, or `GET`) naming the
+/// poison key.
 fn names_poison(bytes: &[u8]) -> bool {
     bytes.split(|&b| b == b'\n').any(|line| {
-        line.starts_with(b"PUT ")
+        (line.starts_with(b"PUT ") || line.starts_with(b"GET "))
             && line.ends_with(b" HTTP/1.1\r")
             && line.windows(POISON.len()).any(|w| w == POISON)
     })
@@ -289,6 +290,52 @@ async fn a_request_that_crashes_the_backend_is_quarantined_after_two_crashes() {
     })
     .await
     .unwrap();
+}
+
+/// A plain GET that crashes the backend is stopped the same way when the
+/// raw HTTP/1.1 path (the default for plain GETs) sent it first: the
+/// backend crashes twice for it, no more, and its retries are refused at
+/// once; every other plain GET keeps the raw path meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_that_crashes_the_backend_on_the_raw_path_is_quarantined_after_two_crashes() {
+    let backend = S3Backend::start().await.unwrap();
+    let crashing = CrashingBackend::start(backend.address).await;
+    let proxy = ProxyUnderTest::start(
+        crashing.address,
+        "[listener]\nraw_http1 = true\n[hold]\ntimeout = \"20s\"\n",
+    )
+    .await
+    .unwrap();
+    let address = proxy.address;
+    let get = move |path: &'static str| raw_request(address, "GET", path, &[], Bytes::new());
+
+    let (status, body) = get("/lab/poison").await.unwrap();
+    assert_eq!(status, 400, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("<Code>InvalidRequest</Code>"));
+    assert_eq!(crashing.crashes(), 2, "the backend crashed twice, no more");
+    for _ in 0..3 {
+        let (status, _) = get("/lab/poison").await.unwrap();
+        assert_eq!(status, 400, "a retry is answered at once");
+    }
+    assert_eq!(crashing.crashes(), 2);
+    let status = proxy.admin.status().await;
+    assert_eq!(status["quarantined"][0]["fingerprint"], "GET /lab/poison", "{status}");
+
+    // While the quarantine remembers it, other GETs take the raw path (once
+    // the backend is back: the first is held until then).
+    get("/lab/innocent").await.unwrap();
+    let raw_requests = || async {
+        let metrics = proxy.admin.metrics().await;
+        metric_sample(&metrics, "s3fp_raw_http1_requests_total").unwrap_or(0.0)
+    };
+    let before = raw_requests().await;
+    for _ in 0..3 {
+        get("/lab/innocent").await.unwrap();
+    }
+    assert_eq!(raw_requests().await - before, 3.0, "other GETs on the raw path");
+    let (status, _) = get("/lab/poison").await.unwrap();
+    assert_eq!(status, 400, "still refused");
+    assert_eq!(crashing.crashes(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
