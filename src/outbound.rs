@@ -94,7 +94,20 @@ pub fn outbound(
         extensions,
         ..
     } = parts;
+    let chunked = version != Version::HTTP_2 && headers.contains_key(header::TRANSFER_ENCODING);
     headers::strip_hop_by_hop(&mut headers);
+    if chunked && matches!(method, Method::GET | Method::HEAD | Method::CONNECT) {
+        // hyper's client sends a GET, HEAD or CONNECT body of unknown
+        // length only when the request says so ("GET, HEAD, and CONNECT
+        // almost never have bodies"): without this the body the client
+        // chunked would be dropped, and the backend would answer a request
+        // it never got (RFC 9110 section 9.3.1: such a body has no defined
+        // meaning, and it is the backend's to refuse).
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     if version == Version::HTTP_2 && !headers.contains_key(header::HOST) {
         // HTTP/2 carries the host as :authority; HTTP/1.1 needs it as Host.
         // An HTTP/1.1 request without Host reaches the backend without one.

@@ -319,7 +319,10 @@ async fn a_get_that_crashes_the_backend_on_the_raw_path_is_quarantined_after_two
     }
     assert_eq!(crashing.crashes(), 2);
     let status = proxy.admin.status().await;
-    assert_eq!(status["quarantined"][0]["fingerprint"], "GET /lab/poison", "{status}");
+    assert_eq!(
+        status["quarantined"][0]["fingerprint"], "GET /lab/poison",
+        "{status}"
+    );
 
     // While the quarantine remembers it, other GETs take the raw path (once
     // the backend is back: the first is held until then).
@@ -332,7 +335,11 @@ async fn a_get_that_crashes_the_backend_on_the_raw_path_is_quarantined_after_two
     for _ in 0..3 {
         get("/lab/innocent").await.unwrap();
     }
-    assert_eq!(raw_requests().await - before, 3.0, "other GETs on the raw path");
+    assert_eq!(
+        raw_requests().await - before,
+        3.0,
+        "other GETs on the raw path"
+    );
     let (status, _) = get("/lab/poison").await.unwrap();
     assert_eq!(status, 400, "still refused");
     assert_eq!(crashing.crashes(), 2);
