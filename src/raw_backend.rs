@@ -8,8 +8,10 @@
 //! An answer this path does not pass on as it came (a hop-by-hop field
 //! other than a plain `Connection` or `Transfer-Encoding: chunked`, both a
 //! length and chunks, an HTTP/1.0 status line, more fields than
-//! [`MAX_FIELDS`], `101`) is [`NotTaken`]: the request goes to the hyper
-//! path, which sends it again (only GET and HEAD take this path).
+//! [`MAX_FIELDS`], `101`) is [`NotTaken::ForHyper`]: the request goes to
+//! the hyper path, which sends it again (only GET and HEAD take this path).
+//! One hyper's client would refuse as well is [`NotTaken::Invalid`]: it is
+//! answered `502` at once, not sent again to be refused.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -164,7 +166,16 @@ impl AnswerHead {
 
 /// An answer head this path does not pass on as it came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotTaken;
+pub enum NotTaken {
+    /// One the hyper path passes on changed (or reads with settings of its
+    /// own): the request goes there, and is sent again.
+    ForHyper,
+    /// One hyper's client refuses as well (httparse with hyper's default
+    /// settings refuses a line of it, such as an obs-fold or a field line
+    /// starting with a space; or two `Content-Length` lines that differ):
+    /// the hyper path would send the request again only to answer `502`.
+    Invalid,
+}
 
 /// What the bytes read so far start with.
 #[derive(Debug)]
@@ -188,40 +199,65 @@ pub fn parse_answer(
 ) -> Result<Parsed, NotTaken> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_FIELDS];
     match parse_into(bytes, head_request, &mut slots) {
-        Err(Some(httparse::Error::TooManyHeaders)) if max_fields > MAX_FIELDS => {
+        Err(Refused::Parser(httparse::Error::TooManyHeaders)) if max_fields > MAX_FIELDS => {
             let mut slots = vec![httparse::EMPTY_HEADER; max_fields];
-            parse_into(bytes, head_request, &mut slots).map_err(|_| NotTaken)
+            parse_into(bytes, head_request, &mut slots).map_err(Refused::not_taken)
         }
-        parsed => parsed.map_err(|_| NotTaken),
+        parsed => parsed.map_err(Refused::not_taken),
     }
 }
 
-/// [`parse_answer`] into `slots`; `Err(Some(_))` when httparse refused it.
+/// Why [`parse_into`] did not take a head.
+enum Refused {
+    /// httparse refused it.
+    Parser(httparse::Error),
+    Not(NotTaken),
+}
+
+impl Refused {
+    fn not_taken(self) -> NotTaken {
+        match self {
+            // Past this path's slots, within `backend.max_headers`: hyper's
+            // limit is its own.
+            Refused::Parser(httparse::Error::TooManyHeaders) => NotTaken::ForHyper,
+            Refused::Parser(_) => NotTaken::Invalid,
+            Refused::Not(not_taken) => not_taken,
+        }
+    }
+}
+
+impl From<NotTaken> for Refused {
+    fn from(not_taken: NotTaken) -> Refused {
+        Refused::Not(not_taken)
+    }
+}
+
+/// [`parse_answer`] into `slots`.
 fn parse_into<'b>(
     bytes: &'b [u8],
     head_request: bool,
     slots: &mut [httparse::Header<'b>],
-) -> Result<Parsed, Option<httparse::Error>> {
+) -> Result<Parsed, Refused> {
     let mut response = httparse::Response::new(slots);
     let length = match response.parse(bytes) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(error) => return Err(Some(error)),
+        Err(error) => return Err(Refused::Parser(error)),
     };
     // A `Date` is added before the head's last CRLF: a head ended with
     // bare LFs goes the hyper way.
     if response.version != Some(1) || !bytes[..length].ends_with(b"\r\n\r\n") {
-        return Err(None);
+        return Err(NotTaken::ForHyper.into());
     }
-    let status = response.code.ok_or(None)?;
+    let status = response.code.ok_or(Refused::Not(NotTaken::ForHyper))?;
     match status {
-        101 => return Err(None),
+        101 => return Err(NotTaken::ForHyper.into()),
         100..=199 => return Ok(Parsed::Informational(length)),
         _ => {}
     }
     let mut fields = Fields::default();
     for field in response.headers.iter() {
-        fields.take(field, bytes).map_err(|_| None)?;
+        fields.take(field, bytes)?;
     }
     let framing = if head_request || status == 204 || status == 304 {
         BodyFraming::Empty
@@ -233,7 +269,7 @@ fn parse_into<'b>(
             .map_or(BodyFraming::UntilClose, BodyFraming::Length)
     };
     if fields.chunked && fields.length.is_some() {
-        return Err(None);
+        return Err(NotTaken::ForHyper.into());
     }
     Ok(Parsed::Final(AnswerHead {
         length,
@@ -274,14 +310,14 @@ impl Fields {
                 .ok()
                 .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|digits| digits.parse().ok())
-                .ok_or(NotTaken)?;
+                .ok_or(NotTaken::ForHyper)?;
             if self.length.is_some_and(|earlier| earlier != length) {
-                return Err(NotTaken);
+                return Err(NotTaken::Invalid);
             }
             self.length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if self.chunked || !value.eq_ignore_ascii_case(b"chunked") {
-                return Err(NotTaken);
+                return Err(NotTaken::ForHyper);
             }
             self.chunked = true;
         } else if name.eq_ignore_ascii_case("connection") {
@@ -291,11 +327,12 @@ impl Fields {
                 if token.eq_ignore_ascii_case(b"close") {
                     self.close = true;
                 } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    return Err(NotTaken);
+                    return Err(NotTaken::ForHyper);
                 }
             }
         } else if is_hop_by_hop(name) {
-            self.dropped.push(line_of(field, head).ok_or(NotTaken)?);
+            self.dropped
+                .push(line_of(field, head).ok_or(NotTaken::ForHyper)?);
         } else if name.eq_ignore_ascii_case("date") {
             self.dated = true;
         } else if name.eq_ignore_ascii_case("x-amz-request-id") {
@@ -457,14 +494,31 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nConnection: x-private\r\nContent-Length: 0\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
             b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
             b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
         ] {
             assert_eq!(
                 parse_answer(answer, false, MAX_FIELDS).err(),
-                Some(NotTaken),
+                Some(NotTaken::ForHyper),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[test]
+    fn answers_hypers_client_refuses_are_invalid() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n Leading: space\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_answer(answer, false, MAX_FIELDS).err(),
+                Some(NotTaken::Invalid),
                 "{}",
                 String::from_utf8_lossy(answer)
             );

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::connector::Connector;
 use crate::proxy::Proxy;
-use crate::raw_backend::{AnswerHead, Parsed, parse_answer};
+use crate::raw_backend::{AnswerHead, NotTaken, Parsed, parse_answer};
 
 /// Why a backend exchange ended before the client had a byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub enum Unanswered {
     /// quarantine's suspect, once the outage is confirmed); the hyper path
     /// may send it again.
     Cut,
+    /// An answer head hyper's client refuses as well
+    /// ([`crate::raw_backend::NotTaken::Invalid`]): `502`, not sent again.
+    Invalid,
     /// No answer head within `backend.first_byte_timeout` from a backend
     /// that serves: `504`, not sent again (the backend may still run it).
     Slow,
@@ -150,9 +153,11 @@ async fn read_answer_head(
             return Err(Unanswered::Cut);
         }
         loop {
-            match parse_answer(answer, head_request, patience.max_headers)
-                .map_err(|_| Unanswered::Failed)?
-            {
+            let parsed = parse_answer(answer, head_request, patience.max_headers);
+            match parsed.map_err(|not_taken| match not_taken {
+                NotTaken::ForHyper => Unanswered::Failed,
+                NotTaken::Invalid => Unanswered::Invalid,
+            })? {
                 Parsed::Partial if answer.len() <= patience.max_head_bytes => break,
                 Parsed::Partial => return Err(Unanswered::Failed),
                 Parsed::Informational(length) => drop(answer.drain(..length)),

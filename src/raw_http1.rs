@@ -57,6 +57,7 @@ use crate::raw_exchange::{Patience, Unanswered, exchange};
 use crate::raw_resume::RawDownload;
 use crate::request_target::TargetWatch;
 use crate::round_kind::COMMON_FIELDS;
+use crate::s3_error::ProxyError;
 use crate::shutdown::{Phase, ShutdownWatch};
 use crate::splice::{Pipes, SpliceEnd, Spliced};
 
@@ -344,7 +345,11 @@ impl RawPath {
             Ok(exchanged) => exchanged,
             Err(Unanswered::Slow) => {
                 let line = Line::new(request, head, started);
-                return self.slow_backend(io, line).await;
+                return self.answer_error(io, line, ProxyError::SlowBackend).await;
+            }
+            Err(Unanswered::Invalid) => {
+                let line = Line::new(request, head, started);
+                return self.answer_error(io, line, ProxyError::BadGateway).await;
             }
             Err(Unanswered::Failed) => return Forwarded::NotSent,
             Err(Unanswered::Cut | Unanswered::Hung) => {
@@ -411,15 +416,20 @@ impl RawPath {
         quarantine.is_quarantined(&fingerprint) || quarantine.is_suspect(&fingerprint)
     }
 
-    /// Answers `504 GatewayTimeout` (S3's `SlowBackend`), as the hyper path
-    /// answers a backend that serves but did not answer in time; the
-    /// connection ends after it.
-    async fn slow_backend<I>(&self, io: &mut TargetWatch<I>, mut line: Line<'_>) -> Forwarded
+    /// Answers `error` as the hyper path answers it: `504 GatewayTimeout`
+    /// (S3's `SlowBackend`) for a backend that serves but did not answer in
+    /// time, `502` for an answer hyper's client refuses; the connection
+    /// ends after it.
+    async fn answer_error<I>(
+        &self,
+        io: &mut TargetWatch<I>,
+        mut line: Line<'_>,
+        error: ProxyError,
+    ) -> Forwarded
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let request_id = RequestId::Proxy(crate::access_log::ProxyRequestId::next());
-        let error = crate::s3_error::ProxyError::SlowBackend;
         line.status = error.status().as_u16();
         line.outcome = error.outcome();
         let answer = error.to_http1_bytes(line.method, line.path, &request_id.to_string());

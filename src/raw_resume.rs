@@ -122,7 +122,9 @@ impl RawDownload {
             let (backend, answer_head) = match exchanged {
                 Ok(exchanged) => exchanged,
                 Err(Unanswered::Slow) => return Err(failed("the backend did not answer in time")),
-                Err(Unanswered::Failed | Unanswered::Cut | Unanswered::Hung) => {
+                Err(
+                    Unanswered::Failed | Unanswered::Cut | Unanswered::Invalid | Unanswered::Hung,
+                ) => {
                     proxy.judge_cut(proxy.gate().generation()).await;
                     continue;
                 }

@@ -150,15 +150,44 @@ async fn a_read_whose_lines_end_in_bare_lf_is_answered() {
     assert_eq!(read_response(&mut stream).await, (200, "bare".to_owned()));
 }
 
+/// The proxy binary with the raw path on, in front of `backend`.
+async fn raw_proxy_at(backend: SocketAddr) -> ProxyProcess {
+    ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{backend}\"\n"
+    ))
+    .await
+    .unwrap()
+}
+
+/// A connection to `proxy` on which `GET /b/k` was sent.
+async fn get_b_k(proxy: &ProxyProcess) -> TcpStream {
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    stream
+        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
 /// A backend of the test's own that answers every request on a connection
 /// with `answer`, written in the pieces given (each after the previous one
 /// was flushed, with a pause between, so that they arrive apart).
 async fn scripted_backend(pieces: Vec<Vec<u8>>) -> SocketAddr {
+    counted_scripted_backend(pieces).await.0
+}
+
+/// [`scripted_backend`], with the count of request heads it received.
+async fn counted_scripted_backend(
+    pieces: Vec<Vec<u8>>,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&heads);
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let pieces = pieces.clone();
+            let counted = std::sync::Arc::clone(&counted);
             tokio::spawn(async move {
                 use tokio::io::AsyncReadExt;
                 let mut head = Vec::new();
@@ -171,6 +200,7 @@ async fn scripted_backend(pieces: Vec<Vec<u8>>) -> SocketAddr {
                         }
                         head.push(byte[0]);
                     }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     for piece in &pieces {
                         stream.write_all(piece).await.unwrap();
                         stream.flush().await.unwrap();
@@ -180,7 +210,7 @@ async fn scripted_backend(pieces: Vec<Vec<u8>>) -> SocketAddr {
             });
         }
     });
-    address
+    (address, heads)
 }
 
 /// Reads an answer whose body is chunked, to its last chunk and trailers:
@@ -219,11 +249,7 @@ async fn a_chunked_answer_split_mid_line_arrives_byte_for_byte() {
     pieces.push(b"0\r\nx-check".to_vec());
     pieces.push(b"sum: 1\r\n\r\n".to_vec());
     let backend = scripted_backend(pieces).await;
-    let proxy = ProxyProcess::start(&format!(
-        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{backend}\"\n"
-    ))
-    .await
-    .unwrap();
+    let proxy = raw_proxy_at(backend).await;
     let get = b"GET /b/chunked HTTP/1.1\r\nHost: s3\r\n\r\n";
     let mut straight = TcpStream::connect(backend).await.unwrap();
     straight.write_all(get).await.unwrap();
@@ -260,16 +286,8 @@ async fn the_start_of_an_answer_is_passed_on_before_its_rest_comes() {
         stream.write_all(b"abcdefghij").await.unwrap();
         let _ = stream.read(&mut byte).await;
     });
-    let proxy = ProxyProcess::start(&format!(
-        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{backend}\"\n"
-    ))
-    .await
-    .unwrap();
-    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
-    stream
-        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
-        .await
-        .unwrap();
+    let proxy = raw_proxy_at(backend).await;
+    let mut stream = get_b_k(&proxy).await;
     let mut got = Vec::new();
     let mut buffer = [0u8; 1024];
     let start = async {
@@ -289,4 +307,30 @@ async fn the_start_of_an_answer_is_passed_on_before_its_rest_comes() {
         got.extend_from_slice(&buffer[..n]);
     }
     assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
+
+/// An answer hyper's client refuses as well (an obs-folded field, a field
+/// line starting with a space, two `Content-Length` lines that differ) is
+/// answered `502`, as the hyper path answers it, and the GET reaches the
+/// backend once: it is not handed to the hyper path to be sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_hyper_refuses_is_a_502_and_the_get_is_sent_once() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\nok"[..],
+        b"HTTP/1.1 200 OK\r\n Leading: space\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    ] {
+        let (backend, heads) = counted_scripted_backend(vec![answer.to_vec()]).await;
+        let proxy = raw_proxy_at(backend).await;
+        let mut stream = get_b_k(&proxy).await;
+        let (status, body) = read_response(&mut stream).await;
+        let shown = String::from_utf8_lossy(answer);
+        assert_eq!(status, 502, "{shown}");
+        assert!(body.contains("<Code>InternalError</Code>"), "{body}");
+        assert_eq!(
+            heads.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{shown}"
+        );
+    }
 }
