@@ -33,7 +33,8 @@ use tokio::time::Instant;
 
 /// What identifies "the same request" across a client's retries: method,
 /// bucket, key, the subresource query parameters with their values (not
-/// SigV4's `X-Amz-*` ones, which change on every signing; a retry keeps its
+/// those of a presigned URL's signature, which change on every signing,
+/// [`is_signing_parameter`]; a retry keeps its
 /// `uploadId` and `partNumber`), the copy source and the content length.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fingerprint {
@@ -54,7 +55,7 @@ impl Fingerprint {
             .query()
             .unwrap_or("")
             .split('&')
-            .filter(|pair| !pair.is_empty() && !pair.starts_with("X-Amz-"))
+            .filter(|pair| !pair.is_empty() && !is_signing_parameter(pair))
             .map(str::to_owned)
             .collect();
         subresources.sort();
@@ -74,6 +75,15 @@ impl Fingerprint {
             content_length: text(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
         }
     }
+}
+
+/// A query parameter of a presigned URL's signature, which changes on every
+/// signing: SigV4's `X-Amz-*` ones, and SigV2's `AWSAccessKeyId`,
+/// `Signature` and `Expires` (S3's "Authenticating Requests: Using Query
+/// Parameters", the form boto3 presigns by default).
+fn is_signing_parameter(pair: &str) -> bool {
+    let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+    name.starts_with("X-Amz-") || matches!(name, "AWSAccessKeyId" | "Signature" | "Expires")
 }
 
 impl fmt::Display for Fingerprint {
@@ -267,6 +277,22 @@ mod tests {
         assert_eq!(quarantine.entries().len(), 1);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(!quarantine.is_quarantined(&poison));
+    }
+
+    /// boto3 presigns with SigV2 by default: a retry presigned anew is
+    /// the same request.
+    #[test]
+    fn a_retry_presigned_anew_with_sigv2_has_the_same_fingerprint() {
+        let first = fingerprint(
+            "/b/poison?AWSAccessKeyId=AK&Signature=aa%3D&Expires=1700000000",
+            None,
+        );
+        let retry = fingerprint(
+            "/b/poison?AWSAccessKeyId=AK&Signature=bb%3D&Expires=1700000060",
+            None,
+        );
+        assert_eq!(first, retry);
+        assert_eq!(first.to_string(), "PUT /b/poison");
     }
 
     #[test]
