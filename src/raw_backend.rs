@@ -263,12 +263,18 @@ fn parse_into<'b>(
         BodyFraming::Empty
     } else if fields.chunked {
         BodyFraming::Chunked
+    } else if fields.lengths.refused_by_hyper {
+        // hyper's client frames this answer by its length, and refuses it.
+        return Err(NotTaken::Invalid.into());
     } else {
         fields
-            .length
+            .lengths
+            .plain
             .map_or(BodyFraming::UntilClose, BodyFraming::Length)
     };
-    if fields.chunked && fields.length.is_some() {
+    // Lengths hyper reads otherwise, or drops (the answer to a HEAD, a
+    // `204`, a `304`, one with chunks).
+    if fields.lengths.not_plain || (fields.chunked && fields.lengths.seen) {
         return Err(NotTaken::ForHyper.into());
     }
     Ok(Parsed::Final(AnswerHead {
@@ -282,10 +288,56 @@ fn parse_into<'b>(
     }))
 }
 
+/// What an answer's `Content-Length` lines say.
+#[derive(Default)]
+struct Lengths {
+    seen: bool,
+    /// The length every line gives as one plain number.
+    plain: Option<u64>,
+    /// A line that is not one plain number, or gives another.
+    not_plain: bool,
+    /// The length as hyper's client reads it: every value of every line
+    /// (comma-separated, trimmed) the same number of ASCII digits.
+    by_hyper: Option<u64>,
+    /// hyper's client refuses the lines (it answers `502` where it frames
+    /// the answer by them).
+    refused_by_hyper: bool,
+}
+
+impl Lengths {
+    fn take(&mut self, value: &[u8]) {
+        self.seen = true;
+        match number(value) {
+            Some(length) if self.plain.is_none_or(|earlier| earlier == length) => {
+                self.plain = Some(length);
+            }
+            _ => self.not_plain = true,
+        }
+        // As hyper's `headers::content_length_parse_all_values`.
+        for part in value.split(|&b| b == b',') {
+            match number(part.trim_ascii()) {
+                Some(length) if self.by_hyper.is_none_or(|earlier| earlier == length) => {
+                    self.by_hyper = Some(length);
+                }
+                _ => self.refused_by_hyper = true,
+            }
+        }
+    }
+}
+
+/// `bytes` as a number of ASCII digits alone (no sign, no space), if it
+/// fits a `u64`.
+fn number(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
 /// What an answer's fields say about its framing and the connection.
 #[derive(Default)]
 struct Fields {
-    length: Option<u64>,
+    lengths: Lengths,
     chunked: bool,
     close: bool,
     dated: bool,
@@ -306,15 +358,7 @@ impl Fields {
         let name = field.name;
         let value = field.value.trim_ascii();
         if name.eq_ignore_ascii_case("content-length") {
-            let length = std::str::from_utf8(value)
-                .ok()
-                .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|digits| digits.parse().ok())
-                .ok_or(NotTaken::ForHyper)?;
-            if self.length.is_some_and(|earlier| earlier != length) {
-                return Err(NotTaken::Invalid);
-            }
-            self.length = Some(length);
+            self.lengths.take(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             if self.chunked || !value.eq_ignore_ascii_case(b"chunked") {
                 return Err(NotTaken::ForHyper);
@@ -495,6 +539,8 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nContent-Length: abc\r\n\r\n",
             b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
             b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
@@ -512,6 +558,9 @@ mod tests {
     fn answers_hypers_client_refuses_are_invalid() {
         for answer in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nContent-Length: \r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n Leading: space\r\nContent-Length: 0\r\n\r\n",
             b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",

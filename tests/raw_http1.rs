@@ -310,15 +310,18 @@ async fn the_start_of_an_answer_is_passed_on_before_its_rest_comes() {
 }
 
 /// An answer hyper's client refuses as well (an obs-folded field, a field
-/// line starting with a space, two `Content-Length` lines that differ) is
+/// line starting with a space, lengths that differ or are not numbers) is
 /// answered `502`, as the hyper path answers it, and the GET reaches the
-/// backend once: it is not handed to the hyper path to be sent again.
+/// backend once: it is not handed to the hyper path to be sent again. A
+/// `304` whose lengths differ, which hyper passes on, is not refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_hyper_refuses_is_a_502_and_the_get_is_sent_once() {
     for answer in [
         &b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\nok"[..],
         b"HTTP/1.1 200 OK\r\n Leading: space\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
     ] {
         let (backend, heads) = counted_scripted_backend(vec![answer.to_vec()]).await;
         let proxy = raw_proxy_at(backend).await;
@@ -333,4 +336,10 @@ async fn an_answer_hyper_refuses_is_a_502_and_the_get_is_sent_once() {
             "{shown}"
         );
     }
+    let not_modified =
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+    let backend = scripted_backend(vec![not_modified.to_vec()]).await;
+    let proxy = raw_proxy_at(backend).await;
+    let mut stream = get_b_k(&proxy).await;
+    assert_eq!(read_response(&mut stream).await.0, 304);
 }
