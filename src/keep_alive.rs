@@ -370,7 +370,10 @@ where
                 shutdown,
             ));
             match served.await {
-                RawEnd::HandOver(ahead) => ahead,
+                RawEnd::HandOver(ahead) => {
+                    io.handed_over();
+                    ahead
+                }
                 RawEnd::Switch(ahead) => {
                     io.switch_round();
                     ahead

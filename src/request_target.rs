@@ -345,6 +345,14 @@ impl<I> TargetWatch<I> {
             .map_or(RoundKind::ManyFields, RoundKinds::kind)
     }
 
+    /// The raw path handed the round to hyper: the raw path's next head
+    /// gets a round of its own ([`RoundKinds::handed_over`]).
+    pub fn handed_over(&mut self) {
+        if let Some(rounds) = self.rounds.as_deref_mut() {
+            rounds.handed_over();
+        }
+    }
+
     /// A round of the kind the held head needs starts: the bytes held for
     /// it are followed now.
     pub fn switch_round(&mut self) {

@@ -184,6 +184,17 @@ impl RoundKinds {
         !self.unfollowed.is_empty() && !self.replay
     }
 
+    /// The raw path handed its round to hyper (an outage, an answer it
+    /// does not pass on): the round goes on as the [`RoundKind::Common`]
+    /// one it is served as, so that the next head the raw path takes gets
+    /// a raw round again ([`RoundKinds::switch_for`]) instead of waiting
+    /// for the connection to rest.
+    pub(crate) fn handed_over(&mut self) {
+        if self.kind == RoundKind::Raw {
+            self.kind = RoundKind::Common;
+        }
+    }
+
     /// The round the held head waits for starts: leaving a large round
     /// gives its share back.
     pub(crate) fn start_next(&mut self) {

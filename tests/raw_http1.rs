@@ -126,6 +126,55 @@ async fn a_connection_that_rested_between_reads_is_read_on_the_raw_path_again() 
     }
 }
 
+/// A busy keep-alive connection whose GET the raw path handed to hyper
+/// during an outage (held, then answered once the backend is back) takes
+/// the raw path again at its next GET, without resting first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_handed_to_hyper_in_an_outage_reads_on_the_raw_path_at_its_next_get() {
+    let mut backend = S3Backend::start().await.unwrap();
+    let proxy = raw_proxy_for(&backend).await;
+    let address = proxy.address();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("back").send().await.unwrap();
+    s3.put_object()
+        .bucket("back")
+        .key("k")
+        .body(ByteStream::from_static(b"v"))
+        .send()
+        .await
+        .unwrap();
+    let get = request(address, "GET", "/back/k", "");
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(&get).await.unwrap();
+    assert_eq!(read_response(&mut stream).await, (200, "v".to_owned()));
+    assert_eq!(raw_requests(&proxy).await, 1.0);
+
+    backend.kill9();
+    stream.write_all(&get).await.unwrap();
+    support::wait_until(
+        std::time::Duration::from_secs(10),
+        "the GET held",
+        || async { proxy.admin.held().await == 1 },
+    )
+    .await
+    .unwrap();
+    backend.restart().await.unwrap();
+    assert_eq!(read_response(&mut stream).await, (200, "v".to_owned()));
+    assert_eq!(
+        raw_requests(&proxy).await,
+        1.0,
+        "the held GET went the hyper way"
+    );
+
+    // Each next GET is sent as soon as the answer before it came: the
+    // connection never rests.
+    for _ in 0..3 {
+        stream.write_all(&get).await.unwrap();
+        assert_eq!(read_response(&mut stream).await, (200, "v".to_owned()));
+    }
+    assert_eq!(raw_requests(&proxy).await, 4.0, "back on the raw path");
+}
+
 /// A head whose lines end in bare LFs (which HTTP parsers take, RFC 9112
 /// section 2.2) is answered as one ended with CRLFs: the forwarding lines
 /// are never glued to its last field.
