@@ -27,6 +27,19 @@ async fn raw_requests(proxy: &ProxyProcess) -> f64 {
     metric_sample(&metrics, "s3fp_raw_http1_requests_total").unwrap()
 }
 
+/// Creates `bucket` through `proxy`, with the object `k` holding `v`.
+async fn bucket_with_k(proxy: &ProxyProcess, bucket: &str) {
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket(bucket).send().await.unwrap();
+    s3.put_object()
+        .bucket(bucket)
+        .key("k")
+        .body(ByteStream::from_static(b"v"))
+        .send()
+        .await
+        .unwrap();
+}
+
 /// A signed request (payload unsigned) for `path` on `proxy`.
 fn request(proxy: SocketAddr, method: &str, path: &str, body: &str) -> Vec<u8> {
     support::signed_request_bytes(proxy, method, path, body)
@@ -104,15 +117,7 @@ async fn a_connection_that_rested_between_reads_is_read_on_the_raw_path_again() 
     let backend = S3Backend::start().await.unwrap();
     let proxy = raw_proxy_for(&backend).await;
     let address = proxy.address();
-    let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("rests").send().await.unwrap();
-    s3.put_object()
-        .bucket("rests")
-        .key("k")
-        .body(ByteStream::from_static(b"v"))
-        .send()
-        .await
-        .unwrap();
+    bucket_with_k(&proxy, "rests").await;
 
     let mut stream = TcpStream::connect(address).await.unwrap();
     for read in 1..=3 {
@@ -134,15 +139,7 @@ async fn a_connection_handed_to_hyper_in_an_outage_reads_on_the_raw_path_at_its_
     let mut backend = S3Backend::start().await.unwrap();
     let proxy = raw_proxy_for(&backend).await;
     let address = proxy.address();
-    let s3 = s3_client(&proxy.endpoint());
-    s3.create_bucket().bucket("back").send().await.unwrap();
-    s3.put_object()
-        .bucket("back")
-        .key("k")
-        .body(ByteStream::from_static(b"v"))
-        .send()
-        .await
-        .unwrap();
+    bucket_with_k(&proxy, "back").await;
     let get = request(address, "GET", "/back/k", "");
     let mut stream = TcpStream::connect(address).await.unwrap();
     stream.write_all(&get).await.unwrap();
