@@ -289,6 +289,18 @@ pub fn drop_overridden_content_length(headers: &mut HeaderMap) {
     }
 }
 
+/// Keeps the first of several `Content-Length` lines of an answer. hyper's
+/// client took them (equal, or on an answer whose length they do not frame:
+/// to HEAD, a `204`, a `304`), but its server refuses to write a second one
+/// to a HEAD and closes the connection without an answer.
+pub fn keep_one_content_length(headers: &mut HeaderMap) {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        headers.insert(header::CONTENT_LENGTH, first);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -985,6 +985,7 @@ impl Proxy {
         let rest = body.clone();
         let (mut parts, backend_body) = response.into_parts();
         headers::drop_overridden_content_length(&mut parts.headers);
+        headers::keep_one_content_length(&mut parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers);
         let request_id = response_request_id(&parts.headers);
         let record = self.record(

@@ -389,3 +389,35 @@ async fn an_answer_hyper_refuses_is_a_502_and_the_get_is_sent_once() {
     let mut stream = get_b_k(&proxy).await;
     assert_eq!(read_response(&mut stream).await.0, 304);
 }
+
+/// An answer to HEAD with two `Content-Length` lines reaches the client on
+/// both paths (hyper's server refused to write the second to a HEAD and
+/// closed the connection without an answer, logging it as answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_answered_with_two_lengths_is_answered_on_both_paths() {
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n";
+    let backend = scripted_backend(vec![answer.to_vec()]).await;
+    for raw in [true, false] {
+        let proxy = ProxyProcess::start(&format!(
+            "[listener]\nraw_http1 = {raw}\n[backend]\naddress = \"{backend}\"\n"
+        ))
+        .await
+        .unwrap();
+        let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+        stream
+            .write_all(b"HEAD /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            use tokio::io::AsyncReadExt;
+            let n = stream.read(&mut byte).await.unwrap();
+            assert_eq!(n, 1, "raw_http1 = {raw}: closed after {head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+    }
+}
