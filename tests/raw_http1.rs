@@ -421,3 +421,62 @@ async fn a_head_answered_with_two_lengths_is_answered_on_both_paths() {
         assert!(head.contains("content-length: 5\r\n"), "{head}");
     }
 }
+
+/// A backend that answers each request `200` with `ok`, and on the first
+/// connection, once told, sends a `408` nobody asked for and keeps the
+/// connection open (as a server whose idle timeout answers before it
+/// closes); it reports when those bytes are written.
+async fn backend_with_an_unasked_408(
+    send_it: tokio::sync::oneshot::Receiver<()>,
+    sent: tokio::sync::oneshot::Sender<()>,
+) -> SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut unasked = Some((send_it, sent));
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let unasked = unasked.take();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                stream.write_all(ok).await.unwrap();
+                if let Some((send_it, sent)) = unasked {
+                    let _ = send_it.await;
+                    let timeout = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n";
+                    stream.write_all(timeout).await.unwrap();
+                    let _ = sent.send(());
+                }
+                // Open until the proxy closes it.
+                let _ = stream.read(&mut byte).await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_backend_sent_unasked_on_an_idle_connection_are_not_an_answer() {
+    let (send_it, told) = tokio::sync::oneshot::channel();
+    let (sent, written) = tokio::sync::oneshot::channel();
+    let backend = backend_with_an_unasked_408(told, sent).await;
+    let proxy = raw_proxy_at(backend).await;
+    let mut stream = get_b_k(&proxy).await;
+    assert_eq!(read_response(&mut stream).await, (200, "ok".into()));
+    // The backend connection is back in the pool: the 408 arrives on it.
+    send_it.send(()).unwrap();
+    written.await.unwrap();
+    stream
+        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await, (200, "ok".into()));
+    assert_eq!(raw_requests(&proxy).await, 2.0);
+}
