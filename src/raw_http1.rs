@@ -265,9 +265,10 @@ impl RawPath {
     /// The head at the start of `bytes`: `Some(Some(_))` taken,
     /// `Some(None)` not whole yet, `None` for the hyper path.
     fn parse_request(&self, bytes: &[u8]) -> Option<Option<RawRequest>> {
-        let mut slots = [httparse::EMPTY_HEADER; COMMON_FIELDS];
-        let mut head = httparse::Request::new(&mut slots);
-        let length = match head.parse(bytes).ok()? {
+        // Uninitialised, as hyper's: httparse writes a slot before it is read.
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; COMMON_FIELDS];
+        let mut head = httparse::Request::new(&mut []);
+        let length = match head.parse_with_uninit_headers(bytes, &mut slots).ok()? {
             httparse::Status::Complete(length) => length,
             httparse::Status::Partial => return Some(None),
         };
