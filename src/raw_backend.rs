@@ -15,7 +15,6 @@
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -108,19 +107,15 @@ impl RawBackend {
 /// its end (a backend that closed it, or sent bytes unasked, such as a
 /// `408` before its idle timeout closes the connection).
 ///
-/// Asked of tokio's readiness first, which costs no system call: a read
-/// that came back short left the socket drained, and the readiness stays
-/// clear until the event loop learns of new bytes or the end, as hyper's
-/// pool learns of them. Only when tokio has seen the socket readable since
-/// (or the last read filled its buffer) is the socket itself asked, with a
-/// peek that does not wait: unasked bytes read as the answer to another
-/// client's request would be that client's answer.
+/// Asked of the socket itself (a peek that does not wait), not of tokio's
+/// readiness, which may not know yet of bytes that have just arrived (its
+/// event loop learns of them at its next turn) and answers "not ready" to
+/// a task that has spent its cooperative budget: unasked bytes read as the
+/// answer to another client's request would be that client's answer (a
+/// build that asked tokio first took three to ten times as many of them,
+/// break-it round of 2026-12-03).
 fn is_open(stream: &TcpStream) -> bool {
     use rustix::net::RecvFlags;
-    let mut context = Context::from_waker(Waker::noop());
-    if stream.poll_read_ready(&mut context).is_pending() {
-        return true;
-    }
     let mut byte = [0u8; 1];
     let peeked = rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT);
     matches!(peeked, Err(rustix::io::Errno::AGAIN))
