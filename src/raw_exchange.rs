@@ -98,6 +98,15 @@ pub async fn exchange(
             Err(failed @ (Unanswered::Failed | Unanswered::Cut)) if answer.is_empty() => {
                 unanswered = failed;
             }
+            // A `408` on a reused connection is the backend closing it for
+            // idleness as the request came (or just before), not its answer
+            // to it: the request goes again on a new connection (RFC 9110
+            // section 15.5.9; browsers do the same), and the connection,
+            // whose framing is now out of step, is dropped with whatever it
+            // still held.
+            Ok((_, head)) if head.status == 408 => {
+                answer.clear();
+            }
             sent => return sent,
         }
     }

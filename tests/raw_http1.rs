@@ -6,6 +6,8 @@
 //! `failover.rs`, `false_outages.rs` and `logs.rs` check its outages.)
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aws_sdk_s3::primitives::ByteStream;
 use support::{ProxyProcess, S3Backend, metric_sample, read_response, s3_client};
@@ -215,6 +217,15 @@ async fn get_b_k(proxy: &ProxyProcess) -> TcpStream {
     stream
 }
 
+/// `GET /b/k` once more on `stream`, and its answer.
+async fn get_b_k_again(stream: &mut TcpStream) -> (u16, String) {
+    stream
+        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(stream).await
+}
+
 /// A backend of the test's own that answers every request on a connection
 /// with `answer`, written in the pieces given (each after the previous one
 /// was flushed, with a pause between, so that they arrive apart).
@@ -422,6 +433,21 @@ async fn a_head_answered_with_two_lengths_is_answered_on_both_paths() {
     }
 }
 
+/// Reads a request head off `stream`, a byte at a time (nothing past it);
+/// false when the stream ends first.
+async fn read_a_head(stream: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        head.push(byte[0]);
+    }
+    true
+}
+
 /// A backend that answers each request `200` with `ok`, and on the first
 /// connection, once told, sends a `408` nobody asked for and keeps the
 /// connection open (as a server whose idle timeout answers before it
@@ -438,13 +464,8 @@ async fn backend_with_an_unasked_408(
         while let Ok((mut stream, _)) = listener.accept().await {
             let unasked = unasked.take();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if !read_a_head(&mut stream).await {
+                    return;
                 }
                 let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
                 stream.write_all(ok).await.unwrap();
@@ -455,7 +476,7 @@ async fn backend_with_an_unasked_408(
                     let _ = sent.send(());
                 }
                 // Open until the proxy closes it.
-                let _ = stream.read(&mut byte).await;
+                let _ = stream.read(&mut [0u8; 1]).await;
             });
         }
     });
@@ -473,10 +494,59 @@ async fn bytes_a_backend_sent_unasked_on_an_idle_connection_are_not_an_answer() 
     // The backend connection is back in the pool: the 408 arrives on it.
     send_it.send(()).unwrap();
     written.await.unwrap();
-    stream
-        .write_all(b"GET /b/k HTTP/1.1\r\nHost: s3\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut stream).await, (200, "ok".into()));
+    assert_eq!(get_b_k_again(&mut stream).await, (200, "ok".into()));
     assert_eq!(raw_requests(&proxy).await, 2.0);
+}
+
+/// A backend whose idle timer fires as a connection's second request
+/// comes: the first request of a connection is answered `200` with `ok`,
+/// the next one `408` and the connection closed. Counts request heads.
+async fn backend_timing_out_reused_connections() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                for answer in [
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..],
+                    b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ] {
+                    if !read_a_head(&mut stream).await {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    stream.write_all(answer).await.unwrap();
+                }
+            });
+        }
+    });
+    (address, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_408_on_a_reused_backend_connection_is_not_the_answer() {
+    let (backend, heads) = backend_timing_out_reused_connections().await;
+    let proxy = raw_proxy_at(backend).await;
+    let mut stream = get_b_k(&proxy).await;
+    assert_eq!(read_response(&mut stream).await, (200, "ok".into()));
+    assert_eq!(get_b_k_again(&mut stream).await, (200, "ok".into()));
+    assert_eq!(raw_requests(&proxy).await, 2.0);
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        3,
+        "the second GET was sent again on a new connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_408_on_a_new_backend_connection_is_passed_on() {
+    let answer = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let (backend, heads) = counted_scripted_backend(vec![answer.to_vec()]).await;
+    let proxy = raw_proxy_at(backend).await;
+    let mut stream = get_b_k(&proxy).await;
+    assert_eq!(read_response(&mut stream).await.0, 408);
+    assert_eq!(heads.load(Ordering::SeqCst), 1, "sent once");
 }
