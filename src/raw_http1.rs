@@ -69,6 +69,16 @@ const GATHERED: usize = 16 << 10;
 /// 32 KiB, `benches/large_objects.sh`, 2026-12-02).
 const STREAM_READ: usize = 64 << 10;
 
+/// When the head [`RawPath::read_head`] waits for is due.
+struct HeadDue<'t> {
+    /// `listener.header_timeout` from the last answer (or the first byte).
+    head_due: Instant,
+    /// How long the connection may wait for a head before it rests.
+    rest_grace: Option<Duration>,
+    /// The connection's timer, set to the earlier of the two.
+    timer: std::pin::Pin<&'t mut tokio::time::Sleep>,
+}
+
 /// The raw path of one client connection.
 pub struct RawPath {
     proxy: Arc<Proxy>,
@@ -167,9 +177,24 @@ impl RawPath {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let mut buffer = BytesMut::from(ahead);
+        // One timer for every head this connection waits for, moved later
+        // at each: tokio moves a later deadline without touching its timer
+        // wheel, where a new timer per request was inserted and removed,
+        // and woke the lane's own event loop (an eventfd write) whenever
+        // the wheel held no earlier deadline.
+        let mut head_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
         loop {
             let request = match self
-                .read_head(io, &mut buffer, head_due, rest_grace, shutdown)
+                .read_head(
+                    io,
+                    &mut buffer,
+                    HeadDue {
+                        head_due,
+                        rest_grace,
+                        timer: head_timer.as_mut(),
+                    },
+                    shutdown,
+                )
                 .await
             {
                 HeadRead::Taken(request) => request,
@@ -202,13 +227,17 @@ impl RawPath {
         &self,
         io: &mut TargetWatch<I>,
         buffer: &mut BytesMut,
-        head_due: Instant,
-        rest_grace: Option<Duration>,
+        due: HeadDue<'_>,
         shutdown: &mut ShutdownWatch,
     ) -> HeadRead
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
+        let HeadDue {
+            head_due,
+            rest_grace,
+            mut timer,
+        } = due;
         let rest_due = rest_grace.map(|grace| Instant::now() + grace);
         let switch = io.switch_signal();
         loop {
@@ -221,7 +250,7 @@ impl RawPath {
             }
             let rest_due = rest_due.filter(|due| buffer.is_empty() && *due < head_due);
             let resting = rest_due.is_some();
-            let due = rest_due.unwrap_or(head_due);
+            timer.as_mut().reset(rest_due.unwrap_or(head_due));
             if buffer.capacity() - buffer.len() < 1024 {
                 buffer.reserve(4096);
             }
@@ -240,7 +269,7 @@ impl RawPath {
                 });
                 tokio::select! {
                     read = read => read,
-                    () = tokio::time::sleep_until(due) => {
+                    () = timer.as_mut() => {
                         return if resting { HeadRead::Rest } else { HeadRead::HandOver };
                     }
                     _ = shutdown.wait_for(|phase| *phase == Phase::Closing) => {
