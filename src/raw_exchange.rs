@@ -5,11 +5,13 @@
 //! the prober's check, `backend.first_byte_timeout`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::connector::Connector;
 use crate::proxy::Proxy;
@@ -76,7 +78,8 @@ impl Patience {
 /// answer's head into `answer` (`1xx` answers dropped). A late head is
 /// watched as `send_watched` watches it on the hyper path: checked after
 /// each `response_timeout`, [`Unanswered::Hung`] when the backend does not
-/// serve, [`Unanswered::Slow`] at `first_byte_timeout`.
+/// serve, [`Unanswered::Slow`] at `first_byte_timeout`, on `timer` (the
+/// connection's own, moved later at each request: see [`watched`]).
 pub async fn exchange(
     proxy: &Proxy,
     connector: &Arc<Connector>,
@@ -84,6 +87,7 @@ pub async fn exchange(
     answer: &mut Vec<u8>,
     head_request: bool,
     patience: Patience,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<(TcpStream, AnswerHead), Unanswered> {
     // A pooled connection the backend closed just before it was taken
     // gives no answer at all: the request is sent once more on a new one
@@ -94,7 +98,16 @@ pub async fn exchange(
         .raw_backend()
         .checkout(connector, patience.idle_timeout)
     {
-        match send_on(proxy, pooled, outbound, answer, head_request, patience).await {
+        let sent = send_on(
+            proxy,
+            pooled,
+            outbound,
+            answer,
+            head_request,
+            patience,
+            timer.as_mut(),
+        );
+        match sent.await {
             Err(failed @ (Unanswered::Failed | Unanswered::Cut)) if answer.is_empty() => {
                 unanswered = failed;
             }
@@ -116,7 +129,16 @@ pub async fn exchange(
         .map_err(|_| unanswered)?
         .map_err(|_| unanswered)?;
     let _ = stream.set_nodelay(true);
-    send_on(proxy, stream, outbound, answer, head_request, patience).await
+    send_on(
+        proxy,
+        stream,
+        outbound,
+        answer,
+        head_request,
+        patience,
+        timer,
+    )
+    .await
 }
 
 /// [`exchange`] on `backend`.
@@ -127,6 +149,7 @@ async fn send_on(
     answer: &mut Vec<u8>,
     head_request: bool,
     patience: Patience,
+    timer: Pin<&mut Sleep>,
 ) -> Result<(TcpStream, AnswerHead), Unanswered> {
     let generation = proxy.gate().generation();
     backend
@@ -140,7 +163,7 @@ async fn send_on(
             head_request,
             patience
         ));
-        watched(proxy, read_head, patience, generation).await?
+        watched(proxy, read_head, patience, generation, timer).await?
     };
     Ok((backend, head))
 }
@@ -176,21 +199,28 @@ async fn read_answer_head(
     }
 }
 
-/// Waits for `read_head` as `send_watched` waits for an answer.
+/// Waits for `read_head` as `send_watched` waits for an answer, on
+/// `timer`: a timer per request was inserted into tokio's timer wheel and
+/// taken out again (under its lock) for every answer; one kept by the
+/// connection and only ever moved later is not (tokio notes the later
+/// deadline and reinserts the timer only when the earlier one comes).
 async fn watched(
     proxy: &Proxy,
-    mut read_head: std::pin::Pin<&mut impl Future<Output = Result<AnswerHead, Unanswered>>>,
+    mut read_head: Pin<&mut impl Future<Output = Result<AnswerHead, Unanswered>>>,
     patience: Patience,
     generation: u64,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<AnswerHead, Unanswered> {
     let sent = tokio::time::Instant::now();
     let ceiling = sent + patience.first_byte_timeout;
     let mut confirmed_at = sent;
     loop {
-        let deadline = (confirmed_at + patience.response_timeout).min(ceiling);
+        timer
+            .as_mut()
+            .reset((confirmed_at + patience.response_timeout).min(ceiling));
         tokio::select! {
             head = read_head.as_mut() => return head,
-            () = tokio::time::sleep_until(deadline) => {}
+            () = timer.as_mut() => {}
         }
         let now = tokio::time::Instant::now();
         if now >= ceiling {

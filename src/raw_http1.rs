@@ -183,6 +183,8 @@ impl RawPath {
         // and woke the lane's own event loop (an eventfd write) whenever
         // the wheel held no earlier deadline.
         let mut head_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
+        // And one for every answer it waits for (`raw_exchange::watched`).
+        let mut answer_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
         loop {
             let request = match self
                 .read_head(
@@ -208,7 +210,13 @@ impl RawPath {
                 return RawEnd::HandOver(buffer.freeze());
             }
             match self
-                .forward(io, &buffer[..request.length], &request, shutdown)
+                .forward(
+                    io,
+                    &buffer[..request.length],
+                    &request,
+                    shutdown,
+                    answer_timer.as_mut(),
+                )
                 .await
             {
                 Forwarded::KeepAlive => {
@@ -331,6 +339,7 @@ impl RawPath {
         head: &[u8],
         request: &RawRequest,
         shutdown: &mut ShutdownWatch,
+        answer_timer: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Forwarded
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -358,6 +367,7 @@ impl RawPath {
             &mut answer,
             head_request,
             patience,
+            answer_timer,
         );
         let exchanged = tokio::select! {
             exchanged = exchanged => exchanged,

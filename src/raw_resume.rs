@@ -117,7 +117,17 @@ impl RawDownload {
             }
             let mut answer = Vec::with_capacity(8 << 10);
             let patience = Patience::now(proxy);
-            let exchanged = exchange(proxy, &connector, &head, &mut answer, false, patience).await;
+            let timer = std::pin::pin!(tokio::time::sleep(patience.response_timeout));
+            let exchanged = exchange(
+                proxy,
+                &connector,
+                &head,
+                &mut answer,
+                false,
+                patience,
+                timer,
+            )
+            .await;
             admission.settle();
             let (backend, answer_head) = match exchanged {
                 Ok(exchanged) => exchanged,
