@@ -14,13 +14,9 @@
 # Needs nginx, haproxy, curl, python3 (Debian: apt-get install nginx-light
 # haproxy curl). Everything listens on 127.0.0.1.
 set -euo pipefail
-PROXY=${1:-target/release/s3-failover-proxy}
+. "$(dirname "$0")/common.sh"
+proxy_mode "${1:-target/release/s3-failover-proxy}"
 shift || true
-# `binary+raw` runs the binary with `listener.raw_http1 = true` (a build
-# from before it was the default), `binary+hyper` with it false.
-RAW=""
-if [[ $PROXY == *+raw ]]; then PROXY=${PROXY%+raw}; RAW="raw_http1 = true"; fi
-if [[ $PROXY == *+hyper ]]; then PROXY=${PROXY%+hyper}; RAW="raw_http1 = false"; fi
 COUNTS=("${@:-5000 7000}")
 # shellcheck disable=SC2206
 COUNTS=(${COUNTS[*]})
@@ -28,83 +24,38 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 # Room for the largest count and the requests that measure it.
 MAX_CONNECTIONS=$(( $(printf '%s\n' "${COUNTS[@]}" | sort -n | tail -1) + 64 ))
 ulimit -n "$(ulimit -Hn)"
-DIR=$(mktemp -d)
-PIDS=()
-cleanup() {
-  # The proxy drains for shutdown.drain_delay (5 s) after SIGTERM, still
-  # listening: wait for it, so a run started next can bind the same ports.
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-mkdir -p "$DIR/www" "$DIR/tmp"
-chmod 755 "$DIR" "$DIR/www"
+need_tools nginx haproxy curl python3
+bench_dir
 printf 'ok' > "$DIR/www/small"
-temp_paths="client_body_temp_path $DIR/tmp; proxy_temp_path $DIR/tmp; fastcgi_temp_path $DIR/tmp; uwsgi_temp_path $DIR/tmp; scgi_temp_path $DIR/tmp;"
-cat > "$DIR/backend.conf" <<EOT
-worker_processes 1; pid $DIR/backend.pid; error_log $DIR/tmp/backend-error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; $temp_paths
-  server { listen 127.0.0.1:18200; root $DIR/www; location / { } } }
-EOT
-nginx -c "$DIR/backend.conf" -p "$DIR"
-
-rss_kib() { local total=0; for pid in "$@"; do total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"))); done; echo "$total"; }
+nginx_backend backend 18200 1
 
 start_proxy() {
   cat > "$DIR/proxy.toml" <<EOT
 [listener]
 address = "127.0.0.1:18201"
 max_connections = $MAX_CONNECTIONS
-$RAW
+$PROXY_RAW
 [admin]
 address = "127.0.0.1:18203"
 [backend]
 address = "127.0.0.1:18200"
 EOT
-  "$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
+  "$PROXY_BIN" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
   PIDS+=($!)
   echo $! > "$DIR/proxy.pid"
-  for _ in $(seq 1 200); do curl -s -o /dev/null http://127.0.0.1:18203/readyz && break; sleep 0.05; done
-  curl -s -o /dev/null http://127.0.0.1:18203/readyz || { echo "the proxy did not start:" >&2; cat "$DIR/proxy.log" >&2; exit 1; }
+  wait_for http://127.0.0.1:18203/readyz || { echo "the proxy did not start:" >&2; cat "$DIR/proxy.log" >&2; exit 1; }
   PORT=18201 TARGET="$(cat "$DIR/proxy.pid")"
 }
 start_haproxy() {
-  cat > "$DIR/haproxy.cfg" <<EOT
-global
-  nbthread 2
-  maxconn 9500
-defaults
-  mode http
-  maxconn 9500
-  timeout connect 5s
-  timeout client 600s
-  timeout server 600s
-  timeout http-keep-alive 600s
-frontend f
-  bind 127.0.0.1:18202
-  default_backend b
-backend b
-  http-reuse always
-  server s 127.0.0.1:18200
-EOT
-  haproxy -f "$DIR/haproxy.cfg" -D -p "$DIR/haproxy.pid"
+  haproxy_ingress 18202 18200 600s "maxconn 9500" "maxconn 9500
+  timeout http-keep-alive 600s"
   PORT=18202 TARGET="$(cat "$DIR/haproxy.pid")"
 }
 start_nginx() {
-  cat > "$DIR/ingress.conf" <<EOT
-worker_processes 2; pid $DIR/ingress.pid; error_log $DIR/tmp/ingress-error.log;
-worker_rlimit_nofile 20000;
-events { worker_connections 30000; }
-http { access_log off; keepalive_timeout 600s; keepalive_requests 1000000; $temp_paths
-  upstream b { server 127.0.0.1:18200; keepalive 64; }
-  server { listen 127.0.0.1:18204; location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-EOT
-  nginx -c "$DIR/ingress.conf" -p "$DIR"
+  nginx_ingress 18204 18200 64 "worker_rlimit_nofile 20000;
+events { worker_connections 30000; }" "keepalive_timeout 600s;"
   sleep 0.2
-  PORT=18204 TARGET="$(pgrep -f "nginx: worker process" -P "$(cat "$DIR/ingress.pid")" | tr '\n' ' ')"
+  PORT=18204 TARGET="$(nginx_workers ingress)"
 }
 stop() { local pid; pid=$(cat "$DIR/$1.pid"); kill "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done; }
 
@@ -123,7 +74,7 @@ measure() { # port count pids...
   echo $((held - base))
 }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F)"
+machine
 for ingress in proxy haproxy nginx; do
   for count in "${COUNTS[@]}"; do
     "start_$ingress"

@@ -18,96 +18,40 @@
 # read the ratios. Needs wrk, nginx, haproxy, curl (Debian: apt-get install
 # wrk nginx-light haproxy curl). Everything listens on 127.0.0.1:18300-18304.
 set -euo pipefail
-PROXY=${1:-target/release/s3-failover-proxy}
+. "$(dirname "$0")/common.sh"
+proxy_mode "${1:-target/release/s3-failover-proxy}"
 LARGE_MIB=${2:-5120}
 SECONDS_PER_RUN=${3:-10}
 REPS=${4:-2}
-for tool in wrk nginx haproxy curl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl)" >&2; exit 1; }
-done
-DIR=$(mktemp -d)
+need_tools wrk nginx haproxy curl python3
+bench_dir
 # Uploads land in memory, so the backend's disk is never the bottleneck.
 SHM=$(mktemp -d -p /dev/shm)
-PIDS=()
-cleanup() {
-  # The proxy drains for shutdown.drain_delay (5 s) after SIGTERM, still
-  # listening: wait for it, so a run started next can bind the same ports.
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for f in "$DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  rm -rf "$DIR" "$SHM"
-}
-trap cleanup EXIT
-
-mkdir -p "$DIR/www" "$DIR/tmp" "$SHM/put" "$SHM/tmp"
-chmod 755 "$DIR" "$DIR/www"
+CLEANUP_PATHS+=("$SHM")
+mkdir -p "$SHM/put" "$SHM/tmp"
 chmod 777 "$SHM" "$SHM/put" "$SHM/tmp"
 head -c $((1 << 20)) /dev/urandom > "$DIR/www/1m"
 truncate -s "${LARGE_MIB}M" "$DIR/www/large"
-temp_paths="client_body_temp_path $DIR/tmp; proxy_temp_path $DIR/tmp; fastcgi_temp_path $DIR/tmp; uwsgi_temp_path $DIR/tmp; scgi_temp_path $DIR/tmp;"
-cat > "$DIR/backend.conf" <<EOT
-worker_processes 1; pid $DIR/backend.pid; error_log $DIR/tmp/backend-error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; sendfile on; $temp_paths
-  client_max_body_size 0;
-  server { listen 127.0.0.1:18300; root $DIR/www;
-    location /put/ { root $SHM; dav_methods PUT; client_body_temp_path $SHM/tmp;
-      client_body_buffer_size 1m; } } }
-EOT
-nginx -c "$DIR/backend.conf" -p "$DIR"
+nginx_backend backend 18300 1 "sendfile on; client_max_body_size 0;" \
+  "location /put/ { root $SHM; dav_methods PUT; client_body_temp_path $SHM/tmp; client_body_buffer_size 1m; }"
 cat > "$DIR/proxy.toml" <<EOT
 [listener]
 address = "127.0.0.1:18301"
+$PROXY_RAW
 [admin]
 address = "127.0.0.1:18304"
 [backend]
 address = "127.0.0.1:18300"
 EOT
-if [[ $PROXY == *+raw ]]; then
-  # `binary+raw`: the binary with the raw HTTP/1.1 path on.
-  PROXY=${PROXY%+raw}
-  sed -i '/^\[listener\]/a raw_http1 = true' "$DIR/proxy.toml"
-fi
-if [[ $PROXY == *+hyper ]]; then
-  # `binary+hyper`: the binary with the raw HTTP/1.1 path off.
-  PROXY=${PROXY%+hyper}
-  sed -i '/^\[listener\]/a raw_http1 = false' "$DIR/proxy.toml"
-fi
-"$PROXY" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
+"$PROXY_BIN" --config "$DIR/proxy.toml" 2>"$DIR/proxy.log" &
 PIDS+=($!)
 PROXY_PID=$!
-for _ in $(seq 1 200); do curl -s -o /dev/null http://127.0.0.1:18304/readyz && break; sleep 0.05; done
-cat > "$DIR/haproxy.cfg" <<EOT
-global
-  nbthread 2
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 600s
-  timeout server 600s
-frontend f
-  bind 127.0.0.1:18302
-  default_backend b
-backend b
-  http-reuse always
-  server s 127.0.0.1:18300
-EOT
-haproxy -f "$DIR/haproxy.cfg" -D -p "$DIR/haproxy.pid"
-cat > "$DIR/ingress.conf" <<EOT
-worker_processes 2; pid $DIR/ingress.pid; error_log $DIR/tmp/ingress-error.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; $temp_paths
-  client_max_body_size 0;
-  upstream b { server 127.0.0.1:18300; keepalive 64; }
-  server { listen 127.0.0.1:18303; location / { proxy_pass http://b; proxy_http_version 1.1;
-    proxy_set_header Connection ""; proxy_buffering off; proxy_request_buffering off; } } }
-EOT
-nginx -c "$DIR/ingress.conf" -p "$DIR"
+wait_for http://127.0.0.1:18304/readyz
+haproxy_ingress 18302 18300 600s
+nginx_ingress 18303 18300 64 "" "client_max_body_size 0;" "proxy_buffering off; proxy_request_buffering off;"
 sleep 0.2
 truncate -s "${LARGE_MIB}M" "$DIR/upload"
 
-ticks() { local total=0; for pid in "$@"; do total=$((total + $(awk '{print $14+$15}' "/proc/$pid/stat"))); done; echo "$total"; }
-rss_kib() { local total=0; for pid in "$@"; do total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"))); done; echo "$total"; }
 HZ=$(getconf CLK_TCK)
 # Runs "$@" while sampling the RSS of PIDS every 100 ms; prints the peak KiB.
 peak_while() {
@@ -158,8 +102,7 @@ def rss(k):
 print(f"| $name | {cpu($small_cpu, $small_gib)} | {$LARGE_MIB / $get_s:.0f} | {cpu($get_cpu, gib)} | {rss($get_peak)} | {$LARGE_MIB / $put_s:.0f} | {cpu($put_cpu, gib)} | {rss($put_peak)} |")
 EOP
 }
-nginx_workers() { pgrep -f "nginx: worker" -P "$(cat "$DIR/$1.pid")" | tr '\n' ' '; }
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u +%F); large object ${LARGE_MIB} MiB"
+echo "$(machine); large object ${LARGE_MIB} MiB"
 for rep in $(seq 1 "$REPS"); do
   echo "repetition $rep"
   echo "| ingress | 1 MiB GETs: CPU s/GiB | large GET: MiB/s | CPU s/GiB | peak RSS MiB | large PUT: MiB/s | CPU s/GiB | peak RSS MiB |"

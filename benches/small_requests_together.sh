@@ -4,7 +4,7 @@
 # of one nginx backend serving a 2-byte file, each ingress driven by its own
 # `wrk -t1` started together with the others.
 #
-#   bash benches/small_requests_together.sh [proxy-binary[,proxy-binary...]] [connections] [seconds] [repetitions]
+#   bash benches/small_requests_together.sh [proxy-binary[+raw|+hyper][,...]] [connections] [seconds] [repetitions]
 #
 # benches/small_requests.sh runs the ingresses in turn: on a shared machine
 # the noise of one turn (other tenants, frequency) does not fall on the next,
@@ -21,94 +21,21 @@
 # haproxy, curl, python3 (Debian: apt-get install wrk nginx-light haproxy
 # curl). Everything listens on 127.0.0.1.
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 PROXY=${1:-target/release/s3-failover-proxy}
 CONNS=${2:-64}
 SECONDS_PER_RUN=${3:-8}
 REPS=${4:-5}
-for tool in wrk nginx haproxy curl python3; do
-  command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install wrk nginx-light haproxy curl)" >&2; exit 1; }
-done
-DIR=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for pidfile in "$DIR"/*.pid; do [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true; done
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-mkdir -p "$DIR/www" "$DIR/tmp"
-# mktemp's 0700 would keep nginx's worker (user nobody) out: 403, not the file.
-chmod 755 "$DIR" "$DIR/www"
+need_tools wrk nginx haproxy curl python3
+bench_dir
 printf 'ok' > "$DIR/www/small"
-temp_paths="client_body_temp_path $DIR/tmp; proxy_temp_path $DIR/tmp; fastcgi_temp_path $DIR/tmp; uwsgi_temp_path $DIR/tmp; scgi_temp_path $DIR/tmp;"
 # The backend: two workers, as it serves every ingress's load at once.
-cat > "$DIR/backend.conf" <<EOT
-worker_processes 2; pid $DIR/backend.pid; error_log $DIR/tmp/backend.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; $temp_paths
-  server { listen 127.0.0.1:18400; root $DIR/www; location / { } } }
-EOT
-nginx -c "$DIR/backend.conf" -p "$DIR"
-cat > "$DIR/haproxy.cfg" <<EOT
-global
-  nbthread 2
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend f
-  bind 127.0.0.1:18402
-  default_backend b
-backend b
-  http-reuse always
-  server s 127.0.0.1:18400
-EOT
-haproxy -f "$DIR/haproxy.cfg" -D -p "$DIR/haproxy.pid"
-cat > "$DIR/ingress.conf" <<EOT
-worker_processes 2; pid $DIR/ingress.pid; error_log $DIR/tmp/ingress.log;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; $temp_paths
-  upstream b { server 127.0.0.1:18400; keepalive 256; }
-  server { listen 127.0.0.1:18404; location / { proxy_pass http://b; proxy_http_version 1.1;
-    proxy_set_header Connection ""; } } }
-EOT
-nginx -c "$DIR/ingress.conf" -p "$DIR"
+nginx_backend backend 18400 2
+haproxy_ingress 18402 18400
+nginx_ingress 18404 18400 256
 
-IFS=, read -r -a PROXY_BINS <<< "$PROXY"
-PROXY_PIDS=()
-for i in "${!PROXY_BINS[@]}"; do
-  port=$((18410 + 2 * i)); admin=$((18411 + 2 * i))
-  cat > "$DIR/proxy$i.toml" <<EOT
-[listener]
-address = "127.0.0.1:$port"
-[admin]
-address = "127.0.0.1:$admin"
-[backend]
-address = "127.0.0.1:18400"
-EOT
-  "${PROXY_BINS[$i]}" --config "$DIR/proxy$i.toml" 2>"$DIR/proxy$i.log" &
-  PIDS+=($!)
-  PROXY_PIDS+=($!)
-  for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$admin/readyz" && break; sleep 0.05; done
-  echo "proxy[$i]: ${PROXY_BINS[$i]}"
-done
-for port in 18402 18404; do
-  for _ in $(seq 1 200); do curl -s -o /dev/null "http://127.0.0.1:$port/small" && break; sleep 0.05; done
-done
-
-# CPU ticks (user + system) summed over the given processes.
-ticks() {
-  local total=0 u s
-  for pid in "$@"; do
-    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
-    total=$((total + u + s))
-  done
-  echo "$total"
-}
-workers() { pgrep -f "nginx: worker" -P "$(cat "$DIR/$1.pid")" | tr '\n' ' '; }
+start_proxies "$PROXY" 18410 18400
+for port in 18402 18404; do wait_for "http://127.0.0.1:$port/small"; done
 
 NAMES=(); URLS=(); GROUPS_OF_PIDS=()
 for i in "${!PROXY_BINS[@]}"; do
@@ -116,11 +43,11 @@ for i in "${!PROXY_BINS[@]}"; do
   GROUPS_OF_PIDS+=("${PROXY_PIDS[$i]}")
 done
 NAMES+=("HAProxy"); URLS+=("http://127.0.0.1:18402/small"); GROUPS_OF_PIDS+=("$(cat "$DIR/haproxy.pid")")
-NAMES+=("nginx"); URLS+=("http://127.0.0.1:18404/small"); GROUPS_OF_PIDS+=("$(workers ingress)")
+NAMES+=("nginx"); URLS+=("http://127.0.0.1:18404/small"); GROUPS_OF_PIDS+=("$(nginx_workers ingress)")
 HAPROXY=$((${#NAMES[@]} - 2))
 hz=$(getconf CLK_TCK)
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $CONNS connections per ingress, ${SECONDS_PER_RUN}s runs, all ingresses at once"
+echo "$(machine); $CONNS connections per ingress, ${SECONDS_PER_RUN}s runs, all ingresses at once"
 for rep in $(seq 1 "$REPS"); do
   echo "repetition $rep"
   BEFORE=(); WRKS=()
