@@ -4,7 +4,7 @@
 # of one nginx backend serving a 2-byte file, each ingress driven by its own
 # `wrk -t1` started together with the others.
 #
-#   bash benches/small_requests_together.sh [proxy-binary[+raw|+hyper][,...]] [connections] [seconds] [repetitions]
+#   bash benches/small_requests_together.sh [proxy-binary[+raw|+hyper][,...]] [connections] [seconds] [repetitions] [no-nginx]
 #
 # benches/small_requests.sh runs the ingresses in turn: on a shared machine
 # the noise of one turn (other tenants, frequency) does not fall on the next,
@@ -13,7 +13,9 @@
 # HAProxy moves by a few per cent; the price is an overloaded machine (every
 # wrk, ingress and the backend share its cores), so absolute figures are
 # higher than in the turn-by-turn script, and only the ratios compare. Two
-# copies of the same binary give the method's own spread (A/A).
+# copies of the same binary give the method's own spread (A/A). `no-nginx`
+# leaves nginx as an ingress out: one proxy binary and HAProxy alone share
+# the machine, head to head (each then gets about half of it).
 #
 # Per ingress and repetition: CPU time per request of the ingress's
 # processes (utime + stime from /proc over wrk's request count) and
@@ -26,16 +28,19 @@ PROXY=${1:-target/release/s3-failover-proxy}
 CONNS=${2:-64}
 SECONDS_PER_RUN=${3:-8}
 REPS=${4:-5}
+WITH_NGINX=yes
+[ "${5:-}" = no-nginx ] && WITH_NGINX=no
 need_tools wrk nginx haproxy curl python3
 bench_dir
 printf 'ok' > "$DIR/www/small"
 # The backend: two workers, as it serves every ingress's load at once.
 nginx_backend backend 18400 2
 haproxy_ingress 18402 18400
-nginx_ingress 18404 18400 256
+[ $WITH_NGINX = yes ] && nginx_ingress 18404 18400 256
 
 start_proxies "$PROXY" 18410 18400
-for port in 18402 18404; do wait_for "http://127.0.0.1:$port/small"; done
+wait_for http://127.0.0.1:18402/small
+[ $WITH_NGINX = yes ] && wait_for http://127.0.0.1:18404/small
 
 NAMES=(); URLS=(); GROUPS_OF_PIDS=()
 for i in "${!PROXY_BINS[@]}"; do
@@ -43,8 +48,10 @@ for i in "${!PROXY_BINS[@]}"; do
   GROUPS_OF_PIDS+=("${PROXY_PIDS[$i]}")
 done
 NAMES+=("HAProxy"); URLS+=("http://127.0.0.1:18402/small"); GROUPS_OF_PIDS+=("$(cat "$DIR/haproxy.pid")")
-NAMES+=("nginx"); URLS+=("http://127.0.0.1:18404/small"); GROUPS_OF_PIDS+=("$(nginx_workers ingress)")
-HAPROXY=$((${#NAMES[@]} - 2))
+HAPROXY=$((${#NAMES[@]} - 1))
+if [ $WITH_NGINX = yes ]; then
+  NAMES+=("nginx"); URLS+=("http://127.0.0.1:18404/small"); GROUPS_OF_PIDS+=("$(nginx_workers ingress)")
+fi
 hz=$(getconf CLK_TCK)
 
 echo "$(machine); $CONNS connections per ingress, ${SECONDS_PER_RUN}s runs, all ingresses at once"
