@@ -174,6 +174,10 @@ pub struct BackendConfig {
     pub address: BackendAddress,
     /// A connect that takes longer counts as the backend being down.
     pub connect_timeout: Duration,
+    /// TCP keep-alive on backend connections (whole seconds): idle this long,
+    /// the kernel probes the backend every as long, and ends the connection
+    /// after three probes go unanswered (see [`crate::connector`]).
+    pub tcp_keepalive: Duration,
     /// A request that makes no progress while waiting for the backend (its
     /// body not accepted, or no response head) for this long makes the proxy
     /// probe the backend: hung if the probe fails, slow if it answers.
@@ -410,6 +414,8 @@ struct RawBackend {
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    tcp_keepalive: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     response_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     first_byte_timeout: Option<Duration>,
@@ -557,6 +563,23 @@ fn positive_duration(
     let value = value.unwrap_or(default);
     if value.is_zero() {
         return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+/// A TCP keep-alive time: whole seconds from 1 to 32 767, Linux's range
+/// for `TCP_KEEPIDLE` and `TCP_KEEPINTVL` (tcp(7)).
+fn keepalive_duration(
+    key: &'static str,
+    value: Option<Duration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value.subsec_nanos() != 0 || !(1..=32_767).contains(&value.as_secs()) {
+        return Err(invalid(
+            key,
+            "must be whole seconds, from 1s to 32767s (TCP_KEEPIDLE, tcp(7))",
+        ));
     }
     Ok(value)
 }
@@ -930,6 +953,11 @@ impl Config {
                 raw.backend.connect_timeout,
                 Duration::from_secs(1),
             )?,
+            tcp_keepalive: keepalive_duration(
+                "backend.tcp_keepalive",
+                raw.backend.tcp_keepalive,
+                Duration::from_secs(5),
+            )?,
             response_timeout: positive_duration(
                 "backend.response_timeout",
                 raw.backend.response_timeout,
@@ -1155,6 +1183,21 @@ mod tests {
             config.listener.handover_socket.as_deref(),
             Some(Path::new("/run/s3fp.sock"))
         );
+    }
+
+    #[test]
+    fn a_tcp_keepalive_is_whole_seconds_that_linux_takes() {
+        assert_eq!(
+            Config::parse("").unwrap().backend.tcp_keepalive,
+            Duration::from_secs(5)
+        );
+        let config = Config::parse("[backend]\ntcp_keepalive = \"1m\"\n").unwrap();
+        assert_eq!(config.backend.tcp_keepalive, Duration::from_secs(60));
+        for refused in ["0s", "500ms", "1500ms", "10h"] {
+            let message = error_of(&format!("[backend]\ntcp_keepalive = \"{refused}\"\n"));
+            assert!(message.contains("backend.tcp_keepalive"), "{message}");
+            assert!(message.contains("whole seconds"), "{message}");
+        }
     }
 
     #[test]

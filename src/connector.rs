@@ -1,12 +1,21 @@
 //! How to reach the backend: a TCP connection to its address, wrapped in TLS
 //! when the backend only serves HTTPS. The upstream pool and the probe share
 //! one [`Connector`], so "frontend-up" means the TLS handshake works too.
+//!
+//! Every backend connection has TCP keep-alive on (`backend.tcp_keepalive`;
+//! HAProxy's `option srvtcpka`, nginx's `proxy_socket_keepalive`): a backend
+//! whose node vanished sends no FIN or reset, and a connection waiting for
+//! its bytes (a download's body, an idle pooled connection) would wait
+//! forever. The kernel probes a silent connection and, when three probes go
+//! unanswered, fails its reads with `ETIMEDOUT`, which the proxy handles as
+//! any other cut: a download is resumed, a pooled connection is dropped.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,7 +33,15 @@ pub struct Connector {
     tls: Option<TlsClient>,
     /// What this connector was built from, to tell whether a reload changed it.
     source: Option<BackendTlsConfig>,
+    /// `backend.tcp_keepalive`.
+    tcp_keepalive: Duration,
 }
+
+/// `backend.tcp_keepalive` by default.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// Unanswered keep-alive probes after which the kernel ends a connection.
+const KEEPALIVE_PROBES: u32 = 3;
 
 struct TlsClient {
     connector: TlsConnector,
@@ -49,7 +66,9 @@ impl fmt::Display for Connector {
 
 impl PartialEq for Connector {
     fn eq(&self, other: &Self) -> bool {
-        self.address == other.address && self.source == other.source
+        self.address == other.address
+            && self.source == other.source
+            && self.tcp_keepalive == other.tcp_keepalive
     }
 }
 
@@ -60,6 +79,7 @@ impl Connector {
             address,
             tls: None,
             source: None,
+            tcp_keepalive: DEFAULT_TCP_KEEPALIVE,
         }
     }
 
@@ -68,7 +88,10 @@ impl Connector {
     pub fn from_config(config: &BackendConfig) -> Result<Connector, TlsError> {
         let address = config.target();
         let Some(tls) = &config.tls else {
-            return Ok(Connector::plain(address.clone()));
+            return Ok(Connector {
+                tcp_keepalive: config.tcp_keepalive,
+                ..Connector::plain(address.clone())
+            });
         };
         let client_pair = tls
             .client_cert
@@ -89,6 +112,7 @@ impl Connector {
                 server_name,
             }),
             source: Some(tls.clone()),
+            tcp_keepalive: config.tcp_keepalive,
         })
     }
 
@@ -101,6 +125,7 @@ impl Connector {
                 server_name: tls.server_name.clone(),
             }),
             source: self.source.clone(),
+            tcp_keepalive: self.tcp_keepalive,
         }
     }
 
@@ -115,7 +140,7 @@ impl Connector {
 
     /// Connects, and completes the TLS handshake if the backend uses TLS.
     pub async fn connect(&self) -> io::Result<BackendStream> {
-        let stream = self.address.connect().await?;
+        let stream = self.connect_tcp().await?;
         let _ = stream.set_nodelay(true);
         match &self.tls {
             None => Ok(BackendStream::new(Transport::Plain(stream))),
@@ -131,7 +156,25 @@ impl Connector {
 
     /// Opens a TCP connection without TLS (the pause sentinel needs no more).
     pub async fn connect_tcp(&self) -> io::Result<TcpStream> {
-        self.address.connect().await
+        let stream = self.address.connect().await?;
+        // A safety net: a connection without it still serves.
+        if let Err(error) = self.keep_alive(&stream) {
+            tracing::debug!(%error, "TCP keep-alive not set on a backend connection");
+        }
+        Ok(stream)
+    }
+
+    /// Turns TCP keep-alive on for `stream`: probes after
+    /// `backend.tcp_keepalive` of silence, one each as long, the connection
+    /// ended after [`KEEPALIVE_PROBES`] unanswered (tcp(7): `SO_KEEPALIVE`,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
+    fn keep_alive(&self, stream: &TcpStream) -> io::Result<()> {
+        use rustix::net::sockopt;
+        sockopt::set_tcp_keepidle(stream, self.tcp_keepalive)?;
+        sockopt::set_tcp_keepintvl(stream, self.tcp_keepalive)?;
+        sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
+        sockopt::set_socket_keepalive(stream, true)?;
+        Ok(())
     }
 }
 

@@ -827,6 +827,11 @@ impl ProxyProcess {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, which: &str) {
         let status = Command::new("kill")
             .arg(which)
