@@ -9,6 +9,12 @@
 //! forever. The kernel probes a silent connection and, when three probes go
 //! unanswered, fails its reads with `ETIMEDOUT`, which the proxy handles as
 //! any other cut: a download is resumed, a pooled connection is dropped.
+//! Keep-alive waits while bytes the proxy sent are unacknowledged (a request
+//! just written, an upload's body), so the same limit is set as
+//! `TCP_USER_TIMEOUT` too (RFC 5482): bytes unacknowledged that long end the
+//! connection the same way. A backend that is alive acknowledges what it
+//! receives (its kernel does, even with the process frozen) and answers the
+//! probes of a full window, so neither ends a slow backend's connection.
 
 use std::fmt;
 use std::io;
@@ -166,15 +172,24 @@ impl Connector {
 
     /// Turns TCP keep-alive on for `stream`: probes after
     /// `backend.tcp_keepalive` of silence, one each as long, the connection
-    /// ended after [`KEEPALIVE_PROBES`] unanswered (tcp(7): `SO_KEEPALIVE`,
-    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
+    /// ended after [`KEEPALIVE_PROBES`] unanswered; and bytes sent but not
+    /// acknowledged for as long in all end it too (tcp(7): `SO_KEEPALIVE`,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`, `TCP_USER_TIMEOUT`).
     fn keep_alive(&self, stream: &TcpStream) -> io::Result<()> {
         use rustix::net::sockopt;
         sockopt::set_tcp_keepidle(stream, self.tcp_keepalive)?;
         sockopt::set_tcp_keepintvl(stream, self.tcp_keepalive)?;
         sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
         sockopt::set_socket_keepalive(stream, true)?;
+        sockopt::set_tcp_user_timeout(stream, self.dead_after_ms())?;
         Ok(())
+    }
+
+    /// How long a silent backend connection lives: the first probe and
+    /// [`KEEPALIVE_PROBES`] more intervals, in milliseconds.
+    fn dead_after_ms(&self) -> u32 {
+        let dead_after = self.tcp_keepalive * (1 + KEEPALIVE_PROBES);
+        u32::try_from(dead_after.as_millis()).unwrap_or(u32::MAX)
     }
 }
 
@@ -304,5 +319,35 @@ impl AsyncWrite for BackendStream {
             Transport::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::sockopt;
+
+    #[tokio::test]
+    async fn a_backend_connection_is_ended_after_four_silent_keepalive_times() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: BackendAddress = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let connector = Connector {
+            tcp_keepalive: Duration::from_secs(7),
+            ..Connector::plain(address)
+        };
+        let stream = connector.connect_tcp().await.unwrap();
+
+        assert!(sockopt::socket_keepalive(&stream).unwrap());
+        assert_eq!(
+            sockopt::tcp_keepidle(&stream).unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            sockopt::tcp_keepintvl(&stream).unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(sockopt::tcp_keepcnt(&stream).unwrap(), 3);
+        // Bytes unacknowledged for as long end it too: 7 s + 3 x 7 s.
+        assert_eq!(sockopt::tcp_user_timeout(&stream).unwrap(), 28_000);
     }
 }
