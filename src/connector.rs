@@ -10,11 +10,12 @@
 //! unanswered, fails its reads with `ETIMEDOUT`, which the proxy handles as
 //! any other cut: a download is resumed, a pooled connection is dropped.
 //! Keep-alive waits while bytes the proxy sent are unacknowledged (a request
-//! just written, an upload's body), so the same limit is set as
-//! `TCP_USER_TIMEOUT` too (RFC 5482): bytes unacknowledged that long end the
-//! connection the same way. A backend that is alive acknowledges what it
-//! receives (its kernel does, even with the process frozen) and answers the
-//! probes of a full window, so neither ends a slow backend's connection.
+//! just written), so the raw path's connections, which carry only GET and
+//! HEAD heads, also have `TCP_USER_TIMEOUT` (RFC 5482) of the same limit:
+//! bytes unacknowledged that long end the connection the same way. Not the
+//! others: Linux counts a zero window (a backend slow to read an upload's
+//! body, alive and acknowledging every probe) against that timeout too, and
+//! would cut the upload of a slow backend.
 
 use std::fmt;
 use std::io;
@@ -170,18 +171,28 @@ impl Connector {
         Ok(stream)
     }
 
+    /// Opens a TCP connection for requests without a body (the raw path's
+    /// GET and HEAD): as [`Connector::connect_tcp`], and ended when what it
+    /// sent stays unacknowledged as long as a silent one lives.
+    pub async fn connect_for_reads(&self) -> io::Result<TcpStream> {
+        let stream = self.connect_tcp().await?;
+        let dead_after = self.dead_after_ms();
+        if let Err(error) = rustix::net::sockopt::set_tcp_user_timeout(&stream, dead_after) {
+            tracing::debug!(%error, "TCP_USER_TIMEOUT not set on a backend connection");
+        }
+        Ok(stream)
+    }
+
     /// Turns TCP keep-alive on for `stream`: probes after
     /// `backend.tcp_keepalive` of silence, one each as long, the connection
-    /// ended after [`KEEPALIVE_PROBES`] unanswered; and bytes sent but not
-    /// acknowledged for as long in all end it too (tcp(7): `SO_KEEPALIVE`,
-    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`, `TCP_USER_TIMEOUT`).
+    /// ended after [`KEEPALIVE_PROBES`] unanswered (tcp(7): `SO_KEEPALIVE`,
+    /// `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
     fn keep_alive(&self, stream: &TcpStream) -> io::Result<()> {
         use rustix::net::sockopt;
         sockopt::set_tcp_keepidle(stream, self.tcp_keepalive)?;
         sockopt::set_tcp_keepintvl(stream, self.tcp_keepalive)?;
         sockopt::set_tcp_keepcnt(stream, KEEPALIVE_PROBES)?;
         sockopt::set_socket_keepalive(stream, true)?;
-        sockopt::set_tcp_user_timeout(stream, self.dead_after_ms())?;
         Ok(())
     }
 
@@ -327,14 +338,20 @@ mod tests {
     use super::*;
     use rustix::net::sockopt;
 
-    #[tokio::test]
-    async fn a_backend_connection_is_ended_after_four_silent_keepalive_times() {
+    /// A connector with `backend.tcp_keepalive = "7s"` to a listener.
+    async fn connector_with_7s() -> (tokio::net::TcpListener, Connector) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: BackendAddress = listener.local_addr().unwrap().to_string().parse().unwrap();
         let connector = Connector {
             tcp_keepalive: Duration::from_secs(7),
             ..Connector::plain(address)
         };
+        (listener, connector)
+    }
+
+    #[tokio::test]
+    async fn a_backend_connection_is_probed_after_a_silent_keepalive_time() {
+        let (_listener, connector) = connector_with_7s().await;
         let stream = connector.connect_tcp().await.unwrap();
 
         assert!(sockopt::socket_keepalive(&stream).unwrap());
@@ -347,7 +364,17 @@ mod tests {
             Duration::from_secs(7)
         );
         assert_eq!(sockopt::tcp_keepcnt(&stream).unwrap(), 3);
-        // Bytes unacknowledged for as long end it too: 7 s + 3 x 7 s.
+        // An upload's body may wait in a zero window for longer.
+        assert_eq!(sockopt::tcp_user_timeout(&stream).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_for_reads_ends_when_its_request_stays_unacknowledged() {
+        let (_listener, connector) = connector_with_7s().await;
+        let stream = connector.connect_for_reads().await.unwrap();
+
+        assert!(sockopt::socket_keepalive(&stream).unwrap());
+        // 7 s and three more probes 7 s apart.
         assert_eq!(sockopt::tcp_user_timeout(&stream).unwrap(), 28_000);
     }
 }

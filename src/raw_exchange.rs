@@ -123,7 +123,7 @@ pub async fn exchange(
             sent => return sent,
         }
     }
-    let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
+    let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_for_reads());
     let stream = connect
         .await
         .map_err(|_| unanswered)?
