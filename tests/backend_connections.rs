@@ -2,14 +2,17 @@
 //! (`backend.tcp_keepalive`), on the raw path's pool and on hyper's alike:
 //! read from the kernel's table of sockets (`/proc/net/tcp`, proc(5)), where
 //! an idle connection with keep-alive has its keep-alive timer running and
-//! one without has no timer at all. (A backend whose node vanished, the
+//! one without has no timer at all; and an upload to a backend that is only
+//! slow to read is not cut. (A backend whose node vanished, the
 //! case this is for, cannot be made on loopback without dropping packets;
 //! README "When the backend counts as down" gives the manual check with `tc`.)
 
 use std::collections::HashSet;
 
 use aws_sdk_s3::primitives::ByteStream;
-use support::{ProxyProcess, S3Backend, metric_sample, s3_client, wait_until};
+use support::{ProxyProcess, S3Backend, metric_sample, read_response, s3_client, wait_until};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 /// The kernel's timer kinds in `/proc/net/tcp` (proc(5): `tr`).
 const KEEPALIVE_TIMER: u32 = 2;
@@ -113,4 +116,76 @@ async fn every_backend_connection_has_tcp_keepalive_running() {
         assert_eq!(socket.timer, KEEPALIVE_TIMER, "{sockets:?}");
         assert!(socket.due_in_ticks <= 700, "within 7 s: {sockets:?}");
     }
+}
+
+/// A backend that reads an upload's first MiB, stops reading for `pause`
+/// (alive: its kernel acknowledges and answers probes, the window full),
+/// then reads the rest and answers `200` with the byte count.
+async fn backend_pausing_mid_body(pause: std::time::Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                let mut length = 0usize;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                let first = length.min(1 << 20);
+                stream.read_exact(&mut body[..first]).await.unwrap();
+                if length > first {
+                    // The backend's pause: the scenario, not a wait.
+                    tokio::time::sleep(pause).await;
+                    stream.read_exact(&mut body[first..]).await.unwrap();
+                }
+                let count = length.to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{count}",
+                    count.len()
+                );
+                stream.get_mut().write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    address
+}
+
+/// Keep-alive must not cut what is merely slow: an upload whose backend
+/// stops reading for longer than a silent connection lives
+/// (`tcp_keepalive = "1s"`: 4 s) is stored. (`TCP_USER_TIMEOUT`, which
+/// Linux also applies to a full window, would cut it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_a_backend_that_pauses_reading_is_not_cut() {
+    let backend = backend_pausing_mid_body(std::time::Duration::from_secs(6)).await;
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{backend}\"\ntcp_keepalive = \"1s\"\n"
+    ))
+    .await
+    .unwrap();
+    let body = vec![b'x'; 32 << 20];
+    let mut client = TcpStream::connect(proxy.address()).await.unwrap();
+    let head = format!(
+        "PUT /bucket/big HTTP/1.1\r\nHost: s3\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(&body).await.unwrap();
+
+    let (status, answer) = read_response(&mut client).await;
+    assert_eq!((status, answer.as_str()), (200, "33554432"));
 }
