@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Small-request CPU, side by side in one run, against a backend that is never
 # the bottleneck: nginx (one worker) serving a 2-byte file, reached directly,
-# through s3-failover-proxy and through HAProxy (2 threads).
+# through s3-failover-proxy, through HAProxy (2 threads) and through nginx
+# (2 workers) as an ingress.
 #
 #   bash benches/small_requests.sh [proxy-binary[,proxy-binary...]] [connections] [seconds] [repetitions]
 #
@@ -11,7 +12,7 @@
 # binary written `path+raw` runs with `listener.raw_http1 = true` (a build
 # from before it was the default), `path+hyper` with it false.
 #
-# Each repetition runs wrk -t1 against the three in turn (interleaved, so the
+# Each repetition runs wrk -t1 against each in turn (interleaved, so the
 # machine's noise falls on all of them); the figure is CPU time per request of
 # the ingress process alone (utime + stime from /proc, over wrk's request
 # count, also shown split into user and system time), the context switches
@@ -29,6 +30,7 @@ bench_dir
 printf 'ok' > "$DIR/www/small"
 nginx_backend nginx 18100 1
 haproxy_ingress 18102 18100
+nginx_ingress 18104 18100 256
 start_proxies "$PROXY" 18110 18100
 
 # Context switches, summed over the given processes' threads: "voluntary
@@ -75,9 +77,13 @@ for rep in $(seq 1 "$REPS"); do
     run "  s3-failover-proxy[$i]" "http://127.0.0.1:$((18110 + 2 * i))/small" "${PROXY_PIDS[$i]}"
     RESULTS[i]="$LAST_RPS $LAST_US"
   done
+  # shellcheck disable=SC2046
+  run "  nginx ingress" http://127.0.0.1:18104/small $(nginx_workers ingress)
+  NGINX_US=$LAST_US NGINX_RPS=$LAST_RPS
   run "  HAProxy" http://127.0.0.1:18102/small "$(cat "$DIR/haproxy.pid")"
   for i in "${!RESULTS[@]}"; do
     read -r rps us <<< "${RESULTS[$i]}"
     python3 -c "print(f'  proxy[$i] / HAProxy: {$us/$LAST_US:.2f}x CPU per request, {$rps/$LAST_RPS:.2f}x req/s')"
   done
+  python3 -c "print(f'  nginx ingress / HAProxy: {$NGINX_US/$LAST_US:.2f}x CPU per request, {$NGINX_RPS/$LAST_RPS:.2f}x req/s')"
 done

@@ -48,7 +48,7 @@ use crate::heap_trim;
 use crate::raw_http1::{RawEnd, RawPath};
 use crate::request_target::TargetWatch;
 use crate::round_kind::RoundKind;
-use crate::shutdown::{Phase, ShutdownWatch};
+use crate::shutdown::{ShutdownWatch, closing};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -574,9 +574,4 @@ where
         }
         timer.as_mut().poll(cx).is_ready()
     }
-}
-
-/// Resolves once the proxy closes its connections ([`Phase::Closing`]).
-async fn closing(shutdown: &mut ShutdownWatch) {
-    let _ = shutdown.wait_for(|phase| *phase == Phase::Closing).await;
 }

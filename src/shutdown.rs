@@ -29,6 +29,11 @@ pub struct Shutdown {
 /// [`Shutdown::connections_ended`] waiting.
 pub type ShutdownWatch = watch::Receiver<Phase>;
 
+/// Resolves once the proxy closes its connections ([`Phase::Closing`]).
+pub async fn closing(watch: &mut ShutdownWatch) {
+    let _ = watch.wait_for(|phase| *phase == Phase::Closing).await;
+}
+
 impl Default for Shutdown {
     fn default() -> Self {
         Shutdown {
