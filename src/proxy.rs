@@ -295,6 +295,15 @@ impl Proxy {
         self.holding_ended.send_replace(true);
     }
 
+    /// Resolves once the shutdown grace is over ([`Proxy::stop_holding`]):
+    /// a request still waiting for its answer then is cut.
+    pub fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ended = self.holding_ended.subscribe();
+        async move {
+            let _ = ended.wait_for(|ended| *ended).await;
+        }
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

@@ -218,9 +218,7 @@ async fn watched(
         timer
             .as_mut()
             .reset((confirmed_at + patience.response_timeout).min(ceiling));
-        // An answer that came is taken, also when the timer is due too.
         tokio::select! {
-            biased;
             head = read_head.as_mut() => return head,
             () = timer.as_mut() => {}
         }

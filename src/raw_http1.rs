@@ -69,9 +69,10 @@ const GATHERED: usize = 16 << 10;
 /// 32 KiB, `benches/large_objects.sh`, 2026-12-02).
 const STREAM_READ: usize = 64 << 10;
 
-/// A connection's one wait for the end of the shutdown grace
-/// ([`crate::shutdown::closing`]), polled by each of its requests in turn.
-type Closing<'c> = std::pin::Pin<&'c mut (dyn Future<Output = ()> + Send + 'c)>;
+/// A connection's one wait for a step of the shutdown (the end of the drain,
+/// [`crate::shutdown::closing`]; the end of the grace,
+/// [`Proxy::grace_over`]), polled by each of its requests in turn.
+type ShutdownStep<'c> = std::pin::Pin<&'c mut (dyn Future<Output = ()> + Send + 'c)>;
 
 /// When the head [`RawPath::read_head`] waits for is due.
 struct HeadDue<'t> {
@@ -189,12 +190,14 @@ impl RawPath {
         let mut head_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
         // And one for every answer it waits for (`raw_exchange::watched`).
         let mut answer_timer = std::pin::pin!(tokio::time::sleep_until(head_due));
-        // One wait for the end of the shutdown grace, on a watch of its
-        // own: a wait per request put a waiter on the shutdown watch's list
-        // and took it off again, under its lock (about 2 % of the CPU per
-        // small request, perf).
+        // One wait for the end of the drain (an idle connection closes)
+        // and one for the end of the grace (a request in flight is cut),
+        // each on a watch of its own: a wait per request put a waiter on
+        // the shutdown watch's list and took it off again, under its lock
+        // (about 2 % of the CPU per small request, perf).
         let mut closing_watch = shutdown.clone();
         let mut closing = std::pin::pin!(crate::shutdown::closing(&mut closing_watch));
+        let mut grace_over = std::pin::pin!(self.proxy.grace_over());
         loop {
             let request = match self
                 .read_head(
@@ -224,7 +227,7 @@ impl RawPath {
                     io,
                     &buffer[..request.length],
                     &request,
-                    closing.as_mut(),
+                    grace_over.as_mut(),
                     answer_timer.as_mut(),
                 )
                 .await
@@ -246,7 +249,7 @@ impl RawPath {
         io: &mut TargetWatch<I>,
         buffer: &mut BytesMut,
         due: HeadDue<'_>,
-        mut closing: Closing<'_>,
+        mut closing: ShutdownStep<'_>,
     ) -> HeadRead
     where
         I: AsyncRead + AsyncWrite + Unpin,
@@ -285,10 +288,7 @@ impl RawPath {
                     std::task::Poll::Pending if switch_due() => std::task::Poll::Ready(None),
                     polled => polled.map(Some),
                 });
-                // In this order: a head that came is served, also when a
-                // timer is due too (and no random draw per request).
                 tokio::select! {
-                    biased;
                     read = read => read,
                     () = timer.as_mut() => {
                         return if resting { HeadRead::Rest } else { HeadRead::HandOver };
@@ -351,7 +351,7 @@ impl RawPath {
         io: &mut TargetWatch<I>,
         head: &[u8],
         request: &RawRequest,
-        closing: Closing<'_>,
+        grace_over: ShutdownStep<'_>,
         answer_timer: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Forwarded
     where
@@ -383,11 +383,11 @@ impl RawPath {
             answer_timer,
         );
         let exchanged = tokio::select! {
-            biased;
             exchanged = exchanged => exchanged,
             // The shutdown grace is over with no answer yet: the connection
-            // is closed with none, as the hyper path closes it.
-            () = closing => {
+            // is closed with none, as the hyper path closes it (before the
+            // grace, past the drain, a request in flight is waited for).
+            () = grace_over => {
                 let mut line = Line::new(request, head, started);
                 line.status = 499;
                 line.outcome = RequestOutcome::ShuttingDown;

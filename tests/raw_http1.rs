@@ -550,3 +550,54 @@ async fn a_408_on_a_new_backend_connection_is_passed_on() {
     assert_eq!(read_response(&mut stream).await.0, 408);
     assert_eq!(heads.load(Ordering::SeqCst), 1, "sent once");
 }
+
+/// A GET still waiting for its answer when the shutdown's drain ends is
+/// answered within the grace, as on the hyper path: the raw path cut it
+/// unanswered (`499`) as soon as the drain ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() {
+    let backend = S3Backend::start().await.unwrap();
+    let straight =
+        support::raw_request(backend.address, "GET", "/", &[], bytes::Bytes::new()).await;
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"0s\"\ngrace = \"30s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+
+    // The backend takes the request and does not answer while stopped.
+    backend.freeze();
+    let sent = tokio::spawn(support::raw_request(
+        proxy.address(),
+        "GET",
+        "/",
+        &[],
+        bytes::Bytes::new(),
+    ));
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_in_flight_requests", 1.0)
+        .await;
+    proxy.signal("-TERM");
+    support::wait_until(
+        std::time::Duration::from_secs(10),
+        "the drain's end",
+        || async {
+            proxy
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("shutting down: no new connections"))
+        },
+    )
+    .await
+    .unwrap();
+    backend.thaw();
+    let through = sent.await.unwrap();
+    assert_eq!(
+        through.as_ref().map_err(ToString::to_string),
+        straight.as_ref().map_err(ToString::to_string),
+        "the backend's answer, as straight from it"
+    );
+    assert!(proxy.exit_status().await.success());
+}
