@@ -258,18 +258,9 @@ async fn the_admin_listener_out_of_descriptors_says_so_and_serves_again_once_the
                 .unwrap(),
         );
     }
-    wait_until(
-        Duration::from_secs(10),
-        "the failed admin accept in the log",
-        || async {
-            proxy
-                .log_lines()
-                .iter()
-                .any(|line| line.contains("admin accept failed"))
-        },
-    )
-    .await
-    .unwrap();
+    proxy
+        .wait_for_log("admin accept failed", Duration::from_secs(10))
+        .await;
     drop(open);
     wait_until(
         Duration::from_secs(10),

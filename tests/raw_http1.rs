@@ -580,18 +580,13 @@ async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() 
         .wait_metric("s3fp_backend_in_flight_requests", 1.0)
         .await;
     proxy.signal("-TERM");
-    support::wait_until(
-        std::time::Duration::from_secs(10),
-        "the drain's end",
-        || async {
-            proxy
-                .log_lines()
-                .iter()
-                .any(|line| line.contains("shutting down: no new connections"))
-        },
-    )
-    .await
-    .unwrap();
+    // The drain is over.
+    proxy
+        .wait_for_log(
+            "shutting down: no new connections",
+            std::time::Duration::from_secs(10),
+        )
+        .await;
     backend.thaw();
     let through = sent.await.unwrap();
     assert_eq!(

@@ -1046,18 +1046,10 @@ async fn a_wrong_settle_secret_is_reported_once_the_backend_answers() {
     assert!(logged.contains("settle.secret_access_key_file"), "{logged}");
     // A rotated Secret: the file changes, no signal.
     support::write_secret(&secret, SECRET_KEY);
-    wait_until(
-        Duration::from_secs(20),
-        "the right key to be accepted",
-        || async {
-            proxy
-                .log_lines()
-                .iter()
-                .any(|line| line.contains("accepts the [settle] key"))
-        },
-    )
-    .await
-    .unwrap();
+    // The right key is accepted.
+    proxy
+        .wait_for_log("accepts the [settle] key", Duration::from_secs(20))
+        .await;
     assert_eq!(rejected().await, Some(0.0));
 }
 

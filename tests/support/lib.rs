@@ -898,6 +898,17 @@ impl ProxyProcess {
         lines
     }
 
+    /// Waits up to `limit` for a log line that contains `text`; panics
+    /// naming `text` when none comes.
+    pub async fn wait_for_log(&self, text: &str, limit: Duration) {
+        let found = || self.log_lines().iter().any(|line| line.contains(text));
+        wait_until(limit, &format!("a log line with {text:?}"), || async {
+            found()
+        })
+        .await
+        .unwrap();
+    }
+
     /// Waits for the process to exit after a signal.
     pub async fn exit_status(mut self) -> std::process::ExitStatus {
         let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
