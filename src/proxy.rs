@@ -298,10 +298,7 @@ impl Proxy {
     /// Resolves once the shutdown grace is over ([`Proxy::stop_holding`]):
     /// a request still waiting for its answer then is cut.
     pub fn grace_over(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut ended = self.holding_ended.subscribe();
-        async move {
-            let _ = ended.wait_for(|ended| *ended).await;
-        }
+        crate::shutdown::reached(self.holding_ended.subscribe(), |ended| *ended)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

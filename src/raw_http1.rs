@@ -70,8 +70,8 @@ const GATHERED: usize = 16 << 10;
 const STREAM_READ: usize = 64 << 10;
 
 /// A connection's one wait for a step of the shutdown (the end of the drain,
-/// [`crate::shutdown::closing`]; the end of the grace,
-/// [`Proxy::grace_over`]), polled by each of its requests in turn.
+/// [`Phase::Closing`]; the end of the grace, [`Proxy::grace_over`]), polled
+/// by each of its requests in turn ([`crate::shutdown::reached`]).
 type ShutdownStep<'c> = std::pin::Pin<&'c mut (dyn Future<Output = ()> + Send + 'c)>;
 
 /// When the head [`RawPath::read_head`] waits for is due.
@@ -195,8 +195,9 @@ impl RawPath {
         // each on a watch of its own: a wait per request put a waiter on
         // the shutdown watch's list and took it off again, under its lock
         // (about 2 % of the CPU per small request, perf).
-        let mut closing_watch = shutdown.clone();
-        let mut closing = std::pin::pin!(crate::shutdown::closing(&mut closing_watch));
+        let mut closing = std::pin::pin!(crate::shutdown::reached(shutdown.clone(), |phase| {
+            *phase == Phase::Closing
+        }));
         let mut grace_over = std::pin::pin!(self.proxy.grace_over());
         loop {
             let request = match self
