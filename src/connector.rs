@@ -249,6 +249,26 @@ impl BackendStream {
         }
     }
 
+    /// `write` on the transport, a write error held as
+    /// [`BackendStream::poll_write_result`] holds it.
+    fn poll_transport_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(
+            Pin<&mut (dyn AsyncWrite + Send + Unpin)>,
+            &mut Context<'_>,
+        ) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if self.write_error.is_some() {
+            return self.poll_held_write_error(cx);
+        }
+        let result = match &mut self.transport {
+            Transport::Plain(stream) => write(Pin::new(stream), cx),
+            Transport::Tls(stream) => write(Pin::new(stream.as_mut()), cx),
+        };
+        self.poll_write_result(cx, result)
+    }
+
     fn poll_held_write_error<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         if self.read_ended {
             let error = self.write_error.take().expect("a held write error");
@@ -302,15 +322,8 @@ impl AsyncWrite for BackendStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_error.is_some() {
-            return this.poll_held_write_error(cx);
-        }
-        let result = match &mut this.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-        };
-        this.poll_write_result(cx, result)
+        self.get_mut()
+            .poll_transport_write(cx, |stream, cx| stream.poll_write(cx, buf))
     }
 
     /// Several buffers in one `writev` (hyper sends a request's head and
@@ -322,15 +335,8 @@ impl AsyncWrite for BackendStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_error.is_some() {
-            return this.poll_held_write_error(cx);
-        }
-        let result = match &mut this.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
-        };
-        this.poll_write_result(cx, result)
+        self.get_mut()
+            .poll_transport_write(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -341,15 +347,8 @@ impl AsyncWrite for BackendStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.write_error.is_some() {
-            return this.poll_held_write_error(cx);
-        }
-        let result = match &mut this.transport {
-            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-        };
-        this.poll_write_result(cx, result)
+        self.get_mut()
+            .poll_transport_write(cx, |stream, cx| stream.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
