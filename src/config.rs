@@ -586,7 +586,7 @@ fn keepalive_duration(
 
 /// `backend.max_read_bytes` and `listener.max_read_bytes` by default: a GiB
 /// streamed in reads of 512 KiB costs about half the CPU it costs in reads
-/// of 64 KiB (README, "Benchmarks").
+/// of 64 KiB (`benches/HISTORY.md`).
 const DEFAULT_MAX_READ_BYTES: u64 = 512 << 10;
 /// The largest `backend.max_read_bytes` and `listener.max_read_bytes`.
 const MAX_READ_BYTES: u64 = 16 << 20;

@@ -4,8 +4,8 @@
 //! hyper reads a connection into one buffer, whose largest size
 //! (`max_buf_size`) is also its limit on a message head, and a buffer once
 //! grown stays with its connection. Streaming a large object in reads of
-//! 64 KiB costs about twice the CPU per GiB of reads of 512 KiB (README,
-//! "Benchmarks"), but 512 KiB kept by every pooled connection, or by every
+//! 64 KiB costs about twice the CPU per GiB of reads of 512 KiB
+//! (`benches/HISTORY.md`), but 512 KiB kept by every pooled connection, or by every
 //! slow download, is not bounded memory. So the upstream gives hyper room
 //! for `backend.max_read_bytes` and [`BudgetedRead`] decides, per
 //! connection, how much of it a read may fill: below the head limit until a
