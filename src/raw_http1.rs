@@ -228,7 +228,7 @@ impl RawPath {
                     io,
                     &buffer[..request.length],
                     &request,
-                    grace_over.as_mut(),
+                    (shutdown, grace_over.as_mut()),
                     answer_timer.as_mut(),
                 )
                 .await
@@ -352,7 +352,7 @@ impl RawPath {
         io: &mut TargetWatch<I>,
         head: &[u8],
         request: &RawRequest,
-        grace_over: ShutdownStep<'_>,
+        (shutdown, grace_over): (&ShutdownWatch, ShutdownStep<'_>),
         answer_timer: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Forwarded
     where
@@ -425,8 +425,17 @@ impl RawPath {
             None => RequestId::from_backend(None),
         };
         let mut download = Download::Unplanned(outbound);
+        // An answer given while the proxy drains says `Connection: close`,
+        // as the hyper path's do, and the connection ends after it.
+        let draining = *shutdown.borrow() != Phase::Serving;
         let passed = self
-            .pass_on(io, &mut backend, &mut answer, &answer_head, &mut download)
+            .pass_on(
+                io,
+                (&mut backend, &answer_head),
+                &mut answer,
+                draining,
+                &mut download,
+            )
             .await;
         let (bytes_out, reusable, outcome) = match passed {
             Passed::Whole { bytes, reusable } => (bytes, reusable, RequestOutcome::Ok),
@@ -449,7 +458,7 @@ impl RawPath {
             line.held = download.held;
         }
         self.log(&line, &request_id);
-        if keep_alive {
+        if keep_alive && !draining {
             Forwarded::KeepAlive
         } else {
             Forwarded::Close
@@ -501,9 +510,9 @@ impl RawPath {
     async fn pass_on<I>(
         &self,
         io: &mut TargetWatch<I>,
-        backend: &mut TcpStream,
+        (backend, head): (&mut TcpStream, &AnswerHead),
         answer: &mut Vec<u8>,
-        head: &AnswerHead,
+        closing: bool,
         download: &mut Download,
     ) -> Passed
     where
@@ -532,7 +541,10 @@ impl RawPath {
         // asked for.
         let mut carried = answer.split_off(head.length + taken);
         let mut reusable = carried.is_empty();
-        let head_length = head.drop_hop_by_hop(answer);
+        let mut head_length = head.drop_hop_by_hop(answer);
+        if closing {
+            head_length = say_close(answer, head_length);
+        }
         if !head.dated {
             dated(answer, head_length);
         }
@@ -818,6 +830,39 @@ fn dated(answer: &mut Vec<u8>, head_length: usize) {
     answer.splice(at..at, field.into_bytes());
 }
 
+/// Makes the answer head at the start of `answer` (`head_length` bytes,
+/// ended by an empty line) say `Connection: close`, as the hyper path's
+/// answers say it while the proxy drains (RFC 9112 section 9.6): the value
+/// of its first `Connection` line replaced, the name kept as the backend
+/// wrote it (hyper keeps a replaced field's name and place), else a
+/// `connection: close` line added last (as hyper writes a name the proxy
+/// adds). Returns the head's length after.
+fn say_close(answer: &mut Vec<u8>, head_length: usize) -> usize {
+    const NAME: &[u8] = b"connection:";
+    let head = &answer[..head_length];
+    let mut lines = head
+        .windows(2)
+        .enumerate()
+        .filter(|(_, pair)| *pair == b"\r\n")
+        .map(|(at, _)| at);
+    // Field lines start after the status line.
+    let mut start = lines.next().map_or(head_length, |end| end + 2);
+    for end in lines {
+        let line = &head[start..end];
+        if line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME) {
+            let value = start + NAME.len()..end;
+            let removed = value.len();
+            answer.splice(value, b" close".iter().copied());
+            return head_length - removed + b" close".len();
+        }
+        start = end + 2;
+    }
+    let line = b"connection: close\r\n";
+    let at = head_length - 2;
+    answer.splice(at..at, line.iter().copied());
+    head_length + line.len()
+}
+
 /// An answer body followed as it passes.
 enum Body {
     Empty,
@@ -870,5 +915,35 @@ impl Body {
             Body::Chunked(chunks) => *chunks == Chunks::Done,
             Body::UntilClose => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::say_close;
+
+    fn closed(head: &str) -> String {
+        let mut answer = format!("{head}body").into_bytes();
+        let length = say_close(&mut answer, head.len());
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer[..length].ends_with("\r\n\r\n"), "{answer}");
+        assert_eq!(&answer[length..], "body");
+        answer
+    }
+
+    #[test]
+    fn a_head_without_connection_gets_one_last() {
+        assert_eq!(
+            closed("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nconnection: close\r\n\r\nbody"
+        );
+    }
+
+    #[test]
+    fn a_connection_line_says_close_in_its_place_with_its_name() {
+        assert_eq!(
+            closed("HTTP/1.1 200 OK\r\nCONNECTION:keep-alive\r\nContent-Length: 4\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\nCONNECTION: close\r\nContent-Length: 4\r\n\r\nbody"
+        );
     }
 }

@@ -596,3 +596,48 @@ async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() 
     );
     assert!(proxy.exit_status().await.success());
 }
+
+/// A GET whose answer comes once the shutdown's drain has begun gets it
+/// with `Connection: close`, as on the hyper path, and its connection ends
+/// after it: a client does not send its next request on a connection about
+/// to close under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_while_draining_says_connection_close() {
+    use tokio::io::AsyncReadExt;
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"3s\"\ngrace = \"30s\"\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+
+    let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
+    backend.freeze();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .await
+        .unwrap();
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_in_flight_requests", 1.0)
+        .await;
+    proxy.signal("-TERM");
+    proxy
+        .wait_for_log("shutting down: unready", std::time::Duration::from_secs(10))
+        .await;
+    backend.thaw();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the connection ends")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let head = &answer[..answer.find("\r\n\r\n").expect("an answer")];
+    assert!(head.starts_with("http/1.1 403"), "the backend's: {answer}");
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(proxy.exit_status().await.success());
+}
