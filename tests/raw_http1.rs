@@ -559,26 +559,7 @@ async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() 
     let backend = S3Backend::start().await.unwrap();
     let straight =
         support::raw_request(backend.address, "GET", "/", &[], bytes::Bytes::new()).await;
-    let proxy = ProxyProcess::start(&format!(
-        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"0s\"\ngrace = \"30s\"\n",
-        backend.address
-    ))
-    .await
-    .unwrap();
-
-    // The backend takes the request and does not answer while stopped.
-    backend.freeze();
-    let sent = tokio::spawn(support::raw_request(
-        proxy.address(),
-        "GET",
-        "/",
-        &[],
-        bytes::Bytes::new(),
-    ));
-    proxy
-        .admin
-        .wait_metric("s3fp_backend_in_flight_requests", 1.0)
-        .await;
+    let (proxy, sent) = sent_when_the_backend_stops(&backend, "0s").await;
     proxy.signal("-TERM");
     // The drain is over.
     proxy
@@ -588,10 +569,12 @@ async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() 
         )
         .await;
     backend.thaw();
-    let through = sent.await.unwrap();
+    let straight = straight
+        .ok()
+        .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()));
     assert_eq!(
-        through.as_ref().map_err(ToString::to_string),
-        straight.as_ref().map_err(ToString::to_string),
+        read_answer(sent).await,
+        straight,
         "the backend's answer, as straight from it"
     );
     assert!(proxy.exit_status().await.success());
@@ -603,41 +586,61 @@ async fn a_get_in_flight_when_the_drain_ends_gets_its_answer_within_the_grace() 
 /// to close under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_given_while_draining_says_connection_close() {
-    use tokio::io::AsyncReadExt;
     let backend = S3Backend::start().await.unwrap();
+    let (proxy, sent) = sent_when_the_backend_stops(&backend, "3s").await;
+    proxy.signal("-TERM");
+    proxy
+        .wait_for_log("shutting down: unready", std::time::Duration::from_secs(10))
+        .await;
+    backend.thaw();
+    let answer = String::from_utf8_lossy(&sent.await.unwrap()).to_lowercase();
+    let head = &answer[..answer.find("\r\n\r\n").expect("an answer")];
+    assert!(head.starts_with("http/1.1 403"), "the backend's: {answer}");
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    assert!(proxy.exit_status().await.success());
+}
+
+/// A proxy with `shutdown.drain_delay = drain_delay` in front of `backend`,
+/// and a GET sent through it on the raw path that `backend`, stopped
+/// (SIGSTOP), has taken and not answered: the task ends with all the
+/// client read until the proxy closed the connection.
+async fn sent_when_the_backend_stops(
+    backend: &S3Backend,
+    drain_delay: &str,
+) -> (ProxyProcess, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::AsyncReadExt;
     let proxy = ProxyProcess::start(&format!(
-        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"3s\"\ngrace = \"30s\"\n",
+        "[listener]\nraw_http1 = true\n[backend]\naddress = \"{}\"\n[shutdown]\ndrain_delay = \"{drain_delay}\"\ngrace = \"30s\"\n",
         backend.address
     ))
     .await
     .unwrap();
-
     let mut stream = TcpStream::connect(proxy.address()).await.unwrap();
     backend.freeze();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: proxy\r\n\r\n")
         .await
         .unwrap();
+    let sent = tokio::spawn(async move {
+        let mut read = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut read),
+        )
+        .await;
+        read
+    });
     proxy
         .admin
         .wait_metric("s3fp_backend_in_flight_requests", 1.0)
         .await;
-    proxy.signal("-TERM");
-    proxy
-        .wait_for_log("shutting down: unready", std::time::Duration::from_secs(10))
-        .await;
-    backend.thaw();
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        stream.read_to_end(&mut answer),
-    )
-    .await
-    .expect("the connection ends")
-    .unwrap();
-    let answer = String::from_utf8_lossy(&answer).to_lowercase();
-    let head = &answer[..answer.find("\r\n\r\n").expect("an answer")];
-    assert!(head.starts_with("http/1.1 403"), "the backend's: {answer}");
-    assert!(head.contains("\r\nconnection: close"), "{head}");
-    assert!(proxy.exit_status().await.success());
+    (proxy, sent)
+}
+
+/// The status and body of the one answer in what `sent` read, if any.
+async fn read_answer(sent: tokio::task::JoinHandle<Vec<u8>>) -> Option<(u16, String)> {
+    let read = String::from_utf8(sent.await.unwrap()).unwrap();
+    let (head, body) = read.split_once("\r\n\r\n")?;
+    let status = head.get(9..12)?.parse().ok()?;
+    Some((status, body.to_owned()))
 }
