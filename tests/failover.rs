@@ -54,7 +54,12 @@ async fn a_proxy_started_while_the_backend_is_down_holds_until_it_comes() {
         async move { s3.create_bucket().bucket("late").send().await }
     });
     proxy.admin.wait_held(1).await;
-    assert_eq!(proxy.admin.status().await["reason"], "refused");
+    // The request may be held before the first probe has said why.
+    support::wait_until(Duration::from_secs(10), "the reason: refused", || async {
+        proxy.admin.status().await["reason"] == "refused"
+    })
+    .await
+    .unwrap();
     backend.restart().await.unwrap();
     create
         .await
