@@ -161,6 +161,7 @@ impl Admin {
             gate: self.proxy.gate().status(),
             in_flight: self.proxy.in_flight().current(),
             backend_connects: self.proxy.upstream_connects(),
+            waiting_for_backend_connection: self.proxy.raw_backend().slots().waiting(),
         };
         let mut response = Response::new(Full::new(Bytes::from(
             self.proxy.metrics().encode(&snapshot),

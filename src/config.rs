@@ -192,6 +192,12 @@ pub struct BackendConfig {
     pub expect_continue_timeout: Option<Duration>,
     /// Idle keep-alive connections kept to the backend.
     pub max_idle_connections: usize,
+    /// Connections open to the backend at once, idle or busy; `None`: no
+    /// cap (see [`crate::backend_slots`]). Restart-only.
+    pub max_connections: Option<usize>,
+    /// Longest wait of a request for a backend connection when
+    /// `max_connections` are open; then `503 SlowDown`.
+    pub queue_timeout: Duration,
     /// Idle connections older than this are closed rather than reused.
     pub idle_timeout: Duration,
     /// Most header fields accepted in a response head from the backend.
@@ -424,6 +430,9 @@ struct RawBackend {
     #[serde(default, with = "humantime_serde")]
     expect_continue_timeout: Option<Duration>,
     max_idle_connections: Option<usize>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     max_headers: Option<usize>,
@@ -979,6 +988,16 @@ impl Config {
                 .map(|wait| positive_duration("backend.expect_continue_timeout", Some(wait), wait))
                 .transpose()?,
             max_idle_connections: raw.backend.max_idle_connections.unwrap_or(512),
+            max_connections: raw
+                .backend
+                .max_connections
+                .map(|max| positive_count("backend.max_connections", Some(max), max))
+                .transpose()?,
+            queue_timeout: positive_duration(
+                "backend.queue_timeout",
+                raw.backend.queue_timeout,
+                Duration::from_secs(30),
+            )?,
             idle_timeout: positive_duration(
                 "backend.idle_timeout",
                 raw.backend.idle_timeout,

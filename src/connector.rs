@@ -31,6 +31,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::backend_address::BackendAddress;
+use crate::backend_slots::Slot;
 use crate::config::{BackendConfig, BackendTlsConfig};
 use crate::tls::{self, TlsError};
 
@@ -217,6 +218,8 @@ pub struct BackendStream {
     write_error: Option<io::Error>,
     read_ended: bool,
     write_waker: Option<Waker>,
+    /// Its place under `backend.max_connections`, given back with the socket.
+    _slot: Slot,
 }
 
 enum Transport {
@@ -231,7 +234,14 @@ impl BackendStream {
             write_error: None,
             read_ended: false,
             write_waker: None,
+            _slot: Slot::default(),
         }
+    }
+
+    /// This connection, holding `slot` for as long as its socket is open.
+    pub fn holding(mut self, slot: Slot) -> BackendStream {
+        self._slot = slot;
+        self
     }
 
     /// `Pending` while a write error is held back for the reads to finish.

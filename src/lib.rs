@@ -67,6 +67,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admin_token;
 pub mod backend_address;
+pub mod backend_slots;
 pub mod backend_target;
 pub mod client_identity;
 pub mod client_pace;

@@ -74,6 +74,7 @@ pub struct Metrics {
     response_bytes: IntCounter,
     raw_requests: IntCounter,
     in_flight: IntGauge,
+    waiting_for_backend_connection: IntGauge,
     replay_memory: IntGauge,
     replay_memory_exhausted: IntCounter,
     settle_key_rejected: IntGauge,
@@ -103,6 +104,8 @@ pub struct Snapshot {
     pub gate: GateStatus,
     pub in_flight: usize,
     pub backend_connects: u64,
+    /// Requests waiting for a slot of `backend.max_connections`.
+    pub waiting_for_backend_connection: usize,
 }
 
 impl Default for Metrics {
@@ -202,6 +205,11 @@ impl Metrics {
             in_flight: registered(register_int_gauge_with_registry!(
                 "s3fp_backend_in_flight_requests",
                 "Requests sent to the backend whose response has not ended.",
+                r
+            )),
+            waiting_for_backend_connection: registered(register_int_gauge_with_registry!(
+                "s3fp_backend_connection_waiting_requests",
+                "Requests waiting for one of backend.max_connections backend connections to come free (at most backend.queue_timeout, then 503 SlowDown).",
                 r
             )),
             replay_memory: registered(register_int_gauge_with_registry!(
@@ -527,6 +535,8 @@ impl Metrics {
             .set(snapshot.gate.since.as_secs_f64());
         self.held_now.set(snapshot.gate.held as i64);
         self.in_flight.set(snapshot.in_flight as i64);
+        self.waiting_for_backend_connection
+            .set(snapshot.waiting_for_backend_connection as i64);
         self.count_backend_connects(snapshot.backend_connects);
         let mut out = Vec::new();
         TextEncoder::new()
@@ -570,6 +580,7 @@ mod tests {
             },
             in_flight: 2,
             backend_connects: 7,
+            waiting_for_backend_connection: 3,
         };
         String::from_utf8(metrics.encode(&snapshot)).unwrap()
     }
@@ -623,6 +634,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("s3fp_backend_in_flight_requests 2"), "{text}");
+        assert!(
+            text.contains("s3fp_backend_connection_waiting_requests 3"),
+            "{text}"
+        );
         assert!(text.contains("s3fp_backend_connections_total 7"), "{text}");
     }
 }

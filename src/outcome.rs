@@ -69,6 +69,8 @@ labels! {
         ClientTimeout => "client_timeout",
         InvalidUri => "invalid_uri",
         TooManyConnections => "too_many_connections",
+        /// Waited `backend.queue_timeout` for one of `backend.max_connections`.
+        BackendBusy => "backend_busy",
         ExpectationFailed => "expectation_failed",
         Quarantined => "quarantined",
         SlowBackend => "slow_backend",

@@ -274,6 +274,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Proxy {
         let upstream_lanes = upstream.lanes();
+        let slots = upstream.slots();
         Proxy {
             gate,
             quarantine,
@@ -284,7 +285,7 @@ impl Proxy {
             in_flight: InFlight::default(),
             metrics,
             holding_ended: watch::Sender::new(false),
-            raw_backend: RawBackend::new(upstream_lanes),
+            raw_backend: RawBackend::new(upstream_lanes, slots),
         }
     }
 
@@ -581,6 +582,9 @@ impl Proxy {
         if body.client_failed() {
             return Err(ProxyError::ClientBody);
         }
+        if let UpstreamError::NoSlot(_) = error {
+            return Err(ProxyError::BackendBusy);
+        }
         let Some(suspicion) = error.down_reason() else {
             // An invalid response says nothing about availability.
             return Err(ProxyError::BadGateway);
@@ -812,7 +816,18 @@ impl Proxy {
             let every = (self.upstream.idle_timeout() / 2)
                 .min(LARGE_READS_REST / 2)
                 .max(Duration::from_millis(100));
-            tokio::time::sleep(every).await;
+            // A request waiting for a slot of `backend.max_connections`
+            // gets the idle connections' slots at once.
+            let slots = self.upstream.slots();
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = slots.wanted_soon() => {}
+            }
+            let waiting = slots.waiting();
+            if waiting > 0 {
+                let shed = self.upstream.shed_idle(waiting);
+                self.raw_backend.shed_idle(waiting - shed);
+            }
             self.upstream.close_expired();
             self.raw_backend.close_expired(self.upstream.idle_timeout());
             self.upstream.free_rested_large_reads(LARGE_READS_REST);

@@ -14,11 +14,13 @@
 //! answered `502` at once, not sent again to be refused.
 
 use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
+use crate::backend_slots::{BackendSlots, Slot};
 use crate::connector::Connector;
 
 /// Most header fields of an answer read here: hyper's own default, parsed
@@ -31,20 +33,59 @@ pub const MAX_FIELDS: usize = 100;
 /// same way.
 pub struct RawBackend {
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// `backend.max_connections`, shared with hyper's pool.
+    slots: Arc<BackendSlots>,
 }
 
 struct Idle {
-    stream: TcpStream,
+    stream: RawConnection,
     since: Instant,
     connector: Arc<Connector>,
 }
 
+/// A plain connection to the backend, holding its slot under
+/// `backend.max_connections` for as long as its socket is open.
+pub struct RawConnection {
+    stream: TcpStream,
+    _slot: Slot,
+}
+
+impl RawConnection {
+    pub fn new(stream: TcpStream, slot: Slot) -> RawConnection {
+        RawConnection {
+            stream,
+            _slot: slot,
+        }
+    }
+}
+
+impl Deref for RawConnection {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl DerefMut for RawConnection {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
 impl RawBackend {
-    /// A pool in a part for each of `lanes` lanes.
-    pub fn new(lanes: usize) -> RawBackend {
+    /// A pool in a part for each of `lanes` lanes, each connection holding
+    /// one of `slots`.
+    pub fn new(lanes: usize, slots: Arc<BackendSlots>) -> RawBackend {
         RawBackend {
             idle: (0..=lanes).map(|_| Mutex::default()).collect(),
+            slots,
         }
+    }
+
+    /// The slots of `backend.max_connections`.
+    pub fn slots(&self) -> &BackendSlots {
+        &self.slots
     }
 
     /// The part of the calling lane.
@@ -62,7 +103,7 @@ impl RawBackend {
         &self,
         connector: &Arc<Connector>,
         idle_timeout: Duration,
-    ) -> Option<TcpStream> {
+    ) -> Option<RawConnection> {
         let mut idle = self.part().lock().unwrap();
         while let Some(candidate) = idle.pop() {
             let same =
@@ -76,8 +117,11 @@ impl RawBackend {
 
     /// Keeps `stream` for the next request of this lane, within `max_idle`
     /// (`backend.max_idle_connections`, shared by the lanes); closes it when
-    /// the part is full.
-    pub fn put_back(&self, stream: TcpStream, connector: Arc<Connector>, max_idle: usize) {
+    /// the part is full or a request waits for a slot.
+    pub fn put_back(&self, stream: RawConnection, connector: Arc<Connector>, max_idle: usize) {
+        if self.slots.wanted() {
+            return;
+        }
         let lanes = self.idle.len() - 1;
         let share = (max_idle / lanes.max(1)).max(1);
         let mut idle = self.part().lock().unwrap();
@@ -100,6 +144,19 @@ impl RawBackend {
             closed += before - idle.len();
         }
         closed
+    }
+
+    /// Closes up to `count` idle connections, the longest idle first in
+    /// each part, giving their slots back; returns how many.
+    pub fn shed_idle(&self, count: usize) -> usize {
+        let mut shed = 0;
+        for part in &self.idle {
+            let mut idle = part.lock().unwrap();
+            let take = (count - shed).min(idle.len());
+            idle.drain(..take);
+            shed += take;
+        }
+        shed
     }
 }
 

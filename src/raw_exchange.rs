@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 
 use crate::connector::Connector;
 use crate::proxy::Proxy;
-use crate::raw_backend::{AnswerHead, NotTaken, Parsed, parse_answer};
+use crate::raw_backend::{AnswerHead, NotTaken, Parsed, RawConnection, parse_answer};
 
 /// Why a backend exchange ended before the client had a byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub async fn exchange(
     head_request: bool,
     patience: Patience,
     mut timer: Pin<&mut Sleep>,
-) -> Result<(TcpStream, AnswerHead), Unanswered> {
+) -> Result<(RawConnection, AnswerHead), Unanswered> {
     // A pooled connection the backend closed just before it was taken
     // gives no answer at all: the request is sent once more on a new one
     // (a connection the backend closed never ran it). When no new one can
@@ -123,12 +123,16 @@ pub async fn exchange(
             sent => return sent,
         }
     }
+    // With every slot of `backend.max_connections` taken, the hyper path
+    // sends the request: it waits for a slot, as this path does not.
+    let slot = proxy.raw_backend().slots().try_take().ok_or(unanswered)?;
     let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_for_reads());
     let stream = connect
         .await
         .map_err(|_| unanswered)?
         .map_err(|_| unanswered)?;
     let _ = stream.set_nodelay(true);
+    let stream = RawConnection::new(stream, slot);
     send_on(
         proxy,
         stream,
@@ -144,13 +148,13 @@ pub async fn exchange(
 /// [`exchange`] on `backend`.
 async fn send_on(
     proxy: &Proxy,
-    mut backend: TcpStream,
+    mut backend: RawConnection,
     outbound: &[u8],
     answer: &mut Vec<u8>,
     head_request: bool,
     patience: Patience,
     timer: Pin<&mut Sleep>,
-) -> Result<(TcpStream, AnswerHead), Unanswered> {
+) -> Result<(RawConnection, AnswerHead), Unanswered> {
     let generation = proxy.gate().generation();
     backend
         .write_all(outbound)

@@ -52,7 +52,7 @@ use crate::outcome::ResumeOutcome;
 use crate::peer::{Peer, RequestInProgress};
 use crate::proxy::Proxy;
 use crate::quarantine::Fingerprint;
-use crate::raw_backend::{AnswerHead, BodyFraming, Chunks};
+use crate::raw_backend::{AnswerHead, BodyFraming, Chunks, RawConnection};
 use crate::raw_exchange::{Patience, Unanswered, exchange};
 use crate::raw_resume::RawDownload;
 use crate::request_target::TargetWatch;
@@ -510,7 +510,7 @@ impl RawPath {
     async fn pass_on<I>(
         &self,
         io: &mut TargetWatch<I>,
-        (backend, head): (&mut TcpStream, &AnswerHead),
+        (backend, head): (&mut RawConnection, &AnswerHead),
         answer: &mut Vec<u8>,
         closing: bool,
         download: &mut Download,

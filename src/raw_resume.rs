@@ -12,13 +12,12 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::download_resume::{self, Continuation, Download, NotResumable, ResumeError};
 use crate::peer::Peer;
 use crate::proxy::Proxy;
-use crate::raw_backend::BodyFraming;
+use crate::raw_backend::{BodyFraming, RawConnection};
 use crate::raw_exchange::{Patience, Unanswered, exchange};
 
 /// Most failed sends of one resume before it gives up (the hyper path's
@@ -39,7 +38,7 @@ pub struct RawDownload {
 /// The continuation the backend sent: its connection, the bytes read
 /// (its head, then the first of its body), and its head's length.
 pub struct Rest {
-    pub backend: TcpStream,
+    pub backend: RawConnection,
     pub answer: Vec<u8>,
     pub head_length: usize,
 }

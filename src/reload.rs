@@ -85,6 +85,7 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("admin.address", admin.address);
     keep!("log.format", log.format);
     keep!("backend.kubernetes", backend.kubernetes);
+    keep!("backend.max_connections", backend.max_connections);
     keep!("backend.max_read_bytes", backend.max_read_bytes);
     keep!("backend.large_read_memory", backend.large_read_memory);
     keep!("shutdown.drain_delay", shutdown.drain_delay);

@@ -45,6 +45,12 @@ pub enum ProxyError {
     /// The listener has `listener.max_connections` client connections open.
     #[error("the proxy has listener.max_connections client connections open")]
     TooManyConnections,
+    /// Every slot of `backend.max_connections` stayed taken for
+    /// `backend.queue_timeout`: the request was not sent.
+    #[error(
+        "backend.max_connections connections to the backend stayed busy for backend.queue_timeout"
+    )]
+    BackendBusy,
     /// An `Expect` other than one `100-continue`.
     #[error("the request has an expectation other than 100-continue")]
     ExpectationFailed,
@@ -77,6 +83,7 @@ impl ProxyError {
             ProxyError::ClientTimeout => RequestOutcome::ClientTimeout,
             ProxyError::InvalidUri => RequestOutcome::InvalidUri,
             ProxyError::TooManyConnections => RequestOutcome::TooManyConnections,
+            ProxyError::BackendBusy => RequestOutcome::BackendBusy,
             ProxyError::ExpectationFailed => RequestOutcome::ExpectationFailed,
             ProxyError::Poison => RequestOutcome::Quarantined,
             ProxyError::SlowBackend => RequestOutcome::SlowBackend,
@@ -92,7 +99,8 @@ impl ProxyError {
     fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Held(Rejection::QueueFull | Rejection::ClientShare)
-            | ProxyError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
+            | ProxyError::TooManyConnections
+            | ProxyError::BackendBusy => (StatusCode::SERVICE_UNAVAILABLE, "SlowDown"),
             ProxyError::BadGateway => (StatusCode::BAD_GATEWAY, "InternalError"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "IncompleteBody"),
             // S3's own name for a client that stopped sending; 408 as the
@@ -150,6 +158,9 @@ impl ProxyError {
             }
             ProxyError::TooManyConnections => {
                 "Please reduce your request rate: the proxy has as many connections open as it takes."
+            }
+            ProxyError::BackendBusy => {
+                "Please reduce your request rate: the proxy has as many connections open to the storage backend as it may, all busy."
             }
             ProxyError::InvalidUri => {
                 "Couldn't parse the specified URI: send a path such as /bucket/key, with '#' percent-encoded as %23."

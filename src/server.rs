@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
+use crate::backend_slots::BackendSlots;
 use crate::backend_target::BackendTarget;
 use crate::config::{Config, KubernetesConfig};
 use crate::gate::{Gate, Transition};
@@ -250,6 +251,7 @@ pub async fn run_with_reload(
         lanes.count(),
         Arc::clone(&target),
         Arc::clone(&read_budget),
+        Arc::new(BackendSlots::new(config.backend.max_connections)),
     );
     // Large request bodies share it (plain HTTP/1.1: a TLS connection is
     // served in one round).
@@ -334,7 +336,7 @@ pub async fn run_with_reload(
     let shutdown_phases = Shutdown::default();
     let (stop_accepting, stop) = watch::channel(false);
     let limits = settings.client_limits;
-    let cap = connection_cap(&config.listener)?;
+    let cap = connection_cap(&config)?;
     let slots = ConnectionSlots::new(cap.connections, cap.pipes);
     let resting = resting_connections(
         Arc::clone(&proxy),
@@ -620,47 +622,104 @@ struct DescriptorBudget {
     pipes: usize,
 }
 
-/// Eighths of a file descriptor per client connection: two (client and
-/// backend), one eighth for the connections being refused past the cap,
-/// and with `listener.raw_http1` half of one for pipes (two descriptors
-/// each, one pipe per four connections).
-fn eighths_per_connection(listener: &crate::config::ListenerConfig) -> u64 {
-    if listener.raw_http1 { 21 } else { 17 }
+/// What client connections may cost in file descriptors: the keys that
+/// decide it.
+#[derive(Debug, Clone, Copy)]
+struct DescriptorShares {
+    /// `backend.max_connections`; `None`: one backend connection per
+    /// client connection.
+    backend_max: Option<u64>,
+    /// `listener.raw_http1`: pipes for splicing.
+    pipes: bool,
+}
+
+impl DescriptorShares {
+    /// The pipes `connections` client connections get: one per four of
+    /// them (HAProxy's default `maxpipes`), at most one per backend
+    /// connection (a pipe carries one backend connection's body).
+    fn pipes(self, connections: u64) -> u64 {
+        if self.pipes {
+            (connections / 4).min(self.backend(connections))
+        } else {
+            0
+        }
+    }
+
+    /// Backend connections `connections` client connections may open.
+    fn backend(self, connections: u64) -> u64 {
+        self.backend_max
+            .map_or(connections, |max| max.min(connections))
+    }
+
+    /// File descriptors `connections` client connections may use at most:
+    /// one each, one per eighth of them for the connections being refused
+    /// past the cap, their backend connections, and two per pipe.
+    fn needed(self, connections: u64) -> u64 {
+        connections
+            .saturating_add(connections.div_ceil(8))
+            .saturating_add(self.backend(connections))
+            .saturating_add(self.pipes(connections).saturating_mul(2))
+    }
+
+    /// The most client connections `available` descriptors are enough for.
+    fn fitting(self, available: u64) -> u64 {
+        // `needed` grows with the count: the largest count within it.
+        let (mut fits, mut over) = (0u64, available.saturating_add(1));
+        while over - fits > 1 {
+            let middle = fits + (over - fits) / 2;
+            if self.needed(middle) <= available {
+                fits = middle;
+            } else {
+                over = middle;
+            }
+        }
+        fits
+    }
+
+    /// What the shares are, for an error message.
+    fn describe(self) -> String {
+        let backend = match self.backend_max {
+            None => "one per backend connection (one per client connection without backend.max_connections)".to_string(),
+            Some(max) => format!("one per backend connection (backend.max_connections = {max})"),
+        };
+        let pipes = if self.pipes {
+            ", one pipe (two) per four client connections for listener.raw_http1"
+        } else {
+            ""
+        };
+        format!("one per client connection, one per eighth of them for refusals, {backend}{pipes}")
+    }
 }
 
 /// The client connection cap in force: `listener.max_connections`, if the
-/// process may open two file descriptors for each (client and backend), a
-/// share for refusals and pipes ([`eighths_per_connection`]), on top of
-/// [`RESERVED_FDS`] and the lanes' own. The soft limit (`ulimit -n`) is
-/// raised toward the hard one when needed. A limit too low stops start-up
-/// when the key was set, and lowers the default cap (with a warning) when
-/// it was not.
-fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<DescriptorBudget> {
+/// process may open the descriptors they may need ([`DescriptorShares`]),
+/// on top of [`RESERVED_FDS`] and the lanes' own. The soft limit (`ulimit
+/// -n`) is raised toward the hard one when needed. A limit too low stops
+/// start-up when the key was set, and lowers the default cap (with a
+/// warning) when it was not.
+fn connection_cap(config: &Config) -> io::Result<DescriptorBudget> {
     use rlimit::Resource;
+    let listener = &config.listener;
     let wanted = listener.max_connections as u64;
+    let shares = DescriptorShares {
+        backend_max: config.backend.max_connections.map(|max| max as u64),
+        pipes: listener.raw_http1,
+    };
     // Kept for the process itself, and for the lanes' event loops.
     let reserved = RESERVED_FDS
         + crate::lanes::FILE_DESCRIPTORS_PER_LANE.saturating_mul(listener.threads as u64);
-    let eighths = eighths_per_connection(listener);
-    let needed = wanted
-        .saturating_mul(eighths)
-        .div_ceil(8)
-        .saturating_add(reserved);
+    let needed = shares.needed(wanted).saturating_add(reserved);
     let (soft, hard) = Resource::NOFILE.get()?;
     if soft < needed {
         // Best effort: a hard limit below `needed` still leaves more room.
         let _ = Resource::NOFILE.set(needed.min(hard), hard);
     }
     let (soft, _) = Resource::NOFILE.get()?;
-    let fits = soft.saturating_sub(reserved) * 8 / eighths;
-    let shares = if listener.raw_http1 {
-        "two per connection, one per eighth of them for refusals, one pipe (two) per four of them for listener.raw_http1"
-    } else {
-        "two per connection, one per eighth of them for refusals"
-    };
+    let fits = shares.fitting(soft.saturating_sub(reserved));
     if fits == 0 {
         return Err(io::Error::other(format!(
-            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections ({shares}) after the {reserved} the proxy keeps for itself and its listener.threads ({}); raise the limit or lower the key",
+            "the process may open {soft} file descriptors (ulimit -n, hard limit {hard}): no room for client connections ({}) after the {reserved} the proxy keeps for itself and its listener.threads ({}); raise the limit or lower the key",
+            shares.describe(),
             listener.threads
         )));
     }
@@ -668,7 +727,8 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<Descri
         wanted
     } else if listener.max_connections_set {
         return Err(io::Error::other(format!(
-            "listener.max_connections = {wanted} needs {needed} file descriptors ({shares}, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit or lower the key"
+            "listener.max_connections = {wanted} needs {needed} file descriptors ({}, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit, lower the key or set backend.max_connections",
+            shares.describe()
         )));
     } else {
         tracing::warn!(
@@ -678,12 +738,9 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<Descri
         );
         fits
     };
+    let pipes = shares.pipes(cap);
     let connections = usize::try_from(cap).unwrap_or(usize::MAX).max(1);
-    let pipes = if listener.raw_http1 {
-        connections / 4
-    } else {
-        0
-    };
+    let pipes = usize::try_from(pipes).unwrap_or(usize::MAX);
     tracing::info!(
         fd_limit = soft,
         max_connections = connections,
@@ -691,4 +748,59 @@ fn connection_cap(listener: &crate::config::ListenerConfig) -> io::Result<Descri
         "client connection cap"
     );
     Ok(DescriptorBudget { connections, pipes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RAW_WITHOUT_BACKEND_CAP: DescriptorShares = DescriptorShares {
+        backend_max: None,
+        pipes: true,
+    };
+
+    #[test]
+    fn without_a_backend_cap_each_client_connection_counts_two_descriptors_and_its_shares() {
+        // 8 connections: 8 client, 1 refusal, 8 backend, 2 pipes of two.
+        assert_eq!(RAW_WITHOUT_BACKEND_CAP.needed(8), 8 + 1 + 8 + 4);
+        let hyper_only = DescriptorShares {
+            pipes: false,
+            ..RAW_WITHOUT_BACKEND_CAP
+        };
+        assert_eq!(hyper_only.needed(8), 8 + 1 + 8);
+        // A hard limit of 20 000 (this project's test machines) less the
+        // reserve of two lanes: about 7 600 client connections.
+        let fits = RAW_WITHOUT_BACKEND_CAP.fitting(20_000 - 40);
+        assert_eq!(fits, 7_603);
+        assert!(RAW_WITHOUT_BACKEND_CAP.needed(fits) <= 19_960);
+        assert!(RAW_WITHOUT_BACKEND_CAP.needed(fits + 1) > 19_960);
+    }
+
+    #[test]
+    fn a_backend_cap_lets_ten_thousand_client_connections_fit_in_twenty_thousand_descriptors() {
+        let capped = DescriptorShares {
+            backend_max: Some(1024),
+            pipes: true,
+        };
+        // 10 000 client, 1 250 refusals, 1 024 backend, 1 024 pipes of two.
+        assert_eq!(capped.needed(10_000), 10_000 + 1_250 + 1_024 + 2_048);
+        assert!(capped.fitting(20_000 - 40) >= 10_000);
+        assert_eq!(
+            capped.pipes(10_000),
+            1_024,
+            "a pipe per backend connection at most"
+        );
+        assert_eq!(capped.pipes(400), 100, "one per four client connections");
+    }
+
+    #[test]
+    fn no_descriptor_left_fits_no_connection() {
+        assert_eq!(RAW_WITHOUT_BACKEND_CAP.fitting(0), 0);
+        assert_eq!(
+            RAW_WITHOUT_BACKEND_CAP.fitting(2),
+            0,
+            "a client and its backend need a refusal's share too"
+        );
+        assert_eq!(RAW_WITHOUT_BACKEND_CAP.fitting(3), 1);
+    }
 }

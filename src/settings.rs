@@ -83,6 +83,7 @@ fn upstream(config: &Config) -> UpstreamSettings {
     UpstreamSettings {
         connect_timeout: config.backend.connect_timeout,
         max_idle: config.backend.max_idle_connections,
+        queue_timeout: config.backend.queue_timeout,
         idle_timeout: config.backend.idle_timeout,
         max_headers: config.backend.max_headers,
         max_head_bytes: config.backend.max_head_bytes,

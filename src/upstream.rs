@@ -44,6 +44,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
+use crate::backend_slots::BackendSlots;
 use crate::backend_target::BackendTarget;
 use crate::connector::{BackendStream, Connector};
 use crate::delivery::Delivery;
@@ -81,6 +82,11 @@ pub enum UpstreamError {
         "the backend's response head is {bytes} bytes, more than backend.max_head_bytes ({limit})"
     )]
     HeadTooLarge { bytes: usize, limit: usize },
+    /// Every slot of `backend.max_connections` stayed taken for
+    /// `backend.queue_timeout`: nothing was sent, and nothing is known of
+    /// the backend.
+    #[error("backend.max_connections connections stayed open for {0:?}")]
+    NoSlot(Duration),
 }
 
 impl UpstreamError {
@@ -109,7 +115,7 @@ impl UpstreamError {
             UpstreamError::Failed(error) if error.is_parse() || error.is_user() => None,
             UpstreamError::Failed(_) => Some(DownReason::Reset),
             UpstreamError::Hang(_) => Some(DownReason::HangTimeout),
-            UpstreamError::HeadTooLarge { .. } => None,
+            UpstreamError::HeadTooLarge { .. } | UpstreamError::NoSlot(_) => None,
         }
     }
 }
@@ -119,6 +125,8 @@ impl UpstreamError {
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub max_idle: usize,
+    /// Longest wait for a slot under `backend.max_connections`.
+    pub queue_timeout: Duration,
     pub idle_timeout: Duration,
     /// Most header fields accepted in a response head.
     pub max_headers: usize,
@@ -139,6 +147,8 @@ pub struct Upstream<B> {
     connects: AtomicU64,
     /// Shared by every connection's large reads.
     budget: Arc<ReadBudget>,
+    /// `backend.max_connections`, shared with the raw path's pool.
+    slots: Arc<BackendSlots>,
 }
 
 struct Idle<B> {
@@ -203,6 +213,7 @@ struct GiveBack<B> {
     connection: Connection<B>,
     pool: IdlePool<B>,
     max_idle: usize,
+    slots: Arc<BackendSlots>,
 }
 
 type IdlePool<B> = Arc<Mutex<Vec<Idle<B>>>>;
@@ -220,8 +231,17 @@ fn idle_share(max_idle: usize, lanes: usize, index: usize) -> usize {
 }
 
 /// Puts `connection`, idle since `since`, in the pool, or closes it when
-/// the pool is full.
-fn put_back<B>(pool: &IdlePool<B>, connection: Connection<B>, since: Instant, max_idle: usize) {
+/// the pool is full or a request waits for its slot.
+fn put_back<B>(
+    pool: &IdlePool<B>,
+    connection: Connection<B>,
+    since: Instant,
+    max_idle: usize,
+    slots: &BackendSlots,
+) {
+    if slots.wanted() {
+        return;
+    }
     let mut idle = pool.lock().unwrap();
     if idle.len() < max_idle {
         idle.push(Idle { connection, since });
@@ -237,6 +257,7 @@ struct Handshake<B> {
     /// the pool keeps.
     pool: IdlePool<B>,
     max_idle: usize,
+    slots: Arc<BackendSlots>,
 }
 
 type BackendIo = TokioIo<BudgetedRead<BackendStream>>;
@@ -345,7 +366,13 @@ async fn drive<B>(
             large,
             rebuild: Arc::clone(&rebuild),
         };
-        put_back(&handshake.pool, rebuilt, since, handshake.max_idle);
+        put_back(
+            &handshake.pool,
+            rebuilt,
+            since,
+            handshake.max_idle,
+            &handshake.slots,
+        );
     }
 }
 
@@ -371,12 +398,14 @@ where
     B::Error: Into<BoxError>,
 {
     /// A pool of connections to wherever `target` points, in a part for
-    /// each of `lanes` lanes. Large reads share `budget`.
+    /// each of `lanes` lanes. Large reads share `budget`; each connection
+    /// holds one of `slots`.
     pub fn new(
         settings: UpstreamSettings,
         lanes: usize,
         target: Arc<BackendTarget>,
         budget: Arc<ReadBudget>,
+        slots: Arc<BackendSlots>,
     ) -> Self {
         Upstream {
             settings: RwLock::new(Arc::new(settings)),
@@ -384,7 +413,13 @@ where
             idle: (0..=lanes).map(|_| IdlePool::default()).collect(),
             connects: AtomicU64::new(0),
             budget,
+            slots,
         }
+    }
+
+    /// The slots of `backend.max_connections` its connections hold.
+    pub fn slots(&self) -> Arc<BackendSlots> {
+        Arc::clone(&self.slots)
     }
 
     /// The lanes the pool has a part for.
@@ -537,6 +572,19 @@ where
         }
     }
 
+    /// Closes up to `count` idle connections, the longest idle first in
+    /// each part of the pool, giving their slots back; returns how many.
+    pub fn shed_idle(&self, count: usize) -> usize {
+        let mut shed: Vec<Idle<B>> = Vec::new();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap();
+            let take = (count - shed.len()).min(idle.len());
+            shed.extend(idle.drain(..take));
+        }
+        // Dropped outside the locks: each drop aborts its connection's task.
+        shed.len()
+    }
+
     /// An idle connection ready for a request, if one is. The wait for
     /// readiness is one [`CHECKOUT_WAIT`] for the whole checkout, not one per
     /// connection: past it each remaining connection gets one poll, so a pool
@@ -567,12 +615,17 @@ where
         &self,
         settings: &Arc<UpstreamSettings>,
     ) -> Result<Connection<B>, UpstreamError> {
+        let slot = self
+            .slots
+            .take(settings.queue_timeout)
+            .await
+            .ok_or(UpstreamError::NoSlot(settings.queue_timeout))?;
         let connector = self.target.connector();
         let addr = connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
         let stream = match tokio::time::timeout(settings.connect_timeout, connector.connect()).await
         {
-            Ok(Ok(stream)) => stream,
+            Ok(Ok(stream)) => stream.holding(slot),
             Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
             Err(_) => {
                 let source = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
@@ -585,6 +638,7 @@ where
             budget: Arc::clone(&self.budget),
             pool: Arc::clone(self.pool()),
             max_idle: self.max_idle_per_pool(settings),
+            slots: Arc::clone(&self.slots),
         };
         handshake
             .build(stream)
@@ -642,6 +696,7 @@ where
                 connection,
                 pool: Arc::clone(self.pool()),
                 max_idle: self.max_idle_per_pool(settings),
+                slots: Arc::clone(&self.slots),
             };
             (Some(give_back), None)
         } else if delivery.is_withheld() {
@@ -673,7 +728,13 @@ pub struct PooledBody<B> {
 impl<B> PooledBody<B> {
     fn give_back(&mut self) {
         if let Some(back) = self.give_back.take() {
-            put_back(&back.pool, back.connection, Instant::now(), back.max_idle);
+            put_back(
+                &back.pool,
+                back.connection,
+                Instant::now(),
+                back.max_idle,
+                &back.slots,
+            );
         }
     }
 }
@@ -763,13 +824,15 @@ mod tests {
         let settings = UpstreamSettings {
             connect_timeout: Duration::from_secs(1),
             max_idle: 64,
+            queue_timeout: Duration::from_secs(30),
             idle_timeout,
             max_headers: 100,
             max_head_bytes: 64 * 1024,
             max_read_bytes: 512 * 1024,
         };
         let budget = Arc::new(ReadBudget::new(32 << 20, 512 << 10));
-        Upstream::new(settings, 0, target, budget)
+        let slots = Arc::new(BackendSlots::new(None));
+        Upstream::new(settings, 0, target, budget, slots)
     }
 
     #[tokio::test(start_paused = true)]
@@ -848,9 +911,21 @@ mod tests {
     }
 
     fn upstream_to(connector: Connector, budget: &Arc<ReadBudget>) -> Upstream<Empty<Bytes>> {
+        upstream_capped(connector, budget, None, Duration::from_secs(30))
+    }
+
+    /// [`upstream_to`] with `backend.max_connections` and
+    /// `backend.queue_timeout`.
+    fn upstream_capped(
+        connector: Connector,
+        budget: &Arc<ReadBudget>,
+        max_connections: Option<usize>,
+        queue_timeout: Duration,
+    ) -> Upstream<Empty<Bytes>> {
         let settings = UpstreamSettings {
             connect_timeout: Duration::from_secs(5),
             max_idle: 64,
+            queue_timeout,
             idle_timeout: Duration::from_secs(30),
             max_headers: 100,
             max_head_bytes: 64 << 10,
@@ -861,20 +936,28 @@ mod tests {
             0,
             BackendTarget::new(connector, false),
             Arc::clone(budget),
+            Arc::new(BackendSlots::new(max_connections)),
         )
     }
 
     /// A GET with nothing left to send.
     async fn get(upstream: &Upstream<Empty<Bytes>>) -> Result<Bytes, UpstreamError> {
         use http_body_util::BodyExt;
+        let response = get_head(upstream).await?;
+        Ok(response.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    /// The response head of a GET with nothing left to send, its body unread.
+    async fn get_head(
+        upstream: &Upstream<Empty<Bytes>>,
+    ) -> Result<Response<PooledBody<Empty<Bytes>>>, UpstreamError> {
         let request = Request::get("/bucket/key")
             .header("host", "backend")
             .body(Empty::new())
             .unwrap();
         let delivery = Arc::new(Delivery::for_request(request.version(), request.headers()));
         delivery.mark_complete();
-        let response = upstream.send(request, &delivery).await?;
-        Ok(response.into_body().collect().await.unwrap().to_bytes())
+        upstream.send(request, &delivery).await
     }
 
     fn ok_head(body_bytes: usize, extra: &str) -> String {
@@ -941,5 +1024,55 @@ mod tests {
             "the same socket served both"
         );
         assert_eq!(upstream.connects(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_backend_cap_waits_for_the_connection_a_finished_one_gives_back() {
+        use http_body_util::BodyExt;
+        let (connector, accepted) = backend(ok_head(2, ""), 2).await;
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let upstream = Arc::new(upstream_capped(
+            connector,
+            &budget,
+            Some(1),
+            Duration::from_secs(30),
+        ));
+        let first = get_head(&upstream).await.unwrap();
+        let second = tokio::spawn({
+            let upstream = Arc::clone(&upstream);
+            async move { get(&upstream).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !upstream.slots().wanted() {
+            assert!(Instant::now() < deadline, "the second request never waited");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "one connection at most"
+        );
+
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 2);
+        assert_eq!(second.await.unwrap().unwrap().len(), 2);
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            2,
+            "the first connection was closed for the waiting request, not pooled"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_that_waits_the_queue_timeout_for_a_backend_connection_is_not_sent() {
+        let (connector, accepted) = backend(ok_head(2, ""), 2).await;
+        let budget = Arc::new(ReadBudget::new(4 << 20, 512 << 10));
+        let upstream = upstream_capped(connector, &budget, Some(1), Duration::from_millis(200));
+        let _busy = get_head(&upstream).await.unwrap();
+        let error = get(&upstream).await.expect_err("no slot came free");
+        assert!(matches!(error, UpstreamError::NoSlot(_)), "{error:?}");
+        assert!(!error.reached_backend());
+        assert_eq!(error.down_reason(), None, "says nothing of the backend");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
     }
 }

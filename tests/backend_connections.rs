@@ -10,7 +10,10 @@
 use std::collections::HashSet;
 
 use aws_sdk_s3::primitives::ByteStream;
-use support::{ProxyProcess, S3Backend, metric_sample, read_response, s3_client, wait_until};
+use support::{
+    ProxyProcess, S3Backend, metric_sample, presigned_get, read_head_and_body, read_response,
+    s3_client, wait_until,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -188,4 +191,106 @@ async fn an_upload_to_a_backend_that_pauses_reading_is_not_cut() {
 
     let (status, answer) = read_response(&mut client).await;
     assert_eq!((status, answer.as_str()), (200, "33554432"));
+}
+
+/// s3s-fs with `bucket/object` stored straight in it (no connection of the
+/// proxy's kept), the proxy in front with `backend` keys, and a presigned
+/// GET of the object as the bytes a client sends.
+async fn capped_proxy(bucket: &str, backend_keys: &str) -> (S3Backend, ProxyProcess, Vec<u8>) {
+    let backend = S3Backend::start().await.unwrap();
+    let direct = s3_client(&format!("http://{}", backend.address));
+    direct.create_bucket().bucket(bucket).send().await.unwrap();
+    direct
+        .put_object()
+        .bucket(bucket)
+        .key("object")
+        .body(ByteStream::from_static(b"the object"))
+        .send()
+        .await
+        .unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        "[backend]\naddress = \"{}\"\n{backend_keys}\n",
+        backend.address
+    ))
+    .await
+    .unwrap();
+    let request = presigned_get(&s3_client(&proxy.endpoint()), bucket, "object").await;
+    (backend, proxy, request)
+}
+
+/// Clients that each sent `request` on a connection of their own.
+async fn clients_sending(proxy: &ProxyProcess, request: &[u8], count: usize) -> Vec<TcpStream> {
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let mut client = TcpStream::connect(proxy.address()).await.unwrap();
+        client.write_all(request).await.unwrap();
+        clients.push(client);
+    }
+    clients
+}
+
+/// With `backend.max_connections`, requests beyond it wait for a
+/// connection to come free instead of opening more: six GETs at a backend
+/// frozen with SIGSTOP have two connections to it, four wait, and all six
+/// get the object once it runs again. The backend is not taken for down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_backend_connection_cap_wait_for_a_connection() {
+    let (backend, proxy, request) = capped_proxy("capped", "max_connections = 2").await;
+    backend.freeze();
+    let mut clients = clients_sending(&proxy, &request, 6).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_connection_waiting_requests", 4.0)
+        .await;
+    let sockets = backend_sockets_of(proxy.pid(), backend.address.port());
+    assert!(sockets.len() <= 2, "{sockets:?}");
+
+    backend.thaw();
+    for client in &mut clients {
+        let (status, body) = read_response(client).await;
+        assert_eq!((status, body.as_str()), (200, "the object"));
+    }
+    assert_eq!(proxy.admin.outages().await, 0.0);
+    assert!(backend_sockets_of(proxy.pid(), backend.address.port()).len() <= 2);
+}
+
+/// A request that finds every backend connection busy for
+/// `backend.queue_timeout` gets `503 SlowDown` with `Retry-After` (which S3
+/// SDKs retry), is never sent, and blames nothing on the backend; the
+/// request that held the connection is answered once the backend runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_no_backend_connection_in_time_gets_slow_down() {
+    let (backend, proxy, request) =
+        capped_proxy("queue", "max_connections = 1\nqueue_timeout = \"1s\"").await;
+    backend.freeze();
+    let mut holder = clients_sending(&proxy, &request, 1).await;
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the first request on the one backend connection",
+        || async { backend_sockets_of(proxy.pid(), backend.address.port()).len() == 1 },
+    )
+    .await
+    .unwrap();
+
+    let mut late = clients_sending(&proxy, &request, 1).await;
+    let (head, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        read_head_and_body(&mut late[0]),
+    )
+    .await
+    .expect("answered while the backend is still frozen");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "{head}"
+    );
+    assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
+    proxy
+        .wait_for_log("backend_busy", std::time::Duration::from_secs(10))
+        .await;
+
+    backend.thaw();
+    let (status, body) = read_response(&mut holder[0]).await;
+    assert_eq!((status, body.as_str()), (200, "the object"));
+    assert_eq!(proxy.admin.outages().await, 0.0);
 }

@@ -366,6 +366,51 @@ async fn a_connection_cap_the_descriptor_limit_cannot_meet_stops_start_up() {
     assert!(log.contains("listener.threads = 100"), "{log}");
 }
 
+/// An idle client connection keeps no backend connection: with
+/// `backend.max_connections` the budget counts one descriptor per client
+/// connection and the cap's backend connections, not two per client
+/// connection, so more client connections fit the same limit (10 000 in
+/// 20 000 with a cap of 1 024), and the proxy serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_connection_cap_lets_more_client_connections_fit_the_descriptor_limit() {
+    // 140 connections with their pipes, two threads' and the process's
+    // own: 408 descriptors, over 256.
+    let listener = "max_connections = 140\nthreads = 2";
+    let (started, log) = start_up_under_descriptor_limit(256, listener).await;
+    assert!(!started, "{log}");
+    assert!(
+        log.contains("backend.max_connections"),
+        "names the way out: {log}"
+    );
+
+    // With 16 backend connections at most: 140 + 18 + 16 + 16 pipes of two
+    // and the same 40, 246.
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = ProxyProcess::start_with_descriptor_limit(
+        &format!(
+            "[listener]\n{listener}\n[backend]\naddress = \"{}\"\nmax_connections = 16\n",
+            backend.address
+        ),
+        256,
+    )
+    .await
+    .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("fits").send().await.unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..130 {
+        idle.push(TcpStream::connect(proxy.address()).await.unwrap());
+    }
+    s3.put_object()
+        .bucket("fits")
+        .key("k")
+        .body(ByteStream::from_static(b"v"))
+        .send()
+        .await
+        .expect("served with 130 more client connections open");
+    assert_eq!(outages(&proxy).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_never_finish_a_first_request_line_are_closed() {
     let backend = S3Backend::start().await.unwrap();

@@ -257,24 +257,7 @@ async fn one_upload_after_another_reuses_the_backend_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones() {
     let (backend, proxy, s3, _) = one_object_through_the_proxy("busy", 3).await;
-    let presigned = s3
-        .get_object()
-        .bucket("busy")
-        .key("object")
-        .presigned(
-            aws_sdk_s3::presigning::PresigningConfig::expires_in(std::time::Duration::from_secs(
-                300,
-            ))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let uri: http::Uri = presigned.uri().parse().unwrap();
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
-        uri.path_and_query().unwrap(),
-        uri.authority().unwrap()
-    );
+    let request = support::presigned_get(&s3, "busy", "object").await;
     let opened = || backend_connections_opened(&proxy);
 
     // 100 clients (more than 64, fewer than the connections the stopped
@@ -290,7 +273,7 @@ async fn many_requests_at_once_keep_their_backend_connections_for_the_next_ones(
     for round in 0..2 {
         backend.freeze();
         for connection in &mut connections {
-            connection.write_all(request.as_bytes()).await.unwrap();
+            connection.write_all(&request).await.unwrap();
         }
         proxy
             .admin

@@ -595,9 +595,38 @@ impl http_body::Body for ChunkFeed {
     }
 }
 
+/// The bytes of a presigned GET of `bucket/key` (valid 5 minutes) as a
+/// client sends them on a raw connection to where `s3` points.
+pub async fn presigned_get(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    let presigned = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let uri: http::Uri = presigned.uri().parse().unwrap();
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        uri.path_and_query().unwrap(),
+        uri.authority().unwrap()
+    )
+    .into_bytes()
+}
+
 /// Reads one response from a raw connection (head, then a `Content-Length`
 /// body): its status and body.
 pub async fn read_response(stream: &mut (impl AsyncReadExt + Unpin)) -> (u16, String) {
+    let (head, body) = read_head_and_body(stream).await;
+    let status = head[9..12].parse().unwrap_or_else(|_| panic!("{head}"));
+    (status, body)
+}
+
+/// Reads one response from a raw connection: its head as sent, and its
+/// `Content-Length` body.
+pub async fn read_head_and_body(stream: &mut (impl AsyncReadExt + Unpin)) -> (String, String) {
     let mut bytes = Vec::new();
     let mut byte = [0u8; 1];
     while !bytes.ends_with(b"\r\n\r\n") {
@@ -616,8 +645,7 @@ pub async fn read_response(stream: &mut (impl AsyncReadExt + Unpin)) -> (u16, St
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await.unwrap();
-    let status = head[9..12].parse().unwrap_or_else(|_| panic!("{head}"));
-    (status, String::from_utf8_lossy(&body).into())
+    (head, String::from_utf8_lossy(&body).into())
 }
 
 /// A signed PUT (unsigned payload) whose body the test feeds chunk by chunk,
