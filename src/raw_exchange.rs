@@ -38,6 +38,10 @@ pub enum Unanswered {
     /// No answer head, and the backend did not serve when checked: the gate
     /// is down, and the hyper path holds the request.
     Hung,
+    /// Every slot of `backend.max_connections` is taken (for
+    /// [`Patience::queue_timeout`]): nothing was sent, nothing is known of
+    /// the backend.
+    Busy,
 }
 
 /// The times an exchange waits for its answer head.
@@ -55,6 +59,10 @@ pub struct Patience {
     pub max_headers: usize,
     /// `backend.max_idle_connections`: how many the pool keeps after.
     pub max_idle: usize,
+    /// How long a new connection waits for a slot of
+    /// `backend.max_connections` (`backend.queue_timeout`); zero: it takes
+    /// one only if one is free.
+    pub queue_timeout: Duration,
 }
 
 impl Patience {
@@ -70,6 +78,7 @@ impl Patience {
             max_head_bytes: upstream.max_head_bytes,
             max_headers: upstream.max_headers,
             max_idle: upstream.max_idle,
+            queue_timeout: upstream.queue_timeout,
         }
     }
 }
@@ -123,9 +132,17 @@ pub async fn exchange(
             sent => return sent,
         }
     }
-    // With every slot of `backend.max_connections` taken, the hyper path
-    // sends the request: it waits for a slot, as this path does not.
-    let slot = proxy.raw_backend().slots().try_take().ok_or(unanswered)?;
+    let slots = proxy.raw_backend().slots();
+    let slot = if patience.queue_timeout.is_zero() {
+        slots.try_take()
+    } else {
+        slots.take(patience.queue_timeout).await
+    };
+    // A pooled connection cut under the request says more than the cap.
+    let slot = slot.ok_or(match unanswered {
+        Unanswered::Failed => Unanswered::Busy,
+        cut => cut,
+    })?;
     let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_for_reads());
     let stream = connect
         .await

@@ -372,7 +372,12 @@ impl RawPath {
         let outbound = self.outbound(head, request);
         let mut answer = Vec::with_capacity(GATHERED);
         let head_request = request.method == Method::HEAD;
-        let patience = Patience::now(proxy);
+        let patience = Patience {
+            // With every slot of `backend.max_connections` taken, the
+            // request goes the hyper way, which waits for one.
+            queue_timeout: Duration::ZERO,
+            ..Patience::now(proxy)
+        };
         let generation = proxy.gate().generation();
         let exchanged = exchange(
             proxy,
@@ -406,7 +411,7 @@ impl RawPath {
                 let line = Line::new(request, head, started);
                 return self.answer_error(io, line, ProxyError::BadGateway).await;
             }
-            Err(Unanswered::Failed) => return Forwarded::NotSent,
+            Err(Unanswered::Failed | Unanswered::Busy) => return Forwarded::NotSent,
             Err(Unanswered::Cut | Unanswered::Hung) => {
                 if let Some(fingerprint) = fingerprint(head, request) {
                     proxy.raw_request_cut(&fingerprint, generation).await;

@@ -131,6 +131,11 @@ impl RawDownload {
             let (backend, answer_head) = match exchanged {
                 Ok(exchanged) => exchanged,
                 Err(Unanswered::Slow) => return Err(failed("the backend did not answer in time")),
+                Err(Unanswered::Busy) => {
+                    return Err(failed(
+                        "backend.max_connections stayed busy for backend.queue_timeout",
+                    ));
+                }
                 Err(
                     Unanswered::Failed | Unanswered::Cut | Unanswered::Invalid | Unanswered::Hung,
                 ) => {
