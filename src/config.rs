@@ -688,6 +688,25 @@ fn positive_count<T: Default + PartialEq>(
     Ok(value)
 }
 
+/// Most connections `backend.max_connections` may allow: Linux's default
+/// ceiling on a process's file descriptors (`fs.nr_open`, 2^20).
+const MAX_BACKEND_CONNECTIONS: usize = 1 << 20;
+
+/// `backend.max_connections`: at least one, at most
+/// [`MAX_BACKEND_CONNECTIONS`].
+fn backend_max_connections(max: usize) -> Result<usize, ConfigError> {
+    let max = positive_count("backend.max_connections", Some(max), max)?;
+    if max > MAX_BACKEND_CONNECTIONS {
+        return Err(invalid(
+            "backend.max_connections",
+            format!(
+                "must be at most {MAX_BACKEND_CONNECTIONS} (fs.nr_open's default: no process opens more)"
+            ),
+        ));
+    }
+    Ok(max)
+}
+
 /// Most `listener.threads`: far more than cores is only context switches.
 const MAX_THREADS: usize = 1024;
 
@@ -991,7 +1010,7 @@ impl Config {
             max_connections: raw
                 .backend
                 .max_connections
-                .map(|max| positive_count("backend.max_connections", Some(max), max))
+                .map(backend_max_connections)
                 .transpose()?,
             queue_timeout: positive_duration(
                 "backend.queue_timeout",
@@ -1262,6 +1281,26 @@ mod tests {
             message.contains("backend.expect_continue_timeout"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn backend_connections_are_not_capped_unless_set_and_a_cap_must_be_one_a_process_can_open() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.backend.max_connections, None);
+        assert_eq!(config.backend.queue_timeout, Duration::from_secs(30));
+        let config =
+            Config::parse("[backend]\nmax_connections = 1024\nqueue_timeout = \"5s\"\n").unwrap();
+        assert_eq!(config.backend.max_connections, Some(1024));
+        assert_eq!(config.backend.queue_timeout, Duration::from_secs(5));
+        for bad in ["0", "1048577", "2305843009213693952"] {
+            let message = error_of(&format!("[backend]\nmax_connections = {bad}\n"));
+            assert!(
+                message.contains("backend.max_connections"),
+                "{bad}: {message}"
+            );
+        }
+        let message = error_of("[backend]\nqueue_timeout = \"0s\"\n");
+        assert!(message.contains("backend.queue_timeout"), "{message}");
     }
 
     #[test]

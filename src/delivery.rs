@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use http::{HeaderMap, Version, header};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The body state of one attempt, shared by the body (which waits on it) and
@@ -45,6 +46,13 @@ pub struct Delivery {
     continue_timeout: Option<Duration>,
     /// The body was sent without the backend asking for it.
     sent_unasked: AtomicBool,
+    /// Set while the attempt waits for one of `backend.max_connections`:
+    /// the time is the cap's, not the backend's.
+    waiting_for_connection: AtomicBool,
+    /// Told when that wait begins.
+    wait_began: Notify,
+    /// When the attempt got its connection after waiting for one.
+    connection_at: OnceLock<Instant>,
 }
 
 impl Delivery {
@@ -116,6 +124,35 @@ impl Delivery {
     /// only the backend can make progress.
     pub fn completed_at(&self) -> Option<Instant> {
         self.completed_at.get().copied()
+    }
+
+    /// The attempt waits for one of `backend.max_connections` to come free.
+    pub fn connection_wait_begins(&self) {
+        self.waiting_for_connection.store(true, Ordering::Release);
+        self.wait_began.notify_one();
+    }
+
+    /// The wait for a connection ended (with one, or none in time).
+    pub fn connection_wait_ends(&self) {
+        let _ = self.connection_at.set(Instant::now());
+        self.waiting_for_connection.store(false, Ordering::Release);
+    }
+
+    /// True while the attempt waits for one of `backend.max_connections`.
+    pub fn is_waiting_for_connection(&self) -> bool {
+        self.waiting_for_connection.load(Ordering::Acquire)
+    }
+
+    /// When the attempt's wait for a connection ended, if it waited: the
+    /// backend's time counts from then.
+    pub fn connection_at(&self) -> Option<Instant> {
+        self.connection_at.get().copied()
+    }
+
+    /// Returns once the attempt begins to wait for a connection (at once if
+    /// it began since the last call).
+    pub async fn connection_wait_began(&self) {
+        self.wait_began.notified().await;
     }
 }
 

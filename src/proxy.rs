@@ -121,6 +121,8 @@ pub struct Proxy {
 struct Watch<'a> {
     delivery: &'a Arc<Delivery>,
     body: &'a ClientBody,
+    /// The client, whose leaving ends a wait for a backend connection.
+    peer: Option<&'a Peer>,
     settings: &'a ProxySettings,
     first_byte_timeout: Duration,
     /// The backend generation when the attempt began.
@@ -472,6 +474,7 @@ impl Proxy {
             let watch = Watch {
                 delivery: &delivery,
                 body,
+                peer: Some(peer),
                 settings,
                 first_byte_timeout,
                 generation,
@@ -931,7 +934,10 @@ impl Proxy {
     /// backend the probe finds serving is slow, not dead, and the request
     /// keeps waiting up to its first-byte timeout (then `504`, nothing
     /// replayed: the backend may still be executing it); a backend that does
-    /// not serve takes the gate down (`Hang`).
+    /// not serve takes the gate down (`Hang`). Time spent waiting for one of
+    /// `backend.max_connections` is neither's: the backend's time counts
+    /// from when the wait ended, and a client that leaves meanwhile ends the
+    /// attempt (nothing was sent).
     async fn send_watched<'a>(
         &'a self,
         mut send: Pending<'a>,
@@ -942,8 +948,15 @@ impl Proxy {
         let mut confirmed_at = Instant::now();
         loop {
             let stall = watch.body.stall();
-            let checkpoint = stall.since.max(confirmed_at);
-            let backend_since = watch.delivery.completed_at().unwrap_or(stall.since);
+            let waiting = watch.delivery.is_waiting_for_connection();
+            let connected = watch.delivery.connection_at();
+            let since_connected = connected.unwrap_or(stall.since);
+            let checkpoint = stall.since.max(confirmed_at).max(since_connected);
+            let backend_since = watch
+                .delivery
+                .completed_at()
+                .unwrap_or(stall.since)
+                .max(since_connected);
             let ceiling = backend_since.max(stall.since) + watch.first_byte_timeout;
             let deadline = if stall.on_client {
                 stall.since + settings.client_body_timeout
@@ -956,9 +969,21 @@ impl Proxy {
             tokio::select! {
                 result = &mut send => return result.map_err(|e| AttemptFailure::Upstream(e, None)),
                 () = tokio::time::sleep_until(wake) => {}
+                () = watch.delivery.connection_wait_began(), if !waiting => {}
+                () = client_gone(watch.peer), if waiting => {
+                    return Err(AttemptFailure::Answer(ProxyError::ClientGone));
+                }
             }
             let now = Instant::now();
-            if watch.body.stall() != stall || now < deadline {
+            if watch.delivery.is_waiting_for_connection() {
+                // Bounded by `backend.queue_timeout`, not by these.
+                confirmed_at = now;
+                continue;
+            }
+            if watch.body.stall() != stall
+                || watch.delivery.connection_at() != connected
+                || now < deadline
+            {
                 continue;
             }
             if stall.on_client {
@@ -1102,6 +1127,7 @@ impl Proxy {
             let watch = Watch {
                 delivery: &delivery,
                 body: &resend.body,
+                peer: None,
                 settings: &settings,
                 first_byte_timeout: settings.first_byte_timeout,
                 generation,
@@ -1536,6 +1562,14 @@ async fn signature_ends(outbound: &Outbound) -> ProxyError {
         .saturating_sub(SIGNATURE_MARGIN);
     tokio::time::sleep(left).await;
     ProxyError::SignatureExpired(end.limit)
+}
+
+/// Returns when `peer` has left; never without one.
+async fn client_gone(peer: Option<&Peer>) {
+    match peer {
+        Some(peer) => peer.gone().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -47,15 +47,18 @@ struct Idle {
 /// `backend.max_connections` for as long as its socket is open.
 pub struct RawConnection {
     stream: TcpStream,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl RawConnection {
     pub fn new(stream: TcpStream, slot: Slot) -> RawConnection {
-        RawConnection {
-            stream,
-            _slot: slot,
-        }
+        RawConnection { stream, slot }
+    }
+
+    /// Gives the connection's slot back before its socket is closed: for a
+    /// connection that failed and is about to be replaced.
+    pub fn give_back_slot(&mut self) {
+        self.slot = Slot::default();
     }
 }
 

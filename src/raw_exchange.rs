@@ -38,9 +38,8 @@ pub enum Unanswered {
     /// No answer head, and the backend did not serve when checked: the gate
     /// is down, and the hyper path holds the request.
     Hung,
-    /// Every slot of `backend.max_connections` is taken (for
-    /// [`Patience::queue_timeout`]): nothing was sent, nothing is known of
-    /// the backend.
+    /// Every slot of `backend.max_connections` is taken: nothing was sent,
+    /// nothing is known of the backend.
     Busy,
 }
 
@@ -59,10 +58,6 @@ pub struct Patience {
     pub max_headers: usize,
     /// `backend.max_idle_connections`: how many the pool keeps after.
     pub max_idle: usize,
-    /// How long a new connection waits for a slot of
-    /// `backend.max_connections` (`backend.queue_timeout`); zero: it takes
-    /// one only if one is free.
-    pub queue_timeout: Duration,
 }
 
 impl Patience {
@@ -78,7 +73,6 @@ impl Patience {
             max_head_bytes: upstream.max_head_bytes,
             max_headers: upstream.max_headers,
             max_idle: upstream.max_idle,
-            queue_timeout: upstream.queue_timeout,
         }
     }
 }
@@ -132,17 +126,17 @@ pub async fn exchange(
             sent => return sent,
         }
     }
-    let slots = proxy.raw_backend().slots();
-    let slot = if patience.queue_timeout.is_zero() {
-        slots.try_take()
-    } else {
-        slots.take(patience.queue_timeout).await
-    };
-    // A pooled connection cut under the request says more than the cap.
-    let slot = slot.ok_or(match unanswered {
-        Unanswered::Failed => Unanswered::Busy,
-        cut => cut,
-    })?;
+    // A new connection only if a slot is free (the callers wait for one:
+    // the hyper path, or a resume); a pooled connection cut under the
+    // request says more than the cap.
+    let slot = proxy
+        .raw_backend()
+        .slots()
+        .try_take()
+        .ok_or(match unanswered {
+            Unanswered::Failed => Unanswered::Busy,
+            cut => cut,
+        })?;
     let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_for_reads());
     let stream = connect
         .await

@@ -372,12 +372,7 @@ impl RawPath {
         let outbound = self.outbound(head, request);
         let mut answer = Vec::with_capacity(GATHERED);
         let head_request = request.method == Method::HEAD;
-        let patience = Patience {
-            // With every slot of `backend.max_connections` taken, the
-            // request goes the hyper way, which waits for one.
-            queue_timeout: Duration::ZERO,
-            ..Patience::now(proxy)
-        };
+        let patience = Patience::now(proxy);
         let generation = proxy.gate().generation();
         let exchanged = exchange(
             proxy,
@@ -411,6 +406,8 @@ impl RawPath {
                 let line = Line::new(request, head, started);
                 return self.answer_error(io, line, ProxyError::BadGateway).await;
             }
+            // With every slot of `backend.max_connections` taken, the
+            // request goes the hyper way, which waits for one.
             Err(Unanswered::Failed | Unanswered::Busy) => return Forwarded::NotSent,
             Err(Unanswered::Cut | Unanswered::Hung) => {
                 if let Some(fingerprint) = fingerprint(head, request) {
@@ -585,13 +582,18 @@ impl RawPath {
             match backend.read_buf(answer).await {
                 Ok(0) if head.framing == BodyFraming::UntilClose => break,
                 Ok(read) if read > 0 => {}
-                _ => match self.resume(download, sent, generation).await {
-                    Some(mut rest) => {
-                        *backend = rest.backend;
-                        *answer = rest.answer.split_off(rest.head_length);
+                _ => {
+                    // The cut connection is done with: its slot goes to the
+                    // resume (or to whoever waits) before the resume waits.
+                    backend.give_back_slot();
+                    match self.resume(download, sent, generation).await {
+                        Some(mut rest) => {
+                            *backend = rest.backend;
+                            *answer = rest.answer.split_off(rest.head_length);
+                        }
+                        None => return Passed::aborted(sent),
                     }
-                    None => return Passed::aborted(sent),
-                },
+                }
             }
             let Ok(taken) = body.take(answer) else {
                 return Passed::aborted(sent);

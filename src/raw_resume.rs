@@ -132,9 +132,21 @@ impl RawDownload {
                 Ok(exchanged) => exchanged,
                 Err(Unanswered::Slow) => return Err(failed("the backend did not answer in time")),
                 Err(Unanswered::Busy) => {
-                    return Err(failed(
-                        "backend.max_connections stayed busy for backend.queue_timeout",
-                    ));
+                    // Tried again once a slot came free (another may take
+                    // it first: that is one try).
+                    let queue_timeout = proxy.upstream_settings().queue_timeout;
+                    if proxy
+                        .raw_backend()
+                        .slots()
+                        .take(queue_timeout)
+                        .await
+                        .is_none()
+                    {
+                        return Err(failed(
+                            "backend.max_connections stayed busy for backend.queue_timeout",
+                        ));
+                    }
+                    continue;
                 }
                 Err(
                     Unanswered::Failed | Unanswered::Cut | Unanswered::Invalid | Unanswered::Hung,

@@ -683,7 +683,7 @@ impl DescriptorShares {
             Some(max) => format!("one per backend connection (backend.max_connections = {max})"),
         };
         let pipes = if self.pipes {
-            ", one pipe (two) per four client connections for listener.raw_http1"
+            ", one pipe (two) per four client connections and at most one per backend connection for listener.raw_http1"
         } else {
             ""
         };
@@ -726,8 +726,12 @@ fn connection_cap(config: &Config) -> io::Result<DescriptorBudget> {
     let cap = if fits >= wanted {
         wanted
     } else if listener.max_connections_set {
+        let remedy = match shares.backend_max {
+            None => "raise the limit, lower the key or set backend.max_connections",
+            Some(_) => "raise the limit, lower the key or lower backend.max_connections",
+        };
         return Err(io::Error::other(format!(
-            "listener.max_connections = {wanted} needs {needed} file descriptors ({}, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): raise the limit, lower the key or set backend.max_connections",
+            "listener.max_connections = {wanted} needs {needed} file descriptors ({}, and {reserved} more for the process and its listener.threads), but the process may open {soft} (ulimit -n, hard limit {hard}): {remedy}",
             shares.describe()
         )));
     } else {

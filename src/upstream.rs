@@ -502,7 +502,7 @@ where
                 },
             }
         }
-        let mut connection = Box::pin(self.connect(&settings)).await?;
+        let mut connection = Box::pin(self.connect(&settings, delivery)).await?;
         match connection.sender.try_send_request(request).await {
             Ok(response) => self.answered(&settings, response, connection, delivery, sent),
             Err(mut error) => match error.take_message() {
@@ -611,15 +611,23 @@ where
         }
     }
 
+    /// A new connection, once it has a slot of `backend.max_connections`
+    /// (waiting up to `backend.queue_timeout` for one, which `delivery`
+    /// tells the attempt's watch).
     async fn connect(
         &self,
         settings: &Arc<UpstreamSettings>,
+        delivery: &Delivery,
     ) -> Result<Connection<B>, UpstreamError> {
-        let slot = self
-            .slots
-            .take(settings.queue_timeout)
-            .await
-            .ok_or(UpstreamError::NoSlot(settings.queue_timeout))?;
+        let slot = match self.slots.try_take() {
+            Some(slot) => slot,
+            None => {
+                delivery.connection_wait_begins();
+                let slot = self.slots.take(settings.queue_timeout).await;
+                delivery.connection_wait_ends();
+                slot.ok_or(UpstreamError::NoSlot(settings.queue_timeout))?
+            }
+        };
         let connector = self.target.connector();
         let addr = connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);

@@ -11,8 +11,8 @@ use std::collections::HashSet;
 
 use aws_sdk_s3::primitives::ByteStream;
 use support::{
-    ProxyProcess, S3Backend, metric_sample, presigned_get, read_head_and_body, read_response,
-    s3_client, wait_until,
+    FedUpload, ProxyProcess, S3Backend, metric_sample, presigned_get, read_head_and_body,
+    read_response, s3_client, wait_until,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -292,5 +292,87 @@ async fn a_request_that_finds_no_backend_connection_in_time_gets_slow_down() {
     backend.thaw();
     let (status, body) = read_response(&mut holder[0]).await;
     assert_eq!((status, body.as_str()), (200, "the object"));
+    assert_eq!(proxy.admin.outages().await, 0.0);
+}
+
+/// The proxy with one backend connection at most and the `backend` keys,
+/// held by an upload whose client paused after 10 of its 1 000 bytes (the
+/// backend waits for the rest), and the backend then frozen with SIGSTOP:
+/// a probe of it would fail.
+async fn one_connection_held_by_a_paused_upload(
+    bucket: &str,
+    backend_keys: &str,
+) -> (S3Backend, ProxyProcess, Vec<u8>, FedUpload) {
+    let (backend, proxy, request) =
+        capped_proxy(bucket, &format!("max_connections = 1\n{backend_keys}")).await;
+    let upload = FedUpload::start(proxy.address(), &format!("/{bucket}/paused"), 1000);
+    assert!(upload.send(&[b'x'; 10]).await);
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the upload on the one backend connection",
+        || async { backend_sockets_of(proxy.pid(), backend.address.port()).len() == 1 },
+    )
+    .await
+    .unwrap();
+    backend.freeze();
+    (backend, proxy, request, upload)
+}
+
+/// Time spent waiting for a backend connection is not the backend's: with
+/// `response_timeout` and `first_byte_timeout` far shorter than
+/// `queue_timeout`, a GET that waits for the one connection is neither
+/// taken for hung (a probe of the frozen backend would fail: an outage,
+/// and the GET a crash suspect) nor answered `504`: it gets `503 SlowDown`
+/// at the queue timeout, and no outage is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_backend_connection_is_not_waiting_for_the_backend() {
+    let (backend, proxy, request, upload) = one_connection_held_by_a_paused_upload(
+        "patience",
+        "queue_timeout = \"4s\"\nresponse_timeout = \"1s\"\nfirst_byte_timeout = \"2s\"",
+    )
+    .await;
+    let mut waiting = clients_sending(&proxy, &request, 1).await;
+    let (head, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        read_head_and_body(&mut waiting[0]),
+    )
+    .await
+    .expect("answered at the queue timeout");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}\n{body}");
+    assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
+    assert_eq!(proxy.admin.outages().await, 0.0);
+
+    backend.thaw();
+    assert!(upload.send(&[b'x'; 990]).await);
+    assert_eq!(upload.status().await.0, 200);
+    assert_eq!(proxy.admin.outages().await, 0.0);
+}
+
+/// A client that leaves while its request waits for a backend connection
+/// takes the request with it, as a held request goes with its client: it
+/// waits no more and is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_leaves_while_it_waits_for_a_backend_connection_is_dropped() {
+    let (backend, proxy, request, upload) =
+        one_connection_held_by_a_paused_upload("leaving", "queue_timeout = \"5m\"").await;
+    let waiting = clients_sending(&proxy, &request, 1).await;
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_connection_waiting_requests", 1.0)
+        .await;
+    drop(waiting);
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_connection_waiting_requests", 0.0)
+        .await;
+
+    backend.thaw();
+    assert!(upload.send(&[b'x'; 990]).await);
+    assert_eq!(upload.status().await.0, 200);
+    let opened = metric_sample(
+        &proxy.admin.metrics().await,
+        "s3fp_backend_connections_total",
+    );
+    assert_eq!(opened, Some(1.0), "the upload's, and none for the GET");
     assert_eq!(proxy.admin.outages().await, 0.0);
 }

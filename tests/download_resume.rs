@@ -346,11 +346,24 @@ async fn a_download_cut_by_a_crash_is_resumed_byte_exact() {
 /// with its raw HTTP/1.1 path on (`listener.raw_http1`) in front, and a
 /// signed plain GET of the object through it, answered `200`.
 async fn raw_path_download(bucket: &str, seed: u64) -> (S3Backend, ProxyUnderTest, Download) {
+    raw_path_download_with(bucket, seed, "").await
+}
+
+/// [`raw_path_download`] with `backend_keys` in the proxy's `[backend]`.
+async fn raw_path_download_with(
+    bucket: &str,
+    seed: u64,
+    backend_keys: &str,
+) -> (S3Backend, ProxyUnderTest, Download) {
     let backend = S3Backend::start().await.unwrap();
     store(backend.address, bucket, seed, SMALL).await;
-    let proxy = ProxyUnderTest::start(backend.address, "[listener]\nraw_http1 = true\n")
-        .await
-        .unwrap();
+    let proxy = ProxyUnderTest::start_with(
+        backend.address,
+        backend_keys,
+        "[listener]\nraw_http1 = true\n",
+    )
+    .await
+    .unwrap();
     let path = format!("/{bucket}/object");
     let get = signed(
         "GET",
@@ -382,6 +395,25 @@ async fn a_download_cut_by_a_crash_on_the_raw_path_is_resumed_byte_exact() {
         Some(1.0),
         "the download took the raw path"
     );
+}
+
+/// With one backend connection at most (`backend.max_connections = 1`),
+/// the cut connection gives its place to the resume: resumed byte-exact,
+/// not left waiting for a place it holds itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_on_the_raw_path_is_resumed_with_one_backend_connection_at_most() {
+    let (mut backend, proxy, download) = raw_path_download_with(
+        "raw-capped",
+        9,
+        "max_connections = 1\nqueue_timeout = \"5s\"",
+    )
+    .await;
+    let received = Received::new(9, 0, SMALL);
+    let (received, ended) =
+        through_a_crash(&proxy.admin, &mut backend, download, received, SMALL / 2).await;
+    ended.expect("the download goes on after the restart");
+    assert!(received.complete(), "every byte, in order");
+    assert_only_outcome(&proxy.admin, "resumed").await;
 }
 
 /// A download cut once more than `hold.max_replays` allows is aborted, and
