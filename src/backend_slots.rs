@@ -15,9 +15,11 @@
 //! A request that finds every slot taken waits for one, at most
 //! `backend.queue_timeout` (HAProxy's `timeout queue`), then gets `503
 //! SlowDown` with `Retry-After` (S3 SDKs retry it): the backend is not
-//! blamed, no outage is counted. While a request waits, the pools close
-//! their idle connections ([`BackendSlots::wanted`]) rather than keep them,
-//! so the slots they hold go to the waiting requests.
+//! blamed, no outage is counted. While a request waits, a connection of
+//! hyper's pool that comes free is handed to it (kept in the pool, and the
+//! waiting requests told: [`BackendSlots::connection_idle`]); the raw
+//! path's, which hyper cannot use, are closed rather than kept, so the
+//! slots they hold go to the waiting requests ([`BackendSlots::wanted`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +38,9 @@ pub struct BackendSlots {
     /// Told when a request starts to wait, so that idle connections are
     /// closed at once rather than at the pools' next check.
     wanted: Notify,
+    /// Told when a connection of hyper's pool comes free while requests
+    /// wait.
+    idle: Notify,
 }
 
 /// A backend connection's place under the cap, given back when dropped
@@ -52,6 +57,7 @@ impl BackendSlots {
             free: max.map(|max| Arc::new(Semaphore::new(max))),
             waiting: AtomicUsize::new(0),
             wanted: Notify::new(),
+            idle: Notify::new(),
         }
     }
 
@@ -95,6 +101,17 @@ impl BackendSlots {
     /// enabled (tokio's [`Notify::notify_waiters`]).
     pub fn wanted_soon(&self) -> Notified<'_> {
         self.wanted.notified()
+    }
+
+    /// A pooled connection came free for the requests waiting.
+    pub fn connection_idle(&self) {
+        self.idle.notify_waiters();
+    }
+
+    /// Ready when [`BackendSlots::connection_idle`] is called, once polled
+    /// or enabled.
+    pub fn idle_soon(&self) -> Notified<'_> {
+        self.idle.notified()
     }
 }
 

@@ -826,10 +826,11 @@ impl Proxy {
                 () = tokio::time::sleep(every) => {}
                 () = slots.wanted_soon() => {}
             }
+            // hyper's idle connections are handed to the waiting requests;
+            // the raw path's, which hyper cannot use, give their slots.
             let waiting = slots.waiting();
             if waiting > 0 {
-                let shed = self.upstream.shed_idle(waiting);
-                self.raw_backend.shed_idle(waiting - shed);
+                self.raw_backend.shed_idle(waiting);
             }
             self.upstream.close_expired();
             self.raw_backend.close_expired(self.upstream.idle_timeout());

@@ -44,7 +44,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::backend_address::BackendAddress;
-use crate::backend_slots::BackendSlots;
+use crate::backend_slots::{BackendSlots, Slot};
 use crate::backend_target::BackendTarget;
 use crate::connector::{BackendStream, Connector};
 use crate::delivery::Delivery;
@@ -231,7 +231,9 @@ fn idle_share(max_idle: usize, lanes: usize, index: usize) -> usize {
 }
 
 /// Puts `connection`, idle since `since`, in the pool, or closes it when
-/// the pool is full or a request waits for its slot.
+/// the pool is full; while requests wait for one of
+/// `backend.max_connections`, it is kept for them whatever the pool holds,
+/// and they are told.
 fn put_back<B>(
     pool: &IdlePool<B>,
     connection: Connection<B>,
@@ -239,13 +241,22 @@ fn put_back<B>(
     max_idle: usize,
     slots: &BackendSlots,
 ) {
-    if slots.wanted() {
-        return;
+    let wanted = slots.wanted();
+    {
+        let mut idle = pool.lock().unwrap();
+        if idle.len() < max_idle || wanted {
+            idle.push(Idle { connection, since });
+        }
     }
-    let mut idle = pool.lock().unwrap();
-    if idle.len() < max_idle {
-        idle.push(Idle { connection, since });
+    if wanted {
+        slots.connection_idle();
     }
+}
+
+/// What a request waiting for one of `backend.max_connections` got.
+enum Waited<B> {
+    Slot(Slot),
+    Pooled(Connection<B>),
 }
 
 /// What building hyper's side of a backend connection takes.
@@ -502,13 +513,19 @@ where
                 },
             }
         }
-        let mut connection = Box::pin(self.connect(&settings, delivery)).await?;
-        match connection.sender.try_send_request(request).await {
-            Ok(response) => self.answered(&settings, response, connection, delivery, sent),
-            Err(mut error) => match error.take_message() {
-                Some(_) => Err(UpstreamError::ClosedBeforeSend(error.into_error())),
-                None => Err(UpstreamError::Failed(error.into_error())),
-            },
+        loop {
+            let (mut connection, fresh) = Box::pin(self.connect(&settings, delivery)).await?;
+            match connection.sender.try_send_request(request).await {
+                Ok(response) => {
+                    return self.answered(&settings, response, connection, delivery, sent);
+                }
+                Err(mut error) => match error.take_message() {
+                    // One handed over from the pool was closing: another.
+                    Some(unsent) if !fresh => request = unsent,
+                    Some(_) => return Err(UpstreamError::ClosedBeforeSend(error.into_error())),
+                    None => return Err(UpstreamError::Failed(error.into_error())),
+                },
+            }
         }
     }
 
@@ -572,29 +589,39 @@ where
         }
     }
 
-    /// Closes up to `count` idle connections, the longest idle first in
-    /// each part of the pool, giving their slots back; returns how many.
-    pub fn shed_idle(&self, count: usize) -> usize {
-        let mut shed: Vec<Idle<B>> = Vec::new();
-        for pool in &self.idle {
-            let mut idle = pool.lock().unwrap();
-            let take = (count - shed.len()).min(idle.len());
-            shed.extend(idle.drain(..take));
-        }
-        // Dropped outside the locks: each drop aborts its connection's task.
-        shed.len()
-    }
-
     /// An idle connection ready for a request, if one is. The wait for
     /// readiness is one [`CHECKOUT_WAIT`] for the whole checkout, not one per
     /// connection: past it each remaining connection gets one poll, so a pool
     /// full of stale connections costs at most that wait. Connections to an
     /// earlier target are dropped on the way.
     async fn checkout(&self, settings: &UpstreamSettings) -> Option<Connection<B>> {
+        self.checkout_from(self.pool(), settings).await
+    }
+
+    /// [`Upstream::checkout`] from any part of the pool, the calling lane's
+    /// first: for a request that waits for one of `backend.max_connections`
+    /// (a connection serves from any lane; its task stays on its own).
+    async fn checkout_any(&self, settings: &UpstreamSettings) -> Option<Connection<B>> {
+        let own = self.pool_index();
+        let others = (0..self.idle.len()).filter(|index| *index != own);
+        for index in std::iter::once(own).chain(others) {
+            if let Some(connection) = self.checkout_from(&self.idle[index], settings).await {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    /// [`Upstream::checkout`] from `pool`.
+    async fn checkout_from(
+        &self,
+        pool: &IdlePool<B>,
+        settings: &UpstreamSettings,
+    ) -> Option<Connection<B>> {
         let target = self.target.connector();
         let deadline = Instant::now() + CHECKOUT_WAIT;
         loop {
-            let mut idle = self.pool().lock().unwrap().pop()?;
+            let mut idle = pool.lock().unwrap().pop()?;
             if idle.connection.sender.is_closed()
                 || idle.since.elapsed() > settings.idle_timeout
                 || *idle.connection.connector != *target
@@ -611,23 +638,63 @@ where
         }
     }
 
-    /// A new connection, once it has a slot of `backend.max_connections`
-    /// (waiting up to `backend.queue_timeout` for one, which `delivery`
-    /// tells the attempt's watch).
+    /// A new connection, once it has a slot of `backend.max_connections`;
+    /// or, when every slot is taken, the first that comes: a free slot for
+    /// a new one, or a pooled connection another request gave back. The
+    /// wait is at most `backend.queue_timeout`, and `delivery` tells the
+    /// attempt's watch of it. True with a new connection.
     async fn connect(
         &self,
         settings: &Arc<UpstreamSettings>,
         delivery: &Delivery,
-    ) -> Result<Connection<B>, UpstreamError> {
+    ) -> Result<(Connection<B>, bool), UpstreamError> {
         let slot = match self.slots.try_take() {
             Some(slot) => slot,
             None => {
                 delivery.connection_wait_begins();
-                let slot = self.slots.take(settings.queue_timeout).await;
+                let waited = self.wait_for_connection(settings).await;
                 delivery.connection_wait_ends();
-                slot.ok_or(UpstreamError::NoSlot(settings.queue_timeout))?
+                match waited? {
+                    Waited::Slot(slot) => slot,
+                    Waited::Pooled(connection) => return Ok((connection, false)),
+                }
             }
         };
+        self.open(settings, slot)
+            .await
+            .map(|connection| (connection, true))
+    }
+
+    /// Waits up to `backend.queue_timeout` for a slot or a pooled
+    /// connection given back, whichever comes first.
+    async fn wait_for_connection(
+        &self,
+        settings: &UpstreamSettings,
+    ) -> Result<Waited<B>, UpstreamError> {
+        let deadline = Instant::now() + settings.queue_timeout;
+        loop {
+            let given_back = self.slots.idle_soon();
+            let mut given_back = std::pin::pin!(given_back);
+            given_back.as_mut().enable();
+            if let Some(connection) = self.checkout_any(settings).await {
+                return Ok(Waited::Pooled(connection));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                slot = self.slots.take(left) => {
+                    return slot.map(Waited::Slot).ok_or(UpstreamError::NoSlot(settings.queue_timeout));
+                }
+                () = given_back => {}
+            }
+        }
+    }
+
+    /// A new connection holding `slot`.
+    async fn open(
+        &self,
+        settings: &Arc<UpstreamSettings>,
+        slot: Slot,
+    ) -> Result<Connection<B>, UpstreamError> {
         let connector = self.target.connector();
         let addr = connector.address().clone();
         self.connects.fetch_add(1, Ordering::Relaxed);
@@ -1066,9 +1133,10 @@ mod tests {
         assert_eq!(second.await.unwrap().unwrap().len(), 2);
         assert_eq!(
             accepted.load(Ordering::Relaxed),
-            2,
-            "the first connection was closed for the waiting request, not pooled"
+            1,
+            "the first connection was handed to the waiting request"
         );
+        assert_eq!(upstream.connects(), 1);
     }
 
     #[tokio::test]

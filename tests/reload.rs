@@ -313,12 +313,12 @@ async fn a_world_writable_config_file_is_rejected_on_reload_until_fixed() {
     ))
     .await
     .unwrap();
-    proxy.write_config(&format!(
-        "{}[hold]\ntimeout = \"5s\"\n",
-        backend_section(&backend)
-    ));
-    let world_writable = std::fs::Permissions::from_mode(0o666);
-    std::fs::set_permissions(proxy.config.path(), world_writable).unwrap();
+    // World-writable as it appears: the file watcher must not see it
+    // otherwise first.
+    proxy.write_config_with_mode(
+        &format!("{}[hold]\ntimeout = \"5s\"\n", backend_section(&backend)),
+        0o666,
+    );
     proxy.signal("-HUP");
     proxy
         .admin

@@ -821,6 +821,13 @@ impl ProxyProcess {
     /// plus `body`; a `[listener]` section at the start of `body` is merged
     /// into the generated one.
     pub fn write_config(&self, body: &str) {
+        self.write_config_with_mode(body, 0o600);
+    }
+
+    /// [`ProxyProcess::write_config`], the file appearing with permission
+    /// bits `mode` (set before it replaces the old one: the file watcher
+    /// never sees it with others).
+    pub fn write_config_with_mode(&self, body: &str, mode: u32) {
         let (listener, rest) = match body.strip_prefix("[listener]\n") {
             Some(after) => after.split_at(after.find("\n[").map_or(after.len(), |end| end + 1)),
             None => ("", body),
@@ -834,16 +841,23 @@ impl ProxyProcess {
             "[listener]\naddress = \"127.0.0.1:{}\"\n{raw}{listener}\n[admin]\naddress = \"{}\"\n{rest}",
             self.port, self.admin.address
         );
-        self.replace_config(&text);
+        self.replace_config_with_mode(&text, mode);
     }
 
     /// Replaces the config file in one step (write a sibling, rename over),
     /// as editors and ConfigMap updates do, so the file watcher never reads
     /// half a file.
     pub fn replace_config(&self, text: &str) {
+        self.replace_config_with_mode(text, 0o600);
+    }
+
+    /// [`ProxyProcess::replace_config`] with permission bits `mode`.
+    fn replace_config_with_mode(&self, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
         let path = self.config.path();
         let staged = path.with_extension("staged");
         std::fs::write(&staged, text).unwrap();
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).unwrap();
         std::fs::rename(&staged, path).unwrap();
     }
 
