@@ -55,10 +55,10 @@ impl RawConnection {
         RawConnection { stream, slot }
     }
 
-    /// Gives the connection's slot back before its socket is closed: for a
-    /// connection that failed and is about to be replaced.
-    pub fn give_back_slot(&mut self) {
-        self.slot = Slot::default();
+    /// Takes the connection's slot before its socket is closed: for a
+    /// connection that failed, whose replacement takes the slot over.
+    pub fn take_slot(&mut self) -> Slot {
+        std::mem::take(&mut self.slot)
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::backend_slots::Slot;
 use crate::connector::Connector;
 use crate::proxy::Proxy;
 use crate::raw_backend::{AnswerHead, NotTaken, Parsed, RawConnection, parse_answer};
@@ -137,6 +138,38 @@ pub async fn exchange(
             Unanswered::Failed => Unanswered::Busy,
             cut => cut,
         })?;
+    let exchange = Exchange {
+        outbound,
+        head_request,
+        patience,
+    };
+    connect_and_send(proxy, connector, slot, unanswered, exchange, answer, timer).await
+}
+
+/// What [`connect_and_send`] sends and how long it waits.
+pub struct Exchange<'a> {
+    pub outbound: &'a [u8],
+    pub head_request: bool,
+    pub patience: Patience,
+}
+
+/// The second half of [`exchange`]: a new connection holding `slot`, and
+/// the request sent on it; `unanswered` when no connection can be made.
+/// Also for a caller that brings a slot of its own (a resume).
+pub async fn connect_and_send(
+    proxy: &Proxy,
+    connector: &Arc<Connector>,
+    slot: Slot,
+    unanswered: Unanswered,
+    exchange: Exchange<'_>,
+    answer: &mut Vec<u8>,
+    timer: Pin<&mut Sleep>,
+) -> Result<(RawConnection, AnswerHead), Unanswered> {
+    let Exchange {
+        outbound,
+        head_request,
+        patience,
+    } = exchange;
     let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_for_reads());
     let stream = connect
         .await

@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::access_log::{RequestId, RequestLine};
+use crate::backend_slots::Slot;
 use crate::download_resume::NotResumable;
 use crate::outcome::RequestOutcome;
 use crate::outcome::ResumeOutcome;
@@ -584,9 +585,9 @@ impl RawPath {
                 Ok(read) if read > 0 => {}
                 _ => {
                     // The cut connection is done with: its slot goes to the
-                    // resume (or to whoever waits) before the resume waits.
-                    backend.give_back_slot();
-                    match self.resume(download, sent, generation).await {
+                    // resume, ahead of requests waiting for one.
+                    let slot = backend.take_slot();
+                    match self.resume(download, sent, generation, slot).await {
                         Some(mut rest) => {
                             *backend = rest.backend;
                             *answer = rest.answer.split_off(rest.head_length);
@@ -639,6 +640,7 @@ impl RawPath {
         download: &mut Download,
         sent: u64,
         generation: u64,
+        slot: Slot,
     ) -> Option<crate::raw_resume::Rest> {
         let metrics = self.proxy.metrics();
         let download = match download {
@@ -663,7 +665,7 @@ impl RawPath {
             return None;
         }
         match download
-            .refetch(&self.proxy, &self.peer, sent, generation)
+            .refetch(&self.proxy, &self.peer, sent, generation, slot)
             .await
         {
             Ok(rest) => {

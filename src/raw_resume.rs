@@ -14,11 +14,12 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tokio::time::Instant;
 
+use crate::backend_slots::Slot;
 use crate::download_resume::{self, Continuation, Download, NotResumable, ResumeError};
 use crate::peer::Peer;
 use crate::proxy::Proxy;
 use crate::raw_backend::{BodyFraming, RawConnection};
-use crate::raw_exchange::{Patience, Unanswered, exchange};
+use crate::raw_exchange::{Exchange, Patience, Unanswered, connect_and_send, exchange};
 
 /// Most failed sends of one resume before it gives up (the hyper path's
 /// `MAX_UNSENT_RETRIES`).
@@ -94,21 +95,26 @@ impl RawDownload {
     }
 
     /// Asks the backend for the rest once `delivered` body bytes reached
-    /// the client, the cut having happened in backend generation `cut`.
+    /// the client, the cut having happened in backend generation `cut`, on
+    /// a new connection holding `slot` (the cut one's place under
+    /// `backend.max_connections`, kept ahead of requests waiting for one).
     pub async fn refetch(
         &mut self,
         proxy: &Proxy,
         peer: &Peer,
         delivered: u64,
         cut: u64,
+        slot: Slot,
     ) -> Result<Rest, ResumeError> {
+        let mut slot = Some(slot);
         proxy.judge_cut(cut).await;
         let continuation = self.plan.continuation(delivered);
         let head = self.continued(&continuation).ok_or(ResumeError::Mismatch(
             "the request head cannot be sent again",
         ))?;
         let rest_length = self.plan.length() - delivered;
-        for _ in 0..MAX_TRIES {
+        let mut tries = 0;
+        while tries < MAX_TRIES {
             let mut admission = self.hold(proxy, peer).await?;
             let connector = proxy.backend_connector();
             if !connector.is_plain() {
@@ -117,40 +123,51 @@ impl RawDownload {
             let mut answer = Vec::with_capacity(8 << 10);
             let patience = Patience::now(proxy);
             let timer = std::pin::pin!(tokio::time::sleep(patience.response_timeout));
-            let exchanged = exchange(
-                proxy,
-                &connector,
-                &head,
-                &mut answer,
-                false,
-                patience,
-                timer,
-            )
-            .await;
+            let exchanged = match slot.take() {
+                Some(slot) => {
+                    let exchange = Exchange {
+                        outbound: &head,
+                        head_request: false,
+                        patience,
+                    };
+                    let failed = Unanswered::Failed;
+                    connect_and_send(
+                        proxy,
+                        &connector,
+                        slot,
+                        failed,
+                        exchange,
+                        &mut answer,
+                        timer,
+                    )
+                    .await
+                }
+                None => {
+                    exchange(
+                        proxy,
+                        &connector,
+                        &head,
+                        &mut answer,
+                        false,
+                        patience,
+                        timer,
+                    )
+                    .await
+                }
+            };
             admission.settle();
             let (backend, answer_head) = match exchanged {
                 Ok(exchanged) => exchanged,
                 Err(Unanswered::Slow) => return Err(failed("the backend did not answer in time")),
+                // Not a try: the next one goes on the slot that came free.
                 Err(Unanswered::Busy) => {
-                    // Tried again once a slot came free (another may take
-                    // it first: that is one try).
-                    let queue_timeout = proxy.upstream_settings().queue_timeout;
-                    if proxy
-                        .raw_backend()
-                        .slots()
-                        .take(queue_timeout)
-                        .await
-                        .is_none()
-                    {
-                        return Err(failed(
-                            "backend.max_connections stayed busy for backend.queue_timeout",
-                        ));
-                    }
+                    slot = Some(wait_for_slot(proxy, peer).await?);
                     continue;
                 }
                 Err(
                     Unanswered::Failed | Unanswered::Cut | Unanswered::Invalid | Unanswered::Hung,
                 ) => {
+                    tries += 1;
                     proxy.judge_cut(proxy.gate().generation()).await;
                     continue;
                 }
@@ -224,6 +241,18 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Option<HeaderMap> {
         );
     }
     Some(map)
+}
+
+/// One of `backend.max_connections` for a resume, within
+/// `backend.queue_timeout`, unless the client leaves first.
+async fn wait_for_slot(proxy: &Proxy, peer: &Peer) -> Result<Slot, ResumeError> {
+    let queue_timeout = proxy.upstream_settings().queue_timeout;
+    tokio::select! {
+        slot = proxy.raw_backend().slots().take(queue_timeout) => {
+            slot.ok_or_else(|| failed("backend.max_connections stayed busy for backend.queue_timeout"))
+        }
+        () = peer.gone() => Err(failed("the client left")),
+    }
 }
 
 #[cfg(test)]

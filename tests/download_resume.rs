@@ -416,6 +416,41 @@ async fn a_download_cut_on_the_raw_path_is_resumed_with_one_backend_connection_a
     assert_only_outcome(&proxy.admin, "resumed").await;
 }
 
+/// The cut connection's place goes to its resume, ahead of a request
+/// already waiting for one: with one backend connection at most and a
+/// second GET waiting (whose client will not read its answer, holding the
+/// connection it gets), the download is still resumed byte-exact; the
+/// waiting GET gets its answer or `503 SlowDown` at the queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_download_keeps_its_backend_connection_place_for_its_resume() {
+    let (mut backend, proxy, download) = raw_path_download_with(
+        "raw-first",
+        10,
+        "max_connections = 1\nqueue_timeout = \"5s\"",
+    )
+    .await;
+    let waiting = tokio::spawn(raw_client().request(signed(
+        "GET",
+        proxy.address,
+        "/raw-first/object",
+        &[],
+        Either::Right(Empty::new()),
+        0,
+    )));
+    proxy
+        .admin
+        .wait_metric("s3fp_backend_connection_waiting_requests", 1.0)
+        .await;
+    let received = Received::new(10, 0, SMALL);
+    let (received, ended) =
+        through_a_crash(&proxy.admin, &mut backend, download, received, SMALL / 2).await;
+    ended.expect("the download goes on after the restart");
+    assert!(received.complete(), "every byte, in order");
+    assert_only_outcome(&proxy.admin, "resumed").await;
+    let status = waiting.await.unwrap().unwrap().status();
+    assert!(status == 200 || status == 503, "{status}");
+}
+
 /// A download cut once more than `hold.max_replays` allows is aborted, and
 /// the proxy's log says why, on the raw path as on the hyper path: the
 /// proxy binary with `max_replays = 1`, the backend SIGKILLed and restarted
