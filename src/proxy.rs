@@ -89,6 +89,11 @@ const LINGERING_CLOSE: Duration = Duration::from_secs(30);
 /// is confirmed serving (a pooled connection the backend had just closed).
 const MAX_UNSENT_RETRIES: u32 = 3;
 
+/// How long a pooled connection may sit idle while requests wait for one
+/// of `backend.max_connections` before it is closed for its slot: a
+/// waiting request that can use it takes it at once.
+const UNTAKEN_AFTER: Duration = Duration::from_millis(50);
+
 type ClientBody = ReplayableBody<Incoming>;
 type BackendBody = PooledBody<AttemptBody<Incoming>>;
 type BackendResponse = Response<BackendBody>;
@@ -826,11 +831,14 @@ impl Proxy {
                 () = tokio::time::sleep(every) => {}
                 () = slots.wanted_soon() => {}
             }
-            // hyper's idle connections are handed to the waiting requests;
-            // the raw path's, which hyper cannot use, give their slots.
+            // hyper's idle connections are handed to the waiting requests
+            // that can use them; the raw path's, which hyper cannot use,
+            // give their slots, and so do hyper's left idle a while (the
+            // waiting are then raw-path resumes, which cannot use them).
             let waiting = slots.waiting();
             if waiting > 0 {
-                self.raw_backend.shed_idle(waiting);
+                let shed = self.raw_backend.shed_idle(waiting);
+                self.upstream.shed_idle(waiting - shed, UNTAKEN_AFTER);
             }
             self.upstream.close_expired();
             self.raw_backend.close_expired(self.upstream.idle_timeout());

@@ -589,6 +589,29 @@ where
         }
     }
 
+    /// Closes up to `count` idle connections that have rested at least
+    /// `rested`, the longest idle first in each part of the pool, giving
+    /// their slots back; returns how many. For requests waiting for one of
+    /// `backend.max_connections` that cannot use a pooled connection (a
+    /// raw-path resume): one a waiting request could use is taken within
+    /// moments of coming free.
+    pub fn shed_idle(&self, count: usize, rested: Duration) -> usize {
+        let mut shed: Vec<Idle<B>> = Vec::new();
+        for pool in &self.idle {
+            let mut idle = pool.lock().unwrap();
+            let mut index = 0;
+            while index < idle.len() && shed.len() < count {
+                if idle[index].since.elapsed() >= rested {
+                    shed.push(idle.remove(index));
+                } else {
+                    index += 1;
+                }
+            }
+        }
+        // Dropped outside the locks: each drop aborts its connection's task.
+        shed.len()
+    }
+
     /// An idle connection ready for a request, if one is. The wait for
     /// readiness is one [`CHECKOUT_WAIT`] for the whole checkout, not one per
     /// connection: past it each remaining connection gets one poll, so a pool
@@ -934,6 +957,26 @@ mod tests {
             "the recent one stays open"
         );
         assert_eq!(upstream.pool().lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_connections_left_idle_a_while_are_shed_for_waiting_requests() {
+        let upstream = pool(Duration::from_secs(30));
+        let (old, _old_backend) = stale_with_peer().await;
+        upstream.pool().lock().unwrap().push(old);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let (fresh, _fresh_backend) = stale_with_peer().await;
+        upstream.pool().lock().unwrap().push(fresh);
+
+        assert_eq!(upstream.shed_idle(5, Duration::from_millis(50)), 1);
+        assert_eq!(
+            upstream.pool().lock().unwrap().len(),
+            1,
+            "the one just given back stays for a waiting request to take"
+        );
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(upstream.shed_idle(5, Duration::from_millis(50)), 1);
+        assert!(upstream.pool().lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
