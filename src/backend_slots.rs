@@ -19,7 +19,9 @@
 //! hyper's pool that comes free is handed to it (kept in the pool, and the
 //! waiting requests told: [`BackendSlots::connection_idle`]); the raw
 //! path's, which hyper cannot use, are closed rather than kept, so the
-//! slots they hold go to the waiting requests ([`BackendSlots::wanted`]).
+//! slots they hold go to the waiting requests ([`BackendSlots::wanted`]);
+//! so are hyper's left idle a moment, which the waiting requests (then
+//! raw-path resumes) cannot use.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
