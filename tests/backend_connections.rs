@@ -218,6 +218,28 @@ async fn capped_proxy(bucket: &str, backend_keys: &str) -> (S3Backend, ProxyProc
     (backend, proxy, request)
 }
 
+/// Waits until `what` is on the proxy's one connection to the backend.
+async fn on_the_one_backend_connection(proxy: &ProxyProcess, backend: &S3Backend, what: &str) {
+    wait_until(
+        std::time::Duration::from_secs(10),
+        &format!("{what} on the one backend connection"),
+        || async { backend_sockets_of(proxy.pid(), backend.address.port()).len() == 1 },
+    )
+    .await
+    .unwrap();
+}
+
+/// The head and body of the answer on `client`, which must come within 20 s
+/// (`expected` says when).
+async fn answer_within_20s(client: &mut TcpStream, expected: &str) -> (String, String) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        read_head_and_body(client),
+    )
+    .await
+    .expect(expected)
+}
+
 /// Clients that each sent `request` on a connection of their own.
 async fn clients_sending(proxy: &ProxyProcess, request: &[u8], count: usize) -> Vec<TcpStream> {
     let mut clients = Vec::new();
@@ -264,21 +286,11 @@ async fn a_request_that_finds_no_backend_connection_in_time_gets_slow_down() {
         capped_proxy("queue", "max_connections = 1\nqueue_timeout = \"1s\"").await;
     backend.freeze();
     let mut holder = clients_sending(&proxy, &request, 1).await;
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the first request on the one backend connection",
-        || async { backend_sockets_of(proxy.pid(), backend.address.port()).len() == 1 },
-    )
-    .await
-    .unwrap();
+    on_the_one_backend_connection(&proxy, &backend, "the first request").await;
 
     let mut late = clients_sending(&proxy, &request, 1).await;
-    let (head, body) = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        read_head_and_body(&mut late[0]),
-    )
-    .await
-    .expect("answered while the backend is still frozen");
+    let (head, body) =
+        answer_within_20s(&mut late[0], "answered while the backend is still frozen").await;
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
     assert!(
         head.to_ascii_lowercase().contains("\r\nretry-after: "),
@@ -307,13 +319,7 @@ async fn one_connection_held_by_a_paused_upload(
         capped_proxy(bucket, &format!("max_connections = 1\n{backend_keys}")).await;
     let upload = FedUpload::start(proxy.address(), &format!("/{bucket}/paused"), 1000);
     assert!(upload.send(&[b'x'; 10]).await);
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the upload on the one backend connection",
-        || async { backend_sockets_of(proxy.pid(), backend.address.port()).len() == 1 },
-    )
-    .await
-    .unwrap();
+    on_the_one_backend_connection(&proxy, &backend, "the upload").await;
     backend.freeze();
     (backend, proxy, request, upload)
 }
@@ -332,12 +338,7 @@ async fn waiting_for_a_backend_connection_is_not_waiting_for_the_backend() {
     )
     .await;
     let mut waiting = clients_sending(&proxy, &request, 1).await;
-    let (head, body) = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        read_head_and_body(&mut waiting[0]),
-    )
-    .await
-    .expect("answered at the queue timeout");
+    let (head, body) = answer_within_20s(&mut waiting[0], "answered at the queue timeout").await;
     assert!(head.starts_with("HTTP/1.1 503 "), "{head}\n{body}");
     assert!(body.contains("<Code>SlowDown</Code>"), "{body}");
     assert_eq!(proxy.admin.outages().await, 0.0);
