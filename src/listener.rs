@@ -310,6 +310,7 @@ impl Connection {
             limits: self.limits,
             read_budget: self.read_budget.clone(),
             raw: self.raw_http1(),
+            raw_uploads_from: raw_uploads_from(self.proxy.settings().replay_buffer),
         }
     }
 
@@ -336,6 +337,19 @@ struct ClientLayers {
     read_budget: Option<Arc<ReadBudget>>,
     /// Raw rounds ([`crate::raw_http1`]): plain TCP with `listener.raw_http1`.
     raw: bool,
+    /// The smallest upload body a raw round takes, in bytes.
+    raw_uploads_from: u64,
+}
+
+/// The smallest upload body the raw path takes, in bytes: one worth a pipe
+/// ([`crate::splice::WORTH_SPLICING`]) that the hyper path could not keep a
+/// copy of (`hold.replay_buffer`, `replay_buffer` bytes) to send again
+/// after a crash, so that splicing it loses nothing. The raw path checks
+/// the buffer again for each upload (it may be reloaded).
+fn raw_uploads_from(replay_buffer: usize) -> u64 {
+    (replay_buffer as u64)
+        .saturating_add(1)
+        .max(crate::splice::WORTH_SPLICING)
 }
 
 impl ClientLayers {
@@ -361,7 +375,9 @@ impl ClientLayers {
             ),
             _ => None,
         };
-        watch.with_rounds(RoundKinds::new(limits.max_headers, large, self.raw))
+        let rounds = RoundKinds::new(limits.max_headers, large, self.raw)
+            .map(|rounds| rounds.with_raw_uploads(self.raw_uploads_from));
+        watch.with_rounds(rounds)
     }
 }
 

@@ -799,10 +799,13 @@ impl Proxy {
     /// becomes a suspect, so that the hyper path, which sends it again,
     /// sends it through the suspect lane (a request that crashes the
     /// backend crashes it at most twice, [`crate::quarantine`]).
-    pub(crate) async fn raw_request_cut(&self, fingerprint: &Fingerprint, generation: u64) {
-        if self.judge(DownReason::Reset, false, generation).await == Verdict::Outage {
+    /// Returns whether it was an outage.
+    pub(crate) async fn raw_request_cut(&self, fingerprint: &Fingerprint, generation: u64) -> bool {
+        let outage = self.judge(DownReason::Reset, false, generation).await == Verdict::Outage;
+        if outage {
             self.quarantine.died_with(fingerprint, false);
         }
+        outage
     }
 
     /// The raw path's backend connections.

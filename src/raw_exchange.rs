@@ -189,6 +189,34 @@ pub async fn connect_and_send(
     .await
 }
 
+/// A new plain connection for an upload's head and body: the slot of an
+/// idle pooled one if there is one (the pooled connection is closed: a body
+/// sent on a connection the backend was closing for idleness would be lost
+/// with the bytes already taken from the client), else a free one;
+/// [`Unanswered::Busy`] without, [`Unanswered::Failed`] when no connection
+/// can be made.
+pub async fn connect_for_upload(
+    proxy: &Proxy,
+    connector: &Arc<Connector>,
+    patience: Patience,
+) -> Result<RawConnection, Unanswered> {
+    let backend = proxy.raw_backend();
+    let slot = match backend.checkout(connector, patience.idle_timeout) {
+        Some(mut pooled) => pooled.take_slot(),
+        None => backend.slots().try_take().ok_or(Unanswered::Busy)?,
+    };
+    // As the hyper path connects for a body: no `TCP_USER_TIMEOUT`, which
+    // would also end a connection whose backend reads slowly (a full
+    // window); a stalled upload is the stall watch's to judge.
+    let connect = tokio::time::timeout(patience.connect_timeout, connector.connect_tcp());
+    let stream = connect
+        .await
+        .map_err(|_| Unanswered::Failed)?
+        .map_err(|_| Unanswered::Failed)?;
+    let _ = stream.set_nodelay(true);
+    Ok(RawConnection::new(stream, slot))
+}
+
 /// [`exchange`] on `backend`.
 async fn send_on(
     proxy: &Proxy,
@@ -217,7 +245,7 @@ async fn send_on(
 }
 
 /// Reads an answer head into `answer`, dropping `1xx` answers.
-async fn read_answer_head(
+pub(crate) async fn read_answer_head(
     backend: &mut TcpStream,
     answer: &mut Vec<u8>,
     head_request: bool,
@@ -252,13 +280,13 @@ async fn read_answer_head(
 /// taken out again (under its lock) for every answer; one kept by the
 /// connection and only ever moved later is not (tokio notes the later
 /// deadline and reinserts the timer only when the earlier one comes).
-async fn watched(
+pub(crate) async fn watched<T>(
     proxy: &Proxy,
-    mut read_head: Pin<&mut impl Future<Output = Result<AnswerHead, Unanswered>>>,
+    mut read_head: Pin<&mut impl Future<Output = Result<T, Unanswered>>>,
     patience: Patience,
     generation: u64,
     mut timer: Pin<&mut Sleep>,
-) -> Result<AnswerHead, Unanswered> {
+) -> Result<T, Unanswered> {
     let sent = tokio::time::Instant::now();
     let ceiling = sent + patience.first_byte_timeout;
     let mut confirmed_at = sent;

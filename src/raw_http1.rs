@@ -55,12 +55,15 @@ use crate::proxy::Proxy;
 use crate::quarantine::Fingerprint;
 use crate::raw_backend::{AnswerHead, BodyFraming, Chunks, RawConnection};
 use crate::raw_exchange::{Patience, Unanswered, exchange};
+use crate::raw_head::RawUpload;
 use crate::raw_resume::RawDownload;
 use crate::request_target::TargetWatch;
 use crate::round_kind::COMMON_FIELDS;
 use crate::s3_error::ProxyError;
 use crate::shutdown::{Phase, ShutdownWatch};
 use crate::splice::{Pipes, SpliceEnd, Spliced};
+
+mod upload;
 
 /// Bytes of an answer gathered before its first write: a small answer
 /// goes to the client in one write, head and body.
@@ -130,6 +133,8 @@ struct RawRequest {
     /// Its length, with the empty line that ends it.
     length: usize,
     method: Method,
+    /// For an upload (`PUT`), its body ([`upload`]).
+    upload: Option<RawUpload>,
     /// Where its target is in the head.
     target: std::ops::Range<usize>,
     /// The forwarding headers to append (`X-Forwarded-For`, `-Proto`).
@@ -224,18 +229,34 @@ impl RawPath {
                 // Draining: the hyper path answers with `Connection: close`.
                 return RawEnd::HandOver(buffer.freeze());
             }
-            match self
-                .forward(
-                    io,
-                    &buffer[..request.length],
-                    &request,
-                    (shutdown, grace_over.as_mut()),
-                    answer_timer.as_mut(),
-                )
-                .await
-            {
+            let forwarded = match request.upload {
+                // Takes the head and body from `buffer` once it sends the body.
+                Some(upload) => {
+                    self.upload(
+                        io,
+                        &mut buffer,
+                        (&request, upload),
+                        (shutdown, grace_over.as_mut()),
+                        answer_timer.as_mut(),
+                    )
+                    .await
+                }
+                None => {
+                    self.forward(
+                        io,
+                        &buffer[..request.length],
+                        &request,
+                        (shutdown, grace_over.as_mut()),
+                        answer_timer.as_mut(),
+                    )
+                    .await
+                }
+            };
+            match forwarded {
                 Forwarded::KeepAlive => {
-                    buffer.advance(request.length);
+                    if request.upload.is_none() {
+                        buffer.advance(request.length);
+                    }
                     head_due = Instant::now() + self.header_timeout;
                 }
                 Forwarded::Close => return RawEnd::Over,
@@ -326,22 +347,28 @@ impl RawPath {
         };
         // The forwarding lines go before the head's last CRLF: a head ended
         // with bare LFs goes the hyper way.
-        if !crate::raw_head::is_raw(&head) || !bytes[..length].ends_with(b"\r\n\r\n") {
+        if !bytes[..length].ends_with(b"\r\n\r\n") {
             return None;
         }
-        let method = match head.method? {
-            "HEAD" => Method::HEAD,
-            _ => Method::GET,
+        let settings = self.proxy.settings();
+        let (method, upload) = if crate::raw_head::is_raw(&head) {
+            match head.method? {
+                "HEAD" => (Method::HEAD, None),
+                _ => (Method::GET, None),
+            }
+        } else {
+            let upload = crate::raw_head::raw_upload(&head)?;
+            (upload::takes(&upload, &settings)).then_some((Method::PUT, Some(upload)))?
         };
         let path = head.path?;
         let start = path.as_ptr() as usize - bytes.as_ptr() as usize;
         let query = path.split_once('?').map(|(_, query)| query);
-        let settings = self.proxy.settings();
         let forwarding =
             crate::headers::forwarding_lines(head.headers, query, &settings.forwarding);
         Some(Some(RawRequest {
             length,
             method,
+            upload,
             target: start..start + path.len(),
             forwarding,
         }))
@@ -705,9 +732,13 @@ impl RawPath {
     /// The request's metrics and request line, as `RequestRecord` writes them.
     fn log(&self, line: &Line<'_>, request_id: &RequestId) {
         let duration = line.started.elapsed();
-        self.proxy
-            .metrics()
-            .request(line.method, line.status, duration, 0, line.bytes_out);
+        self.proxy.metrics().request(
+            line.method,
+            line.status,
+            duration,
+            line.bytes_in,
+            line.bytes_out,
+        );
         RequestLine {
             method: line.method,
             path: line.path,
@@ -715,7 +746,7 @@ impl RawPath {
             held_ms: line.held.as_millis() as u64,
             replays: 0,
             resumes: line.resumes,
-            bytes_in: 0,
+            bytes_in: line.bytes_in,
             bytes_out: line.bytes_out,
             duration_ms: duration.as_millis() as u64,
             request_id,
@@ -727,8 +758,8 @@ impl RawPath {
 
 /// The quarantine's fingerprint of the request whose head is `head`, as
 /// the hyper path takes it ([`Fingerprint::of`]: the target, and of the
-/// fields only `x-amz-copy-source`, a head of this path having no
-/// `Content-Length`); `None` for a target the URI parser refuses.
+/// fields only `x-amz-copy-source` and `Content-Length`); `None` for a
+/// target the URI parser refuses.
 fn fingerprint(head: &[u8], request: &RawRequest) -> Option<Fingerprint> {
     let target = std::str::from_utf8(&head[request.target.clone()]).ok()?;
     let uri = target.parse::<http::Uri>().ok()?;
@@ -737,11 +768,10 @@ fn fingerprint(head: &[u8], request: &RawRequest) -> Option<Fingerprint> {
     parsed.parse(head).ok()?;
     let mut fields = http::HeaderMap::new();
     for field in parsed.headers.iter() {
-        if field.name.eq_ignore_ascii_case("x-amz-copy-source") {
-            fields.append(
-                "x-amz-copy-source",
-                HeaderValue::from_bytes(field.value).ok()?,
-            );
+        for name in ["x-amz-copy-source", "content-length"] {
+            if field.name.eq_ignore_ascii_case(name) {
+                fields.append(name, HeaderValue::from_bytes(field.value).ok()?);
+            }
         }
     }
     Some(Fingerprint::of(&request.method, &uri, &fields))
@@ -754,6 +784,8 @@ struct Line<'a> {
     path: &'a str,
     started: std::time::Instant,
     status: u16,
+    /// Request body bytes sent to the backend (an upload's).
+    bytes_in: u64,
     bytes_out: u64,
     outcome: RequestOutcome,
     resumes: u32,
@@ -768,6 +800,7 @@ impl<'a> Line<'a> {
             path: target.split_once('?').map_or(target, |(path, _)| path),
             started,
             status: 0,
+            bytes_in: 0,
             bytes_out: 0,
             outcome: RequestOutcome::Ok,
             resumes: 0,

@@ -353,6 +353,35 @@ impl<I> TargetWatch<I> {
         }
     }
 
+    /// The bytes left of the request body being read, when the watch is in
+    /// one framed by `Content-Length` and holds no byte it read (so the
+    /// body's next bytes are the socket's next bytes): a raw upload may
+    /// then take them from the socket itself ([`TargetWatch::body_passed`]).
+    pub fn body_left(&self) -> Option<u64> {
+        let holds_bytes = !self.pending.is_empty()
+            || !self.withheld.is_empty()
+            || !self.released.is_empty()
+            || self
+                .rounds
+                .as_deref()
+                .is_some_and(|rounds| !rounds.unfollowed.is_empty());
+        match self.framing {
+            Framing::Body(left) if !holds_bytes => Some(left),
+            _ => None,
+        }
+    }
+
+    /// `moved` bytes of the body ([`TargetWatch::body_left`]) were taken
+    /// from the socket past the watch: it follows on from after them.
+    pub fn body_passed(&mut self, moved: u64) {
+        if let Framing::Body(left) = self.framing {
+            self.framing = match left.saturating_sub(moved) {
+                0 => Framing::Head,
+                left => Framing::Body(left),
+            };
+        }
+    }
+
     /// A round of the kind the held head needs starts: the bytes held for
     /// it are followed now.
     pub fn switch_round(&mut self) {
@@ -694,27 +723,31 @@ enum Head {
         many_fields: bool,
         /// One the raw path takes ([`crate::raw_head::is_raw`]).
         raw: bool,
+        /// An upload the raw path may take ([`crate::raw_head::raw_upload`]).
+        raw_upload: bool,
     },
 }
 
 impl Head {
     /// What the kind of round it is served in goes by.
     fn seen(&self) -> HeadSeen {
-        let (whole, many_fields, body, raw) = match *self {
-            Head::Partial => (false, false, Framing::Off, false),
-            Head::Invalid { many_fields } => (true, many_fields, Framing::Off, false),
-            Head::RefusedTarget => (true, false, Framing::Off, false),
+        let (whole, many_fields, body, (raw, raw_upload)) = match *self {
+            Head::Partial => (false, false, Framing::Off, (false, false)),
+            Head::Invalid { many_fields } => (true, many_fields, Framing::Off, (false, false)),
+            Head::RefusedTarget => (true, false, Framing::Off, (false, false)),
             Head::Complete {
                 body,
                 many_fields,
                 raw,
+                raw_upload,
                 ..
-            } => (true, many_fields, body, raw),
+            } => (true, many_fields, body, (raw, raw_upload)),
         };
         HeadSeen {
             whole,
             many_fields,
             raw,
+            raw_upload,
             content_length: match body {
                 Framing::Body(length) => Some(length),
                 _ => None,
@@ -775,6 +808,7 @@ fn head_of<'b>(
         body: body_framing(request.headers),
         many_fields,
         raw: !many_fields && crate::raw_head::is_raw(&request),
+        raw_upload: !many_fields && crate::raw_head::raw_upload(&request).is_some(),
     })
 }
 

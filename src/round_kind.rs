@@ -64,6 +64,9 @@ pub struct HeadSeen {
     pub content_length: Option<u64>,
     /// One the raw path takes ([`crate::raw_head::is_raw`]).
     pub raw: bool,
+    /// An upload the raw path may take ([`crate::raw_head::raw_upload`]),
+    /// when its body is large enough ([`RoundKinds::with_raw_uploads`]).
+    pub raw_upload: bool,
 }
 
 /// Large request bodies read in rounds of their own, within a budget.
@@ -113,6 +116,8 @@ pub struct RoundKinds {
     large: Option<LargeBodyReads>,
     /// Heads the raw path takes are served in [`RoundKind::Raw`] rounds.
     raw: bool,
+    /// The smallest upload body served in a raw round, in bytes.
+    raw_uploads_from: Option<u64>,
     /// Read, not followed yet: from a head that needs a round of another
     /// kind on; followed when that round starts (`replay`).
     pub(crate) unfollowed: Vec<u8>,
@@ -144,10 +149,19 @@ impl RoundKinds {
             many_fields,
             large,
             raw,
+            raw_uploads_from: None,
             unfollowed: Vec::new(),
             replay: false,
             switch_due: Arc::default(),
         })
+    }
+
+    /// With raw rounds, uploads ([`crate::raw_head::raw_upload`]) of at
+    /// least `from` bytes are served in them too, their bodies spliced
+    /// ([`crate::raw_http1`]).
+    pub fn with_raw_uploads(mut self, from: u64) -> RoundKinds {
+        self.raw_uploads_from = Some(from);
+        self
     }
 
     /// The kind of the round being served.
@@ -159,6 +173,14 @@ impl RoundKinds {
     /// `ManyFields` round keeps what it has: heads of many fields tend to
     /// come together, and a switch waits for every answer before it.)
     pub(crate) fn switch_for(&mut self, head: HeadSeen) -> Option<RoundKind> {
+        let raw_upload = head.raw_upload
+            && head
+                .content_length
+                .zip(self.raw_uploads_from)
+                .is_some_and(|(length, from)| length >= from);
+        if self.raw && (head.raw || raw_upload) {
+            return self.switch_to(RoundKind::Raw);
+        }
         let large = head.whole
             && head
                 .content_length
@@ -167,11 +189,15 @@ impl RoundKinds {
         let many_fields = self.many_fields
             && (head.many_fields || !head.whole || self.kind == RoundKind::ManyFields);
         let kind = match (large, many_fields) {
-            _ if self.raw && head.raw => RoundKind::Raw,
             (true, _) => RoundKind::LargeBodies,
             (false, true) => RoundKind::ManyFields,
             (false, false) => RoundKind::Common,
         };
+        self.switch_to(kind)
+    }
+
+    /// `kind`, when not this round's.
+    fn switch_to(&mut self, kind: RoundKind) -> Option<RoundKind> {
         if kind == self.kind {
             return None;
         }
@@ -230,6 +256,7 @@ mod tests {
             many_fields: fields > COMMON_FIELDS,
             content_length,
             raw: false,
+            raw_upload: false,
         }
     }
 
@@ -251,6 +278,28 @@ mod tests {
             Some(RoundKind::ManyFields)
         );
         assert_eq!(switched(&mut rounds, raw), Some(RoundKind::Raw));
+    }
+
+    #[test]
+    fn uploads_from_the_raw_upload_size_on_stay_raw_smaller_ones_go_to_hyper() {
+        let mut rounds = RoundKinds::new(100, None, true)
+            .expect("raw rounds")
+            .with_raw_uploads(1 << 20);
+        let upload = |length| HeadSeen {
+            raw_upload: true,
+            ..head(3, true, Some(length))
+        };
+        assert_eq!(switched(&mut rounds, upload(1 << 20)), None);
+        assert_eq!(
+            switched(&mut rounds, upload((1 << 20) - 1)),
+            Some(RoundKind::Common)
+        );
+        assert_eq!(switched(&mut rounds, upload(5 << 30)), Some(RoundKind::Raw));
+        let mut without = RoundKinds::new(100, None, true).expect("raw rounds");
+        assert_eq!(
+            switched(&mut without, upload(5 << 30)),
+            Some(RoundKind::Common)
+        );
     }
 
     fn switched(rounds: &mut RoundKinds, seen: HeadSeen) -> Option<RoundKind> {

@@ -6,7 +6,8 @@
 //! per byte; splicing hands the kernel's own pages from the backend socket to
 //! a pipe and from the pipe to the client socket. The raw HTTP/1.1 path
 //! ([`crate::raw_http1`]) uses it for the rest of a large answer body whose
-//! length is known, once its head and first bytes went out as bytes.
+//! length is known, once its head and first bytes went out as bytes, and
+//! for a large upload's body, client to backend.
 //!
 //! The pipe is filled with at most what it holds and emptied to the client
 //! before the next fill, so when the backend fails every byte read from it
@@ -115,13 +116,18 @@ pub enum SpliceEnd {
 }
 
 /// What one splice from the backend into the pipe came to.
-enum Fill {
+pub(crate) enum Fill {
     Bytes(usize),
     /// Bytes wait that splice will not take (see [`SpliceEnd::NotSpliceable`]).
     Stuck,
 }
 
 impl Pipe<'_> {
+    /// The most the pipe holds, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Moves `length` bytes from `from` to `to`; a wait for `to` to take
     /// bytes that lasts `send_timeout` ends it ([`SpliceEnd::ClientGone`]),
     /// as `listener.send_timeout` ends a write on the hyper path.
@@ -162,7 +168,7 @@ impl Pipe<'_> {
 
     /// Splices up to `asked` bytes from `from` into the (empty) pipe: none
     /// at the end of `from`'s stream.
-    async fn fill(&self, from: &TcpStream, asked: usize) -> io::Result<Fill> {
+    pub(crate) async fn fill(&self, from: &TcpStream, asked: usize) -> io::Result<Fill> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         from.async_io(Interest::READABLE, || {
             for _ in 0..STUCK_AFTER {
@@ -182,7 +188,7 @@ impl Pipe<'_> {
     }
 
     /// Splices up to `in_pipe` bytes from the pipe into `to`.
-    async fn drain(&self, to: &TcpStream, in_pipe: usize) -> io::Result<usize> {
+    pub(crate) async fn drain(&self, to: &TcpStream, in_pipe: usize) -> io::Result<usize> {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         to.async_io(Interest::WRITABLE, || {
             Ok(rustix::pipe::splice(
