@@ -472,6 +472,7 @@ mod corpus {
     fn puts(f: &Fixture) -> Vec<Case> {
         let small = object_content(10, 1000);
         let mib = object_content(11, 1 << 20);
+        let large = object_content(14, 3 << 20);
         let md5 = codec::base64(&codec::hex_decode(f.etag.trim_matches('"')));
         vec![
             Case::new(
@@ -489,6 +490,13 @@ mod corpus {
             Case::new(
                 "PUT 1 MiB with Expect: 100-continue",
                 f.build(f.put_req("/put-1mib-expect", mib).expect_continue()),
+            )
+            .changed(ProxyChange::OwnContinue),
+            // Past `hold.replay_buffer` (1 MiB): spliced on the raw path.
+            Case::new("PUT 3 MiB", f.build(f.put_req("/put-3mib", large.clone()))),
+            Case::new(
+                "PUT 3 MiB with Expect: 100-continue",
+                f.build(f.put_req("/put-3mib-expect", large).expect_continue()),
             )
             .changed(ProxyChange::OwnContinue),
             Case::new(
@@ -866,6 +874,13 @@ mod corpus {
             f.put_req("/bad-signature", body.clone())
                 .auth(Auth::WrongSecret)
         };
+        // Without `Expect`, how much of a large body reaches the backend
+        // before it closes is a race of its own (the 16 MiB tests below).
+        let large = object_content(15, 3 << 20);
+        let large_bad_signature = || {
+            f.put_req("/bad-signature-3mib", large.clone())
+                .auth(Auth::WrongSecret)
+        };
         vec![
             Case::new("PUT to a missing bucket", f.build(no_bucket())),
             Case::new(
@@ -876,6 +891,10 @@ mod corpus {
             Case::new(
                 "PUT with a bad signature and Expect: 100-continue",
                 f.build(bad_signature().expect_continue()),
+            ),
+            Case::new(
+                "PUT 3 MiB with a bad signature and Expect: 100-continue",
+                f.build(large_bad_signature().expect_continue()),
             ),
             Case::new(
                 "GET with a bad signature",

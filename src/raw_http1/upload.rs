@@ -16,7 +16,8 @@
 //!   [`crate::delivery`]): the head goes alone, the client gets
 //!   `100 Continue` once the backend sent one (or said nothing for
 //!   `backend.expect_continue_timeout`), and a final answer instead is
-//!   passed on, the body never asked for (the connection then ends).
+//!   passed on as it came, the body never asked for (the connection then
+//!   ends: whether the client sends the body after all is not known).
 //! - **Until a body byte is taken from the client**, any failure hands the
 //!   request to the hyper path, which sends it again and holds it through
 //!   an outage, as for a GET.
@@ -213,10 +214,7 @@ impl RawPath {
             }
             None => RequestId::from_backend(None),
         };
-        let draining = *shutdown.borrow() != Phase::Serving;
-        // A body never asked for may still come: the connection ends, and
-        // its answer says so.
-        let closing = draining || body == BodyState::NotAsked;
+        let closing = *shutdown.borrow() != Phase::Serving;
         let mut download = Download::NotResumable(NotResumable::NotGet);
         let passed = self
             .pass_on(
@@ -236,7 +234,12 @@ impl RawPath {
                 return self.answer_error(io, line, ProxyError::BadGateway).await;
             }
         };
-        let mut keep_alive = outcome == RequestOutcome::Ok && answer_head.keep_alive && !closing;
+        // A body never asked for may still come, or not: the connection
+        // ends after the answer (passed on as it came, as hyper passes it).
+        let mut keep_alive = outcome == RequestOutcome::Ok
+            && answer_head.keep_alive
+            && !closing
+            && body != BodyState::NotAsked;
         if keep_alive && reusable && body == BodyState::Sent {
             proxy
                 .raw_backend()

@@ -1,0 +1,242 @@
+//! Large uploads on the raw path (`src/raw_http1/upload.rs`): a PUT whose
+//! body is larger than `hold.replay_buffer` has its body spliced from the
+//! client socket to the backend's, in front of s3s-fs. What a client sees
+//! must be what the hyper path gives it: the object stored byte for byte,
+//! `100 Continue` end to end, the next request on the connection answered,
+//! and an S3 error when the client or the backend stops mid-body, with
+//! nothing stored. (`tests/transparency.rs` compares 3 MiB PUTs with
+//! straight access; `tests/unsafe_replay.rs` kills the backend mid-upload.)
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use support::{
+    FedUpload, ProxyUnderTest, S3Backend, metric_sample, object_content, read_object, s3_client,
+    sign_unsigned_payload,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The raw path on, whatever the run asks (`S3FP_TEST_RAW_HTTP1`), and the
+/// default replay buffer (1 MiB): uploads over it are spliced.
+const RAW: &str = "[listener]\nraw_http1 = true\n";
+
+/// Requests the raw path answered so far.
+async fn raw_requests(proxy: &ProxyUnderTest) -> f64 {
+    let metrics = proxy.admin.metrics().await;
+    metric_sample(&metrics, "s3fp_raw_http1_requests_total").unwrap_or(0.0)
+}
+
+/// The head of a signed PUT (payload unsigned) of `length` bytes.
+fn put_head(proxy: SocketAddr, path: &str, length: usize, expect: bool) -> Vec<u8> {
+    let host = proxy.to_string();
+    let signed = sign_unsigned_payload("PUT", &format!("http://{host}{path}"), &host, &[]);
+    let mut head = format!("PUT {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (name, value) in signed {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if expect {
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    head.push_str(&format!("Content-Length: {length}\r\n\r\n"));
+    head.into_bytes()
+}
+
+/// The head of a signed GET.
+fn get_head(proxy: SocketAddr, path: &str) -> Vec<u8> {
+    support::signed_request_bytes(proxy, "GET", path, "")
+}
+
+/// Reads one answer head and its `Content-Length` body.
+async fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = stream.read(&mut byte).await.unwrap();
+        assert_eq!(read, 1, "connection ended within a head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+async fn proxy_with_bucket(backend: &S3Backend, bucket: &str, extra: &str) -> ProxyUnderTest {
+    let proxy = ProxyUnderTest::start(backend.address, extra).await.unwrap();
+    s3_client(&proxy.endpoint())
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_upload_past_the_replay_buffer_takes_the_raw_path_and_is_stored_byte_for_byte() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "spliced", RAW).await;
+    let s3 = s3_client(&proxy.endpoint());
+    let content = object_content(1, 6 << 20);
+    let before = raw_requests(&proxy).await;
+
+    s3.put_object()
+        .bucket("spliced")
+        .key("six-mib")
+        .body(ByteStream::from(content.clone()))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        raw_requests(&proxy).await - before,
+        1.0,
+        "the raw path answered the PUT"
+    );
+    assert_eq!(read_object(&s3, "spliced", "six-mib").await, content);
+    assert_eq!(proxy.admin.outages().await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_expecting_continue_gets_it_and_the_request_after_its_body_is_answered() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "pipelined", RAW).await;
+    let content = object_content(2, 3 << 20);
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+
+    let head = put_head(proxy.address, "/pipelined/k", content.len(), true);
+    stream.write_all(&head).await.unwrap();
+    let mut asked = [0u8; 25];
+    stream.read_exact(&mut asked).await.unwrap();
+    assert_eq!(&asked, b"HTTP/1.1 100 Continue\r\n\r\n");
+    // The body and, in the same write, the next request: its bytes must not
+    // be taken for the body, nor the body's for a request.
+    let get = get_head(proxy.address, "/pipelined/k");
+    stream
+        .write_all(&[content.as_slice(), &get].concat())
+        .await
+        .unwrap();
+
+    let (put_answer, _) = read_answer(&mut stream).await;
+    assert!(put_answer.starts_with("HTTP/1.1 200"), "{put_answer}");
+    let (get_answer, body) = read_answer(&mut stream).await;
+    assert!(get_answer.starts_with("HTTP/1.1 200"), "{get_answer}");
+    assert!(body == content, "the object read back differs");
+    assert!(raw_requests(&proxy).await >= 2.0);
+    // The connection's watch followed past the spliced body: a target with
+    // a raw `#` (which hyper would cut to `/pipelined/a`) is still refused.
+    let cut = support::signed_request_bytes(proxy.address, "PUT", "/pipelined/a#b", "v");
+    stream.write_all(&cut).await.unwrap();
+    let (refused, body) = read_answer(&mut stream).await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert_eq!(support::s3_code(&body), "InvalidURI");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_mid_upload_gets_408_and_nothing_is_stored() {
+    let backend = S3Backend::start().await.unwrap();
+    let extra = format!("{RAW}client_body_timeout = \"1s\"\n");
+    let proxy = proxy_with_bucket(&backend, "silent", &extra).await;
+    let content = object_content(3, 4 << 20);
+    let upload = FedUpload::start(proxy.address, "/silent/k", content.len());
+    assert!(upload.send(&content[..2 << 20]).await);
+    // Never sends the rest; the feed stays open.
+
+    let response = upload.response.await.unwrap().unwrap();
+
+    assert_eq!(response.status(), 408);
+    assert_eq!(response.headers()["connection"], "close");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(support::s3_code(&body), "RequestTimeout");
+    drop(upload.feed);
+    let s3 = s3_client(&proxy.endpoint());
+    let head = s3.head_object().bucket("silent").key("k").send().await;
+    assert!(head.is_err(), "nothing stored: {head:?}");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a silent client is no outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_stops_short_gets_400_incomplete_body_and_nothing_is_stored() {
+    let backend = S3Backend::start().await.unwrap();
+    let proxy = proxy_with_bucket(&backend, "short", RAW).await;
+    let content = object_content(4, 4 << 20);
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let head = put_head(proxy.address, "/short/k", content.len(), false);
+
+    stream
+        .write_all(&[head.as_slice(), &content[..3 << 20]].concat())
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+
+    let (answer, body) = read_answer(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(support::s3_code(&body), "IncompleteBody");
+    let s3 = s3_client(&proxy.endpoint());
+    let stored = s3.head_object().bucket("short").key("k").send().await;
+    assert!(stored.is_err(), "nothing stored: {stored:?}");
+    assert_eq!(
+        proxy.admin.outages().await,
+        0.0,
+        "a short body is no outage"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_a_frozen_backend_stops_taking_is_found_hung_and_gets_503() {
+    let backend = S3Backend::start().await.unwrap();
+    let extra = format!("{RAW}[probe]\ntimeout = \"200ms\"\n");
+    let proxy = ProxyUnderTest::start_with(backend.address, "response_timeout = \"500ms\"", &extra)
+        .await
+        .unwrap();
+    let s3 = s3_client(&proxy.endpoint());
+    s3.create_bucket().bucket("frozen").send().await.unwrap();
+    let content = object_content(5, 64 << 20);
+    let upload = FedUpload::start(proxy.address, "/frozen/k", content.len());
+    assert!(upload.send(&content[..4 << 20]).await);
+
+    backend.freeze();
+    let FedUpload { feed, response } = upload;
+    let feeding = tokio::spawn(async move {
+        for chunk in content[4 << 20..].chunks(64 << 10) {
+            let chunk = bytes::Bytes::copy_from_slice(chunk);
+            if feed.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    proxy.admin.wait_reason("hang_timeout").await;
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("answered once the hang was seen")
+        .unwrap()
+        .unwrap();
+    backend.thaw();
+    feeding.abort();
+
+    assert_eq!(response.status(), 503);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(support::s3_code(&body), "ServiceUnavailable");
+    let stored = s3.head_object().bucket("frozen").key("k").send().await;
+    assert!(stored.is_err(), "nothing stored: {stored:?}");
+}
