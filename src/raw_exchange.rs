@@ -189,21 +189,24 @@ pub async fn connect_and_send(
     .await
 }
 
-/// A new plain connection for an upload's head and body: the slot of an
-/// idle pooled one if there is one (the pooled connection is closed: a body
-/// sent on a connection the backend was closing for idleness would be lost
-/// with the bytes already taken from the client), else a free one;
-/// [`Unanswered::Busy`] without, [`Unanswered::Failed`] when no connection
-/// can be made.
+/// A new plain connection for an upload's head and body (never a pooled
+/// one: a body sent on a connection the backend was closing for idleness
+/// would be lost with the bytes already taken from the client), on a free
+/// slot of `backend.max_connections`, else on the slot of an idle pooled
+/// connection, closed for it; [`Unanswered::Busy`] without,
+/// [`Unanswered::Failed`] when no connection can be made.
 pub async fn connect_for_upload(
     proxy: &Proxy,
     connector: &Arc<Connector>,
     patience: Patience,
 ) -> Result<RawConnection, Unanswered> {
     let backend = proxy.raw_backend();
-    let slot = match backend.checkout(connector, patience.idle_timeout) {
-        Some(mut pooled) => pooled.take_slot(),
-        None => backend.slots().try_take().ok_or(Unanswered::Busy)?,
+    let slot = match backend.slots().try_take() {
+        Some(slot) => slot,
+        None => backend
+            .checkout(connector, patience.idle_timeout)
+            .ok_or(Unanswered::Busy)?
+            .take_slot(),
     };
     // As the hyper path connects for a body: no `TCP_USER_TIMEOUT`, which
     // would also end a connection whose backend reads slowly (a full

@@ -1,6 +1,6 @@
 //! The raw HTTP/1.1 path (`listener.raw_http1`): plain GET and HEAD
 //! requests forwarded as the bytes that came, without hyper, while the
-//! backend is up.
+//! backend is up; and large uploads, their bodies spliced ([`upload`]).
 //!
 //! hyper parses every request into a `Request`, every answer into a
 //! `Response`, and writes both out again; on a small request that is most

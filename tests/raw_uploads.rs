@@ -240,3 +240,71 @@ async fn an_upload_a_frozen_backend_stops_taking_is_found_hung_and_gets_503() {
     let stored = s3.head_object().bucket("frozen").key("k").send().await;
     assert!(stored.is_err(), "nothing stored: {stored:?}");
 }
+
+/// A backend that answers every request `403` 300 ms after its head came
+/// (reading nothing meanwhile: a large body fills the sockets' buffers and
+/// stops in the proxy), without `Connection: close`, then reads and drops
+/// whatever follows.
+async fn refusing_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await; // a backend busy elsewhere
+                let refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+                if stream.write_all(refusal).await.is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; 1 << 16];
+                while stream.read(&mut rest).await.unwrap_or(0) > 0 {}
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_before_its_body_ended_leaves_its_connection_serving_the_next_request() {
+    let backend = refusing_backend().await;
+    let proxy = ProxyUnderTest::start_with(backend, "", RAW).await.unwrap();
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    let content = object_content(6, 32 << 20);
+    let head = put_head(proxy.address, "/refused/k", content.len(), false);
+    stream.write_all(&head).await.unwrap();
+
+    let (mut reader, mut writer) = stream.into_split();
+    let body = tokio::spawn(async move {
+        writer.write_all(&content).await.unwrap();
+        writer
+    });
+    let mut refusal = Vec::new();
+    while !refusal.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(reader.read(&mut byte).await.unwrap(), 1);
+        refusal.push(byte[0]);
+    }
+    let refusal = String::from_utf8(refusal).unwrap();
+    assert!(refusal.starts_with("HTTP/1.1 403"), "{refusal}");
+    assert!(!refusal.to_ascii_lowercase().contains("connection: close"));
+    // The whole body went (read and dropped), then the next request: it is
+    // answered, not taken for the rest of the body.
+    let mut writer = body.await.unwrap();
+    writer
+        .write_all(&get_head(proxy.address, "/refused/k"))
+        .await
+        .unwrap();
+    let mut stream = reader.reunite(writer).unwrap();
+    let (next, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+        .await
+        .expect("the next request is answered");
+    assert!(next.starts_with("HTTP/1.1 403"), "{next}");
+}

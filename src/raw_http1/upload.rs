@@ -92,6 +92,16 @@ enum Uploaded {
     ClientGone,
 }
 
+/// What the backend said to a head that expects `100 Continue`.
+enum Asked {
+    /// `100 Continue`.
+    Yes,
+    /// Nothing for `backend.expect_continue_timeout`: the body goes unasked.
+    NotInTime,
+    /// A final answer (its head): the body is not wanted.
+    No(AnswerHead),
+}
+
 /// Where the request body was when the answer came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BodyState {
@@ -129,8 +139,14 @@ struct Upload<'u> {
     upload: RawUpload,
     patience: Patience,
     generation: u64,
-    /// Body bytes sent to the backend so far.
+    /// Body bytes taken from the client so far.
+    taken: u64,
+    /// Body bytes the backend socket took so far (fewer than `taken` while
+    /// some wait in the pipe or a buffer).
     sent: u64,
+    /// The backend's connection may serve another request after: not when
+    /// the body went unasked (`backend.expect_continue_timeout`).
+    reusable: bool,
 }
 
 impl RawPath {
@@ -169,7 +185,9 @@ impl RawPath {
             upload,
             patience: Patience::now(proxy),
             generation: proxy.gate().generation(),
+            taken: 0,
             sent: 0,
+            reusable: true,
         };
         let uploaded = tokio::select! {
             uploaded = self.exchange(io, buffer, &mut exchange, (&pipe, &mut answer), answer_timer.as_mut()) => uploaded,
@@ -240,7 +258,7 @@ impl RawPath {
             && answer_head.keep_alive
             && !closing
             && body != BodyState::NotAsked;
-        if keep_alive && reusable && body == BodyState::Sent {
+        if keep_alive && reusable && exchange.reusable && body == BodyState::Sent {
             proxy
                 .raw_backend()
                 .put_back(backend, connector, exchange.patience.max_idle);
@@ -291,8 +309,9 @@ impl RawPath {
                 .asked_for_body(&mut backend, answer, upload, timer.as_mut())
                 .await
             {
-                Ok(None) => {}
-                Ok(Some(head)) => {
+                Ok(Asked::Yes) => {}
+                Ok(Asked::NotInTime) => upload.reusable = false,
+                Ok(Asked::No(head)) => {
                     return Uploaded::Answered {
                         backend,
                         head,
@@ -309,16 +328,17 @@ impl RawPath {
         buffer.advance(upload.request.length);
         let ahead = (buffer.len() as u64).min(upload.upload.length) as usize;
         let ahead = buffer.split_to(ahead);
+        upload.taken = ahead.len() as u64;
         let mut watch = TakingWatch::new(proxy, upload.patience, upload.generation);
         let ended = match watch.send_all(&backend, &ahead).await {
             Ok(()) => {
-                upload.sent = ahead.len() as u64;
+                upload.sent = upload.taken;
                 self.move_body(io, buffer, (&backend, pipe), upload, &mut watch)
                     .await
             }
             Err(end) => Err(end),
         };
-        let left = upload.upload.length - upload.sent;
+        let left = upload.upload.length - upload.taken;
         let body = match ended {
             Ok(()) => BodyState::Sent,
             Err(BodyEnd::BackendStopped) => BodyState::Left(left),
@@ -351,16 +371,15 @@ impl RawPath {
         }
     }
 
-    /// Waits for the backend to ask for the body (`None`: `100 Continue`,
-    /// or nothing for `backend.expect_continue_timeout`) or answer without
-    /// it (its head read into `answer`), watched as an answer is.
+    /// Waits for the backend to ask for the body or answer without it
+    /// (its head read into `answer`), watched as an answer is.
     async fn asked_for_body(
         &self,
         backend: &mut RawConnection,
         answer: &mut Vec<u8>,
         upload: &Upload<'_>,
         timer: Pin<&mut Sleep>,
-    ) -> Result<Option<AnswerHead>, Unanswered> {
+    ) -> Result<Asked, Unanswered> {
         let proxy = &*self.proxy;
         let patience = upload.patience;
         let read = std::pin::pin!(read_continue(
@@ -370,14 +389,15 @@ impl RawPath {
             patience.max_headers
         ));
         let watched = watched(proxy, read, patience, upload.generation, timer);
+        let asked = |head: Option<AnswerHead>| head.map_or(Asked::Yes, Asked::No);
         match proxy.settings().expect_continue_timeout {
             // Said nothing for so long: the body goes, as a client sends
-            // it when tired of waiting (the connection is then not reused:
-            // the body was not asked for).
-            Some(wait) => tokio::time::timeout(wait, watched)
-                .await
-                .unwrap_or(Ok(None)),
-            None => watched.await,
+            // it when tired of waiting.
+            Some(wait) => match tokio::time::timeout(wait, watched).await {
+                Ok(head) => head.map(asked),
+                Err(_) => Ok(Asked::NotInTime),
+            },
+            None => watched.await.map(asked),
         }
     }
 
@@ -441,19 +461,19 @@ impl RawPath {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let client_timeout = self.proxy.settings().client_body_timeout;
-        let left = upload.upload.length - upload.sent;
+        let left = upload.upload.length - upload.taken;
         let client = self.peer.socket();
         if let Some(client) = client.filter(|_| io.body_left() == Some(left)) {
-            let before = upload.sent;
+            let before = upload.taken;
             let spliced = splice_body(
                 (&client, backend, pipe),
                 left,
                 client_timeout,
                 watch,
-                &mut upload.sent,
+                (&mut upload.taken, &mut upload.sent),
             )
             .await;
-            io.body_passed(upload.sent - before);
+            io.body_passed(upload.taken - before);
             match spliced {
                 Ok(true) => return Ok(()),
                 // Bytes behind the urgent mark: the rest through a buffer.
@@ -461,7 +481,7 @@ impl RawPath {
                 Err(end) => return Err(end),
             }
         }
-        while upload.sent < upload.upload.length {
+        while upload.taken < upload.upload.length {
             if buffer.is_empty() {
                 buffer.reserve(BUFFERED_READ);
                 let read = tokio::select! {
@@ -475,11 +495,12 @@ impl RawPath {
                     Ok(Ok(_)) => {}
                 }
             }
-            let left = upload.upload.length - upload.sent;
+            let left = upload.upload.length - upload.taken;
             let take = (buffer.len() as u64).min(left) as usize;
             let bytes = buffer.split_to(take);
+            upload.taken += take as u64;
             watch.send_all(backend, &bytes).await?;
-            upload.sent += take as u64;
+            upload.sent = upload.taken;
         }
         Ok(())
     }
@@ -514,18 +535,19 @@ impl RawPath {
 }
 
 /// Splices `left` body bytes from `client` to `backend` through `pipe`,
-/// counting them into `sent`: `Ok(true)` when all went, `Ok(false)` when
-/// the client's next bytes cannot be spliced (TCP's urgent mark).
+/// counting those taken from the client and those sent on: `Ok(true)` when
+/// all went, `Ok(false)` when the client's next bytes cannot be spliced
+/// (TCP's urgent mark).
 async fn splice_body(
     (client, backend, pipe): (&TcpStream, &TcpStream, &Pipe<'_>),
     left: u64,
     client_timeout: Duration,
     watch: &mut TakingWatch<'_>,
-    sent: &mut u64,
+    (taken, sent): (&mut u64, &mut u64),
 ) -> Result<bool, BodyEnd> {
-    let end = *sent + left;
-    while *sent < end {
-        let asked = (end - *sent).min(pipe.capacity() as u64) as usize;
+    let end = *taken + left;
+    while *taken < end {
+        let asked = (end - *taken).min(pipe.capacity() as u64) as usize;
         let filled = tokio::select! {
             biased;
             () = backend_spoke(backend) => return Err(BodyEnd::BackendStopped),
@@ -537,6 +559,7 @@ async fn splice_body(
             Ok(Ok(Fill::Stuck)) => return Ok(false),
             Ok(Ok(Fill::Bytes(filled))) => filled,
         };
+        *taken += in_pipe as u64;
         while in_pipe > 0 {
             let drained = watch.wait(backend, pipe.drain(backend, in_pipe)).await?;
             in_pipe -= drained;
