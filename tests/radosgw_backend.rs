@@ -173,6 +173,21 @@ async fn put_expecting_continue(to: std::net::SocketAddr, host: &str, body: &[u8
 
 #[tokio::test]
 async fn an_upload_expecting_continue_reaches_a_radosgw_that_never_sends_one() {
+    upload_reaches_a_radosgw_that_never_sends_continue(b"straight", b"through the proxy").await;
+}
+
+/// The same with bodies past `hold.replay_buffer`: on the raw path, spliced.
+#[tokio::test]
+async fn a_large_upload_expecting_continue_reaches_a_radosgw_that_never_sends_one() {
+    let straight = object_content(7, 2 << 20);
+    let proxied = object_content(8, 3 << 20);
+    upload_reaches_a_radosgw_that_never_sends_continue(&straight, &proxied).await;
+}
+
+/// With `backend.expect_continue_timeout`, a body that expects `100` goes
+/// to a radosgw that never sends one, and is stored; its connection is not
+/// reused.
+async fn upload_reaches_a_radosgw_that_never_sends_continue(straight: &[u8], proxied: &[u8]) {
     let gateway = RadosGw::start_with(&[("rgw_print_continue", "false")])
         .await
         .unwrap();
@@ -199,13 +214,13 @@ async fn an_upload_expecting_continue_reaches_a_radosgw_that_never_sends_one() {
         .unwrap_or(0.0)
     };
 
-    let direct = put_expecting_continue(gateway.address, &host, b"straight").await;
+    let direct = put_expecting_continue(gateway.address, &host, straight).await;
     assert_eq!(direct, 200);
-    let proxied = put_expecting_continue(proxy.address, &host, b"through the proxy").await;
-    assert_eq!(proxied, direct);
-    assert_eq!(
-        read_object(&s3, "no-continue", "object").await,
-        b"through the proxy"
+    let status = put_expecting_continue(proxy.address, &host, proxied).await;
+    assert_eq!(status, direct);
+    assert!(
+        read_object(&s3, "no-continue", "object").await == proxied,
+        "the object stored is not the one sent"
     );
     // The body went unasked: radosgw may not have read it, whatever it
     // answered, so its connection is not reused for the next request.
