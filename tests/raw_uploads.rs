@@ -308,3 +308,107 @@ async fn an_upload_refused_before_its_body_ended_leaves_its_connection_serving_t
         .expect("the next request is answered");
     assert!(next.starts_with("HTTP/1.1 403"), "{next}");
 }
+
+/// A backend that sends `100 Continue` 500 ms after a head that expects it
+/// (reading nothing meanwhile), then reads the `Content-Length` body and
+/// answers `200` with the number of body bytes it got.
+async fn late_continue_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .map_or(0, |value| value.trim().parse().unwrap());
+                tokio::time::sleep(Duration::from_millis(500)).await; // a backend slow to ask
+                let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                let mut body = vec![0u8; length];
+                if stream.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let got = length.to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{got}",
+                    got.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    address
+}
+
+/// Sends an upload of `length` bytes expecting `100 Continue` on `stream`:
+/// the body once the proxy's `100` came.
+async fn upload_after_continue(stream: &mut TcpStream, proxy: SocketAddr, length: usize) {
+    stream
+        .write_all(&put_head(proxy, "/b/k", length, true))
+        .await
+        .unwrap();
+    let mut asked = [0u8; 25];
+    stream.read_exact(&mut asked).await.unwrap();
+    assert_eq!(&asked, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(&object_content(9, length)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backends_late_continue_after_the_body_went_unasked_does_not_stop_it() {
+    let backend = late_continue_backend().await;
+    let proxy = ProxyUnderTest::start_with(backend, "expect_continue_timeout = \"100ms\"", RAW)
+        .await
+        .unwrap();
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+
+    upload_after_continue(&mut stream, proxy.address, 8 << 20).await;
+
+    let (answer, body) = tokio::time::timeout(Duration::from_secs(20), read_answer(&mut stream))
+        .await
+        .expect("the upload is answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        body,
+        (8 << 20).to_string().into_bytes(),
+        "every body byte arrived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_connection_whose_body_went_unasked_is_not_reused() {
+    // Never asks for the body; refuses it 300 ms after the head, once the
+    // proxy sent it unasked (2 MiB fit the sockets' buffers by then).
+    let backend = refusing_backend().await;
+    let proxy = ProxyUnderTest::start_with(
+        backend,
+        "expect_continue_timeout = \"100ms\"",
+        &format!("{RAW}threads = 1\n"),
+    )
+    .await
+    .unwrap();
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+    upload_after_continue(&mut stream, proxy.address, 2 << 20).await;
+    let (refused, _) = read_answer(&mut stream).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+
+    // The backend reads what follows on that connection as more of the
+    // body: another client's GET sent there would never be answered.
+    let mut other = TcpStream::connect(proxy.address).await.unwrap();
+    other
+        .write_all(&get_head(proxy.address, "/b/other"))
+        .await
+        .unwrap();
+    let (answer, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut other))
+        .await
+        .expect("the other client's GET is answered");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+}

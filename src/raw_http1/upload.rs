@@ -657,15 +657,37 @@ async fn send_some(backend: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
         .await
 }
 
-/// Resolves once `backend` has sent a byte, closed its side or failed
-/// (peeked, not read: what it sent is the answer, read next).
+/// Resolves once `backend` has sent a byte of a final answer, closed its
+/// side or failed (peeked, not read: what it sent is the answer, read
+/// next). An interim (`1xx`) answer is read and dropped, as hyper's client
+/// drops it: a `100 Continue` that comes after the body went unasked
+/// (`backend.expect_continue_timeout`) asks for what is already coming.
 async fn backend_spoke(backend: &TcpStream) {
-    let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
     let _ = backend
         .async_io(Interest::READABLE, || {
-            match rustix::net::recv(backend, &mut [0u8; 1], peek) {
-                Err(rustix::io::Errno::AGAIN) => Err(io::ErrorKind::WouldBlock.into()),
-                _ => Ok(()),
+            loop {
+                let mut peeked = [0u8; 1024];
+                let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+                let length = match rustix::net::recv(backend, &mut peeked, peek) {
+                    Err(rustix::io::Errno::AGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                    Ok((length, _)) if length > 0 => length,
+                    _ => return Ok(()),
+                };
+                match parse_answer(&peeked[..length], false, crate::raw_backend::MAX_FIELDS) {
+                    Ok(Parsed::Informational(interim)) => {
+                        let drop = rustix::net::RecvFlags::DONTWAIT;
+                        if rustix::net::recv(backend, &mut peeked[..interim], drop).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    // The rest of an interim head is still to come.
+                    Ok(Parsed::Partial)
+                        if length < peeked.len() && peeked.starts_with(b"HTTP/1.1 1") =>
+                    {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    _ => return Ok(()),
+                }
             }
         })
         .await;
