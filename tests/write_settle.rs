@@ -32,6 +32,9 @@ use tokio::sync::Notify;
 
 const BUCKET: &str = "settle";
 
+/// The series that is 1 while the proxy's gate is down (an outage seen).
+const GATE_DOWN: &str = "s3fp_gate_state{state=\"down\"}";
+
 /// What the front does to the one request it watches for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Plan {
@@ -295,15 +298,19 @@ async fn settles(proxy: &ProxyUnderTest, outcome: &str) -> f64 {
 
 /// Runs `write` through a front that loses its answer; SIGKILLs and
 /// restarts the backend once the backend has answered it.
+///
+/// The restart waits until the proxy saw the outage (its gate down): a
+/// backend back before the proxy looks is a failure of one request, not an
+/// outage, and is answered `502`.
 async fn across_a_lost_answer<T: Send + 'static>(
-    backend: &mut S3Backend,
-    front: &Front,
+    setup: &mut Setup,
     write: impl Future<Output = T> + Send + 'static,
 ) -> T {
     let running = tokio::spawn(write);
-    front.reached().await;
-    backend.kill9();
-    backend.restart().await.unwrap();
+    setup.front.reached().await;
+    setup.backend.kill9();
+    setup.proxy.admin.wait_metric(GATE_DOWN, 1.0).await;
+    setup.backend.restart().await.unwrap();
     running.await.unwrap()
 }
 
@@ -347,7 +354,7 @@ async fn a_64_mib_put_with_content_md5_whose_answer_was_lost_is_answered_as_stor
             .put("big-md5", sent, &[("content-md5", &declared)])
             .await
     };
-    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    let response = across_a_lost_answer(&mut setup, write).await;
     assert_eq!(response.status(), 200, "{:?}", response.body());
     assert_eq!(response.headers()["etag"], format!("\"{}\"", hex(&md5)));
     assert_eq!(setup.front.count("PUT /settle/big-md5"), 1, "sent once");
@@ -370,7 +377,7 @@ async fn a_put_with_a_crc32_header_whose_answer_was_lost_is_answered_as_stored()
             .put("crc32", sent, &[("x-amz-checksum-crc32", &value)])
             .await
     };
-    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    let response = across_a_lost_answer(&mut setup, write).await;
     assert_eq!(response.status(), 200, "{:?}", response.body());
     assert_eq!(
         response.headers()["x-amz-checksum-crc32"],
@@ -406,7 +413,7 @@ async fn a_put_to_a_key_that_needs_escaping_is_settled_too() {
     };
     let settled = tokio::time::timeout(
         Duration::from_secs(60),
-        across_a_lost_answer(&mut setup.backend, &setup.front, write),
+        across_a_lost_answer(&mut setup, write),
     )
     .await
     .expect("the write reached the front");
@@ -424,7 +431,7 @@ async fn a_kept_put_without_a_checksum_is_proven_by_the_md5_of_its_copy_not_repl
     let proxy_address = setup.proxy.address;
     let sent = body.clone();
     let write = async move { ProxyAt(proxy_address).put("kept", sent, &[]).await };
-    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    let response = across_a_lost_answer(&mut setup, write).await;
     assert_eq!(response.status(), 200, "{:?}", response.body());
     assert_eq!(
         response.headers()["etag"],
@@ -440,7 +447,7 @@ async fn a_put_without_a_checksum_and_not_kept_stays_503() {
     let body = content(4 << 20, 3);
     let proxy_address = setup.proxy.address;
     let write = async move { ProxyAt(proxy_address).put("no-proof", body, &[]).await };
-    let response = across_a_lost_answer(&mut setup.backend, &setup.front, write).await;
+    let response = across_a_lost_answer(&mut setup, write).await;
     assert_eq!(response.status(), 503);
     assert_eq!(s3_code(response.body()), "ServiceUnavailable");
     assert_eq!(
@@ -497,7 +504,7 @@ async fn a_complete_multipart_upload_whose_answer_was_lost_is_answered_with_its_
                 .build(),
         )
         .send();
-    let result = across_a_lost_answer(&mut setup.backend, &setup.front, complete).await;
+    let result = across_a_lost_answer(&mut setup, complete).await;
     let result = result.expect("the Complete result");
     assert_eq!(result.e_tag(), Some(expected.as_str()));
     assert_eq!(result.key(), Some("multi"));
@@ -531,7 +538,7 @@ async fn a_copy_object_whose_answer_was_lost_is_answered_with_its_result() {
         .copy_source(format!("{BUCKET}/copy-source"))
         .copy_source_if_match(&etag)
         .send();
-    let result = across_a_lost_answer(&mut setup.backend, &setup.front, copy)
+    let result = across_a_lost_answer(&mut setup, copy)
         .await
         .expect("the CopyObject result");
     let copied = result.copy_object_result().expect("a CopyObjectResult");
@@ -571,7 +578,7 @@ async fn a_copy_onto_itself_that_never_ran_is_sent_again_not_taken_for_done() {
         .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
         .metadata("state", "new")
         .send();
-    across_a_lost_answer(&mut setup.backend, &setup.front, copy)
+    across_a_lost_answer(&mut setup, copy)
         .await
         .expect("the copy, sent again");
     let head = s3
@@ -673,7 +680,7 @@ async fn a_trailer_put_is_settled(
     let mut setup = setup(Plan::LoseAnswer, &line, true).await;
     let body = content(size, seed);
     let put = sdk_put_of_a_file(&setup.proxy, setup.dir.path(), key, &body).await;
-    let output = across_a_lost_answer(&mut setup.backend, &setup.front, put)
+    let output = across_a_lost_answer(&mut setup, put)
         .await
         .expect("answered as stored");
     assert_sent_with_a_crc32_trailer(&setup.front);
@@ -783,15 +790,22 @@ impl OnRadosGw {
         })
     }
 
+    /// SIGKILLs radosgw once the front reached its point and restarts it
+    /// once the proxy saw the outage (see [`across_a_lost_answer`]).
+    async fn restart_once_reached(&mut self) {
+        self.front.reached().await;
+        self.gateway.kill9();
+        self.proxy.admin.wait_metric(GATE_DOWN, 1.0).await;
+        self.gateway.restart().await.unwrap();
+    }
+
     /// PUTs `object` with its `Content-MD5`, SIGKILLs radosgw once the
     /// front reached its point and restarts it: the client's answer, and
     /// the body's ETag.
     async fn put_with_md5_across_a_kill(&mut self, body: Bytes) -> (http::Response<Bytes>, String) {
         let md5 = md5_of(&body);
         let write = self.put(body, vec![("content-md5", BASE64.encode(md5))]);
-        self.front.reached().await;
-        self.gateway.kill9();
-        self.gateway.restart().await.unwrap();
+        self.restart_once_reached().await;
         (write.await.unwrap(), format!("\"{}\"", hex(&md5)))
     }
 }
@@ -883,9 +897,7 @@ async fn a_copy_object_on_radosgw_killed_after_copying_is_one_version() {
         .copy_source_if_match(&etag)
         .send();
     let copy = tokio::spawn(copy);
-    rgw.front.reached().await;
-    rgw.gateway.kill9();
-    rgw.gateway.restart().await.unwrap();
+    rgw.restart_once_reached().await;
     let result = copy.await.unwrap().expect("the CopyObject result");
     assert_eq!(
         result.copy_object_result().and_then(|r| r.e_tag()),
@@ -928,9 +940,7 @@ async fn a_put_to_an_unescaped_key_on_radosgw_is_settled_once() {
             )
             .await
     });
-    rgw.front.reached().await;
-    rgw.gateway.kill9();
-    rgw.gateway.restart().await.unwrap();
+    rgw.restart_once_reached().await;
     let response = write.await.unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.body());
     assert_eq!(
@@ -970,9 +980,7 @@ async fn an_upload_part_to_radosgw_killed_after_storing_it_is_settled() {
         .body(part.clone().into())
         .send();
     let upload_part = tokio::spawn(upload_part);
-    rgw.front.reached().await;
-    rgw.gateway.kill9();
-    rgw.gateway.restart().await.unwrap();
+    rgw.restart_once_reached().await;
     let uploaded = upload_part.await.unwrap().expect("answered as stored");
     assert_eq!(uploaded.e_tag(), Some(etag.as_str()));
     assert_eq!(
