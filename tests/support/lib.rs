@@ -205,7 +205,7 @@ impl S3Backend {
 
     /// SIGSTOP: the process keeps its socket but answers nothing (a hang).
     pub fn freeze(&self) {
-        send_signal(self.child.as_ref().expect("backend running"), "-STOP");
+        stop_process(self.child.as_ref().expect("backend running"));
     }
 
     /// SIGCONT after [`S3Backend::freeze`].
@@ -254,6 +254,41 @@ pub(crate) fn send_signal(child: &Child, which: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// SIGSTOP, returning once every thread of the process has stopped.
+///
+/// `kill` returns once the signal is queued, and one thread is woken to
+/// take it: the others stop only once that thread ran (signal(7), "group
+/// stop"). On a loaded machine the others go on serving meanwhile, so
+/// requests sent right after `kill` were seen answered by a "frozen"
+/// backend.
+pub(crate) fn stop_process(child: &Child) {
+    send_signal(child, "-STOP");
+    let tasks = format!("/proc/{}/task", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !every_thread_stopped(&tasks) {
+        assert!(
+            Instant::now() < deadline,
+            "{tasks}: not every thread stopped 10 s after SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// True when each thread under `/proc/<pid>/task` is stopped (state `T`),
+/// or exiting (`Z`, `X`: it serves nothing either).
+fn every_thread_stopped(tasks: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return false;
+    };
+    entries.flatten().all(|task| {
+        // `pid (comm) S ...`: the state follows the last `)`, comm may hold any.
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| stat.get(stat.rfind(')')? + 2..)?.chars().next())
+            .is_some_and(|state| matches!(state, 'T' | 'Z' | 'X'))
+    })
 }
 
 /// Sends one raw request and returns the status code, if any HTTP came back.

@@ -187,7 +187,7 @@ impl RadosGw {
 
     /// SIGSTOP: the process keeps its socket but answers nothing (a hang).
     pub fn freeze(&self) {
-        super::send_signal(self.child.as_ref().expect("radosgw running"), "-STOP");
+        super::stop_process(self.child.as_ref().expect("radosgw running"));
     }
 
     /// SIGCONT after [`RadosGw::freeze`].
