@@ -122,13 +122,39 @@ impl RawBackend {
     /// (`backend.max_idle_connections`, shared by the lanes); closes it when
     /// the part is full or a request waits for a slot.
     pub fn put_back(&self, stream: RawConnection, connector: Arc<Connector>, max_idle: usize) {
+        self.keep(stream, connector, max_idle, usize::MAX);
+    }
+
+    /// Keeps an upload's connection only while this lane has no idle one.
+    /// Uploads never take from the pool ([`crate::raw_exchange::connect_for_upload`]):
+    /// each one kept beside another would idle until `backend.idle_timeout`
+    /// (break-it round of 2026-12-04: one client alternating 60 uploads and
+    /// GETs held 62 backend connections open, going straight 1).
+    pub fn put_back_spare(
+        &self,
+        stream: RawConnection,
+        connector: Arc<Connector>,
+        max_idle: usize,
+    ) {
+        self.keep(stream, connector, max_idle, 1);
+    }
+
+    /// Keeps `stream` while this lane's part holds fewer than `at_most`
+    /// and its share of `max_idle`.
+    fn keep(
+        &self,
+        stream: RawConnection,
+        connector: Arc<Connector>,
+        max_idle: usize,
+        at_most: usize,
+    ) {
         if self.slots.wanted() {
             return;
         }
         let lanes = self.idle.len() - 1;
         let share = (max_idle / lanes.max(1)).max(1);
         let mut idle = self.part().lock().unwrap();
-        if idle.len() < share {
+        if idle.len() < share.min(at_most) {
             idle.push(Idle {
                 stream,
                 since: Instant::now(),

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use support::relay::Relay;
 use support::{
     FedUpload, ProxyUnderTest, S3Backend, metric_sample, object_content, read_object, s3_client,
     sign_unsigned_payload,
@@ -71,8 +72,8 @@ async fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
     (head, body)
 }
 
-async fn proxy_with_bucket(backend: &S3Backend, bucket: &str, extra: &str) -> ProxyUnderTest {
-    let proxy = ProxyUnderTest::start(backend.address, extra).await.unwrap();
+async fn proxy_with_bucket(backend: SocketAddr, bucket: &str, extra: &str) -> ProxyUnderTest {
+    let proxy = ProxyUnderTest::start(backend, extra).await.unwrap();
     s3_client(&proxy.endpoint())
         .create_bucket()
         .bucket(bucket)
@@ -85,7 +86,7 @@ async fn proxy_with_bucket(backend: &S3Backend, bucket: &str, extra: &str) -> Pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sdk_upload_past_the_replay_buffer_takes_the_raw_path_and_is_stored_byte_for_byte() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = proxy_with_bucket(&backend, "spliced", RAW).await;
+    let proxy = proxy_with_bucket(backend.address, "spliced", RAW).await;
     let s3 = s3_client(&proxy.endpoint());
     let content = object_content(1, 6 << 20);
     let before = raw_requests(&proxy).await;
@@ -110,7 +111,7 @@ async fn an_sdk_upload_past_the_replay_buffer_takes_the_raw_path_and_is_stored_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_expecting_continue_gets_it_and_the_request_after_its_body_is_answered() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = proxy_with_bucket(&backend, "pipelined", RAW).await;
+    let proxy = proxy_with_bucket(backend.address, "pipelined", RAW).await;
     let content = object_content(2, 3 << 20);
     let mut stream = TcpStream::connect(proxy.address).await.unwrap();
 
@@ -143,10 +144,50 @@ async fn an_upload_expecting_continue_gets_it_and_the_request_after_its_body_is_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_alternating_with_gets_do_not_pile_up_idle_backend_connections() {
+    let backend = S3Backend::start().await.unwrap();
+    let relay = Relay::start(backend.address).await.unwrap();
+    let proxy = proxy_with_bucket(relay.address, "pairs", RAW).await;
+    let before = raw_requests(&proxy).await;
+    let content = object_content(3, (3 << 20) / 2);
+    let mut stream = TcpStream::connect(proxy.address).await.unwrap();
+
+    let pairs = 12;
+    for _ in 0..pairs {
+        let put = put_head(proxy.address, "/pairs/k", content.len(), false);
+        stream
+            .write_all(&[put.as_slice(), &content].concat())
+            .await
+            .unwrap();
+        let (put_answer, _) = read_answer(&mut stream).await;
+        assert!(put_answer.starts_with("HTTP/1.1 200"), "{put_answer}");
+        stream
+            .write_all(&get_head(proxy.address, "/pairs/k"))
+            .await
+            .unwrap();
+        let (get_answer, body) = read_answer(&mut stream).await;
+        assert!(get_answer.starts_with("HTTP/1.1 200"), "{get_answer}");
+        assert!(body == content, "the object read back differs");
+    }
+
+    assert_eq!(raw_requests(&proxy).await - before, f64::from(2 * pairs));
+    // Straight to the backend this client holds one connection; the proxy
+    // keeps its hyper pool's (the CreateBucket's) and one for the GETs.
+    let open = || relay.connections().iter().filter(|c| !c.closed).count();
+    let settled = support::wait_until(
+        Duration::from_secs(10),
+        "at most 2 backend connections open",
+        || async { open() <= 2 },
+    )
+    .await;
+    assert!(settled.is_ok(), "{} backend connections open", open());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_silent_mid_upload_gets_408_and_nothing_is_stored() {
     let backend = S3Backend::start().await.unwrap();
     let extra = format!("{RAW}client_body_timeout = \"1s\"\n");
-    let proxy = proxy_with_bucket(&backend, "silent", &extra).await;
+    let proxy = proxy_with_bucket(backend.address, "silent", &extra).await;
     let content = object_content(3, 4 << 20);
     let upload = FedUpload::start(proxy.address, "/silent/k", content.len());
     assert!(upload.send(&content[..2 << 20]).await);
@@ -175,7 +216,7 @@ async fn a_client_silent_mid_upload_gets_408_and_nothing_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_client_stops_short_gets_400_incomplete_body_and_nothing_is_stored() {
     let backend = S3Backend::start().await.unwrap();
-    let proxy = proxy_with_bucket(&backend, "short", RAW).await;
+    let proxy = proxy_with_bucket(backend.address, "short", RAW).await;
     let content = object_content(4, 4 << 20);
     let mut stream = TcpStream::connect(proxy.address).await.unwrap();
     let head = put_head(proxy.address, "/short/k", content.len(), false);

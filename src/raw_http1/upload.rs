@@ -261,7 +261,7 @@ impl RawPath {
         if keep_alive && reusable && exchange.reusable && body == BodyState::Sent {
             proxy
                 .raw_backend()
-                .put_back(backend, connector, exchange.patience.max_idle);
+                .put_back_spare(backend, connector, exchange.patience.max_idle);
         } else {
             drop(backend);
         }
